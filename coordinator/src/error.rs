@@ -1,0 +1,58 @@
+//! The coordinator library's error type. Variants say what went wrong in terms a caller can act
+//! on; `api::status` maps each to one gRPC status code.
+
+use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
+
+/// Result alias for the coordinator library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No sweep with this id.
+    #[error("sweep {0} not found")]
+    SweepNotFound(SweepId),
+    /// No cell with this id.
+    #[error("cell {0} not found")]
+    CellNotFound(CellId),
+    /// No worker with this id.
+    #[error("worker {0} not found")]
+    WorkerNotFound(WorkerId),
+    /// The attempt is no longer held by this worker: its lease expired and the cell was
+    /// re-queued, another attempt superseded it, or the cell was finalized. The write was
+    /// rejected and nothing changed.
+    #[error("lease lost: cell {cell} attempt {attempt} is not held by worker {worker}")]
+    LeaseLost {
+        /// The cell written about.
+        cell: CellId,
+        /// The attempt the worker named.
+        attempt: Attempt,
+        /// The worker that wrote.
+        worker: WorkerId,
+    },
+    /// The request is malformed; the message names the field.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// The request is well-formed but too large for the configured limits.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// The operation does not apply to the object's current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// A database error.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A stored JSON document could not be read back (corrupt row).
+    #[error("corrupt stored document: {0}")]
+    Corrupt(String),
+    /// Configuration is invalid; the message names the setting.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// Shorthand for [`Error::Invalid`].
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::Invalid(msg.into())
+    }
+}

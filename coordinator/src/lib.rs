@@ -1,0 +1,26 @@
+//! kiln's coordinator: turns submitted sweeps into durable cells, leases them to workers over
+//! gRPC, and records every result so it can be queried later.
+//!
+//! # Layout
+//! - [`clock`]: injected time, so leases, backoff and maintenance are testable.
+//! - [`sweep`]: validation and identity of submitted cells (cell key, affinity key).
+//! - [`queue`]: the cell lifecycle — states, retry/backoff/poison policy, affinity choice,
+//!   the maintenance loop, and [`queue::Queue`], the one entry point the API calls.
+//! - [`store`]: the only SQL — one seam ([`store::Store`]) with SQLite and Postgres backends.
+//! - [`events`]: in-process progress notifications for watchers.
+//! - [`api`]: tonic adapters for `kiln.v1`; the only place that knows `tonic::Status`.
+//! - [`config`]: settings (defaults → file → env → flags) validated into [`config::Config`].
+//! - [`server`]: runs the gRPC server, health service and maintenance until shutdown.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod queue;
+pub mod server;
+pub mod store;
+pub mod sweep;
+
+pub use error::{Error, Result};

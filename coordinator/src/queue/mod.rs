@@ -1,0 +1,435 @@
+//! The cell lifecycle, on top of the store: validation and de-duplication of submitted cells,
+//! leases with affinity, heartbeats, fenced completion and failure with retry/backoff/poison,
+//! release on drain, and the maintenance pass that rescues expired leases and promotes due
+//! retries. [`Queue`] is the one entry point the API adapters call; it takes time from an
+//! injected clock.
+//!
+//! States follow River (available, scheduled, running, retryable, completed, cancelled,
+//! discarded) plus `held` for paused sweeps. The attempt number grows at lease; a lease has a
+//! deadline renewed by heartbeats; every worker write is fenced on (cell, attempt, worker).
+
+pub mod affinity;
+pub mod maintenance;
+pub mod retry;
+pub mod state;
+
+use std::collections::HashSet;
+
+use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
+
+use self::affinity::AffinityState;
+use self::retry::{Decision, RetryPolicy};
+use self::state::FailureClass;
+use crate::clock::{Millis, SharedClock};
+use crate::events::Events;
+use crate::store::{
+    CellQuery, CellRow, Fence, HeartbeatStatus, LeaseParams, LeasedCell, ProgressRow, Store,
+    SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow,
+};
+use crate::sweep::{CellSpec, NewCell};
+use crate::{Error, Result};
+
+/// Lifecycle settings.
+#[derive(Clone, Debug)]
+pub struct QueueConfig {
+    /// How long a lease lasts without a heartbeat, ms.
+    pub lease_ttl_ms: i64,
+    /// How often workers should heartbeat, ms (told to them at registration).
+    pub heartbeat_interval_ms: i64,
+    /// Available cells considered for affinity on each lease.
+    pub lookahead: usize,
+    /// Times in a row one worker may pass over a cold queue head for affinity.
+    pub max_affinity_skips: u32,
+    /// Attempts per cell when a sweep does not say.
+    pub default_max_attempts: i32,
+    /// Most cells in one sweep.
+    pub max_cells_per_sweep: usize,
+    /// Most cells one lease call may take.
+    pub max_lease_batch: usize,
+    /// Retry and poison rules.
+    pub retry: RetryPolicy,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl_ms: 60_000,
+            heartbeat_interval_ms: 15_000,
+            lookahead: 64,
+            max_affinity_skips: 8,
+            default_max_attempts: 5,
+            max_cells_per_sweep: 1_000_000,
+            max_lease_batch: 64,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// A sweep as submitted: its header and resolved cells.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    /// Human name.
+    pub name: String,
+    /// Client-chosen idempotency key.
+    pub idempotency_key: String,
+    /// 0..=9, lower first.
+    pub priority: i32,
+    /// Attempts per cell; `None` = the configured default.
+    pub max_attempts: Option<i32>,
+    /// The sweep file verbatim.
+    pub spec: String,
+    /// Cells in order.
+    pub cells: Vec<CellSpec>,
+}
+
+/// Outcome of one maintenance pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MaintenanceReport {
+    /// Expired leases handled.
+    pub rescued: u64,
+    /// Due cells made available.
+    pub promoted: u64,
+}
+
+/// The render queue.
+#[derive(Clone)]
+pub struct Queue {
+    store: Store,
+    clock: SharedClock,
+    cfg: QueueConfig,
+    affinity: std::sync::Arc<AffinityState>,
+    events: Events,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("store", &self.store.backend())
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl Queue {
+    /// A queue over `store`, on `clock`.
+    pub fn new(store: Store, clock: SharedClock, cfg: QueueConfig) -> Self {
+        Self {
+            store,
+            clock,
+            cfg,
+            affinity: Default::default(),
+            events: Events::default(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &QueueConfig {
+        &self.cfg
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Change notifications.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// Now, by the injected clock.
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    /// Validates, de-duplicates (by cell key, first wins) and stores a sweep atomically. The
+    /// same idempotency key twice returns the first sweep.
+    pub async fn submit(&self, s: Submission) -> Result<SweepInserted> {
+        let key = s.idempotency_key.trim();
+        if key.is_empty() || key.len() > 200 {
+            return Err(Error::invalid("idempotency_key: must be 1..=200 bytes"));
+        }
+        if s.name.len() > 200 {
+            return Err(Error::invalid("name: longer than 200 bytes"));
+        }
+        if !(0..=9).contains(&s.priority) {
+            return Err(Error::invalid(format!(
+                "priority: {} is outside 0..=9",
+                s.priority
+            )));
+        }
+        let max_attempts = s.max_attempts.unwrap_or(self.cfg.default_max_attempts);
+        if !(1..=100).contains(&max_attempts) {
+            return Err(Error::invalid(format!(
+                "max_attempts: {max_attempts} is outside 1..=100"
+            )));
+        }
+        if s.cells.len() > self.cfg.max_cells_per_sweep {
+            return Err(Error::TooLarge(format!(
+                "sweep has {} cells, at most {}",
+                s.cells.len(),
+                self.cfg.max_cells_per_sweep
+            )));
+        }
+        let mut seen = HashSet::with_capacity(s.cells.len());
+        let mut cells = Vec::with_capacity(s.cells.len());
+        for (i, spec) in s.cells.into_iter().enumerate() {
+            let number = u32::try_from(cells.len()).map_err(|_| Error::TooLarge("cells".into()))?;
+            let cell = NewCell::new(number, spec).map_err(|e| match e {
+                Error::Invalid(m) => Error::Invalid(m.replacen(
+                    &format!("cell {number}:"),
+                    &format!("cell {i}:"),
+                    1,
+                )),
+                other => other,
+            })?;
+            if seen.insert(cell.cell_key.clone()) {
+                cells.push(cell);
+            }
+        }
+        let out = self
+            .store
+            .sweep_insert(
+                &SweepInsert {
+                    name: &s.name,
+                    idempotency_key: key,
+                    priority: s.priority,
+                    max_attempts,
+                    spec: &s.spec,
+                    cells: &cells,
+                },
+                self.now(),
+            )
+            .await?;
+        self.events.changed();
+        Ok(out)
+    }
+
+    /// A sweep with counts.
+    pub async fn sweep(&self, id: SweepId) -> Result<SweepRow> {
+        self.store.sweep_get(id).await
+    }
+
+    /// Sweeps newest first.
+    pub async fn sweeps(&self, limit: i64, before: Option<SweepId>) -> Result<Vec<SweepRow>> {
+        self.store.sweep_list(limit, before).await
+    }
+
+    /// Cells finished per second over the last minute.
+    pub async fn sweep_rate(&self, id: SweepId) -> Result<f64> {
+        let n = self
+            .store
+            .sweep_finished_since(id, self.now().plus(-60_000))
+            .await?;
+        Ok(n as f64 / 60.0)
+    }
+
+    /// Cancels a sweep: queued cells at once, running ones via heartbeat.
+    pub async fn cancel(&self, id: SweepId) -> Result<(u64, u64)> {
+        let out = self.store.sweep_cancel(id, self.now()).await?;
+        self.events.changed();
+        Ok(out)
+    }
+
+    /// Pauses a sweep.
+    pub async fn pause(&self, id: SweepId) -> Result<u64> {
+        let out = self.store.sweep_pause(id).await?;
+        self.events.changed();
+        Ok(out)
+    }
+
+    /// Resumes a paused sweep.
+    pub async fn resume(&self, id: SweepId) -> Result<u64> {
+        let out = self.store.sweep_resume(id, self.now()).await?;
+        self.events.changed();
+        Ok(out)
+    }
+
+    /// Re-queues a sweep's discarded cells with a fresh set of attempts.
+    pub async fn retry_failed(&self, id: SweepId) -> Result<u64> {
+        let out = self.store.sweep_retry_failed(id, self.now()).await?;
+        self.events.changed();
+        Ok(out)
+    }
+
+    /// Registers a worker.
+    pub async fn register(&self, r: &WorkerRegistration) -> Result<WorkerId> {
+        validate_registration(r)?;
+        self.store.worker_register(r, self.now()).await
+    }
+
+    /// Leases up to `max` cells the worker can render, preferring what it has `loaded`.
+    pub async fn lease(
+        &self,
+        worker: WorkerId,
+        max: usize,
+        loaded: Option<&[String]>,
+    ) -> Result<Vec<LeasedCell>> {
+        if max == 0 || max > self.cfg.max_lease_batch {
+            return Err(Error::invalid(format!(
+                "max_tasks: {max} is outside 1..={}",
+                self.cfg.max_lease_batch
+            )));
+        }
+        let now = self.now();
+        let w = self.store.worker_seen(worker, loaded, now).await?;
+        let loaded: HashSet<String> = w.info.loaded.iter().cloned().collect();
+        let params = LeaseParams {
+            worker,
+            max,
+            max_pixels: w.info.max_pixels,
+            memory_mib: w.info.memory_mib,
+            lookahead: self.cfg.lookahead.max(max),
+            lease_ttl_ms: self.cfg.lease_ttl_ms,
+        };
+        let affinity = &self.affinity;
+        let skips = self.cfg.max_affinity_skips;
+        let choose =
+            |c: &[affinity::Candidate]| affinity.choose(worker.0, &loaded, c, max, skips);
+        let leased = self.store.cell_lease(&params, now, &choose).await?;
+        if !leased.is_empty() {
+            self.events.changed();
+        }
+        Ok(leased)
+    }
+
+    /// Extends a worker's leases. Returns each attempt's status and the new deadline.
+    pub async fn heartbeat(
+        &self,
+        worker: WorkerId,
+        attempts: &[(CellId, Attempt)],
+        loaded: Option<&[String]>,
+    ) -> Result<(Vec<HeartbeatStatus>, Millis)> {
+        let now = self.now();
+        self.store.worker_seen(worker, loaded, now).await?;
+        let expires = now.plus(self.cfg.lease_ttl_ms);
+        let statuses = self
+            .store
+            .lease_heartbeat(worker, attempts, expires, now)
+            .await?;
+        Ok((statuses, expires))
+    }
+
+    /// Records per-step progress; returns whether the user cancelled the cell.
+    pub async fn progress(&self, f: Fence, step: u32, total: u32) -> Result<bool> {
+        if step > total {
+            return Err(Error::invalid(format!("step {step} is past total {total}")));
+        }
+        let now = self.now();
+        let cancel = self
+            .store
+            .cell_progress(
+                f,
+                i64::from(step),
+                i64::from(total),
+                now.plus(self.cfg.lease_ttl_ms),
+                now,
+            )
+            .await?;
+        self.events.changed();
+        Ok(cancel)
+    }
+
+    /// Records the result of the fenced attempt.
+    pub async fn complete(&self, f: Fence, result_json: &str) -> Result<()> {
+        self.store.cell_complete(f, result_json, self.now()).await?;
+        self.events.changed();
+        Ok(())
+    }
+
+    /// Records a failed attempt; returns where the cell went.
+    pub async fn fail(&self, f: Fence, class: FailureClass, message: &str) -> Result<Decision> {
+        if class == FailureClass::LeaseExpired {
+            return Err(Error::invalid(
+                "class: LEASE_EXPIRED is set by the coordinator only",
+            ));
+        }
+        let message: String = message.chars().take(4096).collect();
+        let policy = &self.cfg.retry;
+        let decide = |cx: &retry::FailContext<'_>| policy.decide(cx);
+        let d = self
+            .store
+            .cell_fail(f, class, &message, self.now(), &decide)
+            .await?;
+        self.events.changed();
+        Ok(d)
+    }
+
+    /// Gives leased attempts back uncounted; `draining` marks the worker drained.
+    pub async fn release(
+        &self,
+        worker: WorkerId,
+        attempts: &[(CellId, Attempt)],
+        draining: bool,
+    ) -> Result<u64> {
+        let now = self.now();
+        self.store.worker_seen(worker, None, now).await?;
+        let n = self.store.cell_release(worker, attempts, now).await?;
+        if draining {
+            self.store.worker_drain(worker, now).await?;
+            self.affinity.forget(worker.0);
+        }
+        self.events.changed();
+        Ok(n)
+    }
+
+    /// One maintenance pass: rescue expired leases, then promote due cells.
+    pub async fn maintain(&self) -> Result<MaintenanceReport> {
+        let now = self.now();
+        let policy = &self.cfg.retry;
+        let decide = |cx: &retry::FailContext<'_>| policy.decide(cx);
+        let mut report = MaintenanceReport::default();
+        loop {
+            let n = self.store.cell_rescue_expired(now, &decide).await?;
+            report.rescued += n;
+            if n == 0 {
+                break;
+            }
+        }
+        report.promoted = self.store.cell_promote_due(now).await?;
+        if report != MaintenanceReport::default() {
+            self.events.changed();
+        }
+        Ok(report)
+    }
+
+    /// One cell.
+    pub async fn cell(&self, id: CellId) -> Result<CellRow> {
+        self.store.cell_get(id).await
+    }
+
+    /// Cells matching structured filters.
+    pub async fn query(&self, q: &CellQuery) -> Result<Vec<CellRow>> {
+        self.store.cell_query(q).await
+    }
+
+    /// Progress of running cells of a sweep or a worker.
+    pub async fn running(
+        &self,
+        sweep: Option<SweepId>,
+        worker: Option<WorkerId>,
+    ) -> Result<Vec<ProgressRow>> {
+        self.store.cell_running(sweep, worker).await
+    }
+
+    /// Every worker, with completions over the last minute.
+    pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
+        self.store.worker_list(self.now().plus(-60_000)).await
+    }
+}
+
+fn validate_registration(r: &WorkerRegistration) -> Result<()> {
+    if r.name.trim().is_empty() || r.name.len() > 200 {
+        return Err(Error::invalid("info.name: must be 1..=200 bytes"));
+    }
+    if r.device_model.len() > 200 || r.version.len() > 100 {
+        return Err(Error::invalid("info: device_model or version too long"));
+    }
+    if r.memory_mib < 0 || r.max_pixels < 0 {
+        return Err(Error::invalid("info: memory_mib and max_pixels must be >= 0"));
+    }
+    if r.loaded.len() > 256 || r.loaded.iter().any(|k| k.len() > 128) {
+        return Err(Error::invalid("info.loaded: at most 256 keys of 128 bytes"));
+    }
+    Ok(())
+}

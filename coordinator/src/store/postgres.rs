@@ -1,0 +1,728 @@
+//! The Postgres backend. Leasing locks its look-ahead window with `FOR UPDATE SKIP LOCKED`, so
+//! concurrent leasers never wait on or double-take each other's cells; failure decisions lock
+//! the one row they change. Many connections write at once; every write is a short
+//! transaction, and the fence in each `UPDATE … WHERE` makes stale writes match nothing.
+
+use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Postgres};
+
+use super::query::{self, CELL_COLUMNS, CellQuery};
+use super::rows::{self, AnyRow};
+use super::{
+    CellRow, ChooseFn, DecideFn, Fence, HeartbeatStatus, LeaseParams, LeasedCell, ProgressRow,
+    StateCounts, SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow,
+    push_error, to_u64,
+};
+use crate::clock::Millis;
+use crate::queue::affinity::Candidate;
+use crate::queue::retry::{Decision, ErrorEntry, FailContext};
+use crate::queue::state::{CellState, FailureClass, SweepState};
+use crate::{Error, Result};
+
+/// Rows per UNNEST insert (one array parameter per column).
+const INSERT_BATCH: usize = 5_000;
+/// Expired leases handled per maintenance pass.
+const RESCUE_BATCH: i64 = 500;
+
+/// Postgres store handle.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub(super) async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect(url)
+            .await?;
+        super::migrate::postgres(&pool, crate::clock::Clock::now(&crate::clock::SystemClock).0)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub(super) async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub(super) async fn sweep_insert(
+        &self,
+        p: &SweepInsert<'_>,
+        now: Millis,
+    ) -> Result<SweepInserted> {
+        let mut tx = self.pool.begin().await?;
+        let existing: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM sweeps WHERE idempotency_key = $1")
+                .bind(p.idempotency_key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(id) = existing {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM cells WHERE sweep_id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+            return Ok(SweepInserted {
+                id: SweepId(id),
+                cell_count: to_u64(n),
+                duplicate: true,
+            });
+        }
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO sweeps (name, idempotency_key, priority, max_attempts, state, spec, \
+             created_at) VALUES ($1, $2, $3, $4, 'active', $5, $6) RETURNING id",
+        )
+        .bind(p.name)
+        .bind(p.idempotency_key)
+        .bind(i64::from(p.priority))
+        .bind(i64::from(p.max_attempts))
+        .bind(p.spec)
+        .bind(now.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        for chunk in p.cells.chunks(INSERT_BATCH) {
+            let col = |f: &dyn Fn(&crate::sweep::NewCell) -> String| -> Vec<String> {
+                chunk.iter().map(f).collect()
+            };
+            let int = |f: &dyn Fn(&crate::sweep::NewCell) -> i64| -> Vec<i64> {
+                chunk.iter().map(f).collect()
+            };
+            sqlx::query(
+                "INSERT INTO cells (sweep_id, number, cell_key, spec, affinity_key, priority, \
+                 pixels, min_memory_mib, model, prompt, negative_prompt, seed, steps, cfg, \
+                 sampler, width, height, bindings, state, attempt, max_attempts, errors, \
+                 scheduled_at, created_at) \
+                 SELECT $1, number, cell_key, spec, affinity_key, $2, pixels, min_memory_mib, \
+                 model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, \
+                 bindings::jsonb, 'available', 0, $3, '[]', $4, $4 \
+                 FROM UNNEST($5::bigint[], $6::text[], $7::text[], $8::text[], $9::bigint[], \
+                 $10::bigint[], $11::text[], $12::text[], $13::text[], $14::bigint[], \
+                 $15::bigint[], $16::float8[], $17::text[], $18::bigint[], $19::bigint[], \
+                 $20::text[]) AS t(number, cell_key, spec, affinity_key, pixels, min_memory_mib, \
+                 model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, \
+                 bindings)",
+            )
+            .bind(id)
+            .bind(i64::from(p.priority))
+            .bind(i64::from(p.max_attempts))
+            .bind(now.0)
+            .bind(int(&|c| i64::from(c.number)))
+            .bind(col(&|c| c.cell_key.clone()))
+            .bind(col(&|c| c.spec_json.clone()))
+            .bind(col(&|c| c.affinity_key.clone()))
+            .bind(int(&|c| c.spec.pixels() as i64))
+            .bind(int(&|c| c.spec.min_memory_mib as i64))
+            .bind(col(&|c| c.spec.model.clone()))
+            .bind(col(&|c| c.spec.prompt.clone()))
+            .bind(col(&|c| c.spec.negative_prompt.clone()))
+            .bind(int(&|c| c.spec.seed as i64))
+            .bind(int(&|c| i64::from(c.spec.steps)))
+            .bind(chunk.iter().map(|c| c.spec.cfg_decimal()).collect::<Vec<f64>>())
+            .bind(col(&|c| c.spec.sampler.as_str().to_string()))
+            .bind(int(&|c| i64::from(c.spec.width)))
+            .bind(int(&|c| i64::from(c.spec.height)))
+            .bind(col(&|c| c.bindings_json.clone()))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(SweepInserted {
+            id: SweepId(id),
+            cell_count: p.cells.len() as u64,
+            duplicate: false,
+        })
+    }
+
+    pub(super) async fn sweep_get(&self, id: SweepId) -> Result<SweepRow> {
+        let row = sqlx::query(
+            "SELECT id, name, idempotency_key, priority, max_attempts, state, created_at \
+             FROM sweeps WHERE id = $1",
+        )
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(Error::SweepNotFound(id))?;
+        let mut sweep = rows::sweep(&row)?;
+        sweep.counts = self.counts(id).await?;
+        Ok(sweep)
+    }
+
+    async fn counts(&self, id: SweepId) -> Result<StateCounts> {
+        let rows = sqlx::query("SELECT state, count(*) AS n FROM cells WHERE sweep_id = $1 GROUP BY state")
+            .bind(id.0)
+            .fetch_all(&self.pool)
+            .await?;
+        rows::counts(&rows)
+    }
+
+    pub(super) async fn sweep_list(
+        &self,
+        limit: i64,
+        before: Option<SweepId>,
+    ) -> Result<Vec<SweepRow>> {
+        let rows = sqlx::query(
+            "SELECT id, name, idempotency_key, priority, max_attempts, state, created_at \
+             FROM sweeps WHERE id < $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(before.map_or(i64::MAX, |b| b.0))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let mut s = rows::sweep(&r)?;
+            s.counts = self.counts(s.id).await?;
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn sweep_cancel(&self, id: SweepId, now: Millis) -> Result<(u64, u64)> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query("UPDATE sweeps SET state = 'cancelled' WHERE id = $1")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(Error::SweepNotFound(id));
+        }
+        let cancelled = sqlx::query(
+            "UPDATE cells SET state = 'cancelled', finalized_at = $1 WHERE sweep_id = $2 \
+             AND state IN ('available', 'scheduled', 'retryable', 'held')",
+        )
+        .bind(now.0)
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let requested = sqlx::query(
+            "UPDATE cells SET cancel_requested_at = $1 WHERE sweep_id = $2 AND state = 'running' \
+             AND cancel_requested_at IS NULL",
+        )
+        .bind(now.0)
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok((cancelled, requested))
+    }
+
+    async fn set_sweep_state(
+        tx: &mut sqlx::PgConnection,
+        id: SweepId,
+        from: SweepState,
+        to: SweepState,
+    ) -> Result<()> {
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM sweeps WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let state: SweepState = state.ok_or(Error::SweepNotFound(id))?.parse()?;
+        if state == to {
+            return Ok(());
+        }
+        if state != from {
+            return Err(Error::Conflict(format!("sweep {id} is {state}")));
+        }
+        sqlx::query("UPDATE sweeps SET state = $1 WHERE id = $2")
+            .bind(to.as_str())
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn sweep_pause(&self, id: SweepId) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        Self::set_sweep_state(&mut tx, id, SweepState::Active, SweepState::Paused).await?;
+        let n = sqlx::query(
+            "UPDATE cells SET state = 'held' WHERE sweep_id = $1 \
+             AND state IN ('available', 'scheduled', 'retryable')",
+        )
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub(super) async fn sweep_resume(&self, id: SweepId, now: Millis) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        Self::set_sweep_state(&mut tx, id, SweepState::Paused, SweepState::Active).await?;
+        let n = sqlx::query(
+            "UPDATE cells SET state = CASE WHEN scheduled_at <= $1 THEN 'available' \
+             WHEN attempt > 0 THEN 'retryable' ELSE 'scheduled' END \
+             WHERE sweep_id = $2 AND state = 'held'",
+        )
+        .bind(now.0)
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub(super) async fn sweep_retry_failed(&self, id: SweepId, now: Millis) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT state, max_attempts FROM sweeps WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(Error::SweepNotFound(id))?;
+        let state: SweepState = row.text("state")?.parse()?;
+        if state == SweepState::Cancelled {
+            return Err(Error::Conflict(format!("sweep {id} is cancelled")));
+        }
+        let max: i64 = row.int("max_attempts")?;
+        let to = if state == SweepState::Paused { "held" } else { "available" };
+        let n = sqlx::query(
+            "UPDATE cells SET state = $1, finalized_at = NULL, scheduled_at = $2, \
+             max_attempts = attempt + $3 WHERE sweep_id = $4 AND state = 'discarded'",
+        )
+        .bind(to)
+        .bind(now.0)
+        .bind(max)
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub(super) async fn sweep_finished_since(&self, id: SweepId, since: Millis) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM cells WHERE sweep_id = $1 AND state IN ('completed', 'discarded') \
+             AND finalized_at >= $2",
+        )
+        .bind(id.0)
+        .bind(since.0)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(to_u64(n))
+    }
+
+    pub(super) async fn cell_lease(
+        &self,
+        p: &LeaseParams,
+        now: Millis,
+        choose: ChooseFn<'_>,
+    ) -> Result<Vec<LeasedCell>> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, affinity_key, last_failed_worker FROM cells \
+             WHERE state = 'available' AND pixels <= $1 AND min_memory_mib <= $2 \
+             ORDER BY priority, scheduled_at, id LIMIT $3 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(p.max_pixels)
+        .bind(p.memory_mib)
+        .bind(p.lookahead as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let candidates = rows
+            .iter()
+            .map(|r| {
+                Ok(Candidate {
+                    id: r.int("id")?,
+                    affinity_key: r.text("affinity_key")?,
+                    last_failed_worker: r.opt_int("last_failed_worker")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut ids = choose(&candidates);
+        ids.truncate(p.max);
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let expires = now.plus(p.lease_ttl_ms);
+        let rows = sqlx::query(
+            "UPDATE cells SET state = 'running', attempt = attempt + 1, attempted_at = $1, \
+             lease_owner = $2, lease_expires_at = $3, heartbeat_at = $4, progress_step = NULL, \
+             progress_total = NULL \
+             WHERE id = ANY($5) AND state = 'available' \
+             RETURNING id, sweep_id, number, attempt, cell_key, affinity_key, spec",
+        )
+        .bind(now.0)
+        .bind(p.worker.0)
+        .bind(expires.0)
+        .bind(now.0)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut leased = rows
+            .iter()
+            .map(|r| rows::leased(r, expires))
+            .collect::<Result<Vec<_>>>()?;
+        leased.sort_by_key(|c| ids.iter().position(|id| *id == c.id.0));
+        Ok(leased)
+    }
+
+    pub(super) async fn lease_heartbeat(
+        &self,
+        worker: WorkerId,
+        attempts: &[(CellId, Attempt)],
+        expires_at: Millis,
+        now: Millis,
+    ) -> Result<Vec<HeartbeatStatus>> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(attempts.len());
+        for (cell, attempt) in attempts {
+            let row: Option<Option<i64>> = sqlx::query_scalar(
+                "UPDATE cells SET lease_expires_at = $1, heartbeat_at = $2 WHERE id = $3 \
+                 AND state = 'running' AND attempt = $4 AND lease_owner = $5 \
+                 RETURNING cancel_requested_at",
+            )
+            .bind(expires_at.0)
+            .bind(now.0)
+            .bind(cell.0)
+            .bind(i64::from(attempt.0))
+            .bind(worker.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+            out.push(match row {
+                None => HeartbeatStatus::Lost,
+                Some(None) => HeartbeatStatus::Extended,
+                Some(Some(_)) => HeartbeatStatus::CancelRequested,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub(super) async fn cell_progress(
+        &self,
+        f: Fence,
+        step: i64,
+        total: i64,
+        expires_at: Millis,
+        now: Millis,
+    ) -> Result<bool> {
+        let row: Option<Option<i64>> = sqlx::query_scalar(
+            "UPDATE cells SET progress_step = $1, progress_total = $2, lease_expires_at = $3, \
+             heartbeat_at = $4 WHERE id = $5 AND state = 'running' AND attempt = $6 \
+             AND lease_owner = $7 RETURNING cancel_requested_at",
+        )
+        .bind(step)
+        .bind(total)
+        .bind(expires_at.0)
+        .bind(now.0)
+        .bind(f.cell.0)
+        .bind(i64::from(f.attempt.0))
+        .bind(f.worker.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(cancel) => Ok(cancel.is_some()),
+            None => Err(self.fence_error(f).await),
+        }
+    }
+
+    /// Why a fenced write matched nothing: the cell is unknown, or the lease is lost.
+    async fn fence_error(&self, f: Fence) -> Error {
+        match sqlx::query_scalar::<_, i64>("SELECT id FROM cells WHERE id = $1")
+            .bind(f.cell.0)
+            .fetch_optional(&self.pool)
+            .await
+        {
+            Ok(Some(_)) => f.lost(),
+            Ok(None) => Error::CellNotFound(f.cell),
+            Err(e) => e.into(),
+        }
+    }
+
+    pub(super) async fn cell_complete(&self, f: Fence, result_json: &str, now: Millis) -> Result<()> {
+        let n = sqlx::query(
+            "UPDATE cells SET state = 'completed', finalized_at = $1, result = $2, \
+             result_worker = lease_owner, lease_owner = NULL, lease_expires_at = NULL, \
+             progress_step = progress_total \
+             WHERE id = $3 AND state = 'running' AND attempt = $4 AND lease_owner = $5",
+        )
+        .bind(now.0)
+        .bind(result_json)
+        .bind(f.cell.0)
+        .bind(i64::from(f.attempt.0))
+        .bind(f.worker.0)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(self.fence_error(f).await);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn cell_fail(
+        &self,
+        f: Fence,
+        class: FailureClass,
+        message: &str,
+        now: Millis,
+        decide: DecideFn<'_>,
+    ) -> Result<Decision> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT attempt, max_attempts, errors, cancel_requested_at FROM cells \
+             WHERE id = $1 AND state = 'running' AND attempt = $2 AND lease_owner = $3 \
+             FOR UPDATE",
+        )
+        .bind(f.cell.0)
+        .bind(i64::from(f.attempt.0))
+        .bind(f.worker.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            drop(tx);
+            return Err(self.fence_error(f).await);
+        };
+        let decision = fail_in_tx(&mut tx, &row, f, class, message, now, decide).await?;
+        tx.commit().await?;
+        Ok(decision)
+    }
+
+    pub(super) async fn cell_release(
+        &self,
+        worker: WorkerId,
+        attempts: &[(CellId, Attempt)],
+        _now: Millis,
+    ) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut n = 0;
+        for (cell, attempt) in attempts {
+            n += sqlx::query(
+                "UPDATE cells SET state = CASE WHEN (SELECT state FROM sweeps \
+                 WHERE sweeps.id = cells.sweep_id) = 'paused' THEN 'held' ELSE 'available' END, \
+                 attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL, \
+                 progress_step = NULL, progress_total = NULL \
+                 WHERE id = $1 AND state = 'running' AND attempt = $2 AND lease_owner = $3",
+            )
+            .bind(cell.0)
+            .bind(i64::from(attempt.0))
+            .bind(worker.0)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub(super) async fn cell_rescue_expired(&self, now: Millis, decide: DecideFn<'_>) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, attempt, max_attempts, errors, cancel_requested_at, lease_owner \
+             FROM cells WHERE state = 'running' AND lease_expires_at < $1 LIMIT $2 \
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(now.0)
+        .bind(RESCUE_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &rows {
+            let f = Fence {
+                cell: CellId(row.int("id")?),
+                attempt: Attempt(rows::narrow("attempt", row.int("attempt")?)?),
+                worker: WorkerId(row.int("lease_owner")?),
+            };
+            fail_in_tx(
+                &mut tx,
+                row,
+                f,
+                FailureClass::LeaseExpired,
+                "lease expired without a heartbeat",
+                now,
+                decide,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
+    pub(super) async fn cell_promote_due(&self, now: Millis) -> Result<u64> {
+        let n = sqlx::query(
+            "UPDATE cells SET state = CASE WHEN (SELECT state FROM sweeps \
+             WHERE sweeps.id = cells.sweep_id) = 'paused' THEN 'held' ELSE 'available' END \
+             WHERE state IN ('scheduled', 'retryable') AND scheduled_at <= $1",
+        )
+        .bind(now.0)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
+    }
+
+    pub(super) async fn cell_get(&self, id: CellId) -> Result<CellRow> {
+        let sql = format!("SELECT {CELL_COLUMNS} FROM cells WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::CellNotFound(id))?;
+        rows::cell(&row)
+    }
+
+    pub(super) async fn cell_query(&self, q: &CellQuery) -> Result<Vec<CellRow>> {
+        let mut qb = query::build::<Postgres>(q);
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(rows::cell).collect()
+    }
+
+    pub(super) async fn cell_running(
+        &self,
+        sweep: Option<SweepId>,
+        worker: Option<WorkerId>,
+    ) -> Result<Vec<ProgressRow>> {
+        let rows = sqlx::query(
+            "SELECT id, number, attempt, lease_owner, progress_step, progress_total FROM cells \
+             WHERE state = 'running' AND ($1::bigint IS NULL OR sweep_id = $2) \
+             AND ($3::bigint IS NULL OR lease_owner = $4) ORDER BY id",
+        )
+        .bind(sweep.map(|s| s.0))
+        .bind(sweep.map(|s| s.0))
+        .bind(worker.map(|w| w.0))
+        .bind(worker.map(|w| w.0))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::progress).collect()
+    }
+
+    pub(super) async fn worker_register(
+        &self,
+        r: &WorkerRegistration,
+        now: Millis,
+    ) -> Result<WorkerId> {
+        let loaded = serde_json::to_string(&r.loaded).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO workers (name, device_kind, device_model, memory_mib, max_pixels, \
+             loaded, version, state, registered_at, last_seen_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9) RETURNING id",
+        )
+        .bind(&r.name)
+        .bind(r.device_kind.as_str())
+        .bind(&r.device_model)
+        .bind(r.memory_mib)
+        .bind(r.max_pixels)
+        .bind(loaded)
+        .bind(&r.version)
+        .bind(now.0)
+        .bind(now.0)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(WorkerId(id))
+    }
+
+    pub(super) async fn worker_seen(
+        &self,
+        id: WorkerId,
+        loaded: Option<&[String]>,
+        now: Millis,
+    ) -> Result<WorkerRow> {
+        let loaded = loaded
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
+        let row = sqlx::query(
+            "UPDATE workers SET last_seen_at = $1, loaded = COALESCE($2::text, loaded), state = 'active' \
+             WHERE id = $3 RETURNING id, name, device_kind, device_model, memory_mib, max_pixels, \
+             loaded, version, state, registered_at, last_seen_at, 0::bigint AS recent",
+        )
+        .bind(now.0)
+        .bind(loaded)
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(Error::WorkerNotFound(id))?;
+        rows::worker(&row)
+    }
+
+    pub(super) async fn worker_drain(&self, id: WorkerId, now: Millis) -> Result<()> {
+        let n = sqlx::query("UPDATE workers SET state = 'drained', last_seen_at = $1 WHERE id = $2")
+            .bind(now.0)
+            .bind(id.0)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(Error::WorkerNotFound(id));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn worker_list(&self, since: Millis) -> Result<Vec<WorkerRow>> {
+        let rows = sqlx::query(
+            "SELECT w.id, w.name, w.device_kind, w.device_model, w.memory_mib, w.max_pixels, \
+             w.loaded, w.version, w.state, w.registered_at, w.last_seen_at, \
+             (SELECT count(*) FROM cells c WHERE c.result_worker = w.id \
+              AND c.state = 'completed' AND c.finalized_at >= $1) AS recent \
+             FROM workers w ORDER BY w.id",
+        )
+        .bind(since.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::worker).collect()
+    }
+}
+
+/// Applies a failure to the cell in `row` (already matched by its fence) inside `tx`.
+async fn fail_in_tx(
+    tx: &mut sqlx::PgConnection,
+    row: &PgRow,
+    f: Fence,
+    class: FailureClass,
+    message: &str,
+    now: Millis,
+    decide: DecideFn<'_>,
+) -> Result<Decision> {
+    let rows::FailRow {
+        attempt,
+        max_attempts,
+        errors,
+        cancel_requested,
+    } = rows::fail(row)?;
+    let history = push_error(
+        &errors,
+        ErrorEntry {
+            attempt,
+            worker: f.worker.0,
+            class,
+            message: message.to_string(),
+            at: now.0,
+        },
+    )?;
+    let decision = decide(&FailContext {
+        cell: f.cell.0,
+        attempt,
+        max_attempts,
+        cancel_requested,
+        history: &history,
+        now,
+    });
+    let errors = serde_json::to_string(&history).map_err(|e| Error::Corrupt(e.to_string()))?;
+    let (state, scheduled_at, finalized_at) = match &decision {
+        Decision::Retry { at } => (CellState::Retryable, Some(at.0), None),
+        Decision::Discard { .. } => (CellState::Discarded, None, Some(now.0)),
+        Decision::Cancel => (CellState::Cancelled, None, Some(now.0)),
+    };
+    sqlx::query(
+        "UPDATE cells SET state = $1, scheduled_at = COALESCE($2::bigint, scheduled_at), finalized_at = $3, \
+         errors = $4, last_failed_worker = lease_owner, lease_owner = NULL, \
+         lease_expires_at = NULL WHERE id = $5 AND state = 'running' AND attempt = $6 \
+         AND lease_owner = $7",
+    )
+    .bind(state.as_str())
+    .bind(scheduled_at)
+    .bind(finalized_at)
+    .bind(errors)
+    .bind(f.cell.0)
+    .bind(i64::from(f.attempt.0))
+    .bind(f.worker.0)
+    .execute(&mut *tx)
+    .await?;
+    Ok(decision)
+}
+

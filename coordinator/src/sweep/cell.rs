@@ -1,0 +1,355 @@
+//! One render cell as stored: [`CellSpec`] (the resolved render parameters), its validation,
+//! its identity (`cell_key`, a hash of the render parameters) and its `affinity_key` (a hash of
+//! what a worker must have loaded to reuse a pipeline: model, LoRA stack and size).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// Longest accepted prompt or negative prompt, in bytes.
+pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
+/// Most LoRAs in one stack.
+pub const MAX_LORAS: usize = 16;
+/// Most bindings on one cell.
+pub const MAX_BINDINGS: usize = 64;
+/// Longest model/LoRA reference or binding key/value, in bytes.
+pub const MAX_REF_BYTES: usize = 1024;
+
+/// The sampler a cell runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    /// diffusers' LCMScheduler.
+    Lcm,
+    /// Euler ancestral.
+    EulerA,
+}
+
+impl Sampler {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sampler::Lcm => "lcm",
+            Sampler::EulerA => "euler_a",
+        }
+    }
+}
+
+/// One LoRA of a stack.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraSpec {
+    /// File name or path, resolved by the worker.
+    pub name: String,
+    /// Merge strength.
+    pub strength: f32,
+    /// Optional sha256 (hex) of the file.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sha256: String,
+}
+
+/// A fully resolved render, as stored in `cells.spec`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CellSpec {
+    /// Model reference.
+    pub model: String,
+    /// LoRA stack, in order.
+    #[serde(default)]
+    pub loras: Vec<LoraSpec>,
+    /// Prompt.
+    pub prompt: String,
+    /// Negative prompt.
+    #[serde(default)]
+    pub negative_prompt: String,
+    /// Noise seed, at most `i64::MAX`.
+    pub seed: u64,
+    /// Sampler steps.
+    pub steps: u32,
+    /// Guidance scale.
+    pub cfg: f32,
+    /// Sampler.
+    pub sampler: Sampler,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Noise source; only `"cpu"` (PyTorch's CPU generator) exists today.
+    pub rng: String,
+    /// Which alternative / wildcard / axis value produced the cell.
+    #[serde(default)]
+    pub bindings: BTreeMap<String, String>,
+    /// Least device memory a worker must declare, MiB.
+    #[serde(default)]
+    pub min_memory_mib: u64,
+}
+
+impl CellSpec {
+    /// Checks every field against the limits a worker can render; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        check_ref("model", &self.model)?;
+        if self.loras.len() > MAX_LORAS {
+            return Err(Error::invalid(format!(
+                "loras: {} LoRAs, at most {MAX_LORAS}",
+                self.loras.len()
+            )));
+        }
+        for (i, l) in self.loras.iter().enumerate() {
+            check_ref(&format!("loras[{i}].name"), &l.name)?;
+            if !l.strength.is_finite() || l.strength.abs() > 100.0 {
+                return Err(Error::invalid(format!(
+                    "loras[{i}].strength: {} is not a finite number in -100..=100",
+                    l.strength
+                )));
+            }
+            if !l.sha256.is_empty()
+                && (l.sha256.len() != 64 || !l.sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(Error::invalid(format!(
+                    "loras[{i}].sha256: not 64 hex digits"
+                )));
+            }
+        }
+        for (field, text) in [
+            ("prompt", &self.prompt),
+            ("negative_prompt", &self.negative_prompt),
+        ] {
+            if text.len() > MAX_PROMPT_BYTES {
+                return Err(Error::TooLarge(format!(
+                    "{field}: {} bytes, at most {MAX_PROMPT_BYTES}",
+                    text.len()
+                )));
+            }
+        }
+        if i64::try_from(self.seed).is_err() {
+            return Err(Error::invalid(format!(
+                "seed: {} is past 2^63-1",
+                self.seed
+            )));
+        }
+        if !(1..=150).contains(&self.steps) {
+            return Err(Error::invalid(format!(
+                "steps: {} is outside 1..=150",
+                self.steps
+            )));
+        }
+        if !self.cfg.is_finite() || !(0.0..=30.0).contains(&self.cfg) {
+            return Err(Error::invalid(format!(
+                "cfg: {} is outside 0..=30",
+                self.cfg
+            )));
+        }
+        for (field, v) in [("width", self.width), ("height", self.height)] {
+            if !(64..=4096).contains(&v) || v % 8 != 0 {
+                return Err(Error::invalid(format!(
+                    "{field}: {v} must be a multiple of 8 in 64..=4096"
+                )));
+            }
+        }
+        if self.rng != "cpu" {
+            return Err(Error::invalid(format!(
+                "rng: {:?} is not a known noise source (\"cpu\")",
+                self.rng
+            )));
+        }
+        if self.bindings.len() > MAX_BINDINGS {
+            return Err(Error::invalid(format!(
+                "bindings: {} entries, at most {MAX_BINDINGS}",
+                self.bindings.len()
+            )));
+        }
+        for (k, v) in &self.bindings {
+            if k.is_empty() {
+                return Err(Error::invalid("bindings: empty key"));
+            }
+            check_len(&format!("bindings.{k}"), k)?;
+            check_len(&format!("bindings.{k}"), v)?;
+        }
+        Ok(())
+    }
+
+    /// Width × height.
+    pub fn pixels(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
+
+    /// The guidance scale rounded to 4 decimals, as stored for queries (so `cfg = 1.2` finds a
+    /// cell whose f32 CFG is 1.2000000476837158).
+    pub fn cfg_decimal(&self) -> f64 {
+        (f64::from(self.cfg) * 1e4).round() / 1e4
+    }
+
+    /// Identity of the render: sha256 over the canonical render parameters (bindings and
+    /// memory hints excluded — they do not change the image).
+    pub fn cell_key(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"kiln.cell.v1\0");
+        self.hash_pipeline(&mut h);
+        field(&mut h, self.prompt.as_bytes());
+        field(&mut h, self.negative_prompt.as_bytes());
+        field(&mut h, &self.seed.to_le_bytes());
+        field(&mut h, &self.steps.to_le_bytes());
+        field(&mut h, &self.cfg.to_bits().to_le_bytes());
+        field(&mut h, self.sampler.as_str().as_bytes());
+        field(&mut h, self.rng.as_bytes());
+        hex::encode(h.finalize())
+    }
+
+    /// What a worker must have loaded to reuse a pipeline: model, LoRA stack with strengths,
+    /// and image size.
+    pub fn affinity_key(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"kiln.affinity.v1\0");
+        self.hash_pipeline(&mut h);
+        hex::encode(&h.finalize()[..16])
+    }
+
+    fn hash_pipeline(&self, h: &mut Sha256) {
+        field(h, self.model.as_bytes());
+        field(h, &(self.loras.len() as u64).to_le_bytes());
+        for l in &self.loras {
+            field(h, l.name.as_bytes());
+            field(h, &l.strength.to_bits().to_le_bytes());
+            field(h, l.sha256.as_bytes());
+        }
+        field(h, &self.width.to_le_bytes());
+        field(h, &self.height.to_le_bytes());
+    }
+}
+
+/// Length-prefixed so that ("ab","c") and ("a","bc") hash differently.
+fn field(h: &mut Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+fn check_ref(name: &str, v: &str) -> Result<()> {
+    if v.trim().is_empty() {
+        return Err(Error::invalid(format!("{name}: must not be empty")));
+    }
+    check_len(name, v)
+}
+
+fn check_len(name: &str, v: &str) -> Result<()> {
+    if v.len() > MAX_REF_BYTES {
+        return Err(Error::TooLarge(format!(
+            "{name}: {} bytes, at most {MAX_REF_BYTES}",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A validated cell ready to insert, with its derived columns.
+#[derive(Clone, Debug)]
+pub struct NewCell {
+    /// Position within the sweep.
+    pub number: u32,
+    /// Identity hash.
+    pub cell_key: String,
+    /// Pipeline-reuse hash.
+    pub affinity_key: String,
+    /// The render itself.
+    pub spec: CellSpec,
+    /// `spec` as stored JSON.
+    pub spec_json: String,
+    /// `spec.bindings` as stored JSON.
+    pub bindings_json: String,
+}
+
+impl NewCell {
+    /// Validates `spec` and derives its keys and JSON.
+    pub fn new(number: u32, spec: CellSpec) -> Result<Self> {
+        spec.validate()
+            .map_err(|e| prefix_cell(number, e))?;
+        let spec_json = serde_json::to_string(&spec)
+            .map_err(|e| Error::invalid(format!("cell {number}: {e}")))?;
+        let bindings_json = serde_json::to_string(&spec.bindings)
+            .map_err(|e| Error::invalid(format!("cell {number}: {e}")))?;
+        Ok(Self {
+            number,
+            cell_key: spec.cell_key(),
+            affinity_key: spec.affinity_key(),
+            spec,
+            spec_json,
+            bindings_json,
+        })
+    }
+}
+
+fn prefix_cell(number: u32, e: Error) -> Error {
+    match e {
+        Error::Invalid(m) => Error::Invalid(format!("cell {number}: {m}")),
+        Error::TooLarge(m) => Error::TooLarge(format!("cell {number}: {m}")),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn spec(seed: u64) -> CellSpec {
+        CellSpec {
+            model: "dreamshaper_8.safetensors".into(),
+            loras: vec![LoraSpec {
+                name: "lcm-lora-sdv1-5".into(),
+                strength: 1.0,
+                sha256: String::new(),
+            }],
+            prompt: "a fox in a forest".into(),
+            negative_prompt: String::new(),
+            seed,
+            steps: 4,
+            cfg: 1.0,
+            sampler: Sampler::Lcm,
+            width: 512,
+            height: 512,
+            rng: "cpu".into(),
+            bindings: BTreeMap::new(),
+            min_memory_mib: 0,
+        }
+    }
+
+    #[test]
+    fn keys_ignore_bindings_but_not_render_parameters() {
+        let a = spec(1);
+        let mut b = spec(1);
+        b.bindings.insert("animal".into(), "fox".into());
+        assert_eq!(a.cell_key(), b.cell_key());
+        let c = spec(2);
+        assert_ne!(a.cell_key(), c.cell_key());
+        assert_eq!(a.affinity_key(), c.affinity_key());
+        let mut d = spec(1);
+        d.loras[0].strength = 0.5;
+        assert_ne!(a.affinity_key(), d.affinity_key());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut s = spec(1);
+        s.width = 100;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("width: 100"), "{e}");
+        let mut s = spec(u64::MAX);
+        s.steps = 4;
+        assert!(s.validate().unwrap_err().to_string().contains("seed"));
+        let mut s = spec(1);
+        s.cfg = f32::NAN;
+        assert!(s.validate().unwrap_err().to_string().contains("cfg"));
+        let mut s = spec(1);
+        s.model = " ".into();
+        assert!(s.validate().unwrap_err().to_string().contains("model"));
+        let mut s = spec(1);
+        s.prompt = "x".repeat(MAX_PROMPT_BYTES + 1);
+        assert!(matches!(s.validate(), Err(Error::TooLarge(_))));
+    }
+
+    #[test]
+    fn cfg_is_stored_as_its_decimal() {
+        let mut s = spec(1);
+        s.cfg = 1.2;
+        assert_eq!(s.cfg_decimal(), 1.2);
+    }
+}

@@ -1,0 +1,18 @@
+//! The `kiln.v1` gRPC API shared by the coordinator, the worker and the CLI.
+//!
+//! # Layout
+//! - [`v1`]: prost messages and tonic clients/servers generated from
+//!   `proto/kiln/v1/kiln.proto` (the documented source of the API).
+//! - [`ids`]: newtypes for the ids that cross crate boundaries, so a sweep id can never be
+//!   passed where a cell id is expected.
+#![warn(missing_docs)]
+
+pub mod ids;
+
+/// Generated code for package `kiln.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("kiln.v1");
+}
+
+pub use ids::{Attempt, CellId, SweepId, WorkerId};

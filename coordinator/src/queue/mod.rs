@@ -187,20 +187,24 @@ impl Queue {
                 cells.push(cell);
             }
         }
-        let out = self
-            .store
-            .sweep_insert(
-                &SweepInsert {
-                    name: &s.name,
-                    idempotency_key: key,
-                    priority: s.priority,
-                    max_attempts,
-                    spec: &s.spec,
-                    cells: &cells,
-                },
-                self.now(),
-            )
-            .await?;
+        let insert = SweepInsert {
+            name: &s.name,
+            idempotency_key: key,
+            priority: s.priority,
+            max_attempts,
+            spec: &s.spec,
+            cells: &cells,
+        };
+        let out = match self.store.sweep_insert(&insert, self.now()).await {
+            // Two submits of one key raced and the other won: ours now finds its sweep.
+            Err(Error::Database(e))
+                if e.as_database_error()
+                    .is_some_and(|d| d.is_unique_violation()) =>
+            {
+                self.store.sweep_insert(&insert, self.now()).await?
+            }
+            other => other?,
+        };
         self.events.changed();
         Ok(out)
     }

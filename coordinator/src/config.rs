@@ -1,1 +1,158 @@
-//! wip
+//! Coordinator configuration. [`Settings`] is the raw, all-optional layer read from a TOML file
+//! and from flags/`KILN_*` environment (the CLI fills one from clap); layers merge in the order
+//! defaults → file → env → flags, and [`Settings::validate`] turns the result into a typed
+//! [`Config`] once. Nothing below `main` reads the environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::queue::QueueConfig;
+use crate::store::{DatabaseUrl, StoreOptions};
+use crate::{Error, Result};
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
+/// Default database.
+pub const DEFAULT_DB: &str = "sqlite://kiln.db";
+
+/// Raw settings; every field optional so layers can be merged.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// gRPC listen address, e.g. `0.0.0.0:7450`.
+    pub listen: Option<String>,
+    /// `sqlite://PATH` or `postgres://…`.
+    pub db: Option<String>,
+    /// Lease time-to-live without a heartbeat, seconds.
+    pub lease_ttl_secs: Option<u64>,
+    /// Heartbeat interval told to workers, seconds.
+    pub heartbeat_secs: Option<u64>,
+    /// Attempts per cell when a sweep does not say.
+    pub max_attempts: Option<u32>,
+    /// Most cells per sweep.
+    pub max_cells_per_sweep: Option<usize>,
+    /// Maintenance pass interval, milliseconds.
+    pub maintenance_interval_ms: Option<u64>,
+    /// Postgres pool size.
+    pub pg_max_connections: Option<u32>,
+    /// Backoff after the first failure, milliseconds.
+    pub retry_base_ms: Option<u64>,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Database.
+    pub db: DatabaseUrl,
+    /// Connection settings.
+    pub store: StoreOptions,
+    /// Lifecycle settings.
+    pub queue: QueueConfig,
+    /// Maintenance pass interval.
+    pub maintenance_interval: Duration,
+}
+
+impl Settings {
+    /// Parses a TOML config file's text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Settings> {
+        toml::from_str(text).map_err(|e| Error::Config(format!("{origin}: {e}")))
+    }
+
+    /// `self` with every field that `over` sets replaced.
+    pub fn merge(self, over: Settings) -> Settings {
+        Settings {
+            listen: over.listen.or(self.listen),
+            db: over.db.or(self.db),
+            lease_ttl_secs: over.lease_ttl_secs.or(self.lease_ttl_secs),
+            heartbeat_secs: over.heartbeat_secs.or(self.heartbeat_secs),
+            max_attempts: over.max_attempts.or(self.max_attempts),
+            max_cells_per_sweep: over.max_cells_per_sweep.or(self.max_cells_per_sweep),
+            maintenance_interval_ms: over.maintenance_interval_ms.or(self.maintenance_interval_ms),
+            pg_max_connections: over.pg_max_connections.or(self.pg_max_connections),
+            retry_base_ms: over.retry_base_ms.or(self.retry_base_ms),
+        }
+    }
+
+    /// Fills defaults and checks every value; the error names the setting.
+    pub fn validate(self) -> Result<Config> {
+        let listen_text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|e| Error::Config(format!("listen {listen_text:?}: {e}")))?;
+        let db: DatabaseUrl = self.db.as_deref().unwrap_or(DEFAULT_DB).parse()?;
+        let mut queue = QueueConfig::default();
+        if let Some(s) = self.lease_ttl_secs {
+            if !(5..=86_400).contains(&s) {
+                return Err(Error::Config(format!("lease_ttl_secs {s}: must be 5..=86400")));
+            }
+            queue.lease_ttl_ms = s as i64 * 1000;
+        }
+        if let Some(s) = self.heartbeat_secs {
+            queue.heartbeat_interval_ms = s as i64 * 1000;
+        } else {
+            queue.heartbeat_interval_ms = queue.lease_ttl_ms / 4;
+        }
+        if queue.heartbeat_interval_ms <= 0 || queue.heartbeat_interval_ms * 2 > queue.lease_ttl_ms {
+            return Err(Error::Config(format!(
+                "heartbeat_secs: must be positive and at most half of lease_ttl_secs ({} s)",
+                queue.lease_ttl_ms / 1000
+            )));
+        }
+        if let Some(n) = self.max_attempts {
+            if !(1..=100).contains(&n) {
+                return Err(Error::Config(format!("max_attempts {n}: must be 1..=100")));
+            }
+            queue.default_max_attempts = n as i32;
+        }
+        if let Some(n) = self.max_cells_per_sweep {
+            if n == 0 {
+                return Err(Error::Config("max_cells_per_sweep: must be positive".into()));
+            }
+            queue.max_cells_per_sweep = n;
+        }
+        if let Some(ms) = self.retry_base_ms {
+            queue.retry.base_ms = ms as i64;
+        }
+        let maintenance_interval =
+            Duration::from_millis(self.maintenance_interval_ms.unwrap_or(1_000).max(10));
+        let store = StoreOptions {
+            max_connections: self.pg_max_connections.unwrap_or(16),
+        };
+        Ok(Config {
+            listen,
+            db,
+            store,
+            queue,
+            maintenance_interval,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_layers_win_and_validation_names_the_setting() {
+        let file = Settings::from_toml("listen = \"0.0.0.0:1\"\nlease_ttl_secs = 30", "f").unwrap();
+        let flags = Settings {
+            listen: Some("127.0.0.1:9".into()),
+            ..Default::default()
+        };
+        let cfg = file.merge(flags).validate().unwrap();
+        assert_eq!(cfg.listen.port(), 9);
+        assert_eq!(cfg.queue.lease_ttl_ms, 30_000);
+        assert_eq!(cfg.queue.heartbeat_interval_ms, 7_500);
+        let e = Settings::from_toml("bogus = 1", "kiln.toml").unwrap_err().to_string();
+        assert!(e.contains("kiln.toml") && e.contains("bogus"), "{e}");
+        let e = Settings { db: Some("mysql://x".into()), ..Default::default() }
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mysql"), "{e}");
+    }
+}

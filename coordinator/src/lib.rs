@@ -7,6 +7,7 @@
 //! - [`queue`]: the cell lifecycle — states, retry/backoff/poison policy, affinity choice,
 //!   the maintenance loop, and [`queue::Queue`], the one entry point the API calls.
 //! - [`store`]: the only SQL — one seam ([`store::Store`]) with SQLite and Postgres backends.
+//! - [`result`]: the stored form of a Result (what the winning attempt produced).
 //! - [`events`]: in-process progress notifications for watchers.
 //! - [`api`]: tonic adapters for `kiln.v1`; the only place that knows `tonic::Status`.
 //! - [`config`]: settings (defaults → file → env → flags) validated into [`config::Config`].
@@ -19,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod queue;
+pub mod result;
 pub mod server;
 pub mod store;
 pub mod sweep;

@@ -1,0 +1,318 @@
+//! Conversions between `kiln.v1` messages and the coordinator's own types. Wire values that can
+//! be wrong (zero ids, unknown enum numbers, missing fields) become `Error::Invalid` naming the
+//! field.
+
+use kiln_proto::v1 as pb;
+use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
+
+use crate::queue::state::{CellState, DeviceKind, FailureClass, SweepState};
+use crate::result::RenderResult;
+use crate::store::{CellRow, Fence, ProgressRow, StateCounts, SweepRow, WorkerRegistration};
+use crate::sweep::{CellSpec, LoraSpec, Sampler};
+use crate::{Error, Result};
+
+pub(super) fn sweep_id(v: u64) -> Result<SweepId> {
+    SweepId::from_wire(v).ok_or_else(|| Error::invalid("sweep_id: must be a positive id"))
+}
+
+pub(super) fn worker_id(v: u64) -> Result<WorkerId> {
+    WorkerId::from_wire(v).ok_or_else(|| Error::invalid("worker_id: must be a positive id"))
+}
+
+pub(super) fn attempt_ref(a: Option<&pb::AttemptRef>) -> Result<(CellId, Attempt)> {
+    let a = a.ok_or_else(|| Error::invalid("attempt: required"))?;
+    let cell = CellId::from_wire(a.cell_id)
+        .ok_or_else(|| Error::invalid("attempt.cell_id: must be a positive id"))?;
+    let attempt = Attempt::from_wire(a.attempt)
+        .ok_or_else(|| Error::invalid("attempt.attempt: must be >= 1"))?;
+    Ok((cell, attempt))
+}
+
+pub(super) fn fence(worker: u64, a: Option<&pb::AttemptRef>) -> Result<Fence> {
+    let worker = worker_id(worker)?;
+    let (cell, attempt) = attempt_ref(a)?;
+    Ok(Fence {
+        cell,
+        attempt,
+        worker,
+    })
+}
+
+pub(super) fn attempt_to_wire(cell: CellId, attempt: Attempt) -> pb::AttemptRef {
+    pb::AttemptRef {
+        cell_id: cell.0 as u64,
+        attempt: attempt.0 as u32,
+    }
+}
+
+pub(super) fn cell_from_wire(c: pb::RenderCell) -> Result<CellSpec> {
+    let sampler = match pb::Sampler::try_from(c.sampler) {
+        Ok(pb::Sampler::Lcm) => Sampler::Lcm,
+        Ok(pb::Sampler::EulerA) => Sampler::EulerA,
+        _ => {
+            return Err(Error::invalid(format!(
+                "sampler: {} is not SAMPLER_LCM or SAMPLER_EULER_A",
+                c.sampler
+            )));
+        }
+    };
+    let rng = match pb::RngSource::try_from(c.rng) {
+        Ok(pb::RngSource::Unspecified | pb::RngSource::Cpu) => "cpu",
+        Err(_) => return Err(Error::invalid(format!("rng: {} is unknown", c.rng))),
+    };
+    Ok(CellSpec {
+        model: c.model,
+        loras: c
+            .loras
+            .into_iter()
+            .map(|l| LoraSpec {
+                name: l.name,
+                strength: l.strength,
+                sha256: l.sha256,
+            })
+            .collect(),
+        prompt: c.prompt,
+        negative_prompt: c.negative_prompt,
+        seed: c.seed,
+        steps: c.steps,
+        cfg: c.cfg,
+        sampler,
+        width: c.width,
+        height: c.height,
+        rng: rng.into(),
+        bindings: c.bindings.into_iter().collect(),
+        min_memory_mib: c.min_memory_mib,
+    })
+}
+
+pub(super) fn cell_to_wire(s: CellSpec) -> pb::RenderCell {
+    pb::RenderCell {
+        model: s.model,
+        loras: s
+            .loras
+            .into_iter()
+            .map(|l| pb::LoraRef {
+                name: l.name,
+                strength: l.strength,
+                sha256: l.sha256,
+            })
+            .collect(),
+        prompt: s.prompt,
+        negative_prompt: s.negative_prompt,
+        seed: s.seed,
+        steps: s.steps,
+        cfg: s.cfg,
+        sampler: match s.sampler {
+            Sampler::Lcm => pb::Sampler::Lcm,
+            Sampler::EulerA => pb::Sampler::EulerA,
+        } as i32,
+        width: s.width,
+        height: s.height,
+        rng: pb::RngSource::Cpu as i32,
+        bindings: s.bindings.into_iter().collect(),
+        min_memory_mib: s.min_memory_mib,
+    }
+}
+
+pub(super) fn spec_from_json(json: &str) -> Result<CellSpec> {
+    serde_json::from_str(json).map_err(|e| Error::Corrupt(format!("cells.spec: {e}")))
+}
+
+pub(super) fn cell_state_to_wire(s: CellState) -> i32 {
+    (match s {
+        CellState::Available => pb::CellState::Available,
+        CellState::Scheduled => pb::CellState::Scheduled,
+        CellState::Running => pb::CellState::Running,
+        CellState::Retryable => pb::CellState::Retryable,
+        CellState::Held => pb::CellState::Held,
+        CellState::Completed => pb::CellState::Completed,
+        CellState::Cancelled => pb::CellState::Cancelled,
+        CellState::Discarded => pb::CellState::Discarded,
+    }) as i32
+}
+
+pub(super) fn cell_state_from_wire(v: i32) -> Result<CellState> {
+    Ok(match pb::CellState::try_from(v) {
+        Ok(pb::CellState::Available) => CellState::Available,
+        Ok(pb::CellState::Scheduled) => CellState::Scheduled,
+        Ok(pb::CellState::Running) => CellState::Running,
+        Ok(pb::CellState::Retryable) => CellState::Retryable,
+        Ok(pb::CellState::Held) => CellState::Held,
+        Ok(pb::CellState::Completed) => CellState::Completed,
+        Ok(pb::CellState::Cancelled) => CellState::Cancelled,
+        Ok(pb::CellState::Discarded) => CellState::Discarded,
+        _ => return Err(Error::invalid(format!("states: {v} is not a cell state"))),
+    })
+}
+
+pub(super) fn failure_class_from_wire(v: i32) -> Result<FailureClass> {
+    Ok(match pb::FailureClass::try_from(v) {
+        Ok(pb::FailureClass::BadInput) => FailureClass::BadInput,
+        Ok(pb::FailureClass::Resource) => FailureClass::Resource,
+        Ok(pb::FailureClass::Transient) => FailureClass::Transient,
+        Ok(pb::FailureClass::Cancelled) => FailureClass::Cancelled,
+        Ok(pb::FailureClass::LeaseExpired) => FailureClass::LeaseExpired,
+        _ => return Err(Error::invalid(format!("class: {v} is not a failure class"))),
+    })
+}
+
+fn failure_class_to_wire(c: FailureClass) -> i32 {
+    (match c {
+        FailureClass::BadInput => pb::FailureClass::BadInput,
+        FailureClass::Resource => pb::FailureClass::Resource,
+        FailureClass::Transient => pb::FailureClass::Transient,
+        FailureClass::Cancelled => pb::FailureClass::Cancelled,
+        FailureClass::LeaseExpired => pb::FailureClass::LeaseExpired,
+    }) as i32
+}
+
+pub(super) fn counts_to_wire(c: &StateCounts) -> pb::SweepCounts {
+    pb::SweepCounts {
+        total: c.total(),
+        available: c.available,
+        scheduled: c.scheduled,
+        running: c.running,
+        retryable: c.retryable,
+        held: c.held,
+        completed: c.completed,
+        cancelled: c.cancelled,
+        discarded: c.discarded,
+    }
+}
+
+pub(super) fn sweep_to_wire(s: &SweepRow) -> pb::Sweep {
+    pb::Sweep {
+        id: s.id.0 as u64,
+        name: s.name.clone(),
+        idempotency_key: s.idempotency_key.clone(),
+        priority: s.priority,
+        max_attempts: s.max_attempts as u32,
+        state: (match s.state {
+            SweepState::Active => pb::SweepState::Active,
+            SweepState::Paused => pb::SweepState::Paused,
+            SweepState::Cancelled => pb::SweepState::Cancelled,
+        }) as i32,
+        created_at_ms: s.created_at,
+        counts: Some(counts_to_wire(&s.counts)),
+        finished: s.counts.finished(),
+    }
+}
+
+pub(super) fn progress_to_wire(p: &ProgressRow) -> pb::CellProgress {
+    pb::CellProgress {
+        cell_id: p.cell.0 as u64,
+        number: p.number as u32,
+        attempt: p.attempt as u32,
+        worker_id: p.worker.0 as u64,
+        step: p.step as u32,
+        total_steps: p.total as u32,
+    }
+}
+
+pub(super) fn result_from_wire(r: pb::RenderResult) -> RenderResult {
+    RenderResult {
+        object_key: r.object_key,
+        storage: r.storage,
+        sha256: r.sha256.to_ascii_lowercase(),
+        bytes: r.bytes,
+        width: r.width,
+        height: r.height,
+        device: r.device,
+        timings_ms: r.timings_ms.into_iter().collect(),
+        parameters: r.parameters,
+        notes: r.notes,
+    }
+}
+
+fn result_to_wire(r: RenderResult) -> pb::RenderResult {
+    pb::RenderResult {
+        object_key: r.object_key,
+        storage: r.storage,
+        sha256: r.sha256,
+        bytes: r.bytes,
+        width: r.width,
+        height: r.height,
+        device: r.device,
+        timings_ms: r.timings_ms.into_iter().collect(),
+        parameters: r.parameters,
+        notes: r.notes,
+    }
+}
+
+pub(super) fn cell_record_to_wire(c: CellRow) -> Result<pb::CellRecord> {
+    let errors: Vec<crate::queue::retry::ErrorEntry> = serde_json::from_str(&c.errors_json)
+        .map_err(|e| Error::Corrupt(format!("cells.errors: {e}")))?;
+    let result = c
+        .result_json
+        .as_deref()
+        .map(RenderResult::from_json)
+        .transpose()?
+        .map(result_to_wire);
+    Ok(pb::CellRecord {
+        cell_id: c.id.0 as u64,
+        sweep_id: c.sweep_id.0 as u64,
+        number: c.number as u32,
+        cell_key: c.cell_key,
+        cell: Some(cell_to_wire(spec_from_json(&c.spec_json)?)),
+        state: cell_state_to_wire(c.state),
+        attempt: c.attempt as u32,
+        max_attempts: c.max_attempts as u32,
+        result,
+        worker_id: c.worker.map_or(0, |w| w.0 as u64),
+        finished_at_ms: c.finalized_at.unwrap_or(0),
+        errors: errors
+            .into_iter()
+            .map(|e| pb::AttemptError {
+                attempt: e.attempt as u32,
+                worker_id: e.worker as u64,
+                class: failure_class_to_wire(e.class),
+                message: e.message,
+                at_ms: e.at,
+            })
+            .collect(),
+    })
+}
+
+pub(super) fn registration_from_wire(info: Option<pb::WorkerInfo>) -> Result<WorkerRegistration> {
+    let info = info.ok_or_else(|| Error::invalid("info: required"))?;
+    let device_kind = match pb::DeviceKind::try_from(info.device_kind) {
+        Ok(pb::DeviceKind::Unspecified) => DeviceKind::Unspecified,
+        Ok(pb::DeviceKind::Cpu) => DeviceKind::Cpu,
+        Ok(pb::DeviceKind::Cuda) => DeviceKind::Cuda,
+        Ok(pb::DeviceKind::Metal) => DeviceKind::Metal,
+        Err(_) => {
+            return Err(Error::invalid(format!(
+                "info.device_kind: {} is unknown",
+                info.device_kind
+            )));
+        }
+    };
+    Ok(WorkerRegistration {
+        name: info.name,
+        device_kind,
+        device_model: info.device_model,
+        memory_mib: i64::try_from(info.memory_mib)
+            .map_err(|_| Error::invalid("info.memory_mib: too large"))?,
+        max_pixels: i64::try_from(info.max_pixels)
+            .map_err(|_| Error::invalid("info.max_pixels: too large"))?,
+        loaded: info.loaded,
+        version: info.version,
+    })
+}
+
+pub(super) fn registration_to_wire(r: WorkerRegistration) -> pb::WorkerInfo {
+    pb::WorkerInfo {
+        name: r.name,
+        device_kind: (match r.device_kind {
+            DeviceKind::Unspecified => pb::DeviceKind::Unspecified,
+            DeviceKind::Cpu => pb::DeviceKind::Cpu,
+            DeviceKind::Cuda => pb::DeviceKind::Cuda,
+            DeviceKind::Metal => pb::DeviceKind::Metal,
+        }) as i32,
+        device_model: r.device_model,
+        memory_mib: r.memory_mib.max(0) as u64,
+        max_pixels: r.max_pixels.max(0) as u64,
+        loaded: r.loaded,
+        version: r.version,
+    }
+}

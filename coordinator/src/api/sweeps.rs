@@ -1,0 +1,331 @@
+//! `kiln.v1.SweepService`: the client-facing adapter. Each handler converts the request,
+//! calls [`Queue`], and converts the answer; no business rules live here.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use kiln_proto::v1 as pb;
+use kiln_proto::v1::sweep_service_server::SweepService;
+use kiln_proto::{SweepId, WorkerId};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{self, sweep_id};
+use crate::queue::{Queue, Submission};
+use crate::store::{CellQuery, CellSort};
+use crate::{Error, Result};
+
+/// How often a watcher re-reads even without a change (for rate and ETA).
+const WATCH_TICK: Duration = Duration::from_secs(2);
+/// Changes closer together than this are sent as one progress event.
+const WATCH_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// The client service.
+#[derive(Clone, Debug)]
+pub struct SweepApi {
+    queue: Queue,
+}
+
+impl SweepApi {
+    /// A service over `queue`.
+    pub fn new(queue: Queue) -> Self {
+        Self { queue }
+    }
+
+    async fn progress(&self, id: SweepId) -> Result<pb::SweepProgress> {
+        let sweep = self.queue.sweep(id).await?;
+        let rate = self.queue.sweep_rate(id).await?;
+        let running = self.queue.running(Some(id), None).await?;
+        let c = &sweep.counts;
+        let remaining = c.available + c.scheduled + c.running + c.retryable + c.held;
+        let eta_ms = if remaining == 0 {
+            0
+        } else if rate > 0.0 {
+            (remaining as f64 / rate * 1000.0) as i64
+        } else {
+            -1
+        };
+        Ok(pb::SweepProgress {
+            sweep: Some(convert::sweep_to_wire(&sweep)),
+            cells_per_second: rate,
+            eta_ms,
+            running: running.iter().map(convert::progress_to_wire).collect(),
+        })
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::SweepProgress, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SweepService for SweepApi {
+    async fn submit_sweep(
+        &self,
+        request: Request<Streaming<pb::SubmitSweepRequest>>,
+    ) -> Result<Response<pb::SubmitSweepResponse>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::SubmitSweepRequest {
+                part: Some(pb::submit_sweep_request::Part::Header(h)),
+            })) => h,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(Error::invalid("the first message must be a SweepHeader").into());
+            }
+        };
+        let max_cells = self.queue.config().max_cells_per_sweep;
+        let mut cells = Vec::new();
+        while let Some(msg) = stream.next().await {
+            match msg?.part {
+                Some(pb::submit_sweep_request::Part::Cells(chunk)) => {
+                    if cells.len() + chunk.cells.len() > max_cells {
+                        return Err(Error::TooLarge(format!(
+                            "sweep has more than {max_cells} cells"
+                        ))
+                        .into());
+                    }
+                    for c in chunk.cells {
+                        let n = cells.len();
+                        let spec = convert::cell_from_wire(c)
+                            .map_err(|e| Error::invalid(format!("cell {n}: {e}")))?;
+                        cells.push(spec);
+                    }
+                }
+                _ => return Err(Error::invalid("only one SweepHeader per stream").into()),
+            }
+        }
+        let out = self
+            .queue
+            .submit(Submission {
+                name: header.name,
+                idempotency_key: header.idempotency_key,
+                priority: header.priority,
+                max_attempts: match header.max_attempts {
+                    0 => None,
+                    n => Some(i32::try_from(n).map_err(|_| Error::invalid("max_attempts"))?),
+                },
+                spec: header.spec,
+                cells,
+            })
+            .await?;
+        Ok(Response::new(pb::SubmitSweepResponse {
+            sweep_id: out.id.0 as u64,
+            cell_count: out.cell_count,
+            duplicate: out.duplicate,
+        }))
+    }
+
+    async fn get_sweep(
+        &self,
+        request: Request<pb::GetSweepRequest>,
+    ) -> Result<Response<pb::Sweep>, Status> {
+        let id = sweep_id(request.into_inner().sweep_id)?;
+        let s = self.queue.sweep(id).await?;
+        Ok(Response::new(convert::sweep_to_wire(&s)))
+    }
+
+    async fn list_sweeps(
+        &self,
+        request: Request<pb::ListSweepsRequest>,
+    ) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = match r.limit {
+            0 => 50,
+            n => i64::from(n.min(1000)),
+        };
+        let before = if r.page_token.is_empty() {
+            None
+        } else {
+            let id: i64 = r
+                .page_token
+                .parse()
+                .map_err(|_| Error::invalid("page_token: not from ListSweeps"))?;
+            Some(SweepId(id))
+        };
+        let rows = self.queue.sweeps(limit, before).await?;
+        let next_page_token = match rows.last() {
+            Some(last) if rows.len() as i64 == limit => last.id.0.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListSweepsResponse {
+            sweeps: rows.iter().map(convert::sweep_to_wire).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_sweep(
+        &self,
+        request: Request<pb::SweepRequest>,
+    ) -> Result<Response<pb::CancelSweepResponse>, Status> {
+        let (cancelled, requested) = self.queue.cancel(sweep_id(request.into_inner().sweep_id)?).await?;
+        Ok(Response::new(pb::CancelSweepResponse {
+            cancelled,
+            cancel_requested: requested,
+        }))
+    }
+
+    async fn pause_sweep(
+        &self,
+        request: Request<pb::SweepRequest>,
+    ) -> Result<Response<pb::ChangeCount>, Status> {
+        let changed = self.queue.pause(sweep_id(request.into_inner().sweep_id)?).await?;
+        Ok(Response::new(pb::ChangeCount { changed }))
+    }
+
+    async fn resume_sweep(
+        &self,
+        request: Request<pb::SweepRequest>,
+    ) -> Result<Response<pb::ChangeCount>, Status> {
+        let changed = self.queue.resume(sweep_id(request.into_inner().sweep_id)?).await?;
+        Ok(Response::new(pb::ChangeCount { changed }))
+    }
+
+    async fn retry_failed(
+        &self,
+        request: Request<pb::SweepRequest>,
+    ) -> Result<Response<pb::ChangeCount>, Status> {
+        let changed = self
+            .queue
+            .retry_failed(sweep_id(request.into_inner().sweep_id)?)
+            .await?;
+        Ok(Response::new(pb::ChangeCount { changed }))
+    }
+
+    type WatchSweepStream = WatchStream;
+
+    async fn watch_sweep(
+        &self,
+        request: Request<pb::SweepRequest>,
+    ) -> Result<Response<Self::WatchSweepStream>, Status> {
+        let id = sweep_id(request.into_inner().sweep_id)?;
+        // Fail fast on an unknown sweep, before the stream starts.
+        let first = self.progress(id).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let api = self.clone();
+        let mut changes = self.queue.events().subscribe();
+        tokio::spawn(async move {
+            let mut next = Ok(first);
+            let mut last_sent: Option<pb::SweepProgress> = None;
+            loop {
+                let done = matches!(&next, Ok(p) if p.sweep.as_ref().is_some_and(|s| s.finished));
+                let failed = next.is_err();
+                if last_sent.as_ref() != next.as_ref().ok() {
+                    last_sent = next.as_ref().ok().cloned();
+                    if tx.send(next.map_err(Status::from)).await.is_err() {
+                        return; // The client went away.
+                    }
+                }
+                if done || failed {
+                    return;
+                }
+                tokio::select! {
+                    _ = changes.changed() => tokio::time::sleep(WATCH_DEBOUNCE).await,
+                    _ = tokio::time::sleep(WATCH_TICK) => {}
+                    _ = tx.closed() => return,
+                }
+                next = api.progress(id).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn query_results(
+        &self,
+        request: Request<pb::QueryResultsRequest>,
+    ) -> Result<Response<pb::QueryResultsResponse>, Status> {
+        let r = request.into_inner();
+        let limit = match r.limit {
+            0 => 100,
+            n => i64::from(n.min(1000)),
+        };
+        let offset: i64 = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token
+                .parse()
+                .ok()
+                .filter(|o: &i64| *o >= 0)
+                .ok_or_else(|| Error::invalid("page_token: not from QueryResults"))?
+        };
+        let seed = |v: Option<u64>, name: &str| -> Result<Option<i64>> {
+            v.map(|s| i64::try_from(s).map_err(|_| Error::invalid(format!("{name}: past 2^63-1"))))
+                .transpose()
+        };
+        let q = CellQuery {
+            sweep: match r.sweep_id {
+                0 => None,
+                v => Some(sweep_id(v)?),
+            },
+            states: r
+                .states
+                .iter()
+                .map(|s| convert::cell_state_from_wire(*s))
+                .collect::<Result<_>>()?,
+            prompt_contains: Some(r.prompt_contains).filter(|s| !s.is_empty()),
+            model: Some(r.model).filter(|s| !s.is_empty()),
+            seed_min: seed(r.seed_min, "seed_min")?,
+            seed_max: seed(r.seed_max, "seed_max")?,
+            cfg_min: r.cfg_min.map(f64::from),
+            cfg_max: r.cfg_max.map(f64::from),
+            worker: match r.worker_id {
+                0 => None,
+                v => Some(WorkerId::from_wire(v).ok_or_else(|| Error::invalid("worker_id"))?),
+            },
+            bindings: r.bindings.into_iter().collect(),
+            sort: match pb::ResultSort::try_from(r.sort) {
+                Ok(pb::ResultSort::Unspecified | pb::ResultSort::Number) => CellSort::Number,
+                Ok(pb::ResultSort::Seed) => CellSort::Seed,
+                Ok(pb::ResultSort::Cfg) => CellSort::Cfg,
+                Ok(pb::ResultSort::FinishedAt) => CellSort::FinishedAt,
+                Err(_) => return Err(Error::invalid("sort: unknown sort key").into()),
+            },
+            descending: r.descending,
+            limit,
+            offset,
+        };
+        let rows = self.queue.query(&q).await?;
+        let next_page_token = if rows.len() as i64 == limit {
+            (offset + limit).to_string()
+        } else {
+            String::new()
+        };
+        let cells = rows
+            .into_iter()
+            .map(convert::cell_record_to_wire)
+            .collect::<Result<_>>()?;
+        Ok(Response::new(pb::QueryResultsResponse {
+            cells,
+            next_page_token,
+        }))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let now = self.queue.now();
+        let ttl = self.queue.config().lease_ttl_ms;
+        let rows = self.queue.workers().await?;
+        let running = self.queue.running(None, None).await?;
+        let workers = rows
+            .into_iter()
+            .map(|w| pb::WorkerRecord {
+                worker_id: w.id.0 as u64,
+                online: !w.drained && now.0 - w.last_seen_at <= ttl,
+                drained: w.drained,
+                registered_at_ms: w.registered_at,
+                last_seen_at_ms: w.last_seen_at,
+                running: running
+                    .iter()
+                    .filter(|p| p.worker == w.id)
+                    .map(convert::progress_to_wire)
+                    .collect(),
+                cells_per_second: w.completed_recently as f64 / 60.0,
+                info: Some(convert::registration_to_wire(w.info)),
+            })
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+}

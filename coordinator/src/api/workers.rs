@@ -1,0 +1,174 @@
+//! `kiln.v1.WorkerService`: the worker-facing adapter. Every write names its attempt, and the
+//! queue fences it on (cell, attempt, worker); a stale write answers FAILED_PRECONDITION
+//! "lease lost".
+
+use kiln_proto::v1 as pb;
+use kiln_proto::v1::worker_service_server::WorkerService;
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, attempt_to_wire, fence, worker_id};
+use crate::queue::Queue;
+use crate::queue::retry::Decision;
+use crate::store::HeartbeatStatus;
+use crate::{Error, Result};
+
+/// The worker service.
+#[derive(Clone, Debug)]
+pub struct WorkerApi {
+    queue: Queue,
+}
+
+impl WorkerApi {
+    /// A service over `queue`.
+    pub fn new(queue: Queue) -> Self {
+        Self { queue }
+    }
+}
+
+fn loaded(keys: Vec<String>) -> Option<Vec<String>> {
+    Some(keys).filter(|k| !k.is_empty())
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let reg = convert::registration_from_wire(request.into_inner().info)?;
+        let id = self.queue.register(&reg).await?;
+        tracing::info!(worker = %id, name = %reg.name, device = %reg.device_model, "worker registered");
+        let cfg = self.queue.config();
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id: id.0 as u64,
+            lease_ttl_ms: cfg.lease_ttl_ms as u64,
+            heartbeat_interval_ms: cfg.heartbeat_interval_ms as u64,
+        }))
+    }
+
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let r = request.into_inner();
+        let worker = worker_id(r.worker_id)?;
+        let loaded = loaded(r.loaded);
+        let leased = self
+            .queue
+            .lease(worker, r.max_tasks as usize, loaded.as_deref())
+            .await?;
+        let tasks = leased
+            .into_iter()
+            .map(|c| {
+                Ok(pb::LeasedTask {
+                    cell_id: c.id.0 as u64,
+                    sweep_id: c.sweep_id.0 as u64,
+                    number: c.number as u32,
+                    attempt: c.attempt.0 as u32,
+                    cell: Some(convert::cell_to_wire(convert::spec_from_json(&c.spec_json)?)),
+                    cell_key: c.cell_key,
+                    affinity_key: c.affinity_key,
+                    lease_expires_at_ms: c.lease_expires_at.0,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Response::new(pb::LeaseResponse { tasks }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let worker = worker_id(r.worker_id)?;
+        if r.attempts.len() > 1024 {
+            return Err(Error::TooLarge("attempts: at most 1024".into()).into());
+        }
+        let attempts = r
+            .attempts
+            .iter()
+            .map(|a| convert::attempt_ref(Some(a)))
+            .collect::<Result<Vec<_>>>()?;
+        let loaded = loaded(r.loaded);
+        let (statuses, expires) = self
+            .queue
+            .heartbeat(worker, &attempts, loaded.as_deref())
+            .await?;
+        let mut out = pb::HeartbeatResponse {
+            lease_expires_at_ms: expires.0,
+            ..Default::default()
+        };
+        for ((cell, attempt), status) in attempts.into_iter().zip(statuses) {
+            let a = attempt_to_wire(cell, attempt);
+            match status {
+                HeartbeatStatus::Extended => out.extended.push(a),
+                HeartbeatStatus::CancelRequested => {
+                    out.extended.push(a);
+                    out.cancelled.push(a);
+                }
+                HeartbeatStatus::Lost => out.lost.push(a),
+            }
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn report_progress(
+        &self,
+        request: Request<pb::ProgressRequest>,
+    ) -> Result<Response<pb::ProgressResponse>, Status> {
+        let r = request.into_inner();
+        let f = fence(r.worker_id, r.attempt.as_ref())?;
+        let cancel_requested = self.queue.progress(f, r.step, r.total_steps).await?;
+        Ok(Response::new(pb::ProgressResponse { cancel_requested }))
+    }
+
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<Response<pb::CompleteResponse>, Status> {
+        let r = request.into_inner();
+        let f = fence(r.worker_id, r.attempt.as_ref())?;
+        let result = convert::result_from_wire(
+            r.result
+                .ok_or_else(|| Error::invalid("result: required"))?,
+        );
+        result.validate()?;
+        self.queue.complete(f, &result.to_json()?).await?;
+        Ok(Response::new(pb::CompleteResponse {}))
+    }
+
+    async fn fail(
+        &self,
+        request: Request<pb::FailRequest>,
+    ) -> Result<Response<pb::FailResponse>, Status> {
+        let r = request.into_inner();
+        let f = fence(r.worker_id, r.attempt.as_ref())?;
+        let class = convert::failure_class_from_wire(r.class)?;
+        let decision = self.queue.fail(f, class, &r.message).await?;
+        tracing::info!(cell = %f.cell, attempt = %f.attempt, worker = %f.worker, %class, ?decision, "attempt failed");
+        let (state, retry_at_ms) = match decision {
+            Decision::Retry { at } => (pb::CellState::Retryable, at.0),
+            Decision::Discard { .. } => (pb::CellState::Discarded, 0),
+            Decision::Cancel => (pb::CellState::Cancelled, 0),
+        };
+        Ok(Response::new(pb::FailResponse {
+            state: state as i32,
+            retry_at_ms,
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let r = request.into_inner();
+        let worker = worker_id(r.worker_id)?;
+        let attempts = r
+            .attempts
+            .iter()
+            .map(|a| convert::attempt_ref(Some(a)))
+            .collect::<Result<Vec<_>>>()?;
+        let released = self.queue.release(worker, &attempts, r.draining).await?;
+        Ok(Response::new(pb::ReleaseResponse { released }))
+    }
+}

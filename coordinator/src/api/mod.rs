@@ -10,5 +10,5 @@ pub use sweeps::SweepApi;
 pub use workers::WorkerApi;
 
 /// Largest accepted request message (one chunk of a sweep), bytes. Bigger messages are
-/// answered RESOURCE_EXHAUSTED by tonic before they reach a handler.
+/// answered OUT_OF_RANGE ("decoded message length too large") by tonic before they reach a handler.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

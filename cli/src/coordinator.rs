@@ -1,0 +1,98 @@
+//! `kiln coordinator`: parses flags and environment into settings, merges them over the config
+//! file, validates once, binds, and serves until SIGTERM or Ctrl-C.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use kiln_coordinator::config::Settings;
+
+pub const EXAMPLES: &str = "Examples:
+  kiln coordinator                                   # sqlite://kiln.db on 127.0.0.1:7450
+  kiln coordinator --listen 0.0.0.0:7450 --db sqlite:///var/lib/kiln/kiln.db
+  kiln coordinator --db postgres://kiln:secret@db.lan/kiln
+  KILN_DB=postgres://kiln@127.0.0.1/kiln kiln coordinator --config /etc/kiln/coordinator.toml";
+
+/// Flags of `kiln coordinator`; each also reads a `KILN_*` variable.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// TOML config file (keys: listen, db, lease_ttl_secs, heartbeat_secs, max_attempts,
+    /// max_cells_per_sweep, maintenance_interval_ms, pg_max_connections, retry_base_ms).
+    #[arg(long, env = "KILN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7450]; port 0 picks a free port.
+    #[arg(long, env = "KILN_LISTEN")]
+    listen: Option<String>,
+    /// Database: sqlite://PATH [default: sqlite://kiln.db] or postgres://USER@HOST/DB.
+    #[arg(long, env = "KILN_DB")]
+    db: Option<String>,
+    /// Seconds a lease lasts without a heartbeat [default: 60].
+    #[arg(long, env = "KILN_LEASE_TTL_SECS")]
+    lease_ttl_secs: Option<u64>,
+    /// Attempts per cell when a sweep does not say [default: 5].
+    #[arg(long, env = "KILN_MAX_ATTEMPTS")]
+    max_attempts: Option<u32>,
+    /// Maintenance pass interval in milliseconds [default: 1000].
+    #[arg(long, env = "KILN_MAINTENANCE_INTERVAL_MS")]
+    maintenance_interval_ms: Option<u64>,
+    /// Write the bound address to this file once listening (for scripts using port 0).
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+}
+
+pub fn main(args: Args) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            Settings::from_toml(&text, &path.display().to_string())?
+        }
+        None => Settings::default(),
+    };
+    let flags = Settings {
+        listen: args.listen,
+        db: args.db,
+        lease_ttl_secs: args.lease_ttl_secs,
+        max_attempts: args.max_attempts,
+        maintenance_interval_ms: args.maintenance_interval_ms,
+        ..Default::default()
+    };
+    let cfg = file.merge(flags).validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        if let Some(path) = &args.addr_file {
+            std::fs::write(path, addr.to_string())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        kiln_coordinator::server::run(&cfg, listener, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}

@@ -1,1 +1,132 @@
-fn main(){}
+//! Queue benchmark (not a test): submit 100,000 cells, then lease+complete cycles per second
+//! with 64 concurrent simulated workers, on SQLite and on Postgres. The "workers" are a
+//! simulator: in-process tasks that lease one cell and complete it at once, so the number is
+//! the coordinator's own ceiling, with no rendering.
+//!
+//! Run: `cargo bench -p kiln-coordinator --bench queue --profile dev [-- sqlite|postgres]`
+//! (Postgres from KILN_TEST_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/test;
+//! a fresh schema is created and dropped.)
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_coordinator::clock::SystemClock;
+use kiln_coordinator::queue::state::DeviceKind;
+use kiln_coordinator::queue::{Queue, QueueConfig, Submission};
+use kiln_coordinator::store::{DatabaseUrl, Fence, Store, StoreOptions, WorkerRegistration};
+use kiln_coordinator::sweep::{CellSpec, LoraSpec, Sampler};
+
+const SUBMIT_CELLS: u64 = 100_000;
+const CYCLE_CELLS: u64 = 20_000;
+const WORKERS: usize = 64;
+
+fn cell(seed: u64) -> CellSpec {
+    CellSpec {
+        model: "dreamshaper_8.safetensors".into(),
+        loras: vec![LoraSpec { name: "lcm-lora-sdv1-5.safetensors".into(), strength: 1.0, sha256: String::new() }],
+        prompt: format!("a {} fox in a forest, golden hour, highly detailed", ["red", "arctic", "fennec"][(seed % 3) as usize]),
+        negative_prompt: "blurry, lowres".into(),
+        seed,
+        steps: 4,
+        cfg: 1.0,
+        sampler: Sampler::Lcm,
+        width: 512,
+        height: 512,
+        rng: "cpu".into(),
+        bindings: [("animal".to_string(), "fox".to_string()), ("seed".to_string(), seed.to_string())].into(),
+        min_memory_mib: 0,
+    }
+}
+
+fn submission(key: &str, n: u64) -> Submission {
+    Submission {
+        name: key.into(),
+        idempotency_key: key.into(),
+        priority: 0,
+        max_attempts: None,
+        spec: String::new(),
+        cells: (0..n).map(cell).collect(),
+    }
+}
+
+async fn bench(name: &str, url: DatabaseUrl) {
+    let store = Store::connect(&url, &StoreOptions { max_connections: 32 }).await.unwrap();
+    let queue = Queue::new(store.clone(), Arc::new(SystemClock), QueueConfig::default());
+
+    let sub = submission("bench-submit", SUBMIT_CELLS);
+    let t = Instant::now();
+    let out = queue.submit(sub).await.unwrap();
+    let submit_s = t.elapsed().as_secs_f64();
+    assert_eq!(out.cell_count, SUBMIT_CELLS);
+    // Cancel it so the cycle phase has its own queue.
+    queue.cancel(out.id).await.unwrap();
+
+    for batch in [1usize, 4] {
+        let key = format!("bench-cycle-{batch}");
+        let sweep = queue.submit(submission(&key, CYCLE_CELLS)).await.unwrap().id;
+        let reg = WorkerRegistration {
+            name: "sim".into(),
+            device_kind: DeviceKind::Cpu,
+            device_model: "simulator".into(),
+            memory_mib: 8192,
+            max_pixels: 1 << 20,
+            loaded: vec![],
+            version: "bench".into(),
+        };
+        let mut tasks = Vec::new();
+        let t = Instant::now();
+        for _ in 0..WORKERS {
+            let q = queue.clone();
+            let w = q.register(&reg).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut done = 0u64;
+                loop {
+                    let leased = q.lease(w, batch, None).await.unwrap();
+                    if leased.is_empty() {
+                        return done;
+                    }
+                    for c in leased {
+                        let f = Fence { cell: c.id, attempt: c.attempt, worker: w };
+                        q.complete(f, r#"{"object_key":"k","sha256":"00"}"#).await.unwrap();
+                        done += 1;
+                    }
+                }
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let s = queue.sweep(sweep).await.unwrap();
+        assert_eq!((total, s.counts.completed), (CYCLE_CELLS, CYCLE_CELLS));
+        println!(
+            "{name:8} lease({batch})+complete: {CYCLE_CELLS} cycles, {WORKERS} workers: {secs:.2} s = {:.0} cycles/s",
+            CYCLE_CELLS as f64 / secs
+        );
+    }
+    println!("{name:8} submit: {SUBMIT_CELLS} cells in {submit_s:.2} s = {:.0} cells/s", SUBMIT_CELLS as f64 / submit_s);
+    store.close().await;
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let which: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let want = |b: &str| which.is_empty() || which.iter().any(|w| w == b);
+    if want("sqlite") {
+        let dir = tempfile::tempdir().unwrap();
+        let url = DatabaseUrl::Sqlite(format!("sqlite://{}", dir.path().join("bench.db").display()));
+        bench("sqlite", url).await;
+    }
+    if want("postgres") {
+        let base = std::env::var("KILN_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let schema = format!("kiln_bench_{}", std::process::id());
+        let admin = sqlx::PgPool::connect(&base).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&admin).await.unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = DatabaseUrl::Postgres(format!("{base}{sep}options=-c%20search_path%3D{schema}"));
+        bench("postgres", url).await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await.unwrap();
+    }
+}

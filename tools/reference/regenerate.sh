@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Regenerates every reference fixture under worker/tests/fixtures/reference/ (and worker/assets/ BPE files).
+# Usage: tools/reference/regenerate.sh [path-to-python]   (default: /work/venv/bin/python, else python3)
+# Deterministic: re-running on the same machine/versions gives byte-identical files.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY="${1:-}"
+if [ -z "$PY" ]; then
+  if [ -x /work/venv/bin/python ]; then PY=/work/venv/bin/python; else PY=python3; fi
+fi
+export PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# fast fixtures
+"$PY" gen_rng.py
+"$PY" gen_rng.py --scalar
+"$PY" check_rng_model.py
+"$PY" gen_tokenizer.py
+"$PY" gen_schedulers.py
+# models, LoRA, end-to-end references (order matters: each step reads the previous files)
+"$PY" gen_models.py
+"$PY" gen_lora.py
+"$PY" gen_expected.py
+chmod 644 ../../worker/tests/fixtures/reference/*.* ../../worker/tests/fixtures/reference/tiny-sd15/*/* \
+  ../../worker/tests/fixtures/reference/tiny-sd15/*.json
+du -ab ../../worker/tests/fixtures/reference | sort -k2

@@ -1,0 +1,35 @@
+//! Loading the reference JSON fixtures.
+
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+
+/// Parses `tests/fixtures/reference/<name>`, panicking with the path when it is absent or bad.
+pub fn load<T: DeserializeOwned>(name: &str) -> T {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/reference")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|err| {
+        panic!(
+            "reference fixture {} is missing or unreadable ({err}); generate it with \
+             tools/reference/",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text)
+        .unwrap_or_else(|err| panic!("reference fixture {} is malformed: {err}", path.display()))
+}
+
+/// Asserts `|got - want| <= tol * max(|want|, floor)` element-wise, naming the first offender.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64, floor: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length differs");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (f64::from(g), f64::from(w));
+        let allowed = tol * w.abs().max(floor);
+        assert!(
+            (g - w).abs() <= allowed,
+            "{what}[{i}]: got {g}, want {w} (|diff| {} > {allowed})",
+            (g - w).abs()
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests of the worker's engine against reference fixtures.
+//!
+//! The fixtures under `tests/fixtures/reference/` were written by PyTorch, transformers and
+//! diffusers (`tools/reference/*.py`, versions recorded in each file). These tests read only
+//! those JSON files; a missing fixture fails the test with its path rather than skipping.
+
+mod fixture;
+mod rng;
+mod scheduler;
+mod tokenizer;

@@ -23,8 +23,15 @@ const WORKERS: usize = 64;
 fn cell(seed: u64) -> CellSpec {
     CellSpec {
         model: "dreamshaper_8.safetensors".into(),
-        loras: vec![LoraSpec { name: "lcm-lora-sdv1-5.safetensors".into(), strength: 1.0, sha256: String::new() }],
-        prompt: format!("a {} fox in a forest, golden hour, highly detailed", ["red", "arctic", "fennec"][(seed % 3) as usize]),
+        loras: vec![LoraSpec {
+            name: "lcm-lora-sdv1-5.safetensors".into(),
+            strength: 1.0,
+            sha256: String::new(),
+        }],
+        prompt: format!(
+            "a {} fox in a forest, golden hour, highly detailed",
+            ["red", "arctic", "fennec"][(seed % 3) as usize]
+        ),
         negative_prompt: "blurry, lowres".into(),
         seed,
         steps: 4,
@@ -33,7 +40,11 @@ fn cell(seed: u64) -> CellSpec {
         width: 512,
         height: 512,
         rng: "cpu".into(),
-        bindings: [("animal".to_string(), "fox".to_string()), ("seed".to_string(), seed.to_string())].into(),
+        bindings: [
+            ("animal".to_string(), "fox".to_string()),
+            ("seed".to_string(), seed.to_string()),
+        ]
+        .into(),
         min_memory_mib: 0,
     }
 }
@@ -50,7 +61,14 @@ fn submission(key: &str, n: u64) -> Submission {
 }
 
 async fn bench(name: &str, url: DatabaseUrl) {
-    let store = Store::connect(&url, &StoreOptions { max_connections: 32 }).await.unwrap();
+    let store = Store::connect(
+        &url,
+        &StoreOptions {
+            max_connections: 32,
+        },
+    )
+    .await
+    .unwrap();
     let queue = Queue::new(store.clone(), Arc::new(SystemClock), QueueConfig::default());
 
     let sub = submission("bench-submit", SUBMIT_CELLS);
@@ -63,7 +81,11 @@ async fn bench(name: &str, url: DatabaseUrl) {
 
     for batch in [1usize, 4] {
         let key = format!("bench-cycle-{batch}");
-        let sweep = queue.submit(submission(&key, CYCLE_CELLS)).await.unwrap().id;
+        let sweep = queue
+            .submit(submission(&key, CYCLE_CELLS))
+            .await
+            .unwrap()
+            .id;
         let reg = WorkerRegistration {
             name: "sim".into(),
             device_kind: DeviceKind::Cpu,
@@ -86,8 +108,14 @@ async fn bench(name: &str, url: DatabaseUrl) {
                         return done;
                     }
                     for c in leased {
-                        let f = Fence { cell: c.id, attempt: c.attempt, worker: w };
-                        q.complete(f, r#"{"object_key":"k","sha256":"00"}"#).await.unwrap();
+                        let f = Fence {
+                            cell: c.id,
+                            attempt: c.attempt,
+                            worker: w,
+                        };
+                        q.complete(f, r#"{"object_key":"k","sha256":"00"}"#)
+                            .await
+                            .unwrap();
                         done += 1;
                     }
                 }
@@ -105,17 +133,26 @@ async fn bench(name: &str, url: DatabaseUrl) {
             CYCLE_CELLS as f64 / secs
         );
     }
-    println!("{name:8} submit: {SUBMIT_CELLS} cells in {submit_s:.2} s = {:.0} cells/s", SUBMIT_CELLS as f64 / submit_s);
+    println!(
+        "{name:8} submit: {SUBMIT_CELLS} cells in {submit_s:.2} s = {:.0} cells/s",
+        SUBMIT_CELLS as f64 / submit_s
+    );
     store.close().await;
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let which: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let want = |b: &str| which.is_empty() || which.iter().any(|w| w == b);
     if want("sqlite") {
         let dir = tempfile::tempdir().unwrap();
-        let url = DatabaseUrl::Sqlite(format!("sqlite://{}", dir.path().join("bench.db").display()));
+        let url = DatabaseUrl::Sqlite(format!(
+            "sqlite://{}",
+            dir.path().join("bench.db").display()
+        ));
         bench("sqlite", url).await;
     }
     if want("postgres") {
@@ -123,10 +160,16 @@ async fn main() {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let schema = format!("kiln_bench_{}", std::process::id());
         let admin = sqlx::PgPool::connect(&base).await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&admin).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .unwrap();
         let sep = if base.contains('?') { '&' } else { '?' };
         let url = DatabaseUrl::Postgres(format!("{base}{sep}options=-c%20search_path%3D{schema}"));
         bench("postgres", url).await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&admin)
+            .await
+            .unwrap();
     }
 }

@@ -71,7 +71,9 @@ impl Settings {
             heartbeat_secs: over.heartbeat_secs.or(self.heartbeat_secs),
             max_attempts: over.max_attempts.or(self.max_attempts),
             max_cells_per_sweep: over.max_cells_per_sweep.or(self.max_cells_per_sweep),
-            maintenance_interval_ms: over.maintenance_interval_ms.or(self.maintenance_interval_ms),
+            maintenance_interval_ms: over
+                .maintenance_interval_ms
+                .or(self.maintenance_interval_ms),
             pg_max_connections: over.pg_max_connections.or(self.pg_max_connections),
             retry_base_ms: over.retry_base_ms.or(self.retry_base_ms),
         }
@@ -87,7 +89,9 @@ impl Settings {
         let mut queue = QueueConfig::default();
         if let Some(s) = self.lease_ttl_secs {
             if !(5..=86_400).contains(&s) {
-                return Err(Error::Config(format!("lease_ttl_secs {s}: must be 5..=86400")));
+                return Err(Error::Config(format!(
+                    "lease_ttl_secs {s}: must be 5..=86400"
+                )));
             }
             queue.lease_ttl_ms = s as i64 * 1000;
         }
@@ -96,7 +100,8 @@ impl Settings {
         } else {
             queue.heartbeat_interval_ms = queue.lease_ttl_ms / 4;
         }
-        if queue.heartbeat_interval_ms <= 0 || queue.heartbeat_interval_ms * 2 > queue.lease_ttl_ms {
+        if queue.heartbeat_interval_ms <= 0 || queue.heartbeat_interval_ms * 2 > queue.lease_ttl_ms
+        {
             return Err(Error::Config(format!(
                 "heartbeat_secs: must be positive and at most half of lease_ttl_secs ({} s)",
                 queue.lease_ttl_ms / 1000
@@ -110,7 +115,9 @@ impl Settings {
         }
         if let Some(n) = self.max_cells_per_sweep {
             if n == 0 {
-                return Err(Error::Config("max_cells_per_sweep: must be positive".into()));
+                return Err(Error::Config(
+                    "max_cells_per_sweep: must be positive".into(),
+                ));
             }
             queue.max_cells_per_sweep = n;
         }
@@ -147,12 +154,17 @@ mod tests {
         assert_eq!(cfg.listen.port(), 9);
         assert_eq!(cfg.queue.lease_ttl_ms, 30_000);
         assert_eq!(cfg.queue.heartbeat_interval_ms, 7_500);
-        let e = Settings::from_toml("bogus = 1", "kiln.toml").unwrap_err().to_string();
-        assert!(e.contains("kiln.toml") && e.contains("bogus"), "{e}");
-        let e = Settings { db: Some("mysql://x".into()), ..Default::default() }
-            .validate()
+        let e = Settings::from_toml("bogus = 1", "kiln.toml")
             .unwrap_err()
             .to_string();
+        assert!(e.contains("kiln.toml") && e.contains("bogus"), "{e}");
+        let e = Settings {
+            db: Some("mysql://x".into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("mysql"), "{e}");
     }
 }

@@ -49,7 +49,9 @@ impl RenderResult {
         }
         if self.parameters.len() > 64 * 1024 || self.notes.len() > 32 || self.timings_ms.len() > 32
         {
-            return Err(Error::TooLarge("result: parameters, notes or timings".into()));
+            return Err(Error::TooLarge(
+                "result: parameters, notes or timings".into(),
+            ));
         }
         Ok(())
     }

@@ -26,7 +26,11 @@ pub async fn run(
 ) -> Result<()> {
     let store = Store::connect(&cfg.db, &cfg.store).await?;
     tracing::info!(backend = store.backend(), db = ?cfg.db, "database ready");
-    let queue = Queue::new(store.clone(), std::sync::Arc::new(SystemClock), cfg.queue.clone());
+    let queue = Queue::new(
+        store.clone(),
+        std::sync::Arc::new(SystemClock),
+        cfg.queue.clone(),
+    );
     let out = serve(queue, listener, cfg.maintenance_interval, shutdown).await;
     store.close().await;
     out
@@ -55,12 +59,8 @@ pub async fn serve(
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<SweepServiceServer<SweepApi>>()
-        .await;
-    health
-        .set_serving::<WorkerServiceServer<WorkerApi>>()
-        .await;
+    health.set_serving::<SweepServiceServer<SweepApi>>().await;
+    health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
 
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "coordinator listening");

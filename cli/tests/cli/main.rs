@@ -18,7 +18,13 @@ struct Coordinator {
 fn spawn(db: &str, dir: &Path) -> Coordinator {
     let addr_file = dir.join(format!("addr-{}", rand::random::<u32>()));
     let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--maintenance-interval-ms", "100"])
+        .args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--maintenance-interval-ms",
+            "100",
+        ])
         .arg("--addr-file")
         .arg(&addr_file)
         // Configuration through the environment, as a service manager would set it.
@@ -29,21 +35,43 @@ fn spawn(db: &str, dir: &Path) -> Coordinator {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn kiln coordinator");
+    let mut c = Coordinator {
+        child,
+        addr: String::new(),
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(addr) = std::fs::read_to_string(&addr_file)
             && !addr.is_empty()
         {
-            return Coordinator { child, addr };
+            c.addr = addr;
+            return c;
         }
         assert!(Instant::now() < deadline, "coordinator did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
+impl Drop for Coordinator {
+    // A failing test must not leave a coordinator running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 async fn clients(addr: &str) -> (SweepServiceClient<Channel>, WorkerServiceClient<Channel>) {
-    let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    (SweepServiceClient::new(ch.clone()), WorkerServiceClient::new(ch))
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (
+        SweepServiceClient::new(ch.clone()),
+        WorkerServiceClient::new(ch),
+    )
 }
 
 fn cell(seed: u64) -> pb::RenderCell {
@@ -88,25 +116,48 @@ async fn kill_and_restart_loses_nothing(db: &str) {
             })),
         },
     ];
-    let sweep = sweeps.submit_sweep(tokio_stream::iter(msgs.clone())).await.unwrap().into_inner();
+    let sweep = sweeps
+        .submit_sweep(tokio_stream::iter(msgs.clone()))
+        .await
+        .unwrap()
+        .into_inner();
     let worker = workers
         .register(pb::RegisterRequest {
-            info: Some(pb::WorkerInfo { name: "pc".into(), max_pixels: 1 << 20, memory_mib: 8192, ..Default::default() }),
+            info: Some(pb::WorkerInfo {
+                name: "pc".into(),
+                max_pixels: 1 << 20,
+                memory_mib: 8192,
+                ..Default::default()
+            }),
         })
         .await
         .unwrap()
         .into_inner()
         .worker_id;
     let tasks = workers
-        .lease(pb::LeaseRequest { worker_id: worker, max_tasks: 5, loaded: vec![] })
+        .lease(pb::LeaseRequest {
+            worker_id: worker,
+            max_tasks: 5,
+            loaded: vec![],
+        })
         .await
         .unwrap()
         .into_inner()
         .tasks;
-    let refs: Vec<_> = tasks.iter().map(|t| pb::AttemptRef { cell_id: t.cell_id, attempt: t.attempt }).collect();
+    let refs: Vec<_> = tasks
+        .iter()
+        .map(|t| pb::AttemptRef {
+            cell_id: t.cell_id,
+            attempt: t.attempt,
+        })
+        .collect();
     for r in &refs[..3] {
         workers
-            .complete(pb::CompleteRequest { worker_id: worker, attempt: Some(*r), result: Some(result(r.cell_id)) })
+            .complete(pb::CompleteRequest {
+                worker_id: worker,
+                attempt: Some(*r),
+                result: Some(result(r.cell_id)),
+            })
             .await
             .unwrap();
     }
@@ -117,34 +168,68 @@ async fn kill_and_restart_loses_nothing(db: &str) {
 
     let mut c = spawn(db, dir.path());
     let (mut sweeps, mut workers) = clients(&c.addr).await;
-    let s = sweeps.get_sweep(pb::GetSweepRequest { sweep_id: sweep.sweep_id }).await.unwrap().into_inner();
+    let s = sweeps
+        .get_sweep(pb::GetSweepRequest {
+            sweep_id: sweep.sweep_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let counts = s.counts.unwrap();
-    assert_eq!((counts.total, counts.completed, counts.running, counts.available), (50, 3, 2, 45));
+    assert_eq!(
+        (
+            counts.total,
+            counts.completed,
+            counts.running,
+            counts.available
+        ),
+        (50, 3, 2, 45)
+    );
     // The same idempotency key still names the same sweep.
-    let again = sweeps.submit_sweep(tokio_stream::iter(msgs)).await.unwrap().into_inner();
+    let again = sweeps
+        .submit_sweep(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((again.sweep_id, again.duplicate), (sweep.sweep_id, true));
     // The worker's leases survived: it heartbeats and completes the two in flight.
     let hb = workers
-        .heartbeat(pb::HeartbeatRequest { worker_id: worker, attempts: refs[3..].to_vec(), loaded: vec![] })
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: worker,
+            attempts: refs[3..].to_vec(),
+            loaded: vec![],
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(hb.extended, refs[3..].to_vec());
     for r in &refs[3..] {
         workers
-            .complete(pb::CompleteRequest { worker_id: worker, attempt: Some(*r), result: Some(result(r.cell_id)) })
+            .complete(pb::CompleteRequest {
+                worker_id: worker,
+                attempt: Some(*r),
+                result: Some(result(r.cell_id)),
+            })
             .await
             .unwrap();
     }
     // A completed attempt cannot be completed twice, even across the restart.
     let e = workers
-        .complete(pb::CompleteRequest { worker_id: worker, attempt: Some(refs[0]), result: Some(result(1)) })
+        .complete(pb::CompleteRequest {
+            worker_id: worker,
+            attempt: Some(refs[0]),
+            result: Some(result(1)),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     loop {
         let tasks = workers
-            .lease(pb::LeaseRequest { worker_id: worker, max_tasks: 16, loaded: vec![] })
+            .lease(pb::LeaseRequest {
+                worker_id: worker,
+                max_tasks: 16,
+                loaded: vec![],
+            })
             .await
             .unwrap()
             .into_inner()
@@ -154,29 +239,56 @@ async fn kill_and_restart_loses_nothing(db: &str) {
         }
         for t in tasks {
             assert_eq!(t.attempt, 1, "no cell was attempted twice");
-            let r = pb::AttemptRef { cell_id: t.cell_id, attempt: t.attempt };
+            let r = pb::AttemptRef {
+                cell_id: t.cell_id,
+                attempt: t.attempt,
+            };
             workers
-                .complete(pb::CompleteRequest { worker_id: worker, attempt: Some(r), result: Some(result(t.cell_id)) })
+                .complete(pb::CompleteRequest {
+                    worker_id: worker,
+                    attempt: Some(r),
+                    result: Some(result(t.cell_id)),
+                })
                 .await
                 .unwrap();
         }
     }
-    let s = sweeps.get_sweep(pb::GetSweepRequest { sweep_id: sweep.sweep_id }).await.unwrap().into_inner();
+    let s = sweeps
+        .get_sweep(pb::GetSweepRequest {
+            sweep_id: sweep.sweep_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(s.finished);
     assert_eq!(s.counts.unwrap().completed, 50);
     let q = sweeps
-        .query_results(pb::QueryResultsRequest { sweep_id: sweep.sweep_id, limit: 1000, ..Default::default() })
+        .query_results(pb::QueryResultsRequest {
+            sweep_id: sweep.sweep_id,
+            limit: 1000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(q.cells.len(), 50);
     for rec in &q.cells {
-        assert_eq!(rec.result.as_ref().unwrap().sha256, format!("{:064x}", rec.cell_id), "each result is its own");
+        assert_eq!(
+            rec.result.as_ref().unwrap().sha256,
+            format!("{:064x}", rec.cell_id),
+            "each result is its own"
+        );
     }
 
     // SIGTERM: graceful shutdown, exit 0.
     let pid = c.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = c.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
@@ -193,20 +305,38 @@ async fn sigkill_and_restart_on_postgres_loses_nothing() {
     let base = std::env::var("KILN_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let schema = format!("kiln_cli_{}_{}", std::process::id(), rand::random::<u32>());
-    let admin = sqlx::PgPool::connect(&base).await.expect("Postgres (KILN_TEST_DATABASE_URL)");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&admin).await.unwrap();
+    let admin = sqlx::PgPool::connect(&base)
+        .await
+        .expect("Postgres (KILN_TEST_DATABASE_URL)");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .unwrap();
     let sep = if base.contains('?') { '&' } else { '?' };
-    kill_and_restart_loses_nothing(&format!("{base}{sep}options=-c%20search_path%3D{schema}")).await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await.unwrap();
+    kill_and_restart_loses_nothing(&format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+        .await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await
+        .unwrap();
 }
 
 #[test]
 fn bad_configuration_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["coordinator", "--db", "mysql://nope", "--listen", "127.0.0.1:0"])
+        .args([
+            "coordinator",
+            "--db",
+            "mysql://nope",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("mysql://nope") && err.contains("sqlite://"), "{err}");
+    assert!(
+        err.contains("mysql://nope") && err.contains("sqlite://"),
+        "{err}"
+    );
 }

@@ -157,7 +157,10 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::SweepRequest>,
     ) -> Result<Response<pb::CancelSweepResponse>, Status> {
-        let (cancelled, requested) = self.queue.cancel(sweep_id(request.into_inner().sweep_id)?).await?;
+        let (cancelled, requested) = self
+            .queue
+            .cancel(sweep_id(request.into_inner().sweep_id)?)
+            .await?;
         Ok(Response::new(pb::CancelSweepResponse {
             cancelled,
             cancel_requested: requested,
@@ -168,7 +171,10 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::SweepRequest>,
     ) -> Result<Response<pb::ChangeCount>, Status> {
-        let changed = self.queue.pause(sweep_id(request.into_inner().sweep_id)?).await?;
+        let changed = self
+            .queue
+            .pause(sweep_id(request.into_inner().sweep_id)?)
+            .await?;
         Ok(Response::new(pb::ChangeCount { changed }))
     }
 
@@ -176,7 +182,10 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::SweepRequest>,
     ) -> Result<Response<pb::ChangeCount>, Status> {
-        let changed = self.queue.resume(sweep_id(request.into_inner().sweep_id)?).await?;
+        let changed = self
+            .queue
+            .resume(sweep_id(request.into_inner().sweep_id)?)
+            .await?;
         Ok(Response::new(pb::ChangeCount { changed }))
     }
 

@@ -65,7 +65,9 @@ impl WorkerService for WorkerApi {
                     sweep_id: c.sweep_id.0 as u64,
                     number: c.number as u32,
                     attempt: c.attempt.0 as u32,
-                    cell: Some(convert::cell_to_wire(convert::spec_from_json(&c.spec_json)?)),
+                    cell: Some(convert::cell_to_wire(convert::spec_from_json(
+                        &c.spec_json,
+                    )?)),
                     cell_key: c.cell_key,
                     affinity_key: c.affinity_key,
                     lease_expires_at_ms: c.lease_expires_at.0,
@@ -128,10 +130,8 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::CompleteResponse>, Status> {
         let r = request.into_inner();
         let f = fence(r.worker_id, r.attempt.as_ref())?;
-        let result = convert::result_from_wire(
-            r.result
-                .ok_or_else(|| Error::invalid("result: required"))?,
-        );
+        let result =
+            convert::result_from_wire(r.result.ok_or_else(|| Error::invalid("result: required"))?);
         result.validate()?;
         self.queue.complete(f, &result.to_json()?).await?;
         Ok(Response::new(pb::CompleteResponse {}))

@@ -7,7 +7,11 @@ use super::Queue;
 
 /// Runs maintenance passes every `interval` until `shutdown` completes. Errors are logged and
 /// the loop goes on (the database may be briefly unreachable).
-pub async fn run(queue: Queue, interval: Duration, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn run(
+    queue: Queue,
+    interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -176,11 +176,9 @@ impl Queue {
         for (i, spec) in s.cells.into_iter().enumerate() {
             let number = u32::try_from(cells.len()).map_err(|_| Error::TooLarge("cells".into()))?;
             let cell = NewCell::new(number, spec).map_err(|e| match e {
-                Error::Invalid(m) => Error::Invalid(m.replacen(
-                    &format!("cell {number}:"),
-                    &format!("cell {i}:"),
-                    1,
-                )),
+                Error::Invalid(m) => {
+                    Error::Invalid(m.replacen(&format!("cell {number}:"), &format!("cell {i}:"), 1))
+                }
                 other => other,
             })?;
             if seen.insert(cell.cell_key.clone()) {
@@ -288,8 +286,7 @@ impl Queue {
         };
         let affinity = &self.affinity;
         let skips = self.cfg.max_affinity_skips;
-        let choose =
-            |c: &[affinity::Candidate]| affinity.choose(worker.0, &loaded, c, max, skips);
+        let choose = |c: &[affinity::Candidate]| affinity.choose(worker.0, &loaded, c, max, skips);
         let leased = self.store.cell_lease(&params, now, &choose).await?;
         if !leased.is_empty() {
             self.events.changed();
@@ -430,7 +427,9 @@ fn validate_registration(r: &WorkerRegistration) -> Result<()> {
         return Err(Error::invalid("info: device_model or version too long"));
     }
     if r.memory_mib < 0 || r.max_pixels < 0 {
-        return Err(Error::invalid("info: memory_mib and max_pixels must be >= 0"));
+        return Err(Error::invalid(
+            "info: memory_mib and max_pixels must be >= 0",
+        ));
     }
     if r.loaded.len() > 256 || r.loaded.iter().any(|k| k.len() > 128) {
         return Err(Error::invalid("info.loaded: at most 256 keys of 128 bytes"));

@@ -117,7 +117,9 @@ impl RetryPolicy {
     /// Backoff before the attempt after `attempt`: `base · 2^(attempt-1)`, capped at `max`,
     /// scaled by a jitter factor in `1 ± jitter` derived from (cell, attempt).
     pub fn backoff_ms(&self, cell: i64, attempt: i32) -> i64 {
-        let exp = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0).min(40);
+        let exp = u32::try_from(attempt.saturating_sub(1))
+            .unwrap_or(0)
+            .min(40);
         let raw = self.base_ms.saturating_mul(1i64 << exp).min(self.max_ms);
         let factor = 1.0 + self.jitter * (2.0 * unit_hash(cell, attempt) - 1.0);
         ((raw as f64) * factor).round() as i64
@@ -179,12 +181,16 @@ mod tests {
             let nominal = (2_000i64 << (attempt - 1)).min(600_000) as f64;
             for cell in 0..50 {
                 let b = p.backoff_ms(cell, attempt) as f64;
-                assert!(b >= nominal * 0.8 - 1.0 && b <= nominal * 1.2 + 1.0, "{b} vs {nominal}");
+                assert!(
+                    b >= nominal * 0.8 - 1.0 && b <= nominal * 1.2 + 1.0,
+                    "{b} vs {nominal}"
+                );
             }
         }
         assert!(p.backoff_ms(1, 1000) <= 720_000);
         // Jitter spreads cells that fail together.
-        let distinct: std::collections::HashSet<i64> = (0..20).map(|c| p.backoff_ms(c, 1)).collect();
+        let distinct: std::collections::HashSet<i64> =
+            (0..20).map(|c| p.backoff_ms(c, 1)).collect();
         assert!(distinct.len() > 10);
     }
 

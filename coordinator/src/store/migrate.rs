@@ -33,10 +33,11 @@ pub(super) async fn sqlite(pool: &sqlx::SqlitePool, now_ms: i64) -> Result<()> {
     sqlx::raw_sql(CREATE_TABLE).execute(pool).await?;
     for m in SQLITE {
         let mut tx: Transaction<'_, Sqlite> = pool.begin().await?;
-        let done: Option<i64> = sqlx::query_scalar("SELECT version FROM kiln_migrations WHERE version = ?")
-            .bind(m.version)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let done: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM kiln_migrations WHERE version = ?")
+                .bind(m.version)
+                .fetch_optional(&mut *tx)
+                .await?;
         if done.is_some() {
             continue;
         }
@@ -51,7 +52,11 @@ pub(super) async fn sqlite(pool: &sqlx::SqlitePool, now_ms: i64) -> Result<()> {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        tracing::info!(version = m.version, name = m.name, "applied sqlite migration");
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "applied sqlite migration"
+        );
     }
     Ok(())
 }
@@ -83,7 +88,11 @@ pub(super) async fn postgres(pool: &sqlx::PgPool, now_ms: i64) -> Result<()> {
             .bind(now_ms)
             .execute(&mut *tx)
             .await?;
-        tracing::info!(version = m.version, name = m.name, "applied postgres migration");
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "applied postgres migration"
+        );
     }
     tx.commit().await?;
     Ok(())

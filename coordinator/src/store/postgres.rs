@@ -11,8 +11,8 @@ use super::query::{self, CELL_COLUMNS, CellQuery};
 use super::rows::{self, AnyRow};
 use super::{
     CellRow, ChooseFn, DecideFn, Fence, HeartbeatStatus, LeaseParams, LeasedCell, ProgressRow,
-    StateCounts, SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow,
-    push_error, to_u64,
+    StateCounts, SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow, push_error,
+    to_u64,
 };
 use crate::clock::Millis;
 use crate::queue::affinity::Candidate;
@@ -37,8 +37,11 @@ impl PgStore {
             .max_connections(max_connections.max(1))
             .connect(url)
             .await?;
-        super::migrate::postgres(&pool, crate::clock::Clock::now(&crate::clock::SystemClock).0)
-            .await?;
+        super::migrate::postgres(
+            &pool,
+            crate::clock::Clock::now(&crate::clock::SystemClock).0,
+        )
+        .await?;
         Ok(Self { pool })
     }
 
@@ -117,7 +120,12 @@ impl PgStore {
             .bind(col(&|c| c.spec.negative_prompt.clone()))
             .bind(int(&|c| c.spec.seed as i64))
             .bind(int(&|c| i64::from(c.spec.steps)))
-            .bind(chunk.iter().map(|c| c.spec.cfg_decimal()).collect::<Vec<f64>>())
+            .bind(
+                chunk
+                    .iter()
+                    .map(|c| c.spec.cfg_decimal())
+                    .collect::<Vec<f64>>(),
+            )
             .bind(col(&|c| c.spec.sampler.as_str().to_string()))
             .bind(int(&|c| i64::from(c.spec.width)))
             .bind(int(&|c| i64::from(c.spec.height)))
@@ -148,10 +156,12 @@ impl PgStore {
     }
 
     async fn counts(&self, id: SweepId) -> Result<StateCounts> {
-        let rows = sqlx::query("SELECT state, count(*) AS n FROM cells WHERE sweep_id = $1 GROUP BY state")
-            .bind(id.0)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT state, count(*) AS n FROM cells WHERE sweep_id = $1 GROUP BY state",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
         rows::counts(&rows)
     }
 
@@ -278,7 +288,11 @@ impl PgStore {
             return Err(Error::Conflict(format!("sweep {id} is cancelled")));
         }
         let max: i64 = row.int("max_attempts")?;
-        let to = if state == SweepState::Paused { "held" } else { "available" };
+        let to = if state == SweepState::Paused {
+            "held"
+        } else {
+            "available"
+        };
         let n = sqlx::query(
             "UPDATE cells SET state = $1, finalized_at = NULL, scheduled_at = $2, \
              max_attempts = attempt + $3 WHERE sweep_id = $4 AND state = 'discarded'",
@@ -435,7 +449,12 @@ impl PgStore {
         }
     }
 
-    pub(super) async fn cell_complete(&self, f: Fence, result_json: &str, now: Millis) -> Result<()> {
+    pub(super) async fn cell_complete(
+        &self,
+        f: Fence,
+        result_json: &str,
+        now: Millis,
+    ) -> Result<()> {
         let n = sqlx::query(
             "UPDATE cells SET state = 'completed', finalized_at = $1, result = $2, \
              result_worker = lease_owner, lease_owner = NULL, lease_expires_at = NULL, \
@@ -511,7 +530,11 @@ impl PgStore {
         Ok(n)
     }
 
-    pub(super) async fn cell_rescue_expired(&self, now: Millis, decide: DecideFn<'_>) -> Result<u64> {
+    pub(super) async fn cell_rescue_expired(
+        &self,
+        now: Millis,
+        decide: DecideFn<'_>,
+    ) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
             "SELECT id, attempt, max_attempts, errors, cancel_requested_at, lease_owner \
@@ -641,12 +664,13 @@ impl PgStore {
     }
 
     pub(super) async fn worker_drain(&self, id: WorkerId, now: Millis) -> Result<()> {
-        let n = sqlx::query("UPDATE workers SET state = 'drained', last_seen_at = $1 WHERE id = $2")
-            .bind(now.0)
-            .bind(id.0)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+        let n =
+            sqlx::query("UPDATE workers SET state = 'drained', last_seen_at = $1 WHERE id = $2")
+                .bind(now.0)
+                .bind(id.0)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
         if n == 0 {
             return Err(Error::WorkerNotFound(id));
         }
@@ -725,4 +749,3 @@ async fn fail_in_tx(
     .await?;
     Ok(decision)
 }
-

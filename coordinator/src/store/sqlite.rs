@@ -18,8 +18,8 @@ use super::query::{self, CELL_COLUMNS, CellQuery};
 use super::rows::{self, AnyRow};
 use super::{
     CellRow, ChooseFn, DecideFn, Fence, HeartbeatStatus, LeaseParams, LeasedCell, ProgressRow,
-    StateCounts, SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow,
-    push_error, to_u64,
+    StateCounts, SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow, push_error,
+    to_u64,
 };
 use crate::clock::Millis;
 use crate::queue::affinity::Candidate;
@@ -51,8 +51,11 @@ impl SqliteStore {
             .max_connections(1)
             .connect_with(opts.clone())
             .await?;
-        super::migrate::sqlite(&writer, crate::clock::Clock::now(&crate::clock::SystemClock).0)
-            .await?;
+        super::migrate::sqlite(
+            &writer,
+            crate::clock::Clock::now(&crate::clock::SystemClock).0,
+        )
+        .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts.read_only(true))
@@ -158,10 +161,11 @@ impl SqliteStore {
     }
 
     async fn counts(&self, id: SweepId) -> Result<StateCounts> {
-        let rows = sqlx::query("SELECT state, count(*) AS n FROM cells WHERE sweep_id = ? GROUP BY state")
-            .bind(id.0)
-            .fetch_all(&self.reader)
-            .await?;
+        let rows =
+            sqlx::query("SELECT state, count(*) AS n FROM cells WHERE sweep_id = ? GROUP BY state")
+                .bind(id.0)
+                .fetch_all(&self.reader)
+                .await?;
         rows::counts(&rows)
     }
 
@@ -288,7 +292,11 @@ impl SqliteStore {
             return Err(Error::Conflict(format!("sweep {id} is cancelled")));
         }
         let max: i64 = row.int("max_attempts")?;
-        let to = if state == SweepState::Paused { "held" } else { "available" };
+        let to = if state == SweepState::Paused {
+            "held"
+        } else {
+            "available"
+        };
         let n = sqlx::query(
             "UPDATE cells SET state = ?, finalized_at = NULL, scheduled_at = ?, \
              max_attempts = attempt + ? WHERE sweep_id = ? AND state = 'discarded'",
@@ -446,7 +454,12 @@ impl SqliteStore {
         }
     }
 
-    pub(super) async fn cell_complete(&self, f: Fence, result_json: &str, now: Millis) -> Result<()> {
+    pub(super) async fn cell_complete(
+        &self,
+        f: Fence,
+        result_json: &str,
+        now: Millis,
+    ) -> Result<()> {
         let n = sqlx::query(
             "UPDATE cells SET state = 'completed', finalized_at = ?, result = ?, \
              result_worker = lease_owner, lease_owner = NULL, lease_expires_at = NULL, \
@@ -521,7 +534,11 @@ impl SqliteStore {
         Ok(n)
     }
 
-    pub(super) async fn cell_rescue_expired(&self, now: Millis, decide: DecideFn<'_>) -> Result<u64> {
+    pub(super) async fn cell_rescue_expired(
+        &self,
+        now: Millis,
+        decide: DecideFn<'_>,
+    ) -> Result<u64> {
         let mut tx = self.writer.begin().await?;
         let rows = sqlx::query(
             "SELECT id, attempt, max_attempts, errors, cancel_requested_at, lease_owner \
@@ -734,4 +751,3 @@ async fn fail_in_tx(
     .await?;
     Ok(decision)
 }
-

@@ -261,8 +261,7 @@ pub struct NewCell {
 impl NewCell {
     /// Validates `spec` and derives its keys and JSON.
     pub fn new(number: u32, spec: CellSpec) -> Result<Self> {
-        spec.validate()
-            .map_err(|e| prefix_cell(number, e))?;
+        spec.validate().map_err(|e| prefix_cell(number, e))?;
         let spec_json = serde_json::to_string(&spec)
             .map_err(|e| Error::invalid(format!("cell {number}: {e}")))?;
         let bindings_json = serde_json::to_string(&spec.bindings)

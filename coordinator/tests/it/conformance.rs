@@ -124,10 +124,18 @@ async fn expired_lease_is_requeued_and_stale_writes_are_rejected(b: Backend) {
 
     // A heartbeat inside the TTL extends the lease.
     fx.clock.advance(50_000);
-    let (st, _) = fx.queue.heartbeat(w1, &[(first.id, first.attempt)], None).await.unwrap();
+    let (st, _) = fx
+        .queue
+        .heartbeat(w1, &[(first.id, first.attempt)], None)
+        .await
+        .unwrap();
     assert_eq!(st, vec![HeartbeatStatus::Extended]);
     fx.clock.advance(50_000);
-    assert_eq!(fx.queue.maintain().await.unwrap().rescued, 0, "extended lease kept");
+    assert_eq!(
+        fx.queue.maintain().await.unwrap().rescued,
+        0,
+        "extended lease kept"
+    );
 
     // Silence past the TTL: rescued, retryable after a backoff, then available again.
     fx.clock.advance(11_000);
@@ -135,25 +143,44 @@ async fn expired_lease_is_requeued_and_stale_writes_are_rejected(b: Backend) {
     let c = fx.queue.cell(first.id).await.unwrap();
     assert_eq!(c.state, CellState::Retryable);
     assert!(c.errors_json.contains("lease_expired"), "{}", c.errors_json);
-    assert!(fx.queue.lease(w2, 1, None).await.unwrap().is_empty(), "not before backoff");
+    assert!(
+        fx.queue.lease(w2, 1, None).await.unwrap().is_empty(),
+        "not before backoff"
+    );
     fx.clock.advance(10_000);
     assert_eq!(fx.queue.maintain().await.unwrap().promoted, 1);
     let second = fx.queue.lease(w2, 1, None).await.unwrap().remove(0);
     assert_eq!((second.id, second.attempt.0), (first.id, 2));
 
     // The old attempt can neither heartbeat, progress, complete nor fail.
-    let (st, _) = fx.queue.heartbeat(w1, &[(first.id, first.attempt)], None).await.unwrap();
+    let (st, _) = fx
+        .queue
+        .heartbeat(w1, &[(first.id, first.attempt)], None)
+        .await
+        .unwrap();
     assert_eq!(st, vec![HeartbeatStatus::Lost]);
     let stale = fence(&first, w1);
-    assert!(matches!(fx.queue.complete(stale, RESULT).await, Err(Error::LeaseLost { .. })));
+    assert!(matches!(
+        fx.queue.complete(stale, RESULT).await,
+        Err(Error::LeaseLost { .. })
+    ));
     assert!(matches!(
         fx.queue.fail(stale, FailureClass::Transient, "late").await,
         Err(Error::LeaseLost { .. })
     ));
-    assert!(matches!(fx.queue.progress(stale, 1, 4).await, Err(Error::LeaseLost { .. })));
+    assert!(matches!(
+        fx.queue.progress(stale, 1, 4).await,
+        Err(Error::LeaseLost { .. })
+    ));
     // Right attempt, wrong worker: also rejected.
-    let wrong = Fence { worker: w1, ..fence(&second, w2) };
-    assert!(matches!(fx.queue.complete(wrong, RESULT).await, Err(Error::LeaseLost { .. })));
+    let wrong = Fence {
+        worker: w1,
+        ..fence(&second, w2)
+    };
+    assert!(matches!(
+        fx.queue.complete(wrong, RESULT).await,
+        Err(Error::LeaseLost { .. })
+    ));
 
     fx.queue.complete(fence(&second, w2), RESULT).await.unwrap();
     let c = fx.queue.cell(first.id).await.unwrap();
@@ -179,10 +206,18 @@ async fn cancel_reaches_queued_and_running_cells(b: Backend) {
     assert!(fx.queue.lease(w, 4, None).await.unwrap().is_empty());
 
     // The worker learns on heartbeat and on progress, then reports the cancel.
-    let (st, _) = fx.queue.heartbeat(w, &[(running.id, running.attempt)], None).await.unwrap();
+    let (st, _) = fx
+        .queue
+        .heartbeat(w, &[(running.id, running.attempt)], None)
+        .await
+        .unwrap();
     assert_eq!(st, vec![HeartbeatStatus::CancelRequested]);
     assert!(fx.queue.progress(fence(&running, w), 2, 4).await.unwrap());
-    let d = fx.queue.fail(fence(&running, w), FailureClass::Cancelled, "cancelled").await.unwrap();
+    let d = fx
+        .queue
+        .fail(fence(&running, w), FailureClass::Cancelled, "cancelled")
+        .await
+        .unwrap();
     assert_eq!(d, Decision::Cancel);
     let s = fx.queue.sweep(sweep).await.unwrap();
     assert_eq!(s.counts.cancelled, 3);
@@ -194,7 +229,10 @@ async fn cancel_reaches_queued_and_running_cells(b: Backend) {
     fx.queue.cancel(sweep).await.unwrap();
     fx.clock.advance(61_000);
     fx.queue.maintain().await.unwrap();
-    assert_eq!(fx.queue.cell(c.id).await.unwrap().state, CellState::Cancelled);
+    assert_eq!(
+        fx.queue.cell(c.id).await.unwrap().state,
+        CellState::Cancelled
+    );
     fx.finish().await;
 }
 
@@ -209,12 +247,21 @@ async fn retry_backs_off_then_discards_with_history(b: Backend) {
         let c = fx.queue.lease(w, 1, None).await.unwrap().remove(0);
         assert_eq!(c.attempt.0, attempt);
         let now = fx.queue.now().0;
-        let d = fx.queue.fail(fence(&c, w), FailureClass::Transient, "storage down").await.unwrap();
+        let d = fx
+            .queue
+            .fail(fence(&c, w), FailureClass::Transient, "storage down")
+            .await
+            .unwrap();
         if attempt < 3 {
-            let Decision::Retry { at } = d else { panic!("{d:?}") };
+            let Decision::Retry { at } = d else {
+                panic!("{d:?}")
+            };
             let backoff = at.0 - now;
             let nominal = 2_000 << (attempt - 1);
-            assert!(backoff >= nominal * 8 / 10 && backoff <= nominal * 12 / 10, "{backoff}");
+            assert!(
+                backoff >= nominal * 8 / 10 && backoff <= nominal * 12 / 10,
+                "{backoff}"
+            );
             assert!(backoff > last_backoff / 2, "grows");
             last_backoff = backoff;
             // Not leasable before its time, leasable after.
@@ -228,7 +275,11 @@ async fn retry_backs_off_then_discards_with_history(b: Backend) {
     }
     let cells = fx
         .queue
-        .query(&CellQuery { sweep: Some(sweep), limit: 10, ..Default::default() })
+        .query(&CellQuery {
+            sweep: Some(sweep),
+            limit: 10,
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(cells[0].state, CellState::Discarded);
@@ -250,27 +301,43 @@ async fn bad_input_is_not_retried(b: Backend) {
     submit_n(&fx, "bad", 1).await;
     let w = fx.worker("w").await;
     let c = fx.queue.lease(w, 1, None).await.unwrap().remove(0);
-    let d = fx.queue.fail(fence(&c, w), FailureClass::BadInput, "model not found: x").await.unwrap();
+    let d = fx
+        .queue
+        .fail(fence(&c, w), FailureClass::BadInput, "model not found: x")
+        .await
+        .unwrap();
     assert!(matches!(d, Decision::Discard { .. }));
-    assert_eq!(fx.queue.cell(c.id).await.unwrap().state, CellState::Discarded);
+    assert_eq!(
+        fx.queue.cell(c.id).await.unwrap().state,
+        CellState::Discarded
+    );
     fx.finish().await;
 }
 
 async fn poison_cell_stops_after_failing_on_several_workers(b: Backend) {
-    let mut cfg = QueueConfig::default();
-    cfg.default_max_attempts = 10;
+    let cfg = QueueConfig {
+        default_max_attempts: 10,
+        ..Default::default()
+    };
     let fx = Fixture::with_config(b, cfg).await;
     submit_n(&fx, "poison", 1).await;
     for (i, name) in ["a", "b", "c"].iter().enumerate() {
         let w = fx.worker(name).await;
         let c = fx.queue.lease(w, 1, None).await.unwrap().remove(0);
-        let d = fx.queue.fail(fence(&c, w), FailureClass::Resource, "CUDA out of memory").await.unwrap();
+        let d = fx
+            .queue
+            .fail(fence(&c, w), FailureClass::Resource, "CUDA out of memory")
+            .await
+            .unwrap();
         if i < 2 {
             assert!(matches!(d, Decision::Retry { .. }), "{d:?}");
             fx.clock.advance(60_000);
             fx.queue.maintain().await.unwrap();
         } else {
-            assert!(matches!(d, Decision::Discard { ref reason } if reason.contains("poison")), "{d:?}");
+            assert!(
+                matches!(d, Decision::Discard { ref reason } if reason.contains("poison")),
+                "{d:?}"
+            );
         }
     }
     fx.finish().await;
@@ -278,8 +345,16 @@ async fn poison_cell_stops_after_failing_on_several_workers(b: Backend) {
 
 async fn idempotent_submit(b: Backend) {
     let fx = Fixture::new(b).await;
-    let a = fx.queue.submit(submission("same-key", (0..5).map(cell).collect())).await.unwrap();
-    let again = fx.queue.submit(submission("same-key", (0..9).map(cell).collect())).await.unwrap();
+    let a = fx
+        .queue
+        .submit(submission("same-key", (0..5).map(cell).collect()))
+        .await
+        .unwrap();
+    let again = fx
+        .queue
+        .submit(submission("same-key", (0..9).map(cell).collect()))
+        .await
+        .unwrap();
     assert!(!a.duplicate);
     assert!(again.duplicate);
     assert_eq!(a.id, again.id);
@@ -290,7 +365,8 @@ async fn idempotent_submit(b: Backend) {
     for _ in 0..8 {
         let q = fx.queue.clone();
         joins.push(tokio::spawn(async move {
-            q.submit(submission("racing", (0..50).map(cell).collect())).await
+            q.submit(submission("racing", (0..50).map(cell).collect()))
+                .await
         }));
     }
     let mut ids = HashSet::new();
@@ -315,7 +391,10 @@ async fn release_returns_attempt_uncounted(b: Backend) {
     let w2 = fx.worker("w2").await;
     let again = fx.queue.lease(w2, 2, None).await.unwrap();
     assert_eq!(again.len(), 2);
-    assert!(again.iter().all(|c| c.attempt.0 == 1), "release does not count an attempt");
+    assert!(
+        again.iter().all(|c| c.attempt.0 == 1),
+        "release does not count an attempt"
+    );
     let workers = fx.queue.workers().await.unwrap();
     assert!(workers.iter().find(|x| x.id == w).unwrap().drained);
     fx.finish().await;
@@ -331,13 +410,22 @@ async fn pause_holds_and_resume_releases(b: Backend) {
     // A running cell finishes normally while paused.
     fx.queue.complete(fence(&running, w), RESULT).await.unwrap();
     let s = fx.queue.sweep(sweep).await.unwrap();
-    assert_eq!((s.state, s.counts.held, s.counts.completed), (SweepState::Paused, 3, 1));
+    assert_eq!(
+        (s.state, s.counts.held, s.counts.completed),
+        (SweepState::Paused, 3, 1)
+    );
     assert_eq!(fx.queue.resume(sweep).await.unwrap(), 3);
     assert_eq!(fx.queue.lease(w, 4, None).await.unwrap().len(), 3);
     // Cancelled sweeps cannot be resumed.
     fx.queue.cancel(sweep).await.unwrap();
-    assert!(matches!(fx.queue.resume(sweep).await, Err(Error::Conflict(_))));
-    assert!(matches!(fx.queue.pause(SweepId(999_999)).await, Err(Error::SweepNotFound(_))));
+    assert!(matches!(
+        fx.queue.resume(sweep).await,
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(
+        fx.queue.pause(SweepId(999_999)).await,
+        Err(Error::SweepNotFound(_))
+    ));
     fx.finish().await;
 }
 
@@ -353,13 +441,19 @@ async fn affinity_and_capabilities_shape_leases(b: Backend) {
     big.width = 1024;
     big.height = 1024;
     cells.push(big.clone());
-    fx.queue.submit(submission("affinity", cells.clone())).await.unwrap();
+    fx.queue
+        .submit(submission("affinity", cells.clone()))
+        .await
+        .unwrap();
     let key_b = cells[1].affinity_key();
 
     let w = fx.worker("w").await;
-    let got = fx.queue.lease(w, 3, Some(&[key_b.clone()])).await.unwrap();
+    let got = fx.queue.lease(w, 3, Some(std::slice::from_ref(&key_b))).await.unwrap();
     assert_eq!(got.len(), 3);
-    assert!(got.iter().all(|c| c.affinity_key == key_b), "loaded pipeline first");
+    assert!(
+        got.iter().all(|c| c.affinity_key == key_b),
+        "loaded pipeline first"
+    );
 
     // A worker that cannot render 1024x1024 never gets the big cell.
     let mut small = crate::harness::registration("small");
@@ -381,17 +475,32 @@ async fn queries_filter_sort_and_page(b: Backend) {
     for i in 0..20u64 {
         let mut c = cell(1000 + i);
         c.cfg = if i % 2 == 0 { 1.0 } else { 1.5 };
-        c.prompt = if i < 10 { format!("a fox {i}") } else { format!("a cat {i}") };
-        c.bindings.insert("animal".into(), if i < 10 { "fox" } else { "cat" }.into());
+        c.prompt = if i < 10 {
+            format!("a fox {i}")
+        } else {
+            format!("a cat {i}")
+        };
+        c.bindings
+            .insert("animal".into(), if i < 10 { "fox" } else { "cat" }.into());
         cells.push(c);
     }
     let mut evil = cell(5);
     evil.prompt = "it's a \"fox\"; DROP TABLE cells; -- 100% _fox_ ✨ 狐".into();
-    evil.bindings.insert("we\"ird' key".into(), "va'l\"ue; --".into());
+    evil.bindings
+        .insert("we\"ird' key".into(), "va'l\"ue; --".into());
     cells.push(evil);
-    let sweep = fx.queue.submit(submission("query", cells)).await.unwrap().id;
+    let sweep = fx
+        .queue
+        .submit(submission("query", cells))
+        .await
+        .unwrap()
+        .id;
     let q = |f: &dyn Fn(&mut CellQuery)| {
-        let mut q = CellQuery { sweep: Some(sweep), limit: 100, ..Default::default() };
+        let mut q = CellQuery {
+            sweep: Some(sweep),
+            limit: 100,
+            ..Default::default()
+        };
         f(&mut q);
         q
     };
@@ -401,31 +510,77 @@ async fn queries_filter_sort_and_page(b: Backend) {
         async move { queue.query(&q).await.unwrap() }
     };
     assert_eq!(n(run(q(&|_| {})).await), 21);
-    assert_eq!(n(run(q(&|q| q.prompt_contains = Some("fox".into()))).await), 11);
-    assert_eq!(n(run(q(&|q| {
-        q.bindings = vec![("animal".into(), "fox".into())];
-        q.cfg_min = Some(1.5);
-        q.seed_min = Some(1000);
-        q.seed_max = Some(1005);
-    })).await), 3);
+    assert_eq!(
+        n(run(q(&|q| q.prompt_contains = Some("fox".into()))).await),
+        11
+    );
+    assert_eq!(
+        n(run(q(&|q| {
+            q.bindings = vec![("animal".into(), "fox".into())];
+            q.cfg_min = Some(1.5);
+            q.seed_min = Some(1000);
+            q.seed_max = Some(1005);
+        }))
+        .await),
+        3
+    );
     // Injection attempts are plain literals.
-    let hit = run(q(&|q| q.prompt_contains = Some("; DROP TABLE cells; --".into()))).await;
+    let hit = run(q(&|q| {
+        q.prompt_contains = Some("; DROP TABLE cells; --".into())
+    }))
+    .await;
     assert_eq!(hit.len(), 1);
-    assert_eq!(n(run(q(&|q| q.prompt_contains = Some("100% _".into()))).await), 1);
-    assert_eq!(n(run(q(&|q| q.prompt_contains = Some("%".into()))).await), 1, "no LIKE wildcards");
-    assert_eq!(n(run(q(&|q| q.prompt_contains = Some("狐".into()))).await), 1);
-    let b = run(q(&|q| q.bindings = vec![("we\"ird' key".into(), "va'l\"ue; --".into())])).await;
+    assert_eq!(
+        n(run(q(&|q| q.prompt_contains = Some("100% _".into()))).await),
+        1
+    );
+    assert_eq!(
+        n(run(q(&|q| q.prompt_contains = Some("%".into()))).await),
+        1,
+        "no LIKE wildcards"
+    );
+    assert_eq!(
+        n(run(q(&|q| q.prompt_contains = Some("狐".into()))).await),
+        1
+    );
+    let b = run(q(&|q| {
+        q.bindings = vec![("we\"ird' key".into(), "va'l\"ue; --".into())]
+    }))
+    .await;
     assert_eq!(b.len(), 1);
-    assert_eq!(n(run(q(&|q| q.model = Some("x' OR '1'='1".into()))).await), 0);
+    assert_eq!(
+        n(run(q(&|q| q.model = Some("x' OR '1'='1".into()))).await),
+        0
+    );
     // Sort and page.
-    let page1 = run(q(&|q| { q.sort = CellSort::Seed; q.descending = true; q.limit = 5; })).await;
-    let page2 = run(q(&|q| { q.sort = CellSort::Seed; q.descending = true; q.limit = 5; q.offset = 5; })).await;
+    let page1 = run(q(&|q| {
+        q.sort = CellSort::Seed;
+        q.descending = true;
+        q.limit = 5;
+    }))
+    .await;
+    let page2 = run(q(&|q| {
+        q.sort = CellSort::Seed;
+        q.descending = true;
+        q.limit = 5;
+        q.offset = 5;
+    }))
+    .await;
     let seeds = |rows: &[kiln_coordinator::store::CellRow]| -> Vec<u64> {
-        rows.iter().map(|r| serde_json::from_str::<serde_json::Value>(&r.spec_json).unwrap()["seed"].as_u64().unwrap()).collect()
+        rows.iter()
+            .map(|r| {
+                serde_json::from_str::<serde_json::Value>(&r.spec_json).unwrap()["seed"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
     };
     assert_eq!(seeds(&page1), vec![1019, 1018, 1017, 1016, 1015]);
     assert_eq!(seeds(&page2), vec![1014, 1013, 1012, 1011, 1010]);
-    assert_eq!(n(run(q(&|q| q.states = vec![CellState::Completed])).await), 0);
+    assert_eq!(
+        n(run(q(&|q| q.states = vec![CellState::Completed])).await),
+        0
+    );
     fx.finish().await;
 }
 

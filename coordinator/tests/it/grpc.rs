@@ -67,7 +67,11 @@ impl Server {
 fn render_cell(seed: u64) -> pb::RenderCell {
     pb::RenderCell {
         model: "tiny-sd15".into(),
-        loras: vec![pb::LoraRef { name: "lcm.safetensors".into(), strength: 1.0, sha256: String::new() }],
+        loras: vec![pb::LoraRef {
+            name: "lcm.safetensors".into(),
+            strength: 1.0,
+            sha256: String::new(),
+        }],
         prompt: "a fox".into(),
         negative_prompt: String::new(),
         seed,
@@ -93,7 +97,9 @@ fn submit_stream(key: &str, chunks: Vec<Vec<pb::RenderCell>>) -> Vec<pb::SubmitS
         })),
     }];
     msgs.extend(chunks.into_iter().map(|cells| pb::SubmitSweepRequest {
-        part: Some(pb::submit_sweep_request::Part::Cells(pb::CellChunk { cells })),
+        part: Some(pb::submit_sweep_request::Part::Cells(pb::CellChunk {
+            cells,
+        })),
     }));
     msgs
 }
@@ -145,17 +151,27 @@ fn result() -> pb::RenderResult {
 async fn register_lease_heartbeat_complete_and_query() {
     let mut s = Server::start().await;
     let health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone())
-        .check(tonic_health::pb::HealthCheckRequest { service: "kiln.v1.WorkerService".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "kiln.v1.WorkerService".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     let sub = submit(&mut s, "api", 3).await;
     assert_eq!((sub.cell_count, sub.duplicate), (3, false));
     let worker = register(&mut s).await;
-    let tasks = s.workers
-        .lease(pb::LeaseRequest { worker_id: worker, max_tasks: 2, loaded: vec![] })
+    let tasks = s
+        .workers
+        .lease(pb::LeaseRequest {
+            worker_id: worker,
+            max_tasks: 2,
+            loaded: vec![],
+        })
         .await
         .unwrap()
         .into_inner()
@@ -163,37 +179,74 @@ async fn register_lease_heartbeat_complete_and_query() {
     assert_eq!(tasks.len(), 2);
     let t = &tasks[0];
     assert_eq!(t.cell.as_ref().unwrap().bindings["animal"], "fox");
-    let a = pb::AttemptRef { cell_id: t.cell_id, attempt: t.attempt };
-    let hb = s.workers
-        .heartbeat(pb::HeartbeatRequest { worker_id: worker, attempts: vec![a], loaded: vec![t.affinity_key.clone()] })
+    let a = pb::AttemptRef {
+        cell_id: t.cell_id,
+        attempt: t.attempt,
+    };
+    let hb = s
+        .workers
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: worker,
+            attempts: vec![a],
+            loaded: vec![t.affinity_key.clone()],
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(hb.extended, vec![a]);
     assert!(hb.lost.is_empty() && hb.cancelled.is_empty());
-    let p = s.workers
-        .report_progress(pb::ProgressRequest { worker_id: worker, attempt: Some(a), step: 2, total_steps: 4 })
+    let p = s
+        .workers
+        .report_progress(pb::ProgressRequest {
+            worker_id: worker,
+            attempt: Some(a),
+            step: 2,
+            total_steps: 4,
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(!p.cancel_requested);
     s.workers
-        .complete(pb::CompleteRequest { worker_id: worker, attempt: Some(a), result: Some(result()) })
+        .complete(pb::CompleteRequest {
+            worker_id: worker,
+            attempt: Some(a),
+            result: Some(result()),
+        })
         .await
         .unwrap();
     // The second leased task is released on drain.
-    let b = pb::AttemptRef { cell_id: tasks[1].cell_id, attempt: tasks[1].attempt };
-    let rel = s.workers
-        .release(pb::ReleaseRequest { worker_id: worker, attempts: vec![b], draining: false })
+    let b = pb::AttemptRef {
+        cell_id: tasks[1].cell_id,
+        attempt: tasks[1].attempt,
+    };
+    let rel = s
+        .workers
+        .release(pb::ReleaseRequest {
+            worker_id: worker,
+            attempts: vec![b],
+            draining: false,
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(rel.released, 1);
 
-    let sweep = s.sweeps.get_sweep(pb::GetSweepRequest { sweep_id: sub.sweep_id }).await.unwrap().into_inner();
+    let sweep = s
+        .sweeps
+        .get_sweep(pb::GetSweepRequest {
+            sweep_id: sub.sweep_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let counts = sweep.counts.unwrap();
-    assert_eq!((counts.total, counts.completed, counts.available), (3, 1, 2));
-    let q = s.sweeps
+    assert_eq!(
+        (counts.total, counts.completed, counts.available),
+        (3, 1, 2)
+    );
+    let q = s
+        .sweeps
         .query_results(pb::QueryResultsRequest {
             sweep_id: sub.sweep_id,
             states: vec![pb::CellState::Completed as i32],
@@ -207,11 +260,25 @@ async fn register_lease_heartbeat_complete_and_query() {
     let rec = &q.cells[0];
     assert_eq!(rec.result.as_ref().unwrap().sha256, "ab".repeat(32));
     assert_eq!(rec.worker_id, worker);
-    let workers = s.sweeps.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let workers = s
+        .sweeps
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
     assert_eq!(workers.len(), 1);
     assert!(workers[0].online);
-    assert_eq!(workers[0].info.as_ref().unwrap().loaded, vec![t.affinity_key.clone()]);
-    let listed = s.sweeps.list_sweeps(pb::ListSweepsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(
+        workers[0].info.as_ref().unwrap().loaded,
+        vec![t.affinity_key.clone()]
+    );
+    let listed = s
+        .sweeps
+        .list_sweeps(pb::ListSweepsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(listed.sweeps.len(), 1);
     s.shutdown().await;
 }
@@ -225,71 +292,150 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
         let e = r.map(|_: tonic::Response<()>| ()).unwrap_err();
         (e.code(), e.message().to_string())
     };
-    let unit = |r: Result<tonic::Response<pb::Sweep>, tonic::Status>| r.map(|_| tonic::Response::new(()));
+    let unit =
+        |r: Result<tonic::Response<pb::Sweep>, tonic::Status>| r.map(|_| tonic::Response::new(()));
 
-    assert_eq!(code(unit(s.sweeps.get_sweep(pb::GetSweepRequest { sweep_id: 999 }).await)).0, Code::NotFound);
-    assert_eq!(code(unit(s.sweeps.get_sweep(pb::GetSweepRequest { sweep_id: 0 }).await)).0, Code::InvalidArgument);
-    let r = s.workers.lease(pb::LeaseRequest { worker_id: 424242, max_tasks: 1, loaded: vec![] }).await;
+    assert_eq!(
+        code(unit(
+            s.sweeps
+                .get_sweep(pb::GetSweepRequest { sweep_id: 999 })
+                .await
+        ))
+        .0,
+        Code::NotFound
+    );
+    assert_eq!(
+        code(unit(
+            s.sweeps
+                .get_sweep(pb::GetSweepRequest { sweep_id: 0 })
+                .await
+        ))
+        .0,
+        Code::InvalidArgument
+    );
+    let r = s
+        .workers
+        .lease(pb::LeaseRequest {
+            worker_id: 424242,
+            max_tasks: 1,
+            loaded: vec![],
+        })
+        .await;
     assert_eq!(r.unwrap_err().code(), Code::NotFound);
-    let r = s.workers.lease(pb::LeaseRequest { worker_id: worker, max_tasks: 0, loaded: vec![] }).await;
+    let r = s
+        .workers
+        .lease(pb::LeaseRequest {
+            worker_id: worker,
+            max_tasks: 0,
+            loaded: vec![],
+        })
+        .await;
     assert_eq!(r.unwrap_err().code(), Code::InvalidArgument);
 
     // Wrong attempt: the distinct "lease lost" answer.
-    let t = s.workers
-        .lease(pb::LeaseRequest { worker_id: worker, max_tasks: 1, loaded: vec![] })
+    let t = s
+        .workers
+        .lease(pb::LeaseRequest {
+            worker_id: worker,
+            max_tasks: 1,
+            loaded: vec![],
+        })
         .await
         .unwrap()
         .into_inner()
         .tasks
         .remove(0);
-    let wrong = pb::AttemptRef { cell_id: t.cell_id, attempt: t.attempt + 1 };
-    let e = s.workers
-        .complete(pb::CompleteRequest { worker_id: worker, attempt: Some(wrong), result: Some(result()) })
+    let wrong = pb::AttemptRef {
+        cell_id: t.cell_id,
+        attempt: t.attempt + 1,
+    };
+    let e = s
+        .workers
+        .complete(pb::CompleteRequest {
+            worker_id: worker,
+            attempt: Some(wrong),
+            result: Some(result()),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("lease lost"), "{}", e.message());
-    let e = s.workers
-        .complete(pb::CompleteRequest { worker_id: worker, attempt: Some(pb::AttemptRef { cell_id: 77777, attempt: 1 }), result: Some(result()) })
+    let e = s
+        .workers
+        .complete(pb::CompleteRequest {
+            worker_id: worker,
+            attempt: Some(pb::AttemptRef {
+                cell_id: 77777,
+                attempt: 1,
+            }),
+            result: Some(result()),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let right = pb::AttemptRef { cell_id: t.cell_id, attempt: t.attempt };
+    let right = pb::AttemptRef {
+        cell_id: t.cell_id,
+        attempt: t.attempt,
+    };
     let mut bad_result = result();
     bad_result.sha256 = "xyz".into();
-    let e = s.workers
-        .complete(pb::CompleteRequest { worker_id: worker, attempt: Some(right), result: Some(bad_result) })
+    let e = s
+        .workers
+        .complete(pb::CompleteRequest {
+            worker_id: worker,
+            attempt: Some(right),
+            result: Some(bad_result),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let e = s.workers
-        .fail(pb::FailRequest { worker_id: worker, attempt: Some(right), class: 99, message: "x".into() })
+    let e = s
+        .workers
+        .fail(pb::FailRequest {
+            worker_id: worker,
+            attempt: Some(right),
+            class: 99,
+            message: "x".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let e = s.workers
+    let e = s
+        .workers
         .register(pb::RegisterRequest { info: None })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 
     // Malformed sweeps: no header, a bad cell (named), an unknown sampler.
-    let e = s.sweeps
-        .submit_sweep(tokio_stream::iter(submit_stream("x", vec![vec![render_cell(1)]]).split_off(1)))
+    let e = s
+        .sweeps
+        .submit_sweep(tokio_stream::iter(
+            submit_stream("x", vec![vec![render_cell(1)]]).split_off(1),
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let mut bad = render_cell(1);
     bad.width = 100;
-    let e = s.sweeps
-        .submit_sweep(tokio_stream::iter(submit_stream("y", vec![vec![render_cell(0), bad]])))
+    let e = s
+        .sweeps
+        .submit_sweep(tokio_stream::iter(submit_stream(
+            "y",
+            vec![vec![render_cell(0), bad]],
+        )))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("cell 1") && e.message().contains("width"), "{}", e.message());
+    assert!(
+        e.message().contains("cell 1") && e.message().contains("width"),
+        "{}",
+        e.message()
+    );
     let mut bad = render_cell(1);
     bad.sampler = 42;
-    let e = s.sweeps
+    let e = s
+        .sweeps
         .submit_sweep(tokio_stream::iter(submit_stream("z", vec![vec![bad]])))
         .await
         .unwrap_err();
@@ -298,17 +444,21 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
     // Oversized: a field past its limit, and a message past the transport limit.
     let mut big = render_cell(1);
     big.prompt = "x".repeat(20_000);
-    let e = s.sweeps
+    let e = s
+        .sweeps
         .submit_sweep(tokio_stream::iter(submit_stream("big", vec![vec![big]])))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
-    let huge: Vec<_> = (0..10).map(|i| {
-        let mut c = render_cell(i);
-        c.negative_prompt = "y".repeat(500_000);
-        c
-    }).collect();
-    let e = s.sweeps
+    let huge: Vec<_> = (0..10)
+        .map(|i| {
+            let mut c = render_cell(i);
+            c.negative_prompt = "y".repeat(500_000);
+            c
+        })
+        .collect();
+    let e = s
+        .sweeps
         .submit_sweep(tokio_stream::iter(submit_stream("huge", vec![huge])))
         .await
         .unwrap_err();
@@ -317,7 +467,12 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
     assert!(e.message().contains("too large"), "{}", e.message());
 
     // Still serving, and nothing from the failed submits was stored.
-    let listed = s.sweeps.list_sweeps(pb::ListSweepsRequest::default()).await.unwrap().into_inner();
+    let listed = s
+        .sweeps
+        .list_sweeps(pb::ListSweepsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(listed.sweeps.len(), 1);
     assert_eq!(listed.sweeps[0].id, sub.sweep_id);
     s.shutdown().await;
@@ -326,11 +481,29 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_sweeps_stream_in_chunks_and_resubmit_is_idempotent() {
     let mut s = Server::start().await;
-    let chunks: Vec<Vec<_>> = (0..20u64).map(|c| (c * 1000..(c + 1) * 1000).map(render_cell).collect()).collect();
-    let first = s.sweeps.submit_sweep(tokio_stream::iter(submit_stream("big-sweep", chunks.clone()))).await.unwrap().into_inner();
+    let chunks: Vec<Vec<_>> = (0..20u64)
+        .map(|c| (c * 1000..(c + 1) * 1000).map(render_cell).collect())
+        .collect();
+    let first = s
+        .sweeps
+        .submit_sweep(tokio_stream::iter(submit_stream(
+            "big-sweep",
+            chunks.clone(),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(first.cell_count, 20_000);
-    let again = s.sweeps.submit_sweep(tokio_stream::iter(submit_stream("big-sweep", chunks))).await.unwrap().into_inner();
-    assert_eq!((again.sweep_id, again.duplicate, again.cell_count), (first.sweep_id, true, 20_000));
+    let again = s
+        .sweeps
+        .submit_sweep(tokio_stream::iter(submit_stream("big-sweep", chunks)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.sweep_id, again.duplicate, again.cell_count),
+        (first.sweep_id, true, 20_000)
+    );
     s.shutdown().await;
 }
 
@@ -339,29 +512,72 @@ async fn watch_streams_progress_and_cancel_reaches_the_worker() {
     let mut s = Server::start().await;
     let sub = submit(&mut s, "watch", 2).await;
     let worker = register(&mut s).await;
-    let mut watch = s.sweeps.watch_sweep(pb::SweepRequest { sweep_id: sub.sweep_id }).await.unwrap().into_inner();
+    let mut watch = s
+        .sweeps
+        .watch_sweep(pb::SweepRequest {
+            sweep_id: sub.sweep_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let first = watch.next().await.unwrap().unwrap();
     assert_eq!(first.sweep.unwrap().counts.unwrap().available, 2);
 
-    let tasks = s.workers
-        .lease(pb::LeaseRequest { worker_id: worker, max_tasks: 2, loaded: vec![] })
+    let tasks = s
+        .workers
+        .lease(pb::LeaseRequest {
+            worker_id: worker,
+            max_tasks: 2,
+            loaded: vec![],
+        })
         .await
         .unwrap()
         .into_inner()
         .tasks;
-    let a = pb::AttemptRef { cell_id: tasks[0].cell_id, attempt: tasks[0].attempt };
-    let b = pb::AttemptRef { cell_id: tasks[1].cell_id, attempt: tasks[1].attempt };
-    s.workers.complete(pb::CompleteRequest { worker_id: worker, attempt: Some(a), result: Some(result()) }).await.unwrap();
-    let c = s.sweeps.cancel_sweep(pb::SweepRequest { sweep_id: sub.sweep_id }).await.unwrap().into_inner();
+    let a = pb::AttemptRef {
+        cell_id: tasks[0].cell_id,
+        attempt: tasks[0].attempt,
+    };
+    let b = pb::AttemptRef {
+        cell_id: tasks[1].cell_id,
+        attempt: tasks[1].attempt,
+    };
+    s.workers
+        .complete(pb::CompleteRequest {
+            worker_id: worker,
+            attempt: Some(a),
+            result: Some(result()),
+        })
+        .await
+        .unwrap();
+    let c = s
+        .sweeps
+        .cancel_sweep(pb::SweepRequest {
+            sweep_id: sub.sweep_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((c.cancelled, c.cancel_requested), (0, 1));
-    let hb = s.workers
-        .heartbeat(pb::HeartbeatRequest { worker_id: worker, attempts: vec![b], loaded: vec![] })
+    let hb = s
+        .workers
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: worker,
+            attempts: vec![b],
+            loaded: vec![],
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(hb.cancelled, vec![b]);
-    let f = s.workers
-        .fail(pb::FailRequest { worker_id: worker, attempt: Some(b), class: pb::FailureClass::Cancelled as i32, message: "cancelled by user".into() })
+    let f = s
+        .workers
+        .fail(pb::FailRequest {
+            worker_id: worker,
+            attempt: Some(b),
+            class: pb::FailureClass::Cancelled as i32,
+            message: "cancelled by user".into(),
+        })
         .await
         .unwrap()
         .into_inner();

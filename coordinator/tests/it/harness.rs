@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use kiln_coordinator::clock::{ManualClock, Millis};
+use kiln_coordinator::queue::state::DeviceKind;
 use kiln_coordinator::queue::{Queue, QueueConfig, Submission};
 use kiln_coordinator::store::{DatabaseUrl, Store, StoreOptions, WorkerRegistration};
-use kiln_coordinator::queue::state::DeviceKind;
 use kiln_coordinator::sweep::{CellSpec, LoraSpec, Sampler};
 use kiln_proto::WorkerId;
 
@@ -45,11 +45,7 @@ impl TestDb {
             }
             Backend::Postgres => {
                 let base = pg_base_url();
-                let schema = format!(
-                    "kiln_t_{}_{}",
-                    std::process::id(),
-                    rand::random::<u32>()
-                );
+                let schema = format!("kiln_t_{}_{}", std::process::id(), rand::random::<u32>());
                 let admin = sqlx::PgPool::connect(&base)
                     .await
                     .unwrap_or_else(|e| panic!("Postgres at {base} (KILN_TEST_DATABASE_URL): {e}"));
@@ -70,9 +66,14 @@ impl TestDb {
     }
 
     pub async fn store(&self) -> Store {
-        Store::connect(&self.url, &StoreOptions { max_connections: 40 })
-            .await
-            .unwrap()
+        Store::connect(
+            &self.url,
+            &StoreOptions {
+                max_connections: 40,
+            },
+        )
+        .await
+        .unwrap()
     }
 
     pub async fn cleanup(self) {

@@ -13,7 +13,8 @@ pub mod maintenance;
 pub mod retry;
 pub mod state;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 
@@ -55,7 +56,7 @@ impl Default for QueueConfig {
         Self {
             lease_ttl_ms: 60_000,
             heartbeat_interval_ms: 15_000,
-            lookahead: 64,
+            lookahead: 32,
             max_affinity_skips: 8,
             default_max_attempts: 5,
             max_cells_per_sweep: 1_000_000,
@@ -91,13 +92,24 @@ pub struct MaintenanceReport {
     pub promoted: u64,
 }
 
+/// What a lease needs to know about a worker, kept between leases so that a lease does not
+/// have to write the worker's `last_seen_at` every time (heartbeats keep it fresh).
+#[derive(Clone, Debug)]
+struct KnownWorker {
+    max_pixels: i64,
+    memory_mib: i64,
+    loaded: HashSet<String>,
+    written_at: Millis,
+}
+
 /// The render queue.
 #[derive(Clone)]
 pub struct Queue {
     store: Store,
     clock: SharedClock,
     cfg: QueueConfig,
-    affinity: std::sync::Arc<AffinityState>,
+    affinity: Arc<AffinityState>,
+    known: Arc<Mutex<HashMap<WorkerId, KnownWorker>>>,
     events: Events,
 }
 
@@ -118,6 +130,7 @@ impl Queue {
             clock,
             cfg,
             affinity: Default::default(),
+            known: Default::default(),
             events: Events::default(),
         }
     }
@@ -274,13 +287,13 @@ impl Queue {
             )));
         }
         let now = self.now();
-        let w = self.store.worker_seen(worker, loaded, now).await?;
-        let loaded: HashSet<String> = w.info.loaded.iter().cloned().collect();
+        let w = self.known_worker(worker, loaded, now).await?;
+        let loaded = w.loaded;
         let params = LeaseParams {
             worker,
             max,
-            max_pixels: w.info.max_pixels,
-            memory_mib: w.info.memory_mib,
+            max_pixels: w.max_pixels,
+            memory_mib: w.memory_mib,
             lookahead: self.cfg.lookahead.max(max),
             lease_ttl_ms: self.cfg.lease_ttl_ms,
         };
@@ -294,6 +307,39 @@ impl Queue {
         Ok(leased)
     }
 
+    /// The worker's capabilities and loaded set. Writes `last_seen_at` (and a changed loaded
+    /// set) at most every quarter lease TTL; an unknown worker is an error.
+    async fn known_worker(
+        &self,
+        worker: WorkerId,
+        loaded: Option<&[String]>,
+        now: Millis,
+    ) -> Result<KnownWorker> {
+        let cached = self.known_lock().get(&worker).cloned();
+        if let Some(k) = cached {
+            let same_loaded = loaded.is_none_or(|l| {
+                l.len() == k.loaded.len() && l.iter().all(|x| k.loaded.contains(x))
+            });
+            if same_loaded && now.0 - k.written_at.0 < self.cfg.lease_ttl_ms / 4 {
+                return Ok(k);
+            }
+        }
+        let row = self.store.worker_seen(worker, loaded, now).await?;
+        let k = KnownWorker {
+            max_pixels: row.info.max_pixels,
+            memory_mib: row.info.memory_mib,
+            loaded: row.info.loaded.into_iter().collect(),
+            written_at: now,
+        };
+        self.known_lock().insert(worker, k.clone());
+        Ok(k)
+    }
+
+    fn known_lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, KnownWorker>> {
+        // A poisoned cache is still a valid cache: entries are replaced whole.
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Extends a worker's leases. Returns each attempt's status and the new deadline.
     pub async fn heartbeat(
         &self,
@@ -302,7 +348,16 @@ impl Queue {
         loaded: Option<&[String]>,
     ) -> Result<(Vec<HeartbeatStatus>, Millis)> {
         let now = self.now();
-        self.store.worker_seen(worker, loaded, now).await?;
+        let row = self.store.worker_seen(worker, loaded, now).await?;
+        self.known_lock().insert(
+            worker,
+            KnownWorker {
+                max_pixels: row.info.max_pixels,
+                memory_mib: row.info.memory_mib,
+                loaded: row.info.loaded.into_iter().collect(),
+                written_at: now,
+            },
+        );
         let expires = now.plus(self.cfg.lease_ttl_ms);
         let statuses = self
             .store
@@ -369,6 +424,7 @@ impl Queue {
         if draining {
             self.store.worker_drain(worker, now).await?;
             self.affinity.forget(worker.0);
+            self.known_lock().remove(&worker);
         }
         self.events.changed();
         Ok(n)

@@ -448,7 +448,11 @@ async fn affinity_and_capabilities_shape_leases(b: Backend) {
     let key_b = cells[1].affinity_key();
 
     let w = fx.worker("w").await;
-    let got = fx.queue.lease(w, 3, Some(std::slice::from_ref(&key_b))).await.unwrap();
+    let got = fx
+        .queue
+        .lease(w, 3, Some(std::slice::from_ref(&key_b)))
+        .await
+        .unwrap();
     assert_eq!(got.len(), 3);
     assert!(
         got.iter().all(|c| c.affinity_key == key_b),

@@ -69,7 +69,14 @@ async fn bench(name: &str, url: DatabaseUrl) {
     )
     .await
     .unwrap();
-    let queue = Queue::new(store.clone(), Arc::new(SystemClock), QueueConfig::default());
+    let mut cfg = QueueConfig::default();
+    if let Some(l) = std::env::var("KILN_BENCH_LOOKAHEAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.lookahead = l;
+    }
+    let queue = Queue::new(store.clone(), Arc::new(SystemClock), cfg);
 
     // The CPU part of submit alone (validation, hashes, JSON), for the profile in BENCHMARKS.md.
     let t = Instant::now();

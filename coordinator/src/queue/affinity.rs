@@ -1,8 +1,12 @@
 //! Which of the next available cells a worker gets. Among the first `lookahead` cells it can
 //! render (queue order: sweep priority, then age), it prefers those whose pipeline it has
-//! loaded, then any, and last those that just failed on it. A cold cell at the head of the
-//! queue is passed over at most `max_skips` times in a row by one worker, so affinity can
-//! never starve it.
+//! loaded (tier 0), then any (tier 1), and last those that just failed on it (tier 2). The head
+//! of that window — the cell plain FIFO would hand out — may be passed over at most
+//! `max_skips` times in a row by one worker; then it is taken first, so affinity can never
+//! starve a cold cell.
+//!
+//! The tiers are applied in SQL by the Postgres backend (one statement per lease) and by
+//! [`choose`] for SQLite; both follow the rules above and the conformance suite checks both.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -18,64 +22,72 @@ pub struct Candidate {
     pub last_failed_worker: Option<i64>,
 }
 
-/// Per-worker memory of how often the queue head was passed over.
+/// Per-worker count of how often the window head was passed over.
 #[derive(Debug, Default)]
 pub struct AffinityState {
     skips: Mutex<HashMap<i64, u32>>,
 }
 
 impl AffinityState {
-    /// Picks up to `n` of `candidates` for `worker`, returning ids in the order chosen.
-    pub fn choose(
-        &self,
-        worker: i64,
-        loaded: &HashSet<String>,
-        candidates: &[Candidate],
-        n: usize,
-        max_skips: u32,
-    ) -> Vec<i64> {
-        let tier = |c: &Candidate| {
-            if c.last_failed_worker == Some(worker) {
-                2
-            } else if loaded.contains(&c.affinity_key) {
-                0
-            } else {
-                1
-            }
-        };
-        let mut order: Vec<(u8, usize)> = candidates
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (tier(c), i))
-            .collect();
-        order.sort_unstable();
-        let mut chosen: Vec<usize> = order.iter().take(n).map(|&(_, i)| i).collect();
+    /// Whether this worker's next lease must take the window head first.
+    pub fn force_head(&self, worker: i64, max_skips: u32) -> bool {
+        self.lock().get(&worker).copied().unwrap_or(0) >= max_skips
+    }
 
-        // The head is the first candidate in queue order that did not just fail here.
-        let head = candidates.iter().position(|c| tier(c) != 2);
-        if let Some(head) = head {
-            let mut skips = self.skips.lock().unwrap_or_else(|e| e.into_inner());
-            let count = skips.entry(worker).or_insert(0);
-            if chosen.contains(&head) || chosen.is_empty() {
-                *count = 0;
-            } else if *count >= max_skips {
-                chosen.pop();
-                chosen.insert(0, head);
-                *count = 0;
-            } else {
-                *count += 1;
-            }
+    /// Records whether a lease took the head (or found nothing, which is no skip).
+    pub fn record(&self, worker: i64, head_taken_or_empty: bool) {
+        let mut skips = self.lock();
+        let count = skips.entry(worker).or_insert(0);
+        if head_taken_or_empty {
+            *count = 0;
+        } else {
+            *count += 1;
         }
-        chosen.into_iter().map(|i| candidates[i].id).collect()
     }
 
     /// Forgets a worker (on drain).
     pub fn forget(&self, worker: i64) {
-        self.skips
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&worker);
+        self.lock().remove(&worker);
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u32>> {
+        // Counters stay meaningful after a panic elsewhere: each update is one integer.
+        self.skips.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Picks up to `n` of `candidates` (in queue order) for `worker`; returns the ids in the order
+/// chosen and whether the head (`candidates[0]`) is among them.
+pub fn choose(
+    worker: i64,
+    loaded: &HashSet<String>,
+    candidates: &[Candidate],
+    n: usize,
+    force_head: bool,
+) -> (Vec<i64>, bool) {
+    let tier = |i: usize, c: &Candidate| -> i8 {
+        if force_head && i == 0 {
+            -1
+        } else if c.last_failed_worker == Some(worker) {
+            2
+        } else if loaded.contains(&c.affinity_key) {
+            0
+        } else {
+            1
+        }
+    };
+    let mut order: Vec<(i8, usize)> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (tier(i, c), i))
+        .collect();
+    order.sort_unstable();
+    let picked: Vec<usize> = order.iter().take(n).map(|&(_, i)| i).collect();
+    let head_taken = picked.contains(&0);
+    (
+        picked.into_iter().map(|i| candidates[i].id).collect(),
+        head_taken,
+    )
 }
 
 #[cfg(test)]
@@ -92,20 +104,19 @@ mod tests {
 
     #[test]
     fn prefers_loaded_then_queue_order() {
-        let s = AffinityState::default();
         let loaded: HashSet<String> = ["b".to_string()].into();
         let cands = [c(1, "a"), c(2, "b"), c(3, "a"), c(4, "b")];
-        assert_eq!(s.choose(7, &loaded, &cands, 3, 8), vec![2, 4, 1]);
+        assert_eq!(choose(7, &loaded, &cands, 3, false), (vec![2, 4, 1], true));
+        assert_eq!(choose(7, &loaded, &cands, 2, false), (vec![2, 4], false));
     }
 
     #[test]
     fn failed_here_goes_last() {
-        let s = AffinityState::default();
         let mut first = c(1, "a");
         first.last_failed_worker = Some(7);
         let cands = [first, c(2, "a")];
-        assert_eq!(s.choose(7, &HashSet::new(), &cands, 2, 8), vec![2, 1]);
-        assert_eq!(s.choose(8, &HashSet::new(), &cands, 2, 8), vec![1, 2]);
+        assert_eq!(choose(7, &HashSet::new(), &cands, 2, false).0, vec![2, 1]);
+        assert_eq!(choose(8, &HashSet::new(), &cands, 2, false).0, vec![1, 2]);
     }
 
     #[test]
@@ -113,10 +124,12 @@ mod tests {
         let s = AffinityState::default();
         let loaded: HashSet<String> = ["warm".to_string()].into();
         let cands = [c(1, "cold"), c(2, "warm"), c(3, "warm")];
-        for _ in 0..3 {
-            assert_eq!(s.choose(7, &loaded, &cands, 1, 3), vec![2]);
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let (ids, head) = choose(7, &loaded, &cands, 1, s.force_head(7, 3));
+            s.record(7, head);
+            got.push(ids[0]);
         }
-        assert_eq!(s.choose(7, &loaded, &cands, 1, 3), vec![1]);
-        assert_eq!(s.choose(7, &loaded, &cands, 1, 3), vec![2]);
+        assert_eq!(got, vec![2, 2, 2, 1, 2]);
     }
 }

@@ -288,7 +288,6 @@ impl Queue {
         }
         let now = self.now();
         let w = self.known_worker(worker, loaded, now).await?;
-        let loaded = w.loaded;
         let params = LeaseParams {
             worker,
             max,
@@ -296,11 +295,16 @@ impl Queue {
             memory_mib: w.memory_mib,
             lookahead: self.cfg.lookahead.max(max),
             lease_ttl_ms: self.cfg.lease_ttl_ms,
+            loaded: w.loaded.into_iter().collect(),
+            force_head: self
+                .affinity
+                .force_head(worker.0, self.cfg.max_affinity_skips),
         };
-        let affinity = &self.affinity;
-        let skips = self.cfg.max_affinity_skips;
-        let choose = |c: &[affinity::Candidate]| affinity.choose(worker.0, &loaded, c, max, skips);
-        let leased = self.store.cell_lease(&params, now, &choose).await?;
+        let leased = self.store.cell_lease(&params, now).await?;
+        self.affinity.record(
+            worker.0,
+            leased.is_empty() || leased.iter().any(|c| c.was_head),
+        );
         if !leased.is_empty() {
             self.events.changed();
         }

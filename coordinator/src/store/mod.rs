@@ -23,7 +23,6 @@ use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 pub use query::{CellQuery, CellSort};
 
 use crate::clock::Millis;
-use crate::queue::affinity::Candidate;
 use crate::queue::retry::{Decision, FailContext};
 use crate::queue::state::{CellState, DeviceKind, FailureClass, SweepState};
 use crate::sweep::NewCell;
@@ -203,8 +202,12 @@ pub struct LeaseParams {
     pub max_pixels: i64,
     /// Its device memory, MiB.
     pub memory_mib: i64,
-    /// Candidates considered for affinity.
+    /// Candidates considered for affinity (the window).
     pub lookahead: usize,
+    /// Affinity keys of the pipelines the worker has loaded.
+    pub loaded: Vec<String>,
+    /// Take the window head first (the starvation guard, see `queue::affinity`).
+    pub force_head: bool,
     /// Lease length, ms.
     pub lease_ttl_ms: i64,
 }
@@ -228,6 +231,8 @@ pub struct LeasedCell {
     pub spec_json: String,
     /// Lease deadline.
     pub lease_expires_at: Millis,
+    /// True when this was the head of the lease window (what FIFO would have handed out).
+    pub was_head: bool,
 }
 
 /// The fence of every worker write.
@@ -346,8 +351,6 @@ pub struct WorkerRow {
 
 /// The decision callback for failed attempts.
 pub type DecideFn<'a> = &'a (dyn Fn(&FailContext<'_>) -> Decision + Sync);
-/// The choice callback for leases: candidates in queue order → ids to take.
-pub type ChooseFn<'a> = &'a (dyn Fn(&[Candidate]) -> Vec<i64> + Sync);
 
 /// A database holding sweeps, cells and workers.
 #[derive(Clone, Debug)]
@@ -433,16 +436,10 @@ impl Store {
         delegate!(self, sweep_finished_since(id, since))
     }
 
-    /// Leases up to `p.max` cells: the first `p.lookahead` available cells the worker can
-    /// render, in queue order, are passed to `choose`; the ids it returns become `running`
-    /// under a new attempt.
-    pub async fn cell_lease(
-        &self,
-        p: &LeaseParams,
-        now: Millis,
-        choose: ChooseFn<'_>,
-    ) -> Result<Vec<LeasedCell>> {
-        delegate!(self, cell_lease(p, now, choose))
+    /// Leases up to `p.max` cells among the first `p.lookahead` available cells the worker can
+    /// render, by the tiers of `queue::affinity`; they become `running` under a new attempt.
+    pub async fn cell_lease(&self, p: &LeaseParams, now: Millis) -> Result<Vec<LeasedCell>> {
+        delegate!(self, cell_lease(p, now))
     }
 
     /// Extends the leases a worker still holds; reports lost and cancelled ones.

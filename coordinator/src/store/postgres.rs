@@ -10,12 +10,10 @@ use sqlx::{AssertSqlSafe, Postgres};
 use super::query::{self, CELL_COLUMNS, CellQuery};
 use super::rows::{self, AnyRow};
 use super::{
-    CellRow, ChooseFn, DecideFn, Fence, HeartbeatStatus, LeaseParams, LeasedCell, ProgressRow,
-    StateCounts, SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow, push_error,
-    to_u64,
+    CellRow, DecideFn, Fence, HeartbeatStatus, LeaseParams, LeasedCell, ProgressRow, StateCounts,
+    SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow, push_error, to_u64,
 };
 use crate::clock::Millis;
-use crate::queue::affinity::Candidate;
 use crate::queue::retry::{Decision, ErrorEntry, FailContext};
 use crate::queue::state::{CellState, FailureClass, SweepState};
 use crate::{Error, Result};
@@ -320,60 +318,54 @@ impl PgStore {
         Ok(to_u64(n))
     }
 
-    pub(super) async fn cell_lease(
-        &self,
-        p: &LeaseParams,
-        now: Millis,
-        choose: ChooseFn<'_>,
-    ) -> Result<Vec<LeasedCell>> {
-        let mut tx = self.pool.begin().await?;
+    pub(super) async fn cell_lease(&self, p: &LeaseParams, now: Millis) -> Result<Vec<LeasedCell>> {
+        // One statement: lock the window (skipping rows other leasers hold), order it by the
+        // affinity tiers of `queue::affinity`, take `max`, and mark them running. The window
+        // rank comes back so the caller knows whether the head was taken.
+        let expires = now.plus(p.lease_ttl_ms);
         let rows = sqlx::query(
-            "SELECT id, affinity_key, last_failed_worker FROM cells \
-             WHERE state = 'available' AND pixels <= $1 AND min_memory_mib <= $2 \
-             ORDER BY priority, scheduled_at, id LIMIT $3 FOR UPDATE SKIP LOCKED",
+            "WITH win AS ( \
+                 SELECT id, affinity_key, last_failed_worker, \
+                        row_number() OVER (ORDER BY priority, scheduled_at, id) AS rank \
+                 FROM (SELECT id, affinity_key, last_failed_worker, priority, scheduled_at \
+                       FROM cells WHERE state = 'available' AND pixels <= $1 \
+                       AND min_memory_mib <= $2 ORDER BY priority, scheduled_at, id \
+                       LIMIT $3 FOR UPDATE SKIP LOCKED) w), \
+             pick AS ( \
+                 SELECT id, rank FROM win ORDER BY \
+                     CASE WHEN $4 AND rank = 1 THEN -1 \
+                          WHEN last_failed_worker IS NOT DISTINCT FROM $5 THEN 2 \
+                          WHEN affinity_key = ANY($6) THEN 0 ELSE 1 END, rank \
+                 LIMIT $7) \
+             UPDATE cells c SET state = 'running', attempt = c.attempt + 1, attempted_at = $8, \
+                 lease_owner = $5, lease_expires_at = $9, heartbeat_at = $8, \
+                 progress_step = NULL, progress_total = NULL \
+             FROM pick WHERE c.id = pick.id \
+             RETURNING c.id, c.sweep_id, c.number, c.attempt, c.cell_key, c.affinity_key, \
+                 c.spec, pick.rank",
         )
         .bind(p.max_pixels)
         .bind(p.memory_mib)
         .bind(p.lookahead as i64)
-        .fetch_all(&mut *tx)
-        .await?;
-        let candidates = rows
-            .iter()
-            .map(|r| {
-                Ok(Candidate {
-                    id: r.int("id")?,
-                    affinity_key: r.text("affinity_key")?,
-                    last_failed_worker: r.opt_int("last_failed_worker")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut ids = choose(&candidates);
-        ids.truncate(p.max);
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let expires = now.plus(p.lease_ttl_ms);
-        let rows = sqlx::query(
-            "UPDATE cells SET state = 'running', attempt = attempt + 1, attempted_at = $1, \
-             lease_owner = $2, lease_expires_at = $3, heartbeat_at = $4, progress_step = NULL, \
-             progress_total = NULL \
-             WHERE id = ANY($5) AND state = 'available' \
-             RETURNING id, sweep_id, number, attempt, cell_key, affinity_key, spec",
-        )
-        .bind(now.0)
+        .bind(p.force_head)
         .bind(p.worker.0)
-        .bind(expires.0)
+        .bind(&p.loaded)
+        .bind(p.max as i64)
         .bind(now.0)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
+        .bind(expires.0)
+        .fetch_all(&self.pool)
         .await?;
-        tx.commit().await?;
         let mut leased = rows
             .iter()
-            .map(|r| rows::leased(r, expires))
+            .map(|r| {
+                Ok((
+                    r.int("rank")?,
+                    rows::leased(r, expires, r.int("rank")? == 1)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
-        leased.sort_by_key(|c| ids.iter().position(|id| *id == c.id.0));
-        Ok(leased)
+        leased.sort_by_key(|(rank, _)| *rank);
+        Ok(leased.into_iter().map(|(_, c)| c).collect())
     }
 
     pub(super) async fn lease_heartbeat(

@@ -75,7 +75,7 @@ where
     Ok(counts)
 }
 
-pub(super) fn leased<R: AnyRow>(r: &R, expires: Millis) -> Result<LeasedCell>
+pub(super) fn leased<R: AnyRow>(r: &R, expires: Millis, was_head: bool) -> Result<LeasedCell>
 where
     for<'a> &'a str: ColumnIndex<R>,
 {
@@ -88,6 +88,7 @@ where
         affinity_key: r.text("affinity_key")?,
         spec_json: r.text("spec")?,
         lease_expires_at: expires,
+        was_head,
     })
 }
 

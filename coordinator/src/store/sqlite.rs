@@ -4,6 +4,7 @@
 //! transaction survives the process being killed (it is in the WAL); a power cut may lose the
 //! last few.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -17,12 +18,11 @@ use sqlx::{AssertSqlSafe, QueryBuilder, Sqlite};
 use super::query::{self, CELL_COLUMNS, CellQuery};
 use super::rows::{self, AnyRow};
 use super::{
-    CellRow, ChooseFn, DecideFn, Fence, HeartbeatStatus, LeaseParams, LeasedCell, ProgressRow,
-    StateCounts, SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow, push_error,
-    to_u64,
+    CellRow, DecideFn, Fence, HeartbeatStatus, LeaseParams, LeasedCell, ProgressRow, StateCounts,
+    SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow, push_error, to_u64,
 };
 use crate::clock::Millis;
-use crate::queue::affinity::Candidate;
+use crate::queue::affinity::{self, Candidate};
 use crate::queue::retry::{Decision, ErrorEntry, FailContext};
 use crate::queue::state::{CellState, FailureClass, SweepState};
 use crate::{Error, Result};
@@ -326,13 +326,10 @@ impl SqliteStore {
         Ok(to_u64(n))
     }
 
-    pub(super) async fn cell_lease(
-        &self,
-        p: &LeaseParams,
-        now: Millis,
-        choose: ChooseFn<'_>,
-    ) -> Result<Vec<LeasedCell>> {
-        let mut tx = self.writer.begin().await?;
+    pub(super) async fn cell_lease(&self, p: &LeaseParams, now: Millis) -> Result<Vec<LeasedCell>> {
+        // The pool has one writer connection: holding it makes the window read and the update
+        // one atomic step without BEGIN/COMMIT round trips (and the update re-checks the state).
+        let mut conn = self.writer.acquire().await?;
         let rows = sqlx::query(
             "SELECT id, affinity_key, last_failed_worker FROM cells \
              WHERE state = 'available' AND pixels <= ? AND min_memory_mib <= ? \
@@ -341,7 +338,7 @@ impl SqliteStore {
         .bind(p.max_pixels)
         .bind(p.memory_mib)
         .bind(p.lookahead as i64)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?;
         let candidates = rows
             .iter()
@@ -353,11 +350,12 @@ impl SqliteStore {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut ids = choose(&candidates);
-        ids.truncate(p.max);
+        let loaded: HashSet<String> = p.loaded.iter().cloned().collect();
+        let (ids, _) = affinity::choose(p.worker.0, &loaded, &candidates, p.max, p.force_head);
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        let head = candidates.first().map(|c| c.id);
         let expires = now.plus(p.lease_ttl_ms);
         let ids_json = serde_json::to_string(&ids).map_err(|e| Error::Corrupt(e.to_string()))?;
         let rows = sqlx::query(
@@ -372,12 +370,14 @@ impl SqliteStore {
         .bind(expires.0)
         .bind(now.0)
         .bind(ids_json)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?;
-        tx.commit().await?;
         let mut leased = rows
             .iter()
-            .map(|r| rows::leased(r, expires))
+            .map(|r| {
+                let id = r.int("id")?;
+                rows::leased(r, expires, Some(id) == head)
+            })
             .collect::<Result<Vec<_>>>()?;
         leased.sort_by_key(|c| ids.iter().position(|id| *id == c.id.0));
         Ok(leased)

@@ -45,6 +45,7 @@ conformance!(
     release_returns_attempt_uncounted,
     pause_holds_and_resume_releases,
     affinity_and_capabilities_shape_leases,
+    affinity_never_starves_a_cold_head,
     queries_filter_sort_and_page,
     duplicate_cells_in_one_sweep_are_stored_once,
     reopen_keeps_everything,
@@ -470,6 +471,35 @@ async fn affinity_and_capabilities_shape_leases(b: Backend) {
     let got = fx.queue.lease(w2, 10, None).await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].affinity_key, big.affinity_key());
+    fx.finish().await;
+}
+
+async fn affinity_never_starves_a_cold_head(b: Backend) {
+    let cfg = QueueConfig {
+        max_affinity_skips: 2,
+        ..Default::default()
+    };
+    let fx = Fixture::with_config(b, cfg).await;
+    let mut cold = cell(0);
+    cold.model = "cold".into();
+    let mut cells = vec![cold.clone()];
+    cells.extend((1..10).map(cell));
+    fx.queue
+        .submit(submission("starve", cells.clone()))
+        .await
+        .unwrap();
+    let warm = vec![cells[1].affinity_key()];
+    let w = fx.worker("w").await;
+    let mut keys = Vec::new();
+    for _ in 0..4 {
+        let c = fx.queue.lease(w, 1, Some(&warm)).await.unwrap().remove(0);
+        keys.push(c.affinity_key == cold.affinity_key());
+    }
+    assert_eq!(
+        keys,
+        vec![false, false, true, false],
+        "head taken after 2 skips"
+    );
     fx.finish().await;
 }
 

@@ -64,7 +64,10 @@ async fn bench(name: &str, url: DatabaseUrl) {
     let store = Store::connect(
         &url,
         &StoreOptions {
-            max_connections: std::env::var("KILN_BENCH_PG_POOL").ok().and_then(|v| v.parse().ok()).unwrap_or(32),
+            max_connections: std::env::var("KILN_BENCH_PG_POOL")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(32),
         },
     )
     .await

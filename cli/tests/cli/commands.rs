@@ -1,0 +1,121 @@
+//! The client commands (`sweeps`, `status`, `pause`, `resume`, `cancel`, `retry --failed`,
+//! `workers`, `watch`) as processes against a real coordinator process.
+
+use std::process::Command;
+
+use kiln_proto::v1 as pb;
+
+use crate::{cell, clients, spawn};
+
+fn kiln(addr: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_COORDINATOR", format!("http://{addr}"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_drive_a_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
+    let c = spawn(&db, dir.path());
+    let (mut sweeps, mut workers) = clients(&c.addr).await;
+    let msgs = vec![
+        pb::SubmitSweepRequest {
+            part: Some(pb::submit_sweep_request::Part::Header(pb::SweepHeader {
+                name: "foxes".into(),
+                idempotency_key: "foxes-1".into(),
+                ..Default::default()
+            })),
+        },
+        pb::SubmitSweepRequest {
+            part: Some(pb::submit_sweep_request::Part::Cells(pb::CellChunk {
+                cells: (0..4).map(cell).collect(),
+            })),
+        },
+    ];
+    let id = sweeps
+        .submit_sweep(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner()
+        .sweep_id;
+    let sid = id.to_string();
+
+    let (ok, out, _) = kiln(&c.addr, &["sweeps"]);
+    assert!(ok);
+    assert!(out.contains("foxes") && out.contains("active"), "{out}");
+    let (ok, out, _) = kiln(&c.addr, &["pause", &sid]);
+    assert!(ok && out.contains("4 queued cells held"), "{out}");
+    let (ok, out, _) = kiln(&c.addr, &["status", &sid]);
+    assert!(
+        ok && out.contains("paused") && out.contains("4 held"),
+        "{out}"
+    );
+    let (ok, out, _) = kiln(&c.addr, &["resume", &sid]);
+    assert!(ok && out.contains("4 cells released"), "{out}");
+
+    let worker = workers
+        .register(pb::RegisterRequest {
+            info: Some(pb::WorkerInfo {
+                name: "gaming-pc".into(),
+                max_pixels: 1 << 20,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let t = workers
+        .lease(pb::LeaseRequest {
+            worker_id: worker,
+            max_tasks: 1,
+            loaded: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks
+        .remove(0);
+    let a = pb::AttemptRef {
+        cell_id: t.cell_id,
+        attempt: t.attempt,
+    };
+    workers
+        .fail(pb::FailRequest {
+            worker_id: worker,
+            attempt: Some(a),
+            class: pb::FailureClass::BadInput as i32,
+            message: "no such model".into(),
+        })
+        .await
+        .unwrap();
+    let (ok, out, _) = kiln(&c.addr, &["workers"]);
+    assert!(
+        ok && out.contains("gaming-pc") && out.contains("online"),
+        "{out}"
+    );
+    let (ok, out, _) = kiln(&c.addr, &["retry", "--failed", &sid]);
+    assert!(ok && out.contains("1 failed cells queued again"), "{out}");
+    let (ok, out, _) = kiln(&c.addr, &["cancel", &sid]);
+    assert!(ok && out.contains("4 queued cells cancelled"), "{out}");
+    // The sweep is finished now: watch prints its end state and returns.
+    let (ok, _, err) = kiln(&c.addr, &["watch", &sid]);
+    assert!(ok, "{err}");
+
+    // Errors are clear and exit non-zero.
+    let (ok, _, err) = kiln(&c.addr, &["status", "999"]);
+    assert!(!ok && err.contains("sweep 999 not found"), "{err}");
+    let (ok, _, err) = kiln("127.0.0.1:1", &["sweeps"]);
+    assert!(
+        !ok && err.contains("connecting to the coordinator"),
+        "{err}"
+    );
+}

@@ -6,5 +6,7 @@
 
 mod fixture;
 mod rng;
+mod s3server;
 mod scheduler;
 mod tokenizer;
+mod upload;

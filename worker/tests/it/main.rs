@@ -5,6 +5,7 @@
 //! those JSON files; a missing fixture fails the test with its path rather than skipping.
 
 mod fixture;
+mod model;
 mod rng;
 mod scheduler;
 mod tokenizer;

@@ -23,6 +23,7 @@ mod weights;
 
 pub use error::{ComputeError, EngineError};
 pub use lora::LoraSpec;
-pub use model::{Device, Model};
+pub use model::{Device, LoadedLora, Model};
+pub use pipeline::{Pipeline, Progress, RenderOutput, RenderRequest, SamplerKind};
 
 pub use weights::{HostTensor, read_safetensors};

@@ -6,6 +6,7 @@
 
 mod fixture;
 mod model;
+mod pipeline;
 mod rng;
 mod scheduler;
 mod tokenizer;

@@ -1,9 +1,29 @@
 //! The rendering engine: everything between a resolved cell and its pixels.
 //!
-//! Owns tokenizing prompts, drawing noise and stepping samplers. For now it works on plain
-//! `f32` slices so it can be checked against PyTorch without a GPU; the candle pipeline will
-//! wrap these pieces. It must never know about leases, gRPC, databases or object storage.
+//! Owns tokenizing prompts ([`tokenizer`]), drawing noise ([`rng`]), stepping samplers
+//! ([`scheduler`]), loading a diffusers SD1.5 folder with its LoRA stack ([`model`],
+//! [`lora`]), the candle networks (CLIP text encoder, UNet, VAE decoder), the render loop
+//! ([`pipeline`]) and PNG output ([`image`]). candle types never leave this module: the public
+//! API speaks [`HostTensor`], paths and plain numbers. It must never know about leases, gRPC,
+//! databases or object storage.
 
+mod clip;
+pub mod error;
+pub mod image;
+mod layers;
+pub mod lora;
+pub mod model;
+pub mod pipeline;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;
+mod unet;
+mod vae;
+mod weights;
+
+pub use error::{ComputeError, EngineError};
+pub use lora::LoraSpec;
+pub use model::{Device, LoadedLora, Model};
+pub use pipeline::{Pipeline, Progress, RenderOutput, RenderRequest, SamplerKind};
+
+pub use weights::{HostTensor, read_safetensors};

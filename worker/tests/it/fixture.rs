@@ -33,3 +33,33 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64, floor: f64)
         );
     }
 }
+
+/// `tests/fixtures/reference/<name>`.
+pub fn path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/reference")
+        .join(name)
+}
+
+/// `max |got − want| / max |want|`: the error relative to the tensor's scale.
+pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length differs");
+    let scale = want.iter().fold(0f64, |m, &w| m.max(f64::from(w).abs()));
+    let diff = got.iter().zip(want).fold(0f64, |m, (&g, &w)| {
+        m.max((f64::from(g) - f64::from(w)).abs())
+    });
+    diff / scale.max(f64::MIN_POSITIVE)
+}
+
+/// Asserts shape equality and `relative_error <= tol`, printing the observed error.
+pub fn assert_tensor(
+    what: &str,
+    got: &kiln_worker::engine::HostTensor,
+    want: &kiln_worker::engine::HostTensor,
+    tol: f64,
+) {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    let err = relative_error(&got.data, &want.data);
+    eprintln!("{what}: relative error {err:.3e}");
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
+}

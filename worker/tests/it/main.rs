@@ -5,6 +5,8 @@
 //! those JSON files; a missing fixture fails the test with its path rather than skipping.
 
 mod fixture;
+mod model;
+mod pipeline;
 mod rng;
 mod s3server;
 mod scheduler;

@@ -1,0 +1,141 @@
+//! The engine's error type: one enum for loading, LoRA merging and rendering.
+//!
+//! Variants name what a caller (the CLI, the worker agent) can act on: a model folder missing a
+//! part, a damaged weights file, a LoRA that does not fit the model, a request the engine
+//! cannot render. Failures inside tensor maths are wrapped opaquely so that no candle type
+//! crosses the engine boundary.
+
+use std::path::PathBuf;
+
+use super::scheduler::SchedulerError;
+use super::tokenizer::TokenizerError;
+
+/// Why a model could not be loaded or an image could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A diffusers model folder lacks a component (`unet/`, `vae/`, ...) or its weights.
+    #[error("model folder {} has no {part}: expected {expected}", folder.display())]
+    MissingPart {
+        /// The model folder.
+        folder: PathBuf,
+        /// The component, e.g. `unet`.
+        part: &'static str,
+        /// What was looked for.
+        expected: String,
+    },
+    /// A file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A safetensors file is truncated, corrupt or holds an unsupported dtype.
+    #[error("{} is not a usable safetensors file (truncated or corrupt?): {reason}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What the parser reported.
+        reason: String,
+    },
+    /// A `config.json` is malformed or describes an architecture the engine does not implement.
+    #[error("{}: {reason}", path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A weights file lacks a tensor the architecture needs.
+    #[error("{file}: tensor `{name}` is missing")]
+    MissingTensor {
+        /// The weights file.
+        file: String,
+        /// The tensor's full name.
+        name: String,
+    },
+    /// A tensor's shape does not match the architecture in `config.json`.
+    #[error("{file}: tensor `{name}` has shape {found:?}, the config implies {expected:?}")]
+    Shape {
+        /// The weights file.
+        file: String,
+        /// The tensor's full name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// LoRA keys that match no module of the model. Never skipped silently.
+    #[error("LoRA {}: {} key(s) match no module of the model: {}", path.display(), keys.len(), keys.join(", "))]
+    LoraUnknownKeys {
+        /// The LoRA file.
+        path: PathBuf,
+        /// Every unmatched key, sorted.
+        keys: Vec<String>,
+    },
+    /// A LoRA file that is malformed (missing half of a pair, wrong shapes, bad strength).
+    #[error("LoRA {}: {reason}", path.display())]
+    Lora {
+        /// The LoRA file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A render request the engine cannot honour (size, steps, CFG).
+    #[error("invalid render request: {0}")]
+    InvalidRequest(String),
+    /// The sampler rejected its schedule or a step.
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    /// The tokenizer could not be built.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The render was cancelled through its cancel flag.
+    #[error("render cancelled")]
+    Cancelled,
+    /// The compute device could not be opened (e.g. a GPU backend not compiled in).
+    #[error("cannot use device {device}: {source}")]
+    Device {
+        /// The requested device.
+        device: String,
+        /// The backend's error.
+        #[source]
+        source: ComputeError,
+    },
+    /// PNG encoding failed.
+    #[error("PNG encoding failed: {0}")]
+    Png(String),
+    /// A tensor operation failed (a bug or out of memory, not bad input).
+    #[error("tensor computation failed: {0}")]
+    Compute(#[from] ComputeError),
+}
+
+/// An error from the tensor backend, kept opaque so candle stays inside the engine.
+#[derive(Debug)]
+pub struct ComputeError(candle_core::Error);
+
+impl std::fmt::Display for ComputeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ComputeError {}
+
+impl From<candle_core::Error> for ComputeError {
+    fn from(err: candle_core::Error) -> Self {
+        Self(err)
+    }
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(err: candle_core::Error) -> Self {
+        Self::Compute(ComputeError(err))
+    }
+}
+
+/// The engine's result type.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

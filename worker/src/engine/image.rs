@@ -1,0 +1,286 @@
+//! Turning decoded VAE output into 8-bit RGB and PNG files with A1111-style metadata.
+//!
+//! Owns the pixel conversion diffusers uses (`(x/2 + 0.5).clamp(0, 1)`, `·255`, numpy's
+//! round-half-to-even), the A1111 "infotext" that A1111's PNG Info and Civitai parse
+//! (`parameters` text chunk), and PNG encoding/decoding. It knows nothing of models or
+//! sampling beyond the values it prints.
+
+use std::io::Cursor;
+
+use super::error::{EngineError, Result};
+use super::model::LoadedLora;
+
+/// An 8-bit RGB image, rows top to bottom, pixels `[r, g, b]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RgbImage {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// `width · height · 3` bytes.
+    pub pixels: Vec<u8>,
+}
+
+/// Converts one decoded image (`[3, h, w]`, planar, about [-1, 1]) to RGB8 exactly as
+/// diffusers' `VaeImageProcessor.postprocess` + `numpy_to_pil` do.
+pub fn to_rgb8(decoded: &[f32], width: u32, height: u32) -> Result<RgbImage> {
+    let plane = width as usize * height as usize;
+    if decoded.len() != 3 * plane {
+        return Err(EngineError::InvalidRequest(format!(
+            "{} values do not make a 3×{height}×{width} image",
+            decoded.len()
+        )));
+    }
+    let mut pixels = Vec::with_capacity(3 * plane);
+    for i in 0..plane {
+        for c in 0..3 {
+            let x = (decoded[c * plane + i] / 2.0 + 0.5).clamp(0.0, 1.0);
+            // `(images * 255).round().astype("uint8")`: float32, ties to even; x*255 is in
+            // [0, 255], so the cast cannot wrap.
+            pixels.push((x * 255.0).round_ties_even() as u8);
+        }
+    }
+    Ok(RgbImage {
+        width,
+        height,
+        pixels,
+    })
+}
+
+/// The generation parameters written into a PNG, in A1111's vocabulary.
+#[derive(Clone, Debug)]
+pub struct Infotext<'a> {
+    /// The positive prompt.
+    pub prompt: &'a str,
+    /// The negative prompt ("" for none).
+    pub negative_prompt: &'a str,
+    /// Sampling steps.
+    pub steps: usize,
+    /// A1111's sampler name (`LCM`, `Euler a`).
+    pub sampler: &'a str,
+    /// Classifier-free guidance scale.
+    pub cfg_scale: f32,
+    /// The seed as requested (all 64 bits).
+    pub seed: u64,
+    /// Image width.
+    pub width: u32,
+    /// Image height.
+    pub height: u32,
+    /// Full sha256 of the model; A1111 prints its first 10 hex digits.
+    pub model_hash: &'a str,
+    /// Model name.
+    pub model_name: &'a str,
+    /// Merged LoRAs; A1111 prints the first 12 hex digits of each hash.
+    pub loras: &'a [LoadedLora],
+}
+
+/// A1111's `quote`: values with `,`, `:` or a newline become JSON strings.
+fn quote(value: &str) -> String {
+    if value.contains([',', ':', '\n']) {
+        serde_json::Value::String(value.to_owned()).to_string()
+    } else {
+        value.to_owned()
+    }
+}
+
+impl Infotext<'_> {
+    /// The `parameters` text, as A1111's `create_infotext` lays it out: the prompt, an optional
+    /// `Negative prompt:` line, then `key: value` pairs joined by `, `.
+    pub fn render(&self) -> String {
+        let mut fields: Vec<(&str, String)> = vec![
+            ("Steps", self.steps.to_string()),
+            ("Sampler", self.sampler.to_owned()),
+            ("CFG scale", self.cfg_scale.to_string()),
+            ("Seed", self.seed.to_string()),
+            ("Size", format!("{}x{}", self.width, self.height)),
+            ("Model hash", self.model_hash.chars().take(10).collect()),
+            ("Model", self.model_name.to_owned()),
+        ];
+        if !self.loras.is_empty() {
+            // A1111 strips `:` and `,` from the alias so the list stays parseable.
+            let hashes: Vec<String> = self
+                .loras
+                .iter()
+                .map(|l| {
+                    let alias: String =
+                        l.name.chars().filter(|c| !matches!(c, ':' | ',')).collect();
+                    format!("{alias}: {}", &l.hash[..l.hash.len().min(12)])
+                })
+                .collect();
+            fields.push(("Lora hashes", hashes.join(", ")));
+        }
+        // Torch's CPU generator, which A1111 calls "CPU".
+        fields.push(("RNG", "CPU".to_owned()));
+        let params: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", quote(v)))
+            .collect();
+        let negative = if self.negative_prompt.is_empty() {
+            String::new()
+        } else {
+            format!("\nNegative prompt: {}", self.negative_prompt)
+        };
+        format!("{}{negative}\n{}", self.prompt, params.join(", "))
+            .trim()
+            .to_owned()
+    }
+}
+
+/// Encodes `image` as a PNG with text chunks (`(keyword, text)`): tEXt when the text is
+/// Latin-1, iTXt otherwise, as PIL's `PngInfo.add_text` does.
+pub fn encode_png(image: &RgbImage, text: &[(&str, &str)]) -> Result<Vec<u8>> {
+    let png_error = |e: png::EncodingError| EngineError::Png(e.to_string());
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, image.width, image.height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        for (keyword, value) in text {
+            if value.chars().all(|c| u32::from(c) < 256) {
+                encoder.add_text_chunk((*keyword).to_owned(), (*value).to_owned())
+            } else {
+                encoder.add_itxt_chunk((*keyword).to_owned(), (*value).to_owned())
+            }
+            .map_err(png_error)?;
+        }
+        let mut writer = encoder.write_header().map_err(png_error)?;
+        writer.write_image_data(&image.pixels).map_err(png_error)?;
+        writer.finish().map_err(png_error)?;
+    }
+    Ok(out)
+}
+
+/// A decoded 8-bit PNG with its text chunks (tEXt, zTXt and iTXt, in that order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodedPng {
+    /// The pixels, as RGB.
+    pub image: RgbImage,
+    /// `(keyword, text)` pairs.
+    pub text: Vec<(String, String)>,
+}
+
+/// Decodes an 8-bit RGB or RGBA PNG (alpha is dropped).
+pub fn decode_png(bytes: &[u8]) -> Result<DecodedPng> {
+    let bad = |e: png::DecodingError| EngineError::Png(e.to_string());
+    let mut reader = png::Decoder::new(Cursor::new(bytes))
+        .read_info()
+        .map_err(bad)?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| EngineError::Png("image too large".to_owned()))?;
+    let mut buf = vec![0; size];
+    let frame = reader.next_frame(&mut buf).map_err(bad)?;
+    let channels = match (frame.color_type, frame.bit_depth) {
+        (png::ColorType::Rgb, png::BitDepth::Eight) => 3,
+        (png::ColorType::Rgba, png::BitDepth::Eight) => 4,
+        other => {
+            return Err(EngineError::Png(format!(
+                "unsupported PNG format {other:?}"
+            )));
+        }
+    };
+    let pixels = buf[..frame.buffer_size()]
+        .chunks_exact(channels)
+        .flat_map(|p| [p[0], p[1], p[2]])
+        .collect();
+    let info = reader.info();
+    let mut text: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.text.clone()))
+        .collect();
+    for chunk in &info.compressed_latin1_text {
+        if let Ok(t) = chunk.get_text() {
+            text.push((chunk.keyword.clone(), t));
+        }
+    }
+    for chunk in &info.utf8_text {
+        if let Ok(t) = chunk.get_text() {
+            text.push((chunk.keyword.clone(), t));
+        }
+    }
+    Ok(DecodedPng {
+        image: RgbImage {
+            width: frame.width,
+            height: frame.height,
+            pixels,
+        },
+        text,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample<'a>(loras: &'a [LoadedLora]) -> Infotext<'a> {
+        Infotext {
+            prompt: "a photograph of an astronaut riding a horse",
+            negative_prompt: "",
+            steps: 4,
+            sampler: "LCM",
+            cfg_scale: 1.0,
+            seed: 42,
+            width: 64,
+            height: 64,
+            model_hash: "0123456789abcdef",
+            model_name: "tiny-sd15",
+            loras,
+        }
+    }
+
+    #[test]
+    fn infotext_has_a1111_layout() {
+        let loras = [LoadedLora {
+            name: "lcm-lora".to_owned(),
+            hash: "abcdef0123456789abcdef".to_owned(),
+            strength: 1.0,
+        }];
+        assert_eq!(
+            sample(&loras).render(),
+            "a photograph of an astronaut riding a horse\n\
+             Steps: 4, Sampler: LCM, CFG scale: 1, Seed: 42, Size: 64x64, \
+             Model hash: 0123456789, Model: tiny-sd15, \
+             Lora hashes: \"lcm-lora: abcdef012345\", RNG: CPU"
+        );
+        let mut with_negative = sample(&[]);
+        with_negative.negative_prompt = "blurry, low quality";
+        with_negative.cfg_scale = 1.5;
+        with_negative.sampler = "Euler a";
+        assert_eq!(
+            with_negative.render(),
+            "a photograph of an astronaut riding a horse\n\
+             Negative prompt: blurry, low quality\n\
+             Steps: 4, Sampler: Euler a, CFG scale: 1.5, Seed: 42, Size: 64x64, \
+             Model hash: 0123456789, Model: tiny-sd15, RNG: CPU"
+        );
+    }
+
+    #[test]
+    fn pixels_round_half_to_even_like_numpy() {
+        // x/2+0.5 = 0.5 → 127.5 → 128 (even); clamping keeps the ends.
+        let decoded = [0.0, -3.0, 3.0];
+        let img = to_rgb8(&decoded, 1, 1).expect("rgb");
+        assert_eq!(img.pixels, vec![128, 0, 255]);
+    }
+
+    #[test]
+    fn png_round_trips_pixels_and_text() {
+        let image = RgbImage {
+            width: 2,
+            height: 1,
+            pixels: vec![1, 2, 3, 250, 251, 252],
+        };
+        let bytes =
+            encode_png(&image, &[("parameters", "p\nSteps: 4"), ("kiln", "東京")]).expect("encode");
+        let decoded = decode_png(&bytes).expect("decode");
+        assert_eq!(decoded.image, image);
+        assert_eq!(
+            decoded.text,
+            vec![
+                ("parameters".to_owned(), "p\nSteps: 4".to_owned()),
+                ("kiln".to_owned(), "東京".to_owned())
+            ]
+        );
+    }
+}

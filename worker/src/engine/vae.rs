@@ -1,0 +1,209 @@
+//! The VAE decoder: diffusers' `AutoencoderKL.decode`, built from `vae/config.json`.
+//!
+//! Owns the VAE config (including `scaling_factor`) and the decoder path from latents to
+//! images in about [-1, 1]: `post_quant_conv`, `conv_in`, the mid block (resnet, single-head
+//! spatial attention, resnet), `UpDecoderBlock2D`s and the output head. The encoder is not
+//! built (kiln does no img2img yet); its weights are left unread.
+
+use std::path::Path;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm};
+use serde::Deserialize;
+
+use super::error::{EngineError, Result as EngineResult};
+use super::layers::{Attention, ResnetBlock, ResnetConfig, Upsample};
+use super::weights::Params;
+
+/// diffusers hard-codes this epsilon for every VAE norm.
+const VAE_NORM_EPS: f64 = 1e-6;
+
+/// The fields of a diffusers `vae/config.json` the decoder needs. Defaults are diffusers'
+/// `AutoencoderKL` defaults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub(crate) struct VaeConfig {
+    out_channels: usize,
+    up_block_types: Vec<String>,
+    block_out_channels: Vec<usize>,
+    layers_per_block: usize,
+    act_fn: String,
+    latent_channels: usize,
+    norm_num_groups: usize,
+    scaling_factor: f64,
+    shift_factor: Option<f64>,
+    use_post_quant_conv: bool,
+    mid_block_add_attention: bool,
+}
+
+impl Default for VaeConfig {
+    fn default() -> Self {
+        Self {
+            out_channels: 3,
+            up_block_types: vec!["UpDecoderBlock2D".to_owned()],
+            block_out_channels: vec![64],
+            layers_per_block: 1,
+            act_fn: "silu".to_owned(),
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+            shift_factor: None,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+        }
+    }
+}
+
+impl VaeConfig {
+    /// Parses and validates `vae/config.json`.
+    pub(crate) fn from_json(path: &Path, json: &str) -> EngineResult<Self> {
+        let bad = |reason: String| EngineError::Config {
+            path: path.to_owned(),
+            reason,
+        };
+        let c: Self = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+        if c.block_out_channels.is_empty() || c.up_block_types.len() != c.block_out_channels.len() {
+            return Err(bad(
+                "up_block_types and block_out_channels must have the same non-zero length"
+                    .to_owned(),
+            ));
+        }
+        if let Some(t) = c.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+            return Err(bad(format!("unsupported up block type {t}")));
+        }
+        if c.act_fn != "silu" {
+            return Err(bad(format!("unsupported act_fn {}", c.act_fn)));
+        }
+        if c.shift_factor.is_some_and(|s| s != 0.0) {
+            return Err(bad("shift_factor is not supported".to_owned()));
+        }
+        if let Some(ch) = c
+            .block_out_channels
+            .iter()
+            .find(|&&ch| c.norm_num_groups == 0 || !ch.is_multiple_of(c.norm_num_groups))
+        {
+            return Err(bad(format!(
+                "{ch} channels are not divisible into {} groups",
+                c.norm_num_groups
+            )));
+        }
+        Ok(c)
+    }
+
+    /// Latents are divided by this before decoding.
+    pub(crate) fn scaling_factor(&self) -> f64 {
+        self.scaling_factor
+    }
+
+    /// Channels of a latent.
+    pub(crate) fn latent_channels(&self) -> usize {
+        self.latent_channels
+    }
+}
+
+/// The decoder half of diffusers' `AutoencoderKL`.
+#[derive(Debug)]
+pub(crate) struct VaeDecoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnets: [ResnetBlock; 2],
+    mid_attention: Option<(GroupNorm, Attention)>,
+    up: Vec<(Vec<ResnetBlock>, Option<Upsample>)>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl VaeDecoder {
+    /// Builds the decoder described by `c` from the VAE weights root `p`.
+    pub(crate) fn new(p: &Params, c: &VaeConfig) -> EngineResult<Self> {
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let top = ch[n - 1];
+        let resnet = |input, output| ResnetConfig {
+            input,
+            output,
+            temb: None,
+            groups: c.norm_num_groups,
+            eps: VAE_NORM_EPS,
+            output_scale_factor: 1.0,
+        };
+        let d = p.pp("decoder");
+        let mid = d.pp("mid_block");
+        let mid_attention = if c.mid_block_add_attention {
+            let ap = mid.pp("attentions.0");
+            Some((
+                ap.pp("group_norm")
+                    .group_norm(c.norm_num_groups, top, VAE_NORM_EPS)?,
+                Attention::new(&ap, top, top, 1, top, true)?,
+            ))
+        } else {
+            None
+        };
+        let mut up = Vec::with_capacity(n);
+        let mut prev = top;
+        for i in 0..n {
+            let bp = d.pp("up_blocks").pp(i);
+            let output = ch[n - 1 - i];
+            let resnets = (0..=c.layers_per_block)
+                .map(|j| {
+                    let input = if j == 0 { prev } else { output };
+                    ResnetBlock::new(&bp.pp("resnets").pp(j), resnet(input, output))
+                })
+                .collect::<EngineResult<_>>()?;
+            let upsample = (i + 1 < n)
+                .then(|| Upsample::new(&bp.pp("upsamplers.0"), output))
+                .transpose()?;
+            up.push((resnets, upsample));
+            prev = output;
+        }
+        let latent = c.latent_channels;
+        Ok(Self {
+            post_quant_conv: c
+                .use_post_quant_conv
+                .then(|| p.pp("post_quant_conv").conv2d(latent, latent, 1, 1, 0))
+                .transpose()?,
+            conv_in: d.pp("conv_in").conv2d(latent, top, 3, 1, 1)?,
+            mid_resnets: [
+                ResnetBlock::new(&mid.pp("resnets.0"), resnet(top, top))?,
+                ResnetBlock::new(&mid.pp("resnets.1"), resnet(top, top))?,
+            ],
+            mid_attention,
+            up,
+            norm_out: d
+                .pp("conv_norm_out")
+                .group_norm(c.norm_num_groups, ch[0], VAE_NORM_EPS)?,
+            conv_out: d.pp("conv_out").conv2d(ch[0], c.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    /// Decodes already-unscaled latents (`latents / scaling_factor`) to `[b, 3, 8h, 8w]`.
+    pub(crate) fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let z = match &self.post_quant_conv {
+            Some(conv) => conv.forward(z)?,
+            None => z.clone(),
+        };
+        let mut h = self.conv_in.forward(&z)?;
+        h = self.mid_resnets[0].forward(&h, None)?;
+        if let Some((norm, attention)) = &self.mid_attention {
+            let (b, c, height, width) = h.dims4()?;
+            let tokens = norm
+                .forward(&h)?
+                .reshape((b, c, height * width))?
+                .transpose(1, 2)?;
+            let out = attention.forward(&tokens, None)?;
+            let out = out.transpose(1, 2)?.reshape((b, c, height, width))?;
+            h = (out + h)?;
+        }
+        h = self.mid_resnets[1].forward(&h, None)?;
+        for (resnets, upsample) in &self.up {
+            for resnet in resnets {
+                h = resnet.forward(&h, None)?;
+            }
+            if let Some(up) = upsample {
+                h = up.forward(&h, None)?;
+            }
+        }
+        let h = self.norm_out.forward(&h)?.silu()?;
+        self.conv_out.forward(&h)
+    }
+}

@@ -1,0 +1,190 @@
+//! Reading safetensors weights and handing them to the model builders.
+//!
+//! Owns [`Weights`] (every tensor of one file, upcast to f32 on the host, where LoRA merging
+//! happens) and [`Params`] (a scoped view that checks each tensor's shape against what the
+//! `config.json` implies and moves it to the compute device and dtype). Files are read whole and
+//! validated by the safetensors parser, so a truncated file is an error before any tensor is
+//! used. It knows nothing about which architecture asks for which name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
+
+use super::error::{EngineError, Result};
+
+/// A dense f32 array on the host: the engine's tensor type at its public boundary.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// Reads every tensor of a safetensors file as f32 (integer and half tensors are converted).
+///
+/// Meant for tools and tests that compare against reference outputs.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
+    let weights = Weights::read(path)?;
+    let mut out = BTreeMap::new();
+    for (name, tensor) in weights.tensors {
+        let shape = tensor.dims().to_vec();
+        let data = tensor.flatten_all()?.to_vec1::<f32>()?;
+        out.insert(name, HostTensor { shape, data });
+    }
+    Ok(out)
+}
+
+/// All tensors of one weights file, as f32 on the host.
+#[derive(Debug)]
+pub(crate) struct Weights {
+    /// File name used in error messages.
+    pub(crate) file: String,
+    pub(crate) tensors: HashMap<String, Tensor>,
+}
+
+impl Weights {
+    /// Reads and validates `path`, upcasting every tensor to f32.
+    pub(crate) fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parses an in-memory safetensors file (`path` only names it in errors).
+    pub(crate) fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let bad = |reason: String| EngineError::Safetensors {
+            path: path.to_owned(),
+            reason,
+        };
+        let raw = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+            .map_err(|e| bad(e.to_string()))?;
+        let mut tensors = HashMap::with_capacity(raw.len());
+        for (name, tensor) in raw {
+            let tensor = tensor
+                .to_dtype(DType::F32)
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            tensors.insert(name, tensor);
+        }
+        Ok(Self {
+            file: display_name(path),
+            tensors,
+        })
+    }
+
+    /// The tensor called `name`, checked against `shape`.
+    pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<&Tensor> {
+        let tensor = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor {
+                file: self.file.clone(),
+                name: name.to_owned(),
+            })?;
+        if tensor.dims() != shape {
+            return Err(EngineError::Shape {
+                file: self.file.clone(),
+                name: name.to_owned(),
+                expected: shape.to_vec(),
+                found: tensor.dims().to_vec(),
+            });
+        }
+        Ok(tensor)
+    }
+}
+
+/// `parent/file` for messages: enough to tell `unet/…` from `vae/…`.
+pub(crate) fn display_name(path: &Path) -> String {
+    let mut parts: Vec<String> = path
+        .iter()
+        .rev()
+        .take(2)
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    parts.reverse();
+    PathBuf::from_iter(parts).display().to_string()
+}
+
+/// A scoped, shape-checked view of [`Weights`] that builds layers on the compute device.
+#[derive(Clone)]
+pub(crate) struct Params<'a> {
+    weights: &'a Weights,
+    prefix: String,
+    device: &'a Device,
+    dtype: DType,
+}
+
+impl<'a> Params<'a> {
+    pub(crate) fn new(weights: &'a Weights, device: &'a Device, dtype: DType) -> Self {
+        Self {
+            weights,
+            prefix: String::new(),
+            device,
+            dtype,
+        }
+    }
+
+    /// The view below `name` (`pp("down_blocks").pp(0)` reads `down_blocks.0.*`).
+    pub(crate) fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    /// The tensor `name` under this scope, with the given shape, on the compute device.
+    pub(crate) fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let full = format!("{}.{name}", self.prefix);
+        let tensor = self.weights.get(&full, shape)?;
+        Ok(tensor.to_device(self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// `nn.Linear(input, output, bias)`: weight `[output, input]`.
+    pub(crate) fn linear(&self, input: usize, output: usize, bias: bool) -> Result<Linear> {
+        let weight = self.tensor("weight", &[output, input])?;
+        let bias = bias.then(|| self.tensor("bias", &[output])).transpose()?;
+        Ok(Linear::new(weight, bias))
+    }
+
+    /// `nn.Conv2d(input, output, kernel, stride, padding)` with a bias.
+    pub(crate) fn conv2d(
+        &self,
+        input: usize,
+        output: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Conv2d> {
+        let weight = self.tensor("weight", &[output, input, kernel, kernel])?;
+        let bias = self.tensor("bias", &[output])?;
+        let config = Conv2dConfig {
+            padding,
+            stride,
+            ..Conv2dConfig::default()
+        };
+        Ok(Conv2d::new(weight, Some(bias), config))
+    }
+
+    /// `nn.GroupNorm(groups, channels, eps)` with affine parameters.
+    pub(crate) fn group_norm(&self, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+        let weight = self.tensor("weight", &[channels])?;
+        let bias = self.tensor("bias", &[channels])?;
+        Ok(GroupNorm::new(weight, bias, channels, groups, eps)?)
+    }
+
+    /// `nn.LayerNorm(dim, eps)` with affine parameters.
+    pub(crate) fn layer_norm(&self, dim: usize, eps: f64) -> Result<LayerNorm> {
+        let weight = self.tensor("weight", &[dim])?;
+        let bias = self.tensor("bias", &[dim])?;
+        Ok(LayerNorm::new(weight, bias, eps))
+    }
+}

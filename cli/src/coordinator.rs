@@ -70,29 +70,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             std::fs::write(path, addr.to_string())
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        kiln_coordinator::server::run(&cfg, listener, shutdown_signal()).await?;
+        kiln_coordinator::server::run(&cfg, listener, crate::signal::shutdown()).await?;
         anyhow::Ok(())
     })
-}
-
-/// Resolves on Ctrl-C, or SIGTERM on Unix.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
-        _ = term => tracing::info!("SIGTERM: shutting down"),
-    }
 }

@@ -2,6 +2,7 @@
 //!
 //! Subcommands:
 //! - `kiln coordinator`: the gRPC coordinator (SQLite by default, Postgres for scale).
+//! - `kiln worker`: a render worker (one per PC).
 //! - `kiln sweeps | status | watch | cancel | pause | resume | retry | workers`: talk to a
 //!   coordinator (`--coordinator URL` or `KILN_COORDINATOR`).
 //!
@@ -10,8 +11,10 @@
 
 mod client;
 mod coordinator;
+mod signal;
 mod sweeps;
 mod table;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +34,9 @@ enum Command {
     /// Run the coordinator: stores sweeps and leases cells to workers over gRPC.
     #[command(after_help = coordinator::EXAMPLES)]
     Coordinator(coordinator::Args),
+    /// Run a render worker: leases cells, renders them, uploads the PNGs.
+    #[command(after_help = worker::EXAMPLES)]
+    Worker(worker::Args),
     /// List sweeps, newest first.
     #[command(after_help = "Example:\n  kiln sweeps --limit 20")]
     Sweeps {
@@ -124,7 +130,9 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 sweeps::change(&conn, sweep, sweeps::Change::RetryFailed).await
             }
             Command::Workers { conn } => sweeps::workers(&conn).await,
-            Command::Coordinator(_) => unreachable!("handled in main"),
+            Command::Coordinator(_) | Command::Worker(_) => {
+                unreachable!("long-running commands are dispatched in main")
+            }
         }
     })
 }
@@ -138,6 +146,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Coordinator(args) => coordinator::main(args),
+        Command::Worker(args) => worker::main(args),
         client_command => run_client(client_command),
     };
     match result {

@@ -2,6 +2,9 @@
 //! database loses nothing (SQLite file and Postgres), and SIGTERM shuts it down cleanly.
 
 mod commands;
+mod farm;
+#[path = "../../../worker/tests/it/s3server.rs"]
+mod s3server;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -49,8 +49,8 @@ pub struct RetryPolicy {
     pub max_ms: i64,
     /// Relative jitter: the backoff is scaled by a factor in `1 ± jitter`.
     pub jitter: f64,
-    /// A cell that failed with the same class and message on this many different workers is
-    /// discarded as poison, whatever attempts remain.
+    /// A cell that failed with the same resource or lease-expiry error on this many different
+    /// workers is discarded as poison, whatever attempts remain.
     pub poison_workers: usize,
 }
 
@@ -103,7 +103,16 @@ impl RetryPolicy {
                 reason: format!("{} of {} attempts used", cx.attempt, cx.max_attempts),
             };
         }
-        let workers = same_failure_workers(cx.history, last);
+        // Poison is about the cell killing workers (crash, out of memory), not about passing
+        // trouble such as storage being down, which must never discard work.
+        let workers = if matches!(
+            last.class,
+            FailureClass::Resource | FailureClass::LeaseExpired
+        ) {
+            same_failure_workers(cx.history, last)
+        } else {
+            0
+        };
         if workers >= self.poison_workers {
             return Decision::Discard {
                 reason: format!("poison: failed the same way on {workers} different workers"),
@@ -231,5 +240,11 @@ mod tests {
         let mut c = cx(3, &h);
         c.max_attempts = 10;
         assert!(matches!(p.decide(&c), Decision::Discard { reason } if reason.contains("poison")));
+        // Transient trouble on three workers is not the cell's fault.
+        let down = |a, w| entry(a, w, FailureClass::Transient, "storage down");
+        let h = [down(1, 1), down(2, 2), down(3, 3)];
+        let mut c = cx(3, &h);
+        c.max_attempts = 10;
+        assert!(matches!(p.decide(&c), Decision::Retry { .. }));
     }
 }

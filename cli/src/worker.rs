@@ -1,0 +1,133 @@
+//! `kiln worker`: one render worker per PC. Parses flags and environment, opens storage,
+//! and runs the agent until SIGTERM or Ctrl-C, then drains (finishes the current render and
+//! gives leased-but-unstarted cells back).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_worker::agent::{self, AgentConfig};
+use kiln_worker::engine::Device;
+use kiln_worker::upload::{RetryPolicy, S3Options, Storage, StorageUrl};
+
+pub const EXAMPLES: &str = "Examples:
+  kiln worker --coordinator http://192.168.1.10:7450 --models D:\\sd\\models --storage file://D:/kiln-out
+  kiln worker --coordinator http://farm:7450 --device cuda:0 --models ~/sd --cache-gb 16 \\
+      --storage s3://renders/kiln --s3-endpoint http://nas:3900 --s3-path-style
+  (S3 credentials from KILN_S3_ACCESS_KEY / KILN_S3_SECRET_KEY or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)";
+
+/// Flags of `kiln worker`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Coordinator URL.
+    #[arg(long, env = "KILN_COORDINATOR", default_value = crate::client::DEFAULT_COORDINATOR)]
+    coordinator: String,
+    /// Where images go: s3://BUCKET/PREFIX or file://DIR.
+    #[arg(long, env = "KILN_STORAGE", default_value = "file://kiln-out")]
+    storage: String,
+    /// Compute device: cpu, cuda:N or metal.
+    #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Folder searched for model and LoRA names (repeatable).
+    #[arg(long = "models", env = "KILN_MODELS")]
+    models: Vec<PathBuf>,
+    /// Memory budget for loaded pipelines, GiB.
+    #[arg(long, env = "KILN_CACHE_GB", default_value_t = 8.0)]
+    cache_gb: f64,
+    /// Name shown in `kiln workers` [default: the host name].
+    #[arg(long, env = "KILN_WORKER_NAME")]
+    name: Option<String>,
+    /// Largest width×height this worker renders.
+    #[arg(long, env = "KILN_MAX_PIXELS", default_value_t = 1024 * 1024)]
+    max_pixels: u64,
+    /// Device memory declared to the coordinator, MiB.
+    #[arg(long, env = "KILN_MEMORY_MIB", default_value_t = 8192)]
+    memory_mib: u64,
+    /// Cells leased ahead of the one rendering.
+    #[arg(long, default_value_t = 1)]
+    prefetch: u32,
+    /// S3 endpoint URL (for Garage, MinIO, Ceph, ...); AWS when unset.
+    #[arg(long, env = "KILN_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "KILN_S3_REGION")]
+    s3_region: Option<String>,
+    /// Path-style S3 addressing (most self-hosted servers).
+    #[arg(long, env = "KILN_S3_PATH_STYLE")]
+    s3_path_style: bool,
+    /// Milliseconds between polls when the queue is empty.
+    #[arg(long, default_value_t = 500)]
+    idle_poll_ms: u64,
+    /// Upload tries before the attempt fails as transient.
+    #[arg(long, default_value_t = 5)]
+    upload_tries: u32,
+}
+
+fn parse_device(s: &str) -> anyhow::Result<Device> {
+    Ok(match s {
+        "cpu" => Device::Cpu,
+        "metal" => Device::Metal(0),
+        "cuda" => Device::Cuda(0),
+        other => {
+            let (kind, n) = other
+                .split_once(':')
+                .with_context(|| format!("--device {other:?}: expected cpu, cuda:N or metal"))?;
+            let n: usize = n
+                .parse()
+                .with_context(|| format!("--device {other:?}: bad ordinal"))?;
+            match kind {
+                "cuda" => Device::Cuda(n),
+                "metal" => Device::Metal(n),
+                _ => anyhow::bail!("--device {other:?}: expected cpu, cuda:N or metal"),
+            }
+        }
+    })
+}
+
+fn env_either(a: &str, b: &str) -> Option<String> {
+    std::env::var(a).ok().or_else(|| std::env::var(b).ok())
+}
+
+pub fn main(args: Args) -> anyhow::Result<()> {
+    let device = parse_device(&args.device)?;
+    let url: StorageUrl = args.storage.parse()?;
+    let s3 = S3Options {
+        endpoint: args.s3_endpoint,
+        region: args.s3_region,
+        path_style: args.s3_path_style,
+        access_key: env_either("KILN_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
+        secret_key: env_either("KILN_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
+    };
+    for dir in &args.models {
+        anyhow::ensure!(dir.is_dir(), "--models {}: not a folder", dir.display());
+    }
+    let name = args
+        .name
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .unwrap_or_else(|| "worker".into());
+    let cfg = AgentConfig {
+        coordinator: args.coordinator,
+        name,
+        device,
+        models: args.models,
+        cache_bytes: (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64,
+        max_pixels: args.max_pixels,
+        memory_mib: args.memory_mib,
+        prefetch: args.prefetch,
+        upload_retry: RetryPolicy {
+            attempts: args.upload_tries.max(1),
+            ..RetryPolicy::default()
+        },
+        idle_poll: Duration::from_millis(args.idle_poll_ms.max(10)),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let storage = Storage::open(&url, &s3).await?;
+        tracing::info!(storage = %url, device = %cfg.device, "worker starting");
+        agent::run(cfg, storage, crate::signal::shutdown()).await
+    })
+}

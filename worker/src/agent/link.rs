@@ -1,0 +1,301 @@
+//! The agent's connection to the coordinator: registration with backoff, and calls that
+//! survive the coordinator restarting (UNAVAILABLE is retried; NOT_FOUND for our worker id
+//! re-registers). Heartbeats and progress run as background tasks while a cell renders.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use kiln_proto::v1 as pb;
+use kiln_proto::v1::worker_service_client::WorkerServiceClient;
+use tokio::sync::watch;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+/// Longest wait between reconnection tries.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A registered worker's line to the coordinator.
+#[derive(Clone)]
+pub struct Link {
+    client: WorkerServiceClient<Channel>,
+    info: pb::WorkerInfo,
+    worker_id: Arc<AtomicU64>,
+    heartbeat: Duration,
+}
+
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Internal
+    )
+}
+
+impl Link {
+    /// Connects and registers, retrying with backoff until the coordinator answers.
+    pub async fn connect(url: &str, info: pb::WorkerInfo) -> Link {
+        let url = if url.contains("://") {
+            url.to_string()
+        } else {
+            format!("http://{url}")
+        };
+        // A lazy channel reconnects by itself after the coordinator restarts.
+        let channel = match Endpoint::from_shared(url.clone()) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(Duration::from_secs(30))
+                .connect_lazy(),
+            Err(e) => panic!("coordinator URL {url:?} was validated by the CLI: {e}"),
+        };
+        let link = Link {
+            client: WorkerServiceClient::new(channel),
+            info,
+            worker_id: Arc::new(AtomicU64::new(0)),
+            heartbeat: Duration::from_secs(5),
+        };
+        let mut backoff = Duration::from_millis(200);
+        let mut link = link;
+        loop {
+            match link.register().await {
+                Ok(hb) => {
+                    link.heartbeat = hb;
+                    return link;
+                }
+                Err(e) => {
+                    tracing::warn!(coordinator = %url, error = %e.message(), "register failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    async fn register(&self) -> Result<Duration, tonic::Status> {
+        let r = self
+            .client
+            .clone()
+            .register(pb::RegisterRequest {
+                info: Some(self.info.clone()),
+            })
+            .await?
+            .into_inner();
+        self.worker_id.store(r.worker_id, Ordering::SeqCst);
+        tracing::info!(worker = r.worker_id, "registered");
+        Ok(Duration::from_millis(
+            r.heartbeat_interval_ms.clamp(200, 60_000),
+        ))
+    }
+
+    fn id(&self) -> u64 {
+        self.worker_id.load(Ordering::SeqCst)
+    }
+
+    /// Runs `call` until it succeeds or fails for a reason retrying cannot fix; re-registers
+    /// when the coordinator does not know this worker.
+    async fn retry<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(WorkerServiceClient<Channel>, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match call(self.client.clone(), self.id()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == Code::NotFound && s.message().starts_with("worker") => {
+                    tracing::warn!("coordinator forgot this worker; registering again");
+                    let _ = self.register().await;
+                }
+                Err(s) if retryable(&s) => {
+                    tracing::warn!(what, error = %s.message(), "coordinator unreachable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+
+    /// Leases up to `n` cells.
+    pub async fn lease(&self, n: u32, loaded: Vec<String>) -> Vec<pb::LeasedTask> {
+        let r = self
+            .retry("lease", |mut c, id| {
+                let loaded = loaded.clone();
+                async move {
+                    c.lease(pb::LeaseRequest {
+                        worker_id: id,
+                        max_tasks: n.max(1),
+                        loaded,
+                    })
+                    .await
+                }
+            })
+            .await;
+        match r {
+            Ok(r) => r.tasks,
+            Err(s) => {
+                tracing::error!(error = %s.message(), "lease refused");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Reports a completed attempt. A lost lease is logged, not an error: the cell is someone
+    /// else's now.
+    pub async fn complete(
+        &self,
+        a: pb::AttemptRef,
+        result: pb::RenderResult,
+    ) -> anyhow::Result<()> {
+        let r = self
+            .retry("complete", |mut c, id| {
+                let result = result.clone();
+                async move {
+                    c.complete(pb::CompleteRequest {
+                        worker_id: id,
+                        attempt: Some(a),
+                        result: Some(result),
+                    })
+                    .await
+                }
+            })
+            .await;
+        self.finish("complete", a, r.map(|_| ()))
+    }
+
+    /// Reports a failed attempt.
+    pub async fn fail(
+        &self,
+        a: pb::AttemptRef,
+        class: pb::FailureClass,
+        message: String,
+    ) -> anyhow::Result<()> {
+        tracing::warn!(cell = a.cell_id, attempt = a.attempt, ?class, %message, "attempt failed");
+        let r = self
+            .retry("fail", |mut c, id| {
+                let message = message.clone();
+                async move {
+                    c.fail(pb::FailRequest {
+                        worker_id: id,
+                        attempt: Some(a),
+                        class: class as i32,
+                        message,
+                    })
+                    .await
+                }
+            })
+            .await;
+        self.finish("fail", a, r.map(|_| ()))
+    }
+
+    fn finish(
+        &self,
+        what: &str,
+        a: pb::AttemptRef,
+        r: Result<(), tonic::Status>,
+    ) -> anyhow::Result<()> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                tracing::info!(cell = a.cell_id, attempt = a.attempt, "{what}: lease lost");
+                Ok(())
+            }
+            Err(s) => Err(anyhow::anyhow!("{what} refused: {}", s.message())),
+        }
+    }
+
+    /// Gives attempts back (drain).
+    pub async fn release(&self, attempts: Vec<pb::AttemptRef>, draining: bool) {
+        let r = self
+            .client
+            .clone()
+            .release(pb::ReleaseRequest {
+                worker_id: self.id(),
+                attempts,
+                draining,
+            })
+            .await;
+        if let Err(s) = r {
+            tracing::warn!(error = %s.message(), "release failed; the leases will expire instead");
+        }
+    }
+
+    /// Heartbeats `held` attempts every interval until aborted; flags lost and cancelled ones.
+    pub fn spawn_heartbeats(
+        &self,
+        held: Vec<(pb::AttemptRef, Arc<AtomicBool>, Arc<AtomicBool>)>,
+    ) -> tokio::task::JoinHandle<()> {
+        let link = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(link.heartbeat).await;
+                let attempts: Vec<pb::AttemptRef> = held.iter().map(|h| h.0).collect();
+                let r = link
+                    .client
+                    .clone()
+                    .heartbeat(pb::HeartbeatRequest {
+                        worker_id: link.id(),
+                        attempts,
+                        loaded: vec![],
+                    })
+                    .await;
+                let r = match r {
+                    Ok(r) => r.into_inner(),
+                    Err(s) => {
+                        // Keep rendering through a blip; the lease TTL covers several beats.
+                        tracing::warn!(error = %s.message(), "heartbeat failed");
+                        continue;
+                    }
+                };
+                for (a, cancel, lost) in &held {
+                    if r.lost.contains(a) {
+                        tracing::warn!(
+                            cell = a.cell_id,
+                            attempt = a.attempt,
+                            "lease lost: aborting"
+                        );
+                        lost.store(true, Ordering::SeqCst);
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                    if r.cancelled.contains(a) {
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+        })
+    }
+
+    /// Forwards per-step progress (at most every 250 ms) until aborted.
+    pub fn spawn_progress(
+        &self,
+        a: pb::AttemptRef,
+        mut rx: watch::Receiver<(u32, u32)>,
+        cancel: Arc<AtomicBool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let link = self.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let (step, total) = *rx.borrow_and_update();
+                let r = link
+                    .client
+                    .clone()
+                    .report_progress(pb::ProgressRequest {
+                        worker_id: link.id(),
+                        attempt: Some(a),
+                        step,
+                        total_steps: total,
+                    })
+                    .await;
+                if let Ok(r) = r
+                    && r.into_inner().cancel_requested
+                {
+                    cancel.store(true, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    }
+}

@@ -3,20 +3,26 @@
 //!
 //! - [`source`]: what the planner reads ([`SweepSource`]: the file and every file it
 //!   references, sent by the client) and `line:col` mapping.
-//! - [`spec`]: the TOML schema and its resolution (values, axes, conflicts).
-//! - [`template`]: `{a|b}` alternatives and `__name__` wildcards, and their expansion.
+//! - [`spec`]: the TOML schema (serde, spans, unknown keys rejected).
+//! - [`resolve`]: the schema resolved into settings: values checked, defaults, conflicts,
+//!   referenced files looked up; [`axis`] for `[axes]`.
+//! - [`template`]: `{a|b}` alternatives and `__name__` wildcards, and their expansion;
+//!   [`wildcard`] for the declared wildcard lists (cycles, depth, counts).
 //! - [`seeds`]: seed lists, ranges and random seeds drawn once.
 //! - [`plan`](mod@plan): [`plan()`] itself, [`PlanLimits`] and [`Plan`].
 //! - [`error`]: [`PlanError`], which always names a place.
 //! - [`cell`]: one resolved render ([`CellSpec`]), its validation and identity.
 
+pub mod axis;
 pub mod cell;
 pub mod error;
 pub mod plan;
+pub mod resolve;
 pub mod seeds;
 pub mod source;
 pub mod spec;
 pub mod template;
+pub mod wildcard;
 
 pub use cell::{CellSpec, LoraSpec, NewCell, Sampler};
 pub use error::{Place, PlanError, PlanErrorKind};

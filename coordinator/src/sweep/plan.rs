@@ -29,12 +29,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+use super::axis::Setter;
 use super::cell::CellSpec;
 use super::error::{Place, PlanError, PlanErrorKind};
+use super::resolve::{self, Settings};
 use super::seeds;
 use super::source::SweepSource;
-use super::spec::{self, Settings};
-use super::template::{Grammar, Template, Variant, WildcardValue, Wildcards};
+use super::spec;
+use super::template::{Grammar, Template, Variant};
+use super::wildcard::{WildcardValue, Wildcards};
 
 /// Limits on what a sweep file may expand to. Every limit is inclusive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,36 +100,19 @@ pub fn plan(src: &SweepSource, limits: &PlanLimits, random_seed: u64) -> Result<
     let seeds = seeds::resolve(&settings.seeds, src, random_seed, limits.max_cells)?;
     check_count(&settings, &templates, &wildcards, seeds.len(), src, limits)?;
     let variants: Vec<Vec<Variant>> = templates.iter().map(|t| t.expand(&wildcards)).collect();
-    let cells = Expansion {
+    let mut cells = Cells::default();
+    Expansion {
         settings: &settings,
         variants: &variants,
         seeds: &seeds,
     }
-    .cells();
-    let mut seen = HashSet::with_capacity(cells.len());
-    let mut out = Vec::with_capacity(cells.len());
-    let mut duplicates = 0;
-    for cell in cells {
-        if !seen.insert(cell.cell_key()) {
-            duplicates += 1;
-            continue;
-        }
-        cell.validate().map_err(|e| {
-            PlanError::new(
-                Place::Cell {
-                    number: out.len() as u64,
-                },
-                PlanErrorKind::InvalidCell(e.to_string()),
-            )
-        })?;
-        out.push(cell);
-    }
+    .run(&mut cells)?;
     Ok(Plan {
         name: settings.name,
-        cells: out,
+        cells: cells.cells,
         seeds,
         axes: settings.axes.iter().map(|a| a.name.clone()).collect(),
-        duplicates,
+        duplicates: cells.duplicates,
     })
 }
 
@@ -151,7 +137,7 @@ fn settings(src: &SweepSource, limits: &PlanLimits) -> Result<Settings, PlanErro
         ));
     }
     let file = spec::parse_file(src)?;
-    spec::resolve(file, src, limits.max_file_bytes)
+    resolve::resolve(file, src, limits.max_file_bytes)
 }
 
 fn parse_wildcards(
@@ -224,17 +210,16 @@ struct Expansion<'a> {
 }
 
 impl Expansion<'_> {
-    fn cells(&self) -> Vec<CellSpec> {
+    fn run(&self, out: &mut Cells) -> Result<(), PlanError> {
         let axes = &self.settings.axes;
-        let mut out = Vec::new();
         let mut index = vec![0usize; axes.len()];
         loop {
-            self.combination(&index, &mut out);
+            self.combination(&index, out)?;
             // Odometer: the last axis turns fastest.
             let mut i = axes.len();
             loop {
                 if i == 0 {
-                    return out;
+                    return Ok(());
                 }
                 i -= 1;
                 index[i] += 1;
@@ -247,13 +232,13 @@ impl Expansion<'_> {
     }
 
     /// The cells of one combination of axis values.
-    fn combination(&self, index: &[usize], out: &mut Vec<CellSpec>) {
+    fn combination(&self, index: &[usize], out: &mut Cells) -> Result<(), PlanError> {
         let mut base = self.settings.base.clone();
         let mut prompt = None;
         for (axis, &i) in self.settings.axes.iter().zip(index) {
             let value = &axis.values[i];
             value.set.apply(&mut base);
-            if let spec::Setter::Prompt(p) = value.set {
+            if let Setter::Prompt(p) = value.set {
                 prompt = Some(p);
             }
             base.bindings
@@ -278,10 +263,38 @@ impl Expansion<'_> {
                 for &seed in self.seeds {
                     let mut c = cell.clone();
                     c.seed = seed;
-                    out.push(c);
+                    out.push(c)?;
                 }
             }
         }
+        Ok(())
+    }
+}
+
+/// The planned cells, identical renders dropped as they come (so a large sweep is held once).
+#[derive(Default)]
+struct Cells {
+    cells: Vec<CellSpec>,
+    seen: HashSet<String>,
+    duplicates: u64,
+}
+
+impl Cells {
+    fn push(&mut self, cell: CellSpec) -> Result<(), PlanError> {
+        if !self.seen.insert(cell.cell_key()) {
+            self.duplicates += 1;
+            return Ok(());
+        }
+        cell.validate().map_err(|e| {
+            PlanError::new(
+                Place::Cell {
+                    number: self.cells.len() as u64,
+                },
+                PlanErrorKind::InvalidCell(e.to_string()),
+            )
+        })?;
+        self.cells.push(cell);
+        Ok(())
     }
 }
 

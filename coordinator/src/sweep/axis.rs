@@ -84,11 +84,11 @@ impl Resolver<'_> {
         lora_ids: &[String],
         prompts: &mut Vec<PromptText>,
     ) -> Result<Vec<Axis>, PlanError> {
-        let mut entries: Vec<_> = f.axes.iter().collect();
-        entries.sort_by_key(|(k, _)| k.span().start);
-        let names: Vec<&str> = entries.iter().map(|(k, _)| k.get_ref().as_str()).collect();
+        let entries = f.axis_list();
+        let names: Vec<&str> = entries.iter().map(|a| a.name.get_ref().as_str()).collect();
         let mut axes = Vec::new();
-        for (key, values) in entries {
+        for decl in &entries {
+            let (key, values) = (&decl.name, &decl.values);
             let name = key.get_ref().as_str();
             let path = format!("axes.{}", quote_key(name));
             let top_level: &[(&str, bool)] = match name {

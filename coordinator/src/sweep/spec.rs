@@ -63,7 +63,7 @@ pub(crate) struct SweepFile {
     #[serde(default)]
     pub(super) wildcards: BTreeMap<Spanned<String>, Spanned<WildcardSource>>,
     #[serde(default)]
-    pub(super) axes: BTreeMap<Spanned<String>, Spanned<Vec<Spanned<toml::Value>>>>,
+    pub(super) axes: BTreeMap<Spanned<String>, Spanned<AxisEntry>>,
     pub(super) min_memory_mib: Option<Spanned<u64>>,
 }
 
@@ -185,6 +185,83 @@ impl<'de> Deserialize<'de> for WildcardSource {
         }
         d.deserialize_any(V)
     }
+}
+
+/// An `[axes]` entry: a list of values, or — for a dotted key written without quotes, such as
+/// `lora.lcm.strength = [..]`, which TOML reads as nested tables — a table of entries.
+#[derive(Debug)]
+pub(super) enum AxisEntry {
+    /// The axis values.
+    List(Vec<Spanned<toml::Value>>),
+    /// The next key segments.
+    Nested(BTreeMap<Spanned<String>, Spanned<AxisEntry>>),
+}
+
+impl<'de> Deserialize<'de> for AxisEntry {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AxisEntry;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of axis values")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AxisEntry, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element()? {
+                    out.push(v);
+                }
+                Ok(AxisEntry::List(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AxisEntry, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry()? {
+                    out.insert(k, v);
+                }
+                Ok(AxisEntry::Nested(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl SweepFile {
+    /// The axes with dotted names (`lora.lcm.strength`), in file order, each with the span
+    /// of its (first) key and its values (with their span).
+    pub(super) fn axis_list(&self) -> Vec<AxisDecl<'_>> {
+        fn walk<'a>(
+            prefix: Option<&Spanned<String>>,
+            map: &'a BTreeMap<Spanned<String>, Spanned<AxisEntry>>,
+            out: &mut Vec<AxisDecl<'a>>,
+        ) {
+            for (k, v) in map {
+                let name = match prefix {
+                    Some(p) => Spanned::new(p.span(), format!("{}.{}", p.get_ref(), k.get_ref())),
+                    None => k.clone(),
+                };
+                match v.get_ref() {
+                    AxisEntry::Nested(inner) => walk(Some(&name), inner, out),
+                    AxisEntry::List(list) => {
+                        out.push(AxisDecl {
+                            name,
+                            values: Spanned::new(v.span(), list.as_slice()),
+                        });
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(None, &self.axes, &mut out);
+        out.sort_by_key(|a| a.name.span().start);
+        out
+    }
+}
+
+/// One axis as declared: its dotted name (spanned at its first key) and its values.
+pub(super) struct AxisDecl<'a> {
+    /// `cfg`, `lora.lcm.strength`, …
+    pub(super) name: Spanned<String>,
+    /// The list, spanned.
+    pub(super) values: Spanned<&'a [Spanned<toml::Value>]>,
 }
 
 /// Parses the sweep file; TOML syntax, unknown keys and wrong types come back placed.

@@ -192,3 +192,183 @@ fn plans_a_million_cells() {
     assert_eq!(p.cells.len(), 1_000_000);
     println!("planned {} cells in {:?}", p.cells.len(), t.elapsed());
 }
+
+/// Every kind of planning error, each with the place it must name.
+#[test]
+fn every_error_names_its_place() {
+    const HEAD: &str = "model = \"m\"\nseeds = [1]\n";
+    let wild = |body: &str| format!("{HEAD}prompt = \"a __w__\"\n[wildcards]\nw = {body}\n");
+    type Files = Vec<(&'static str, &'static str)>;
+    let cases: Vec<(String, Files, &str)> = vec![
+        // TOML syntax.
+        (
+            format!("{HEAD}prompt = \n"),
+            vec![],
+            "s.toml:3:10: string values must be quoted, expected literal string",
+        ),
+        // Unknown key, in a nested table.
+        (
+            format!("{HEAD}prompt = \"p\"\n[[loras]]\nname = \"l\"\nweight = 1\n"),
+            vec![],
+            "s.toml:6:1: unknown field `weight`, expected one of `name`, `path`, `id`, `strength`, `sha256`",
+        ),
+        // Wrong type.
+        (
+            format!("{HEAD}prompt = \"p\"\ncfg = \"high\"\n"),
+            vec![],
+            "s.toml:4:7: invalid type: string \"high\", expected f64",
+        ),
+        // Missing prompt.
+        (
+            HEAD.to_string(),
+            vec![],
+            "s.toml: prompt: missing: prompt (a template), prompts (a file) or axes.prompt",
+        ),
+        // prompt and prompts.
+        (
+            format!("{HEAD}prompt = \"p\"\nprompts = \"p.txt\"\n"),
+            vec![],
+            "s.toml:4:11: `prompts` conflicts with `prompt (line 3)`: set it in one place (an axis replaces the top-level value)",
+        ),
+        // LoRA strength both fixed and an axis (unquoted dotted key).
+        (
+            format!(
+                "{HEAD}prompt = \"p\"\n[[loras]]\nname = \"lcm.safetensors\"\nstrength = 1\n[axes]\nlora.lcm.strength = [0.5]\n"
+            ),
+            vec![],
+            "s.toml:8:1: `axes.\"lora.lcm.strength\"` conflicts with `loras[0].strength (line 6)`: set it in one place (an axis replaces the top-level value)",
+        ),
+        // Seeds.
+        (
+            "model = \"m\"\nprompt = \"p\"\nseeds = [1, -2]\n".to_string(),
+            vec![],
+            "s.toml:3:13: seeds[1]: -2 is negative",
+        ),
+        (
+            "model = \"m\"\nprompt = \"p\"\nseeds = []\n".to_string(),
+            vec![],
+            "s.toml:3:9: seeds: the list is empty",
+        ),
+        (
+            "model = \"m\"\nprompt = \"p\"\nseeds = { from = 9223372036854775807, count = 2 }\n"
+                .to_string(),
+            vec![],
+            "s.toml:3:47: seeds.count: the range runs past 2^63-1",
+        ),
+        (
+            "model = \"m\"\nprompt = \"p\"\nseeds = { random = 0 }\n".to_string(),
+            vec![],
+            "s.toml:3:20: seeds.random: 0 is not a positive count",
+        ),
+        // Axis value out of range.
+        (
+            format!("{HEAD}prompt = \"p\"\n[axes]\nsize = [\"512x512\", \"500x512\"]\n"),
+            vec![],
+            "s.toml:5:20: axes.size[1]: 500 must be a multiple of 8 in 64..=4096",
+        ),
+        // Template errors in the TOML, at the character.
+        (
+            format!("{HEAD}prompt = \"a {{b|c}} d}}\"\n"),
+            vec![],
+            "s.toml:3:20: `}` without a matching `{` (write `\\}` for a literal brace)",
+        ),
+        (
+            format!("{HEAD}prompt = 'x {{}}'\n"),
+            vec![],
+            "s.toml:3:13: empty alternatives `{}`: give at least one non-empty option",
+        ),
+        // ... and at the value when the string has escapes.
+        (
+            format!("{HEAD}prompt = \"\\t{{b|c\"\n"),
+            vec![],
+            "s.toml:3:10: `{` is never closed",
+        ),
+        // Unknown wildcard inside an inline wildcard list.
+        (
+            wild("[\"x\", \"y __v__\"]"),
+            vec![],
+            "s.toml:5:14: unknown wildcard `__v__` (declared: w)",
+        ),
+        // Wildcard file: missing, empty, malformed.
+        (
+            wild("\"w.txt\""),
+            vec![],
+            "s.toml:5:5: `w.txt` was not sent with the sweep (the client must send every referenced file)",
+        ),
+        (
+            wild("\"w.txt\""),
+            vec![("w.txt", "# nothing\n\n")],
+            "w.txt: wildcard `w`: the list is empty",
+        ),
+        (
+            wild("\"w.txt\""),
+            vec![("w.txt", "ok\n\t{a|{b}\n")],
+            "w.txt:2:2: `{` is never closed",
+        ),
+        (
+            wild("\"w.txt\""),
+            vec![("w.txt", "__w__\n")],
+            "w.txt:1:1: wildcard cycle: w → w",
+        ),
+        // Prompts file.
+        (
+            format!("{HEAD}prompts = \"p.txt\"\n"),
+            vec![("p.txt", "fine\n{x|y\n")],
+            "p.txt:2:1: `{` is never closed",
+        ),
+        (
+            format!("{HEAD}prompts = \"p.txt\"\n"),
+            vec![("p.txt", "")],
+            "p.txt: prompts: the list is empty",
+        ),
+    ];
+    for (text, files, want) in cases {
+        let mut src = SweepSource::new("s.toml", text.clone());
+        for (name, body) in files {
+            src.files.insert(name.into(), body.into());
+        }
+        let got = plan(&src, &PlanLimits::default(), 0)
+            .map(|p| format!("planned {} cells", p.cells.len()))
+            .unwrap_or_else(|e| e.to_string());
+        assert_eq!(got, want, "for:\n{text}");
+    }
+
+    // Limits.
+    let tight = PlanLimits {
+        max_sweep_bytes: 10,
+        ..PlanLimits::default()
+    };
+    let src = SweepSource::new("s.toml", format!("{HEAD}prompt = \"p\"\n"));
+    assert_eq!(
+        plan(&src, &tight, 0).unwrap_err().to_string(),
+        "s.toml: 37 bytes, more than the limit of 10 bytes"
+    );
+    let tight = PlanLimits {
+        max_nesting: 2,
+        ..PlanLimits::default()
+    };
+    let src = SweepSource::new(
+        "s.toml",
+        format!("{HEAD}prompt = \"{{a|{{b|{{c|d}}}}}}\"\n"),
+    );
+    assert_eq!(
+        plan(&src, &tight, 0).unwrap_err().to_string(),
+        "s.toml:3:17: alternatives nested deeper than 2 levels"
+    );
+}
+
+#[test]
+fn dotted_axis_keys_may_be_quoted_or_not() {
+    let base = "model = \"m\"\nprompt = \"p\"\nseeds = [1]\n[[loras]]\nname = \"x/lcm.v2.safetensors\"\n[axes]\n";
+    for axis in [
+        "\"lora.lcm.v2.strength\"",
+        "lora.lcm.v2.strength",
+        "lora.\"lcm.v2\".strength",
+    ] {
+        let src = SweepSource::new("s.toml", format!("{base}cfg = [1, 2]\n{axis} = [0.5, 1]\n"));
+        let p = plan(&src, &PlanLimits::default(), 0).unwrap();
+        assert_eq!(p.axes, ["cfg", "lora.lcm.v2.strength"], "{axis}");
+        assert_eq!(p.cells[1].bindings["lora.lcm.v2.strength"], "1.0");
+        assert_eq!(p.cells[1].loras[0].strength, 1.0);
+    }
+}

@@ -1,5 +1,6 @@
 //! Sweeps: the sweep file (TOML) a client submits, planned into numbered, fully resolved
-//! cells before anything is stored or dispatched.
+//! cells before anything is stored or dispatched. The user-facing reference is
+//! `docs/sweep-file.md`.
 //!
 //! - [`source`]: what the planner reads ([`SweepSource`]: the file and every file it
 //!   references, sent by the client) and `line:col` mapping.

@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - [`clock`]: injected time, so leases, backoff and maintenance are testable.
-//! - [`sweep`]: validation and identity of submitted cells (cell key, affinity key).
+//! - [`sweep`]: sweep files (TOML: templates, wildcards, axes, seeds) planned into numbered
+//!   cells by a pure function ([`sweep::plan`]), and the validation and identity of cells
+//!   (cell key, affinity key).
 //! - [`queue`]: the cell lifecycle — states, retry/backoff/poison policy, affinity choice,
 //!   the maintenance loop, and [`queue::Queue`], the one entry point the API calls.
 //! - [`store`]: the only SQL — one seam ([`store::Store`]) with SQLite and Postgres backends.

@@ -1,7 +1,31 @@
-//! Sweeps as the coordinator receives them: the resolved cells a client submits, checked and
-//! given their identities before anything is stored. (Parsing sweep files and planning cells
-//! from templates joins this module later.)
+//! Sweeps: the sweep file (TOML) a client submits, planned into numbered, fully resolved
+//! cells before anything is stored or dispatched. The user-facing reference is
+//! `docs/sweep-file.md`.
+//!
+//! - [`source`]: what the planner reads ([`SweepSource`]: the file and every file it
+//!   references, sent by the client) and `line:col` mapping.
+//! - [`spec`]: the TOML schema (serde, spans, unknown keys rejected).
+//! - [`resolve`]: the schema resolved into settings: values checked, defaults, conflicts,
+//!   referenced files looked up; [`axis`] for `[axes]`.
+//! - [`template`]: `{a|b}` alternatives and `__name__` wildcards, and their expansion;
+//!   [`wildcard`] for the declared wildcard lists (cycles, depth, counts).
+//! - [`seeds`]: seed lists, ranges and random seeds drawn once.
+//! - [`plan`](mod@plan): [`plan()`] itself, [`PlanLimits`] and [`Plan`].
+//! - [`error`]: [`PlanError`], which always names a place.
+//! - [`cell`]: one resolved render ([`CellSpec`]), its validation and identity.
 
+pub mod axis;
 pub mod cell;
+pub mod error;
+pub mod plan;
+pub mod resolve;
+pub mod seeds;
+pub mod source;
+pub mod spec;
+pub mod template;
+pub mod wildcard;
 
 pub use cell::{CellSpec, LoraSpec, NewCell, Sampler};
+pub use error::{Place, PlanError, PlanErrorKind};
+pub use plan::{Plan, PlanLimits, plan, referenced_files};
+pub use source::SweepSource;

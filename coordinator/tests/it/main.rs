@@ -1,6 +1,7 @@
 //! Integration tests of kiln-coordinator: the store conformance suite (SQLite and Postgres)
-//! and the gRPC API against a real server on port 0.
+//! the gRPC API against a real server on port 0, and sweep planning from the example files.
 
 mod conformance;
 mod grpc;
 mod harness;
+mod sweep;

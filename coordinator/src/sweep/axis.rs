@@ -1,0 +1,350 @@
+//! Axes: a grid over render parameters (`[axes]`), each value type- and range-checked with
+//! its place, plus the value checks shared with top-level keys.
+
+use toml::Spanned;
+
+use super::cell::{CellSpec, MAX_REF_BYTES, Sampler};
+use super::error::{PlanError, PlanErrorKind};
+use super::resolve::{PromptText, Resolver, quote_key};
+use super::spec::SweepFile;
+
+/// One parameter an axis sets.
+#[derive(Clone, Debug)]
+pub(crate) enum Setter {
+    Cfg(f32),
+    Steps(u32),
+    Sampler(Sampler),
+    Model(String),
+    Width(u32),
+    Height(u32),
+    Size(u32, u32),
+    NegativePrompt(String),
+    /// Index into [`Settings::prompts`].
+    Prompt(usize),
+    /// (index into the LoRA stack, strength)
+    LoraStrength(usize, f32),
+}
+
+impl Setter {
+    /// Applies the value to a cell.
+    pub(crate) fn apply(&self, cell: &mut CellSpec) {
+        match self {
+            Setter::Cfg(v) => cell.cfg = *v,
+            Setter::Steps(v) => cell.steps = *v,
+            Setter::Sampler(v) => cell.sampler = *v,
+            Setter::Model(v) => cell.model.clone_from(v),
+            Setter::Width(v) => cell.width = *v,
+            Setter::Height(v) => cell.height = *v,
+            Setter::Size(w, h) => (cell.width, cell.height) = (*w, *h),
+            Setter::NegativePrompt(v) => cell.negative_prompt.clone_from(v),
+            Setter::Prompt(_) => {}
+            Setter::LoraStrength(i, s) => {
+                if let Some(l) = cell.loras.get_mut(*i) {
+                    l.strength = *s;
+                }
+            }
+        }
+    }
+}
+
+/// One axis value: what it sets and the binding value it records.
+#[derive(Clone, Debug)]
+pub(crate) struct AxisValue {
+    pub binding: String,
+    pub set: Setter,
+}
+
+/// One axis of the grid.
+#[derive(Clone, Debug)]
+pub(crate) struct Axis {
+    /// The axis name as written (`cfg`, `lora.lcm.strength`).
+    pub name: String,
+    /// The binding key its values are recorded under.
+    pub binding_key: String,
+    pub values: Vec<AxisValue>,
+}
+
+/// The axis names besides `lora.<id>.strength`.
+const AXES: &[&str] = &[
+    "cfg",
+    "steps",
+    "sampler",
+    "model",
+    "size",
+    "width",
+    "height",
+    "negative_prompt",
+    "prompt",
+];
+
+impl Resolver<'_> {
+    pub(super) fn axes(
+        &self,
+        f: &SweepFile,
+        lora_ids: &[String],
+        prompts: &mut Vec<PromptText>,
+    ) -> Result<Vec<Axis>, PlanError> {
+        let entries = f.axis_list();
+        let names: Vec<&str> = entries.iter().map(|a| a.name.get_ref().as_str()).collect();
+        let mut axes = Vec::new();
+        for decl in &entries {
+            let (key, values) = (&decl.name, &decl.values);
+            let name = key.get_ref().as_str();
+            let path = format!("axes.{}", quote_key(name));
+            let top_level: &[(&str, bool)] = match name {
+                "cfg" => &[("cfg", f.cfg.is_some())],
+                "steps" => &[("steps", f.steps.is_some())],
+                "sampler" => &[("sampler", f.sampler.is_some())],
+                "model" => &[("model", f.model.is_some())],
+                "negative_prompt" => &[("negative_prompt", f.negative_prompt.is_some())],
+                "prompt" => &[
+                    ("prompt", f.prompt.is_some()),
+                    ("prompts", f.prompts.is_some()),
+                ],
+                "width" => &[("width", f.width.is_some()), ("size", f.size.is_some())],
+                "height" => &[("height", f.height.is_some()), ("size", f.size.is_some())],
+                "size" => &[
+                    ("size", f.size.is_some()),
+                    ("width", f.width.is_some()),
+                    ("height", f.height.is_some()),
+                ],
+                _ => &[],
+            };
+            if let Some((other, _)) = top_level.iter().find(|(_, set)| *set) {
+                return Err(self.conflict(key.span(), &path, other));
+            }
+            if let Some(other) = names
+                .iter()
+                .find(|n| name == "size" && matches!(**n, "width" | "height"))
+            {
+                return Err(self.conflict(key.span(), &path, &format!("axes.{other}")));
+            }
+            let lora = self.lora_axis(key, &path, f, lora_ids)?;
+            if values.get_ref().is_empty() {
+                return Err(PlanError::new(
+                    self.src.place_of(&values.span()),
+                    PlanErrorKind::EmptyList(path),
+                ));
+            }
+            let mut out = Vec::new();
+            for (i, v) in values.get_ref().iter().enumerate() {
+                let vpath = format!("{path}[{i}]");
+                let span = v.span();
+                let value = v.get_ref();
+                let set = match (name, lora) {
+                    (_, Some(idx)) => Setter::LoraStrength(
+                        idx,
+                        self.val(span.clone(), &vpath, number(value).and_then(strength))?,
+                    ),
+                    ("cfg", _) => {
+                        Setter::Cfg(self.val(span.clone(), &vpath, number(value).and_then(cfg))?)
+                    }
+                    ("steps", _) => Setter::Steps(self.val(
+                        span.clone(),
+                        &vpath,
+                        integer(value).and_then(steps),
+                    )?),
+                    ("sampler", _) => Setter::Sampler(self.val(
+                        span.clone(),
+                        &vpath,
+                        string(value).and_then(sampler),
+                    )?),
+                    ("width", _) => Setter::Width(self.val(
+                        span.clone(),
+                        &vpath,
+                        integer(value).and_then(dimension),
+                    )?),
+                    ("height", _) => Setter::Height(self.val(
+                        span.clone(),
+                        &vpath,
+                        integer(value).and_then(dimension),
+                    )?),
+                    ("size", _) => {
+                        let (w, h) =
+                            self.val(span.clone(), &vpath, string(value).and_then(size))?;
+                        Setter::Size(w, h)
+                    }
+                    ("model", _) => {
+                        let m = self.val(span.clone(), &vpath, string(value))?;
+                        if m.trim().is_empty() || m.len() > MAX_REF_BYTES {
+                            return Err(self.invalid(span, &vpath, "must be 1..=1024 bytes"));
+                        }
+                        Setter::Model(m.to_string())
+                    }
+                    ("negative_prompt", _) => Setter::NegativePrompt(
+                        self.val(span.clone(), &vpath, string(value))?.to_string(),
+                    ),
+                    ("prompt", _) => {
+                        let text = self.val(span.clone(), &vpath, string(value))?.to_string();
+                        prompts.push(PromptText {
+                            origin: self.src.string_origin(&span, &text),
+                            text,
+                            binding: None,
+                        });
+                        Setter::Prompt(prompts.len() - 1)
+                    }
+                    _ => unreachable!("lora_axis rejects unknown axis names"),
+                };
+                out.push(AxisValue {
+                    binding: match &set {
+                        Setter::Cfg(v) | Setter::LoraStrength(_, v) => format!("{v:?}"),
+                        Setter::Steps(v) | Setter::Width(v) | Setter::Height(v) => v.to_string(),
+                        Setter::Sampler(s) => s.as_str().to_string(),
+                        Setter::Size(w, h) => format!("{w}x{h}"),
+                        Setter::Model(m) => m.clone(),
+                        Setter::NegativePrompt(_) | Setter::Prompt(_) => (i + 1).to_string(),
+                    },
+                    set,
+                });
+            }
+            let binding_key = match name {
+                "prompt" | "negative_prompt" => format!("{name}.index"),
+                _ => name.to_string(),
+            };
+            axes.push(Axis {
+                name: name.to_string(),
+                binding_key,
+                values: out,
+            });
+        }
+        Ok(axes)
+    }
+
+    /// For a `lora.<id>.strength` axis: the LoRA's index. Rejects unknown axis names.
+    fn lora_axis(
+        &self,
+        key: &Spanned<String>,
+        path: &str,
+        f: &SweepFile,
+        lora_ids: &[String],
+    ) -> Result<Option<usize>, PlanError> {
+        let name = key.get_ref().as_str();
+        if AXES.contains(&name) {
+            return Ok(None);
+        }
+        if matches!(name, "seed" | "seeds") {
+            return Err(self.invalid(
+                key.span(),
+                path,
+                "seeds are not an axis: use `seeds` (a list, { from, count } or { random })",
+            ));
+        }
+        let Some(id) = name
+            .strip_prefix("lora.")
+            .and_then(|r| r.strip_suffix(".strength"))
+        else {
+            let mut known: Vec<String> = AXES.iter().map(|s| s.to_string()).collect();
+            known.extend(lora_ids.iter().map(|id| format!("lora.{id}.strength")));
+            return Err(PlanError::new(
+                self.src.place_of(&key.span()),
+                PlanErrorKind::UnknownAxis {
+                    name: name.to_string(),
+                    known: known.join(", "),
+                },
+            ));
+        };
+        let Some(idx) = lora_ids.iter().position(|i| i == id) else {
+            let known = if lora_ids.is_empty() {
+                "none".to_string()
+            } else {
+                lora_ids.join(", ")
+            };
+            return Err(self.invalid(
+                key.span(),
+                path,
+                &format!("no LoRA has the id `{id}` (ids: {known})"),
+            ));
+        };
+        if let Some(s) = &f.loras[idx].get_ref().strength {
+            return Err(self.conflict(
+                key.span(),
+                path,
+                &format!("loras[{idx}].strength (line {})", self.line_of(s.span())),
+            ));
+        }
+        Ok(Some(idx))
+    }
+}
+
+pub(super) fn kind_of(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a float",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a datetime",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+pub(super) fn number(v: &toml::Value) -> Result<f64, String> {
+    match v {
+        toml::Value::Float(f) => Ok(*f),
+        toml::Value::Integer(i) => Ok(*i as f64),
+        other => Err(format!("expected a number, found {}", kind_of(other))),
+    }
+}
+
+pub(super) fn integer(v: &toml::Value) -> Result<i64, String> {
+    match v {
+        toml::Value::Integer(i) => Ok(*i),
+        other => Err(format!("expected an integer, found {}", kind_of(other))),
+    }
+}
+
+pub(super) fn string(v: &toml::Value) -> Result<&str, String> {
+    match v {
+        toml::Value::String(s) => Ok(s),
+        other => Err(format!("expected a string, found {}", kind_of(other))),
+    }
+}
+
+pub(super) fn sampler(s: &str) -> Result<Sampler, String> {
+    match s {
+        "lcm" => Ok(Sampler::Lcm),
+        "euler_a" => Ok(Sampler::EulerA),
+        other => Err(format!(
+            "unknown sampler `{other}` (samplers: lcm, euler_a)"
+        )),
+    }
+}
+
+pub(super) fn steps(v: i64) -> Result<u32, String> {
+    match u32::try_from(v) {
+        Ok(s) if (1..=150).contains(&s) => Ok(s),
+        _ => Err(format!("{v} is outside 1..=150")),
+    }
+}
+
+pub(super) fn cfg(v: f64) -> Result<f32, String> {
+    if v.is_finite() && (0.0..=30.0).contains(&v) {
+        Ok(v as f32)
+    } else {
+        Err(format!("{v} is outside 0..=30"))
+    }
+}
+
+pub(super) fn strength(v: f64) -> Result<f32, String> {
+    if v.is_finite() && v.abs() <= 100.0 {
+        Ok(v as f32)
+    } else {
+        Err(format!("{v} is outside -100..=100"))
+    }
+}
+
+pub(super) fn dimension(v: i64) -> Result<u32, String> {
+    match u32::try_from(v) {
+        Ok(d) if (64..=4096).contains(&d) && d % 8 == 0 => Ok(d),
+        _ => Err(format!("{v} must be a multiple of 8 in 64..=4096")),
+    }
+}
+
+/// `"512x768"` → (512, 768).
+pub(super) fn size(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("`{s}` is not WIDTHxHEIGHT, e.g. \"512x768\"");
+    let (w, h) = s.split_once(['x', 'X', '×']).ok_or_else(bad)?;
+    let w: i64 = w.trim().parse().map_err(|_| bad())?;
+    let h: i64 = h.trim().parse().map_err(|_| bad())?;
+    Ok((dimension(w)?, dimension(h)?))
+}

@@ -1,0 +1,509 @@
+//! Planning: a sweep file (with its referenced files) → numbered [`CellSpec`]s, every seed
+//! fixed. [`plan`] is a pure function of its inputs: the same source, limits and random seed
+//! give the same cells in the same order.
+//!
+//! # Cell order
+//! Axes in file order, the first one outermost (the slowest to change); then the prompt
+//! (the lines of a `prompts` file, then each template's variants, see
+//! [`template`](super::template)); then seeds, innermost. Consecutive cells therefore share
+//! model, LoRA stack, size and prompt and differ in seed — easy to batch.
+//!
+//! # Bindings
+//! Each cell records its choices as string key/values:
+//! - each axis under its name, the value in canonical form: `cfg = "1.5"`, `steps = "8"`,
+//!   `sampler = "euler_a"`, `size = "512x768"`, `width = "512"`, `model = "<as written>"`,
+//!   `lora.<id>.strength = "0.5"`; the text axes record the 1-based position of the value:
+//!   `prompt.index = "2"`, `negative_prompt.index = "1"`;
+//! - a `prompts` file line as `prompts.line = "<line number in the file>"`;
+//! - template choices as [`template`](super::template) describes (`alt1`, named lists,
+//!   wildcard names, `animal.alt1`, `animal.2`, …).
+//!
+//! If a template key equals an axis key, the template's gets the next free `.N` suffix.
+//! Seeds are not bindings: each cell's seed is a column of its own.
+//!
+//! # Identity
+//! Identical renders (same `cell_key`, e.g. `{a|a}` or a repeated seed) are planned once; the
+//! first wins and [`Plan::duplicates`] counts the rest. Extending a sweep — more seeds, more
+//! axis values, more wildcard lines, more prompt lines, more options in a list — plans a
+//! superset whose old cells have the same keys, so a resubmission adds only the missing cells.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use super::axis::Setter;
+use super::cell::CellSpec;
+use super::error::{Place, PlanError, PlanErrorKind};
+use super::resolve::{self, Settings};
+use super::seeds;
+use super::source::SweepSource;
+use super::spec;
+use super::template::{Grammar, Template, Variant};
+use super::wildcard::{WildcardValue, Wildcards};
+
+/// Limits on what a sweep file may expand to. Every limit is inclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanLimits {
+    /// Most cells in one sweep (default 1,000,000), counted before expansion.
+    pub max_cells: u64,
+    /// Most nesting levels of `{…}` alternatives (default 8).
+    pub max_nesting: usize,
+    /// Most levels of wildcards inside wildcard values (default 8).
+    pub max_wildcard_depth: usize,
+    /// Largest sweep file, bytes (default 1 MiB).
+    pub max_sweep_bytes: usize,
+    /// Largest referenced file (wildcards, prompts), bytes (default 16 MiB).
+    pub max_file_bytes: usize,
+}
+
+impl Default for PlanLimits {
+    fn default() -> Self {
+        Self {
+            max_cells: 1_000_000,
+            max_nesting: 8,
+            max_wildcard_depth: 8,
+            max_sweep_bytes: 1 << 20,
+            max_file_bytes: 16 << 20,
+        }
+    }
+}
+
+/// A planned sweep: its cells in order, numbered by position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The sweep's name (`name`, or the sweep file's stem).
+    pub name: String,
+    /// The cells; cell N is `cells[N]`.
+    pub cells: Vec<CellSpec>,
+    /// The seeds every prompt is rendered with, in order (random seeds as drawn).
+    pub seeds: Vec<u64>,
+    /// Axis names, outermost first.
+    pub axes: Vec<String>,
+    /// Cells left out because an earlier cell has the same `cell_key`.
+    pub duplicates: u64,
+}
+
+/// Plans a sweep. `random_seed` feeds `seeds = { random = N }` only; the caller picks it
+/// once per sweep and keeps it (e.g. with the stored sweep) so that re-planning or extending
+/// the sweep draws the same seeds.
+pub fn plan(src: &SweepSource, limits: &PlanLimits, random_seed: u64) -> Result<Plan, PlanError> {
+    let settings = settings(src, limits)?;
+    let wildcards = parse_wildcards(&settings, src, limits)?;
+    let grammar = Grammar {
+        wildcards: &wildcards.0,
+        max_nesting: limits.max_nesting,
+    };
+    let wildcards = wildcards.1;
+    let templates = settings
+        .prompts
+        .iter()
+        .map(|p| Template::parse(p.text.clone(), &p.origin, src, &grammar))
+        .collect::<Result<Vec<_>, _>>()?;
+    let seeds = seeds::resolve(&settings.seeds, src, random_seed, limits.max_cells)?;
+    check_count(&settings, &templates, &wildcards, seeds.len(), src, limits)?;
+    let variants: Vec<Vec<Variant>> = templates.iter().map(|t| t.expand(&wildcards)).collect();
+    let mut cells = Cells::default();
+    Expansion {
+        settings: &settings,
+        variants: &variants,
+        seeds: &seeds,
+    }
+    .run(&mut cells)?;
+    Ok(Plan {
+        name: settings.name,
+        cells: cells.cells,
+        seeds,
+        axes: settings.axes.iter().map(|a| a.name.clone()).collect(),
+        duplicates: cells.duplicates,
+    })
+}
+
+/// The files a sweep file references (wildcard files, then the prompts file), as written;
+/// the client sends each one along with the sweep.
+pub fn referenced_files(path: &str, text: &str) -> Result<Vec<String>, PlanError> {
+    let src = SweepSource::new(path, text);
+    let file = spec::parse_file(&src)?;
+    Ok(file.referenced_files())
+}
+
+fn settings(src: &SweepSource, limits: &PlanLimits) -> Result<Settings, PlanError> {
+    if src.text.len() > limits.max_sweep_bytes {
+        return Err(PlanError::new(
+            Place::File {
+                file: src.path.clone(),
+            },
+            PlanErrorKind::FileTooLarge {
+                bytes: src.text.len(),
+                limit: limits.max_sweep_bytes,
+            },
+        ));
+    }
+    let file = spec::parse_file(src)?;
+    resolve::resolve(file, src, limits.max_file_bytes)
+}
+
+fn parse_wildcards(
+    settings: &Settings,
+    src: &SweepSource,
+    limits: &PlanLimits,
+) -> Result<(BTreeSet<String>, Wildcards), PlanError> {
+    let names: BTreeSet<String> = settings.wildcards.iter().map(|w| w.name.clone()).collect();
+    let grammar = Grammar {
+        wildcards: &names,
+        max_nesting: limits.max_nesting,
+    };
+    let mut wildcards = Wildcards::default();
+    for w in &settings.wildcards {
+        let values = w
+            .values
+            .iter()
+            .map(|(text, origin)| {
+                Ok(WildcardValue {
+                    template: Template::parse(text.clone(), origin, src, &grammar)?,
+                    origin: origin.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, PlanError>>()?;
+        wildcards.insert(w.name.clone(), values);
+    }
+    wildcards.check(src, limits.max_wildcard_depth)?;
+    Ok((names, wildcards))
+}
+
+/// Rejects a sweep over the cell limit before anything is expanded.
+fn check_count(
+    settings: &Settings,
+    templates: &[Template],
+    wildcards: &Wildcards,
+    seeds: usize,
+    src: &SweepSource,
+    limits: &PlanLimits,
+) -> Result<(), PlanError> {
+    let mut count = templates
+        .iter()
+        .fold(0u128, |s, t| s.saturating_add(t.count(wildcards.counts())));
+    for axis in settings.axes.iter().filter(|a| a.name != "prompt") {
+        count = count.saturating_mul(axis.values.len() as u128);
+    }
+    count = count.saturating_mul(seeds as u128);
+    if count > u128::from(limits.max_cells) {
+        return Err(PlanError::new(
+            Place::File {
+                file: src.path.clone(),
+            },
+            PlanErrorKind::TooManyCells {
+                count: if count == u128::MAX {
+                    "more than 2^128".into()
+                } else {
+                    count.to_string()
+                },
+                limit: limits.max_cells,
+            },
+        ));
+    }
+    Ok(())
+}
+
+/// The nested loops that produce the cells.
+struct Expansion<'a> {
+    settings: &'a Settings,
+    variants: &'a [Vec<Variant>],
+    seeds: &'a [u64],
+}
+
+impl Expansion<'_> {
+    fn run(&self, out: &mut Cells) -> Result<(), PlanError> {
+        let axes = &self.settings.axes;
+        let mut index = vec![0usize; axes.len()];
+        loop {
+            self.combination(&index, out)?;
+            // Odometer: the last axis turns fastest.
+            let mut i = axes.len();
+            loop {
+                if i == 0 {
+                    return Ok(());
+                }
+                i -= 1;
+                index[i] += 1;
+                if index[i] < axes[i].values.len() {
+                    break;
+                }
+                index[i] = 0;
+            }
+        }
+    }
+
+    /// The cells of one combination of axis values.
+    fn combination(&self, index: &[usize], out: &mut Cells) -> Result<(), PlanError> {
+        let mut base = self.settings.base.clone();
+        let mut prompt = None;
+        for (axis, &i) in self.settings.axes.iter().zip(index) {
+            let value = &axis.values[i];
+            value.set.apply(&mut base);
+            if let Setter::Prompt(p) = value.set {
+                prompt = Some(p);
+            }
+            base.bindings
+                .insert(axis.binding_key.clone(), value.binding.clone());
+        }
+        let prompts: Vec<usize> = match prompt {
+            Some(p) => vec![p],
+            None if !self.settings.prompt_axis => (0..self.variants.len()).collect(),
+            None => Vec::new(),
+        };
+        for p in prompts {
+            let mut with_prompt = base.clone();
+            if let Some((k, v)) = &self.settings.prompts[p].binding {
+                bind(&mut with_prompt.bindings, k, v);
+            }
+            for variant in &self.variants[p] {
+                let mut cell = with_prompt.clone();
+                cell.prompt.clone_from(&variant.text);
+                for (k, v) in &variant.bindings {
+                    bind(&mut cell.bindings, k, v);
+                }
+                for &seed in self.seeds {
+                    let mut c = cell.clone();
+                    c.seed = seed;
+                    out.push(c)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The planned cells, identical renders dropped as they come (so a large sweep is held once).
+#[derive(Default)]
+struct Cells {
+    cells: Vec<CellSpec>,
+    seen: HashSet<String>,
+    duplicates: u64,
+}
+
+impl Cells {
+    fn push(&mut self, cell: CellSpec) -> Result<(), PlanError> {
+        if !self.seen.insert(cell.cell_key()) {
+            self.duplicates += 1;
+            return Ok(());
+        }
+        cell.validate().map_err(|e| {
+            PlanError::new(
+                Place::Cell {
+                    number: self.cells.len() as u64,
+                },
+                PlanErrorKind::InvalidCell(e.to_string()),
+            )
+        })?;
+        self.cells.push(cell);
+        Ok(())
+    }
+}
+
+/// Inserts a binding; a key already taken gets the next free `.N` suffix.
+fn bind(bindings: &mut BTreeMap<String, String>, key: &str, value: &str) {
+    let mut k = key.to_string();
+    let mut n = 1;
+    while bindings.contains_key(&k) {
+        n += 1;
+        k = format!("{key}.{n}");
+    }
+    bindings.insert(k, value.to_string());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::cell::Sampler;
+
+    fn run(src: &SweepSource) -> Result<Plan, PlanError> {
+        plan(src, &PlanLimits::default(), 7)
+    }
+
+    fn b(cell: &CellSpec) -> Vec<(&str, &str)> {
+        cell.bindings
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn counts_order_and_bindings() {
+        let src = SweepSource::new(
+            "s.toml",
+            r#"
+model = "m"
+prompt = "a {red|grey} __animal__"
+seeds = [1, 2]
+[[loras]]
+name = "lcm.safetensors"
+[wildcards]
+animal = ["fox", "owl", "cat"]
+[axes]
+cfg = [1, 2]
+"lora.lcm.strength" = [0.5, 1.0]
+"#,
+        );
+        let p = run(&src).unwrap();
+        assert_eq!(p.cells.len(), 2 * 2 * 2 * 3 * 2);
+        assert_eq!(p.axes, ["cfg", "lora.lcm.strength"]);
+        let c = &p.cells[0];
+        assert_eq!((c.prompt.as_str(), c.seed, c.cfg), ("a red fox", 1, 1.0));
+        assert_eq!(c.loras[0].strength, 0.5);
+        assert_eq!(
+            b(c),
+            [
+                ("alt1", "red"),
+                ("animal", "fox"),
+                ("cfg", "1.0"),
+                ("lora.lcm.strength", "0.5")
+            ]
+        );
+        assert_eq!(p.cells[1].seed, 2);
+        assert_eq!(p.cells[2].prompt, "a red owl");
+        let last = p.cells.last().unwrap();
+        assert_eq!((last.prompt.as_str(), last.cfg), ("a grey cat", 2.0));
+        assert_eq!(last.loras[0].strength, 1.0);
+        assert_eq!(p, run(&src).unwrap());
+    }
+
+    #[test]
+    fn prompt_axis_and_prompts_file() {
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nseeds = [1]\n[axes]\nsteps = [4, 8]\nprompt = [\"x {1|2}\", \"y\"]\nsampler = [\"lcm\", \"euler_a\"]\n",
+        );
+        let p = run(&src).unwrap();
+        assert_eq!(p.cells.len(), 2 * 3 * 2);
+        let got: Vec<_> = p.cells[..6]
+            .iter()
+            .map(|c| (c.prompt.as_str(), c.sampler))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("x 1", Sampler::Lcm),
+                ("x 2", Sampler::Lcm),
+                ("x 1", Sampler::EulerA),
+                ("x 2", Sampler::EulerA),
+                ("y", Sampler::Lcm),
+                ("y", Sampler::EulerA)
+            ]
+        );
+        assert_eq!(p.cells[4].bindings["prompt.index"], "2");
+
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nprompts = \"p.txt\"\nseeds = { from = 10, count = 3 }\n",
+        )
+        .with_file("p.txt", "# prompts\nfox\n\nowl {a|b}\n");
+        let p = run(&src).unwrap();
+        assert_eq!(p.cells.len(), 9);
+        assert_eq!(p.seeds, [10, 11, 12]);
+        assert_eq!(p.cells[3].prompt, "owl a");
+        assert_eq!(b(&p.cells[3]), [("alt1", "a"), ("prompts.line", "4")]);
+    }
+
+    #[test]
+    fn duplicates_are_planned_once() {
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nprompt = \"{a|a|b}\"\nseeds = [1, 1]\n",
+        );
+        let p = run(&src).unwrap();
+        assert_eq!(p.cells.len(), 2);
+        assert_eq!(p.duplicates, 4);
+    }
+
+    #[test]
+    fn random_seeds_depend_only_on_the_rng_seed() {
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nprompt = \"p\"\nseeds = { random = 5 }\n",
+        );
+        let a = plan(&src, &PlanLimits::default(), 1).unwrap();
+        assert_eq!(a.seeds.len(), 5);
+        assert_eq!(a, plan(&src, &PlanLimits::default(), 1).unwrap());
+        assert_ne!(
+            a.seeds,
+            plan(&src, &PlanLimits::default(), 2).unwrap().seeds
+        );
+    }
+
+    #[test]
+    fn cell_limit_is_checked_before_expansion() {
+        let limits = PlanLimits {
+            max_cells: 100,
+            ..PlanLimits::default()
+        };
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nprompt = \"{a|b}{a|b}{a|b}{a|b}{a|b}{a|b}\"\nseeds = [1]\n",
+        );
+        assert_eq!(plan(&src, &limits, 0).unwrap().cells.len(), 64);
+        let src = SweepSource::new(
+            "s.toml",
+            format!(
+                "model = \"m\"\nprompt = \"{}\"\nseeds = {{ from = 0, count = 100 }}\n",
+                "{a|b}".repeat(200)
+            ),
+        );
+        let e = plan(&src, &limits, 0).unwrap_err();
+        assert!(e.is_limit());
+        assert!(
+            e.to_string()
+                .starts_with("s.toml: the sweep expands to more than 2^128 cells"),
+            "{e}"
+        );
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nprompt = \"p\"\nseeds = { random = 101 }\n",
+        );
+        assert_eq!(
+            plan(&src, &limits, 0).unwrap_err().to_string(),
+            "s.toml:3:20: the sweep expands to 101 cells, more than the limit of 100"
+        );
+    }
+
+    #[test]
+    fn template_errors_point_into_the_toml() {
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nseeds = [1]\nprompt = \"a {b|c\"\n",
+        );
+        assert_eq!(
+            run(&src).unwrap_err().to_string(),
+            "s.toml:3:13: `{` is never closed"
+        );
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nseeds = [1]\nprompt = \"a __x__\"\n[wildcards]\nx = \"x.txt\"\n",
+        )
+        .with_file("x.txt", "# c\nok\n  bad }\n");
+        assert_eq!(
+            run(&src).unwrap_err().to_string(),
+            "x.txt:3:7: `}` without a matching `{` (write `\\}` for a literal brace)"
+        );
+    }
+
+    #[test]
+    fn invalid_cells_are_numbered() {
+        let src = SweepSource::new(
+            "s.toml",
+            format!(
+                "model = \"m\"\nseeds = [1]\nprompt = \"{{a|{}}}\"\n",
+                "x".repeat(20_000)
+            ),
+        );
+        let e = run(&src).unwrap_err();
+        assert_eq!(e.place, Place::Cell { number: 1 });
+    }
+
+    #[test]
+    fn referenced_files_lists_wildcard_and_prompt_files() {
+        let files = referenced_files(
+            "s.toml",
+            "prompts = \"p.txt\"\n[wildcards]\na = \"w/a.txt\"\nb = [\"x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(files, ["w/a.txt", "p.txt"]);
+    }
+}

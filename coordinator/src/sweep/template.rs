@@ -1,0 +1,521 @@
+//! Prompt templates: `{a|b|c}` alternatives (nested), `__name__` wildcards, and their
+//! combinatorial expansion into prompt variants with bindings.
+//!
+//! # Syntax
+//! - `{a|b|c}` — one of the options; every option is a template itself, so lists nest
+//!   (`{a {red|blue} fox|owl}`). Options are taken verbatim (spaces included).
+//! - `{name=a|b}` — the same, with the binding named `name` (an identifier:
+//!   `[A-Za-z_][A-Za-z0-9_]*`) instead of the positional `altN`.
+//! - `__name__` — each value of the wildcard `name`, declared under `[wildcards]` (an inline
+//!   list or a file with one value per line). Values are templates too, so wildcards nest up to
+//!   the wildcard depth limit. Names use `[A-Za-z0-9_./-]` and do not start with `_`; a `__`
+//!   that does not enclose such a name is plain text (so `^__^` stays as written).
+//! - `\{`, `\}`, `\|`, `\_` and `\\` write the character literally; any other backslash is
+//!   kept as is (so A1111's `\(` survives).
+//!
+//! Empty options policy: `{}` — or a list whose options are all empty or blank, like `{|}`
+//! or `{ }` — is an error. An empty option next to non-empty ones is allowed and means "nothing", the
+//! sd-dynamic-prompts idiom for optional text: `{|very }dark forest`.
+//!
+//! # Bindings
+//! Every choice is recorded as a binding `key = value`:
+//! - an unnamed list is `altN`, N counting the unnamed `{` of its template text from 1, in
+//!   text order (nested ones included), whichever options are taken; a named list is its name;
+//!   the value is the chosen option's text, trimmed.
+//! - a wildcard is its name; the value is the chosen line (trimmed). Choices made *inside* a
+//!   wildcard value are prefixed by the wildcard's key: `animal.alt1`, `scene.animal`.
+//! - a key used twice in one template text gets `.2`, `.3`, … in text order
+//!   (`__animal__ meets __animal__` binds `animal` and `animal.2`).
+//!
+//! # Order
+//! Variants are enumerated like an odometer in reading order: the leftmost choice changes
+//! slowest, options in the order written, wildcard values in file order. Hence
+//! `{a|b} {c|d}` gives `a c`, `a d`, `b c`, `b d`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::error::{PlanError, PlanErrorKind};
+use super::source::{Origin, SweepSource};
+use super::wildcard::Wildcards;
+
+/// A parsed template and where its text came from.
+#[derive(Clone, Debug)]
+pub(crate) struct Template {
+    /// The template text as written (after TOML decoding).
+    pub text: String,
+    /// The parsed form.
+    nodes: Vec<Node>,
+}
+
+#[derive(Clone, Debug)]
+enum Node {
+    Text(String),
+    Alt {
+        key: String,
+        options: Vec<AltOption>,
+    },
+    Wildcard {
+        key: String,
+        name: String,
+        /// Byte offset of the `__` in the template text, for error places.
+        offset: usize,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct AltOption {
+    /// The option as written, trimmed: the binding's value.
+    value: String,
+    nodes: Vec<Node>,
+}
+
+/// One expansion of a template: the prompt text and the choices that produced it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Variant {
+    /// The resolved text.
+    pub text: String,
+    /// `(key, value)` in text order.
+    pub bindings: Vec<(String, String)>,
+}
+
+/// What the parser checks against.
+pub(crate) struct Grammar<'a> {
+    /// Declared wildcard names.
+    pub wildcards: &'a BTreeSet<String>,
+    /// Most nesting levels of `{…}`.
+    pub max_nesting: usize,
+}
+
+impl Template {
+    /// Parses `text`; errors are placed through `origin`.
+    pub(crate) fn parse(
+        text: String,
+        origin: &Origin,
+        src: &SweepSource,
+        grammar: &Grammar<'_>,
+    ) -> Result<Template, PlanError> {
+        let mut p = Parser {
+            text: &text,
+            pos: 0,
+            keys: HashMap::new(),
+            unnamed: 0,
+            grammar,
+        };
+        let nodes = p
+            .seq(0)
+            .map_err(|(offset, kind)| PlanError::new(origin.place(src, &text, offset), kind))?;
+        Ok(Template { text, nodes })
+    }
+
+    /// Number of variants (saturating), given each wildcard's count.
+    pub(crate) fn count(&self, counts: &BTreeMap<String, u128>) -> u128 {
+        count_seq(&self.nodes, counts)
+    }
+
+    /// Every variant, in order. Wildcards must be acyclic ([`Wildcards::check`]).
+    pub(crate) fn expand(&self, wildcards: &Wildcards) -> Vec<Variant> {
+        expand_seq(&self.nodes, "", wildcards)
+    }
+
+    /// Wildcard references anywhere in the template: `(name, byte offset)`.
+    pub(super) fn references(&self) -> Vec<(&str, usize)> {
+        let mut out = Vec::new();
+        collect_refs(&self.nodes, &mut out);
+        out
+    }
+}
+
+type ParseResult<T> = Result<T, (usize, PlanErrorKind)>;
+
+struct Parser<'t, 'g> {
+    text: &'t str,
+    pos: usize,
+    keys: HashMap<String, u32>,
+    unnamed: u32,
+    grammar: &'g Grammar<'g>,
+}
+
+impl Parser<'_, '_> {
+    /// Parses until the end, or (inside a list, `depth > 0`) until `|` or `}`.
+    fn seq(&mut self, depth: usize) -> ParseResult<Vec<Node>> {
+        let mut nodes = Vec::new();
+        let mut buf = String::new();
+        while let Some(c) = self.peek() {
+            match c {
+                '\\' => {
+                    self.pos += 1;
+                    match self.peek() {
+                        Some(e @ ('{' | '}' | '|' | '_' | '\\')) => {
+                            buf.push(e);
+                            self.pos += 1;
+                        }
+                        _ => buf.push('\\'),
+                    }
+                }
+                '{' => {
+                    flush(&mut buf, &mut nodes);
+                    nodes.push(self.alternatives(depth + 1)?);
+                }
+                '}' | '|' if depth > 0 => break,
+                '}' => return Err((self.pos, PlanErrorKind::UnmatchedBrace)),
+                '_' if self.text[self.pos..].starts_with("__") => match self.wildcard()? {
+                    Some(node) => {
+                        flush(&mut buf, &mut nodes);
+                        nodes.push(node);
+                    }
+                    None => {
+                        buf.push('_');
+                        self.pos += 1;
+                    }
+                },
+                c => {
+                    buf.push(c);
+                    self.pos += c.len_utf8();
+                }
+            }
+        }
+        flush(&mut buf, &mut nodes);
+        Ok(nodes)
+    }
+
+    /// At a `{`: parses the list through its `}`.
+    fn alternatives(&mut self, depth: usize) -> ParseResult<Node> {
+        let open = self.pos;
+        if depth > self.grammar.max_nesting {
+            return Err((
+                open,
+                PlanErrorKind::NestingTooDeep {
+                    limit: self.grammar.max_nesting,
+                },
+            ));
+        }
+        self.pos += 1;
+        let key = match self.list_name() {
+            Some(name) => self.key(name),
+            None => {
+                self.unnamed += 1;
+                self.key(format!("alt{}", self.unnamed))
+            }
+        };
+        let mut options = Vec::new();
+        loop {
+            let start = self.pos;
+            let nodes = self.seq(depth)?;
+            options.push(AltOption {
+                value: self.text[start..self.pos].trim().to_string(),
+                nodes,
+            });
+            match self.peek() {
+                Some('|') => self.pos += 1,
+                Some('}') => {
+                    self.pos += 1;
+                    break;
+                }
+                _ => return Err((open, PlanErrorKind::UnclosedBrace)),
+            }
+        }
+        if options.iter().all(|o| o.value.is_empty()) {
+            return Err((open, PlanErrorKind::EmptyAlternatives));
+        }
+        Ok(Node::Alt { key, options })
+    }
+
+    /// After a `{`: a `name=` prefix, consumed if present.
+    fn list_name(&mut self) -> Option<String> {
+        let rest = &self.text[self.pos..];
+        let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
+        let name = &rest[..end];
+        let first = name.chars().next()?;
+        if rest[end..].starts_with('=') && !first.is_ascii_digit() {
+            self.pos += end + 1;
+            Some(name.to_string())
+        } else {
+            None
+        }
+    }
+
+    /// At a `__`: a wildcard reference, or `None` if the `__` is plain text.
+    fn wildcard(&mut self) -> ParseResult<Option<Node>> {
+        let open = self.pos;
+        let rest = &self.text[open + 2..];
+        let Some(end) = rest.find("__") else {
+            return Ok(None);
+        };
+        let name = &rest[..end];
+        if !is_wildcard_name(name) {
+            return Ok(None);
+        }
+        if !self.grammar.wildcards.contains(name) {
+            return Err((
+                open,
+                PlanErrorKind::UnknownWildcard {
+                    name: name.to_string(),
+                    known: known_list(self.grammar.wildcards),
+                },
+            ));
+        }
+        self.pos = open + 2 + end + 2;
+        Ok(Some(Node::Wildcard {
+            key: self.key(name.to_string()),
+            name: name.to_string(),
+            offset: open,
+        }))
+    }
+
+    /// Allocates a binding key unique within this template text.
+    fn key(&mut self, base: String) -> String {
+        let n = self.keys.entry(base.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 { base } else { format!("{base}.{n}") }
+    }
+
+    fn peek(&self) -> Option<char> {
+        self.text[self.pos..].chars().next()
+    }
+}
+
+fn flush(buf: &mut String, nodes: &mut Vec<Node>) {
+    if !buf.is_empty() {
+        nodes.push(Node::Text(std::mem::take(buf)));
+    }
+}
+
+/// Whether `name` is a valid wildcard name: `[A-Za-z0-9_./-]+`, not starting with `_`.
+pub(crate) fn is_wildcard_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
+}
+
+fn known_list(names: &BTreeSet<String>) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.iter().cloned().collect::<Vec<_>>().join(", ")
+    }
+}
+
+fn count_seq(nodes: &[Node], counts: &BTreeMap<String, u128>) -> u128 {
+    nodes.iter().fold(1u128, |acc, n| {
+        let c = match n {
+            Node::Text(_) => 1,
+            Node::Alt { options, .. } => options
+                .iter()
+                .fold(0u128, |s, o| s.saturating_add(count_seq(&o.nodes, counts))),
+            Node::Wildcard { name, .. } => counts.get(name).copied().unwrap_or(0),
+        };
+        acc.saturating_mul(c)
+    })
+}
+
+fn expand_seq(nodes: &[Node], prefix: &str, wildcards: &Wildcards) -> Vec<Variant> {
+    let mut acc = vec![Variant {
+        text: String::new(),
+        bindings: Vec::new(),
+    }];
+    for node in nodes {
+        let parts: Vec<Variant> = match node {
+            Node::Text(t) => {
+                for v in &mut acc {
+                    v.text.push_str(t);
+                }
+                continue;
+            }
+            Node::Alt { key, options } => {
+                let key = &format!("{prefix}{key}");
+                options
+                    .iter()
+                    .flat_map(|o| {
+                        expand_seq(&o.nodes, prefix, wildcards)
+                            .into_iter()
+                            .map(move |v| with_binding(key, &o.value, v))
+                    })
+                    .collect()
+            }
+            Node::Wildcard { key, name, .. } => {
+                let key = format!("{prefix}{key}");
+                let inner = format!("{key}.");
+                wildcards
+                    .values(name)
+                    .iter()
+                    .flat_map(|t| {
+                        expand_seq(&t.nodes, &inner, wildcards)
+                            .into_iter()
+                            .map(|v| with_binding(&key, &t.text, v))
+                    })
+                    .collect()
+            }
+        };
+        acc = acc
+            .iter()
+            .flat_map(|a| {
+                parts.iter().map(move |p| {
+                    let mut text = String::with_capacity(a.text.len() + p.text.len());
+                    text.push_str(&a.text);
+                    text.push_str(&p.text);
+                    let mut bindings = a.bindings.clone();
+                    bindings.extend(p.bindings.iter().cloned());
+                    Variant { text, bindings }
+                })
+            })
+            .collect();
+    }
+    acc
+}
+
+fn with_binding(key: &str, value: &str, mut v: Variant) -> Variant {
+    v.bindings.insert(0, (key.to_string(), value.to_string()));
+    v
+}
+
+fn collect_refs<'a>(nodes: &'a [Node], out: &mut Vec<(&'a str, usize)>) {
+    for n in nodes {
+        match n {
+            Node::Text(_) => {}
+            Node::Alt { options, .. } => {
+                for o in options {
+                    collect_refs(&o.nodes, out);
+                }
+            }
+            Node::Wildcard { name, offset, .. } => out.push((name, *offset)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::error::Place;
+
+    fn src() -> SweepSource {
+        SweepSource::new("t.toml", "")
+    }
+
+    fn origin() -> Origin {
+        Origin::Line {
+            file: "p.txt".into(),
+            line: 1,
+            col: 1,
+        }
+    }
+
+    fn parse_with(text: &str, names: &[&str], nesting: usize) -> Result<Template, PlanError> {
+        let names: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
+        let g = Grammar {
+            wildcards: &names,
+            max_nesting: nesting,
+        };
+        Template::parse(text.to_string(), &origin(), &src(), &g)
+    }
+
+    fn texts(t: &Template, w: &Wildcards) -> Vec<String> {
+        t.expand(w).into_iter().map(|v| v.text).collect()
+    }
+
+    fn err_at(text: &str, names: &[&str]) -> (u32, PlanErrorKind) {
+        let e = parse_with(text, names, 4).unwrap_err();
+        match e.place {
+            Place::At { col, .. } => (col, e.kind),
+            p => panic!("{p:?}"),
+        }
+    }
+
+    #[test]
+    fn alternatives_expand_in_reading_order() {
+        let t = parse_with("{a|b} {c|d}", &[], 4).unwrap();
+        let w = Wildcards::default();
+        assert_eq!(texts(&t, &w), ["a c", "a d", "b c", "b d"]);
+        assert_eq!(t.count(w.counts()), 4);
+        let v = t.expand(&w);
+        assert_eq!(
+            v[2].bindings,
+            [("alt1".into(), "b".into()), ("alt2".into(), "c".into())]
+        );
+    }
+
+    #[test]
+    fn nested_alternatives_and_names() {
+        let t = parse_with("{x {1|2}|y} {tone=day|night}", &[], 4).unwrap();
+        let w = Wildcards::default();
+        assert_eq!(
+            texts(&t, &w),
+            [
+                "x 1 day",
+                "x 1 night",
+                "x 2 day",
+                "x 2 night",
+                "y day",
+                "y night"
+            ]
+        );
+        assert_eq!(t.count(w.counts()), 6);
+        let v = t.expand(&w);
+        assert_eq!(
+            v[3].bindings,
+            vec![
+                ("alt1".to_string(), "x {1|2}".to_string()),
+                ("alt2".into(), "2".into()),
+                ("tone".into(), "night".into())
+            ]
+        );
+        // The inner list keeps its number when the outer option without it is taken.
+        assert_eq!(
+            v[4].bindings,
+            vec![
+                ("alt1".to_string(), "y".to_string()),
+                ("tone".into(), "day".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_options_policy() {
+        let t = parse_with("{|very }dark", &[], 4).unwrap();
+        assert_eq!(texts(&t, &Wildcards::default()), ["dark", "very dark"]);
+        assert_eq!(err_at("a {} b", &[]), (3, PlanErrorKind::EmptyAlternatives));
+        assert_eq!(
+            err_at("a {|} b", &[]),
+            (3, PlanErrorKind::EmptyAlternatives)
+        );
+        assert_eq!(
+            err_at("a {x=} b", &[]),
+            (3, PlanErrorKind::EmptyAlternatives)
+        );
+    }
+
+    #[test]
+    fn malformed_braces_are_placed() {
+        assert_eq!(err_at("a {b|c", &[]), (3, PlanErrorKind::UnclosedBrace));
+        assert_eq!(err_at("a {b|{c} d", &[]), (3, PlanErrorKind::UnclosedBrace));
+        assert_eq!(err_at("ab}c", &[]), (3, PlanErrorKind::UnmatchedBrace));
+        assert_eq!(
+            err_at("é{{{{{x}}}}}", &[]),
+            (6, PlanErrorKind::NestingTooDeep { limit: 4 })
+        );
+        assert!(parse_with("{{{{x}}}}", &[], 4).is_ok());
+    }
+
+    #[test]
+    fn escapes_and_plain_underscores() {
+        let t = parse_with(r"\{a\|b\} \__x__ ^__^ snake_case \(1.2\)", &["x"], 4).unwrap();
+        assert_eq!(
+            texts(&t, &Wildcards::default()),
+            [r"{a|b} __x__ ^__^ snake_case \(1.2\)"]
+        );
+    }
+
+    #[test]
+    fn unknown_wildcard_is_placed() {
+        let (col, kind) = err_at("a __anmial__", &["animal", "place"]);
+        assert_eq!(col, 3);
+        assert_eq!(
+            kind,
+            PlanErrorKind::UnknownWildcard {
+                name: "anmial".into(),
+                known: "animal, place".into()
+            }
+        );
+    }
+}

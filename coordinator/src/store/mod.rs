@@ -9,6 +9,7 @@
 //! one. Decisions (which cells to lease, where a failed cell goes) are made by the callers'
 //! functions in `queue/`, passed in and applied inside the same transaction.
 
+mod filter;
 mod migrate;
 mod postgres;
 mod query;

@@ -12,12 +12,14 @@
 //!   by JSON whitespace), and is missing (false) otherwise. SQLite checks this with
 //!   `json_valid`/`json_type` and compares 64-bit floats; Postgres checks the same grammar with
 //!   a regular expression and compares `numeric`. They agree up to 15 significant digits.
-//! - `sweep`/`worker` with a string test the name through a sub-select on `sweeps`/`workers`.
+//! - `sweep`/`worker` with a string test the name through a sub-select on `sweeps`/`workers`;
+//!   sweep-name equalities are first resolved to ids by the store ([`sweep_lookup`],
+//!   [`with_sweep_ids`]), so an index on `(sweep_id, …)` serves the sort.
 
 use sqlx::QueryBuilder;
 
-use super::query::Dialect;
-use crate::query::{Column, ColumnKind, Field, Filter, Predicate, SortKey, Test, Value};
+use super::query::{CellQuery, Dialect};
+use crate::query::{CmpOp, Column, ColumnKind, Field, Filter, Predicate, SortKey, Test, Value};
 
 /// What a test is applied to.
 enum Expr<'a> {
@@ -150,6 +152,10 @@ fn push_test<DB: Dialect>(qb: &mut QueryBuilder<DB>, e: &Expr<'_>, t: &Test) {
             qb.push(" AND ");
             push_value(qb, e, hi);
         }
+        // A sweep name that names no sweep (see `with_sweep_ids`).
+        Test::In(vs) if vs.is_empty() => {
+            qb.push("1 = 0");
+        }
         Test::In(vs) => {
             push_expr(qb, e);
             qb.push(" IN (");
@@ -205,4 +211,97 @@ pub(super) fn push_order<DB: Dialect>(qb: &mut QueryBuilder<DB>, keys: &[SortKey
         }
     }
     qb.push(format!(", id {last}"));
+}
+
+/// Names of sweeps tested for equality (`sweep = "…"`, `sweep in ("…")`) anywhere in `f`.
+fn sweep_names<'a>(f: &'a Filter, out: &mut Vec<&'a str>) {
+    match f {
+        Filter::And(parts) | Filter::Or(parts) => parts.iter().for_each(|p| sweep_names(p, out)),
+        Filter::Not(inner) => sweep_names(inner, out),
+        Filter::Pred(Predicate {
+            field: Field::Column(Column::Sweep),
+            test,
+        }) => match test {
+            Test::Cmp(CmpOp::Eq, Value::Text(n)) => out.push(n),
+            Test::In(vs) => out.extend(vs.iter().filter_map(|v| match v {
+                Value::Text(n) => Some(n.as_str()),
+                _ => None,
+            })),
+            _ => {}
+        },
+        Filter::Pred(_) => {}
+    }
+}
+
+/// `SELECT id, name FROM sweeps` for the sweep names `q`'s filter tests for equality, or
+/// `None` when it tests none. Its rows go to [`with_sweep_ids`].
+pub(super) fn sweep_lookup<DB: Dialect>(q: &CellQuery) -> Option<QueryBuilder<DB>> {
+    let mut names = Vec::new();
+    sweep_names(q.filter.as_ref()?, &mut names);
+    if names.is_empty() {
+        return None;
+    }
+    names.sort_unstable();
+    names.dedup();
+    let mut qb = QueryBuilder::new("SELECT id, name FROM sweeps WHERE name IN (");
+    for (i, n) in names.iter().enumerate() {
+        if i > 0 {
+            qb.push(", ");
+        }
+        DB::push_text(&mut qb, n.to_string());
+    }
+    qb.push(")");
+    Some(qb)
+}
+
+/// `q` with every sweep-name equality replaced by the ids those names have now (`ids`: id,
+/// name). The planner then sees `sweep_id = 3`, an index prefix it can read in sort order,
+/// instead of a sub-select whose result it must join and then sort.
+pub(super) fn with_sweep_ids(q: &CellQuery, ids: &[(i64, String)]) -> CellQuery {
+    let mut q = q.clone();
+    q.filter = q.filter.map(|f| resolve(f, ids));
+    q
+}
+
+fn resolve(f: Filter, ids: &[(i64, String)]) -> Filter {
+    let ids_of = |names: &[&str]| -> Vec<Value> {
+        ids.iter()
+            .filter(|(_, n)| names.contains(&n.as_str()))
+            .map(|(id, _)| Value::Int(*id))
+            .collect()
+    };
+    let by_id = |mut vs: Vec<Value>| {
+        let test = if vs.len() == 1 {
+            Test::Cmp(CmpOp::Eq, vs.remove(0))
+        } else {
+            Test::In(vs)
+        };
+        Filter::Pred(Predicate {
+            field: Field::Column(Column::Sweep),
+            test,
+        })
+    };
+    match f {
+        Filter::And(parts) => Filter::And(parts.into_iter().map(|p| resolve(p, ids)).collect()),
+        Filter::Or(parts) => Filter::Or(parts.into_iter().map(|p| resolve(p, ids)).collect()),
+        Filter::Not(inner) => Filter::Not(Box::new(resolve(*inner, ids))),
+        Filter::Pred(Predicate {
+            field: Field::Column(Column::Sweep),
+            test: Test::Cmp(CmpOp::Eq, Value::Text(n)),
+        }) => by_id(ids_of(&[n.as_str()])),
+        Filter::Pred(Predicate {
+            field: Field::Column(Column::Sweep),
+            test: Test::In(vs),
+        }) if vs.iter().all(|v| matches!(v, Value::Text(_))) => {
+            let names: Vec<&str> = vs
+                .iter()
+                .filter_map(|v| match v {
+                    Value::Text(n) => Some(n.as_str()),
+                    _ => None,
+                })
+                .collect();
+            by_id(ids_of(&names))
+        }
+        other => other,
+    }
 }

@@ -41,6 +41,7 @@ filter_conformance!(
     numeric_bindings,
     sort_keys_order_and_tie_break,
     results_workers_and_states,
+    sweep_names_resolve_to_every_sweep_of_that_name,
 );
 
 /// One stored cell as the oracle sees it.
@@ -652,5 +653,39 @@ async fn results_workers_and_states(b: Backend) {
         .collect();
     let got = run(&fx, "finished > 0", "-finished").await;
     assert!(got.windows(2).all(|w| by[&w[0]] >= by[&w[1]]));
+    fx.finish().await;
+}
+
+async fn sweep_names_resolve_to_every_sweep_of_that_name(b: Backend) {
+    let fx = Fixture::new(b).await;
+    let (s1, s2, s3) = seed_data(&fx).await;
+    let mut again = submission("cats-again", vec![cell(9000), cell(9001)]);
+    again.name = "cats".into();
+    let s4 = fx.queue.submit(again).await.unwrap().id;
+    let rows = all_rows(
+        &fx,
+        &[(s1, "foxes"), (s2, "cats"), (s3, "evil"), (s4, "cats")],
+    )
+    .await;
+    let cats = |r: &Row| r.sweep == "cats";
+    check(&fx, &rows, "sweep = 'cats'", cats).await;
+    check(&fx, &rows, "sweep != 'cats'", |r| !cats(r)).await;
+    check(&fx, &rows, "sweep in ('cats', 'nope')", cats).await;
+    check(&fx, &rows, "sweep in ('cats', 'foxes')", |r| {
+        r.sweep != "evil"
+    })
+    .await;
+    check(&fx, &rows, "not sweep in ('nope')", |_| true).await;
+    check(&fx, &rows, "sweep = 'cats' and seed >= 9001", |r| {
+        cats(r) && r.spec.seed >= 9001
+    })
+    .await;
+    check(
+        &fx,
+        &rows,
+        &format!("sweep = {} or sweep = 'evil'", s4.0),
+        |r| r.row.sweep_id == s4 || r.sweep == "evil",
+    )
+    .await;
     fx.finish().await;
 }

@@ -64,6 +64,9 @@ pub const MAX_FILTER_BYTES: usize = 16 * 1024;
 /// Most values (literals) in one filter; keeps the bound parameters far below both backends'
 /// limits.
 pub const MAX_VALUES: usize = 1000;
+/// Most tests (comparisons) in one filter. SQLite parses `a or b or …` into a tree as deep as
+/// the list is long and refuses trees deeper than 1000; use `in (…)` for long lists.
+pub const MAX_TESTS: usize = 256;
 
 /// A line and column in the filter text, both from 1; columns count characters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

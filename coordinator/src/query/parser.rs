@@ -5,8 +5,8 @@
 use super::lexer::{Tok, Token, tokenize};
 use super::time::parse_utc_ms;
 use super::{
-    CmpOp, Column, ColumnKind, Field, Filter, FilterError, MAX_FILTER_BYTES, MAX_VALUES, Pos,
-    Predicate, Test, Value, state_name,
+    CmpOp, Column, ColumnKind, Field, Filter, FilterError, MAX_FILTER_BYTES, MAX_TESTS, MAX_VALUES,
+    Pos, Predicate, Test, Value, state_name,
 };
 
 /// Deepest nesting of parentheses and `not`.
@@ -38,6 +38,7 @@ pub(super) fn parse(input: &str) -> Result<Filter, FilterError> {
         i: 0,
         depth: 0,
         values: 0,
+        tests: 0,
     };
     let f = p.or()?;
     let t = p.peek();
@@ -85,6 +86,7 @@ struct Parser {
     i: usize,
     depth: usize,
     values: usize,
+    tests: usize,
 }
 
 impl Parser {
@@ -226,6 +228,13 @@ impl Parser {
 
     fn predicate(&mut self) -> Result<Filter, FilterError> {
         let field_pos = self.peek().pos;
+        self.tests += 1;
+        if self.tests > MAX_TESTS {
+            return Err(FilterError::at(
+                field_pos,
+                format!("more than {MAX_TESTS} comparisons in one filter (use 'in (…)' for lists)"),
+            ));
+        }
         let (field, label) = self.field()?;
         let op = self.peek().clone();
         let negated = match &op.tok {
@@ -845,6 +854,11 @@ mod tests {
                 .join(",")
         );
         assert!(err(&many).contains("more than 1000 values"));
+        let ors = (0..257)
+            .map(|i| format!("seed = {i}"))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        assert!(err(&ors).contains(": more than 256 comparisons"));
         assert!(err(&"x".repeat(20_000)).contains("at most 16384"));
     }
 }

@@ -305,3 +305,34 @@ fn resolve(f: Filter, ids: &[(i64, String)]) -> Filter {
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Postgres, Sqlite};
+
+    use super::super::query::{CellQuery, build};
+    use crate::query::{Filter, parse_sort};
+
+    /// Every literal and key travels as a parameter: none of these strings reach the SQL text.
+    #[test]
+    fn values_and_keys_never_reach_the_sql_text() {
+        let evil = ["DROP", "1=1", "--", "狐", "%_", "weird"];
+        let filter = r#"prompt ~ "'; DROP TABLE cells; --" and `we'ird"; DROP` = '" OR 1=1 --'
+            and binding("狐 --") > 1.5 and sweep in ("a'--", 3) and worker ~ "%_"
+            and not model in ("x", "DROP") and finished < "2026-11-26""#;
+        let q = CellQuery {
+            filter: Some(Filter::parse(filter).unwrap()),
+            sorts: parse_sort("`weird DROP`, -prompt").unwrap(),
+            limit: 10,
+            ..Default::default()
+        };
+        for sql in [
+            build::<Sqlite>(&q).into_string(),
+            build::<Postgres>(&q).into_string(),
+        ] {
+            for e in evil {
+                assert!(!sql.contains(e), "{e:?} in {sql}");
+            }
+        }
+    }
+}

@@ -425,6 +425,22 @@ async fn hostile_input_is_data(b: Backend) {
     for (f, want) in cases {
         check(&fx, &rows, f, want).await;
     }
+    // The longest filters accepted run on both backends (SQLite limits expression depth).
+    let ors = (0..256)
+        .map(|i| format!("seed = {}", 1000 + i))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    check(&fx, &rows, &ors, |r| (1000..1256).contains(&r.spec.seed)).await;
+    let nested = format!("{}seed >= 1000{}", "not not (".repeat(21), ")".repeat(21));
+    check(&fx, &rows, &nested, |r| r.spec.seed >= 1000).await;
+    let list = (0..1000)
+        .map(|i| (1000 + i).to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    check(&fx, &rows, &format!("seed in ({list})"), |r| {
+        (1000..2000).contains(&r.spec.seed)
+    })
+    .await;
     // The tables are all still there, with every row.
     assert_eq!(run(&fx, "id > 0", "").await.len(), 32);
     assert_eq!(fx.queue.sweeps(10, None).await.unwrap().len(), 3);

@@ -8,6 +8,8 @@
 //!   (cell key, affinity key).
 //! - [`queue`]: the cell lifecycle — states, retry/backoff/poison policy, affinity choice,
 //!   the maintenance loop, and [`queue::Queue`], the one entry point the API calls.
+//! - [`query`]: the filter language of `kiln query` (lexer, parser, sort keys) → a typed AST;
+//!   no SQL.
 //! - [`store`]: the only SQL — one seam ([`store::Store`]) with SQLite and Postgres backends.
 //! - [`result`]: the stored form of a Result (what the winning attempt produced).
 //! - [`events`]: in-process progress notifications for watchers.
@@ -21,6 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod query;
 pub mod queue;
 pub mod result;
 pub mod server;

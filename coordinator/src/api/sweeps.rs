@@ -283,6 +283,8 @@ impl SweepService for SweepApi {
                 v => Some(WorkerId::from_wire(v).ok_or_else(|| Error::invalid("worker_id"))?),
             },
             bindings: r.bindings.into_iter().collect(),
+            filter: None,
+            sorts: Vec::new(),
             sort: match pb::ResultSort::try_from(r.sort) {
                 Ok(pb::ResultSort::Unspecified | pb::ResultSort::Number) => CellSort::Number,
                 Ok(pb::ResultSort::Seed) => CellSort::Seed,

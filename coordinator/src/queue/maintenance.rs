@@ -1,9 +1,14 @@
 //! The maintenance loop: every interval, rescue expired leases and promote due retries (see
-//! [`super::Queue::maintain`]). One task per coordinator; it stops when `shutdown` resolves.
+//! [`super::Queue::maintain`]); at start and then hourly, refresh the planner's statistics
+//! ([`crate::store::Store::analyze`]) so result queries use their indexes. One task per
+//! coordinator; it stops when `shutdown` resolves.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Queue;
+
+/// How often the planner's statistics are refreshed.
+const ANALYZE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Runs maintenance passes every `interval` until `shutdown` completes. Errors are logged and
 /// the loop goes on (the database may be briefly unreachable).
@@ -15,10 +20,17 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut analyzed: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {
+                if analyzed.is_none_or(|t| t.elapsed() >= ANALYZE_EVERY) {
+                    analyzed = Some(Instant::now());
+                    if let Err(e) = queue.store().analyze().await {
+                        tracing::warn!(error = %e, "analyze failed");
+                    }
+                }
                 match queue.maintain().await {
                     Ok(r) if r.rescued + r.promoted > 0 => {
                         tracing::info!(rescued = r.rescued, promoted = r.promoted, "maintenance");

@@ -9,6 +9,7 @@
 //! one. Decisions (which cells to lease, where a failed cell goes) are made by the callers'
 //! functions in `queue/`, passed in and applied inside the same transaction.
 
+mod filter;
 mod migrate;
 mod postgres;
 mod query;
@@ -512,6 +513,27 @@ impl Store {
     /// Cells matching structured filters.
     pub async fn cell_query(&self, q: &CellQuery) -> Result<Vec<CellRow>> {
         delegate!(self, cell_query(q))
+    }
+
+    /// Refreshes the query planner's statistics (`ANALYZE`). The query indexes
+    /// (`migrations/*/0002_query_indexes.sql`) are only chosen over older ones with statistics;
+    /// SQLite never gathers them by itself, Postgres's autovacuum does but lags bulk inserts.
+    /// About a second per million cells on SQLite, which holds the write lock meanwhile.
+    pub async fn analyze(&self) -> Result<()> {
+        delegate!(self, analyze())
+    }
+
+    /// **For benchmarks and tests only; the coordinator never calls it.** Marks every
+    /// available cell of a sweep completed with `result_json` in one statement, skipping
+    /// leases, fences and attempts history, so a benchmark can have a million finished cells in
+    /// seconds. Returns cells changed.
+    pub async fn sweep_complete_all_unfenced(
+        &self,
+        id: SweepId,
+        result_json: &str,
+        now: Millis,
+    ) -> Result<u64> {
+        delegate!(self, sweep_complete_all_unfenced(id, result_json, now))
     }
 
     /// Progress of running cells of a sweep or a worker.

@@ -7,6 +7,7 @@ use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres};
 
+use super::filter;
 use super::query::{self, CELL_COLUMNS, CellQuery};
 use super::rows::{self, AnyRow};
 use super::{
@@ -582,9 +583,48 @@ impl PgStore {
     }
 
     pub(super) async fn cell_query(&self, q: &CellQuery) -> Result<Vec<CellRow>> {
+        let resolved;
+        let q = match filter::sweep_lookup::<Postgres>(q) {
+            Some(mut lookup) => {
+                let rows = lookup.build().fetch_all(&self.pool).await?;
+                let ids = rows
+                    .iter()
+                    .map(|r| Ok((r.int("id")?, r.text("name")?)))
+                    .collect::<Result<Vec<_>>>()?;
+                resolved = filter::with_sweep_ids(q, &ids);
+                &resolved
+            }
+            None => q,
+        };
         let mut qb = query::build::<Postgres>(q);
         let rows = qb.build().fetch_all(&self.pool).await?;
         rows.iter().map(rows::cell).collect()
+    }
+
+    pub(super) async fn analyze(&self) -> Result<()> {
+        sqlx::raw_sql("ANALYZE cells, sweeps")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn sweep_complete_all_unfenced(
+        &self,
+        id: SweepId,
+        result_json: &str,
+        now: Millis,
+    ) -> Result<u64> {
+        let n = sqlx::query(
+            "UPDATE cells SET state = 'completed', attempt = 1, finalized_at = $1, \
+             result = $2 WHERE sweep_id = $3 AND state = 'available'",
+        )
+        .bind(now.0)
+        .bind(result_json)
+        .bind(id.0)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
     }
 
     pub(super) async fn cell_running(

@@ -15,6 +15,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, QueryBuilder, Sqlite};
 
+use super::filter;
 use super::query::{self, CELL_COLUMNS, CellQuery};
 use super::rows::{self, AnyRow};
 use super::{
@@ -595,9 +596,46 @@ impl SqliteStore {
     }
 
     pub(super) async fn cell_query(&self, q: &CellQuery) -> Result<Vec<CellRow>> {
+        let resolved;
+        let q = match filter::sweep_lookup::<Sqlite>(q) {
+            Some(mut lookup) => {
+                let rows = lookup.build().fetch_all(&self.reader).await?;
+                let ids = rows
+                    .iter()
+                    .map(|r| Ok((r.int("id")?, r.text("name")?)))
+                    .collect::<Result<Vec<_>>>()?;
+                resolved = filter::with_sweep_ids(q, &ids);
+                &resolved
+            }
+            None => q,
+        };
         let mut qb = query::build::<Sqlite>(q);
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter().map(rows::cell).collect()
+    }
+
+    pub(super) async fn analyze(&self) -> Result<()> {
+        sqlx::raw_sql("ANALYZE").execute(&self.writer).await?;
+        Ok(())
+    }
+
+    pub(super) async fn sweep_complete_all_unfenced(
+        &self,
+        id: SweepId,
+        result_json: &str,
+        now: Millis,
+    ) -> Result<u64> {
+        let n = sqlx::query(
+            "UPDATE cells SET state = 'completed', attempt = 1, finalized_at = ?, \
+             result = ? WHERE sweep_id = ? AND state = 'available'",
+        )
+        .bind(now.0)
+        .bind(result_json)
+        .bind(id.0)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        Ok(n)
     }
 
     pub(super) async fn cell_running(

@@ -1,7 +1,9 @@
-//! Integration tests of kiln-coordinator: the store conformance suite (SQLite and Postgres)
-//! the gRPC API against a real server on port 0, and sweep planning from the example files.
+//! Integration tests of kiln-coordinator: the store conformance suite (SQLite and Postgres),
+//! the filter language on both backends, the gRPC API against a real server on port 0, and
+//! sweep planning from the example files.
 
 mod conformance;
+mod filter;
 mod grpc;
 mod harness;
 mod sweep;

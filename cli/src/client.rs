@@ -43,3 +43,33 @@ impl Conn {
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())
 }
+
+/// S3 connection flags for commands that read or write storage (`fetch`, `run`). Credentials
+/// come from KILN_S3_ACCESS_KEY / KILN_S3_SECRET_KEY or AWS_ACCESS_KEY_ID /
+/// AWS_SECRET_ACCESS_KEY.
+#[derive(Debug, Clone, clap::Args)]
+pub struct S3Args {
+    /// S3 endpoint URL (Garage, MinIO, Ceph, ...); AWS when unset.
+    #[arg(long, env = "KILN_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "KILN_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Path-style S3 addressing (most self-hosted servers).
+    #[arg(long, env = "KILN_S3_PATH_STYLE")]
+    pub s3_path_style: bool,
+}
+
+impl S3Args {
+    /// The options, with credentials from the environment.
+    pub fn options(&self) -> kiln_worker::upload::S3Options {
+        let either = |a: &str, b: &str| std::env::var(a).ok().or_else(|| std::env::var(b).ok());
+        kiln_worker::upload::S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            path_style: self.s3_path_style,
+            access_key: either("KILN_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
+            secret_key: either("KILN_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
+        }
+    }
+}

@@ -3,15 +3,20 @@
 //! Subcommands:
 //! - `kiln coordinator`: the gRPC coordinator (SQLite by default, Postgres for scale).
 //! - `kiln worker`: a render worker (one per PC).
-//! - `kiln sweeps | status | watch | cancel | pause | resume | retry | workers`: talk to a
-//!   coordinator (`--coordinator URL` or `KILN_COORDINATOR`).
+//! - `kiln run FILE`: everything on one machine (embedded coordinator + local worker).
+//! - `kiln submit | plan | extend | query | fetch | sweeps | status | watch | cancel | pause |
+//!   resume | retry | workers`: talk to a coordinator (`--coordinator URL` or
+//!   `KILN_COORDINATOR`).
 //!
 //! Configuration flows defaults → `--config FILE` (TOML) → `KILN_*` environment → flags, and is
 //! validated once before anything starts.
 
 mod client;
 mod coordinator;
+mod query;
+mod run;
 mod signal;
+mod submit;
 mod sweeps;
 mod table;
 mod worker;
@@ -22,9 +27,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about, long_about = None)]
 struct Cli {
-    /// Log filter, e.g. `info` or `kiln_coordinator=debug` (or RUST_LOG).
-    #[arg(long, global = true, env = "KILN_LOG", default_value = "info")]
-    log: String,
+    /// Log filter, e.g. `info` or `kiln_coordinator=debug` (or RUST_LOG) [default: info; warn
+    /// for `kiln run`, whose progress bar it would interrupt].
+    #[arg(long, global = true, env = "KILN_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,6 +43,84 @@ enum Command {
     /// Run a render worker: leases cells, renders them, uploads the PNGs.
     #[command(after_help = worker::EXAMPLES)]
     Worker(worker::Args),
+    /// Render a sweep file on this machine: embedded coordinator (./kiln.db), one local
+    /// worker, images in ./kiln-out. Ctrl-C is safe; run it again to resume.
+    #[command(after_help = run::EXAMPLES)]
+    Run(run::Args),
+    /// Submit a sweep file (and the files it references); prints the sweep id and cell count.
+    #[command(
+        after_help = "Examples:\n  kiln submit examples/foxes.toml\n  kiln submit sweep.toml --key overnight-2026-11-26 --priority 1"
+    )]
+    Submit {
+        #[command(flatten)]
+        conn: client::Conn,
+        /// The sweep file (TOML).
+        file: std::path::PathBuf,
+        /// Idempotency key [default: a hash of the file and the files it references].
+        #[arg(long)]
+        key: Option<String>,
+        /// Priority 0..=9, lower first.
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+    },
+    /// Plan a sweep file without submitting it: cell count and the first cells.
+    #[command(after_help = "Example:\n  kiln plan examples/foxes.toml --show 10")]
+    Plan {
+        #[command(flatten)]
+        conn: client::Conn,
+        /// The sweep file (TOML).
+        file: std::path::PathBuf,
+        /// How many cells to show.
+        #[arg(long, default_value_t = 20)]
+        show: u32,
+    },
+    /// Add the cells a grown sweep file has (more seeds, more axis values) to a sweep.
+    #[command(after_help = "Example:\n  kiln extend 12 examples/foxes.toml")]
+    Extend {
+        #[command(flatten)]
+        conn: client::Conn,
+        /// Sweep id.
+        sweep: u64,
+        /// The grown sweep file.
+        file: std::path::PathBuf,
+    },
+    /// Query results with the filter language.
+    #[command(
+        after_help = "Examples:\n  kiln query 'sweep = \"foxes\" and animal = \"fox\" and cfg >= 1.5 and seed between 1000 and 1100 and prompt ~ \"forest\"'\n  kiln query 'state = \"discarded\"' --format json\n  kiln query 'sweep = 3' --sort cfg,-seed --format csv > foxes.csv"
+    )]
+    Query {
+        #[command(flatten)]
+        conn: client::Conn,
+        /// Filter, e.g. `cfg >= 1.5 and animal = "fox"` (empty: everything).
+        #[arg(default_value = "")]
+        filter: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: query::Format,
+        /// Sort keys, e.g. `cfg,-seed`.
+        #[arg(long)]
+        sort: Option<String>,
+        /// Most rows.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Download the images of matching completed cells, verifying each sha256.
+    #[command(after_help = "Example:\n  kiln fetch 'sweep = \"foxes\" and cfg = 1.5' -o best/")]
+    Fetch {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(flatten)]
+        s3: client::S3Args,
+        /// Filter (empty: every completed cell).
+        #[arg(default_value = "")]
+        filter: String,
+        /// Output folder.
+        #[arg(short = 'o', long = "out")]
+        out: std::path::PathBuf,
+        /// Most images.
+        #[arg(long, default_value_t = 10_000)]
+        limit: u32,
+    },
     /// List sweeps, newest first.
     #[command(after_help = "Example:\n  kiln sweeps --limit 20")]
     Sweeps {
@@ -130,7 +214,29 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 sweeps::change(&conn, sweep, sweeps::Change::RetryFailed).await
             }
             Command::Workers { conn } => sweeps::workers(&conn).await,
-            Command::Coordinator(_) | Command::Worker(_) => {
+            Command::Submit {
+                conn,
+                file,
+                key,
+                priority,
+            } => submit::submit(&conn, &file, key, priority).await,
+            Command::Plan { conn, file, show } => submit::plan(&conn, &file, show).await,
+            Command::Extend { conn, sweep, file } => submit::extend(&conn, sweep, &file).await,
+            Command::Query {
+                conn,
+                filter,
+                format,
+                sort,
+                limit,
+            } => query::query(&conn, &filter, sort.as_deref(), limit, format).await,
+            Command::Fetch {
+                conn,
+                s3,
+                filter,
+                out,
+                limit,
+            } => query::fetch(&conn, &filter, limit, &out, &s3.options()).await,
+            Command::Coordinator(_) | Command::Worker(_) | Command::Run(_) => {
                 unreachable!("long-running commands are dispatched in main")
             }
         }
@@ -139,7 +245,11 @@ fn run_client(command: Command) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
+    let quiet = matches!(cli.command, Command::Run(_));
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .or_else(|| cli.log.clone())
+        .unwrap_or_else(|| if quiet { "warn" } else { "info" }.into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
@@ -147,6 +257,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Coordinator(args) => coordinator::main(args),
         Command::Worker(args) => worker::main(args),
+        Command::Run(args) => run::main(args),
         client_command => run_client(client_command),
     };
     match result {

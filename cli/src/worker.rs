@@ -63,7 +63,8 @@ pub struct Args {
     upload_tries: u32,
 }
 
-fn parse_device(s: &str) -> anyhow::Result<Device> {
+/// `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N`.
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
     Ok(match s {
         "cpu" => Device::Cpu,
         "metal" => Device::Metal(0),

@@ -5,6 +5,7 @@ mod commands;
 mod farm;
 #[path = "../../../worker/tests/it/s3server.rs"]
 mod s3server;
+mod sweepfile;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

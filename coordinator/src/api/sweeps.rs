@@ -12,8 +12,10 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, sweep_id};
-use crate::queue::{Queue, Submission};
+use crate::query::{Filter, parse_sort};
+use crate::queue::{Queue, Submission, stored_source};
 use crate::store::{CellQuery, CellSort};
+use crate::sweep::SweepSource;
 use crate::{Error, Result};
 
 /// How often a watcher re-reads even without a change (for rate and ETA).
@@ -94,17 +96,33 @@ impl SweepService for SweepApi {
                 _ => return Err(Error::invalid("only one SweepHeader per stream").into()),
             }
         }
+        let mut spec = header.spec;
+        let mut name = header.name;
+        if cells.is_empty() && !spec.is_empty() {
+            // A sweep file: plan it here, before anything is stored.
+            let src = SweepSource {
+                path: header.spec_path,
+                text: spec,
+                files: header.files.into_iter().collect(),
+            };
+            spec = stored_source(&src);
+            let plan = self.queue.plan(src, &header.idempotency_key).await?;
+            if name.is_empty() {
+                name = plan.name;
+            }
+            cells = plan.cells;
+        }
         let out = self
             .queue
             .submit(Submission {
-                name: header.name,
+                name,
                 idempotency_key: header.idempotency_key,
                 priority: header.priority,
                 max_attempts: match header.max_attempts {
                     0 => None,
                     n => Some(i32::try_from(n).map_err(|_| Error::invalid("max_attempts"))?),
                 },
-                spec: header.spec,
+                spec,
                 cells,
             })
             .await?;
@@ -113,6 +131,46 @@ impl SweepService for SweepApi {
             cell_count: out.cell_count,
             duplicate: out.duplicate,
         }))
+    }
+
+    async fn plan_sweep(
+        &self,
+        request: Request<pb::PlanSweepRequest>,
+    ) -> Result<Response<pb::PlanSweepResponse>, Status> {
+        let r = request.into_inner();
+        let src = SweepSource {
+            path: r.spec_path,
+            text: r.spec,
+            files: r.files.into_iter().collect(),
+        };
+        let plan = self.queue.plan(src, &r.idempotency_key).await?;
+        Ok(Response::new(pb::PlanSweepResponse {
+            name: plan.name,
+            cell_count: plan.cells.len() as u64,
+            duplicates: plan.duplicates,
+            axes: plan.axes,
+            seeds: plan.seeds,
+            cells: plan
+                .cells
+                .into_iter()
+                .take(r.preview.min(1000) as usize)
+                .map(convert::cell_to_wire)
+                .collect(),
+        }))
+    }
+
+    async fn extend_sweep(
+        &self,
+        request: Request<pb::ExtendSweepRequest>,
+    ) -> Result<Response<pb::ExtendSweepResponse>, Status> {
+        let r = request.into_inner();
+        let src = SweepSource {
+            path: r.spec_path,
+            text: r.spec,
+            files: r.files.into_iter().collect(),
+        };
+        let (added, cell_count) = self.queue.extend(sweep_id(r.sweep_id)?, src).await?;
+        Ok(Response::new(pb::ExtendSweepResponse { added, cell_count }))
     }
 
     async fn get_sweep(
@@ -283,8 +341,16 @@ impl SweepService for SweepApi {
                 v => Some(WorkerId::from_wire(v).ok_or_else(|| Error::invalid("worker_id"))?),
             },
             bindings: r.bindings.into_iter().collect(),
-            filter: None,
-            sorts: Vec::new(),
+            filter: if r.filter.trim().is_empty() {
+                None
+            } else {
+                Some(Filter::parse(&r.filter).map_err(Error::from)?)
+            },
+            sorts: if r.sort_by.trim().is_empty() {
+                Vec::new()
+            } else {
+                parse_sort(&r.sort_by).map_err(Error::from)?
+            },
             sort: match pb::ResultSort::try_from(r.sort) {
                 Ok(pb::ResultSort::Unspecified | pb::ResultSort::Number) => CellSort::Number,
                 Ok(pb::ResultSort::Seed) => CellSort::Seed,

@@ -27,7 +27,7 @@ use crate::store::{
     CellQuery, CellRow, Fence, HeartbeatStatus, LeaseParams, LeasedCell, ProgressRow, Store,
     SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow,
 };
-use crate::sweep::{CellSpec, NewCell};
+use crate::sweep::{CellSpec, NewCell, Plan, PlanLimits, SweepSource};
 use crate::{Error, Result};
 
 /// Lifecycle settings.
@@ -216,6 +216,40 @@ impl Queue {
             }
             other => other?,
         };
+        self.events.changed();
+        Ok(out)
+    }
+
+    /// Plans a sweep file (on a blocking thread: a million cells take seconds). `key` is the
+    /// idempotency key it is (or would be) submitted with; it seeds `random = N` seeds, so the
+    /// same key always draws the same seeds and extending a sweep keeps them.
+    pub async fn plan(&self, src: SweepSource, key: &str) -> Result<Plan> {
+        let limits = PlanLimits {
+            max_cells: self.cfg.max_cells_per_sweep as u64,
+            ..PlanLimits::default()
+        };
+        let seed = random_seed_for(key);
+        tokio::task::spawn_blocking(move || crate::sweep::plan(&src, &limits, seed))
+            .await
+            .map_err(|e| Error::invalid(format!("planning stopped: {e}")))?
+            .map_err(Error::from)
+    }
+
+    /// Adds the cells of a grown sweep file that the sweep lacks. Returns (added, cells now).
+    pub async fn extend(&self, id: SweepId, src: SweepSource) -> Result<(u64, u64)> {
+        let sweep = self.store.sweep_get(id).await?;
+        let stored = stored_source(&src);
+        let plan = self.plan(src, &sweep.idempotency_key).await?;
+        let cells = plan
+            .cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| NewCell::new(i as u32, c))
+            .collect::<Result<Vec<_>>>()?;
+        let out = self
+            .store
+            .sweep_extend(id, &cells, &stored, self.now())
+            .await?;
         self.events.changed();
         Ok(out)
     }
@@ -454,6 +488,15 @@ impl Queue {
         Ok(report)
     }
 
+    /// Puts every running attempt back in the queue uncounted. Only for an embedded
+    /// coordinator with no other workers (`kiln run` after an interrupted run): with remote
+    /// workers it would hand out cells that are still rendering.
+    pub async fn requeue_running(&self) -> Result<u64> {
+        let n = self.store.cell_requeue_running().await?;
+        self.events.changed();
+        Ok(n)
+    }
+
     /// One cell.
     pub async fn cell(&self, id: CellId) -> Result<CellRow> {
         self.store.cell_get(id).await
@@ -477,6 +520,21 @@ impl Queue {
     pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
         self.store.worker_list(self.now().plus(-60_000)).await
     }
+}
+
+/// The seed for a sweep's `random = N` seeds: the first 8 bytes of sha256(idempotency key).
+pub fn random_seed_for(key: &str) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(key.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// How a sweep file is stored in `sweeps.spec`: JSON with the file, its name and every file it
+/// references, so its plan can be re-derived and audited later.
+pub fn stored_source(src: &SweepSource) -> String {
+    serde_json::json!({ "path": src.path, "text": src.text, "files": src.files }).to_string()
 }
 
 fn validate_registration(r: &WorkerRegistration) -> Result<()> {

@@ -402,6 +402,18 @@ impl Store {
         delegate!(self, sweep_insert(p, now))
     }
 
+    /// Adds the cells of `cells` whose key the sweep lacks, numbered after its last cell, and
+    /// stores the new sweep file. Returns (added, cells now).
+    pub async fn sweep_extend(
+        &self,
+        id: SweepId,
+        cells: &[NewCell],
+        spec: &str,
+        now: Millis,
+    ) -> Result<(u64, u64)> {
+        delegate!(self, sweep_extend(id, cells, spec, now))
+    }
+
     /// A sweep with its counts.
     pub async fn sweep_get(&self, id: SweepId) -> Result<SweepRow> {
         delegate!(self, sweep_get(id))
@@ -503,6 +515,12 @@ impl Store {
     /// sweep is paused).
     pub async fn cell_promote_due(&self, now: Millis) -> Result<u64> {
         delegate!(self, cell_promote_due(now))
+    }
+
+    /// Every running attempt back to available, uncounted (embedded mode only; see
+    /// `Queue::requeue_running`).
+    pub async fn cell_requeue_running(&self) -> Result<u64> {
+        delegate!(self, cell_requeue_running())
     }
 
     /// One cell.

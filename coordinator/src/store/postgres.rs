@@ -3,6 +3,8 @@
 //! the one row they change. Many connections write at once; every write is a short
 //! transaction, and the fence in each `UPDATE … WHERE` makes stale writes match nothing.
 
+use std::collections::HashSet;
+
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres};
@@ -82,62 +84,91 @@ impl PgStore {
         .bind(now.0)
         .fetch_one(&mut *tx)
         .await?;
-        for chunk in p.cells.chunks(INSERT_BATCH) {
-            let col = |f: &dyn Fn(&crate::sweep::NewCell) -> String| -> Vec<String> {
-                chunk.iter().map(f).collect()
-            };
-            let int = |f: &dyn Fn(&crate::sweep::NewCell) -> i64| -> Vec<i64> {
-                chunk.iter().map(f).collect()
-            };
-            sqlx::query(
-                "INSERT INTO cells (sweep_id, number, cell_key, spec, affinity_key, priority, \
-                 pixels, min_memory_mib, model, prompt, negative_prompt, seed, steps, cfg, \
-                 sampler, width, height, bindings, state, attempt, max_attempts, errors, \
-                 scheduled_at, created_at) \
-                 SELECT $1, number, cell_key, spec, affinity_key, $2, pixels, min_memory_mib, \
-                 model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, \
-                 bindings::jsonb, 'available', 0, $3, '[]', $4, $4 \
-                 FROM UNNEST($5::bigint[], $6::text[], $7::text[], $8::text[], $9::bigint[], \
-                 $10::bigint[], $11::text[], $12::text[], $13::text[], $14::bigint[], \
-                 $15::bigint[], $16::float8[], $17::text[], $18::bigint[], $19::bigint[], \
-                 $20::text[]) AS t(number, cell_key, spec, affinity_key, pixels, min_memory_mib, \
-                 model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, \
-                 bindings)",
-            )
-            .bind(id)
-            .bind(i64::from(p.priority))
-            .bind(i64::from(p.max_attempts))
-            .bind(now.0)
-            .bind(int(&|c| i64::from(c.number)))
-            .bind(col(&|c| c.cell_key.clone()))
-            .bind(col(&|c| c.spec_json.clone()))
-            .bind(col(&|c| c.affinity_key.clone()))
-            .bind(int(&|c| c.spec.pixels() as i64))
-            .bind(int(&|c| c.spec.min_memory_mib as i64))
-            .bind(col(&|c| c.spec.model.clone()))
-            .bind(col(&|c| c.spec.prompt.clone()))
-            .bind(col(&|c| c.spec.negative_prompt.clone()))
-            .bind(int(&|c| c.spec.seed as i64))
-            .bind(int(&|c| i64::from(c.spec.steps)))
-            .bind(
-                chunk
-                    .iter()
-                    .map(|c| c.spec.cfg_decimal())
-                    .collect::<Vec<f64>>(),
-            )
-            .bind(col(&|c| c.spec.sampler.as_str().to_string()))
-            .bind(int(&|c| i64::from(c.spec.width)))
-            .bind(int(&|c| i64::from(c.spec.height)))
-            .bind(col(&|c| c.bindings_json.clone()))
-            .execute(&mut *tx)
-            .await?;
-        }
+        insert_cells(
+            &mut tx,
+            id,
+            i64::from(p.priority),
+            i64::from(p.max_attempts),
+            "available",
+            p.cells,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(SweepInserted {
             id: SweepId(id),
             cell_count: p.cells.len() as u64,
             duplicate: false,
         })
+    }
+
+    pub(super) async fn sweep_extend(
+        &self,
+        id: SweepId,
+        cells: &[crate::sweep::NewCell],
+        spec: &str,
+        now: Millis,
+    ) -> Result<(u64, u64)> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT state, priority, max_attempts FROM sweeps WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id.0)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(Error::SweepNotFound(id))?;
+        let state: SweepState = row.text("state")?.parse()?;
+        if state == SweepState::Cancelled {
+            return Err(Error::Conflict(format!("sweep {id} is cancelled")));
+        }
+        let existing: Vec<String> =
+            sqlx::query_scalar("SELECT cell_key FROM cells WHERE sweep_id = $1")
+                .bind(id.0)
+                .fetch_all(&mut *tx)
+                .await?;
+        let next: i64 = existing.len() as i64;
+        let max_number: Option<i64> =
+            sqlx::query_scalar("SELECT max(number) FROM cells WHERE sweep_id = $1")
+                .bind(id.0)
+                .fetch_one(&mut *tx)
+                .await?;
+        let start = max_number.map_or(0, |m| m + 1).max(next);
+        let existing: HashSet<String> = existing.into_iter().collect();
+        let fresh: Vec<crate::sweep::NewCell> = cells
+            .iter()
+            .filter(|c| !existing.contains(&c.cell_key))
+            .enumerate()
+            .map(|(i, c)| {
+                let mut c = c.clone();
+                c.number = u32::try_from(start + i as i64).unwrap_or(u32::MAX);
+                c
+            })
+            .collect();
+        let cell_state = if state == SweepState::Paused {
+            "held"
+        } else {
+            "available"
+        };
+        insert_cells(
+            &mut tx,
+            id.0,
+            row.int("priority")?,
+            row.int("max_attempts")?,
+            cell_state,
+            &fresh,
+            now,
+        )
+        .await?;
+        sqlx::query("UPDATE sweeps SET spec = $1 WHERE id = $2")
+            .bind(spec)
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((
+            fresh.len() as u64,
+            existing.len() as u64 + fresh.len() as u64,
+        ))
     }
 
     pub(super) async fn sweep_get(&self, id: SweepId) -> Result<SweepRow> {
@@ -572,6 +603,19 @@ impl PgStore {
         Ok(n)
     }
 
+    pub(super) async fn cell_requeue_running(&self) -> Result<u64> {
+        let n = sqlx::query(
+            "UPDATE cells SET state = CASE WHEN (SELECT state FROM sweeps \
+             WHERE sweeps.id = cells.sweep_id) = 'paused' THEN 'held' ELSE 'available' END, \
+             attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL, \
+             progress_step = NULL, progress_total = NULL WHERE state = 'running'",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
+    }
+
     pub(super) async fn cell_get(&self, id: CellId) -> Result<CellRow> {
         let sql = format!("SELECT {CELL_COLUMNS} FROM cells WHERE id = $1");
         let row = sqlx::query(AssertSqlSafe(sql))
@@ -780,4 +824,68 @@ async fn fail_in_tx(
     .execute(&mut *tx)
     .await?;
     Ok(decision)
+}
+
+/// Inserts `cells` of sweep `id` in `state`, in batches.
+async fn insert_cells(
+    conn: &mut sqlx::PgConnection,
+    id: i64,
+    priority: i64,
+    max_attempts: i64,
+    state: &str,
+    cells: &[crate::sweep::NewCell],
+    now: Millis,
+) -> Result<()> {
+    for chunk in cells.chunks(INSERT_BATCH) {
+        let col = |f: &dyn Fn(&crate::sweep::NewCell) -> String| -> Vec<String> {
+            chunk.iter().map(f).collect()
+        };
+        let int = |f: &dyn Fn(&crate::sweep::NewCell) -> i64| -> Vec<i64> {
+            chunk.iter().map(f).collect()
+        };
+        sqlx::query(
+            "INSERT INTO cells (sweep_id, number, cell_key, spec, affinity_key, priority, \
+             pixels, min_memory_mib, model, prompt, negative_prompt, seed, steps, cfg, \
+             sampler, width, height, bindings, state, attempt, max_attempts, errors, \
+             scheduled_at, created_at) \
+             SELECT $1, number, cell_key, spec, affinity_key, $2, pixels, min_memory_mib, \
+             model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, \
+             bindings::jsonb, $21, 0, $3, '[]', $4, $4 \
+             FROM UNNEST($5::bigint[], $6::text[], $7::text[], $8::text[], $9::bigint[], \
+             $10::bigint[], $11::text[], $12::text[], $13::text[], $14::bigint[], \
+             $15::bigint[], $16::float8[], $17::text[], $18::bigint[], $19::bigint[], \
+             $20::text[]) AS t(number, cell_key, spec, affinity_key, pixels, min_memory_mib, \
+             model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, \
+             bindings)",
+        )
+        .bind(id)
+        .bind(priority)
+        .bind(max_attempts)
+        .bind(now.0)
+        .bind(int(&|c| i64::from(c.number)))
+        .bind(col(&|c| c.cell_key.clone()))
+        .bind(col(&|c| c.spec_json.clone()))
+        .bind(col(&|c| c.affinity_key.clone()))
+        .bind(int(&|c| c.spec.pixels() as i64))
+        .bind(int(&|c| c.spec.min_memory_mib as i64))
+        .bind(col(&|c| c.spec.model.clone()))
+        .bind(col(&|c| c.spec.prompt.clone()))
+        .bind(col(&|c| c.spec.negative_prompt.clone()))
+        .bind(int(&|c| c.spec.seed as i64))
+        .bind(int(&|c| i64::from(c.spec.steps)))
+        .bind(
+            chunk
+                .iter()
+                .map(|c| c.spec.cfg_decimal())
+                .collect::<Vec<f64>>(),
+        )
+        .bind(col(&|c| c.spec.sampler.as_str().to_string()))
+        .bind(int(&|c| i64::from(c.spec.width)))
+        .bind(int(&|c| i64::from(c.spec.height)))
+        .bind(col(&|c| c.bindings_json.clone()))
+        .bind(state)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }

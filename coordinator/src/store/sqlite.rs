@@ -105,48 +105,89 @@ impl SqliteStore {
         .bind(now.0)
         .fetch_one(&mut *tx)
         .await?;
-        for chunk in p.cells.chunks(INSERT_BATCH) {
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO cells (sweep_id, number, cell_key, spec, affinity_key, priority, \
-                 pixels, min_memory_mib, model, prompt, negative_prompt, seed, steps, cfg, \
-                 sampler, width, height, bindings, state, attempt, max_attempts, errors, \
-                 scheduled_at, created_at) ",
-            );
-            qb.push_values(chunk, |mut b, c| {
-                let s = &c.spec;
-                b.push_bind(id)
-                    .push_bind(i64::from(c.number))
-                    .push_bind(c.cell_key.clone())
-                    .push_bind(c.spec_json.clone())
-                    .push_bind(c.affinity_key.clone())
-                    .push_bind(p.priority)
-                    .push_bind(s.pixels() as i64)
-                    .push_bind(s.min_memory_mib as i64)
-                    .push_bind(s.model.clone())
-                    .push_bind(s.prompt.clone())
-                    .push_bind(s.negative_prompt.clone())
-                    .push_bind(s.seed as i64)
-                    .push_bind(i64::from(s.steps))
-                    .push_bind(s.cfg_decimal())
-                    .push_bind(s.sampler.as_str())
-                    .push_bind(i64::from(s.width))
-                    .push_bind(i64::from(s.height))
-                    .push_bind(c.bindings_json.clone())
-                    .push_bind("available")
-                    .push_bind(0i64)
-                    .push_bind(p.max_attempts)
-                    .push_bind("[]")
-                    .push_bind(now.0)
-                    .push_bind(now.0);
-            });
-            qb.build().execute(&mut *tx).await?;
-        }
+        insert_cells(
+            &mut tx,
+            id,
+            i64::from(p.priority),
+            i64::from(p.max_attempts),
+            "available",
+            p.cells,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(SweepInserted {
             id: SweepId(id),
             cell_count: p.cells.len() as u64,
             duplicate: false,
         })
+    }
+
+    pub(super) async fn sweep_extend(
+        &self,
+        id: SweepId,
+        cells: &[crate::sweep::NewCell],
+        spec: &str,
+        now: Millis,
+    ) -> Result<(u64, u64)> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query("SELECT state, priority, max_attempts FROM sweeps WHERE id = ?")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(Error::SweepNotFound(id))?;
+        let state: SweepState = row.text("state")?.parse()?;
+        if state == SweepState::Cancelled {
+            return Err(Error::Conflict(format!("sweep {id} is cancelled")));
+        }
+        let existing: Vec<String> =
+            sqlx::query_scalar("SELECT cell_key FROM cells WHERE sweep_id = ?")
+                .bind(id.0)
+                .fetch_all(&mut *tx)
+                .await?;
+        let next: i64 = existing.len() as i64;
+        let max_number: Option<i64> =
+            sqlx::query_scalar("SELECT max(number) FROM cells WHERE sweep_id = ?")
+                .bind(id.0)
+                .fetch_one(&mut *tx)
+                .await?;
+        let start = max_number.map_or(0, |m| m + 1).max(next);
+        let existing: HashSet<String> = existing.into_iter().collect();
+        let fresh: Vec<crate::sweep::NewCell> = cells
+            .iter()
+            .filter(|c| !existing.contains(&c.cell_key))
+            .enumerate()
+            .map(|(i, c)| {
+                let mut c = c.clone();
+                c.number = u32::try_from(start + i as i64).unwrap_or(u32::MAX);
+                c
+            })
+            .collect();
+        let cell_state = if state == SweepState::Paused {
+            "held"
+        } else {
+            "available"
+        };
+        insert_cells(
+            &mut tx,
+            id.0,
+            row.int("priority")?,
+            row.int("max_attempts")?,
+            cell_state,
+            &fresh,
+            now,
+        )
+        .await?;
+        sqlx::query("UPDATE sweeps SET spec = ? WHERE id = ?")
+            .bind(spec)
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((
+            fresh.len() as u64,
+            existing.len() as u64 + fresh.len() as u64,
+        ))
     }
 
     pub(super) async fn sweep_get(&self, id: SweepId) -> Result<SweepRow> {
@@ -585,6 +626,19 @@ impl SqliteStore {
         Ok(n)
     }
 
+    pub(super) async fn cell_requeue_running(&self) -> Result<u64> {
+        let n = sqlx::query(
+            "UPDATE cells SET state = CASE WHEN (SELECT state FROM sweeps \
+             WHERE sweeps.id = cells.sweep_id) = 'paused' THEN 'held' ELSE 'available' END, \
+             attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL, \
+             progress_step = NULL, progress_total = NULL WHERE state = 'running'",
+        )
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        Ok(n)
+    }
+
     pub(super) async fn cell_get(&self, id: CellId) -> Result<CellRow> {
         let sql = format!("SELECT {CELL_COLUMNS} FROM cells WHERE id = ?");
         let row = sqlx::query(AssertSqlSafe(sql))
@@ -790,4 +844,53 @@ async fn fail_in_tx(
     .execute(&mut *tx)
     .await?;
     Ok(decision)
+}
+
+/// Inserts `cells` of sweep `id` in `state`, in batches.
+async fn insert_cells(
+    conn: &mut sqlx::SqliteConnection,
+    id: i64,
+    priority: i64,
+    max_attempts: i64,
+    state: &str,
+    cells: &[crate::sweep::NewCell],
+    now: Millis,
+) -> Result<()> {
+    for chunk in cells.chunks(INSERT_BATCH) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO cells (sweep_id, number, cell_key, spec, affinity_key, priority, \
+             pixels, min_memory_mib, model, prompt, negative_prompt, seed, steps, cfg, \
+             sampler, width, height, bindings, state, attempt, max_attempts, errors, \
+             scheduled_at, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, c| {
+            let s = &c.spec;
+            b.push_bind(id)
+                .push_bind(i64::from(c.number))
+                .push_bind(c.cell_key.clone())
+                .push_bind(c.spec_json.clone())
+                .push_bind(c.affinity_key.clone())
+                .push_bind(priority)
+                .push_bind(s.pixels() as i64)
+                .push_bind(s.min_memory_mib as i64)
+                .push_bind(s.model.clone())
+                .push_bind(s.prompt.clone())
+                .push_bind(s.negative_prompt.clone())
+                .push_bind(s.seed as i64)
+                .push_bind(i64::from(s.steps))
+                .push_bind(s.cfg_decimal())
+                .push_bind(s.sampler.as_str())
+                .push_bind(i64::from(s.width))
+                .push_bind(i64::from(s.height))
+                .push_bind(c.bindings_json.clone())
+                .push_bind(state)
+                .push_bind(0i64)
+                .push_bind(max_attempts)
+                .push_bind("[]")
+                .push_bind(now.0)
+                .push_bind(now.0);
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
 }

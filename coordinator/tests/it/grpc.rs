@@ -94,6 +94,7 @@ fn submit_stream(key: &str, chunks: Vec<Vec<pb::RenderCell>>) -> Vec<pb::SubmitS
             priority: 0,
             max_attempts: 0,
             spec: "# sweep file".into(),
+            ..Default::default()
         })),
     }];
     msgs.extend(chunks.into_iter().map(|cells| pb::SubmitSweepRequest {
@@ -440,6 +441,23 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+
+    // A sweep file is planned by the coordinator; its errors name file:line:col.
+    let header = pb::SweepHeader {
+        idempotency_key: "file".into(),
+        spec_path: "foxes.toml".into(),
+        spec: "model = \"m\"\nprompt = \"a {fox|}\"\nseeds = [1]\nbogus = 3\n".into(),
+        ..Default::default()
+    };
+    let e = s
+        .sweeps
+        .submit_sweep(tokio_stream::iter(vec![pb::SubmitSweepRequest {
+            part: Some(pb::submit_sweep_request::Part::Header(header)),
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("foxes.toml:4:"), "{}", e.message());
 
     // Oversized: a field past its limit, and a message past the transport limit.
     let mut big = render_cell(1);

@@ -1,0 +1,244 @@
+//! `kiln query` (results as a table, JSON or CSV) and `kiln fetch` (download the matching
+//! images, checking each against its recorded sha256). The filter text goes to the
+//! coordinator as data; it never becomes SQL on this side or the other.
+
+use std::path::Path;
+
+use anyhow::Context;
+use kiln_proto::v1 as pb;
+use kiln_worker::upload::{S3Options, Storage, StorageUrl};
+use sha2::{Digest, Sha256};
+
+use crate::client::{Conn, status_error};
+use crate::table::Table;
+
+/// Output formats of `kiln query`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns.
+    Table,
+    /// A JSON array of objects.
+    Json,
+    /// CSV with a header row (bindings as `key=value;…`).
+    Csv,
+}
+
+/// Fetches up to `limit` cells matching `filter`, following pages.
+pub async fn fetch_rows(
+    conn: &Conn,
+    filter: &str,
+    sort: Option<&str>,
+    limit: u32,
+) -> anyhow::Result<Vec<pb::CellRecord>> {
+    let mut c = conn.sweeps().await?;
+    let mut rows = Vec::new();
+    let mut token = String::new();
+    while (rows.len() as u32) < limit {
+        let r = c
+            .query_results(pb::QueryResultsRequest {
+                filter: filter.to_string(),
+                sort_by: sort.unwrap_or_default().to_string(),
+                limit: (limit - rows.len() as u32).min(1000),
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        rows.extend(r.cells);
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    Ok(rows)
+}
+
+fn state_name(v: i32) -> &'static str {
+    match pb::CellState::try_from(v) {
+        Ok(pb::CellState::Available) => "available",
+        Ok(pb::CellState::Scheduled) => "scheduled",
+        Ok(pb::CellState::Running) => "running",
+        Ok(pb::CellState::Retryable) => "retryable",
+        Ok(pb::CellState::Held) => "held",
+        Ok(pb::CellState::Completed) => "completed",
+        Ok(pb::CellState::Cancelled) => "cancelled",
+        Ok(pb::CellState::Discarded) => "discarded",
+        _ => "?",
+    }
+}
+
+fn bindings_text(c: &pb::RenderCell) -> String {
+    let mut b: Vec<String> = c.bindings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    b.sort();
+    b.join(";")
+}
+
+fn record_json(r: &pb::CellRecord) -> serde_json::Value {
+    let c = r.cell.clone().unwrap_or_default();
+    let res = r.result.clone().unwrap_or_default();
+    serde_json::json!({
+        "cell": r.cell_id, "sweep": r.sweep_id, "number": r.number, "state": state_name(r.state),
+        "model": c.model, "prompt": c.prompt, "negative_prompt": c.negative_prompt,
+        "seed": c.seed, "steps": c.steps, "cfg": c.cfg,
+        "sampler": match pb::Sampler::try_from(c.sampler) { Ok(pb::Sampler::EulerA) => "euler_a", _ => "lcm" },
+        "width": c.width, "height": c.height,
+        "loras": c.loras.iter().map(|l| serde_json::json!({"name": l.name, "strength": l.strength})).collect::<Vec<_>>(),
+        "bindings": c.bindings, "attempt": r.attempt, "worker": r.worker_id,
+        "object_key": res.object_key, "storage": res.storage, "sha256": res.sha256,
+        "finished_at_ms": r.finished_at_ms,
+    })
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Renders rows in `format`.
+pub fn render(rows: &[pb::CellRecord], format: Format) -> String {
+    match format {
+        Format::Json => {
+            let v: Vec<serde_json::Value> = rows.iter().map(record_json).collect();
+            serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+        }
+        Format::Csv => {
+            let cols = [
+                "cell",
+                "sweep",
+                "number",
+                "state",
+                "model",
+                "prompt",
+                "negative_prompt",
+                "seed",
+                "steps",
+                "cfg",
+                "sampler",
+                "width",
+                "height",
+                "bindings",
+                "attempt",
+                "worker",
+                "object_key",
+                "storage",
+                "sha256",
+                "finished_at_ms",
+            ];
+            let mut out = cols.join(",") + "\n";
+            for r in rows {
+                let v = record_json(r);
+                let c = r.cell.clone().unwrap_or_default();
+                let line: Vec<String> = cols
+                    .iter()
+                    .map(|k| match *k {
+                        "bindings" => csv_field(&bindings_text(&c)),
+                        k => match &v[k] {
+                            serde_json::Value::String(s) => csv_field(s),
+                            other => other.to_string(),
+                        },
+                    })
+                    .collect();
+                out += &(line.join(",") + "\n");
+            }
+            out
+        }
+        Format::Table => {
+            let mut t = Table::new(&[
+                "CELL", "SWEEP", "#", "STATE", "SEED", "CFG", "STEPS", "PROMPT", "BINDINGS",
+                "OBJECT",
+            ]);
+            for r in rows {
+                let c = r.cell.clone().unwrap_or_default();
+                let prompt: String = if c.prompt.chars().count() > 48 {
+                    c.prompt.chars().take(47).collect::<String>() + "…"
+                } else {
+                    c.prompt.clone()
+                };
+                t.row(vec![
+                    r.cell_id.to_string(),
+                    r.sweep_id.to_string(),
+                    r.number.to_string(),
+                    state_name(r.state).into(),
+                    c.seed.to_string(),
+                    format!("{}", c.cfg),
+                    c.steps.to_string(),
+                    prompt,
+                    bindings_text(&c),
+                    r.result
+                        .as_ref()
+                        .map(|x| x.object_key.clone())
+                        .unwrap_or_default(),
+                ]);
+            }
+            t.render()
+        }
+    }
+}
+
+/// `kiln query`.
+pub async fn query(
+    conn: &Conn,
+    filter: &str,
+    sort: Option<&str>,
+    limit: u32,
+    format: Format,
+) -> anyhow::Result<()> {
+    let rows = fetch_rows(conn, filter, sort, limit).await?;
+    print!("{}", render(&rows, format));
+    Ok(())
+}
+
+/// `kiln fetch`: downloads the images of matching completed cells into `dir` as
+/// `{sweep}-{number:06}-{seed}.png`, verifying each sha256.
+pub async fn fetch(
+    conn: &Conn,
+    filter: &str,
+    limit: u32,
+    dir: &Path,
+    s3: &S3Options,
+) -> anyhow::Result<()> {
+    let filter = if filter.trim().is_empty() {
+        "state = \"completed\"".to_string()
+    } else {
+        format!("({filter}) and state = \"completed\"")
+    };
+    let rows = fetch_rows(conn, &filter, None, limit).await?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut stores: Vec<(String, Storage)> = Vec::new();
+    let mut n = 0;
+    for r in &rows {
+        let Some(res) = &r.result else { continue };
+        let storage = match stores.iter().find(|(u, _)| u == &res.storage) {
+            Some((_, s)) => s.clone(),
+            None => {
+                let url: StorageUrl = res.storage.parse()?;
+                let s = Storage::open(&url, s3).await?;
+                stores.push((res.storage.clone(), s.clone()));
+                s
+            }
+        };
+        let bytes = storage
+            .get(&res.object_key)
+            .await
+            .with_context(|| format!("cell {}: {}", r.cell_id, res.object_key))?;
+        let got = hex::encode(Sha256::digest(&bytes));
+        anyhow::ensure!(
+            got == res.sha256,
+            "cell {}: {} has sha256 {got}, the result says {}",
+            r.cell_id,
+            res.object_key,
+            res.sha256
+        );
+        let seed = r.cell.as_ref().map_or(0, |c| c.seed);
+        let name = format!("{}-{:06}-{seed}.png", r.sweep_id, r.number);
+        std::fs::write(dir.join(&name), &bytes)
+            .with_context(|| format!("writing {}", dir.join(&name).display()))?;
+        n += 1;
+    }
+    println!("{n} images written to {}", dir.display());
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! `kiln run FILE`: the single-machine main job. An embedded coordinator on SQLite
+//! (`./kiln.db`), one in-process worker on the local device, images in `./kiln-out/` (or S3),
+//! a progress bar. Submission is idempotent by the file's contents, so after Ctrl-C (or a
+//! crash) running the same command again resumes where it stopped.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_coordinator::clock::SystemClock;
+use kiln_coordinator::config::Settings;
+use kiln_coordinator::queue::Queue;
+use kiln_coordinator::store::Store;
+use kiln_proto::v1 as pb;
+use kiln_worker::agent::{self, AgentConfig};
+use kiln_worker::upload::{RetryPolicy, Storage, StorageUrl};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+
+use crate::client::{Conn, S3Args, status_error};
+use crate::submit::{SweepFile, submit_file};
+
+pub const EXAMPLES: &str = "Examples:
+  kiln run examples/tiny.toml                       # the README quick start
+  kiln run sweep.toml --models D:\\sd\\models --device cuda:0
+  kiln run sweep.toml --storage s3://renders/kiln --s3-endpoint http://nas:3900 --s3-path-style";
+
+/// Flags of `kiln run`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The sweep file (TOML).
+    file: PathBuf,
+    /// Database of the embedded coordinator.
+    #[arg(long, env = "KILN_DB", default_value = "sqlite://kiln.db")]
+    db: String,
+    /// Where images go: file://DIR or s3://BUCKET/PREFIX.
+    #[arg(long, env = "KILN_STORAGE", default_value = "file://kiln-out")]
+    storage: String,
+    /// Folder searched for model and LoRA names (repeatable) [default: the sweep file's folder].
+    #[arg(long = "models", env = "KILN_MODELS")]
+    models: Vec<PathBuf>,
+    /// Compute device: cpu, cuda:N or metal.
+    #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Memory budget for loaded pipelines, GiB.
+    #[arg(long, default_value_t = 8.0)]
+    cache_gb: f64,
+    #[command(flatten)]
+    s3: S3Args,
+}
+
+pub fn main(args: Args) -> anyhow::Result<()> {
+    let file = SweepFile::read(&args.file)?;
+    let device = crate::worker::parse_device(&args.device)?;
+    let url: StorageUrl = args.storage.parse()?;
+    let cfg = Settings {
+        db: Some(args.db.clone()),
+        listen: Some("127.0.0.1:0".into()),
+        ..Default::default()
+    }
+    .validate()?;
+    let models = if args.models.is_empty() {
+        vec![
+            args.file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), PathBuf::from),
+        ]
+    } else {
+        args.models.clone()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let store = Store::connect(&cfg.db, &cfg.store).await?;
+        let queue = Queue::new(store.clone(), Arc::new(SystemClock), cfg.queue.clone());
+        // Embedded mode has no other workers: attempts left running by an interrupted run
+        // go straight back to the queue.
+        let requeued = queue.requeue_running().await?;
+        if requeued > 0 {
+            eprintln!("resuming: {requeued} interrupted cells queued again");
+        }
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+        let addr = listener.local_addr()?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let server = tokio::spawn(kiln_coordinator::server::serve(
+            queue,
+            listener,
+            cfg.maintenance_interval,
+            stopped(stop_rx.clone()),
+        ));
+        let conn = Conn {
+            coordinator: format!("http://{addr}"),
+        };
+        let sub = submit_file(&conn, &file, &file.content_key(), 0).await?;
+        if sub.duplicate {
+            eprintln!("sweep {} (submitted before): resuming", sub.sweep_id);
+        } else {
+            eprintln!("sweep {}: {} cells", sub.sweep_id, sub.cell_count);
+        }
+        let storage = Storage::open(&url, &args.s3.options()).await?;
+        let agent_cfg = AgentConfig {
+            coordinator: conn.coordinator.clone(),
+            name: "local".into(),
+            device,
+            models,
+            cache_bytes: (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64,
+            max_pixels: 4096 * 4096,
+            memory_mib: u64::MAX >> 1,
+            prefetch: 1,
+            upload_retry: RetryPolicy::default(),
+            idle_poll: Duration::from_millis(100),
+        };
+        let worker = tokio::spawn(agent::run(agent_cfg, storage, stopped(stop_rx.clone())));
+
+        let interrupted = tokio::select! {
+            r = follow(&conn, sub.sweep_id) => { r?; false }
+            _ = crate::signal::shutdown() => true,
+        };
+        let _ = stop_tx.send(true);
+        worker.await.context("worker task")??;
+        server.await.context("coordinator task")??;
+        store.close().await;
+        if interrupted {
+            eprintln!("interrupted: run the same command again to resume");
+        } else {
+            eprintln!("done: images under {url}/sweeps/{}/", sub.sweep_id);
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Shows a progress bar until the sweep is finished; errors if any cell failed for good.
+async fn follow(conn: &Conn, sweep: u64) -> anyhow::Result<()> {
+    let mut c = conn.sweeps().await?;
+    let mut stream = c
+        .watch_sweep(pb::SweepRequest { sweep_id: sweep })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("[{bar:30}] {pos}/{len} {msg}")?.progress_chars("=> "),
+    );
+    let mut last = None;
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(status_error)?;
+        let Some(s) = ev.sweep else { continue };
+        let n = s.counts.unwrap_or_default();
+        bar.set_length(n.total);
+        bar.set_position(n.completed + n.discarded + n.cancelled);
+        bar.set_message(format!(
+            "{} failed, {:.2} img/s",
+            n.discarded, ev.cells_per_second
+        ));
+        last = Some(n);
+    }
+    bar.finish();
+    if let Some(n) = last
+        && n.discarded > 0
+    {
+        anyhow::bail!(
+            "{} of {} cells failed; see `kiln query 'state = \"discarded\"'` against this database",
+            n.discarded,
+            n.total
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! `kiln submit`, `kiln plan` and `kiln extend`: read a sweep file and every file it
+//! references (the coordinator never reads the client's disk), send them, print the answer.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
+use kiln_proto::v1 as pb;
+use sha2::{Digest, Sha256};
+
+use crate::client::{Conn, status_error};
+use crate::table::Table;
+
+/// A sweep file and the files it references, read from disk.
+pub struct SweepFile {
+    /// The path as the user gave it.
+    pub path: String,
+    /// The TOML text.
+    pub text: String,
+    /// Referenced files, keyed as the sweep file spells them.
+    pub files: HashMap<String, String>,
+}
+
+impl SweepFile {
+    /// Reads `path` and, relative to its folder, every file it references.
+    pub fn read(path: &Path) -> anyhow::Result<SweepFile> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading sweep file {}", path.display()))?;
+        let shown = path.display().to_string();
+        let names = kiln_coordinator::sweep::referenced_files(&shown, &text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let mut files = HashMap::new();
+        for name in names {
+            let full = dir.join(&name);
+            let body = std::fs::read_to_string(&full).with_context(|| {
+                format!(
+                    "{shown}: referenced file {name:?} (looked at {})",
+                    full.display()
+                )
+            })?;
+            files.insert(name, body);
+        }
+        Ok(SweepFile {
+            path: shown,
+            text,
+            files,
+        })
+    }
+
+    /// The default idempotency key: a hash of the contents, so submitting the same file again
+    /// (even after editing and undoing) names the same sweep.
+    pub fn content_key(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.text.as_bytes());
+        let mut names: Vec<&String> = self.files.keys().collect();
+        names.sort();
+        for n in names {
+            h.update([0]);
+            h.update(n.as_bytes());
+            h.update([0]);
+            h.update(self.files[n].as_bytes());
+        }
+        format!("sha256:{}", hex::encode(h.finalize()))
+    }
+
+    /// The header of a SubmitSweep stream that asks the coordinator to plan this file.
+    pub fn header(&self, key: &str, priority: i32) -> pb::SweepHeader {
+        pb::SweepHeader {
+            name: String::new(),
+            idempotency_key: key.to_string(),
+            priority,
+            max_attempts: 0,
+            spec: self.text.clone(),
+            spec_path: self.path.clone(),
+            files: self.files.clone(),
+        }
+    }
+}
+
+/// Submits a sweep file; returns (sweep id, cells, duplicate).
+pub async fn submit_file(
+    conn: &Conn,
+    file: &SweepFile,
+    key: &str,
+    priority: i32,
+) -> anyhow::Result<pb::SubmitSweepResponse> {
+    let mut c = conn.sweeps().await?;
+    let msgs = vec![pb::SubmitSweepRequest {
+        part: Some(pb::submit_sweep_request::Part::Header(
+            file.header(key, priority),
+        )),
+    }];
+    Ok(c.submit_sweep(tokio_stream::iter(msgs))
+        .await
+        .map_err(status_error)?
+        .into_inner())
+}
+
+/// `kiln submit FILE`.
+pub async fn submit(
+    conn: &Conn,
+    path: &Path,
+    key: Option<String>,
+    priority: i32,
+) -> anyhow::Result<()> {
+    let file = SweepFile::read(path)?;
+    let key = key.unwrap_or_else(|| file.content_key());
+    let r = submit_file(conn, &file, &key, priority).await?;
+    if r.duplicate {
+        println!(
+            "sweep {} already submitted ({} cells); nothing added",
+            r.sweep_id, r.cell_count
+        );
+    } else {
+        println!("sweep {} submitted: {} cells", r.sweep_id, r.cell_count);
+    }
+    Ok(())
+}
+
+/// `kiln plan FILE`: a dry run.
+pub async fn plan(conn: &Conn, path: &Path, show: u32) -> anyhow::Result<()> {
+    let file = SweepFile::read(path)?;
+    let mut c = conn.sweeps().await?;
+    let r = c
+        .plan_sweep(pb::PlanSweepRequest {
+            spec_path: file.path.clone(),
+            spec: file.text.clone(),
+            files: file.files.clone(),
+            idempotency_key: file.content_key(),
+            preview: show,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "sweep {:?}: {} cells ({} duplicates dropped), axes: [{}], {} seeds",
+        r.name,
+        r.cell_count,
+        r.duplicates,
+        r.axes.join(", "),
+        r.seeds.len()
+    );
+    let mut t = Table::new(&["#", "SEED", "CFG", "STEPS", "SIZE", "PROMPT", "BINDINGS"]);
+    for (i, cell) in r.cells.iter().enumerate() {
+        let mut b: Vec<String> = cell
+            .bindings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        b.sort();
+        t.row(vec![
+            i.to_string(),
+            cell.seed.to_string(),
+            format!("{}", cell.cfg),
+            cell.steps.to_string(),
+            format!("{}x{}", cell.width, cell.height),
+            cell.prompt.clone(),
+            b.join(" "),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+/// `kiln extend SWEEP FILE`.
+pub async fn extend(conn: &Conn, sweep: u64, path: &Path) -> anyhow::Result<()> {
+    let file = SweepFile::read(path)?;
+    let mut c = conn.sweeps().await?;
+    let r = c
+        .extend_sweep(pb::ExtendSweepRequest {
+            sweep_id: sweep,
+            spec_path: file.path.clone(),
+            spec: file.text.clone(),
+            files: file.files.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "sweep {sweep}: {} new cells added, {} cells in all",
+        r.added, r.cell_count
+    );
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Sweep files end to end with real processes: `kiln plan`, `submit`, `watch`, `query` in every
+//! format, `extend` (only the new cells run), `fetch`, and `kiln run` (the README quick start,
+//! interrupted with SIGKILL and resumed).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::spawn;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fixtures() -> PathBuf {
+    repo().join("worker/tests/fixtures/reference")
+}
+
+fn kiln(addr: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_COORDINATOR", format!("http://{addr}"))
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn sweep_file(seeds: u32) -> String {
+    format!(
+        r#"name = "foxes"
+model = "tiny-sd15"
+loras = [{{ name = "lora_kohya", strength = 1.0 }}]
+prompt = "a {{red|arctic}} fox in a forest"
+steps = 4
+width = 64
+height = 64
+seeds = {{ from = 1, count = {seeds} }}
+
+[axes]
+cfg = [1.0, 1.5]
+"#
+    )
+}
+
+fn json_rows(out: &str) -> Vec<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_submit_watch_query_extend_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
+    let c = spawn(&db, dir.path());
+    let out_dir = dir.path().join("out");
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "worker",
+            "--coordinator",
+            &format!("http://{}", c.addr),
+            "--idle-poll-ms",
+            "50",
+        ])
+        .arg("--storage")
+        .arg(format!("file://{}", out_dir.display()))
+        .arg("--models")
+        .arg(fixtures())
+        .env("KILN_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let file = dir.path().join("foxes.toml");
+    std::fs::write(&file, sweep_file(2)).unwrap();
+    let f = file.to_str().unwrap();
+    let out = kiln(&c.addr, &["plan", f]);
+    assert!(
+        out.contains("8 cells") && out.contains("axes: [cfg]"),
+        "{out}"
+    );
+    let out = kiln(&c.addr, &["submit", f]);
+    assert!(out.contains("sweep 1 submitted: 8 cells"), "{out}");
+    let out = kiln(&c.addr, &["submit", f]);
+    assert!(out.contains("already submitted"), "{out}");
+    kiln(&c.addr, &["watch", "1"]);
+
+    let rows = json_rows(&kiln(
+        &c.addr,
+        &[
+            "query",
+            r#"sweep = "foxes" and cfg = 1.5 and alt1 = "red""#,
+            "--format",
+            "json",
+        ],
+    ));
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows.iter()
+            .all(|r| r["state"] == "completed" && r["bindings"]["alt1"] == "red")
+    );
+    let csv = kiln(
+        &c.addr,
+        &[
+            "query",
+            "sweep = 1",
+            "--format",
+            "csv",
+            "--sort",
+            "cfg,-seed",
+        ],
+    );
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 9, "{csv}");
+    assert!(lines[0].starts_with("cell,sweep,number,state"));
+    let table = kiln(&c.addr, &["query", "seed = 2 and cfg = 1"]);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(table.contains("completed"));
+    // Injection attempts are literals: they match nothing and break nothing.
+    let none = json_rows(&kiln(
+        &c.addr,
+        &[
+            "query",
+            r#"prompt ~ "'; DROP TABLE cells; --""#,
+            "--format",
+            "json",
+        ],
+    ));
+    assert!(none.is_empty());
+    assert_eq!(
+        json_rows(&kiln(&c.addr, &["query", "", "--format", "json"])).len(),
+        8
+    );
+
+    // Extend with one more seed: only the 4 new cells are added and rendered.
+    std::fs::write(&file, sweep_file(3)).unwrap();
+    let out = kiln(&c.addr, &["extend", "1", f]);
+    assert!(out.contains("4 new cells added, 12 cells in all"), "{out}");
+    kiln(&c.addr, &["watch", "1"]);
+    let rows = json_rows(&kiln(&c.addr, &["query", "sweep = 1", "--format", "json"]));
+    assert_eq!(rows.len(), 12);
+    assert!(
+        rows.iter()
+            .all(|r| r["state"] == "completed" && r["attempt"] == 1),
+        "no cell ran twice"
+    );
+
+    let fetched = dir.path().join("fetched");
+    let out = kiln(
+        &c.addr,
+        &[
+            "fetch",
+            "sweep = 1 and seed = 3",
+            "-o",
+            fetched.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("4 images written"), "{out}");
+    assert_eq!(std::fs::read_dir(&fetched).unwrap().count(), 4);
+
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
+
+#[test]
+fn kiln_run_quick_start_resumes_after_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
+    let out = dir.path().join("kiln-out");
+    let run = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.args(["run", "examples/tiny.toml", "--db", &db])
+            .arg("--storage")
+            .arg(format!("file://{}", out.display()))
+            .current_dir(repo())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    // First run: killed as soon as the first image lands.
+    let mut first = run().spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pngs = |dir: &Path| -> usize {
+        walk(dir)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "png"))
+            .count()
+    };
+    while pngs(&out) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    // Second run: resumes and finishes.
+    let second = run().output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{err}");
+    assert!(err.contains("resuming") && err.contains("done"), "{err}");
+    assert_eq!(pngs(&out), 8, "every cell rendered once");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() { walk(&p) } else { vec![p] }
+        })
+        .collect()
+}

@@ -173,26 +173,6 @@ async fn a_planned_sweep_is_accepted_by_the_queue() {
     f.finish().await;
 }
 
-/// The default cell limit, timed: `cargo test -p kiln-coordinator --test it -- --ignored
-/// million --nocapture`.
-#[test]
-#[ignore = "timing; plans 1,000,000 cells"]
-fn plans_a_million_cells() {
-    let src = SweepSource::new(
-        "big.toml",
-        "model = \"m\"\nprompt = \"a {a|b|c|d|e} __n__\"\nseeds = { from = 0, count = 100 }\n\
-         [wildcards]\nn = \"n.txt\"\n[axes]\ncfg = [1.0, 1.5, 2.0, 2.5]\nsteps = [2, 4, 6, 8, 10]\n",
-    )
-    .with_file(
-        "n.txt",
-        (0..100).map(|i| format!("thing {i}\n")).collect::<String>(),
-    );
-    let t = std::time::Instant::now();
-    let p = plan(&src, &PlanLimits::default(), 0).unwrap();
-    assert_eq!(p.cells.len(), 1_000_000);
-    println!("planned {} cells in {:?}", p.cells.len(), t.elapsed());
-}
-
 /// Every kind of planning error, each with the place it must name.
 #[test]
 fn every_error_names_its_place() {

@@ -2,11 +2,13 @@
 //!
 //! Subcommands:
 //! - `kiln coordinator`: the gRPC coordinator (SQLite by default, Postgres for scale).
+//! - `kiln render`: one local image from a model folder.
 //!
 //! Configuration flows defaults → `--config FILE` (TOML) → `KILN_*` environment → flags, and is
 //! validated once before anything starts.
 
 mod coordinator;
+mod render;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +28,9 @@ enum Command {
     /// Run the coordinator: stores sweeps and leases cells to workers over gRPC.
     #[command(after_help = coordinator::EXAMPLES)]
     Coordinator(coordinator::Args),
+    /// Render one image locally from a model folder (no coordinator).
+    #[command(after_help = render::EXAMPLES)]
+    Render(render::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +42,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Coordinator(args) => coordinator::main(args),
+        Command::Render(args) => render::main(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

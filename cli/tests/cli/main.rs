@@ -1,6 +1,8 @@
 //! `kiln` as a process: the coordinator killed with SIGKILL mid-sweep and restarted on the same
 //! database loses nothing (SQLite file and Postgres), and SIGTERM shuts it down cleanly.
 
+mod render;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

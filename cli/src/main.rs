@@ -7,6 +7,7 @@
 //! - `kiln submit | plan | extend | query | fetch | sweeps | status | watch | cancel | pause |
 //!   resume | retry | workers`: talk to a coordinator (`--coordinator URL` or
 //!   `KILN_COORDINATOR`).
+//! - `kiln render`: one local image from a model folder.
 //!
 //! Configuration flows defaults → `--config FILE` (TOML) → `KILN_*` environment → flags, and is
 //! validated once before anything starts.
@@ -14,6 +15,7 @@
 mod client;
 mod coordinator;
 mod query;
+mod render;
 mod run;
 mod signal;
 mod submit;
@@ -40,6 +42,9 @@ enum Command {
     /// Run the coordinator: stores sweeps and leases cells to workers over gRPC.
     #[command(after_help = coordinator::EXAMPLES)]
     Coordinator(coordinator::Args),
+    /// Render one image locally from a model folder (no coordinator).
+    #[command(after_help = render::EXAMPLES)]
+    Render(render::Args),
     /// Run a render worker: leases cells, renders them, uploads the PNGs.
     #[command(after_help = worker::EXAMPLES)]
     Worker(worker::Args),
@@ -236,7 +241,7 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 out,
                 limit,
             } => query::fetch(&conn, &filter, limit, &out, &s3.options()).await,
-            Command::Coordinator(_) | Command::Worker(_) | Command::Run(_) => {
+            Command::Coordinator(_) | Command::Worker(_) | Command::Run(_) | Command::Render(_) => {
                 unreachable!("long-running commands are dispatched in main")
             }
         }
@@ -258,6 +263,7 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(args) => coordinator::main(args),
         Command::Worker(args) => worker::main(args),
         Command::Run(args) => run::main(args),
+        Command::Render(args) => render::main(args),
         client_command => run_client(client_command),
     };
     match result {

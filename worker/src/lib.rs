@@ -2,9 +2,12 @@
 //!
 //! # Layout
 //!
-//! - [`engine`]: SD1.5 on candle — loading, LoRA merge, PyTorch-exact noise, the CLIP
-//!   tokenizer, schedulers, the [`engine::Pipeline`] and PNG metadata. Knows nothing of gRPC,
-//!   databases or storage.
+//! - [`engine`]: rendering. PyTorch-exact noise ([`engine::rng`]), the CLIP tokenizer
+//!   ([`engine::tokenizer`]), the diffusion schedulers ([`engine::scheduler`]), loading a
+//!   diffusers SD1.5 folder with a LoRA stack merged in ([`engine::model`], [`engine::lora`]),
+//!   the candle networks (CLIP text encoder, UNet, VAE decoder), the render loop
+//!   ([`engine::pipeline`]) and PNG output with A1111 metadata ([`engine::image`]).
+//!   The engine never learns about gRPC, databases or storage.
 //! - [`cache`]: loaded pipelines by (model, LoRA stack, device) under a memory budget (LRU).
 //! - [`upload`]: where images go — `s3://bucket/prefix` (aws-sdk-s3, any S3-compatible server)
 //!   or `file://DIR` — with retries and attempt-scoped keys.

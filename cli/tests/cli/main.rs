@@ -3,6 +3,7 @@
 
 mod commands;
 mod farm;
+mod render;
 #[path = "../../../worker/tests/it/s3server.rs"]
 mod s3server;
 mod sweepfile;

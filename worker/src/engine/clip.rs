@@ -8,12 +8,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result as EngineResult};
 use super::layers::scaled_dot_product_attention;
-use super::weights::Params;
+use super::weights::{LayerNorm, Linear, Params};
 
 /// The activation between the two MLP layers (`hidden_act`).
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]

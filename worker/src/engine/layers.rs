@@ -6,10 +6,10 @@
 //! are NCHW as in PyTorch; weight names follow diffusers so LoRA keys map onto them.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 
 use super::error::Result as EngineResult;
-use super::weights::Params;
+use super::profile::{OpKind, timed};
+use super::weights::{Conv2d, GroupNorm, LayerNorm, Linear, Params};
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"` and SiLU.
 #[derive(Debug)]
@@ -137,6 +137,10 @@ pub(crate) fn scaled_dot_product_attention(
     v: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    timed(OpKind::Attention, || attention_core(q, k, v, mask))
+}
+
+fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let dtype = q.dtype();
     let head_dim = q.dim(D::Minus1)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
@@ -175,7 +179,8 @@ impl FeedForward {
         let half = projected.dim(D::Minus1)? / 2;
         let hidden = projected.narrow(D::Minus1, 0, half)?;
         let gate = projected.narrow(D::Minus1, half, half)?;
-        self.out.forward(&(hidden * gate.gelu_erf()?)?)
+        let gated = timed(OpKind::Geglu, || hidden * gate.gelu_erf()?)?;
+        self.out.forward(&gated)
     }
 }
 

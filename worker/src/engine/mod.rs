@@ -14,6 +14,7 @@ mod layers;
 pub mod lora;
 pub mod model;
 pub mod pipeline;
+pub mod profile;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;

@@ -81,6 +81,8 @@ pub struct Model {
     unet: UNet,
     latent_channels: usize,
     vae: VaeDecoder,
+    /// f32 when the VAE config says `force_upcast` (SD1.5), else the compute dtype.
+    vae_dtype: DType,
     vae_scaling_factor: f64,
     schedule: ScheduleConfig,
 }
@@ -260,7 +262,12 @@ impl Model {
             &unet_part.config,
         )?;
         drop(unet_weights);
-        let vae = VaeDecoder::new(&Params::new(&vae_weights, &device, dtype), &vae_config)?;
+        let vae_dtype = if vae_config.force_upcast() {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae = VaeDecoder::new(&Params::new(&vae_weights, &device, vae_dtype), &vae_config)?;
         let model = Self {
             name: folder_name(folder),
             hash,
@@ -273,6 +280,7 @@ impl Model {
             unet,
             latent_channels: unet_config.in_channels(),
             vae,
+            vae_dtype,
             vae_scaling_factor: vae_config.scaling_factor(),
             schedule,
         };
@@ -364,7 +372,8 @@ impl Model {
     }
 
     pub(crate) fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = (latents.to_dtype(DType::F32)? / self.vae_scaling_factor)?.to_dtype(self.dtype)?;
+        let z =
+            (latents.to_dtype(DType::F32)? / self.vae_scaling_factor)?.to_dtype(self.vae_dtype)?;
         Ok(self.vae.forward(&z)?.to_dtype(DType::F32)?)
     }
 

@@ -87,6 +87,25 @@ pub struct RenderRequest {
     pub height: u32,
 }
 
+impl RenderRequest {
+    /// The checks that need no model: size and CFG scale. (Step counts depend on the
+    /// model's schedule; [`Pipeline::validate`] checks everything.)
+    pub fn check(&self) -> Result<()> {
+        let invalid = |msg: String| Err(EngineError::InvalidRequest(msg));
+        for (what, value) in [("width", self.width), ("height", self.height)] {
+            if value == 0 || !value.is_multiple_of(LATENT_SCALE) {
+                return invalid(format!(
+                    "{what} {value} is not a positive multiple of {LATENT_SCALE}"
+                ));
+            }
+        }
+        if !self.cfg_scale.is_finite() {
+            return invalid(format!("CFG scale {} is not finite", self.cfg_scale));
+        }
+        Ok(())
+    }
+}
+
 /// Reported after every sampling step.
 #[derive(Clone, Copy, Debug)]
 pub struct Progress<'a> {
@@ -152,17 +171,7 @@ impl Pipeline {
 
     /// Checks a request without rendering it.
     pub fn validate(&self, request: &RenderRequest) -> Result<()> {
-        let invalid = |msg: String| Err(EngineError::InvalidRequest(msg));
-        for (what, value) in [("width", request.width), ("height", request.height)] {
-            if value == 0 || !value.is_multiple_of(LATENT_SCALE) {
-                return invalid(format!(
-                    "{what} {value} is not a positive multiple of {LATENT_SCALE}"
-                ));
-            }
-        }
-        if !request.cfg_scale.is_finite() {
-            return invalid(format!("CFG scale {} is not finite", request.cfg_scale));
-        }
+        request.check()?;
         self.sampler(request).map(|_| ())
     }
 

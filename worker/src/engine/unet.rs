@@ -10,7 +10,6 @@
 use std::path::Path;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result as EngineResult};
@@ -18,7 +17,7 @@ use super::layers::{
     Downsample, ResnetBlock, ResnetConfig, Transformer2D, TransformerConfig, Upsample,
     timestep_embedding,
 };
-use super::weights::Params;
+use super::weights::{Conv2d, GroupNorm, Linear, Params};
 
 /// A config value that diffusers accepts either once for all blocks or once per block.
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -8,12 +8,11 @@
 use std::path::Path;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm};
 use serde::Deserialize;
 
 use super::error::{EngineError, Result as EngineResult};
 use super::layers::{Attention, ResnetBlock, ResnetConfig, Upsample};
-use super::weights::Params;
+use super::weights::{Conv2d, GroupNorm, Params};
 
 /// diffusers hard-codes this epsilon for every VAE norm.
 const VAE_NORM_EPS: f64 = 1e-6;
@@ -34,6 +33,7 @@ pub(crate) struct VaeConfig {
     shift_factor: Option<f64>,
     use_post_quant_conv: bool,
     mid_block_add_attention: bool,
+    force_upcast: bool,
 }
 
 impl Default for VaeConfig {
@@ -50,6 +50,7 @@ impl Default for VaeConfig {
             shift_factor: None,
             use_post_quant_conv: true,
             mid_block_add_attention: true,
+            force_upcast: true,
         }
     }
 }
@@ -93,6 +94,12 @@ impl VaeConfig {
     /// Latents are divided by this before decoding.
     pub(crate) fn scaling_factor(&self) -> f64 {
         self.scaling_factor
+    }
+
+    /// Whether the VAE must run in f32 even when the rest runs in f16 (SD1.5's VAE overflows
+    /// in f16; diffusers upcasts it).
+    pub(crate) fn force_upcast(&self) -> bool {
+        self.force_upcast
     }
 
     /// Channels of a latent.

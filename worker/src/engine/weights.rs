@@ -9,10 +9,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Conv2dConfig;
 
 use super::error::{EngineError, Result};
+use super::profile::{OpKind, timed};
 
 /// A dense f32 array on the host: the engine's tensor type at its public boundary.
 #[derive(Clone, Debug, PartialEq)]
@@ -152,7 +153,7 @@ impl<'a> Params<'a> {
     pub(crate) fn linear(&self, input: usize, output: usize, bias: bool) -> Result<Linear> {
         let weight = self.tensor("weight", &[output, input])?;
         let bias = bias.then(|| self.tensor("bias", &[output])).transpose()?;
-        Ok(Linear::new(weight, bias))
+        Ok(Linear(candle_nn::Linear::new(weight, bias)))
     }
 
     /// `nn.Conv2d(input, output, kernel, stride, padding)` with a bias.
@@ -171,20 +172,59 @@ impl<'a> Params<'a> {
             stride,
             ..Conv2dConfig::default()
         };
-        Ok(Conv2d::new(weight, Some(bias), config))
+        Ok(Conv2d(candle_nn::Conv2d::new(weight, Some(bias), config)))
     }
 
     /// `nn.GroupNorm(groups, channels, eps)` with affine parameters.
     pub(crate) fn group_norm(&self, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
         let weight = self.tensor("weight", &[channels])?;
         let bias = self.tensor("bias", &[channels])?;
-        Ok(GroupNorm::new(weight, bias, channels, groups, eps)?)
+        Ok(GroupNorm(candle_nn::GroupNorm::new(
+            weight, bias, channels, groups, eps,
+        )?))
     }
 
     /// `nn.LayerNorm(dim, eps)` with affine parameters.
     pub(crate) fn layer_norm(&self, dim: usize, eps: f64) -> Result<LayerNorm> {
         let weight = self.tensor("weight", &[dim])?;
         let bias = self.tensor("bias", &[dim])?;
-        Ok(LayerNorm::new(weight, bias, eps))
+        Ok(LayerNorm(candle_nn::LayerNorm::new(weight, bias, eps)))
     }
 }
+
+/// Defines a newtype over a candle-nn layer whose `forward` is counted as `$kind` by
+/// [`super::profile`].
+macro_rules! profiled_layer {
+    ($(#[$doc:meta])* $name:ident, $kind:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug)]
+        pub(crate) struct $name(candle_nn::$name);
+
+        impl Module for $name {
+            fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+                timed($kind, || self.0.forward(x))
+            }
+        }
+    };
+}
+
+profiled_layer!(
+    /// `nn.Conv2d`.
+    Conv2d,
+    OpKind::Convolution
+);
+profiled_layer!(
+    /// `nn.Linear`.
+    Linear,
+    OpKind::Linear
+);
+profiled_layer!(
+    /// `nn.GroupNorm`.
+    GroupNorm,
+    OpKind::Norm
+);
+profiled_layer!(
+    /// `nn.LayerNorm`.
+    LayerNorm,
+    OpKind::Norm
+);

@@ -1,0 +1,114 @@
+//! `kiln render` as a process on the tiny reference model: the PNG equals the one diffusers
+//! made for the same seed (every pixel within 1/255) at CFG 1 and 1.5, and bad input is a
+//! clear error with a non-zero exit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kiln_worker::engine::image::decode_png;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../worker/tests/fixtures/reference")
+        .join(name)
+}
+
+fn kiln_render(extra: &[&str], out: &Path) -> Output {
+    let model = fixture("tiny-sd15");
+    let lora = format!("{}:1", fixture("lora_kohya.safetensors").display());
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("render")
+        .arg("--model")
+        .arg(&model)
+        .args(["--lora", &lora])
+        .args(["--prompt", "a photograph of an astronaut riding a horse"])
+        .args(["--steps", "4", "--sampler", "lcm", "--height", "64"])
+        .args(extra)
+        .arg("-o")
+        .arg(out)
+        .env("KILN_LOG", "warn")
+        .output()
+        .expect("run kiln render")
+}
+
+fn assert_matches_fixture(png: &Path, fixture_png: &str) {
+    let got = decode_png(&std::fs::read(png).expect("output png")).expect("decode");
+    let want = decode_png(&std::fs::read(fixture(fixture_png)).expect("fixture")).expect("decode");
+    assert_eq!(
+        (got.image.width, got.image.height),
+        (want.image.width, want.image.height)
+    );
+    let max = got
+        .image
+        .pixels
+        .iter()
+        .zip(&want.image.pixels)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    assert!(max <= 1, "{fixture_png}: a pixel differs by {max}/255");
+    let parameters = &got
+        .text
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .expect("parameters chunk")
+        .1;
+    assert!(
+        parameters
+            .starts_with("a photograph of an astronaut riding a horse\nSteps: 4, Sampler: LCM"),
+        "{parameters}"
+    );
+    assert!(
+        parameters.contains("Lora hashes: \"lora_kohya: "),
+        "{parameters}"
+    );
+}
+
+#[test]
+fn render_equals_the_diffusers_image_at_cfg_1_and_1_5() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (cfg, seed, png) in [
+        ("1", "42", "lcm_cfg1_seed42.png"),
+        ("1.5", "4294967301", "lcm_cfg1p5_seed4294967301.png"),
+    ] {
+        let out = dir.path().join(format!("cfg{cfg}.png"));
+        let result = kiln_render(&["--cfg", cfg, "--seed", seed, "--width", "64"], &out);
+        assert!(
+            result.status.success(),
+            "kiln render failed: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        assert_matches_fixture(&out, png);
+    }
+}
+
+#[test]
+fn render_rejects_a_width_that_is_not_a_multiple_of_8() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("bad.png");
+    let result = kiln_render(&["--cfg", "1", "--seed", "1", "--width", "100"], &out);
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("width 100 is not a positive multiple of 8"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn render_names_unknown_lora_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("bad.png");
+    let bad = fixture("lora_unknown_key.safetensors");
+    let bad = format!("{}:0.5", bad.display());
+    let result = kiln_render(&["--seed", "1", "--width", "64", "--lora", &bad], &out);
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains(
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_z.lora_down.weight"
+        ),
+        "{stderr}"
+    );
+}

@@ -4,7 +4,7 @@
 //! - `kiln coordinator`: the gRPC coordinator (SQLite by default, Postgres for scale).
 //! - `kiln worker`: a render worker (one per PC).
 //! - `kiln run FILE`: everything on one machine (embedded coordinator + local worker).
-//! - `kiln submit | plan | extend | query | fetch | sweeps | status | watch | cancel | pause |
+//! - `kiln submit | plan | extend | query | fetch | grid | sweeps | status | watch | cancel | pause |
 //!   resume | retry | workers`: talk to a coordinator (`--coordinator URL` or
 //!   `KILN_COORDINATOR`).
 //! - `kiln render`: one local image from a model folder.
@@ -14,6 +14,7 @@
 
 mod client;
 mod coordinator;
+mod grid;
 mod query;
 mod render;
 mod run;
@@ -124,6 +125,31 @@ enum Command {
         out: std::path::PathBuf,
         /// Most images.
         #[arg(long, default_value_t = 10_000)]
+        limit: u32,
+    },
+    /// A labelled contact sheet (PNG) of matching images along one or two axes.
+    #[command(
+        after_help = "Examples:\n  kiln grid 'sweep = \"foxes\" and seed = 1' --x cfg --y animal -o foxes.png\n  kiln grid 'sweep = 3' --x lora.lcm.strength -o strength.png"
+    )]
+    Grid {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(flatten)]
+        s3: client::S3Args,
+        /// Filter (empty: every completed cell).
+        #[arg(default_value = "")]
+        filter: String,
+        /// Column axis: a binding or seed, cfg, steps, sampler, model, prompt, size.
+        #[arg(long)]
+        x: String,
+        /// Row axis (optional).
+        #[arg(long)]
+        y: Option<String>,
+        /// Output PNG.
+        #[arg(short = 'o', long = "out")]
+        out: std::path::PathBuf,
+        /// Most cells considered.
+        #[arg(long, default_value_t = 2000)]
         limit: u32,
     },
     /// List sweeps, newest first.
@@ -241,6 +267,15 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 out,
                 limit,
             } => query::fetch(&conn, &filter, limit, &out, &s3.options()).await,
+            Command::Grid {
+                conn,
+                s3,
+                filter,
+                x,
+                y,
+                out,
+                limit,
+            } => grid::grid(&conn, &filter, &x, y.as_deref(), limit, &out, &s3.options()).await,
             Command::Coordinator(_) | Command::Worker(_) | Command::Run(_) | Command::Render(_) => {
                 unreachable!("long-running commands are dispatched in main")
             }

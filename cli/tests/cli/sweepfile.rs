@@ -1,5 +1,5 @@
 //! Sweep files end to end with real processes: `kiln plan`, `submit`, `watch`, `query` in every
-//! format, `extend` (only the new cells run), `fetch`, and `kiln run` (the README quick start,
+//! format, `extend` (only the new cells run), `fetch`, `grid`, and `kiln run` (the README quick start,
 //! interrupted with SIGKILL and resumed).
 
 use std::path::{Path, PathBuf};
@@ -166,6 +166,27 @@ async fn plan_submit_watch_query_extend_fetch() {
     );
     assert!(out.contains("4 images written"), "{out}");
     assert_eq!(std::fs::read_dir(&fetched).unwrap().count(), 4);
+
+    let grid = dir.path().join("grid.png");
+    let out = kiln(
+        &c.addr,
+        &[
+            "grid",
+            "sweep = 1 and seed = 1",
+            "--x",
+            "cfg",
+            "--y",
+            "alt1",
+            "-o",
+            grid.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("2x2 grid (4 images)"), "{out}");
+    let png = kiln_worker::engine::image::decode_png(&std::fs::read(&grid).unwrap()).unwrap();
+    assert!(png.image.width > 2 * 64 && png.image.height > 2 * 64);
+    if let Ok(keep) = std::env::var("KILN_TEST_KEEP_GRID") {
+        std::fs::copy(&grid, keep).unwrap();
+    }
 
     let _ = worker.kill();
     let _ = worker.wait();

@@ -178,97 +178,163 @@ fn lora_hash(path: &Path) -> Result<String> {
     Ok(hex::encode(Sha256::digest(&bytes[start..])))
 }
 
-impl Model {
-    /// Loads the diffusers folder `folder`, merges `loras` in order, and builds the networks
-    /// on `device`.
-    pub fn load(folder: &Path, loras: &[LoraSpec], device: Device) -> Result<Self> {
+/// The files of a diffusers folder.
+struct Parts {
+    text_encoder: Part,
+    unet: Part,
+    vae: Part,
+    scheduler_config: PathBuf,
+}
+
+impl Parts {
+    fn locate(folder: &Path) -> Result<Self> {
         const DIFFUSERS: [&str; 2] = [
             "diffusion_pytorch_model.safetensors",
             "diffusion_pytorch_model.fp16.safetensors",
         ];
         const TRANSFORMERS: [&str; 2] = ["model.safetensors", "model.fp16.safetensors"];
-        let te = locate(folder, "text_encoder", "config.json", &TRANSFORMERS)?;
-        let unet_part = locate(folder, "unet", "config.json", &DIFFUSERS)?;
-        let vae_part = locate(folder, "vae", "config.json", &DIFFUSERS)?;
         let scheduler_config = folder.join("scheduler/scheduler_config.json");
-        if !scheduler_config.is_file() {
+        let parts = Self {
+            text_encoder: locate(folder, "text_encoder", "config.json", &TRANSFORMERS)?,
+            unet: locate(folder, "unet", "config.json", &DIFFUSERS)?,
+            vae: locate(folder, "vae", "config.json", &DIFFUSERS)?,
+            scheduler_config,
+        };
+        if !parts.scheduler_config.is_file() {
             return Err(EngineError::MissingPart {
                 folder: folder.to_owned(),
                 part: "scheduler",
-                expected: scheduler_config.display().to_string(),
+                expected: parts.scheduler_config.display().to_string(),
             });
         }
+        Ok(parts)
+    }
+}
 
-        let clip_config = ClipConfig::from_json(&te.config, &read_text(&te.config)?)?;
-        let unet_config = UNetConfig::from_json(&unet_part.config, &read_text(&unet_part.config)?)?;
-        let vae_config = VaeConfig::from_json(&vae_part.config, &read_text(&vae_part.config)?)?;
-        let schedule = ScheduleConfig::from_json(&read_text(&scheduler_config)?)?;
-        if unet_config.cross_attention_dim() != clip_config.hidden_size() {
-            return Err(EngineError::Config {
-                path: unet_part.config.clone(),
-                reason: format!(
+/// Every component's config, checked against each other.
+struct Configs {
+    clip: ClipConfig,
+    unet: UNetConfig,
+    vae: VaeConfig,
+    schedule: ScheduleConfig,
+}
+
+impl Configs {
+    fn read(parts: &Parts) -> Result<Self> {
+        let te = &parts.text_encoder.config;
+        let configs = Self {
+            clip: ClipConfig::from_json(te, &read_text(te)?)?,
+            unet: UNetConfig::from_json(&parts.unet.config, &read_text(&parts.unet.config)?)?,
+            vae: VaeConfig::from_json(&parts.vae.config, &read_text(&parts.vae.config)?)?,
+            schedule: ScheduleConfig::from_json(&read_text(&parts.scheduler_config)?)?,
+        };
+        let mismatch = |path: &Path, reason: String| {
+            Err(EngineError::Config {
+                path: path.to_owned(),
+                reason,
+            })
+        };
+        if configs.unet.cross_attention_dim() != configs.clip.hidden_size() {
+            return mismatch(
+                &parts.unet.config,
+                format!(
                     "cross_attention_dim {} differs from the text encoder's hidden_size {}",
-                    unet_config.cross_attention_dim(),
-                    clip_config.hidden_size()
+                    configs.unet.cross_attention_dim(),
+                    configs.clip.hidden_size()
                 ),
-            });
+            );
         }
-
-        if vae_config.latent_channels() != unet_config.in_channels() {
-            return Err(EngineError::Config {
-                path: vae_part.config.clone(),
-                reason: format!(
+        if configs.vae.latent_channels() != configs.unet.in_channels() {
+            return mismatch(
+                &parts.vae.config,
+                format!(
                     "latent_channels {} differs from the UNet's in_channels {}",
-                    vae_config.latent_channels(),
-                    unet_config.in_channels()
+                    configs.vae.latent_channels(),
+                    configs.unet.in_channels()
                 ),
-            });
+            );
         }
+        Ok(configs)
+    }
+}
 
-        // Model hash: sha256 over the weight files in a fixed order (the folder analogue of
-        // A1111's whole-file checkpoint hash).
+/// Every component's weights in f32 on the host, where LoRAs are merged.
+struct HostWeights {
+    text_encoder: Weights,
+    unet: Weights,
+    vae: Weights,
+    /// sha256 over the three weight files in a fixed order: the folder analogue of A1111's
+    /// whole-file checkpoint hash.
+    hash: String,
+}
+
+impl HostWeights {
+    fn read(parts: &Parts) -> Result<Self> {
         let mut hasher = Sha256::new();
-        let mut read_weights = |path: &Path| -> Result<Weights> {
+        let mut read = |path: &Path| -> Result<Weights> {
             let bytes = read_bytes(path)?;
             hasher.update(&bytes);
             Weights::from_bytes(path, &bytes)
         };
-        let mut te_weights = read_weights(&te.weights)?;
-        let mut unet_weights = read_weights(&unet_part.weights)?;
-        let vae_weights = read_weights(&vae_part.weights)?;
-        let hash = hex::encode(hasher.finalize());
-        normalise_text_encoder_keys(&mut te_weights);
+        let mut text_encoder = read(&parts.text_encoder.weights)?;
+        let unet = read(&parts.unet.weights)?;
+        let vae = read(&parts.vae.weights)?;
+        normalise_text_encoder_keys(&mut text_encoder);
+        Ok(Self {
+            text_encoder,
+            unet,
+            vae,
+            hash: hex::encode(hasher.finalize()),
+        })
+    }
 
-        let mut loaded = Vec::with_capacity(loras.len());
-        for spec in loras {
-            let mut targets = Targets {
-                unet: &mut unet_weights,
-                text_encoder: &mut te_weights,
-            };
-            lora::merge(spec, &mut targets)?;
-            loaded.push(LoadedLora {
-                name: file_stem(&spec.path),
-                hash: lora_hash(&spec.path)?,
-                strength: spec.strength,
-            });
-        }
+    fn merge(&mut self, spec: &LoraSpec) -> Result<LoadedLora> {
+        let mut targets = Targets {
+            unet: &mut self.unet,
+            text_encoder: &mut self.text_encoder,
+        };
+        lora::merge(spec, &mut targets)?;
+        Ok(LoadedLora {
+            name: file_stem(&spec.path),
+            hash: lora_hash(&spec.path)?,
+            strength: spec.strength,
+        })
+    }
+}
+
+impl Model {
+    /// Loads the diffusers folder `folder`, merges `loras` in order, and builds the networks
+    /// on `device`.
+    pub fn load(folder: &Path, loras: &[LoraSpec], device: Device) -> Result<Self> {
+        let parts = Parts::locate(folder)?;
+        let configs = Configs::read(&parts)?;
+        let mut weights = HostWeights::read(&parts)?;
+        let loaded = loras
+            .iter()
+            .map(|spec| weights.merge(spec))
+            .collect::<Result<Vec<_>>>()?;
+        let HostWeights {
+            text_encoder,
+            unet,
+            vae,
+            hash,
+        } = weights;
 
         let (device, dtype) = device.open()?;
-        let clip = ClipTextModel::new(&Params::new(&te_weights, &device, dtype), &clip_config)?;
-        drop(te_weights);
+        let clip = ClipTextModel::new(&Params::new(&text_encoder, &device, dtype), &configs.clip)?;
+        drop(text_encoder);
         let unet = UNet::new(
-            &Params::new(&unet_weights, &device, dtype),
-            &unet_config,
-            &unet_part.config,
+            &Params::new(&unet, &device, dtype),
+            &configs.unet,
+            &parts.unet.config,
         )?;
-        drop(unet_weights);
-        let vae_dtype = if vae_config.force_upcast() {
+        let vae_dtype = if configs.vae.force_upcast() {
             DType::F32
         } else {
             dtype
         };
-        let vae = VaeDecoder::new(&Params::new(&vae_weights, &device, vae_dtype), &vae_config)?;
-        let model = Self {
+        let vae = VaeDecoder::new(&Params::new(&vae, &device, vae_dtype), &configs.vae)?;
+        Ok(Self {
             name: folder_name(folder),
             hash,
             loras: loaded,
@@ -276,15 +342,14 @@ impl Model {
             dtype,
             tokenizer: ClipTokenizer::new()?,
             clip,
-            context_tokens: clip_config.max_position_embeddings(),
+            context_tokens: configs.clip.max_position_embeddings(),
             unet,
-            latent_channels: unet_config.in_channels(),
+            latent_channels: configs.unet.in_channels(),
             vae,
             vae_dtype,
-            vae_scaling_factor: vae_config.scaling_factor(),
-            schedule,
-        };
-        Ok(model)
+            vae_scaling_factor: configs.vae.scaling_factor(),
+            schedule: configs.schedule,
+        })
     }
 
     /// The model's name (its folder name), as A1111's `Model:` field.

@@ -232,21 +232,13 @@ impl Pipeline {
                 shape: latent_shape.clone(),
                 data: input,
             })?;
-            let eps = if guided {
-                let batch = Tensor::cat(&[&input, &input], 0)?;
-                let out = model.unet_forward(&batch, t, &context)?;
-                let uncond = to_host(&out.narrow(0, 0, 1)?)?.data;
-                let cond = to_host(&out.narrow(0, 1, 1)?)?.data;
-                let g = request.cfg_scale;
-                // diffusers: noise_pred_uncond + g * (noise_pred_text - noise_pred_uncond).
-                uncond
-                    .iter()
-                    .zip(&cond)
-                    .map(|(&u, &c)| u + g * (c - u))
-                    .collect()
-            } else {
-                to_host(&model.unet_forward(&input, t, &context)?)?.data
-            };
+            let eps = predict_noise(
+                model,
+                &input,
+                t,
+                &context,
+                guided.then_some(request.cfg_scale),
+            )?;
             latents = sampler.step(index, &eps, &latents, &mut rng)?.prev_sample;
             on_step(Progress {
                 step: index + 1,
@@ -286,4 +278,27 @@ impl Pipeline {
             unet_batch: if guided { 2 } else { 1 },
         })
     }
+}
+
+/// The noise the sampler steps with: one UNet pass, or with `guidance = Some(g)` one batch of
+/// `[uncond, cond]` combined as diffusers does, `u + g·(c − u)` in f32.
+fn predict_noise(
+    model: &Model,
+    input: &Tensor,
+    t: f32,
+    context: &Tensor,
+    guidance: Option<f32>,
+) -> Result<Vec<f32>> {
+    let Some(g) = guidance else {
+        return Ok(to_host(&model.unet_forward(input, t, context)?)?.data);
+    };
+    let batch = Tensor::cat(&[input, input], 0)?;
+    let out = model.unet_forward(&batch, t, context)?;
+    let uncond = to_host(&out.narrow(0, 0, 1)?)?.data;
+    let cond = to_host(&out.narrow(0, 1, 1)?)?.data;
+    Ok(uncond
+        .iter()
+        .zip(&cond)
+        .map(|(&u, &c)| u + g * (c - u))
+        .collect())
 }

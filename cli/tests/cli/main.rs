@@ -2,6 +2,7 @@
 //! database loses nothing (SQLite file and Postgres), and SIGTERM shuts it down cleanly.
 
 mod commands;
+mod drain;
 mod farm;
 mod render;
 #[path = "../../../worker/tests/it/s3server.rs"]

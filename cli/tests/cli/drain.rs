@@ -1,0 +1,141 @@
+//! A worker process told to stop with SIGTERM drains: it finishes the render in flight
+//! (completed, not lost), gives back the cell it had prefetched without counting an attempt,
+//! exits 0, and shows as drained.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_proto::v1 as pb;
+
+use crate::{clients, spawn};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
+    let c = spawn(&db, dir.path());
+    let (mut sweeps, _) = clients(&c.addr).await;
+    let cells: Vec<pb::RenderCell> = (0..6)
+        .map(|seed| pb::RenderCell {
+            model: "tiny-sd15".into(),
+            prompt: "a fox".into(),
+            seed,
+            steps: 8,
+            cfg: 1.0,
+            sampler: pb::Sampler::Lcm as i32,
+            // Big enough that the worker is mid-render when the signal comes.
+            width: 256,
+            height: 256,
+            ..Default::default()
+        })
+        .collect();
+    let msgs = vec![
+        pb::SubmitSweepRequest {
+            part: Some(pb::submit_sweep_request::Part::Header(pb::SweepHeader {
+                idempotency_key: "drain".into(),
+                ..Default::default()
+            })),
+        },
+        pb::SubmitSweepRequest {
+            part: Some(pb::submit_sweep_request::Part::Cells(pb::CellChunk {
+                cells,
+            })),
+        },
+    ];
+    let sweep = sweeps
+        .submit_sweep(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner()
+        .sweep_id;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures/reference");
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "worker",
+            "--coordinator",
+            &format!("http://{}", c.addr),
+            "--prefetch",
+            "1",
+        ])
+        .arg("--storage")
+        .arg(format!("file://{}", dir.path().join("out").display()))
+        .arg("--models")
+        .arg(&fixtures)
+        .env("KILN_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // Wait until a render is under way (progress reported), with one more cell prefetched.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let w = sweeps
+            .list_workers(pb::ListWorkersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .workers;
+        if w.iter().any(|w| w.running.iter().any(|p| p.step >= 1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker never started rendering"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = worker.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = worker.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+
+    let s = sweeps
+        .get_sweep(pb::GetSweepRequest { sweep_id: sweep })
+        .await
+        .unwrap()
+        .into_inner();
+    let n = s.counts.unwrap();
+    assert_eq!(n.running, 0, "nothing left leased");
+    assert!(n.completed >= 1, "the render in flight was finished");
+    assert_eq!(n.completed + n.available, 6);
+    let rows = sweeps
+        .query_results(pb::QueryResultsRequest {
+            sweep_id: sweep,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cells;
+    for r in rows
+        .iter()
+        .filter(|r| r.state == pb::CellState::Available as i32)
+    {
+        assert_eq!(r.attempt, 0, "cell {} was given back uncounted", r.cell_id);
+    }
+    let w = sweeps
+        .list_workers(pb::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert!(w[0].drained && !w[0].online);
+}

@@ -1,0 +1,177 @@
+//! Farm efficiency (issue 5), not a test: images/s through coordinator + worker ÷ images/s of
+//! the bare engine loop, on the same tiny model and CPU, in one process and one run. The tiny
+//! model renders in milliseconds, so per-image overhead (lease, heartbeat, PNG, upload,
+//! complete) shows the most here.
+//!
+//! Run: `cargo bench -p kiln-cli --bench farm --profile dev [-- CELLS]` (default 200 cells,
+//! 64×64, LCM 4 steps, kohya LoRA at 1.0; SQLite coordinator and file:// storage in a temp dir).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use kiln_coordinator::clock::SystemClock;
+use kiln_coordinator::config::Settings;
+use kiln_coordinator::queue::Queue;
+use kiln_coordinator::store::Store;
+use kiln_proto::v1 as pb;
+use kiln_proto::v1::sweep_service_client::SweepServiceClient;
+use kiln_worker::agent::{self, AgentConfig};
+use kiln_worker::engine::{Device, LoraSpec, Pipeline, RenderRequest, SamplerKind};
+use kiln_worker::upload::{RetryPolicy, Storage, StorageUrl};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures/reference")
+}
+
+fn request(seed: u64) -> RenderRequest {
+    RenderRequest {
+        prompt: format!("a red fox in a forest, seed {seed}"),
+        negative_prompt: String::new(),
+        seed,
+        steps: 4,
+        cfg_scale: 1.0,
+        sampler: SamplerKind::Lcm,
+        width: 64,
+        height: 64,
+    }
+}
+
+/// The bare engine loop: one loaded pipeline, render + PNG encode, back to back.
+fn bare(n: u64) -> f64 {
+    let lora = LoraSpec {
+        path: fixtures().join("lora_kohya.safetensors"),
+        strength: 1.0,
+    };
+    let p = Pipeline::load(&fixtures().join("tiny-sd15"), &[lora], Device::Cpu).unwrap();
+    let cancel = AtomicBool::new(false);
+    let t = Instant::now();
+    for seed in 0..n {
+        let out = p.render(&request(seed), &mut |_| {}, &cancel).unwrap();
+        std::hint::black_box(out.to_png().unwrap());
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The same cells through an embedded coordinator and one worker agent (prefetch 1).
+async fn farm(n: u64) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Settings {
+        db: Some(format!("sqlite://{}", dir.path().join("kiln.db").display())),
+        listen: Some("127.0.0.1:0".into()),
+        maintenance_interval_ms: Some(1000),
+        ..Default::default()
+    }
+    .validate()
+    .unwrap();
+    let store = Store::connect(&cfg.db, &cfg.store).await.unwrap();
+    let queue = Queue::new(store, Arc::new(SystemClock), cfg.queue.clone());
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kiln_coordinator::server::serve(
+        queue,
+        listener,
+        cfg.maintenance_interval,
+        std::future::pending(),
+    ));
+    let url: StorageUrl = format!("file://{}", dir.path().join("out").display())
+        .parse()
+        .unwrap();
+    let storage = Storage::open(&url, &Default::default()).await.unwrap();
+    let agent_cfg = AgentConfig {
+        coordinator: format!("http://{addr}"),
+        name: "bench".into(),
+        device: Device::Cpu,
+        models: vec![fixtures()],
+        cache_bytes: 1 << 30,
+        max_pixels: 1 << 20,
+        memory_mib: 8192,
+        prefetch: 1,
+        upload_retry: RetryPolicy::default(),
+        idle_poll: Duration::from_millis(20),
+    };
+    let mut client = SweepServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    // Warm the worker's pipeline cache with one cell so both sides exclude model loading.
+    let submit = |key: &str, seeds: std::ops::Range<u64>| {
+        let cells = seeds
+            .map(|seed| pb::RenderCell {
+                model: "tiny-sd15".into(),
+                loras: vec![pb::LoraRef {
+                    name: "lora_kohya".into(),
+                    strength: 1.0,
+                    sha256: String::new(),
+                }],
+                prompt: format!("a red fox in a forest, seed {seed}"),
+                seed,
+                steps: 4,
+                cfg: 1.0,
+                sampler: pb::Sampler::Lcm as i32,
+                width: 64,
+                height: 64,
+                ..Default::default()
+            })
+            .collect();
+        vec![
+            pb::SubmitSweepRequest {
+                part: Some(pb::submit_sweep_request::Part::Header(pb::SweepHeader {
+                    idempotency_key: key.into(),
+                    ..Default::default()
+                })),
+            },
+            pb::SubmitSweepRequest {
+                part: Some(pb::submit_sweep_request::Part::Cells(pb::CellChunk {
+                    cells,
+                })),
+            },
+        ]
+    };
+    tokio::spawn(agent::run(agent_cfg, storage, std::future::pending()));
+    let wait = |id: u64, mut c: SweepServiceClient<tonic::transport::Channel>| async move {
+        loop {
+            let s = c
+                .get_sweep(pb::GetSweepRequest { sweep_id: id })
+                .await
+                .unwrap()
+                .into_inner();
+            if s.finished {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let warm = client
+        .submit_sweep(tokio_stream::iter(submit("warm", 10_000..10_001)))
+        .await
+        .unwrap()
+        .into_inner();
+    wait(warm.sweep_id, client.clone()).await;
+    let t = Instant::now();
+    let s = client
+        .submit_sweep(tokio_stream::iter(submit("bench", 0..n)))
+        .await
+        .unwrap()
+        .into_inner();
+    wait(s.sweep_id, client.clone()).await;
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let n: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(200);
+    let bare_rate = bare(n);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let farm_rate = rt.block_on(farm(n));
+    println!("bare engine loop: {n} images at {bare_rate:.1} images/s");
+    println!("coordinator + worker: {n} images at {farm_rate:.1} images/s");
+    println!("farm efficiency: {:.3}", farm_rate / bare_rate);
+    std::process::exit(0);
+}

@@ -12,6 +12,10 @@ use tokio::sync::watch;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
+/// Attempts the agent holds (queued, rendering or being uploaded), with their cancel and lost
+/// flags; shared with the heartbeat task.
+pub type Tracked = Arc<std::sync::Mutex<Vec<(pb::AttemptRef, Arc<AtomicBool>, Arc<AtomicBool>)>>>;
+
 /// Longest wait between reconnection tries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -223,15 +227,17 @@ impl Link {
         }
     }
 
-    /// Heartbeats `held` attempts every interval until aborted; flags lost and cancelled ones.
-    pub fn spawn_heartbeats(
-        &self,
-        held: Vec<(pb::AttemptRef, Arc<AtomicBool>, Arc<AtomicBool>)>,
-    ) -> tokio::task::JoinHandle<()> {
+    /// Heartbeats every attempt in `tracked` (read afresh each beat) until aborted; flags lost
+    /// and cancelled ones.
+    pub fn spawn_heartbeats(&self, tracked: Tracked) -> tokio::task::JoinHandle<()> {
         let link = self.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(link.heartbeat).await;
+                let held = tracked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if held.is_empty() {
+                    continue;
+                }
                 let attempts: Vec<pb::AttemptRef> = held.iter().map(|h| h.0).collect();
                 let r = link
                     .client

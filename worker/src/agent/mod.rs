@@ -9,7 +9,10 @@
 //!   anything passing is retried after a backoff;
 //! - the coordinator going away is survived: calls are retried with backoff, and the worker
 //!   registers again if the coordinator forgot it;
-//! - a drain (SIGTERM) finishes the current render and releases leased-but-unstarted cells.
+//! - uploads and completes run beside the next render (at most two in flight), under the same
+//!   heartbeats, so the device does not wait on storage or the network;
+//! - a drain (SIGTERM) finishes the current render and its upload, and releases
+//!   leased-but-unstarted cells.
 
 pub mod link;
 pub mod renderer;
@@ -25,7 +28,7 @@ use kiln_proto::v1 as pb;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use self::link::Link;
+use self::link::{Link, Tracked};
 use self::renderer::{RenderFailure, Renderer};
 use crate::cache::PipelineKey;
 use crate::engine::{Device, RenderRequest, SamplerKind};
@@ -101,6 +104,10 @@ pub async fn run(
     let mut queue: VecDeque<Held> = VecDeque::new();
     // Affinity keys of cells rendered, with the pipeline each used.
     let mut affinity: Vec<(String, PipelineKey)> = Vec::new();
+    // Every attempt held, for the heartbeat task; uploads finish in the background.
+    let tracked: Tracked = Arc::default();
+    let heartbeats = link.spawn_heartbeats(tracked.clone());
+    let mut finishing: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
     let mut draining = false;
     loop {
         if !draining && queue.len() <= cfg.prefetch as usize {
@@ -110,11 +117,15 @@ pub async fn run(
                 t = link.lease(want, loaded) => t,
                 _ = &mut shutdown => { draining = true; Vec::new() }
             };
-            queue.extend(tasks.into_iter().map(|task| Held {
-                task,
-                cancel: Arc::new(AtomicBool::new(false)),
-                lost: Arc::new(AtomicBool::new(false)),
-            }));
+            for task in tasks {
+                let h = Held {
+                    task,
+                    cancel: Arc::new(AtomicBool::new(false)),
+                    lost: Arc::new(AtomicBool::new(false)),
+                };
+                track(&tracked, &h);
+                queue.push_back(h);
+            }
         }
         let Some(held) = queue.pop_front() else {
             if draining {
@@ -129,32 +140,63 @@ pub async fn run(
             queue.push_front(held);
             break;
         }
-        // Keep every held attempt alive while this one renders.
-        let hb = link.spawn_heartbeats(
-            std::iter::once(&held)
-                .chain(queue.iter())
-                .map(|h| (h.attempt(), h.cancel.clone(), h.lost.clone()))
-                .collect(),
-        );
-        let outcome = tokio::select! {
-            o = process(&cfg, &link, &renderer, &storage, &held, &mut affinity) => o,
+        let rendered = tokio::select! {
+            r = render_one(&cfg, &link, &renderer, &held, &mut affinity) => r,
             _ = &mut shutdown => {
                 // Finish the render in flight, then drain.
                 draining = true;
-                process(&cfg, &link, &renderer, &storage, &held, &mut affinity).await
+                render_one(&cfg, &link, &renderer, &held, &mut affinity).await
             }
         };
-        hb.abort();
-        if let Err(e) = outcome {
-            tracing::warn!(cell = held.task.cell_id, error = %e, "attempt ended without a report");
+        match rendered {
+            Some(rendered) => {
+                // Upload and complete beside the next render; at most two in flight.
+                while finishing.len() >= 2 {
+                    finishing.join_next().await;
+                }
+                let (link, storage, tracked) = (link.clone(), storage.clone(), tracked.clone());
+                let retry = cfg.upload_retry.clone();
+                let device = cfg.device;
+                finishing.spawn(async move {
+                    let a = held.attempt();
+                    if let Err(e) = finish(&link, &storage, &retry, device, &held, rendered).await {
+                        tracing::warn!(cell = a.cell_id, error = %e, "attempt ended without a report");
+                    }
+                    untrack(&tracked, a);
+                });
+            }
+            None => untrack(&tracked, held.attempt()),
         }
         // Drop prefetched attempts the coordinator took back meanwhile.
-        queue.retain(|h| !h.lost.load(Ordering::Relaxed));
+        queue.retain(|h| {
+            let keep = !h.lost.load(Ordering::Relaxed);
+            if !keep {
+                untrack(&tracked, h.attempt());
+            }
+            keep
+        });
     }
+    while finishing.join_next().await.is_some() {}
     let rest: Vec<pb::AttemptRef> = queue.iter().map(Held::attempt).collect();
     link.release(rest, true).await;
+    heartbeats.abort();
     tracing::info!("drained");
     Ok(())
+}
+
+fn track(tracked: &Tracked, h: &Held) {
+    tracked.lock().unwrap_or_else(|e| e.into_inner()).push((
+        h.attempt(),
+        h.cancel.clone(),
+        h.lost.clone(),
+    ));
+}
+
+fn untrack(tracked: &Tracked, a: pb::AttemptRef) {
+    tracked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(x, _, _)| *x != a);
 }
 
 fn loaded_keys(affinity: &[(String, PipelineKey)], renderer: &Renderer) -> Vec<String> {
@@ -166,30 +208,32 @@ fn loaded_keys(affinity: &[(String, PipelineKey)], renderer: &Renderer) -> Vec<S
         .collect()
 }
 
-/// One attempt from resolve to complete/fail. Errors are only for reports that could not be
-/// delivered.
-async fn process(
+/// Resolves and renders one attempt. Failures are reported here; `None` means there is
+/// nothing to upload (failed, cancelled or lost).
+async fn render_one(
     cfg: &AgentConfig,
     link: &Link,
     renderer: &Renderer,
-    storage: &Storage,
     held: &Held,
     affinity: &mut Vec<(String, PipelineKey)>,
-) -> anyhow::Result<()> {
+) -> Option<renderer::Rendered> {
     let task = &held.task;
     let attempt = held.attempt();
+    let report = |class, msg: String| async move {
+        if let Err(e) = link.fail(attempt, class, msg).await {
+            tracing::warn!(cell = attempt.cell_id, error = %e, "failure not reported");
+        }
+    };
     let Some(cell) = task.cell.clone() else {
-        return link
-            .fail(
-                attempt,
-                pb::FailureClass::BadInput,
-                "leased task has no cell".into(),
-            )
-            .await;
+        report(pb::FailureClass::BadInput, "leased task has no cell".into()).await;
+        return None;
     };
     let key = match pipeline_key(cfg, &cell) {
         Ok(k) => k,
-        Err(msg) => return link.fail(attempt, pb::FailureClass::BadInput, msg).await,
+        Err(msg) => {
+            report(pb::FailureClass::BadInput, msg).await;
+            return None;
+        }
     };
     let request = RenderRequest {
         prompt: cell.prompt.clone(),
@@ -216,40 +260,49 @@ async fn process(
             attempt = task.attempt,
             "lease lost: result dropped"
         );
-        return Ok(());
+        return None;
     }
-    let rendered = match rendered {
-        Ok(r) => r,
+    match rendered {
+        Ok(r) => {
+            affinity.retain(|(a, _)| a != &task.affinity_key);
+            affinity.push((task.affinity_key.clone(), key));
+            if affinity.len() > 64 {
+                affinity.remove(0);
+            }
+            Some(r)
+        }
         Err(RenderFailure::Cancelled) => {
-            return link
-                .fail(
-                    attempt,
-                    pb::FailureClass::Cancelled,
-                    "cancelled by user".into(),
-                )
-                .await;
+            report(pb::FailureClass::Cancelled, "cancelled by user".into()).await;
+            None
         }
         Err(RenderFailure::BadInput(m)) => {
-            return link.fail(attempt, pb::FailureClass::BadInput, m).await;
+            report(pb::FailureClass::BadInput, m).await;
+            None
         }
         Err(RenderFailure::Resource(m)) => {
-            return link.fail(attempt, pb::FailureClass::Resource, m).await;
+            report(pb::FailureClass::Resource, m).await;
+            None
         }
-    };
-    affinity.retain(|(a, _)| a != &task.affinity_key);
-    affinity.push((task.affinity_key.clone(), key));
-    if affinity.len() > 64 {
-        affinity.remove(0);
     }
+}
 
+/// Uploads a rendered image under its attempt's own key, then completes the attempt (or
+/// fails it as transient when storage stays down). Never completes without the object.
+async fn finish(
+    link: &Link,
+    storage: &Storage,
+    retry: &RetryPolicy,
+    device: Device,
+    held: &Held,
+    rendered: renderer::Rendered,
+) -> anyhow::Result<()> {
+    let task = &held.task;
+    let attempt = held.attempt();
     let okey = object_key(task.sweep_id, task.cell_id, task.attempt);
     let sha256 = hex::encode(Sha256::digest(&rendered.png));
     let bytes = rendered.png.len() as u64;
     let t = Instant::now();
-    if let Err(e) = storage
-        .put_with_retry(&okey, rendered.png, &cfg.upload_retry)
-        .await
-    {
+    if let Err(e) = storage.put_with_retry(&okey, rendered.png, retry).await {
         return link
             .fail(
                 attempt,
@@ -270,7 +323,7 @@ async fn process(
         bytes,
         width: rendered.width,
         height: rendered.height,
-        device: cfg.device.to_string(),
+        device: device.to_string(),
         timings_ms: [
             ("load".to_string(), rendered.load_ms),
             ("render".to_string(), rendered.render_ms),

@@ -192,6 +192,21 @@ pub async fn query(
     Ok(())
 }
 
+/// The storage a result's URL names, opened once per URL.
+pub async fn open_storage(
+    opened: &mut Vec<(String, Storage)>,
+    url: &str,
+    s3: &S3Options,
+) -> anyhow::Result<Storage> {
+    if let Some((_, s)) = opened.iter().find(|(u, _)| u == url) {
+        return Ok(s.clone());
+    }
+    let parsed: StorageUrl = url.parse()?;
+    let s = Storage::open(&parsed, s3).await?;
+    opened.push((url.to_string(), s.clone()));
+    Ok(s)
+}
+
 /// `kiln fetch`: downloads the images of matching completed cells into `dir` as
 /// `{sweep}-{number:06}-{seed}.png`, verifying each sha256.
 pub async fn fetch(
@@ -212,15 +227,7 @@ pub async fn fetch(
     let mut n = 0;
     for r in &rows {
         let Some(res) = &r.result else { continue };
-        let storage = match stores.iter().find(|(u, _)| u == &res.storage) {
-            Some((_, s)) => s.clone(),
-            None => {
-                let url: StorageUrl = res.storage.parse()?;
-                let s = Storage::open(&url, s3).await?;
-                stores.push((res.storage.clone(), s.clone()));
-                s
-            }
-        };
+        let storage = open_storage(&mut stores, &res.storage, s3).await?;
         let bytes = storage
             .get(&res.object_key)
             .await

@@ -12,10 +12,10 @@ use std::path::Path;
 use anyhow::Context;
 use kiln_proto::v1 as pb;
 use kiln_worker::engine::image::{RgbImage, decode_png, encode_png};
-use kiln_worker::upload::{S3Options, Storage, StorageUrl};
+use kiln_worker::upload::{S3Options, Storage};
 
 use crate::client::Conn;
-use crate::query::fetch_rows;
+use crate::query::{fetch_rows, open_storage};
 
 /// Label pixels per font pixel.
 const SCALE: usize = 2;
@@ -205,15 +205,7 @@ pub async fn grid(
     let mut images = HashMap::new();
     for (pos, r) in picked {
         let Some(res) = &r.result else { continue };
-        let storage = match stores.iter().find(|(u, _)| *u == res.storage) {
-            Some((_, s)) => s.clone(),
-            None => {
-                let url: StorageUrl = res.storage.parse()?;
-                let s = Storage::open(&url, s3).await?;
-                stores.push((res.storage.clone(), s.clone()));
-                s
-            }
-        };
+        let storage = open_storage(&mut stores, &res.storage, s3).await?;
         let bytes = storage
             .get(&res.object_key)
             .await

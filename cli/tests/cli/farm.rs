@@ -283,20 +283,7 @@ async fn farm_on_sqlite_survives_worker_coordinator_and_storage_faults() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn farm_on_postgres_survives_worker_coordinator_and_storage_faults() {
-    let base = std::env::var("KILN_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("kiln_farm_{}_{}", std::process::id(), rand::random::<u32>());
-    let admin = sqlx::PgPool::connect(&base)
-        .await
-        .expect("Postgres (KILN_TEST_DATABASE_URL)");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    farm_survives_faults(&format!("{base}{sep}options=-c%20search_path%3D{schema}")).await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    let pg = crate::PgSchema::new("kiln_farm").await;
+    farm_survives_faults(&pg.url).await;
+    pg.drop().await;
 }

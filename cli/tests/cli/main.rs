@@ -308,25 +308,47 @@ async fn sigkill_and_restart_on_sqlite_loses_nothing() {
     kill_and_restart_loses_nothing(&db).await;
 }
 
+/// A fresh schema on the test Postgres (`KILN_TEST_DATABASE_URL`); dropped by `drop`.
+struct PgSchema {
+    admin: sqlx::PgPool,
+    name: String,
+    /// A database URL whose connections use only this schema.
+    url: String,
+}
+
+impl PgSchema {
+    async fn new(prefix: &str) -> PgSchema {
+        let base = std::env::var("KILN_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = format!("{prefix}_{}_{}", std::process::id(), rand::random::<u32>());
+        let admin = sqlx::PgPool::connect(&base)
+            .await
+            .expect("Postgres (KILN_TEST_DATABASE_URL)");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-c%20search_path%3D{name}");
+        PgSchema { admin, name, url }
+    }
+
+    async fn drop(self) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            self.name
+        )))
+        .execute(&self.admin)
+        .await
+        .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_on_postgres_loses_nothing() {
-    let base = std::env::var("KILN_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("kiln_cli_{}_{}", std::process::id(), rand::random::<u32>());
-    let admin = sqlx::PgPool::connect(&base)
-        .await
-        .expect("Postgres (KILN_TEST_DATABASE_URL)");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    kill_and_restart_loses_nothing(&format!("{base}{sep}options=-c%20search_path%3D{schema}"))
-        .await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    let pg = PgSchema::new("kiln_cli").await;
+    kill_and_restart_loses_nothing(&pg.url).await;
+    pg.drop().await;
 }
 
 #[test]

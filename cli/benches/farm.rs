@@ -88,6 +88,7 @@ async fn farm(n: u64) -> f64 {
         max_pixels: 1 << 20,
         memory_mib: 8192,
         prefetch: 1,
+        batch: 1,
         upload_retry: RetryPolicy::default(),
         idle_poll: Duration::from_millis(20),
     };

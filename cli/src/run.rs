@@ -47,6 +47,9 @@ pub struct Args {
     /// Memory budget for loaded pipelines, GiB.
     #[arg(long, default_value_t = 8.0)]
     cache_gb: f64,
+    /// Render up to N alike cells as one UNet batch (see `kiln worker --batch`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    batch: u32,
     #[command(flatten)]
     s3: S3Args,
 }
@@ -115,6 +118,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             max_pixels: 4096 * 4096,
             memory_mib: u64::MAX >> 1,
             prefetch: 1,
+            batch: args.batch,
             upload_retry: RetryPolicy::default(),
             idle_poll: Duration::from_millis(100),
         };

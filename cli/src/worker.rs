@@ -43,9 +43,13 @@ pub struct Args {
     /// Device memory declared to the coordinator, MiB.
     #[arg(long, env = "KILN_MEMORY_MIB", default_value_t = 8192)]
     memory_mib: u64,
-    /// Cells leased ahead of the one rendering.
-    #[arg(long, default_value_t = 1)]
+    /// Cells leased ahead of the ones rendering.
+    #[arg(long, env = "KILN_PREFETCH", default_value_t = 1)]
     prefetch: u32,
+    /// Render up to N cells that share model, LoRA stack, size, steps, CFG and sampler as one
+    /// UNet batch (each with its own seed's noise, so each image equals its single render).
+    #[arg(long, env = "KILN_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    batch: u32,
     /// S3 endpoint URL (for Garage, MinIO, Ceph, ...); AWS when unset.
     #[arg(long, env = "KILN_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
@@ -116,6 +120,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         max_pixels: args.max_pixels,
         memory_mib: args.memory_mib,
         prefetch: args.prefetch,
+        batch: args.batch,
         upload_retry: RetryPolicy {
             attempts: args.upload_tries.max(1),
             ..RetryPolicy::default()

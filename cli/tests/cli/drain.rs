@@ -30,19 +30,13 @@ async fn sigterm_drains_a_worker() {
             ..Default::default()
         })
         .collect();
-    let msgs = vec![
-        pb::SubmitSweepRequest {
-            part: Some(pb::submit_sweep_request::Part::Header(pb::SweepHeader {
-                idempotency_key: "drain".into(),
-                ..Default::default()
-            })),
+    let msgs = crate::submit_messages(
+        pb::SweepHeader {
+            idempotency_key: "drain".into(),
+            ..Default::default()
         },
-        pb::SubmitSweepRequest {
-            part: Some(pb::submit_sweep_request::Part::Cells(pb::CellChunk {
-                cells,
-            })),
-        },
-    ];
+        cells,
+    );
     let sweep = sweeps
         .submit_sweep(tokio_stream::iter(msgs))
         .await

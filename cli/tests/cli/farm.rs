@@ -170,21 +170,15 @@ async fn farm_survives_faults(db: &str) {
             ..Default::default()
         })
         .collect();
-    let msgs = vec![
-        pb::SubmitSweepRequest {
-            part: Some(pb::submit_sweep_request::Part::Header(pb::SweepHeader {
-                name: "faults".into(),
-                idempotency_key: "faults".into(),
-                max_attempts: 30,
-                ..Default::default()
-            })),
+    let msgs = crate::submit_messages(
+        pb::SweepHeader {
+            name: "faults".into(),
+            idempotency_key: "faults".into(),
+            max_attempts: 30,
+            ..Default::default()
         },
-        pb::SubmitSweepRequest {
-            part: Some(pb::submit_sweep_request::Part::Cells(pb::CellChunk {
-                cells,
-            })),
-        },
-    ];
+        cells,
+    );
     let sweep = client(port)
         .await
         .submit_sweep(tokio_stream::iter(msgs))

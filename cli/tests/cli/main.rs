@@ -1,6 +1,7 @@
 //! `kiln` as a process: the coordinator killed with SIGKILL mid-sweep and restarted on the same
 //! database loses nothing (SQLite file and Postgres), and SIGTERM shuts it down cleanly.
 
+mod batch;
 mod commands;
 mod drain;
 mod farm;
@@ -21,6 +22,23 @@ use tonic::transport::Channel;
 struct Coordinator {
     child: Child,
     addr: String,
+}
+
+/// A one-chunk `SubmitSweep` stream: `header`, then every cell.
+fn submit_messages(
+    header: pb::SweepHeader,
+    cells: Vec<pb::RenderCell>,
+) -> Vec<pb::SubmitSweepRequest> {
+    vec![
+        pb::SubmitSweepRequest {
+            part: Some(pb::submit_sweep_request::Part::Header(header)),
+        },
+        pb::SubmitSweepRequest {
+            part: Some(pb::submit_sweep_request::Part::Cells(pb::CellChunk {
+                cells,
+            })),
+        },
+    ]
 }
 
 fn spawn(db: &str, dir: &Path) -> Coordinator {

@@ -16,6 +16,9 @@ use tonic::transport::{Channel, Endpoint};
 /// flags; shared with the heartbeat task.
 pub type Tracked = Arc<std::sync::Mutex<Vec<(pb::AttemptRef, Arc<AtomicBool>, Arc<AtomicBool>)>>>;
 
+/// Shortest wait between two progress reports of one attempt.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
 /// Longest wait between reconnection tries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -274,7 +277,9 @@ impl Link {
         })
     }
 
-    /// Forwards per-step progress (at most every 250 ms) until aborted.
+    /// Forwards per-step progress until aborted: the first report after 250 ms, then at most
+    /// every 250 ms. A render shorter than that sends none (its complete says it all), so fast
+    /// models cost the coordinator no extra call per image.
     pub fn spawn_progress(
         &self,
         a: pb::AttemptRef,
@@ -283,7 +288,11 @@ impl Link {
     ) -> tokio::task::JoinHandle<()> {
         let link = self.clone();
         tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
+            loop {
+                tokio::time::sleep(PROGRESS_EVERY).await;
+                if rx.changed().await.is_err() {
+                    return;
+                }
                 let (step, total) = *rx.borrow_and_update();
                 let r = link
                     .client
@@ -300,7 +309,6 @@ impl Link {
                 {
                     cancel.store(true, Ordering::SeqCst);
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
     }

@@ -9,27 +9,32 @@
 //!   anything passing is retried after a backoff;
 //! - the coordinator going away is survived: calls are retried with backoff, and the worker
 //!   registers again if the coordinator forgot it;
-//! - uploads and completes run beside the next render (at most two in flight), under the same
-//!   heartbeats, so the device does not wait on storage or the network;
+//! - the device does not wait on the network: leasing runs beside the render and keeps a
+//!   backlog ([`backlog`]), the next cell's pipeline is prepared while the current one renders,
+//!   and uploads and completes run beside the next render (at most two in flight), all under
+//!   one heartbeat task;
+//! - with `batch > 1`, backlog cells that share model, LoRA stack, size, steps, CFG and sampler
+//!   render as one UNet batch, each with its own seed's noise;
 //! - a drain (SIGTERM) finishes the current render and its upload, and releases
 //!   leased-but-unstarted cells.
 
+mod backlog;
 pub mod link;
 pub mod renderer;
 pub mod resolve;
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use kiln_proto::v1 as pb;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use self::backlog::{Backlog, Held, Leaser, Plan};
 use self::link::{Link, Tracked};
-use self::renderer::{RenderFailure, Renderer};
+use self::renderer::{Item, RenderFailure, Renderer};
 use crate::cache::PipelineKey;
 use crate::engine::{Device, RenderRequest, SamplerKind};
 use crate::upload::{RetryPolicy, Storage, object_key};
@@ -51,30 +56,19 @@ pub struct AgentConfig {
     pub max_pixels: u64,
     /// Device memory declared to the coordinator, MiB.
     pub memory_mib: u64,
-    /// Cells leased ahead of the one rendering (0 = lease one at a time).
+    /// Cells leased ahead of the ones rendering (0 = lease only what renders next).
     pub prefetch: u32,
+    /// Cells rendered as one UNet batch when they share model, LoRA stack, size, steps, CFG
+    /// and sampler (1 = one at a time).
+    pub batch: u32,
     /// Upload retries.
     pub upload_retry: RetryPolicy,
     /// Wait between empty lease polls.
     pub idle_poll: Duration,
 }
 
-/// One leased attempt the agent holds.
-struct Held {
-    task: pb::LeasedTask,
-    cancel: Arc<AtomicBool>,
-    /// Set when the coordinator says the lease is lost (never complete).
-    lost: Arc<AtomicBool>,
-}
-
-impl Held {
-    fn attempt(&self) -> pb::AttemptRef {
-        pb::AttemptRef {
-            cell_id: self.task.cell_id,
-            attempt: self.task.attempt,
-        }
-    }
-}
+/// Uploads (with their completes) allowed to run beside the render.
+const MAX_FINISHING: usize = 2;
 
 /// Runs the agent until `shutdown` resolves, then drains.
 pub async fn run(
@@ -101,83 +95,86 @@ pub async fn run(
         _ = &mut shutdown => return Ok(()),
     };
     let renderer = Renderer::spawn(cfg.cache_bytes);
-    let mut queue: VecDeque<Held> = VecDeque::new();
-    // Affinity keys of cells rendered, with the pipeline each used.
-    let mut affinity: Vec<(String, PipelineKey)> = Vec::new();
+    let backlog = Arc::new(Backlog::default());
     // Every attempt held, for the heartbeat task; uploads finish in the background.
     let tracked: Tracked = Arc::default();
     let heartbeats = link.spawn_heartbeats(tracked.clone());
+    let batch = cfg.batch.max(1) as usize;
+    let (stop_leasing, stop_rx) = watch::channel(false);
+    let planner = cfg.clone();
+    let leaser = tokio::spawn(
+        Leaser {
+            link: link.clone(),
+            renderer: renderer.clone(),
+            backlog: backlog.clone(),
+            tracked: tracked.clone(),
+            affinity: Arc::default(),
+            target: cfg.prefetch as usize + batch,
+            idle_poll: cfg.idle_poll,
+            plan: Box::new(move |task| plan(&planner, task)),
+        }
+        .run(stop_rx),
+    );
     let mut finishing: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
     let mut draining = false;
-    loop {
-        if !draining && queue.len() <= cfg.prefetch as usize {
-            let loaded = loaded_keys(&affinity, &renderer);
-            let want = cfg.prefetch + 1 - queue.len() as u32;
-            let tasks = tokio::select! {
-                t = link.lease(want, loaded) => t,
-                _ = &mut shutdown => { draining = true; Vec::new() }
-            };
-            for task in tasks {
-                let h = Held {
-                    task,
-                    cancel: Arc::new(AtomicBool::new(false)),
-                    lost: Arc::new(AtomicBool::new(false)),
-                };
-                track(&tracked, &h);
-                queue.push_back(h);
-            }
-        }
-        let Some(held) = queue.pop_front() else {
-            if draining {
-                break;
-            }
+    while !draining {
+        let group = backlog.take(batch);
+        if group.is_empty() {
             tokio::select! {
-                _ = tokio::time::sleep(cfg.idle_poll) => continue,
-                _ = &mut shutdown => { draining = true; continue }
+                _ = backlog.arrived.notified() => {}
+                _ = &mut shutdown => draining = true,
             }
-        };
-        if draining {
-            queue.push_front(held);
-            break;
+            continue;
         }
-        let rendered = tokio::select! {
-            r = render_one(&cfg, &link, &renderer, &held, &mut affinity) => r,
-            _ = &mut shutdown => {
-                // Finish the render in flight, then drain.
-                draining = true;
-                render_one(&cfg, &link, &renderer, &held, &mut affinity).await
-            }
-        };
-        match rendered {
-            Some(rendered) => {
-                // Upload and complete beside the next render; at most two in flight.
-                while finishing.len() >= 2 {
-                    finishing.join_next().await;
+        let rendered = {
+            let rendering = render_group(&link, &renderer, &group);
+            tokio::pin!(rendering);
+            tokio::select! {
+                r = &mut rendering => r,
+                _ = &mut shutdown => {
+                    // Finish the render in flight, then drain.
+                    draining = true;
+                    rendering.await
                 }
-                let (link, storage, tracked) = (link.clone(), storage.clone(), tracked.clone());
-                let retry = cfg.upload_retry.clone();
-                let device = cfg.device;
-                finishing.spawn(async move {
-                    let a = held.attempt();
-                    if let Err(e) = finish(&link, &storage, &retry, device, &held, rendered).await {
-                        tracing::warn!(cell = a.cell_id, error = %e, "attempt ended without a report");
-                    }
-                    untrack(&tracked, a);
-                });
             }
-            None => untrack(&tracked, held.attempt()),
+        };
+        for (held, rendered) in group.into_iter().zip(rendered) {
+            let Some(rendered) = rendered else {
+                untrack(&tracked, held.attempt());
+                continue;
+            };
+            // Upload and complete beside the next render.
+            while finishing.len() >= MAX_FINISHING {
+                finishing.join_next().await;
+            }
+            let (link, storage, tracked) = (link.clone(), storage.clone(), tracked.clone());
+            let retry = cfg.upload_retry.clone();
+            let device = cfg.device;
+            finishing.spawn(async move {
+                let a = held.attempt();
+                if let Err(e) = finish(&link, &storage, &retry, device, &held, rendered).await {
+                    tracing::warn!(cell = a.cell_id, error = %e, "attempt ended without a report");
+                }
+                untrack(&tracked, a);
+            });
         }
-        // Drop prefetched attempts the coordinator took back meanwhile.
-        queue.retain(|h| {
-            let keep = !h.lost.load(Ordering::Relaxed);
-            if !keep {
-                untrack(&tracked, h.attempt());
-            }
-            keep
-        });
+        // Drop queued attempts the coordinator took back meanwhile.
+        for a in backlog.drop_lost() {
+            untrack(&tracked, a);
+        }
+    }
+    let _ = stop_leasing.send(true);
+    // A lease call in flight lands in the backlog; a coordinator that is down cannot hold
+    // the drain for long (those leases expire instead).
+    let mut leaser = leaser;
+    if tokio::time::timeout(Duration::from_secs(5), &mut leaser)
+        .await
+        .is_err()
+    {
+        leaser.abort();
     }
     while finishing.join_next().await.is_some() {}
-    let rest: Vec<pb::AttemptRef> = queue.iter().map(Held::attempt).collect();
+    let rest: Vec<pb::AttemptRef> = backlog.drain().iter().map(Held::attempt).collect();
     link.release(rest, true).await;
     heartbeats.abort();
     tracing::info!("drained");
@@ -199,90 +196,81 @@ fn untrack(tracked: &Tracked, a: pb::AttemptRef) {
         .retain(|(x, _, _)| *x != a);
 }
 
-fn loaded_keys(affinity: &[(String, PipelineKey)], renderer: &Renderer) -> Vec<String> {
-    let loaded = renderer.loaded();
-    affinity
-        .iter()
-        .filter(|(_, k)| loaded.contains(k))
-        .map(|(a, _)| a.clone())
-        .collect()
-}
-
-/// Resolves and renders one attempt. Failures are reported here; `None` means there is
-/// nothing to upload (failed, cancelled or lost).
-async fn render_one(
-    cfg: &AgentConfig,
+/// Renders a group of alike attempts as one batch. Failures are reported here; `None` means
+/// there is nothing to upload for that attempt (failed, cancelled or lost).
+async fn render_group(
     link: &Link,
     renderer: &Renderer,
-    held: &Held,
-    affinity: &mut Vec<(String, PipelineKey)>,
-) -> Option<renderer::Rendered> {
-    let task = &held.task;
-    let attempt = held.attempt();
-    let report = |class, msg: String| async move {
-        if let Err(e) = link.fail(attempt, class, msg).await {
-            tracing::warn!(cell = attempt.cell_id, error = %e, "failure not reported");
-        }
-    };
-    let Some(cell) = task.cell.clone() else {
-        report(pb::FailureClass::BadInput, "leased task has no cell".into()).await;
-        return None;
-    };
-    let key = match pipeline_key(cfg, &cell) {
-        Ok(k) => k,
-        Err(msg) => {
-            report(pb::FailureClass::BadInput, msg).await;
-            return None;
-        }
-    };
-    let request = RenderRequest {
-        prompt: cell.prompt.clone(),
-        negative_prompt: cell.negative_prompt.clone(),
-        seed: cell.seed,
-        steps: cell.steps as usize,
-        cfg_scale: cell.cfg,
-        sampler: match pb::Sampler::try_from(cell.sampler) {
-            Ok(pb::Sampler::EulerA) => SamplerKind::EulerAncestral,
-            _ => SamplerKind::Lcm,
-        },
-        width: cell.width,
-        height: cell.height,
-    };
-    let (progress_tx, progress_rx) = watch::channel((0u32, cell.steps));
-    let reporter = link.spawn_progress(attempt, progress_rx, held.cancel.clone());
-    let rendered = renderer
-        .render(key.clone(), request, held.cancel.clone(), progress_tx)
-        .await;
-    reporter.abort();
-    if held.lost.load(Ordering::Relaxed) {
-        tracing::info!(
-            cell = task.cell_id,
-            attempt = task.attempt,
-            "lease lost: result dropped"
-        );
-        return None;
-    }
-    match rendered {
-        Ok(r) => {
-            affinity.retain(|(a, _)| a != &task.affinity_key);
-            affinity.push((task.affinity_key.clone(), key));
-            if affinity.len() > 64 {
-                affinity.remove(0);
+    group: &[Held],
+) -> Vec<Option<renderer::Rendered>> {
+    let mut out: Vec<Option<renderer::Rendered>> = group.iter().map(|_| None).collect();
+    let mut members = Vec::with_capacity(group.len());
+    let mut items = Vec::with_capacity(group.len());
+    let mut reporters = Vec::with_capacity(group.len());
+    let mut key = None;
+    for (i, held) in group.iter().enumerate() {
+        match &held.plan {
+            Err(msg) => report(link, held, pb::FailureClass::BadInput, msg.clone()).await,
+            Ok((k, request)) => {
+                key.get_or_insert_with(|| k.clone());
+                let (progress, progress_rx) = watch::channel((0u32, request.steps as u32));
+                reporters.push(link.spawn_progress(
+                    held.attempt(),
+                    progress_rx,
+                    held.cancel.clone(),
+                ));
+                items.push(Item {
+                    request: request.clone(),
+                    cancel: held.cancel.clone(),
+                    progress,
+                });
+                members.push(i);
             }
-            Some(r)
         }
-        Err(RenderFailure::Cancelled) => {
-            report(pb::FailureClass::Cancelled, "cancelled by user".into()).await;
-            None
+    }
+    let Some(key) = key else {
+        return out;
+    };
+    let results = renderer.render(key, items).await;
+    for r in reporters {
+        r.abort();
+    }
+    for (i, result) in members.into_iter().zip(results) {
+        let held = &group[i];
+        if held.is_lost() {
+            tracing::info!(
+                cell = held.task.cell_id,
+                attempt = held.task.attempt,
+                "lease lost: result dropped"
+            );
+            continue;
         }
-        Err(RenderFailure::BadInput(m)) => {
-            report(pb::FailureClass::BadInput, m).await;
-            None
+        match result {
+            Ok(r) => out[i] = Some(r),
+            Err(RenderFailure::Cancelled) => {
+                report(
+                    link,
+                    held,
+                    pb::FailureClass::Cancelled,
+                    "cancelled by user".into(),
+                )
+                .await
+            }
+            Err(RenderFailure::BadInput(m)) => {
+                report(link, held, pb::FailureClass::BadInput, m).await
+            }
+            Err(RenderFailure::Resource(m)) => {
+                report(link, held, pb::FailureClass::Resource, m).await
+            }
         }
-        Err(RenderFailure::Resource(m)) => {
-            report(pb::FailureClass::Resource, m).await;
-            None
-        }
+    }
+    out
+}
+
+async fn report(link: &Link, held: &Held, class: pb::FailureClass, msg: String) {
+    let attempt = held.attempt();
+    if let Err(e) = link.fail(attempt, class, msg).await {
+        tracing::warn!(cell = attempt.cell_id, error = %e, "failure not reported");
     }
 }
 
@@ -311,7 +299,7 @@ async fn finish(
             )
             .await;
     }
-    let upload_ms = t.elapsed().as_millis() as u64;
+    let upload_ms = t.elapsed().as_secs_f64() * 1000.0;
     if held.lost.load(Ordering::Relaxed) {
         // The object stays under this attempt's own key; it can never be a result.
         return Ok(());
@@ -325,16 +313,40 @@ async fn finish(
         height: rendered.height,
         device: device.to_string(),
         timings_ms: [
-            ("load".to_string(), rendered.load_ms),
-            ("render".to_string(), rendered.render_ms),
-            ("encode".to_string(), rendered.encode_ms),
-            ("upload".to_string(), upload_ms),
+            ("load", rendered.load_ms),
+            ("text_encode", rendered.times.text_encode_ms),
+            ("unet", rendered.times.unet_ms),
+            ("vae", rendered.times.vae_ms),
+            ("encode", rendered.encode_ms),
+            ("upload", upload_ms),
         ]
-        .into(),
+        .into_iter()
+        .map(|(phase, ms)| (phase.to_string(), ms.round() as u64))
+        .chain([("batch".to_string(), rendered.times.batch as u64)])
+        .collect(),
         parameters: rendered.parameters,
         notes: rendered.notes,
     };
     link.complete(attempt, result).await
+}
+
+/// Resolves a leased cell's files and settings (bad input when they cannot be).
+fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
+    let cell = task.cell.as_ref().ok_or("leased task has no cell")?;
+    let request = RenderRequest {
+        prompt: cell.prompt.clone(),
+        negative_prompt: cell.negative_prompt.clone(),
+        seed: cell.seed,
+        steps: cell.steps as usize,
+        cfg_scale: cell.cfg,
+        sampler: match pb::Sampler::try_from(cell.sampler) {
+            Ok(pb::Sampler::EulerA) => SamplerKind::EulerAncestral,
+            _ => SamplerKind::Lcm,
+        },
+        width: cell.width,
+        height: cell.height,
+    };
+    Ok((pipeline_key(cfg, cell)?, request))
 }
 
 fn pipeline_key(cfg: &AgentConfig, cell: &pb::RenderCell) -> Result<PipelineKey, String> {

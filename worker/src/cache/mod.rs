@@ -1,13 +1,22 @@
-//! Loaded pipelines kept between renders, keyed by (model files, LoRA stack with strengths,
-//! device), under a memory budget; the least recently used is evicted first. Owned by the
-//! render thread only, so it needs no locks.
+//! Loaded models kept between renders, under a memory budget.
 //!
-//! Cost of an entry: the bytes of the weight files it was loaded from (f32 on CPU, so about
-//! their size in memory; an estimate, not a measurement).
+//! Two levels, because users sweep LoRA strengths: a [`BaseModel`] per model folder (every
+//! config and weight read once, f32 on the host) and the [`Pipeline`]s built from it, keyed by
+//! (model folder, LoRA stack with strengths, device). A new LoRA stack or strength on a cached
+//! base re-merges from memory instead of reading the checkpoint again. When over budget the
+//! least recently used pipeline goes first, then bases no pipeline uses. Owned by the render
+//! thread only, so it needs no locks.
+//!
+//! Cost: a base counts its f32 host bytes; a pipeline counts [`Model::resident_bytes`] (on the
+//! CPU only the tensors its LoRAs replaced, since the rest shares the base's storage). Estimates
+//! from element counts, not measurements.
+//!
+//! [`Model::resident_bytes`]: crate::engine::Model::resident_bytes
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::engine::{Device, EngineError, LoraSpec, Pipeline};
+use crate::engine::{BaseModel, Device, EngineError, LoraSpec, Pipeline};
 
 /// What identifies a loaded pipeline.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,96 +29,169 @@ pub struct PipelineKey {
     pub device: Device,
 }
 
-/// An LRU of pipelines under a byte budget.
-pub struct PipelineCache {
-    budget_bytes: u64,
-    entries: Vec<(PipelineKey, Pipeline, u64)>,
-    /// Loads and hits, for the worker's log and benchmarks.
-    pub stats: CacheStats,
+impl PipelineKey {
+    /// The LoRA stack as the engine takes it.
+    pub fn lora_specs(&self) -> Vec<LoraSpec> {
+        self.loras
+            .iter()
+            .map(|(path, strength)| LoraSpec {
+                path: path.clone(),
+                strength: *strength,
+            })
+            .collect()
+    }
+
+    /// Builds this key's pipeline from `base` (which must be `self.model`'s).
+    pub fn build(&self, base: &BaseModel) -> Result<Pipeline, EngineError> {
+        Ok(Pipeline::new(base.build(&self.lora_specs(), self.device)?))
+    }
 }
 
-/// Counters.
-#[derive(Clone, Copy, Debug, Default)]
+/// How [`PipelineCache::ensure`] found a pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// It was loaded.
+    Hit,
+    /// Its base was cached: only the LoRA merge and the build ran.
+    Rebuilt,
+    /// Nothing was cached: the model's files were read.
+    Read,
+}
+
+/// Counters, for the worker's log and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
-    /// Pipelines loaded from disk.
-    pub loads: u64,
+    /// Model folders read from disk.
+    pub reads: u64,
+    /// Pipelines built from a cached base (a LoRA stack or strength change).
+    pub rebuilds: u64,
     /// Renders that found their pipeline loaded.
     pub hits: u64,
-    /// Pipelines evicted.
+    /// Pipelines and bases evicted.
     pub evictions: u64,
 }
 
+/// An LRU of bases and pipelines under a byte budget.
+pub struct PipelineCache {
+    budget_bytes: u64,
+    /// Most recently used last.
+    bases: Vec<Arc<BaseModel>>,
+    /// Most recently used last.
+    pipelines: Vec<(PipelineKey, Arc<Pipeline>)>,
+    /// Counters.
+    pub stats: CacheStats,
+}
+
 impl PipelineCache {
-    /// An empty cache that keeps at most `budget_bytes` of pipelines (always at least one).
+    /// An empty cache that keeps at most `budget_bytes` (always at least the pipeline in use
+    /// and its base).
     pub fn new(budget_bytes: u64) -> Self {
         Self {
             budget_bytes,
-            entries: Vec::new(),
+            bases: Vec::new(),
+            pipelines: Vec::new(),
             stats: CacheStats::default(),
         }
     }
 
-    /// The pipeline for `key`, loading it (and evicting others) when absent.
-    pub fn get(&mut self, key: &PipelineKey) -> Result<&Pipeline, EngineError> {
-        self.ensure(key)?;
-        Ok(&self.entries.last().expect("ensure leaves the entry last").1)
+    /// The pipeline for `key`, reading or building it (and evicting others) when absent.
+    pub fn get(&mut self, key: &PipelineKey) -> Result<(Arc<Pipeline>, Found), EngineError> {
+        if let Some(i) = self.pipelines.iter().position(|(k, _)| k == key) {
+            self.stats.hits += 1;
+            let entry = self.pipelines.remove(i);
+            let pipeline = entry.1.clone();
+            self.pipelines.push(entry);
+            self.touch_base(&key.model);
+            return Ok((pipeline, Found::Hit));
+        }
+        let (base, found) = match self.base(&key.model) {
+            Some(base) => (base, Found::Rebuilt),
+            None => {
+                let base = Arc::new(BaseModel::read(&key.model)?);
+                self.stats.reads += 1;
+                (base, Found::Read)
+            }
+        };
+        let pipeline = key.build(&base)?;
+        if found == Found::Rebuilt {
+            self.stats.rebuilds += 1;
+        }
+        Ok((self.insert(key.clone(), base, pipeline), found))
     }
 
-    /// Makes `key` loaded and most recently used; returns whether it had to be loaded.
-    pub fn ensure(&mut self, key: &PipelineKey) -> Result<bool, EngineError> {
-        if let Some(i) = self.entries.iter().position(|(k, _, _)| k == key) {
-            self.stats.hits += 1;
-            let e = self.entries.remove(i);
-            self.entries.push(e);
-            Ok(false)
-        } else {
-            let loras: Vec<LoraSpec> = key
-                .loras
-                .iter()
-                .map(|(path, strength)| LoraSpec {
-                    path: path.clone(),
-                    strength: *strength,
-                })
-                .collect();
-            let cost = weight_bytes(&key.model);
-            while !self.entries.is_empty()
-                && self.entries.iter().map(|e| e.2).sum::<u64>() + cost > self.budget_bytes
-            {
-                self.entries.remove(0);
-                self.stats.evictions += 1;
-            }
-            let pipeline = Pipeline::load(&key.model, &loras, key.device)?;
-            self.stats.loads += 1;
-            self.entries.push((key.clone(), pipeline, cost));
-            Ok(true)
+    /// Whether `key`'s pipeline is loaded.
+    pub fn contains(&self, key: &PipelineKey) -> bool {
+        self.pipelines.iter().any(|(k, _)| k == key)
+    }
+
+    /// The cached base of the model folder `model`, if any.
+    pub fn base(&self, model: &Path) -> Option<Arc<BaseModel>> {
+        self.bases.iter().find(|b| b.folder() == model).cloned()
+    }
+
+    /// Adds a pipeline built elsewhere (the preparing thread) with the base it came from,
+    /// making both most recently used.
+    pub fn insert(
+        &mut self,
+        key: PipelineKey,
+        base: Arc<BaseModel>,
+        pipeline: Pipeline,
+    ) -> Arc<Pipeline> {
+        self.pipelines.retain(|(k, _)| k != &key);
+        let incoming = pipeline.model().resident_bytes()
+            + if self.base(&key.model).is_some() {
+                0
+            } else {
+                base.bytes()
+            };
+        self.make_room(incoming, Some(&key.model));
+        if self.base(&key.model).is_none() {
+            self.bases.push(base);
         }
+        self.touch_base(&key.model);
+        let pipeline = Arc::new(pipeline);
+        self.pipelines.push((key, pipeline.clone()));
+        pipeline
     }
 
     /// Keys of the loaded pipelines, most recent last.
     pub fn keys(&self) -> impl Iterator<Item = &PipelineKey> {
-        self.entries.iter().map(|(k, _, _)| k)
+        self.pipelines.iter().map(|(k, _)| k)
     }
-}
 
-/// Sum of the sizes of the `.safetensors` files under a model folder (or the file itself).
-fn weight_bytes(model: &Path) -> u64 {
-    fn walk(p: &Path, depth: u32) -> u64 {
-        let Ok(meta) = std::fs::metadata(p) else {
-            return 0;
-        };
-        if meta.is_file() {
-            return if p.extension().is_some_and(|e| e == "safetensors") {
-                meta.len()
-            } else {
-                0
-            };
-        }
-        if depth > 2 {
-            return 0;
-        }
-        std::fs::read_dir(p)
-            .map(|rd| rd.flatten().map(|e| walk(&e.path(), depth + 1)).sum())
-            .unwrap_or(0)
+    /// Bytes held now, by the estimate in the module header.
+    pub fn used_bytes(&self) -> u64 {
+        self.bases.iter().map(|b| b.bytes()).sum::<u64>()
+            + self
+                .pipelines
+                .iter()
+                .map(|(_, p)| p.model().resident_bytes())
+                .sum::<u64>()
     }
-    walk(model, 0)
+
+    fn touch_base(&mut self, model: &Path) {
+        if let Some(i) = self.bases.iter().position(|b| b.folder() == model) {
+            let b = self.bases.remove(i);
+            self.bases.push(b);
+        }
+    }
+
+    /// Evicts until `incoming` more bytes fit: first bases no pipeline uses, then the least
+    /// recently used pipeline; never the base of `keep`.
+    fn make_room(&mut self, incoming: u64, keep: Option<&Path>) {
+        while self.used_bytes() + incoming > self.budget_bytes {
+            let unused = self.bases.iter().position(|b| {
+                Some(b.folder()) != keep
+                    && !self.pipelines.iter().any(|(k, _)| k.model == b.folder())
+            });
+            if let Some(i) = unused {
+                self.bases.remove(i);
+            } else if !self.pipelines.is_empty() {
+                self.pipelines.remove(0);
+            } else {
+                break;
+            }
+            self.stats.evictions += 1;
+        }
+    }
 }

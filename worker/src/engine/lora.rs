@@ -91,8 +91,13 @@ fn kohya_index(weights: &Weights) -> HashMap<String, String> {
         .collect()
 }
 
-/// Reads `spec.path` and adds its deltas to `targets`.
-pub(crate) fn merge(spec: &LoraSpec, targets: &mut Targets) -> Result<()> {
+/// Adds the deltas of `file` (the parsed `spec.path`) to `targets`; returns the weights it
+/// replaced.
+pub(crate) fn merge(
+    spec: &LoraSpec,
+    file: &Weights,
+    targets: &mut Targets,
+) -> Result<Vec<(Component, String)>> {
     let path = &spec.path;
     if !spec.strength.is_finite() {
         return Err(lora_error(
@@ -100,7 +105,6 @@ pub(crate) fn merge(spec: &LoraSpec, targets: &mut Targets) -> Result<()> {
             format!("strength {} is not finite", spec.strength),
         ));
     }
-    let file = Weights::read(path)?;
     let mut groups: BTreeMap<String, Pair> = BTreeMap::new();
     let mut unknown: Vec<String> = Vec::new();
     for (key, tensor) in &file.tensors {
@@ -168,14 +172,16 @@ pub(crate) fn merge(spec: &LoraSpec, targets: &mut Targets) -> Result<()> {
         });
     }
 
+    let mut replaced = Vec::with_capacity(resolved.len());
     for (component, weight, pair) in resolved {
         let weights = match component {
             Component::Unet => &mut *targets.unet,
             Component::TextEncoder => &mut *targets.text_encoder,
         };
         apply(path, spec.strength, weights, &weight, pair)?;
+        replaced.push((component, weight));
     }
-    Ok(())
+    Ok(replaced)
 }
 
 /// `W += strength · (alpha/rank) · (up[out, r] @ down[r, rest]).reshape(W.shape)`.
@@ -252,8 +258,10 @@ mod tests {
             path: fixture(file),
             strength,
         };
+        let file = Weights::read(&spec.path).expect("lora");
         merge(
             &spec,
+            &file,
             &mut Targets {
                 unet: &mut unet,
                 text_encoder: &mut te,

@@ -7,7 +7,9 @@
 //! API speaks [`HostTensor`], paths and plain numbers. It must never know about leases, gRPC,
 //! databases or object storage.
 
+pub mod base;
 mod clip;
+pub mod embeddings;
 pub mod error;
 pub mod image;
 mod layers;
@@ -22,9 +24,11 @@ mod unet;
 mod vae;
 mod weights;
 
+pub use base::BaseModel;
+pub use embeddings::EmbeddingStats;
 pub use error::{ComputeError, EngineError};
 pub use lora::LoraSpec;
 pub use model::{Device, LoadedLora, Model};
-pub use pipeline::{Pipeline, Progress, RenderOutput, RenderRequest, SamplerKind};
+pub use pipeline::{PhaseTimes, Pipeline, Progress, RenderOutput, RenderRequest, SamplerKind};
 
 pub use weights::{HostTensor, read_safetensors};

@@ -1,25 +1,24 @@
-//! Loading a diffusers-layout SD1.5 folder, with a LoRA stack merged in, onto a device.
+//! An SD1.5 model with its LoRA stack merged, built on one device.
 //!
-//! Owns locating each component (`unet/`, `vae/`, `text_encoder/`, `scheduler/`; full or
-//! `*.fp16.safetensors` weights), reading each `config.json`, merging LoRAs into the host
-//! weights, building the networks in the compute dtype (f32 on CPU, f16 on CUDA/Metal), and the
-//! hashes that identify the result (A1111's model and LoRA hashes). The tokenizer is compiled
+//! Owns building the networks in the compute dtype (f32 on CPU, f16 on CUDA/Metal) from a
+//! [`BaseModel`] (the files, read once; see [`super::base`]), the identity of the result (name,
+//! A1111's model hash, the merged LoRAs), and running each network. The tokenizer is compiled
 //! in (SD1.5's CLIP BPE), so `tokenizer/` is not read. [`Model`] also exposes each network on
 //! [`HostTensor`]s, which is how the reference tests reach them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Tensor};
-use sha2::{Digest, Sha256};
 
-use super::clip::{ClipConfig, ClipTextModel};
+use super::base::BaseModel;
+use super::clip::ClipTextModel;
 use super::error::{EngineError, Result};
-use super::lora::{self, LoraSpec, Targets};
+use super::lora::LoraSpec;
 use super::scheduler::ScheduleConfig;
 use super::tokenizer::ClipTokenizer;
-use super::unet::{UNet, UNetConfig};
-use super::vae::{VaeConfig, VaeDecoder};
-use super::weights::{HostTensor, Params, Weights};
+use super::unet::UNet;
+use super::vae::VaeDecoder;
+use super::weights::{HostTensor, Params};
 
 /// Where the networks run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,6 +84,7 @@ pub struct Model {
     vae_dtype: DType,
     vae_scaling_factor: f64,
     schedule: ScheduleConfig,
+    resident_bytes: u64,
 }
 
 impl std::fmt::Debug for Model {
@@ -98,247 +98,54 @@ impl std::fmt::Debug for Model {
     }
 }
 
-/// One component folder's config and weights file.
-struct Part {
-    config: PathBuf,
-    weights: PathBuf,
-}
-
-/// Finds `folder/part/{config}` and the first existing weights file among `names`.
-fn locate(folder: &Path, part: &'static str, config: &str, names: &[&str]) -> Result<Part> {
-    let dir = folder.join(part);
-    let missing = |expected: String| EngineError::MissingPart {
-        folder: folder.to_owned(),
-        part,
-        expected,
-    };
-    if !dir.is_dir() {
-        return Err(missing(format!("a {part}/ folder")));
-    }
-    let config = dir.join(config);
-    if !config.is_file() {
-        return Err(missing(config.display().to_string()));
-    }
-    let weights = names
-        .iter()
-        .map(|n| dir.join(n))
-        .find(|p| p.is_file())
-        .ok_or_else(|| missing(format!("{part}/{}", names.join(" or "))))?;
-    Ok(Part { config, weights })
-}
-
-fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| EngineError::Io {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| EngineError::Io {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// transformers saves `CLIPTextModel` without the `text_model.` prefix; SD checkpoints have it.
-fn normalise_text_encoder_keys(weights: &mut Weights) {
-    let bare: Vec<String> = weights
-        .tensors
-        .keys()
-        .filter(|k| !k.starts_with("text_model."))
-        .cloned()
-        .collect();
-    for key in bare {
-        if let Some(t) = weights.tensors.remove(&key) {
-            weights.tensors.insert(format!("text_model.{key}"), t);
-        }
-    }
-}
-
-/// A1111's LoRA hash ("addnet" hash): sha256 of everything after the safetensors header.
-fn lora_hash(path: &Path) -> Result<String> {
-    let bytes = read_bytes(path)?;
-    let header = bytes
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_le_bytes)
-        .ok_or_else(|| EngineError::Safetensors {
-            path: path.to_owned(),
-            reason: "file is shorter than a safetensors header".to_owned(),
-        })?;
-    let start = usize::try_from(header)
-        .ok()
-        .and_then(|h| h.checked_add(8))
-        .filter(|&s| s <= bytes.len())
-        .ok_or_else(|| EngineError::Safetensors {
-            path: path.to_owned(),
-            reason: "header length exceeds the file".to_owned(),
-        })?;
-    Ok(hex::encode(Sha256::digest(&bytes[start..])))
-}
-
-/// The files of a diffusers folder.
-struct Parts {
-    text_encoder: Part,
-    unet: Part,
-    vae: Part,
-    scheduler_config: PathBuf,
-}
-
-impl Parts {
-    fn locate(folder: &Path) -> Result<Self> {
-        const DIFFUSERS: [&str; 2] = [
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.fp16.safetensors",
-        ];
-        const TRANSFORMERS: [&str; 2] = ["model.safetensors", "model.fp16.safetensors"];
-        let scheduler_config = folder.join("scheduler/scheduler_config.json");
-        let parts = Self {
-            text_encoder: locate(folder, "text_encoder", "config.json", &TRANSFORMERS)?,
-            unet: locate(folder, "unet", "config.json", &DIFFUSERS)?,
-            vae: locate(folder, "vae", "config.json", &DIFFUSERS)?,
-            scheduler_config,
-        };
-        if !parts.scheduler_config.is_file() {
-            return Err(EngineError::MissingPart {
-                folder: folder.to_owned(),
-                part: "scheduler",
-                expected: parts.scheduler_config.display().to_string(),
-            });
-        }
-        Ok(parts)
-    }
-}
-
-/// Every component's config, checked against each other.
-struct Configs {
-    clip: ClipConfig,
-    unet: UNetConfig,
-    vae: VaeConfig,
-    schedule: ScheduleConfig,
-}
-
-impl Configs {
-    fn read(parts: &Parts) -> Result<Self> {
-        let te = &parts.text_encoder.config;
-        let configs = Self {
-            clip: ClipConfig::from_json(te, &read_text(te)?)?,
-            unet: UNetConfig::from_json(&parts.unet.config, &read_text(&parts.unet.config)?)?,
-            vae: VaeConfig::from_json(&parts.vae.config, &read_text(&parts.vae.config)?)?,
-            schedule: ScheduleConfig::from_json(&read_text(&parts.scheduler_config)?)?,
-        };
-        let mismatch = |path: &Path, reason: String| {
-            Err(EngineError::Config {
-                path: path.to_owned(),
-                reason,
-            })
-        };
-        if configs.unet.cross_attention_dim() != configs.clip.hidden_size() {
-            return mismatch(
-                &parts.unet.config,
-                format!(
-                    "cross_attention_dim {} differs from the text encoder's hidden_size {}",
-                    configs.unet.cross_attention_dim(),
-                    configs.clip.hidden_size()
-                ),
-            );
-        }
-        if configs.vae.latent_channels() != configs.unet.in_channels() {
-            return mismatch(
-                &parts.vae.config,
-                format!(
-                    "latent_channels {} differs from the UNet's in_channels {}",
-                    configs.vae.latent_channels(),
-                    configs.unet.in_channels()
-                ),
-            );
-        }
-        Ok(configs)
-    }
-}
-
-/// Every component's weights in f32 on the host, where LoRAs are merged.
-struct HostWeights {
-    text_encoder: Weights,
-    unet: Weights,
-    vae: Weights,
-    /// sha256 over the three weight files in a fixed order: the folder analogue of A1111's
-    /// whole-file checkpoint hash.
-    hash: String,
-}
-
-impl HostWeights {
-    fn read(parts: &Parts) -> Result<Self> {
-        let mut hasher = Sha256::new();
-        let mut read = |path: &Path| -> Result<Weights> {
-            let bytes = read_bytes(path)?;
-            hasher.update(&bytes);
-            Weights::from_bytes(path, &bytes)
-        };
-        let mut text_encoder = read(&parts.text_encoder.weights)?;
-        let unet = read(&parts.unet.weights)?;
-        let vae = read(&parts.vae.weights)?;
-        normalise_text_encoder_keys(&mut text_encoder);
-        Ok(Self {
-            text_encoder,
-            unet,
-            vae,
-            hash: hex::encode(hasher.finalize()),
-        })
-    }
-
-    fn merge(&mut self, spec: &LoraSpec) -> Result<LoadedLora> {
-        let mut targets = Targets {
-            unet: &mut self.unet,
-            text_encoder: &mut self.text_encoder,
-        };
-        lora::merge(spec, &mut targets)?;
-        Ok(LoadedLora {
-            name: file_stem(&spec.path),
-            hash: lora_hash(&spec.path)?,
-            strength: spec.strength,
-        })
-    }
-}
-
 impl Model {
     /// Loads the diffusers folder `folder`, merges `loras` in order, and builds the networks
     /// on `device`.
     pub fn load(folder: &Path, loras: &[LoraSpec], device: Device) -> Result<Self> {
-        let parts = Parts::locate(folder)?;
-        let configs = Configs::read(&parts)?;
-        let mut weights = HostWeights::read(&parts)?;
-        let loaded = loras
-            .iter()
-            .map(|spec| weights.merge(spec))
-            .collect::<Result<Vec<_>>>()?;
-        let HostWeights {
-            text_encoder,
-            unet,
-            vae,
-            hash,
-        } = weights;
+        Self::from_base(&BaseModel::read(folder)?, loras, device)
+    }
 
-        let (device, dtype) = device.open()?;
-        let clip = ClipTextModel::new(&Params::new(&text_encoder, &device, dtype), &configs.clip)?;
-        drop(text_encoder);
+    /// Builds the networks on `device` from `base` with `loras` merged in order; the base is
+    /// left as it was.
+    pub fn from_base(base: &BaseModel, loras: &[LoraSpec], device: Device) -> Result<Self> {
+        let (weights, loaded, replaced_bytes) = base.merged(loras)?;
+        let configs = &base.configs;
+        let (device_handle, dtype) = device.open()?;
+        let clip = ClipTextModel::new(
+            &Params::new(&weights.text_encoder, &device_handle, dtype),
+            &configs.clip,
+        )?;
         let unet = UNet::new(
-            &Params::new(&unet, &device, dtype),
+            &Params::new(&weights.unet, &device_handle, dtype),
             &configs.unet,
-            &parts.unet.config,
+            &base.parts.unet.config,
         )?;
         let vae_dtype = if configs.vae.force_upcast() {
             DType::F32
         } else {
             dtype
         };
-        let vae = VaeDecoder::new(&Params::new(&vae, &device, vae_dtype), &configs.vae)?;
+        let vae = VaeDecoder::new(
+            &Params::new(&weights.vae, &device_handle, vae_dtype),
+            &configs.vae,
+        )?;
+        // On the CPU in f32 the networks share the base's storage except where a LoRA merged;
+        // elsewhere every weight has its own copy on the device.
+        let resident_bytes = match device {
+            Device::Cpu => replaced_bytes,
+            _ => {
+                let elems = |w: &super::weights::Weights| -> u64 {
+                    w.tensors.values().map(|t| t.elem_count() as u64).sum()
+                };
+                (elems(&weights.text_encoder) + elems(&weights.unet)) * dtype.size_in_bytes() as u64
+                    + elems(&weights.vae) * vae_dtype.size_in_bytes() as u64
+            }
+        };
         Ok(Self {
-            name: folder_name(folder),
-            hash,
+            name: folder_name(&base.folder),
+            hash: weights.hash.clone(),
             loras: loaded,
-            device,
+            device: device_handle,
             dtype,
             tokenizer: ClipTokenizer::new()?,
             clip,
@@ -348,8 +155,15 @@ impl Model {
             vae,
             vae_dtype,
             vae_scaling_factor: configs.vae.scaling_factor(),
-            schedule: configs.schedule,
+            schedule: configs.schedule.clone(),
+            resident_bytes,
         })
+    }
+
+    /// Memory this model holds beyond its [`BaseModel`]: on the CPU the tensors a LoRA
+    /// replaced, on a GPU every weight (an estimate from element counts).
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_bytes
     }
 
     /// The model's name (its folder name), as A1111's `Model:` field.
@@ -457,12 +271,6 @@ pub(crate) fn to_host(t: &Tensor) -> Result<HostTensor> {
         shape: t.dims().to_vec(),
         data: t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
     })
-}
-
-fn file_stem(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 fn folder_name(folder: &Path) -> String {

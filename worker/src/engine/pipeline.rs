@@ -4,15 +4,20 @@
 //! Owns request validation, classifier-free guidance (CFG ≤ 1: one UNet pass per step and no
 //! unconditional branch; CFG > 1: one batch of `[uncond, cond]`), the seeded noise (initial
 //! latents first, then whatever the sampler draws, from one [`TorchRng`] stream in diffusers'
-//! order), progress reporting, cancellation, decoding and the image metadata. It does not
+//! order), batching requests that share everything but prompt and seed into one UNet batch
+//! (each with its own noise stream, so each image is its single render), the prompt-embedding
+//! cache, phase timings, progress reporting, cancellation, decoding and the image metadata. It does not
 //! know where requests come from or where images go.
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use candle_core::Tensor;
 
+use super::embeddings::{self, EmbeddingCache, EmbeddingStats};
 use super::error::{EngineError, Result};
 use super::image::{Infotext, RgbImage, encode_png, to_rgb8};
 use super::lora::LoraSpec;
@@ -104,19 +109,58 @@ impl RenderRequest {
         }
         Ok(())
     }
+
+    /// Whether `other` can share a UNet batch with this request: same steps, CFG scale,
+    /// sampler and size (prompts and seeds may differ).
+    pub fn batchable_with(&self, other: &RenderRequest) -> bool {
+        self.steps == other.steps
+            && self.cfg_scale.to_bits() == other.cfg_scale.to_bits()
+            && self.sampler == other.sampler
+            && self.width == other.width
+            && self.height == other.height
+    }
 }
 
-/// Reported after every sampling step.
+/// Asked before each step and before decoding whether to give up.
+pub trait Cancel {
+    /// True once the render should stop with [`EngineError::Cancelled`].
+    fn is_cancelled(&self) -> bool;
+}
+
+impl Cancel for AtomicBool {
+    fn is_cancelled(&self) -> bool {
+        self.load(Ordering::Relaxed)
+    }
+}
+
+/// Reported after every sampling step, once per image of the batch.
 #[derive(Clone, Copy, Debug)]
 pub struct Progress<'a> {
+    /// Which request of the batch (0 for a single render).
+    pub image: usize,
     /// Steps done so far (1 after the first).
     pub step: usize,
     /// Total steps.
     pub steps: usize,
     /// The timestep just sampled.
     pub timestep: f32,
-    /// The latents after this step (`[1, c, h/8, w/8]`, row-major).
+    /// This image's latents after this step (`[1, c, h/8, w/8]`, row-major).
     pub latents: &'a [f32],
+}
+
+/// Wall-clock milliseconds of each phase of one render. For an image rendered in a batch of
+/// `batch`, each phase is the batch's time divided by `batch` (the image's share), so summing
+/// over images gives the device time spent.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// Prompt encoding (0 when every prompt was cached).
+    pub text_encode_ms: f64,
+    /// All sampling steps: UNet passes and sampler updates.
+    pub unet_ms: f64,
+    /// VAE decoding and conversion to 8-bit RGB.
+    pub vae_ms: f64,
+    /// Images rendered together (1 for a single render).
+    pub batch: usize,
 }
 
 /// A rendered image and what was done to make it.
@@ -128,8 +172,10 @@ pub struct RenderOutput {
     pub parameters: String,
     /// Things the caller should know, e.g. that the negative prompt was ignored.
     pub notes: Vec<String>,
-    /// UNet evaluations per step: 1 without guidance, 2 with.
+    /// UNet evaluations per step for this image: 1 without guidance, 2 with.
     pub unet_batch: usize,
+    /// Where the time went.
+    pub times: PhaseTimes,
 }
 
 impl RenderOutput {
@@ -145,28 +191,43 @@ impl RenderOutput {
     }
 }
 
-/// A loaded model + LoRA stack that renders many requests.
+/// A loaded model + LoRA stack that renders many requests, keeping its prompts' embeddings.
 #[derive(Debug)]
 pub struct Pipeline {
     model: Model,
+    embeddings: Mutex<EmbeddingCache>,
 }
 
 impl Pipeline {
     /// Loads `folder` with `loras` merged in, on `device`.
     pub fn load(folder: &Path, loras: &[LoraSpec], device: Device) -> Result<Self> {
-        Ok(Self {
-            model: Model::load(folder, loras, device)?,
-        })
+        Ok(Self::new(Model::load(folder, loras, device)?))
     }
 
-    /// Wraps an already loaded model.
+    /// Wraps an already loaded model, with the default prompt-embedding cache.
     pub fn new(model: Model) -> Self {
-        Self { model }
+        Self::with_embedding_cache(model, embeddings::DEFAULT_CAPACITY)
+    }
+
+    /// Wraps a model, keeping at most `prompts` prompt embeddings (0: encode every time).
+    pub fn with_embedding_cache(model: Model, prompts: usize) -> Self {
+        Self {
+            model,
+            embeddings: Mutex::new(EmbeddingCache::new(prompts)),
+        }
     }
 
     /// The model, for its name, hashes and component access.
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// Prompt-embedding cache hits and misses so far.
+    pub fn embedding_stats(&self) -> EmbeddingStats {
+        self.embeddings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats
     }
 
     /// Checks a request without rendering it.
@@ -185,6 +246,14 @@ impl Pipeline {
         })
     }
 
+    /// The text embedding (`[1, tokens, hidden]`) of one prompt, cached.
+    fn embedding(&self, prompt: &str) -> Result<Tensor> {
+        self.embeddings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_encode(prompt, || self.model.text_embeddings(&[prompt]))
+    }
+
     /// Renders `request`, calling `on_step` after every step and giving up with
     /// [`EngineError::Cancelled`] once `cancel` is set (checked before each step and before
     /// decoding).
@@ -192,44 +261,80 @@ impl Pipeline {
         &self,
         request: &RenderRequest,
         on_step: &mut dyn FnMut(Progress<'_>),
-        cancel: &AtomicBool,
+        cancel: &dyn Cancel,
     ) -> Result<RenderOutput> {
-        self.validate(request)?;
-        let sampler = self.sampler(request)?;
-        let model = &self.model;
-        let guided = request.cfg_scale > 1.0;
-        let mut notes = Vec::new();
-        let context = if guided {
-            model.text_embeddings(&[&request.negative_prompt, &request.prompt])?
-        } else {
-            if !request.negative_prompt.is_empty() {
-                notes.push(format!(
-                    "negative prompt ignored: CFG scale {} <= 1 runs no unconditional pass",
-                    request.cfg_scale
+        let mut out = self.render_batch(std::slice::from_ref(request), on_step, cancel)?;
+        Ok(out.pop().expect("one request gives one image"))
+    }
+
+    /// Renders `requests` as one UNet batch per step. They must share steps, CFG scale,
+    /// sampler and size ([`RenderRequest::batchable_with`]); each keeps its own prompt and its
+    /// own seed's noise stream, so each image is what [`Pipeline::render`] gives for it alone
+    /// (up to the last bits of float summation order in batched kernels). `on_step` is called
+    /// per image per step; `cancel` is checked before each step and before decoding.
+    pub fn render_batch(
+        &self,
+        requests: &[RenderRequest],
+        on_step: &mut dyn FnMut(Progress<'_>),
+        cancel: &dyn Cancel,
+    ) -> Result<Vec<RenderOutput>> {
+        let Some(first) = requests.first() else {
+            return Ok(Vec::new());
+        };
+        for request in requests {
+            self.validate(request)?;
+            if !first.batchable_with(request) {
+                return Err(EngineError::InvalidRequest(
+                    "a batch must share steps, CFG scale, sampler and size".into(),
                 ));
             }
-            model.text_embeddings(&[&request.prompt])?
+        }
+        let n = requests.len();
+        let sampler = self.sampler(first)?;
+        let model = &self.model;
+        let guided = first.cfg_scale > 1.0;
+
+        let started = Instant::now();
+        let conds = requests
+            .iter()
+            .map(|r| self.embedding(&r.prompt))
+            .collect::<Result<Vec<_>>>()?;
+        let context = if guided {
+            let mut all = requests
+                .iter()
+                .map(|r| self.embedding(&r.negative_prompt))
+                .collect::<Result<Vec<_>>>()?;
+            all.extend(conds);
+            Tensor::cat(&all, 0)?
+        } else {
+            Tensor::cat(&conds, 0)?
         };
+        let text_encode_ms = ms(started);
 
-        let latent_shape = vec![
-            1,
-            model.latent_channels(),
-            (request.height / LATENT_SCALE) as usize,
-            (request.width / LATENT_SCALE) as usize,
-        ];
-        let numel = latent_shape.iter().product();
-        let mut rng = TorchRng::new(request.seed);
+        let started = Instant::now();
+        let (h, w) = (
+            (first.height / LATENT_SCALE) as usize,
+            (first.width / LATENT_SCALE) as usize,
+        );
+        let channels = model.latent_channels();
+        let numel = channels * h * w;
         let sigma = sampler.init_noise_sigma();
-        let mut latents: Vec<f32> = rng.randn(numel).into_iter().map(|z| z * sigma).collect();
-
+        let mut rngs: Vec<TorchRng> = requests.iter().map(|r| TorchRng::new(r.seed)).collect();
+        let mut latents: Vec<Vec<f32>> = rngs
+            .iter_mut()
+            .map(|rng| rng.randn(numel).into_iter().map(|z| z * sigma).collect())
+            .collect();
         let timesteps = sampler.timesteps().to_vec();
         for (index, &t) in timesteps.iter().enumerate() {
-            if cancel.load(Ordering::Relaxed) {
+            if cancel.is_cancelled() {
                 return Err(EngineError::Cancelled);
             }
-            let input = sampler.scale_model_input(&latents, index)?;
+            let mut input = Vec::with_capacity(n * numel);
+            for l in &latents {
+                input.extend(sampler.scale_model_input(l, index)?);
+            }
             let input = model.to_device(&HostTensor {
-                shape: latent_shape.clone(),
+                shape: vec![n, channels, h, w],
                 data: input,
             })?;
             let eps = predict_noise(
@@ -237,26 +342,68 @@ impl Pipeline {
                 &input,
                 t,
                 &context,
-                guided.then_some(request.cfg_scale),
+                guided.then_some(first.cfg_scale),
             )?;
-            latents = sampler.step(index, &eps, &latents, &mut rng)?.prev_sample;
-            on_step(Progress {
-                step: index + 1,
-                steps: timesteps.len(),
-                timestep: t,
-                latents: &latents,
-            });
+            for (i, (l, rng)) in latents.iter_mut().zip(&mut rngs).enumerate() {
+                let eps_i = &eps[i * numel..(i + 1) * numel];
+                *l = sampler.step(index, eps_i, l, rng)?.prev_sample;
+                on_step(Progress {
+                    image: i,
+                    step: index + 1,
+                    steps: timesteps.len(),
+                    timestep: t,
+                    latents: l,
+                });
+            }
         }
-        if cancel.load(Ordering::Relaxed) {
+        if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
+        let unet_ms = ms(started);
 
-        let final_latents = model.to_device(&HostTensor {
-            shape: latent_shape.clone(),
-            data: latents,
-        })?;
-        let decoded = to_host(&model.decode_latents(&final_latents)?)?;
-        let image = to_rgb8(&decoded.data, request.width, request.height)?;
+        // Decoded one at a time: the VAE at full resolution is the largest activation, and a
+        // batch of them is what runs a gaming GPU out of memory.
+        let started = Instant::now();
+        let mut images = Vec::with_capacity(n);
+        for (request, l) in requests.iter().zip(latents) {
+            let final_latents = model.to_device(&HostTensor {
+                shape: vec![1, channels, h, w],
+                data: l,
+            })?;
+            let decoded = to_host(&model.decode_latents(&final_latents)?)?;
+            images.push(to_rgb8(&decoded.data, request.width, request.height)?);
+        }
+        let vae_ms = ms(started);
+
+        let share = |total: f64| total / n as f64;
+        let times = PhaseTimes {
+            text_encode_ms: share(text_encode_ms),
+            unet_ms: share(unet_ms),
+            vae_ms: share(vae_ms),
+            batch: n,
+        };
+        Ok(requests
+            .iter()
+            .zip(images)
+            .map(|(request, image)| self.output(request, image, guided, times))
+            .collect())
+    }
+
+    fn output(
+        &self,
+        request: &RenderRequest,
+        image: RgbImage,
+        guided: bool,
+        times: PhaseTimes,
+    ) -> RenderOutput {
+        let model = &self.model;
+        let mut notes = Vec::new();
+        if !guided && !request.negative_prompt.is_empty() {
+            notes.push(format!(
+                "negative prompt ignored: CFG scale {} <= 1 runs no unconditional pass",
+                request.cfg_scale
+            ));
+        }
         let parameters = Infotext {
             prompt: &request.prompt,
             negative_prompt: &request.negative_prompt,
@@ -271,17 +418,23 @@ impl Pipeline {
             loras: model.loras(),
         }
         .render();
-        Ok(RenderOutput {
+        RenderOutput {
             image,
             parameters,
             notes,
             unet_batch: if guided { 2 } else { 1 },
-        })
+            times,
+        }
     }
 }
 
-/// The noise the sampler steps with: one UNet pass, or with `guidance = Some(g)` one batch of
-/// `[uncond, cond]` combined as diffusers does, `u + g·(c − u)` in f32.
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The noise the sampler steps with, for a batch of `b` latents (`[b, c, h, w]`), row-major:
+/// one UNet pass, or with `guidance = Some(g)` one batch of `[uncond × b, cond × b]` combined
+/// as diffusers does, `u + g·(c − u)` in f32.
 fn predict_noise(
     model: &Model,
     input: &Tensor,
@@ -292,10 +445,11 @@ fn predict_noise(
     let Some(g) = guidance else {
         return Ok(to_host(&model.unet_forward(input, t, context)?)?.data);
     };
+    let b = input.dim(0)?;
     let batch = Tensor::cat(&[input, input], 0)?;
     let out = model.unet_forward(&batch, t, context)?;
-    let uncond = to_host(&out.narrow(0, 0, 1)?)?.data;
-    let cond = to_host(&out.narrow(0, 1, 1)?)?.data;
+    let uncond = to_host(&out.narrow(0, 0, b)?)?.data;
+    let cond = to_host(&out.narrow(0, b, b)?)?.data;
     Ok(uncond
         .iter()
         .zip(&cond)

@@ -38,8 +38,8 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     Ok(out)
 }
 
-/// All tensors of one weights file, as f32 on the host.
-#[derive(Debug)]
+/// All tensors of one weights file, as f32 on the host. Cloning shares the tensors' storage.
+#[derive(Clone, Debug)]
 pub(crate) struct Weights {
     /// File name used in error messages.
     pub(crate) file: String,

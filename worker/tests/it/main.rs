@@ -1,9 +1,12 @@
-//! Integration tests of the worker's engine against reference fixtures.
+//! Integration tests of the worker's engine against reference fixtures, and of its cache and
+//! render thread.
 //!
 //! The fixtures under `tests/fixtures/reference/` were written by PyTorch, transformers and
 //! diffusers (`tools/reference/*.py`, versions recorded in each file). These tests read only
 //! those JSON files; a missing fixture fails the test with its path rather than skipping.
 
+mod batch;
+mod cache;
 mod fixture;
 mod model;
 mod pipeline;

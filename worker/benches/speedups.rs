@@ -1,0 +1,174 @@
+//! The worker's speed-ups (issue 5), not a test: what the prompt-embedding cache gains on a
+//! seed sweep, what a UNet batch of 4 gains over 4 single renders, and how long a LoRA
+//! strength change takes on a cached base against a cold load. One process, one run, CPU f32.
+//!
+//! ```sh
+//! cargo bench -p kiln-worker --bench speedups --profile dev                 # tiny-sd15, 64×64
+//! cargo bench -p kiln-worker --bench speedups --profile dev -- DIR SIZE [LORA]
+//! ```
+//!
+//! With no arguments it uses the test fixtures (tiny-sd15 and its kohya LoRA). `KILN_BENCH_IMAGES`
+//! sets the images per measurement (default 16). Each rate is images/s over the whole sweep,
+//! after one warm-up render; the switch times are the median of 3.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use kiln_worker::engine::{
+    BaseModel, Device, LoraSpec, Model, Pipeline, RenderRequest, SamplerKind,
+};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
+}
+
+struct Setup {
+    model: PathBuf,
+    size: u32,
+    lora: Option<PathBuf>,
+    images: usize,
+}
+
+impl Setup {
+    fn loras(&self, strength: f32) -> Vec<LoraSpec> {
+        self.lora
+            .iter()
+            .map(|path| LoraSpec {
+                path: path.clone(),
+                strength,
+            })
+            .collect()
+    }
+
+    fn request(&self, seed: u64, cfg: f32) -> RenderRequest {
+        RenderRequest {
+            prompt: "a lighthouse on a cliff at dusk, oil painting, dramatic sky".into(),
+            negative_prompt: "blurry, lowres".into(),
+            seed,
+            steps: 4,
+            cfg_scale: cfg,
+            sampler: SamplerKind::Lcm,
+            width: self.size,
+            height: self.size,
+        }
+    }
+}
+
+/// Images/s of a seed sweep rendered in chunks of `batch`.
+fn sweep_rate(setup: &Setup, pipeline: &Pipeline, cfg: f32, batch: usize) -> f64 {
+    let never = AtomicBool::new(false);
+    let requests: Vec<RenderRequest> = (0..setup.images as u64)
+        .map(|s| setup.request(s, cfg))
+        .collect();
+    // Warm-up (allocator, caches) with seeds outside the sweep.
+    pipeline
+        .render_batch(
+            &(0..batch as u64)
+                .map(|s| setup.request(1000 + s, cfg))
+                .collect::<Vec<_>>(),
+            &mut |_| {},
+            &never,
+        )
+        .expect("warm-up");
+    let start = Instant::now();
+    for chunk in requests.chunks(batch) {
+        let out = pipeline
+            .render_batch(chunk, &mut |_| {}, &never)
+            .expect("renders");
+        std::hint::black_box(out);
+    }
+    setup.images as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let setup = match args.as_slice() {
+        [] => Setup {
+            model: fixtures().join("tiny-sd15"),
+            size: 64,
+            lora: Some(fixtures().join("lora_kohya.safetensors")),
+            images: 16,
+        },
+        [dir, size, rest @ ..] => Setup {
+            model: PathBuf::from(dir),
+            size: size.parse().expect("SIZE is a number of pixels"),
+            lora: rest.first().map(PathBuf::from),
+            images: 16,
+        },
+        _ => panic!("usage: speedups [DIR SIZE [LORA]]"),
+    };
+    let setup = Setup {
+        images: std::env::var("KILN_BENCH_IMAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(setup.images),
+        ..setup
+    };
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".to_owned());
+    println!(
+        "model {} at {}², LoRA {:?}, {} images per sweep, LCM 4 steps, CPU f32, threads {threads}",
+        setup.model.display(),
+        setup.size,
+        setup.lora.as_ref().map(|p| p.display().to_string()),
+        setup.images
+    );
+
+    // LoRA strength switch: cold load against a rebuild from the cached base.
+    let cold = median(
+        (0..3)
+            .map(|i| {
+                let t = Instant::now();
+                let loras = setup.loras(0.5 + i as f32 * 0.1);
+                std::hint::black_box(Model::load(&setup.model, &loras, Device::Cpu).expect("cold"));
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    let base = BaseModel::read(&setup.model).expect("base");
+    let warm = median(
+        (0..3)
+            .map(|i| {
+                let t = Instant::now();
+                let loras = setup.loras(0.5 + i as f32 * 0.1);
+                std::hint::black_box(base.build(&loras, Device::Cpu).expect("rebuild"));
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    println!(
+        "LoRA strength switch: cold load {:.1} ms, from the cached base {:.1} ms ({:.1}× faster)",
+        cold * 1e3,
+        warm * 1e3,
+        cold / warm
+    );
+
+    let model = || base.build(&setup.loras(1.0), Device::Cpu).expect("model");
+    for cfg in [1.0, 1.5] {
+        let uncached = sweep_rate(&setup, &Pipeline::with_embedding_cache(model(), 0), cfg, 1);
+        let cached = sweep_rate(&setup, &Pipeline::new(model()), cfg, 1);
+        println!(
+            "seed sweep at CFG {cfg}: {uncached:.2} images/s encoding every prompt, \
+             {cached:.2} with the embedding cache (gain {:.3}×)",
+            cached / uncached
+        );
+    }
+    for cfg in [1.0, 1.5] {
+        let pipeline = Pipeline::new(model());
+        let single = sweep_rate(&setup, &pipeline, cfg, 1);
+        let batched = sweep_rate(&setup, &pipeline, cfg, 4);
+        println!(
+            "batch at CFG {cfg}: {single:.2} images/s one at a time, {batched:.2} in batches of 4 \
+             (gain {:.3}×)",
+            batched / single
+        );
+    }
+}

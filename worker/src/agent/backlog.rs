@@ -1,0 +1,203 @@
+//! The backlog: attempts leased ahead of the render, and the leasing task that keeps it full.
+//!
+//! Leasing runs beside the render, never between two renders: the render loop takes its next
+//! cells from the backlog at once while the leasing task tops it up. Each leased cell is
+//! resolved to a pipeline key and a render request when it arrives, and a pipeline that is not
+//! loaded yet is handed to the render thread to prepare while the current cell renders.
+
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_proto::v1 as pb;
+use tokio::sync::{Notify, watch};
+
+use super::link::{Link, Tracked};
+use super::renderer::Renderer;
+use crate::cache::PipelineKey;
+use crate::engine::RenderRequest;
+
+/// What a leased cell renders with, or why it cannot render.
+pub(super) type Plan = Result<(PipelineKey, RenderRequest), String>;
+
+/// One leased attempt the agent holds.
+pub(super) struct Held {
+    pub(super) task: pb::LeasedTask,
+    pub(super) plan: Plan,
+    pub(super) cancel: Arc<AtomicBool>,
+    /// Set when the coordinator says the lease is lost (never complete).
+    pub(super) lost: Arc<AtomicBool>,
+}
+
+impl Held {
+    pub(super) fn attempt(&self) -> pb::AttemptRef {
+        pb::AttemptRef {
+            cell_id: self.task.cell_id,
+            attempt: self.task.attempt,
+        }
+    }
+
+    pub(super) fn is_lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Affinity keys of cells seen, with the pipeline each needs (most recent last).
+pub(super) type Affinity = Arc<Mutex<Vec<(String, PipelineKey)>>>;
+
+/// Leased attempts waiting to render.
+#[derive(Default)]
+pub(super) struct Backlog {
+    queue: Mutex<VecDeque<Held>>,
+    /// Signalled when attempts arrive.
+    pub(super) arrived: Notify,
+    /// Signalled when attempts leave.
+    pub(super) left: Notify,
+}
+
+impl Backlog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Held>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The next attempt and up to `batch - 1` more that render with the same pipeline and
+    /// settings (the cells of one UNet batch), in queue order.
+    pub(super) fn take(&self, batch: usize) -> Vec<Held> {
+        let mut queue = self.lock();
+        let Some(first) = queue.pop_front() else {
+            return Vec::new();
+        };
+        let mut group = vec![first];
+        if let Ok((key, request)) = &group[0].plan {
+            let (key, request) = (key.clone(), request.clone());
+            let mut i = 0;
+            while group.len() < batch && i < queue.len() {
+                let alike = matches!(&queue[i].plan,
+                    Ok((k, r)) if *k == key && r.batchable_with(&request));
+                if alike && !queue[i].is_lost() {
+                    group.push(queue.remove(i).expect("index is in range"));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        drop(queue);
+        self.left.notify_one();
+        group
+    }
+
+    /// Removes and returns every attempt (drain).
+    pub(super) fn drain(&self) -> Vec<Held> {
+        let all = self.lock().drain(..).collect();
+        self.left.notify_one();
+        all
+    }
+
+    /// Drops attempts whose lease the coordinator took back; returns them.
+    pub(super) fn drop_lost(&self) -> Vec<pb::AttemptRef> {
+        let mut queue = self.lock();
+        let lost = queue
+            .iter()
+            .filter(|h| h.is_lost())
+            .map(Held::attempt)
+            .collect();
+        queue.retain(|h| !h.is_lost());
+        lost
+    }
+
+    fn push(&self, held: Held) {
+        self.lock().push_back(held);
+    }
+}
+
+/// What the leasing task needs.
+pub(super) struct Leaser {
+    pub(super) link: Link,
+    pub(super) renderer: Renderer,
+    pub(super) backlog: Arc<Backlog>,
+    pub(super) tracked: Tracked,
+    pub(super) affinity: Affinity,
+    /// Attempts to hold: the cells of the next batch plus the prefetch.
+    pub(super) target: usize,
+    pub(super) idle_poll: Duration,
+    /// Resolves a leased cell.
+    pub(super) plan: Box<dyn Fn(&pb::LeasedTask) -> Plan + Send + Sync>,
+}
+
+impl Leaser {
+    /// Keeps the backlog at `target` attempts until `stop` turns true. A lease call in flight
+    /// is finished first, so every attempt the coordinator gave lands in the backlog (and is
+    /// released by the drain).
+    pub(super) async fn run(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let have = self.backlog.len();
+            if have >= self.target {
+                tokio::select! {
+                    _ = self.backlog.left.notified() => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            let tasks = self
+                .link
+                .lease((self.target - have) as u32, self.loaded())
+                .await;
+            if tasks.is_empty() {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.idle_poll) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            let loaded = self.renderer.loaded();
+            for task in tasks {
+                let plan = (self.plan)(&task);
+                if let Ok((key, _)) = &plan {
+                    if !loaded.contains(key) {
+                        self.renderer.prepare(key.clone());
+                    }
+                    remember(&self.affinity, &task.affinity_key, key);
+                }
+                let held = Held {
+                    task,
+                    plan,
+                    cancel: Arc::new(AtomicBool::new(false)),
+                    lost: Arc::new(AtomicBool::new(false)),
+                };
+                super::track(&self.tracked, &held);
+                self.backlog.push(held);
+            }
+            self.backlog.arrived.notify_one();
+        }
+    }
+
+    /// Affinity keys whose pipeline is loaded now.
+    fn loaded(&self) -> Vec<String> {
+        let loaded = self.renderer.loaded();
+        self.affinity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, k)| loaded.contains(k))
+            .map(|(a, _)| a.clone())
+            .collect()
+    }
+}
+
+/// Records that cells of `affinity_key` render with `key` (keeps the last 64).
+fn remember(affinity: &Affinity, affinity_key: &str, key: &PipelineKey) {
+    let mut a = affinity.lock().unwrap_or_else(|e| e.into_inner());
+    a.retain(|(k, _)| k != affinity_key);
+    a.push((affinity_key.to_owned(), key.clone()));
+    if a.len() > 64 {
+        a.remove(0);
+    }
+}

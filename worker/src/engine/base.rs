@@ -1,0 +1,308 @@
+//! A model's files read once: every component's config, its weights in f32 on the host, and
+//! the hash that names them. [`BaseModel`] is what the worker's cache keeps so that a change of
+//! LoRA stack or strength re-merges from memory instead of reading the checkpoint again.
+//!
+//! Owns locating each component of a diffusers folder (`unet/`, `vae/`, `text_encoder/`,
+//! `scheduler/`; full or `*.fp16.safetensors` weights), reading and cross-checking the configs,
+//! and merging a LoRA stack into a copy of the base weights. The copy is cheap: host tensors
+//! share storage, and a merge replaces only the tensors a LoRA patches.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::clip::ClipConfig;
+use super::error::{EngineError, Result};
+use super::lora::{self, LoraSpec, Targets};
+use super::model::{Device, LoadedLora, Model};
+use super::scheduler::ScheduleConfig;
+use super::unet::UNetConfig;
+use super::vae::VaeConfig;
+use super::weights::Weights;
+
+/// One component folder's config and weights file.
+pub(super) struct Part {
+    pub(super) config: PathBuf,
+    pub(super) weights: PathBuf,
+}
+
+/// Finds `folder/part/{config}` and the first existing weights file among `names`.
+fn locate(folder: &Path, part: &'static str, config: &str, names: &[&str]) -> Result<Part> {
+    let dir = folder.join(part);
+    let missing = |expected: String| EngineError::MissingPart {
+        folder: folder.to_owned(),
+        part,
+        expected,
+    };
+    if !dir.is_dir() {
+        return Err(missing(format!("a {part}/ folder")));
+    }
+    let config = dir.join(config);
+    if !config.is_file() {
+        return Err(missing(config.display().to_string()));
+    }
+    let weights = names
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| missing(format!("{part}/{}", names.join(" or "))))?;
+    Ok(Part { config, weights })
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| EngineError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// transformers saves `CLIPTextModel` without the `text_model.` prefix; SD checkpoints have it.
+fn normalise_text_encoder_keys(weights: &mut Weights) {
+    let bare: Vec<String> = weights
+        .tensors
+        .keys()
+        .filter(|k| !k.starts_with("text_model."))
+        .cloned()
+        .collect();
+    for key in bare {
+        if let Some(t) = weights.tensors.remove(&key) {
+            weights.tensors.insert(format!("text_model.{key}"), t);
+        }
+    }
+}
+
+/// A1111's LoRA hash ("addnet" hash): sha256 of everything after the safetensors header.
+fn lora_hash(path: &Path, bytes: &[u8]) -> Result<String> {
+    let header = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| EngineError::Safetensors {
+            path: path.to_owned(),
+            reason: "file is shorter than a safetensors header".to_owned(),
+        })?;
+    let start = usize::try_from(header)
+        .ok()
+        .and_then(|h| h.checked_add(8))
+        .filter(|&s| s <= bytes.len())
+        .ok_or_else(|| EngineError::Safetensors {
+            path: path.to_owned(),
+            reason: "header length exceeds the file".to_owned(),
+        })?;
+    Ok(hex::encode(Sha256::digest(&bytes[start..])))
+}
+
+/// The files of a diffusers folder.
+pub(super) struct Parts {
+    pub(super) text_encoder: Part,
+    pub(super) unet: Part,
+    pub(super) vae: Part,
+    pub(super) scheduler_config: PathBuf,
+}
+
+impl Parts {
+    fn locate(folder: &Path) -> Result<Self> {
+        const DIFFUSERS: [&str; 2] = [
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ];
+        const TRANSFORMERS: [&str; 2] = ["model.safetensors", "model.fp16.safetensors"];
+        let scheduler_config = folder.join("scheduler/scheduler_config.json");
+        let parts = Self {
+            text_encoder: locate(folder, "text_encoder", "config.json", &TRANSFORMERS)?,
+            unet: locate(folder, "unet", "config.json", &DIFFUSERS)?,
+            vae: locate(folder, "vae", "config.json", &DIFFUSERS)?,
+            scheduler_config,
+        };
+        if !parts.scheduler_config.is_file() {
+            return Err(EngineError::MissingPart {
+                folder: folder.to_owned(),
+                part: "scheduler",
+                expected: parts.scheduler_config.display().to_string(),
+            });
+        }
+        Ok(parts)
+    }
+}
+
+/// Every component's config, checked against each other.
+pub(super) struct Configs {
+    pub(super) clip: ClipConfig,
+    pub(super) unet: UNetConfig,
+    pub(super) vae: VaeConfig,
+    pub(super) schedule: ScheduleConfig,
+}
+
+impl Configs {
+    fn read(parts: &Parts) -> Result<Self> {
+        let te = &parts.text_encoder.config;
+        let configs = Self {
+            clip: ClipConfig::from_json(te, &read_text(te)?)?,
+            unet: UNetConfig::from_json(&parts.unet.config, &read_text(&parts.unet.config)?)?,
+            vae: VaeConfig::from_json(&parts.vae.config, &read_text(&parts.vae.config)?)?,
+            schedule: ScheduleConfig::from_json(&read_text(&parts.scheduler_config)?)?,
+        };
+        let mismatch = |path: &Path, reason: String| {
+            Err(EngineError::Config {
+                path: path.to_owned(),
+                reason,
+            })
+        };
+        if configs.unet.cross_attention_dim() != configs.clip.hidden_size() {
+            return mismatch(
+                &parts.unet.config,
+                format!(
+                    "cross_attention_dim {} differs from the text encoder's hidden_size {}",
+                    configs.unet.cross_attention_dim(),
+                    configs.clip.hidden_size()
+                ),
+            );
+        }
+        if configs.vae.latent_channels() != configs.unet.in_channels() {
+            return mismatch(
+                &parts.vae.config,
+                format!(
+                    "latent_channels {} differs from the UNet's in_channels {}",
+                    configs.vae.latent_channels(),
+                    configs.unet.in_channels()
+                ),
+            );
+        }
+        Ok(configs)
+    }
+}
+
+/// Every component's weights in f32 on the host, where LoRAs are merged.
+#[derive(Clone)]
+pub(super) struct HostWeights {
+    pub(super) text_encoder: Weights,
+    pub(super) unet: Weights,
+    pub(super) vae: Weights,
+    /// sha256 over the three weight files in a fixed order: the folder analogue of A1111's
+    /// whole-file checkpoint hash.
+    pub(super) hash: String,
+}
+
+impl HostWeights {
+    fn read(parts: &Parts) -> Result<Self> {
+        let mut hasher = Sha256::new();
+        let mut read = |path: &Path| -> Result<Weights> {
+            let bytes = read_bytes(path)?;
+            hasher.update(&bytes);
+            Weights::from_bytes(path, &bytes)
+        };
+        let mut text_encoder = read(&parts.text_encoder.weights)?;
+        let unet = read(&parts.unet.weights)?;
+        let vae = read(&parts.vae.weights)?;
+        normalise_text_encoder_keys(&mut text_encoder);
+        Ok(Self {
+            text_encoder,
+            unet,
+            vae,
+            hash: hex::encode(hasher.finalize()),
+        })
+    }
+}
+
+/// A diffusers SD1.5 folder read into host memory, ready to be built with any LoRA stack.
+pub struct BaseModel {
+    pub(super) folder: PathBuf,
+    pub(super) parts: Parts,
+    pub(super) configs: Configs,
+    pub(super) weights: HostWeights,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for BaseModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BaseModel")
+            .field("folder", &self.folder)
+            .field("hash", &self.weights.hash)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BaseModel {
+    /// Reads every config and weights file of `folder`.
+    pub fn read(folder: &Path) -> Result<Self> {
+        let parts = Parts::locate(folder)?;
+        let configs = Configs::read(&parts)?;
+        let weights = HostWeights::read(&parts)?;
+        let bytes = [&weights.text_encoder, &weights.unet, &weights.vae]
+            .iter()
+            .flat_map(|w| w.tensors.values())
+            .map(|t| t.elem_count() as u64 * 4)
+            .sum();
+        Ok(Self {
+            folder: folder.to_owned(),
+            parts,
+            configs,
+            weights,
+            bytes,
+        })
+    }
+
+    /// Host memory the base weights take (f32).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The folder it was read from.
+    pub fn folder(&self) -> &Path {
+        &self.folder
+    }
+
+    /// Merges `loras` in order into a copy of the base weights and builds the networks on
+    /// `device`. The base itself is not changed.
+    pub fn build(&self, loras: &[LoraSpec], device: Device) -> Result<Model> {
+        Model::from_base(self, loras, device)
+    }
+
+    /// A copy of the base weights with `loras` merged in, the LoRAs as loaded, and the f32 bytes
+    /// of the tensors the merge replaced.
+    pub(super) fn merged(&self, loras: &[LoraSpec]) -> Result<(HostWeights, Vec<LoadedLora>, u64)> {
+        let mut weights = self.weights.clone();
+        let mut loaded = Vec::with_capacity(loras.len());
+        let mut replaced = std::collections::HashSet::new();
+        for spec in loras {
+            let bytes = read_bytes(&spec.path)?;
+            let file = Weights::from_bytes(&spec.path, &bytes)?;
+            let mut targets = Targets {
+                unet: &mut weights.unet,
+                text_encoder: &mut weights.text_encoder,
+            };
+            replaced.extend(lora::merge(spec, &file, &mut targets)?);
+            loaded.push(LoadedLora {
+                name: file_stem(&spec.path),
+                hash: lora_hash(&spec.path, &bytes)?,
+                strength: spec.strength,
+            });
+        }
+        let replaced_bytes = replaced
+            .iter()
+            .filter_map(|(component, name)| {
+                let w = match component {
+                    lora::Component::Unet => &weights.unet,
+                    lora::Component::TextEncoder => &weights.text_encoder,
+                };
+                w.tensors.get(name)
+            })
+            .map(|t| t.elem_count() as u64 * 4)
+            .sum();
+        Ok((weights, loaded, replaced_bytes))
+    }
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

@@ -8,8 +8,11 @@
 //! ```
 //!
 //! With no arguments it uses the test fixtures (tiny-sd15 and its kohya LoRA). `KILN_BENCH_IMAGES`
-//! sets the images per measurement (default 16). Each rate is images/s over the whole sweep,
-//! after one warm-up render; the switch times are the median of 3.
+//! sets the images per measurement (default 16), `KILN_BENCH_ROUNDS` the alternating rounds
+//! (default 3), `KILN_BENCH_ONLY=switch|cache|batch` runs one part. Each rate is images/s over the whole sweep,
+//! after one warm-up render; the two sides of each comparison run alternately, 3 times each,
+//! and the medians are compared (so load that drifts during the run hits both). The switch
+//! times are the median of 3.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -86,6 +89,16 @@ fn sweep_rate(setup: &Setup, pipeline: &Pipeline, cfg: f32, batch: usize) -> f64
     setup.images as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Runs `a` and `b` alternately `rounds` times each; their median results.
+fn alternate(rounds: usize, mut a: impl FnMut() -> f64, mut b: impl FnMut() -> f64) -> (f64, f64) {
+    let (mut ra, mut rb) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        ra.push(a());
+        rb.push(b());
+    }
+    (median(ra), median(rb))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -122,7 +135,50 @@ fn main() {
         setup.images
     );
 
-    // LoRA strength switch: cold load against a rebuild from the cached base.
+    let env = |name: &str| std::env::var(name).ok();
+    let rounds: usize = env("KILN_BENCH_ROUNDS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let only = env("KILN_BENCH_ONLY");
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
+
+    let base = BaseModel::read(&setup.model).expect("base");
+    if run("switch") {
+        switch(&setup, &base);
+    }
+    let model = || base.build(&setup.loras(1.0), Device::Cpu).expect("model");
+    for cfg in [1.0, 1.5].into_iter().filter(|_| run("cache")) {
+        let uncached = Pipeline::with_embedding_cache(model(), 0);
+        let cached = Pipeline::new(model());
+        let (uncached, cached) = alternate(
+            rounds,
+            || sweep_rate(&setup, &uncached, cfg, 1),
+            || sweep_rate(&setup, &cached, cfg, 1),
+        );
+        println!(
+            "seed sweep at CFG {cfg}: {uncached:.3} images/s encoding every prompt, \
+             {cached:.3} with the embedding cache (gain {:.3}×)",
+            cached / uncached
+        );
+    }
+    for cfg in [1.0, 1.5].into_iter().filter(|_| run("batch")) {
+        let pipeline = Pipeline::new(model());
+        let (single, batched) = alternate(
+            rounds,
+            || sweep_rate(&setup, &pipeline, cfg, 1),
+            || sweep_rate(&setup, &pipeline, cfg, 4),
+        );
+        println!(
+            "batch at CFG {cfg}: {single:.3} images/s one at a time, {batched:.3} in batches of 4 \
+             (gain {:.3}×)",
+            batched / single
+        );
+    }
+}
+
+/// LoRA strength switch: a cold load (read the model, merge, build) against a rebuild from the
+/// cached base (merge, build).
+fn switch(setup: &Setup, base: &BaseModel) {
     let cold = median(
         (0..3)
             .map(|i| {
@@ -133,7 +189,6 @@ fn main() {
             })
             .collect(),
     );
-    let base = BaseModel::read(&setup.model).expect("base");
     let warm = median(
         (0..3)
             .map(|i| {
@@ -150,25 +205,4 @@ fn main() {
         warm * 1e3,
         cold / warm
     );
-
-    let model = || base.build(&setup.loras(1.0), Device::Cpu).expect("model");
-    for cfg in [1.0, 1.5] {
-        let uncached = sweep_rate(&setup, &Pipeline::with_embedding_cache(model(), 0), cfg, 1);
-        let cached = sweep_rate(&setup, &Pipeline::new(model()), cfg, 1);
-        println!(
-            "seed sweep at CFG {cfg}: {uncached:.2} images/s encoding every prompt, \
-             {cached:.2} with the embedding cache (gain {:.3}×)",
-            cached / uncached
-        );
-    }
-    for cfg in [1.0, 1.5] {
-        let pipeline = Pipeline::new(model());
-        let single = sweep_rate(&setup, &pipeline, cfg, 1);
-        let batched = sweep_rate(&setup, &pipeline, cfg, 4);
-        println!(
-            "batch at CFG {cfg}: {single:.2} images/s one at a time, {batched:.2} in batches of 4 \
-             (gain {:.3}×)",
-            batched / single
-        );
-    }
 }

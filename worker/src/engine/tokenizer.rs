@@ -106,6 +106,19 @@ pub struct ClipTokenizer {
 }
 
 impl ClipTokenizer {
+    /// The process-wide tokenizer: built once (parsing the vocabulary takes tens of
+    /// milliseconds) and shared by every model, so rebuilding a model for a new LoRA strength
+    /// does not pay for it again.
+    pub fn shared() -> Result<std::sync::Arc<Self>, TokenizerError> {
+        static SHARED: std::sync::OnceLock<std::sync::Arc<ClipTokenizer>> =
+            std::sync::OnceLock::new();
+        if let Some(t) = SHARED.get() {
+            return Ok(t.clone());
+        }
+        let built = std::sync::Arc::new(Self::new()?);
+        Ok(SHARED.get_or_init(|| built).clone())
+    }
+
     /// Builds the tokenizer from the embedded CLIP merges file.
     pub fn new() -> Result<Self, TokenizerError> {
         let mut text = String::new();

@@ -165,6 +165,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
                 worker_id: worker,
                 attempt: Some(*r),
                 result: Some(result(r.cell_id)),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -217,6 +218,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
                 worker_id: worker,
                 attempt: Some(*r),
                 result: Some(result(r.cell_id)),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -227,6 +229,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
             worker_id: worker,
             attempt: Some(refs[0]),
             result: Some(result(1)),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -256,6 +259,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
                     worker_id: worker,
                     attempt: Some(r),
                     result: Some(result(t.cell_id)),
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

@@ -213,6 +213,7 @@ async fn register_lease_heartbeat_complete_and_query() {
             worker_id: worker,
             attempt: Some(a),
             result: Some(result()),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -356,6 +357,7 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
             worker_id: worker,
             attempt: Some(wrong),
             result: Some(result()),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -368,6 +370,7 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
             attempt: Some(pb::AttemptRef {
                 cell_id: 77777,
                 attempt: 1,
+                ..Default::default()
             }),
             result: Some(result()),
         })
@@ -386,6 +389,7 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
             worker_id: worker,
             attempt: Some(right),
             result: Some(bad_result),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -565,6 +569,7 @@ async fn watch_streams_progress_and_cancel_reaches_the_worker() {
             worker_id: worker,
             attempt: Some(a),
             result: Some(result()),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -497,7 +497,9 @@ impl Store {
         now: Millis,
     ) -> Result<Vec<LeasedCell>> {
         if next.worker != f.worker {
-            return Err(Error::invalid("complete-and-lease: lease for another worker"));
+            return Err(Error::invalid(
+                "complete-and-lease: lease for another worker",
+            ));
         }
         delegate!(self, cell_complete_lease(f, result_json, next, now))
     }

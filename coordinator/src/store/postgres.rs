@@ -26,10 +26,17 @@ use crate::{Error, Result};
 macro_rules! complete_update {
     ($now:literal, $result:literal, $cell:literal, $attempt:literal, $worker:literal) => {
         concat!(
-            "UPDATE cells SET state = 'completed', finalized_at = ", $now, ", result = ", $result,
+            "UPDATE cells SET state = 'completed', finalized_at = ",
+            $now,
+            ", result = ",
+            $result,
             ", result_worker = lease_owner, lease_owner = NULL, lease_expires_at = NULL, \
-             progress_step = progress_total WHERE id = ", $cell,
-            " AND state = 'running' AND attempt = ", $attempt, " AND lease_owner = ", $worker
+             progress_step = progress_total WHERE id = ",
+            $cell,
+            " AND state = 'running' AND attempt = ",
+            $attempt,
+            " AND lease_owner = ",
+            $worker
         )
     };
 }
@@ -408,17 +415,17 @@ impl PgStore {
         // rank comes back so the caller knows whether the head was taken.
         let expires = now.plus(p.lease_ttl_ms);
         let rows = sqlx::query(concat!("WITH ", lease_ctes!(""), lease_update!()))
-        .bind(p.max_pixels)
-        .bind(p.memory_mib)
-        .bind(p.lookahead as i64)
-        .bind(p.force_head)
-        .bind(p.worker.0)
-        .bind(&p.loaded)
-        .bind(p.max as i64)
-        .bind(now.0)
-        .bind(expires.0)
-        .fetch_all(&self.pool)
-        .await?;
+            .bind(p.max_pixels)
+            .bind(p.memory_mib)
+            .bind(p.lookahead as i64)
+            .bind(p.force_head)
+            .bind(p.worker.0)
+            .bind(&p.loaded)
+            .bind(p.max as i64)
+            .bind(now.0)
+            .bind(expires.0)
+            .fetch_all(&self.pool)
+            .await?;
         leased_in_rank_order(&rows, expires)
     }
 
@@ -552,14 +559,14 @@ impl PgStore {
         now: Millis,
     ) -> Result<()> {
         let n = sqlx::query(complete_update!("$1", "$2", "$3", "$4", "$5"))
-        .bind(now.0)
-        .bind(result_json)
-        .bind(f.cell.0)
-        .bind(i64::from(f.attempt.0))
-        .bind(f.worker.0)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+            .bind(now.0)
+            .bind(result_json)
+            .bind(f.cell.0)
+            .bind(i64::from(f.attempt.0))
+            .bind(f.worker.0)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         if n == 0 {
             return Err(self.fence_error(f).await);
         }
@@ -933,7 +940,13 @@ async fn insert_cells(
         .await?;
     // The columns every row shares, encoded once.
     let mut tail = String::new();
-    for v in [state, "0", &max_attempts.to_string(), "[]", &now.0.to_string()] {
+    for v in [
+        state,
+        "0",
+        &max_attempts.to_string(),
+        "[]",
+        &now.0.to_string(),
+    ] {
         tail.push('\t');
         copy_text(&mut tail, v);
     }

@@ -479,8 +479,8 @@ impl SqliteStore {
     ) -> Result<()> {
         let n = complete_query(f, result_json, now)
             .execute(&self.writer)
-        .await?
-        .rows_affected();
+            .await?
+            .rows_affected();
         if n == 0 {
             return Err(self.fence_error(f).await);
         }

@@ -1,7 +1,9 @@
 //! Queue benchmark (not a test): submit 100,000 cells, then lease+complete cycles per second
 //! with 64 concurrent simulated workers, on SQLite and on Postgres. The "workers" are a
-//! simulator: in-process tasks that lease one cell and complete it at once, so the number is
-//! the coordinator's own ceiling, with no rendering.
+//! simulator: in-process tasks that lease cells and complete them at once, so the number is
+//! the coordinator's own ceiling, with no rendering. Three cycle modes: lease(1) then complete,
+//! lease(4) then complete each, and complete-and-lease-next (`Queue::complete_and_lease`, the
+//! `CompleteRequest.lease_next` path: one call per cell).
 //!
 //! Run: `cargo bench -p kiln-coordinator --bench queue --profile dev [-- sqlite|postgres]`
 //! (Postgres from KILN_TEST_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/test;
@@ -13,12 +15,33 @@ use std::time::Instant;
 use kiln_coordinator::clock::SystemClock;
 use kiln_coordinator::queue::state::DeviceKind;
 use kiln_coordinator::queue::{Queue, QueueConfig, Submission};
-use kiln_coordinator::store::{DatabaseUrl, Fence, Store, StoreOptions, WorkerRegistration};
+use kiln_coordinator::store::{
+    DatabaseUrl, Fence, LeasedCell, Store, StoreOptions, WorkerRegistration,
+};
 use kiln_coordinator::sweep::{CellSpec, LoraSpec, Sampler};
 
 const SUBMIT_CELLS: u64 = 100_000;
 const CYCLE_CELLS: u64 = 20_000;
 const WORKERS: usize = 64;
+const RESULT: &str = r#"{"object_key":"k","sha256":"00"}"#;
+
+/// How a simulated worker cycles.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// `Lease` of up to n cells, then `Complete` of each.
+    Lease(usize),
+    /// `Complete` with `lease_next = 1`: the result and the next lease in one call.
+    CompleteLeaseNext,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Lease(n) => write!(f, "lease({n})+complete"),
+            Mode::CompleteLeaseNext => write!(f, "complete+lease-next"),
+        }
+    }
+}
 
 fn cell(seed: u64) -> CellSpec {
     CellSpec {
@@ -95,13 +118,15 @@ async fn bench(name: &str, url: DatabaseUrl) {
     // Cancel it so the cycle phase has its own queue.
     queue.cancel(out.id).await.unwrap();
 
-    let batches: &[usize] = if std::env::var_os("KILN_BENCH_SUBMIT_ONLY").is_some() {
+    // Cycle modes: lease(n) then complete each (two kinds of call per cell), and the combined
+    // complete-and-lease-next call (one call per cell after the first lease).
+    let modes: &[Mode] = if std::env::var_os("KILN_BENCH_SUBMIT_ONLY").is_some() {
         &[]
     } else {
-        &[1, 4]
+        &[Mode::Lease(1), Mode::Lease(4), Mode::CompleteLeaseNext]
     };
-    for &batch in batches {
-        let key = format!("bench-cycle-{batch}");
+    for &mode in modes {
+        let key = format!("bench-cycle-{mode}");
         let sweep = queue
             .submit(submission(&key, CYCLE_CELLS))
             .await
@@ -122,22 +147,33 @@ async fn bench(name: &str, url: DatabaseUrl) {
             let q = queue.clone();
             let w = q.register(&reg).await.unwrap();
             tasks.push(tokio::spawn(async move {
+                let fence = |c: &LeasedCell| Fence {
+                    cell: c.id,
+                    attempt: c.attempt,
+                    worker: w,
+                };
                 let mut done = 0u64;
-                loop {
-                    let leased = q.lease(w, batch, None).await.unwrap();
-                    if leased.is_empty() {
-                        return done;
-                    }
-                    for c in leased {
-                        let f = Fence {
-                            cell: c.id,
-                            attempt: c.attempt,
-                            worker: w,
-                        };
-                        q.complete(f, r#"{"object_key":"k","sha256":"00"}"#)
-                            .await
-                            .unwrap();
-                        done += 1;
+                match mode {
+                    Mode::Lease(batch) => loop {
+                        let leased = q.lease(w, batch, None).await.unwrap();
+                        if leased.is_empty() {
+                            return done;
+                        }
+                        for c in leased {
+                            q.complete(fence(&c), RESULT).await.unwrap();
+                            done += 1;
+                        }
+                    },
+                    Mode::CompleteLeaseNext => {
+                        let mut next = q.lease(w, 1, None).await.unwrap();
+                        while let Some(c) = next.pop() {
+                            next = q
+                                .complete_and_lease(fence(&c), RESULT, 1, None)
+                                .await
+                                .unwrap();
+                            done += 1;
+                        }
+                        done
                     }
                 }
             }));
@@ -150,7 +186,7 @@ async fn bench(name: &str, url: DatabaseUrl) {
         let s = queue.sweep(sweep).await.unwrap();
         assert_eq!((total, s.counts.completed), (CYCLE_CELLS, CYCLE_CELLS));
         println!(
-            "{name:8} lease({batch})+complete: {CYCLE_CELLS} cycles, {WORKERS} workers: {secs:.2} s = {:.0} cycles/s",
+            "{name:8} {mode}: {CYCLE_CELLS} cycles, {WORKERS} workers: {secs:.2} s = {:.0} cycles/s",
             CYCLE_CELLS as f64 / secs
         );
     }

@@ -183,6 +183,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
                 worker_id: worker,
                 attempt: Some(*r),
                 result: Some(result(r.cell_id)),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -235,6 +236,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
                 worker_id: worker,
                 attempt: Some(*r),
                 result: Some(result(r.cell_id)),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -245,6 +247,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
             worker_id: worker,
             attempt: Some(refs[0]),
             result: Some(result(1)),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -274,6 +277,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
                     worker_id: worker,
                     attempt: Some(r),
                     result: Some(result(t.cell_id)),
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

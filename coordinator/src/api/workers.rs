@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, attempt_to_wire, fence, worker_id};
 use crate::queue::Queue;
 use crate::queue::retry::Decision;
-use crate::store::HeartbeatStatus;
+use crate::store::{HeartbeatStatus, LeasedCell};
 use crate::{Error, Result};
 
 /// The worker service.
@@ -23,6 +23,27 @@ impl WorkerApi {
     pub fn new(queue: Queue) -> Self {
         Self { queue }
     }
+}
+
+/// Leased cells as the wire's tasks.
+fn tasks_to_wire(leased: Vec<LeasedCell>) -> Result<Vec<pb::LeasedTask>> {
+    leased
+        .into_iter()
+        .map(|c| {
+            Ok(pb::LeasedTask {
+                cell_id: c.id.0 as u64,
+                sweep_id: c.sweep_id.0 as u64,
+                number: c.number as u32,
+                attempt: c.attempt.0 as u32,
+                cell: Some(convert::cell_to_wire(convert::spec_from_json(
+                    &c.spec_json,
+                )?)),
+                cell_key: c.cell_key,
+                affinity_key: c.affinity_key,
+                lease_expires_at_ms: c.lease_expires_at.0,
+            })
+        })
+        .collect()
 }
 
 fn loaded(keys: Vec<String>) -> Option<Vec<String>> {
@@ -57,23 +78,7 @@ impl WorkerService for WorkerApi {
             .queue
             .lease(worker, r.max_tasks as usize, loaded.as_deref())
             .await?;
-        let tasks = leased
-            .into_iter()
-            .map(|c| {
-                Ok(pb::LeasedTask {
-                    cell_id: c.id.0 as u64,
-                    sweep_id: c.sweep_id.0 as u64,
-                    number: c.number as u32,
-                    attempt: c.attempt.0 as u32,
-                    cell: Some(convert::cell_to_wire(convert::spec_from_json(
-                        &c.spec_json,
-                    )?)),
-                    cell_key: c.cell_key,
-                    affinity_key: c.affinity_key,
-                    lease_expires_at_ms: c.lease_expires_at.0,
-                })
-            })
-            .collect::<Result<_>>()?;
+        let tasks = tasks_to_wire(leased)?;
         Ok(Response::new(pb::LeaseResponse { tasks }))
     }
 
@@ -133,8 +138,15 @@ impl WorkerService for WorkerApi {
         let result =
             convert::result_from_wire(r.result.ok_or_else(|| Error::invalid("result: required"))?);
         result.validate()?;
-        self.queue.complete(f, &result.to_json()?).await?;
-        Ok(Response::new(pb::CompleteResponse {}))
+        let next = r.lease_next as usize;
+        let loaded = loaded(r.loaded);
+        let leased = self
+            .queue
+            .complete_and_lease(f, &result.to_json()?, next, loaded.as_deref())
+            .await?;
+        Ok(Response::new(pb::CompleteResponse {
+            tasks: tasks_to_wire(leased)?,
+        }))
     }
 
     async fn fail(

@@ -314,15 +314,55 @@ impl Queue {
         max: usize,
         loaded: Option<&[String]>,
     ) -> Result<Vec<LeasedCell>> {
+        let now = self.now();
+        let params = self.lease_params(worker, max, loaded, now).await?;
+        let leased = self.store.cell_lease(&params, now).await?;
+        self.leased(worker, &leased);
+        Ok(leased)
+    }
+
+    /// Records the result of the fenced attempt and, in the same transaction, leases up to
+    /// `next` cells for the same worker as [`Queue::lease`] would: one round trip per image
+    /// for a worker that renders one cell at a time. `next` = 0 is a plain complete. A stale
+    /// attempt is rejected as by [`Queue::complete`] (`LeaseLost`) and leases nothing.
+    pub async fn complete_and_lease(
+        &self,
+        f: Fence,
+        result_json: &str,
+        next: usize,
+        loaded: Option<&[String]>,
+    ) -> Result<Vec<LeasedCell>> {
+        if next == 0 {
+            self.complete(f, result_json).await?;
+            return Ok(Vec::new());
+        }
+        let now = self.now();
+        let params = self.lease_params(f.worker, next, loaded, now).await?;
+        let leased = self
+            .store
+            .cell_complete_lease(f, result_json, &params, now)
+            .await?;
+        self.leased(f.worker, &leased);
+        self.events.changed();
+        Ok(leased)
+    }
+
+    /// What the store needs for a lease of up to `max` cells by `worker`.
+    async fn lease_params(
+        &self,
+        worker: WorkerId,
+        max: usize,
+        loaded: Option<&[String]>,
+        now: Millis,
+    ) -> Result<LeaseParams> {
         if max == 0 || max > self.cfg.max_lease_batch {
             return Err(Error::invalid(format!(
                 "max_tasks: {max} is outside 1..={}",
                 self.cfg.max_lease_batch
             )));
         }
-        let now = self.now();
         let w = self.known_worker(worker, loaded, now).await?;
-        let params = LeaseParams {
+        Ok(LeaseParams {
             worker,
             max,
             max_pixels: w.max_pixels,
@@ -333,8 +373,11 @@ impl Queue {
             force_head: self
                 .affinity
                 .force_head(worker.0, self.cfg.max_affinity_skips),
-        };
-        let leased = self.store.cell_lease(&params, now).await?;
+        })
+    }
+
+    /// Bookkeeping after a lease: the affinity skip counter and change events.
+    fn leased(&self, worker: WorkerId, leased: &[LeasedCell]) {
         self.affinity.record(
             worker.0,
             leased.is_empty() || leased.iter().any(|c| c.was_head),
@@ -342,7 +385,6 @@ impl Queue {
         if !leased.is_empty() {
             self.events.changed();
         }
-        Ok(leased)
     }
 
     /// The worker's capabilities and loaded set. Writes `last_seen_at` (and a changed loaded

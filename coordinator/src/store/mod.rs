@@ -484,6 +484,26 @@ impl Store {
         delegate!(self, cell_complete(f, result_json, now))
     }
 
+    /// Records the result of the fenced attempt and, in the same transaction, leases up to
+    /// `next.max` cells to `next.worker` exactly as [`Store::cell_lease`] would (the worker one
+    /// round trip per image). The fence is as strict as [`Store::cell_complete`]'s: a stale
+    /// attempt is rejected with the same error and leases nothing. `next.worker` must be
+    /// `f.worker`.
+    pub async fn cell_complete_lease(
+        &self,
+        f: Fence,
+        result_json: &str,
+        next: &LeaseParams,
+        now: Millis,
+    ) -> Result<Vec<LeasedCell>> {
+        if next.worker != f.worker {
+            return Err(Error::invalid(
+                "complete-and-lease: lease for another worker",
+            ));
+        }
+        delegate!(self, cell_complete_lease(f, result_json, next, now))
+    }
+
     /// Records a failed attempt and applies `decide`'s verdict.
     pub async fn cell_fail(
         &self,

@@ -372,56 +372,29 @@ impl SqliteStore {
         // The pool has one writer connection: holding it makes the window read and the update
         // one atomic step without BEGIN/COMMIT round trips (and the update re-checks the state).
         let mut conn = self.writer.acquire().await?;
-        let rows = sqlx::query(
-            "SELECT id, affinity_key, last_failed_worker FROM cells \
-             WHERE state = 'available' AND pixels <= ? AND min_memory_mib <= ? \
-             ORDER BY priority, scheduled_at, id LIMIT ?",
-        )
-        .bind(p.max_pixels)
-        .bind(p.memory_mib)
-        .bind(p.lookahead as i64)
-        .fetch_all(&mut *conn)
-        .await?;
-        let candidates = rows
-            .iter()
-            .map(|r| {
-                Ok(Candidate {
-                    id: r.int("id")?,
-                    affinity_key: r.text("affinity_key")?,
-                    last_failed_worker: r.opt_int("last_failed_worker")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let loaded: HashSet<String> = p.loaded.iter().cloned().collect();
-        let (ids, _) = affinity::choose(p.worker.0, &loaded, &candidates, p.max, p.force_head);
-        if ids.is_empty() {
-            return Ok(Vec::new());
+        lease_on(&mut conn, p, now).await
+    }
+
+    pub(super) async fn cell_complete_lease(
+        &self,
+        f: Fence,
+        result_json: &str,
+        p: &LeaseParams,
+        now: Millis,
+    ) -> Result<Vec<LeasedCell>> {
+        // One transaction on the one writer connection: the fenced complete, then the lease of
+        // `cell_lease` only if the complete matched.
+        let mut tx = self.writer.begin().await?;
+        let n = complete_query(f, result_json, now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            drop(tx);
+            return Err(self.fence_error(f).await);
         }
-        let head = candidates.first().map(|c| c.id);
-        let expires = now.plus(p.lease_ttl_ms);
-        let ids_json = serde_json::to_string(&ids).map_err(|e| Error::Corrupt(e.to_string()))?;
-        let rows = sqlx::query(
-            "UPDATE cells SET state = 'running', attempt = attempt + 1, attempted_at = ?, \
-             lease_owner = ?, lease_expires_at = ?, heartbeat_at = ?, progress_step = NULL, \
-             progress_total = NULL \
-             WHERE id IN (SELECT value FROM json_each(?)) AND state = 'available' \
-             RETURNING id, sweep_id, number, attempt, cell_key, affinity_key, spec",
-        )
-        .bind(now.0)
-        .bind(p.worker.0)
-        .bind(expires.0)
-        .bind(now.0)
-        .bind(ids_json)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut leased = rows
-            .iter()
-            .map(|r| {
-                let id = r.int("id")?;
-                rows::leased(r, expires, Some(id) == head)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        leased.sort_by_key(|c| ids.iter().position(|id| *id == c.id.0));
+        let leased = lease_on(&mut tx, p, now).await?;
+        tx.commit().await?;
         Ok(leased)
     }
 
@@ -504,20 +477,10 @@ impl SqliteStore {
         result_json: &str,
         now: Millis,
     ) -> Result<()> {
-        let n = sqlx::query(
-            "UPDATE cells SET state = 'completed', finalized_at = ?, result = ?, \
-             result_worker = lease_owner, lease_owner = NULL, lease_expires_at = NULL, \
-             progress_step = progress_total \
-             WHERE id = ? AND state = 'running' AND attempt = ? AND lease_owner = ?",
-        )
-        .bind(now.0)
-        .bind(result_json)
-        .bind(f.cell.0)
-        .bind(f.attempt.0)
-        .bind(f.worker.0)
-        .execute(&self.writer)
-        .await?
-        .rows_affected();
+        let n = complete_query(f, result_json, now)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
         if n == 0 {
             return Err(self.fence_error(f).await);
         }
@@ -786,6 +749,87 @@ impl SqliteStore {
         .await?;
         rows.iter().map(rows::worker).collect()
     }
+}
+
+/// Leases on the writer connection `conn` (see `SqliteStore::cell_lease`).
+async fn lease_on(
+    conn: &mut sqlx::SqliteConnection,
+    p: &LeaseParams,
+    now: Millis,
+) -> Result<Vec<LeasedCell>> {
+    let rows = sqlx::query(
+        "SELECT id, affinity_key, last_failed_worker FROM cells \
+         WHERE state = 'available' AND pixels <= ? AND min_memory_mib <= ? \
+         ORDER BY priority, scheduled_at, id LIMIT ?",
+    )
+    .bind(p.max_pixels)
+    .bind(p.memory_mib)
+    .bind(p.lookahead as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    let candidates = rows
+        .iter()
+        .map(|r| {
+            Ok(Candidate {
+                id: r.int("id")?,
+                affinity_key: r.text("affinity_key")?,
+                last_failed_worker: r.opt_int("last_failed_worker")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let loaded: HashSet<String> = p.loaded.iter().cloned().collect();
+    let (ids, _) = affinity::choose(p.worker.0, &loaded, &candidates, p.max, p.force_head);
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let head = candidates.first().map(|c| c.id);
+    let expires = now.plus(p.lease_ttl_ms);
+    let ids_json = serde_json::to_string(&ids).map_err(|e| Error::Corrupt(e.to_string()))?;
+    // `+state`: the state test must not use an index. Without statistics SQLite otherwise
+    // walks every available cell through `cells_state_finished` (state = ?) and tests each id
+    // against the list, instead of looking the few ids up by rowid: O(queue) per lease.
+    let rows = sqlx::query(
+        "UPDATE cells SET state = 'running', attempt = attempt + 1, attempted_at = ?, \
+         lease_owner = ?, lease_expires_at = ?, heartbeat_at = ?, progress_step = NULL, \
+         progress_total = NULL \
+         WHERE id IN (SELECT value FROM json_each(?)) AND +state = 'available' \
+         RETURNING id, sweep_id, number, attempt, cell_key, affinity_key, spec",
+    )
+    .bind(now.0)
+    .bind(p.worker.0)
+    .bind(expires.0)
+    .bind(now.0)
+    .bind(ids_json)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut leased = rows
+        .iter()
+        .map(|r| {
+            let id = r.int("id")?;
+            rows::leased(r, expires, Some(id) == head)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    leased.sort_by_key(|c| ids.iter().position(|id| *id == c.id.0));
+    Ok(leased)
+}
+
+/// The fenced complete of attempt `f` with `result_json` at `now`.
+fn complete_query<'q>(
+    f: Fence,
+    result_json: &'q str,
+    now: Millis,
+) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments> {
+    sqlx::query(
+        "UPDATE cells SET state = 'completed', finalized_at = ?, result = ?, \
+         result_worker = lease_owner, lease_owner = NULL, lease_expires_at = NULL, \
+         progress_step = progress_total \
+         WHERE id = ? AND state = 'running' AND attempt = ? AND lease_owner = ?",
+    )
+    .bind(now.0)
+    .bind(result_json)
+    .bind(f.cell.0)
+    .bind(f.attempt.0)
+    .bind(f.worker.0)
 }
 
 /// Applies a failure to the cell in `row` (already matched by its fence) inside `tx`.

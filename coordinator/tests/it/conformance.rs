@@ -49,6 +49,9 @@ conformance!(
     queries_filter_sort_and_page,
     duplicate_cells_in_one_sweep_are_stored_once,
     reopen_keeps_everything,
+    complete_and_lease_returns_the_next_cells,
+    stale_complete_and_lease_is_rejected_and_leases_nothing,
+    complete_and_lease_honours_capabilities_and_affinity,
 );
 
 fn fence(c: &LeasedCell, worker: WorkerId) -> Fence {
@@ -641,4 +644,191 @@ async fn reopen_keeps_everything(b: Backend) {
     assert_eq!((s.counts.completed, s.counts.available), (1, 2));
     store.close().await;
     fx.db.cleanup().await;
+}
+
+async fn complete_and_lease_returns_the_next_cells(b: Backend) {
+    let fx = Fixture::new(b).await;
+    let sweep = submit_n(&fx, "combined", 4).await;
+    let w = fx.worker("w").await;
+    let first = fx.queue.lease(w, 1, None).await.unwrap().remove(0);
+    assert_eq!(first.number, 0);
+
+    // Complete #0 and lease the next one in the same call, in queue order.
+    let next = fx
+        .queue
+        .complete_and_lease(fence(&first, w), RESULT, 1, None)
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!((next[0].number, next[0].attempt.0), (1, 1));
+    let done = fx.queue.cell(first.id).await.unwrap();
+    assert_eq!(done.state, CellState::Completed);
+    assert_eq!(done.worker, Some(w));
+    assert_eq!(done.result_json.as_deref(), Some(RESULT));
+    let running = fx.queue.running(Some(sweep), Some(w)).await.unwrap();
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].cell, next[0].id);
+
+    // Up to `next` cells; then, with the queue empty, it completes and leases nothing.
+    let more = fx
+        .queue
+        .complete_and_lease(fence(&next[0], w), RESULT, 5, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        more.iter().map(|c| c.number).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    fx.queue.complete(fence(&more[0], w), RESULT).await.unwrap();
+    let last = fx
+        .queue
+        .complete_and_lease(fence(&more[1], w), RESULT, 1, None)
+        .await
+        .unwrap();
+    assert!(last.is_empty());
+    let s = fx.queue.sweep(sweep).await.unwrap();
+    assert_eq!(s.counts.completed, 4);
+    assert!(s.counts.finished());
+    // Zero next cells is a plain complete; too many is invalid and completes nothing.
+    let sweep2 = submit_n(&fx, "combined-2", 2).await;
+    let c = fx.queue.lease(w, 1, None).await.unwrap().remove(0);
+    assert!(matches!(
+        fx.queue
+            .complete_and_lease(fence(&c, w), RESULT, 65, None)
+            .await,
+        Err(Error::Invalid(_))
+    ));
+    assert_eq!(fx.queue.cell(c.id).await.unwrap().state, CellState::Running);
+    let none = fx
+        .queue
+        .complete_and_lease(fence(&c, w), RESULT, 0, None)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let s = fx.queue.sweep(sweep2).await.unwrap();
+    assert_eq!((s.counts.completed, s.counts.available), (1, 1));
+    fx.finish().await;
+}
+
+async fn stale_complete_and_lease_is_rejected_and_leases_nothing(b: Backend) {
+    let fx = Fixture::new(b).await;
+    submit_n(&fx, "combined-stale", 1).await;
+    let w1 = fx.worker("w1").await;
+    let w2 = fx.worker("w2").await;
+    let first = fx.queue.lease(w1, 1, None).await.unwrap().remove(0);
+
+    // w1 goes silent past its lease; the cell is rescued and leased again by w2.
+    fx.clock.advance(fx.queue.config().lease_ttl_ms + 1);
+    assert_eq!(fx.queue.maintain().await.unwrap().rescued, 1);
+    fx.clock.advance(60 * 60 * 1000);
+    assert_eq!(fx.queue.maintain().await.unwrap().promoted, 1);
+    let second = fx.queue.lease(w2, 1, None).await.unwrap().remove(0);
+    assert_eq!((second.id, second.attempt.0), (first.id, 2));
+    // Cells a wrongly accepted call could lease.
+    let sweep = submit_n(&fx, "combined-stale-more", 2).await;
+    let before = fx.queue.sweep(sweep).await.unwrap().counts;
+    assert_eq!(before.available, 2);
+
+    // The stale attempt's combined call: the same LeaseLost as a plain complete, no lease.
+    let stale = fence(&first, w1);
+    assert!(matches!(
+        fx.queue.complete_and_lease(stale, RESULT, 2, None).await,
+        Err(Error::LeaseLost { .. })
+    ));
+    // Right attempt, wrong worker: rejected too.
+    let wrong = Fence {
+        worker: w1,
+        ..fence(&second, w2)
+    };
+    assert!(matches!(
+        fx.queue.complete_and_lease(wrong, RESULT, 2, None).await,
+        Err(Error::LeaseLost { .. })
+    ));
+    let after = fx.queue.sweep(sweep).await.unwrap().counts;
+    assert_eq!(after, before, "a rejected call changes nothing");
+    assert!(
+        fx.queue.running(None, Some(w1)).await.unwrap().is_empty(),
+        "the stale worker leased nothing"
+    );
+    let c = fx.queue.cell(first.id).await.unwrap();
+    assert_eq!(
+        (c.state, c.attempt, c.worker),
+        (CellState::Running, 2, Some(w2))
+    );
+
+    // The winner's call works, and its own second call is stale.
+    let next = fx
+        .queue
+        .complete_and_lease(fence(&second, w2), RESULT, 1, None)
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    assert!(matches!(
+        fx.queue
+            .complete_and_lease(fence(&second, w2), RESULT, 1, None)
+            .await,
+        Err(Error::LeaseLost { .. })
+    ));
+    assert_eq!(fx.queue.running(None, Some(w2)).await.unwrap().len(), 1);
+    fx.finish().await;
+}
+
+async fn complete_and_lease_honours_capabilities_and_affinity(b: Backend) {
+    let fx = Fixture::new(b).await;
+    let mut cells = Vec::new();
+    let mut big = cell(100);
+    big.width = 1024;
+    big.height = 1024;
+    cells.push(big.clone());
+    for i in 0..6 {
+        let mut c = cell(i);
+        c.model = if i % 2 == 0 { "a".into() } else { "b".into() };
+        cells.push(c);
+    }
+    fx.queue
+        .submit(submission("combined-caps", cells.clone()))
+        .await
+        .unwrap();
+    let key_b = cells[2].affinity_key();
+
+    // A worker that cannot render 1024x1024 never gets the big cell at the queue head.
+    let mut small = crate::harness::registration("small");
+    small.max_pixels = 512 * 512;
+    let s = fx.queue.register(&small).await.unwrap();
+    let first = fx.queue.lease(s, 1, None).await.unwrap().remove(0);
+    assert_ne!(first.affinity_key, big.affinity_key());
+    // With model "b" loaded, the combined lease prefers the "b" cells.
+    let next = fx
+        .queue
+        .complete_and_lease(
+            fence(&first, s),
+            RESULT,
+            2,
+            Some(std::slice::from_ref(&key_b)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 2);
+    assert!(
+        next.iter().all(|c| c.affinity_key == key_b),
+        "loaded pipeline first"
+    );
+    let mut left = next;
+    let mut taken = 3;
+    while let Some(c) = left.pop() {
+        let got = fx
+            .queue
+            .complete_and_lease(fence(&c, s), RESULT, 1, None)
+            .await
+            .unwrap();
+        assert!(got.iter().all(|c| c.affinity_key != big.affinity_key()));
+        taken += got.len();
+        left.extend(got);
+    }
+    assert_eq!(taken, 6, "every small cell, never the big one");
+    let w = fx.worker("w").await;
+    let got = fx.queue.lease(w, 10, None).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].affinity_key, big.affinity_key());
+    fx.finish().await;
 }

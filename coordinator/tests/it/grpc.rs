@@ -213,6 +213,7 @@ async fn register_lease_heartbeat_complete_and_query() {
             worker_id: worker,
             attempt: Some(a),
             result: Some(result()),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -356,6 +357,7 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
             worker_id: worker,
             attempt: Some(wrong),
             result: Some(result()),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -370,6 +372,7 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
                 attempt: 1,
             }),
             result: Some(result()),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -386,6 +389,7 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
             worker_id: worker,
             attempt: Some(right),
             result: Some(bad_result),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -565,6 +569,7 @@ async fn watch_streams_progress_and_cancel_reaches_the_worker() {
             worker_id: worker,
             attempt: Some(a),
             result: Some(result()),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -613,5 +618,92 @@ async fn watch_streams_progress_and_cancel_reaches_the_worker() {
     let last = last.unwrap().sweep.unwrap();
     assert!(last.finished);
     assert_eq!(last.counts.unwrap().completed, 1);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_with_lease_next_hands_out_the_next_cell_in_one_call() {
+    let mut s = Server::start().await;
+    let sweep = submit(&mut s, "combined", 3).await;
+    let worker = register(&mut s).await;
+    let t = s
+        .workers
+        .lease(pb::LeaseRequest {
+            worker_id: worker,
+            max_tasks: 1,
+            loaded: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks
+        .remove(0);
+    assert_eq!(t.number, 0);
+    let done = |t: &pb::LeasedTask| pb::AttemptRef {
+        cell_id: t.cell_id,
+        attempt: t.attempt,
+    };
+
+    // A stale attempt: FAILED_PRECONDITION "lease lost", and no task comes with it.
+    let stale = pb::AttemptRef {
+        cell_id: t.cell_id,
+        attempt: t.attempt + 1,
+    };
+    let e = s
+        .workers
+        .complete(pb::CompleteRequest {
+            worker_id: worker,
+            attempt: Some(stale),
+            result: Some(result()),
+            lease_next: 1,
+            loaded: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("lease lost"), "{}", e.message());
+
+    // Complete #0 and get #1 in the same response, with its cell and lease.
+    let r = s
+        .workers
+        .complete(pb::CompleteRequest {
+            worker_id: worker,
+            attempt: Some(done(&t)),
+            result: Some(result()),
+            lease_next: 1,
+            loaded: vec![t.affinity_key.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.tasks.len(), 1);
+    let next = &r.tasks[0];
+    assert_eq!((next.number, next.attempt), (1, 1));
+    assert_eq!(next.cell.as_ref().unwrap().seed, 1);
+    assert!(next.lease_expires_at_ms > 0);
+
+    // Without lease_next: a plain complete, no tasks; the last cell stays available.
+    let r = s
+        .workers
+        .complete(pb::CompleteRequest {
+            worker_id: worker,
+            attempt: Some(done(next)),
+            result: Some(result()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.tasks.is_empty());
+    let g = s
+        .sweeps
+        .get_sweep(pb::GetSweepRequest {
+            sweep_id: sweep.sweep_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = g.counts.unwrap();
+    assert_eq!((c.completed, c.available, c.running), (2, 1, 0));
     s.shutdown().await;
 }

@@ -165,6 +165,8 @@ impl Link {
                         worker_id: id,
                         attempt: Some(a),
                         result: Some(result),
+                        lease_next: 0,
+                        loaded: vec![],
                     })
                     .await
                 }

@@ -284,6 +284,8 @@ fn run_client(command: Command) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    // SAFETY: first thing in main, before any thread is started.
+    unsafe { kiln_worker::engine::threads::fix_thread_count() };
     let cli = Cli::parse();
     let quiet = matches!(cli.command, Command::Run(_));
     let filter = std::env::var("RUST_LOG")

@@ -46,6 +46,8 @@ fn peak_rss_gb() -> f64 {
 }
 
 fn main() {
+    // SAFETY: first thing in main, before any thread is started (as `kiln` does).
+    unsafe { kiln_worker::engine::threads::fix_thread_count() };
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

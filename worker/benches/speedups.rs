@@ -9,7 +9,8 @@
 //!
 //! With no arguments it uses the test fixtures (tiny-sd15 and its kohya LoRA). `KILN_BENCH_IMAGES`
 //! sets the images per measurement (default 16), `KILN_BENCH_ROUNDS` the alternating rounds
-//! (default 3), `KILN_BENCH_ONLY=switch|cache|batch` runs one part. Each rate is images/s over the whole sweep,
+//! (default 3), `KILN_BENCH_ONLY=switch|cache|batch` runs one part, `KILN_BENCH_CFGS=1,1.5`
+//! the CFG scales (default both). Each rate is images/s over the whole sweep,
 //! after one warm-up render; the two sides of each comparison run alternately, 3 times each,
 //! and the medians are compared (so load that drifts during the run hits both). The switch
 //! times are the median of 3.
@@ -100,6 +101,8 @@ fn alternate(rounds: usize, mut a: impl FnMut() -> f64, mut b: impl FnMut() -> f
 }
 
 fn main() {
+    // SAFETY: first thing in main, before any thread is started (as `kiln` does).
+    unsafe { kiln_worker::engine::threads::fix_thread_count() };
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -141,13 +144,20 @@ fn main() {
         .unwrap_or(3);
     let only = env("KILN_BENCH_ONLY");
     let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    let cfgs: Vec<f32> = env("KILN_BENCH_CFGS")
+        .map(|v| {
+            v.split(',')
+                .map(|c| c.trim().parse().expect("KILN_BENCH_CFGS: numbers"))
+                .collect()
+        })
+        .unwrap_or_else(|| vec![1.0, 1.5]);
 
     let base = BaseModel::read(&setup.model).expect("base");
     if run("switch") {
         switch(&setup, &base);
     }
     let model = || base.build(&setup.loras(1.0), Device::Cpu).expect("model");
-    for cfg in [1.0, 1.5].into_iter().filter(|_| run("cache")) {
+    for &cfg in cfgs.iter().filter(|_| run("cache")) {
         let uncached = Pipeline::with_embedding_cache(model(), 0);
         let cached = Pipeline::new(model());
         let (uncached, cached) = alternate(
@@ -161,7 +171,7 @@ fn main() {
             cached / uncached
         );
     }
-    for cfg in [1.0, 1.5].into_iter().filter(|_| run("batch")) {
+    for &cfg in cfgs.iter().filter(|_| run("batch")) {
         let pipeline = Pipeline::new(model());
         let (single, batched) = alternate(
             rounds,

@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod profile;
 pub mod rng;
 pub mod scheduler;
+pub mod threads;
 pub mod tokenizer;
 mod unet;
 mod vae;

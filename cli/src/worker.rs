@@ -43,7 +43,8 @@ pub struct Args {
     /// Device memory declared to the coordinator, MiB.
     #[arg(long, env = "KILN_MEMORY_MIB", default_value_t = 8192)]
     memory_mib: u64,
-    /// Cells leased ahead of the ones rendering.
+    /// Cells leased beyond the next batch: while one batch renders, the worker holds the next
+    /// batch (--batch cells) plus this many, so the device never waits for a lease.
     #[arg(long, env = "KILN_PREFETCH", default_value_t = 1)]
     prefetch: u32,
     /// Render up to N cells that share model, LoRA stack, size, steps, CFG and sampler as one

@@ -1,12 +1,19 @@
 //! The backlog: attempts leased ahead of the render, and the leasing task that keeps it full.
 //!
 //! Leasing runs beside the render, never between two renders: the render loop takes its next
-//! cells from the backlog at once while the leasing task tops it up. Each leased cell is
-//! resolved to a pipeline key and a render request when it arrives, and a pipeline that is not
-//! loaded yet is handed to the render thread to prepare while the current cell renders.
+//! cells from the backlog at once while the backlog is topped up. Top-ups ride on completes
+//! when they can (`CompleteRequest.lease_next`, one round trip per image): while the next batch
+//! is already queued and a finished image is on its way to the coordinator, the leasing task
+//! leaves the top-up to that complete; it leases itself when the next batch is not secured
+//! (start-up, a slow upload, an empty queue). Cells asked for but not yet arrived are
+//! *claimed*, so the two never lease the same gap twice.
+//!
+//! Each leased cell is resolved to a pipeline key and a render request when it arrives, and a
+//! pipeline that is not loaded yet is handed to the render thread to prepare while the current
+//! cell renders.
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,16 +54,80 @@ impl Held {
 pub(super) type Affinity = Arc<Mutex<Vec<(String, PipelineKey)>>>;
 
 /// Leased attempts waiting to render.
-#[derive(Default)]
 pub(super) struct Backlog {
     queue: Mutex<VecDeque<Held>>,
+    /// Attempts to hold: the cells of the next batch plus the prefetch.
+    target: usize,
+    /// Cells of one batch.
+    batch: usize,
+    /// Cells asked for by lease or complete calls in flight.
+    claimed: Mutex<usize>,
+    /// Rendered attempts being uploaded and completed.
+    finishing: AtomicUsize,
+    /// Set by the drain: claim nothing more.
+    stopped: AtomicBool,
     /// Signalled when attempts arrive.
     pub(super) arrived: Notify,
-    /// Signalled when attempts leave.
+    /// Signalled when attempts leave, or a claim or a finish ends.
     pub(super) left: Notify,
 }
 
 impl Backlog {
+    pub(super) fn new(batch: usize, prefetch: usize) -> Self {
+        Self {
+            queue: Mutex::default(),
+            target: batch + prefetch,
+            batch,
+            claimed: Mutex::new(0),
+            finishing: AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
+            arrived: Notify::new(),
+            left: Notify::new(),
+        }
+    }
+
+    /// Claims the gap between what is held or asked for and the target; returns its size (0
+    /// once draining).
+    pub(super) fn claim(&self) -> usize {
+        if self.stopped.load(Ordering::SeqCst) {
+            return 0;
+        }
+        let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+        let gap = self.target.saturating_sub(self.len() + *claimed);
+        *claimed += gap;
+        gap
+    }
+
+    /// Ends a claim of `n` (its cells have arrived or will not).
+    pub(super) fn unclaim(&self, n: usize) {
+        if n > 0 {
+            *self.claimed.lock().unwrap_or_else(|e| e.into_inner()) -= n;
+            self.left.notify_one();
+        }
+    }
+
+    /// Stops all leasing (drain).
+    pub(super) fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.left.notify_one();
+    }
+
+    /// Counts a rendered attempt on its way to the coordinator.
+    pub(super) fn finishing_started(&self) {
+        self.finishing.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(super) fn finishing_ended(&self) {
+        self.finishing.fetch_sub(1, Ordering::SeqCst);
+        self.left.notify_one();
+    }
+
+    /// Whether the leasing task should leave the top-up to a complete: the next batch is
+    /// queued and a complete is coming.
+    fn complete_will_top_up(&self) -> bool {
+        self.len() >= self.batch && self.finishing.load(Ordering::SeqCst) > 0
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Held>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -122,65 +193,73 @@ pub(super) struct Leaser {
     pub(super) backlog: Arc<Backlog>,
     pub(super) tracked: Tracked,
     pub(super) affinity: Affinity,
-    /// Attempts to hold: the cells of the next batch plus the prefetch.
-    pub(super) target: usize,
     pub(super) idle_poll: Duration,
     /// Resolves a leased cell.
     pub(super) plan: Box<dyn Fn(&pb::LeasedTask) -> Plan + Send + Sync>,
 }
 
 impl Leaser {
-    /// Keeps the backlog at `target` attempts until `stop` turns true. A lease call in flight
-    /// is finished first, so every attempt the coordinator gave lands in the backlog (and is
-    /// released by the drain).
-    pub(super) async fn run(self, mut stop: watch::Receiver<bool>) {
+    /// Keeps the backlog topped up until `stop` turns true. A lease call in flight is finished
+    /// first, so every attempt the coordinator gave lands in the backlog (and is released by
+    /// the drain).
+    pub(super) async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
             if *stop.borrow() {
                 return;
             }
-            let have = self.backlog.len();
-            if have >= self.target {
+            let want = if self.backlog.complete_will_top_up() {
+                0
+            } else {
+                self.backlog.claim()
+            };
+            if want == 0 {
                 tokio::select! {
                     _ = self.backlog.left.notified() => {}
                     _ = stop.changed() => {}
                 }
                 continue;
             }
-            let tasks = self
-                .link
-                .lease((self.target - have) as u32, self.loaded())
-                .await;
-            if tasks.is_empty() {
+            let tasks = self.link.lease(want as u32, self.loaded()).await;
+            let empty = tasks.is_empty();
+            self.admit(tasks);
+            self.backlog.unclaim(want);
+            if empty {
                 tokio::select! {
                     _ = tokio::time::sleep(self.idle_poll) => {}
                     _ = stop.changed() => {}
                 }
-                continue;
             }
-            let loaded = self.renderer.loaded();
-            for task in tasks {
-                let plan = (self.plan)(&task);
-                if let Ok((key, _)) = &plan {
-                    if !loaded.contains(key) {
-                        self.renderer.prepare(key.clone());
-                    }
-                    remember(&self.affinity, &task.affinity_key, key);
-                }
-                let held = Held {
-                    task,
-                    plan,
-                    cancel: Arc::new(AtomicBool::new(false)),
-                    lost: Arc::new(AtomicBool::new(false)),
-                };
-                super::track(&self.tracked, &held);
-                self.backlog.push(held);
-            }
-            self.backlog.arrived.notify_one();
         }
     }
 
+    /// Resolves leased cells, starts preparing pipelines not loaded yet, and queues them.
+    pub(super) fn admit(&self, tasks: Vec<pb::LeasedTask>) {
+        if tasks.is_empty() {
+            return;
+        }
+        let loaded = self.renderer.loaded();
+        for task in tasks {
+            let plan = (self.plan)(&task);
+            if let Ok((key, _)) = &plan {
+                if !loaded.contains(key) {
+                    self.renderer.prepare(key.clone());
+                }
+                remember(&self.affinity, &task.affinity_key, key);
+            }
+            let held = Held {
+                task,
+                plan,
+                cancel: Arc::new(AtomicBool::new(false)),
+                lost: Arc::new(AtomicBool::new(false)),
+            };
+            super::track(&self.tracked, &held);
+            self.backlog.push(held);
+        }
+        self.backlog.arrived.notify_one();
+    }
+
     /// Affinity keys whose pipeline is loaded now.
-    fn loaded(&self) -> Vec<String> {
+    pub(super) fn loaded(&self) -> Vec<String> {
         let loaded = self.renderer.loaded();
         self.affinity
             .lock()

@@ -150,29 +150,34 @@ impl Link {
         }
     }
 
-    /// Reports a completed attempt. A lost lease is logged, not an error: the cell is someone
-    /// else's now.
+    /// Reports a completed attempt and leases up to `lease_next` more cells in the same call
+    /// (one round trip per image). A lost lease is logged, not an error: the cell is someone
+    /// else's now, and nothing is leased.
     pub async fn complete(
         &self,
         a: pb::AttemptRef,
         result: pb::RenderResult,
-    ) -> anyhow::Result<()> {
+        lease_next: u32,
+        loaded: Vec<String>,
+    ) -> anyhow::Result<Vec<pb::LeasedTask>> {
         let r = self
             .retry("complete", |mut c, id| {
-                let result = result.clone();
+                let (result, loaded) = (result.clone(), loaded.clone());
                 async move {
                     c.complete(pb::CompleteRequest {
                         worker_id: id,
                         attempt: Some(a),
                         result: Some(result),
-                        lease_next: 0,
-                        loaded: vec![],
+                        lease_next,
+                        loaded,
                     })
                     .await
                 }
             })
             .await;
-        self.finish("complete", a, r.map(|_| ()))
+        let tasks = r.as_ref().map(|r| r.tasks.clone()).unwrap_or_default();
+        self.finish("complete", a, r.map(|_| ()))?;
+        Ok(tasks)
     }
 
     /// Reports a failed attempt.

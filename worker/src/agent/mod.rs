@@ -56,7 +56,8 @@ pub struct AgentConfig {
     pub max_pixels: u64,
     /// Device memory declared to the coordinator, MiB.
     pub memory_mib: u64,
-    /// Cells leased ahead of the ones rendering (0 = lease only what renders next).
+    /// Cells held beyond the next batch: while a batch renders, the backlog holds `batch +
+    /// prefetch` cells (0 = only the next batch).
     pub prefetch: u32,
     /// Cells rendered as one UNet batch when they share model, LoRA stack, size, steps, CFG
     /// and sampler (1 = one at a time).
@@ -95,26 +96,23 @@ pub async fn run(
         _ = &mut shutdown => return Ok(()),
     };
     let renderer = Renderer::spawn(cfg.cache_bytes);
-    let backlog = Arc::new(Backlog::default());
+    let batch = cfg.batch.max(1) as usize;
+    let backlog = Arc::new(Backlog::new(batch, cfg.prefetch as usize));
     // Every attempt held, for the heartbeat task; uploads finish in the background.
     let tracked: Tracked = Arc::default();
     let heartbeats = link.spawn_heartbeats(tracked.clone());
-    let batch = cfg.batch.max(1) as usize;
     let (stop_leasing, stop_rx) = watch::channel(false);
     let planner = cfg.clone();
-    let leaser = tokio::spawn(
-        Leaser {
-            link: link.clone(),
-            renderer: renderer.clone(),
-            backlog: backlog.clone(),
-            tracked: tracked.clone(),
-            affinity: Arc::default(),
-            target: cfg.prefetch as usize + batch,
-            idle_poll: cfg.idle_poll,
-            plan: Box::new(move |task| plan(&planner, task)),
-        }
-        .run(stop_rx),
-    );
+    let leaser = Arc::new(Leaser {
+        link: link.clone(),
+        renderer: renderer.clone(),
+        backlog: backlog.clone(),
+        tracked: tracked.clone(),
+        affinity: Arc::default(),
+        idle_poll: cfg.idle_poll,
+        plan: Box::new(move |task| plan(&planner, task)),
+    });
+    let leasing = tokio::spawn(leaser.clone().run(stop_rx));
     let mut finishing: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
     let mut draining = false;
     while !draining {
@@ -147,15 +145,19 @@ pub async fn run(
             while finishing.len() >= MAX_FINISHING {
                 finishing.join_next().await;
             }
-            let (link, storage, tracked) = (link.clone(), storage.clone(), tracked.clone());
+            let (leaser, storage) = (leaser.clone(), storage.clone());
             let retry = cfg.upload_retry.clone();
             let device = cfg.device;
+            // Counted before the next take, so the leasing task leaves the top-up to this
+            // attempt's complete.
+            backlog.finishing_started();
             finishing.spawn(async move {
                 let a = held.attempt();
-                if let Err(e) = finish(&link, &storage, &retry, device, &held, rendered).await {
+                if let Err(e) = finish(&leaser, &storage, &retry, device, &held, rendered).await {
                     tracing::warn!(cell = a.cell_id, error = %e, "attempt ended without a report");
                 }
-                untrack(&tracked, a);
+                untrack(&leaser.tracked, a);
+                leaser.backlog.finishing_ended();
             });
         }
         // Drop queued attempts the coordinator took back meanwhile.
@@ -163,15 +165,16 @@ pub async fn run(
             untrack(&tracked, a);
         }
     }
+    backlog.stop();
     let _ = stop_leasing.send(true);
     // A lease call in flight lands in the backlog; a coordinator that is down cannot hold
     // the drain for long (those leases expire instead).
-    let mut leaser = leaser;
-    if tokio::time::timeout(Duration::from_secs(5), &mut leaser)
+    let mut leasing = leasing;
+    if tokio::time::timeout(Duration::from_secs(5), &mut leasing)
         .await
         .is_err()
     {
-        leaser.abort();
+        leasing.abort();
     }
     while finishing.join_next().await.is_some() {}
     let rest: Vec<pb::AttemptRef> = backlog.drain().iter().map(Held::attempt).collect();
@@ -277,13 +280,14 @@ async fn report(link: &Link, held: &Held, class: pb::FailureClass, msg: String) 
 /// Uploads a rendered image under its attempt's own key, then completes the attempt (or
 /// fails it as transient when storage stays down). Never completes without the object.
 async fn finish(
-    link: &Link,
+    leaser: &Leaser,
     storage: &Storage,
     retry: &RetryPolicy,
     device: Device,
     held: &Held,
     rendered: renderer::Rendered,
 ) -> anyhow::Result<()> {
+    let link = &leaser.link;
     let task = &held.task;
     let attempt = held.attempt();
     let okey = object_key(task.sweep_id, task.cell_id, task.attempt);
@@ -327,7 +331,21 @@ async fn finish(
         parameters: rendered.parameters,
         notes: rendered.notes,
     };
-    link.complete(attempt, result).await
+    // Top the backlog up in the same call when it has a gap.
+    let want = leaser.backlog.claim();
+    let loaded = if want > 0 {
+        leaser.loaded()
+    } else {
+        Vec::new()
+    };
+    let done = link.complete(attempt, result, want as u32, loaded).await;
+    let tasks = match &done {
+        Ok(tasks) => tasks.clone(),
+        Err(_) => Vec::new(),
+    };
+    leaser.admit(tasks);
+    leaser.backlog.unclaim(want);
+    done.map(|_| ())
 }
 
 /// Resolves a leased cell's files and settings (bad input when they cannot be).

@@ -219,6 +219,7 @@ impl Leaser {
                 }
                 continue;
             }
+            tracing::debug!(want, "leasing");
             let tasks = self.link.lease(want as u32, self.loaded()).await;
             let empty = tasks.is_empty();
             self.admit(tasks);

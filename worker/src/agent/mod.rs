@@ -333,6 +333,7 @@ async fn finish(
     };
     // Top the backlog up in the same call when it has a gap.
     let want = leaser.backlog.claim();
+    tracing::debug!(cell = attempt.cell_id, lease_next = want, "completing");
     let loaded = if want > 0 {
         leaser.loaded()
     } else {

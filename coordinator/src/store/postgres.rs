@@ -414,18 +414,14 @@ impl PgStore {
         // affinity tiers of `queue::affinity`, take `max`, and mark them running. The window
         // rank comes back so the caller knows whether the head was taken.
         let expires = now.plus(p.lease_ttl_ms);
-        let rows = sqlx::query(concat!("WITH ", lease_ctes!(""), lease_update!()))
-            .bind(p.max_pixels)
-            .bind(p.memory_mib)
-            .bind(p.lookahead as i64)
-            .bind(p.force_head)
-            .bind(p.worker.0)
-            .bind(&p.loaded)
-            .bind(p.max as i64)
-            .bind(now.0)
-            .bind(expires.0)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = bind_lease(
+            sqlx::query(concat!("WITH ", lease_ctes!(""), lease_update!())),
+            p,
+            now,
+            expires,
+        )
+        .fetch_all(&self.pool)
+        .await?;
         leased_in_rank_order(&rows, expires)
     }
 
@@ -441,7 +437,7 @@ impl PgStore {
         // join always yields a row, so a complete that leased nothing is told apart from a
         // stale one by `done`.
         let expires = now.plus(p.lease_ttl_ms);
-        let rows = sqlx::query(concat!(
+        let query = sqlx::query(concat!(
             "WITH done AS (",
             complete_update!("$8", "$10", "$11", "$12", "$5"),
             " RETURNING id), ",
@@ -450,21 +446,13 @@ impl PgStore {
             lease_update!(),
             ") SELECT (SELECT count(*) FROM done) AS done, leased.* \
              FROM (VALUES (1)) AS one LEFT JOIN leased ON true",
-        ))
-        .bind(p.max_pixels)
-        .bind(p.memory_mib)
-        .bind(p.lookahead as i64)
-        .bind(p.force_head)
-        .bind(p.worker.0)
-        .bind(&p.loaded)
-        .bind(p.max as i64)
-        .bind(now.0)
-        .bind(expires.0)
-        .bind(result_json)
-        .bind(f.cell.0)
-        .bind(i64::from(f.attempt.0))
-        .fetch_all(&self.pool)
-        .await?;
+        ));
+        let rows = bind_lease(query, p, now, expires)
+            .bind(result_json)
+            .bind(f.cell.0)
+            .bind(i64::from(f.attempt.0))
+            .fetch_all(&self.pool)
+            .await?;
         let done = match rows.first() {
             Some(r) => r.int("done")?,
             None => 0,
@@ -843,6 +831,25 @@ impl PgStore {
 }
 
 /// Leased rows (with their window `rank`) as cells, in window order.
+/// Binds `$1`–`$9` of `lease_ctes!` and `lease_update!`.
+fn bind_lease<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    p: &'q LeaseParams,
+    now: Millis,
+    expires: Millis,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(p.max_pixels)
+        .bind(p.memory_mib)
+        .bind(p.lookahead as i64)
+        .bind(p.force_head)
+        .bind(p.worker.0)
+        .bind(&p.loaded)
+        .bind(p.max as i64)
+        .bind(now.0)
+        .bind(expires.0)
+}
+
 fn leased_in_rank_order(rows: &[PgRow], expires: Millis) -> Result<Vec<LeasedCell>> {
     let mut leased = rows
         .iter()

@@ -133,6 +133,21 @@ async fn register(s: &mut Server) -> u64 {
         .worker_id
 }
 
+/// Leases exactly one cell for `worker`.
+async fn lease_one(s: &mut Server, worker: u64) -> pb::LeasedTask {
+    s.workers
+        .lease(pb::LeaseRequest {
+            worker_id: worker,
+            max_tasks: 1,
+            loaded: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks
+        .remove(0)
+}
+
 fn result() -> pb::RenderResult {
     pb::RenderResult {
         object_key: "sweeps/1/1/1.png".into(),
@@ -335,18 +350,7 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
     assert_eq!(r.unwrap_err().code(), Code::InvalidArgument);
 
     // Wrong attempt: the distinct "lease lost" answer.
-    let t = s
-        .workers
-        .lease(pb::LeaseRequest {
-            worker_id: worker,
-            max_tasks: 1,
-            loaded: vec![],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks
-        .remove(0);
+    let t = lease_one(&mut s, worker).await;
     let wrong = pb::AttemptRef {
         cell_id: t.cell_id,
         attempt: t.attempt + 1,
@@ -626,18 +630,7 @@ async fn complete_with_lease_next_hands_out_the_next_cell_in_one_call() {
     let mut s = Server::start().await;
     let sweep = submit(&mut s, "combined", 3).await;
     let worker = register(&mut s).await;
-    let t = s
-        .workers
-        .lease(pb::LeaseRequest {
-            worker_id: worker,
-            max_tasks: 1,
-            loaded: vec![],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tasks
-        .remove(0);
+    let t = lease_one(&mut s, worker).await;
     assert_eq!(t.number, 0);
     let done = |t: &pb::LeasedTask| pb::AttemptRef {
         cell_id: t.cell_id,

@@ -339,14 +339,13 @@ async fn finish(
     } else {
         Vec::new()
     };
-    let done = link.complete(attempt, result, want as u32, loaded).await;
-    let tasks = match &done {
-        Ok(tasks) => tasks.clone(),
-        Err(_) => Vec::new(),
+    let (tasks, outcome) = match link.complete(attempt, result, want as u32, loaded).await {
+        Ok(tasks) => (tasks, Ok(())),
+        Err(e) => (Vec::new(), Err(e)),
     };
     leaser.admit(tasks);
     leaser.backlog.unclaim(want);
-    done.map(|_| ())
+    outcome
 }
 
 /// Resolves a leased cell's files and settings (bad input when they cannot be).

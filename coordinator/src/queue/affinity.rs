@@ -5,8 +5,8 @@
 //! `max_skips` times in a row by one worker; then it is taken first, so affinity can never
 //! starve a cold cell.
 //!
-//! The tiers are applied in SQL by the Postgres backend (one statement per lease) and by
-//! [`choose`] for SQLite; both follow the rules above and the conformance suite checks both.
+//! [`choose`] applies the tiers to the window the dispatcher (`queue::dispatch`) reads ahead;
+//! the conformance suite checks the rules on both backends.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -61,11 +61,11 @@ impl AffinityState {
 pub fn choose(
     worker: i64,
     loaded: &HashSet<String>,
-    candidates: &[Candidate],
+    candidates: &[&Candidate],
     n: usize,
     force_head: bool,
 ) -> (Vec<i64>, bool) {
-    let tier = |i: usize, c: &Candidate| -> i8 {
+    let tier = |i: usize, c: &&Candidate| -> i8 {
         if force_head && i == 0 {
             -1
         } else if c.last_failed_worker == Some(worker) {
@@ -106,6 +106,7 @@ mod tests {
     fn prefers_loaded_then_queue_order() {
         let loaded: HashSet<String> = ["b".to_string()].into();
         let cands = [c(1, "a"), c(2, "b"), c(3, "a"), c(4, "b")];
+        let cands: Vec<&Candidate> = cands.iter().collect();
         assert_eq!(choose(7, &loaded, &cands, 3, false), (vec![2, 4, 1], true));
         assert_eq!(choose(7, &loaded, &cands, 2, false), (vec![2, 4], false));
     }
@@ -115,6 +116,7 @@ mod tests {
         let mut first = c(1, "a");
         first.last_failed_worker = Some(7);
         let cands = [first, c(2, "a")];
+        let cands: Vec<&Candidate> = cands.iter().collect();
         assert_eq!(choose(7, &HashSet::new(), &cands, 2, false).0, vec![2, 1]);
         assert_eq!(choose(8, &HashSet::new(), &cands, 2, false).0, vec![1, 2]);
     }
@@ -124,6 +126,7 @@ mod tests {
         let s = AffinityState::default();
         let loaded: HashSet<String> = ["warm".to_string()].into();
         let cands = [c(1, "cold"), c(2, "warm"), c(3, "warm")];
+        let cands: Vec<&Candidate> = cands.iter().collect();
         let mut got = Vec::new();
         for _ in 0..5 {
             let (ids, head) = choose(7, &loaded, &cands, 1, s.force_head(7, 3));

@@ -1,13 +1,15 @@
 //! The only SQL in kiln. One seam, [`Store`], with two backends that behave the same:
-//! SQLite (embedded default: one file, WAL, one writer connection) and Postgres
-//! (`FOR UPDATE SKIP LOCKED`). Schemas live in `migrations/{sqlite,postgres}/` and are applied
+//! SQLite (embedded default: one file, WAL, one writer connection) and Postgres (many
+//! connections; row locks, `FOR UPDATE SKIP LOCKED` where several writers may reach for the
+//! same rows). Schemas live in `migrations/{sqlite,postgres}/` and are applied
 //! at start-up by [`migrate`]. The conformance suite (`tests/it/conformance.rs`) runs every
 //! behaviour against both.
 //!
 //! Every worker write is fenced on `(cell, attempt, worker)` and only applies while the cell is
 //! `running` under that lease, so a stale attempt can never complete, fail or overwrite a newer
-//! one. Decisions (which cells to lease, where a failed cell goes) are made by the callers'
-//! functions in `queue/`, passed in and applied inside the same transaction.
+//! one. Decisions are made in `queue/`: which cells to lease is picked there from a read of the
+//! queue (`queue::dispatch`) and the store leases exactly those that are still available; where
+//! a failed cell goes is the caller's function, applied inside the failing transaction.
 
 mod filter;
 mod migrate;
@@ -24,6 +26,7 @@ use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 pub use query::{CellQuery, CellSort};
 
 use crate::clock::Millis;
+use crate::queue::affinity::Candidate;
 use crate::queue::retry::{Decision, FailContext};
 use crate::queue::state::{CellState, DeviceKind, FailureClass, SweepState};
 use crate::sweep::NewCell;
@@ -192,25 +195,66 @@ pub struct SweepRow {
     pub counts: StateCounts,
 }
 
-/// What a worker can take.
+/// Where an available cell stands in queue order: sweep priority, then `scheduled_at` (its
+/// age, or when its backoff ended), then id. Ordered as the queue is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QueuePos {
+    /// Sweep priority, lower first.
+    pub priority: i64,
+    /// When it became due, unix ms.
+    pub scheduled_at: i64,
+    /// Cell id.
+    pub id: i64,
+}
+
+/// What a worker can render.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// Largest width×height.
+    pub max_pixels: i64,
+    /// Device memory, MiB.
+    pub memory_mib: i64,
+}
+
+impl Caps {
+    /// Whether a worker with these capabilities can render `c`.
+    pub fn allows(&self, c: &AvailableCell) -> bool {
+        c.pixels <= self.max_pixels && c.min_memory_mib <= self.memory_mib
+    }
+}
+
+/// An available cell as the dispatcher (`queue::dispatch`) sees it.
 #[derive(Clone, Debug)]
-pub struct LeaseParams {
+pub struct AvailableCell {
+    /// Its place in the queue.
+    pub pos: QueuePos,
+    /// width×height.
+    pub pixels: i64,
+    /// Least device memory it needs, MiB.
+    pub min_memory_mib: i64,
+    /// What affinity needs of it.
+    pub candidate: Candidate,
+}
+
+/// The cells one lease has picked (see `queue::dispatch`), for the store to mark running.
+#[derive(Clone, Debug)]
+pub struct LeasePick {
     /// The worker.
     pub worker: WorkerId,
-    /// At most this many cells.
-    pub max: usize,
-    /// Largest width×height it renders.
-    pub max_pixels: i64,
-    /// Its device memory, MiB.
-    pub memory_mib: i64,
-    /// Candidates considered for affinity (the window).
-    pub lookahead: usize,
-    /// Affinity keys of the pipelines the worker has loaded.
-    pub loaded: Vec<String>,
-    /// Take the window head first (the starvation guard, see `queue::affinity`).
-    pub force_head: bool,
+    /// Picked cell ids, in the order picked.
+    pub ids: Vec<i64>,
+    /// The head of the worker's window, if any: a leased cell with this id is `was_head`.
+    pub head: Option<i64>,
     /// Lease length, ms.
     pub lease_ttl_ms: i64,
+}
+
+impl LeasePick {
+    /// `leased` (as the store returned them) in pick order.
+    fn in_pick_order(&self, mut leased: Vec<LeasedCell>) -> Vec<LeasedCell> {
+        leased.sort_by_key(|c| self.ids.iter().position(|id| *id == c.id.0));
+        leased
+    }
 }
 
 /// A cell leased to a worker.
@@ -449,10 +493,30 @@ impl Store {
         delegate!(self, sweep_finished_since(id, since))
     }
 
-    /// Leases up to `p.max` cells among the first `p.lookahead` available cells the worker can
-    /// render, by the tiers of `queue::affinity`; they become `running` under a new attempt.
-    pub async fn cell_lease(&self, p: &LeaseParams, now: Millis) -> Result<Vec<LeasedCell>> {
-        delegate!(self, cell_lease(p, now))
+    /// Up to `limit` available cells in queue order, after `after` (from the head if `None`),
+    /// and only those `caps` allows (all if `None`). Reads only: the dispatcher's read-ahead.
+    pub async fn cell_available(
+        &self,
+        after: Option<QueuePos>,
+        limit: usize,
+        caps: Option<Caps>,
+    ) -> Result<Vec<AvailableCell>> {
+        let caps = caps.unwrap_or(Caps {
+            max_pixels: i64::MAX,
+            memory_mib: i64::MAX,
+        });
+        delegate!(self, cell_available(after, limit, caps))
+    }
+
+    /// Leases the picked cells that are still available to `pick.worker`: they become
+    /// `running` under a new attempt. Returned in pick order; a picked cell that is no longer
+    /// available (leased, cancelled, paused meanwhile) is left out.
+    pub async fn cell_lease(&self, pick: &LeasePick, now: Millis) -> Result<Vec<LeasedCell>> {
+        if pick.ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let leased = delegate!(self, cell_lease(pick, now))?;
+        Ok(pick.in_pick_order(leased))
     }
 
     /// Extends the leases a worker still holds; reports lost and cancelled ones.
@@ -484,16 +548,15 @@ impl Store {
         delegate!(self, cell_complete(f, result_json, now))
     }
 
-    /// Records the result of the fenced attempt and, in the same transaction, leases up to
-    /// `next.max` cells to `next.worker` exactly as [`Store::cell_lease`] would (the worker one
-    /// round trip per image). The fence is as strict as [`Store::cell_complete`]'s: a stale
-    /// attempt is rejected with the same error and leases nothing. `next.worker` must be
-    /// `f.worker`.
+    /// Records the result of the fenced attempt and, in the same transaction, leases the picked
+    /// cells as [`Store::cell_lease`] would (the worker's one round trip per image). The fence
+    /// is as strict as [`Store::cell_complete`]'s: a stale attempt is rejected with the same
+    /// error and leases nothing. `next.worker` must be `f.worker`.
     pub async fn cell_complete_lease(
         &self,
         f: Fence,
         result_json: &str,
-        next: &LeaseParams,
+        next: &LeasePick,
         now: Millis,
     ) -> Result<Vec<LeasedCell>> {
         if next.worker != f.worker {
@@ -501,7 +564,12 @@ impl Store {
                 "complete-and-lease: lease for another worker",
             ));
         }
-        delegate!(self, cell_complete_lease(f, result_json, next, now))
+        if next.ids.is_empty() {
+            self.cell_complete(f, result_json, now).await?;
+            return Ok(Vec::new());
+        }
+        let leased = delegate!(self, cell_complete_lease(f, result_json, next, now))?;
+        Ok(next.in_pick_order(leased))
     }
 
     /// Records a failed attempt and applies `decide`'s verdict.

@@ -1,6 +1,7 @@
-//! The Postgres backend. Leasing locks its look-ahead window with `FOR UPDATE SKIP LOCKED`, so
-//! concurrent leasers never wait on or double-take each other's cells; failure decisions lock
-//! the one row they change. Many connections write at once; every write is a short
+//! The Postgres backend. A lease marks the cells the dispatcher picked (`queue::dispatch`)
+//! with one `UPDATE … WHERE id = ANY(…) AND state = 'available'`, so two leasers can never
+//! take one cell; the maintenance pass takes expired leases `FOR UPDATE SKIP LOCKED`, and
+//! failure decisions lock the one row they change. Many connections write at once; every write is a short
 //! transaction, and the fence in each `UPDATE … WHERE` makes stale writes match nothing.
 
 use std::collections::HashSet;
@@ -13,8 +14,9 @@ use super::filter;
 use super::query::{self, CELL_COLUMNS, CellQuery};
 use super::rows::{self, AnyRow};
 use super::{
-    CellRow, DecideFn, Fence, HeartbeatStatus, LeaseParams, LeasedCell, ProgressRow, StateCounts,
-    SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow, push_error, to_u64,
+    AvailableCell, Caps, CellRow, DecideFn, Fence, HeartbeatStatus, LeasePick, LeasedCell,
+    ProgressRow, QueuePos, StateCounts, SweepInsert, SweepInserted, SweepRow, WorkerRegistration,
+    WorkerRow, push_error, to_u64,
 };
 use crate::clock::Millis;
 use crate::queue::retry::{Decision, ErrorEntry, FailContext};
@@ -41,44 +43,25 @@ macro_rules! complete_update {
     };
 }
 
-/// The lease window and pick (CTEs `win` and `pick`): lock the first `$3` available cells the
-/// worker can render (`$1` pixels, `$2` MiB), skipping rows other leasers hold, and order them
-/// by the affinity tiers of `queue::affinity` (`$4` force head, `$5` worker, `$6` loaded keys),
-/// taking `$7`. `$gate` adds a condition to the window (the combined complete's fence).
-macro_rules! lease_ctes {
+/// Marks the picked cells `$1` that are still available running under a new attempt for worker
+/// `$3` at `$2` until `$4`, and returns them. `$gate` adds a condition (the combined complete's
+/// fence).
+macro_rules! lease_update {
     ($gate:literal) => {
         concat!(
-            "win AS ( \
-                 SELECT id, affinity_key, last_failed_worker, \
-                        row_number() OVER (ORDER BY priority, scheduled_at, id) AS rank \
-                 FROM (SELECT id, affinity_key, last_failed_worker, priority, scheduled_at \
-                       FROM cells WHERE state = 'available' AND pixels <= $1 \
-                       AND min_memory_mib <= $2 ",
+            "UPDATE cells SET state = 'running', attempt = attempt + 1, attempted_at = $2, \
+                 lease_owner = $3, lease_expires_at = $4, heartbeat_at = $2, \
+                 progress_step = NULL, progress_total = NULL \
+             WHERE id = ANY($1) AND state = 'available' ",
             $gate,
-            "ORDER BY priority, scheduled_at, id \
-                       LIMIT $3 FOR UPDATE SKIP LOCKED) w), \
-             pick AS ( \
-                 SELECT id, rank FROM win ORDER BY \
-                     CASE WHEN $4 AND rank = 1 THEN -1 \
-                          WHEN last_failed_worker IS NOT DISTINCT FROM $5 THEN 2 \
-                          WHEN affinity_key = ANY($6) THEN 0 ELSE 1 END, rank \
-                 LIMIT $7)"
+            "RETURNING id, sweep_id, number, attempt, cell_key, affinity_key, spec"
         )
     };
 }
 
-/// Marks the picked cells running under a new attempt for worker `$5` at `$8` until `$9`, and
-/// returns them with their window rank.
-macro_rules! lease_update {
-    () => {
-        " UPDATE cells c SET state = 'running', attempt = c.attempt + 1, attempted_at = $8, \
-             lease_owner = $5, lease_expires_at = $9, heartbeat_at = $8, \
-             progress_step = NULL, progress_total = NULL \
-         FROM pick WHERE c.id = pick.id \
-         RETURNING c.id, c.sweep_id, c.number, c.attempt, c.cell_key, c.affinity_key, \
-             c.spec, pick.rank"
-    };
-}
+/// The columns of an [`AvailableCell`], for `cell_available`.
+const AVAILABLE_COLUMNS: &str =
+    "id, priority, scheduled_at, pixels, min_memory_mib, affinity_key, last_failed_worker";
 
 /// Cells per chunk of the COPY stream of a sweep insert.
 const COPY_CHUNK: usize = 2_000;
@@ -409,41 +392,65 @@ impl PgStore {
         Ok(to_u64(n))
     }
 
-    pub(super) async fn cell_lease(&self, p: &LeaseParams, now: Millis) -> Result<Vec<LeasedCell>> {
-        // One statement: lock the window (skipping rows other leasers hold), order it by the
-        // affinity tiers of `queue::affinity`, take `max`, and mark them running. The window
-        // rank comes back so the caller knows whether the head was taken.
+    pub(super) async fn cell_available(
+        &self,
+        after: Option<QueuePos>,
+        limit: usize,
+        caps: Caps,
+    ) -> Result<Vec<AvailableCell>> {
+        // Two statements rather than one with `$n IS NULL OR …`, so that a generic plan still
+        // starts the `cells_fetch` scan at `after`.
+        let query = match after {
+            None => sqlx::query(AssertSqlSafe(format!(
+                "SELECT {AVAILABLE_COLUMNS} FROM cells WHERE state = 'available' \
+                 AND pixels <= $1 AND min_memory_mib <= $2 \
+                 ORDER BY priority, scheduled_at, id LIMIT $3"
+            ))),
+            Some(_) => sqlx::query(AssertSqlSafe(format!(
+                "SELECT {AVAILABLE_COLUMNS} FROM cells WHERE state = 'available' \
+                 AND pixels <= $1 AND min_memory_mib <= $2 \
+                 AND (priority, scheduled_at, id) > ($4, $5, $6) \
+                 ORDER BY priority, scheduled_at, id LIMIT $3"
+            ))),
+        };
+        let mut query = query
+            .bind(caps.max_pixels)
+            .bind(caps.memory_mib)
+            .bind(limit as i64);
+        if let Some(pos) = after {
+            query = query.bind(pos.priority).bind(pos.scheduled_at).bind(pos.id);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(rows::available).collect()
+    }
+
+    pub(super) async fn cell_lease(&self, p: &LeasePick, now: Millis) -> Result<Vec<LeasedCell>> {
         let expires = now.plus(p.lease_ttl_ms);
-        let rows = bind_lease(
-            sqlx::query(concat!("WITH ", lease_ctes!(""), lease_update!())),
-            p,
-            now,
-            expires,
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        leased_in_rank_order(&rows, expires)
+        let rows = bind_lease(sqlx::query(lease_update!("")), p, now, expires)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| rows::leased(r, expires, p.head == Some(r.int("id")?)))
+            .collect()
     }
 
     pub(super) async fn cell_complete_lease(
         &self,
         f: Fence,
         result_json: &str,
-        p: &LeaseParams,
+        p: &LeasePick,
         now: Millis,
     ) -> Result<Vec<LeasedCell>> {
         // One statement, so one transaction and one commit: the fenced complete (`done`), then
-        // the lease of `cell_lease`, whose window is empty unless `done` matched. The outer
-        // join always yields a row, so a complete that leased nothing is told apart from a
-        // stale one by `done`.
+        // the lease of `cell_lease`, gated on `done` having matched. The outer join always
+        // yields a row, so a complete that leased nothing is told apart from a stale one by
+        // `done`.
         let expires = now.plus(p.lease_ttl_ms);
         let query = sqlx::query(concat!(
             "WITH done AS (",
-            complete_update!("$8", "$10", "$11", "$12", "$5"),
-            " RETURNING id), ",
-            lease_ctes!("AND EXISTS (SELECT 1 FROM done) "),
-            ", leased AS (",
-            lease_update!(),
+            complete_update!("$2", "$5", "$6", "$7", "$3"),
+            " RETURNING id), leased AS (",
+            lease_update!("AND EXISTS (SELECT 1 FROM done) "),
             ") SELECT (SELECT count(*) FROM done) AS done, leased.* \
              FROM (VALUES (1)) AS one LEFT JOIN leased ON true",
         ));
@@ -460,11 +467,10 @@ impl PgStore {
         if done == 0 {
             return Err(self.fence_error(f).await);
         }
-        let leased: Vec<PgRow> = rows
-            .into_iter()
+        rows.iter()
             .filter(|r| matches!(r.opt_int("id"), Ok(Some(_))))
-            .collect();
-        leased_in_rank_order(&leased, expires)
+            .map(|r| rows::leased(r, expires, p.head == Some(r.int("id")?)))
+            .collect()
     }
 
     pub(super) async fn lease_heartbeat(
@@ -830,36 +836,18 @@ impl PgStore {
     }
 }
 
-/// Leased rows (with their window `rank`) as cells, in window order.
-/// Binds `$1`–`$9` of `lease_ctes!` and `lease_update!`.
+/// Binds `$1`–`$4` of `lease_update!`.
 fn bind_lease<'q>(
     query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
-    p: &'q LeaseParams,
+    p: &'q LeasePick,
     now: Millis,
     expires: Millis,
 ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
     query
-        .bind(p.max_pixels)
-        .bind(p.memory_mib)
-        .bind(p.lookahead as i64)
-        .bind(p.force_head)
-        .bind(p.worker.0)
-        .bind(&p.loaded)
-        .bind(p.max as i64)
+        .bind(&p.ids)
         .bind(now.0)
+        .bind(p.worker.0)
         .bind(expires.0)
-}
-
-fn leased_in_rank_order(rows: &[PgRow], expires: Millis) -> Result<Vec<LeasedCell>> {
-    let mut leased = rows
-        .iter()
-        .map(|r| {
-            let rank = r.int("rank")?;
-            Ok((rank, rows::leased(r, expires, rank == 1)?))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    leased.sort_by_key(|(rank, _)| *rank);
-    Ok(leased.into_iter().map(|(_, c)| c).collect())
 }
 
 /// Applies a failure to the cell in `row` (already matched by its fence) inside `tx`.

@@ -5,10 +5,11 @@ use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{
-    CellRow, LeasedCell, ProgressRow, StateCounts, SweepRow, WorkerRegistration, WorkerRow,
-    parse_loaded, to_u64,
+    AvailableCell, CellRow, LeasedCell, ProgressRow, QueuePos, StateCounts, SweepRow,
+    WorkerRegistration, WorkerRow, parse_loaded, to_u64,
 };
 use crate::clock::Millis;
+use crate::queue::affinity::Candidate;
 use crate::queue::state::DeviceKind;
 use crate::{Error, Result};
 
@@ -89,6 +90,27 @@ where
         spec_json: r.text("spec")?,
         lease_expires_at: expires,
         was_head,
+    })
+}
+
+pub(super) fn available<R: AnyRow>(r: &R) -> Result<AvailableCell>
+where
+    for<'a> &'a str: ColumnIndex<R>,
+{
+    let id = r.int("id")?;
+    Ok(AvailableCell {
+        pos: QueuePos {
+            priority: r.int("priority")?,
+            scheduled_at: r.int("scheduled_at")?,
+            id,
+        },
+        pixels: r.int("pixels")?,
+        min_memory_mib: r.int("min_memory_mib")?,
+        candidate: Candidate {
+            id,
+            affinity_key: r.text("affinity_key")?,
+            last_failed_worker: r.opt_int("last_failed_worker")?,
+        },
     })
 }
 

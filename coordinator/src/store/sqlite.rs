@@ -19,11 +19,11 @@ use super::filter;
 use super::query::{self, CELL_COLUMNS, CellQuery};
 use super::rows::{self, AnyRow};
 use super::{
-    CellRow, DecideFn, Fence, HeartbeatStatus, LeaseParams, LeasedCell, ProgressRow, StateCounts,
-    SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow, push_error, to_u64,
+    AvailableCell, Caps, CellRow, DecideFn, Fence, HeartbeatStatus, LeasePick, LeasedCell,
+    ProgressRow, QueuePos, StateCounts, SweepInsert, SweepInserted, SweepRow, WorkerRegistration,
+    WorkerRow, push_error, to_u64,
 };
 use crate::clock::Millis;
-use crate::queue::affinity::{self, Candidate};
 use crate::queue::retry::{Decision, ErrorEntry, FailContext};
 use crate::queue::state::{CellState, FailureClass, SweepState};
 use crate::{Error, Result};
@@ -368,9 +368,41 @@ impl SqliteStore {
         Ok(to_u64(n))
     }
 
-    pub(super) async fn cell_lease(&self, p: &LeaseParams, now: Millis) -> Result<Vec<LeasedCell>> {
-        // The pool has one writer connection: holding it makes the window read and the update
-        // one atomic step without BEGIN/COMMIT round trips (and the update re-checks the state).
+    pub(super) async fn cell_available(
+        &self,
+        after: Option<QueuePos>,
+        limit: usize,
+        caps: Caps,
+    ) -> Result<Vec<AvailableCell>> {
+        // The row-value bound starts the `cells_fetch` scan at `after`.
+        let (after_sql, pos) = match after {
+            None => (
+                "",
+                QueuePos {
+                    priority: 0,
+                    scheduled_at: 0,
+                    id: 0,
+                },
+            ),
+            Some(pos) => ("AND (priority, scheduled_at, id) > (?, ?, ?) ", pos),
+        };
+        let sql = format!(
+            "SELECT id, priority, scheduled_at, pixels, min_memory_mib, affinity_key, \
+             last_failed_worker FROM cells INDEXED BY cells_fetch \
+             WHERE state = 'available' AND pixels <= ? AND min_memory_mib <= ? {after_sql}\
+             ORDER BY priority, scheduled_at, id LIMIT ?"
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql))
+            .bind(caps.max_pixels)
+            .bind(caps.memory_mib);
+        if after.is_some() {
+            query = query.bind(pos.priority).bind(pos.scheduled_at).bind(pos.id);
+        }
+        let rows = query.bind(limit as i64).fetch_all(&self.reader).await?;
+        rows.iter().map(rows::available).collect()
+    }
+
+    pub(super) async fn cell_lease(&self, p: &LeasePick, now: Millis) -> Result<Vec<LeasedCell>> {
         let mut conn = self.writer.acquire().await?;
         lease_on(&mut conn, p, now).await
     }
@@ -379,7 +411,7 @@ impl SqliteStore {
         &self,
         f: Fence,
         result_json: &str,
-        p: &LeaseParams,
+        p: &LeasePick,
         now: Millis,
     ) -> Result<Vec<LeasedCell>> {
         // One transaction on the one writer connection: the fenced complete, then the lease of
@@ -751,40 +783,15 @@ impl SqliteStore {
     }
 }
 
-/// Leases on the writer connection `conn` (see `SqliteStore::cell_lease`).
+/// Marks the picked cells that are still available running for `p.worker`, on the writer
+/// connection `conn`.
 async fn lease_on(
     conn: &mut sqlx::SqliteConnection,
-    p: &LeaseParams,
+    p: &LeasePick,
     now: Millis,
 ) -> Result<Vec<LeasedCell>> {
-    let rows = sqlx::query(
-        "SELECT id, affinity_key, last_failed_worker FROM cells \
-         WHERE state = 'available' AND pixels <= ? AND min_memory_mib <= ? \
-         ORDER BY priority, scheduled_at, id LIMIT ?",
-    )
-    .bind(p.max_pixels)
-    .bind(p.memory_mib)
-    .bind(p.lookahead as i64)
-    .fetch_all(&mut *conn)
-    .await?;
-    let candidates = rows
-        .iter()
-        .map(|r| {
-            Ok(Candidate {
-                id: r.int("id")?,
-                affinity_key: r.text("affinity_key")?,
-                last_failed_worker: r.opt_int("last_failed_worker")?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let loaded: HashSet<String> = p.loaded.iter().cloned().collect();
-    let (ids, _) = affinity::choose(p.worker.0, &loaded, &candidates, p.max, p.force_head);
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let head = candidates.first().map(|c| c.id);
     let expires = now.plus(p.lease_ttl_ms);
-    let ids_json = serde_json::to_string(&ids).map_err(|e| Error::Corrupt(e.to_string()))?;
+    let ids_json = serde_json::to_string(&p.ids).map_err(|e| Error::Corrupt(e.to_string()))?;
     // `+state`: the state test must not use an index. Without statistics SQLite otherwise
     // walks every available cell through `cells_state_finished` (state = ?) and tests each id
     // against the list, instead of looking the few ids up by rowid: O(queue) per lease.
@@ -802,15 +809,9 @@ async fn lease_on(
     .bind(ids_json)
     .fetch_all(&mut *conn)
     .await?;
-    let mut leased = rows
-        .iter()
-        .map(|r| {
-            let id = r.int("id")?;
-            rows::leased(r, expires, Some(id) == head)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    leased.sort_by_key(|c| ids.iter().position(|id| *id == c.id.0));
-    Ok(leased)
+    rows.iter()
+        .map(|r| rows::leased(r, expires, p.head == Some(r.int("id")?)))
+        .collect()
 }
 
 /// The fenced complete of attempt `f` with `result_json` at `now`.

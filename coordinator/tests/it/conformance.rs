@@ -52,6 +52,10 @@ conformance!(
     complete_and_lease_returns_the_next_cells,
     stale_complete_and_lease_is_rejected_and_leases_nothing,
     complete_and_lease_honours_capabilities_and_affinity,
+    lease_sees_cells_queued_ahead_of_its_read_ahead,
+    small_worker_is_served_past_a_read_ahead_of_big_cells,
+    two_coordinators_on_one_database_never_share_a_cell,
+    read_ahead_catches_up_with_changes_it_was_not_told_of,
 );
 
 fn fence(c: &LeasedCell, worker: WorkerId) -> Fence {
@@ -830,5 +834,190 @@ async fn complete_and_lease_honours_capabilities_and_affinity(b: Backend) {
     let got = fx.queue.lease(w, 10, None).await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].affinity_key, big.affinity_key());
+    fx.finish().await;
+}
+
+/// The dispatcher reads the queue ahead (`queue::dispatch`); cells that become available ahead
+/// of what it has read (a higher-priority sweep, a released cell) must still come first.
+async fn lease_sees_cells_queued_ahead_of_its_read_ahead(b: Backend) {
+    let fx = Fixture::new(b).await;
+    let mut mid = submission("mid", (0..20).map(cell).collect());
+    mid.priority = 5;
+    fx.queue.submit(mid).await.unwrap();
+    let w = fx.worker("w").await;
+    let first = fx.queue.lease(w, 1, None).await.unwrap();
+    assert_eq!(first.len(), 1);
+
+    let mut urgent = submission("urgent", vec![cell(1_000)]);
+    urgent.priority = 0;
+    let mut low = submission("low2", vec![cell(2_000)]);
+    low.priority = 9;
+    let low_id = fx.queue.submit(low).await.unwrap().id;
+    let urgent_id = fx.queue.submit(urgent).await.unwrap().id;
+    let next = fx.queue.lease(w, 1, None).await.unwrap();
+    assert_eq!(
+        next[0].sweep_id, urgent_id,
+        "the priority-0 sweep goes first"
+    );
+
+    // A released cell is back at its old place: before the rest of its sweep.
+    let n = fx
+        .queue
+        .release(w, &[(first[0].id, first[0].attempt)], false)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let again = fx.queue.lease(w, 1, None).await.unwrap();
+    assert_eq!(
+        again[0].id, first[0].id,
+        "the released cell is leased again first"
+    );
+    assert_ne!(again[0].sweep_id, low_id);
+    fx.finish().await;
+}
+
+/// More big cells than the dispatcher reads ahead, then small ones: a worker that can only
+/// render the small ones still gets them, in queue order.
+async fn small_worker_is_served_past_a_read_ahead_of_big_cells(b: Backend) {
+    let fx = Fixture::new(b).await;
+    let mut cells: Vec<_> = (0..1_100)
+        .map(|i| {
+            let mut c = cell(i);
+            c.width = 1024;
+            c.height = 1024;
+            c
+        })
+        .collect();
+    cells.extend((5_000..5_003).map(cell));
+    let sweep = fx
+        .queue
+        .submit(submission("big-first", cells))
+        .await
+        .unwrap()
+        .id;
+    let big = fx.worker("big").await;
+    let got = fx.queue.lease(big, 1, None).await.unwrap();
+    assert_eq!(got[0].number, 0, "a big worker takes the head");
+
+    let mut small = crate::harness::registration("small");
+    small.max_pixels = 512 * 512;
+    let s = fx.queue.register(&small).await.unwrap();
+    let got = fx.queue.lease(s, 2, None).await.unwrap();
+    let numbers: Vec<i64> = got.iter().map(|c| c.number).collect();
+    assert_eq!(numbers, vec![1_100, 1_101]);
+    let got = fx.queue.lease(s, 2, None).await.unwrap();
+    let numbers: Vec<i64> = got.iter().map(|c| c.number).collect();
+    assert_eq!(
+        numbers,
+        vec![1_102],
+        "then the last small cell, and nothing big"
+    );
+    assert!(fx.queue.lease(s, 2, None).await.unwrap().is_empty());
+    let s = fx.queue.sweep(sweep).await.unwrap();
+    assert_eq!(s.counts.running, 4);
+    fx.finish().await;
+}
+
+/// The store, not the dispatcher, decides: two coordinators (two queues with separate
+/// read-aheads) leasing from one database at once still never hand out one cell twice.
+async fn two_coordinators_on_one_database_never_share_a_cell(b: Backend) {
+    let fx = Fixture::new(b).await;
+    submit_n(&fx, "shared", 200).await;
+    let other = kiln_coordinator::queue::Queue::new(
+        fx.db.store().await,
+        Arc::new(fx.clock.clone()),
+        QueueConfig::default(),
+    );
+    let ever: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let queue = if w % 2 == 0 {
+            fx.queue.clone()
+        } else {
+            other.clone()
+        };
+        let worker = fx.worker(&format!("w{w}")).await;
+        let ever = ever.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let leased = queue.lease(worker, 1 + (w % 2), None).await.unwrap();
+                if leased.is_empty() {
+                    break;
+                }
+                for c in &leased {
+                    ever.lock().unwrap().push(c.id.0);
+                    queue.complete(fence(c, worker), RESULT).await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ever = ever.lock().unwrap().clone();
+    let distinct: HashSet<i64> = ever.iter().copied().collect();
+    assert_eq!(
+        (ever.len(), distinct.len()),
+        (200, 200),
+        "each cell leased once"
+    );
+    other.store().close().await;
+    fx.finish().await;
+}
+
+/// A change the dispatcher was not told of (another coordinator's submit) is seen within
+/// `dispatch::REFRESH_MS`, and a stale read-ahead never leases a cell that is no longer
+/// available.
+async fn read_ahead_catches_up_with_changes_it_was_not_told_of(b: Backend) {
+    let fx = Fixture::new(b).await;
+    let mut low = submission("low", (0..5).map(cell).collect());
+    low.priority = 5;
+    fx.queue.submit(low).await.unwrap();
+    let w = fx.worker("w").await;
+    assert_eq!(fx.queue.lease(w, 1, None).await.unwrap().len(), 1);
+
+    let other = kiln_coordinator::queue::Queue::new(
+        fx.db.store().await,
+        Arc::new(fx.clock.clone()),
+        QueueConfig::default(),
+    );
+    // The other coordinator leases two of the cells this one has read ahead, then submits.
+    let o = other
+        .register(&crate::harness::registration("o"))
+        .await
+        .unwrap();
+    let taken: HashSet<i64> = other
+        .lease(o, 2, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.id.0)
+        .collect();
+    assert_eq!(taken.len(), 2);
+    let urgent = other
+        .submit(submission("urgent", vec![cell(99)]))
+        .await
+        .unwrap()
+        .id;
+
+    let next = fx.queue.lease(w, 1, None).await.unwrap();
+    assert!(
+        !taken.contains(&next[0].id.0),
+        "never a cell another coordinator holds"
+    );
+    fx.clock
+        .advance(kiln_coordinator::queue::dispatch::REFRESH_MS);
+    let mut seen_urgent = false;
+    for _ in 0..3 {
+        for c in fx.queue.lease(w, 1, None).await.unwrap() {
+            assert!(!taken.contains(&c.id.0));
+            seen_urgent |= c.sweep_id == urgent;
+        }
+    }
+    assert!(
+        seen_urgent,
+        "the other coordinator's sweep is seen after a refresh"
+    );
+    other.store().close().await;
     fx.finish().await;
 }

@@ -10,6 +10,7 @@
 
 pub mod affinity;
 pub mod dispatch;
+mod lease;
 pub mod maintenance;
 pub mod retry;
 pub mod state;
@@ -20,14 +21,15 @@ use std::sync::{Arc, Mutex};
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 
 use self::affinity::AffinityState;
-use self::dispatch::{Dispatch, Leaser, Pick};
+use self::dispatch::Dispatch;
+use self::lease::KnownWorker;
 use self::retry::{Decision, RetryPolicy};
 use self::state::FailureClass;
 use crate::clock::{Millis, SharedClock};
 use crate::events::Events;
 use crate::store::{
-    Caps, CellQuery, CellRow, Fence, HeartbeatStatus, LeasePick, LeasedCell, ProgressRow, Store,
-    SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow,
+    CellQuery, CellRow, Fence, HeartbeatStatus, ProgressRow, Store, SweepInsert, SweepInserted,
+    SweepRow, WorkerRegistration, WorkerRow,
 };
 use crate::sweep::{CellSpec, NewCell, Plan, PlanLimits, SweepSource};
 use crate::{Error, Result};
@@ -92,16 +94,6 @@ pub struct MaintenanceReport {
     pub rescued: u64,
     /// Due cells made available.
     pub promoted: u64,
-}
-
-/// What a lease needs to know about a worker, kept between leases so that a lease does not
-/// have to write the worker's `last_seen_at` every time (heartbeats keep it fresh).
-#[derive(Clone, Debug)]
-struct KnownWorker {
-    max_pixels: i64,
-    memory_mib: i64,
-    loaded: HashSet<String>,
-    written_at: Millis,
 }
 
 /// The render queue.
@@ -303,168 +295,11 @@ impl Queue {
         self.store.worker_register(r, self.now()).await
     }
 
-    /// Leases up to `max` cells the worker can render, preferring what it has `loaded`.
-    pub async fn lease(
-        &self,
-        worker: WorkerId,
-        max: usize,
-        loaded: Option<&[String]>,
-    ) -> Result<Vec<LeasedCell>> {
-        let now = self.now();
-        let w = self.lease_worker(worker, max, loaded, now).await?;
-        // A picked cell may have stopped being available since the read-ahead saw it (then the
-        // store leaves it out): pick again, a few times, rather than answer "nothing" while
-        // cells wait.
-        for _ in 0..4 {
-            let pick = self.pick(worker, &w, max, now).await?;
-            if pick.ids.is_empty() {
-                self.leased(worker, &[]);
-                return Ok(Vec::new());
-            }
-            let out = self
-                .store
-                .cell_lease(&self.lease_pick(worker, &pick), now)
-                .await;
-            pick.settle(out.is_ok());
-            let leased = out?;
-            if !leased.is_empty() {
-                self.leased(worker, &leased);
-                return Ok(leased);
-            }
-        }
-        self.leased(worker, &[]);
-        Ok(Vec::new())
-    }
-
-    /// Records the result of the fenced attempt and, in the same transaction, leases up to
-    /// `next` cells for the same worker as [`Queue::lease`] would: one round trip per image
-    /// for a worker that renders one cell at a time. `next` = 0 is a plain complete. A stale
-    /// attempt is rejected as by [`Queue::complete`] (`LeaseLost`) and leases nothing.
-    pub async fn complete_and_lease(
-        &self,
-        f: Fence,
-        result_json: &str,
-        next: usize,
-        loaded: Option<&[String]>,
-    ) -> Result<Vec<LeasedCell>> {
-        if next == 0 {
-            self.complete(f, result_json).await?;
-            return Ok(Vec::new());
-        }
-        let now = self.now();
-        let w = self.lease_worker(f.worker, next, loaded, now).await?;
-        let pick = self.pick(f.worker, &w, next, now).await?;
-        let out = self
-            .store
-            .cell_complete_lease(f, result_json, &self.lease_pick(f.worker, &pick), now)
-            .await;
-        // A rejected complete leased nothing: its picked cells are still available.
-        pick.settle(out.is_ok());
-        let leased = out?;
-        self.leased(f.worker, &leased);
-        self.events.changed();
-        Ok(leased)
-    }
-
-    /// The leasing worker, checked: `max` within bounds, and known.
-    async fn lease_worker(
-        &self,
-        worker: WorkerId,
-        max: usize,
-        loaded: Option<&[String]>,
-        now: Millis,
-    ) -> Result<KnownWorker> {
-        if max == 0 || max > self.cfg.max_lease_batch {
-            return Err(Error::invalid(format!(
-                "max_tasks: {max} is outside 1..={}",
-                self.cfg.max_lease_batch
-            )));
-        }
-        self.known_worker(worker, loaded, now).await
-    }
-
-    /// The dispatcher's choice of up to `max` cells for `worker`.
-    async fn pick(
-        &self,
-        worker: WorkerId,
-        w: &KnownWorker,
-        max: usize,
-        now: Millis,
-    ) -> Result<Pick<'_>> {
-        let who = Leaser {
-            worker: worker.0,
-            caps: Caps {
-                max_pixels: w.max_pixels,
-                memory_mib: w.memory_mib,
-            },
-            loaded: &w.loaded,
-        };
-        let force_head = self
-            .affinity
-            .force_head(worker.0, self.cfg.max_affinity_skips);
-        self.dispatch
-            .pick(&self.store, &who, max, self.cfg.lookahead, force_head, now)
-            .await
-    }
-
-    fn lease_pick(&self, worker: WorkerId, pick: &Pick) -> LeasePick {
-        LeasePick {
-            worker,
-            ids: pick.ids.clone(),
-            head: pick.head,
-            lease_ttl_ms: self.cfg.lease_ttl_ms,
-        }
-    }
-
     /// Cells may have become available, or stopped being: the dispatcher reads the queue
     /// again, and watchers are told.
     fn requeued(&self) {
         self.dispatch.invalidate();
         self.events.changed();
-    }
-
-    /// Bookkeeping after a lease: the affinity skip counter and change events.
-    fn leased(&self, worker: WorkerId, leased: &[LeasedCell]) {
-        self.affinity.record(
-            worker.0,
-            leased.is_empty() || leased.iter().any(|c| c.was_head),
-        );
-        if !leased.is_empty() {
-            self.events.changed();
-        }
-    }
-
-    /// The worker's capabilities and loaded set. Writes `last_seen_at` (and a changed loaded
-    /// set) at most every quarter lease TTL; an unknown worker is an error.
-    async fn known_worker(
-        &self,
-        worker: WorkerId,
-        loaded: Option<&[String]>,
-        now: Millis,
-    ) -> Result<KnownWorker> {
-        let cached = self.known_lock().get(&worker).cloned();
-        if let Some(k) = cached {
-            let same_loaded = loaded.is_none_or(|l| {
-                l.len() == k.loaded.len() && l.iter().all(|x| k.loaded.contains(x))
-            });
-            if same_loaded && now.0 - k.written_at.0 < self.cfg.lease_ttl_ms / 4 {
-                return Ok(k);
-            }
-        }
-        let row = self.store.worker_seen(worker, loaded, now).await?;
-        let k = KnownWorker {
-            max_pixels: row.info.max_pixels,
-            memory_mib: row.info.memory_mib,
-            loaded: row.info.loaded.into_iter().collect(),
-            written_at: now,
-        };
-        self.known_lock().insert(worker, k.clone());
-        Ok(k)
-    }
-
-    fn known_lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, KnownWorker>> {
-        // A poisoned cache is still a valid cache: entries are replaced whole.
-        self.known.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Extends a worker's leases. Returns each attempt's status and the new deadline.

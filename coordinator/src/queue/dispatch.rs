@@ -155,9 +155,12 @@ impl Dispatch {
         let lookahead = lookahead.max(max).max(1);
         let mut ahead = self.ahead.lock().await;
         let generation = self.generation.load(Ordering::Acquire);
+        // Concurrent leases read the clock before they queue for the read-ahead, so `now` is
+        // often a little older than the last restart: that is not staleness (restarting on it
+        // re-read the queue head on most calls under load).
         let stale = ahead
             .read_at
-            .is_none_or(|t| now.0 < t.0 || now.0 - t.0 >= REFRESH_MS);
+            .is_none_or(|t| now.0.saturating_sub(t.0) >= REFRESH_MS);
         if ahead.generation != generation || stale {
             ahead.restart(generation, now);
         }

@@ -1,6 +1,6 @@
 //! Leases on the queue: the worker's capabilities and loaded pipelines (kept between leases),
 //! the dispatcher's pick (`dispatch`), the store's write of exactly the picked cells, and the
-//! affinity bookkeeping after it. Also the combined complete-and-lease-next call.
+//! affinity bookkeeping after it. Also the complete-and-lease-next call.
 
 use std::collections::{HashMap, HashSet};
 
@@ -56,10 +56,16 @@ impl Queue {
         Ok(Vec::new())
     }
 
-    /// Records the result of the fenced attempt and, in the same transaction, leases up to
-    /// `next` cells for the same worker as [`Queue::lease`] would: one round trip per image
-    /// for a worker that renders one cell at a time. `next` = 0 is a plain complete. A stale
-    /// attempt is rejected as by [`Queue::complete`] (`LeaseLost`) and leases nothing.
+    /// Records the result of the fenced attempt, then leases up to `next` cells for the same
+    /// worker as [`Queue::lease`] would: one round trip per image for a worker that renders
+    /// one cell at a time. `next` = 0 is a plain complete. A stale attempt is rejected as by
+    /// [`Queue::complete`] (`LeaseLost`) and leases nothing.
+    ///
+    /// The two are separate writes: the complete goes through the group commit with every
+    /// other complete, which on Postgres made this call 1.6× faster than one transaction of
+    /// both (BENCHMARKS.md, "Session 4"). If the coordinator stops between them, the result
+    /// is recorded and the worker's call fails; its retry of the complete is answered
+    /// `LeaseLost`, as for any repeated complete, and nothing is lost.
     pub async fn complete_and_lease(
         &self,
         f: Fence,
@@ -67,23 +73,17 @@ impl Queue {
         next: usize,
         loaded: Option<&[String]>,
     ) -> Result<Vec<LeasedCell>> {
+        if next > self.cfg.max_lease_batch {
+            return Err(Error::invalid(format!(
+                "lease_next: {next} is outside 0..={}",
+                self.cfg.max_lease_batch
+            )));
+        }
+        self.complete(f, result_json).await?;
         if next == 0 {
-            self.complete(f, result_json).await?;
             return Ok(Vec::new());
         }
-        let now = self.now();
-        let w = self.lease_worker(f.worker, next, loaded, now).await?;
-        let pick = self.pick(f.worker, &w, next, now).await?;
-        let out = self
-            .store
-            .cell_complete_lease(f, result_json, &self.lease_pick(f.worker, &pick), now)
-            .await;
-        // A rejected complete leased nothing: its picked cells are still available.
-        pick.settle(out.is_ok());
-        let leased = out?;
-        self.leased(f.worker, &leased);
-        self.events.changed();
-        Ok(leased)
+        self.lease(f.worker, next, loaded).await
     }
 
     /// The leasing worker, checked: `max` within bounds, and known.

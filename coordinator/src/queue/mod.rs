@@ -9,6 +9,7 @@
 //! deadline renewed by heartbeats; every worker write is fenced on (cell, attempt, worker).
 
 pub mod affinity;
+mod completer;
 pub mod dispatch;
 mod lease;
 pub mod maintenance;
@@ -16,11 +17,12 @@ pub mod retry;
 pub mod state;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 
 use self::affinity::AffinityState;
+use self::completer::Completer;
 use self::dispatch::Dispatch;
 use self::lease::KnownWorker;
 use self::retry::{Decision, RetryPolicy};
@@ -105,6 +107,8 @@ pub struct Queue {
     affinity: Arc<AffinityState>,
     dispatch: Arc<Dispatch>,
     known: Arc<Mutex<HashMap<WorkerId, KnownWorker>>>,
+    /// Group commit of completes, started on the first complete (it needs a runtime).
+    completer: Arc<OnceLock<Completer>>,
     events: Events,
 }
 
@@ -127,6 +131,7 @@ impl Queue {
             affinity: Default::default(),
             dispatch: Default::default(),
             known: Default::default(),
+            completer: Default::default(),
             events: Events::default(),
         }
     }
@@ -350,7 +355,12 @@ impl Queue {
 
     /// Records the result of the fenced attempt.
     pub async fn complete(&self, f: Fence, result_json: &str) -> Result<()> {
-        self.store.cell_complete(f, result_json, self.now()).await?;
+        let completer = self
+            .completer
+            .get_or_init(|| Completer::start(self.store.clone()));
+        completer
+            .complete(&self.store, f, result_json, self.now())
+            .await?;
         self.events.changed();
         Ok(())
     }

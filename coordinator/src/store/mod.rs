@@ -301,6 +301,17 @@ impl Fence {
     }
 }
 
+/// One fenced complete of a batch ([`Store::cell_complete_many`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Completion<'a> {
+    /// The attempt that finished.
+    pub fence: Fence,
+    /// Its result document.
+    pub result_json: &'a str,
+    /// When it finished.
+    pub at: Millis,
+}
+
 /// Outcome of a heartbeat for one attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeartbeatStatus {
@@ -548,28 +559,13 @@ impl Store {
         delegate!(self, cell_complete(f, result_json, now))
     }
 
-    /// Records the result of the fenced attempt and, in the same transaction, leases the picked
-    /// cells as [`Store::cell_lease`] would (the worker's one round trip per image). The fence
-    /// is as strict as [`Store::cell_complete`]'s: a stale attempt is rejected with the same
-    /// error and leases nothing. `next.worker` must be `f.worker`.
-    pub async fn cell_complete_lease(
-        &self,
-        f: Fence,
-        result_json: &str,
-        next: &LeasePick,
-        now: Millis,
-    ) -> Result<Vec<LeasedCell>> {
-        if next.worker != f.worker {
-            return Err(Error::invalid(
-                "complete-and-lease: lease for another worker",
-            ));
-        }
-        if next.ids.is_empty() {
-            self.cell_complete(f, result_json, now).await?;
-            return Ok(Vec::new());
-        }
-        let leased = delegate!(self, cell_complete_lease(f, result_json, next, now))?;
-        Ok(next.in_pick_order(leased))
+    /// Records the results of several fenced attempts in one statement and one commit (the
+    /// queue's group commit). `out[i]` is what [`Store::cell_complete`] would have answered
+    /// for `done[i]`: a stale attempt gets `LeaseLost`, an unknown cell `CellNotFound`, and
+    /// neither stops the others. The cells must be distinct. An `Err` means nothing was
+    /// written (the transaction rolled back).
+    pub async fn cell_complete_many(&self, done: &[Completion<'_>]) -> Result<Vec<Result<()>>> {
+        delegate!(self, cell_complete_many(done))
     }
 
     /// Records a failed attempt and applies `decide`'s verdict.

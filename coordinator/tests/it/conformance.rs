@@ -13,27 +13,6 @@ use kiln_proto::{SweepId, WorkerId};
 
 use crate::harness::{Backend, Fixture, cell, submission};
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(crate::harness::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(crate::harness::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
 conformance!(
     concurrent_leasers_never_share_a_cell,
     expired_lease_is_requeued_and_stale_writes_are_rejected,

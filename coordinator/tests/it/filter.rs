@@ -14,28 +14,7 @@ use kiln_proto::SweepId;
 
 use crate::harness::{Backend, Fixture, cell, submission};
 
-macro_rules! filter_conformance {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::harness::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::harness::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
-filter_conformance!(
+conformance!(
     filters_match_the_oracle,
     hostile_input_is_data,
     numeric_bindings,

@@ -11,6 +11,28 @@ use kiln_coordinator::store::{DatabaseUrl, Store, StoreOptions, WorkerRegistrati
 use kiln_coordinator::sweep::{CellSpec, LoraSpec, Sampler};
 use kiln_proto::WorkerId;
 
+/// Declares each named `async fn(Backend)` as two tests, `sqlite::name` and `postgres::name`.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(crate::harness::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(crate::harness::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
 /// Which database a test runs on.
 #[derive(Clone, Copy, Debug)]
 pub enum Backend {

@@ -2,6 +2,8 @@
 //! cells, leases, heartbeats, progress, the fenced complete and fail, release, and the
 //! maintenance pass.
 
+use std::collections::HashSet;
+
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Postgres};
@@ -14,46 +16,25 @@ use crate::store::filter;
 use crate::store::query::{self, CELL_COLUMNS, CellQuery};
 use crate::store::rows::{self, AnyRow};
 use crate::store::{
-    AvailableCell, Caps, CellRow, DecideFn, Fence, HeartbeatStatus, LeasePick, LeasedCell,
-    ProgressRow, QueuePos, push_error,
+    AvailableCell, Caps, CellRow, Completion, DecideFn, Fence, HeartbeatStatus, LeasePick,
+    LeasedCell, ProgressRow, QueuePos, push_error,
 };
 use crate::{Error, Result};
 
-/// The fenced complete: `UPDATE` of the cell `$cell` to completed at `$now` with `$result`,
-/// only while attempt `$attempt` of worker `$worker` holds it (placeholders are the caller's).
-macro_rules! complete_update {
-    ($now:literal, $result:literal, $cell:literal, $attempt:literal, $worker:literal) => {
-        concat!(
-            "UPDATE cells SET state = 'completed', finalized_at = ",
-            $now,
-            ", result = ",
-            $result,
-            ", result_worker = lease_owner, lease_owner = NULL, lease_expires_at = NULL, \
-             progress_step = progress_total WHERE id = ",
-            $cell,
-            " AND state = 'running' AND attempt = ",
-            $attempt,
-            " AND lease_owner = ",
-            $worker
-        )
-    };
-}
+/// The fenced complete: `UPDATE` of the cell `$3` to completed at `$1` with `$2`, only while
+/// attempt `$4` of worker `$5` holds it.
+const COMPLETE_UPDATE: &str = "UPDATE cells SET state = 'completed', finalized_at = $1, \
+     result = $2, result_worker = lease_owner, lease_owner = NULL, lease_expires_at = NULL, \
+     progress_step = progress_total \
+     WHERE id = $3 AND state = 'running' AND attempt = $4 AND lease_owner = $5";
 
 /// Marks the picked cells `$1` that are still available running under a new attempt for worker
-/// `$3` at `$2` until `$4`, and returns them. `$gate` adds a condition (the combined complete's
-/// fence).
-macro_rules! lease_update {
-    ($gate:literal) => {
-        concat!(
-            "UPDATE cells SET state = 'running', attempt = attempt + 1, attempted_at = $2, \
-                 lease_owner = $3, lease_expires_at = $4, heartbeat_at = $2, \
-                 progress_step = NULL, progress_total = NULL \
-             WHERE id = ANY($1) AND state = 'available' ",
-            $gate,
-            "RETURNING id, sweep_id, number, attempt, cell_key, affinity_key, spec"
-        )
-    };
-}
+/// `$3` at `$2` until `$4`, and returns them.
+const LEASE_UPDATE: &str = "UPDATE cells SET state = 'running', attempt = attempt + 1, \
+     attempted_at = $2, lease_owner = $3, lease_expires_at = $4, heartbeat_at = $2, \
+     progress_step = NULL, progress_total = NULL \
+     WHERE id = ANY($1) AND state = 'available' \
+     RETURNING id, sweep_id, number, attempt, cell_key, affinity_key, spec";
 
 /// The columns of an [`AvailableCell`], for `cell_available`.
 const AVAILABLE_COLUMNS: &str =
@@ -100,49 +81,10 @@ impl PgStore {
         now: Millis,
     ) -> Result<Vec<LeasedCell>> {
         let expires = now.plus(p.lease_ttl_ms);
-        let rows = bind_lease(sqlx::query(lease_update!("")), p, now, expires)
+        let rows = bind_lease(sqlx::query(LEASE_UPDATE), p, now, expires)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
-            .map(|r| rows::leased(r, expires, p.head == Some(r.int("id")?)))
-            .collect()
-    }
-
-    pub(in crate::store) async fn cell_complete_lease(
-        &self,
-        f: Fence,
-        result_json: &str,
-        p: &LeasePick,
-        now: Millis,
-    ) -> Result<Vec<LeasedCell>> {
-        // One statement, so one transaction and one commit: the fenced complete (`done`), then
-        // the lease of `cell_lease`, gated on `done` having matched. The outer join always
-        // yields a row, so a complete that leased nothing is told apart from a stale one by
-        // `done`.
-        let expires = now.plus(p.lease_ttl_ms);
-        let query = sqlx::query(concat!(
-            "WITH done AS (",
-            complete_update!("$2", "$5", "$6", "$7", "$3"),
-            " RETURNING id), leased AS (",
-            lease_update!("AND EXISTS (SELECT 1 FROM done) "),
-            ") SELECT (SELECT count(*) FROM done) AS done, leased.* \
-             FROM (VALUES (1)) AS one LEFT JOIN leased ON true",
-        ));
-        let rows = bind_lease(query, p, now, expires)
-            .bind(result_json)
-            .bind(f.cell.0)
-            .bind(i64::from(f.attempt.0))
-            .fetch_all(&self.pool)
-            .await?;
-        let done = match rows.first() {
-            Some(r) => r.int("done")?,
-            None => 0,
-        };
-        if done == 0 {
-            return Err(self.fence_error(f).await);
-        }
-        rows.iter()
-            .filter(|r| matches!(r.opt_int("id"), Ok(Some(_))))
             .map(|r| rows::leased(r, expires, p.head == Some(r.int("id")?)))
             .collect()
     }
@@ -226,7 +168,7 @@ impl PgStore {
         result_json: &str,
         now: Millis,
     ) -> Result<()> {
-        let n = sqlx::query(complete_update!("$1", "$2", "$3", "$4", "$5"))
+        let n = sqlx::query(COMPLETE_UPDATE)
             .bind(now.0)
             .bind(result_json)
             .bind(f.cell.0)
@@ -239,6 +181,45 @@ impl PgStore {
             return Err(self.fence_error(f).await);
         }
         Ok(())
+    }
+
+    pub(in crate::store) async fn cell_complete_many(
+        &self,
+        done: &[Completion<'_>],
+    ) -> Result<Vec<Result<()>>> {
+        // One `UPDATE … FROM unnest(…)`: each row is the fenced complete of `COMPLETE_UPDATE`
+        // for one attempt.
+        let matched: Vec<i64> = sqlx::query_scalar(
+            "UPDATE cells SET state = 'completed', finalized_at = d.at, result = d.result, \
+             result_worker = lease_owner, lease_owner = NULL, lease_expires_at = NULL, \
+             progress_step = progress_total \
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[]) \
+                 AS d(id, attempt, worker, result, at) \
+             WHERE cells.id = d.id AND cells.state = 'running' AND cells.attempt = d.attempt \
+                 AND cells.lease_owner = d.worker \
+             RETURNING cells.id",
+        )
+        .bind(done.iter().map(|d| d.fence.cell.0).collect::<Vec<_>>())
+        .bind(
+            done.iter()
+                .map(|d| i64::from(d.fence.attempt.0))
+                .collect::<Vec<_>>(),
+        )
+        .bind(done.iter().map(|d| d.fence.worker.0).collect::<Vec<_>>())
+        .bind(done.iter().map(|d| d.result_json).collect::<Vec<_>>())
+        .bind(done.iter().map(|d| d.at.0).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        let matched: HashSet<i64> = matched.into_iter().collect();
+        let mut out = Vec::with_capacity(done.len());
+        for d in done {
+            out.push(if matched.contains(&d.fence.cell.0) {
+                Ok(())
+            } else {
+                Err(self.fence_error(d.fence).await)
+            });
+        }
+        Ok(out)
     }
 
     pub(in crate::store) async fn cell_fail(
@@ -369,10 +350,16 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn cell_query(&self, q: &CellQuery) -> Result<Vec<CellRow>> {
+        // A result query's best plan depends on its values (how much of the table a sweep or
+        // a seed range is): plan each execution, not once per connection (see `connect`).
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL plan_cache_mode = auto")
+            .execute(&mut *tx)
+            .await?;
         let resolved;
         let q = match filter::sweep_lookup::<Postgres>(q) {
             Some(mut lookup) => {
-                let rows = lookup.build().fetch_all(&self.pool).await?;
+                let rows = lookup.build().fetch_all(&mut *tx).await?;
                 let ids = rows
                     .iter()
                     .map(|r| Ok((r.int("id")?, r.text("name")?)))
@@ -383,7 +370,8 @@ impl PgStore {
             None => q,
         };
         let mut qb = query::build::<Postgres>(q);
-        let rows = qb.build().fetch_all(&self.pool).await?;
+        let rows = qb.build().fetch_all(&mut *tx).await?;
+        tx.commit().await?;
         rows.iter().map(rows::cell).collect()
     }
 
@@ -433,7 +421,7 @@ impl PgStore {
     }
 }
 
-/// Binds `$1`–`$4` of `lease_update!`.
+/// Binds `$1`–`$4` of `LEASE_UPDATE`.
 fn bind_lease<'q>(
     query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
     p: &'q LeasePick,

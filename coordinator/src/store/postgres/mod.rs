@@ -12,7 +12,7 @@ mod copy;
 use std::collections::HashSet;
 
 use kiln_proto::{SweepId, WorkerId};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::rows::{self, AnyRow};
 use super::{
@@ -30,9 +30,17 @@ pub struct PgStore {
 
 impl PgStore {
     pub(super) async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        // The queue's statements (lease, complete, heartbeat, the dispatcher's read) have one
+        // good plan whatever their parameters, and re-planning them on every execution took
+        // about a tenth of the server's time under lease load (BENCHMARKS.md, "Session 4").
+        // So prepared statements keep their generic plan; result queries, whose best plan
+        // depends on their values, ask for custom plans again (`cell_query`).
+        let options: PgConnectOptions = url
+            .parse::<PgConnectOptions>()?
+            .options([("plan_cache_mode", "force_generic_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .connect(url)
+            .connect_with(options)
             .await?;
         super::migrate::postgres(
             &pool,

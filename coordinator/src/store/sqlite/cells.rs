@@ -14,8 +14,8 @@ use crate::store::filter;
 use crate::store::query::{self, CELL_COLUMNS, CellQuery};
 use crate::store::rows::{self, AnyRow};
 use crate::store::{
-    AvailableCell, Caps, CellRow, DecideFn, Fence, HeartbeatStatus, LeasePick, LeasedCell,
-    ProgressRow, QueuePos, push_error,
+    AvailableCell, Caps, CellRow, Completion, DecideFn, Fence, HeartbeatStatus, LeasePick,
+    LeasedCell, ProgressRow, QueuePos, push_error,
 };
 use crate::{Error, Result};
 
@@ -64,29 +64,6 @@ impl SqliteStore {
     ) -> Result<Vec<LeasedCell>> {
         let mut conn = self.writer.acquire().await?;
         lease_on(&mut conn, p, now).await
-    }
-
-    pub(in crate::store) async fn cell_complete_lease(
-        &self,
-        f: Fence,
-        result_json: &str,
-        p: &LeasePick,
-        now: Millis,
-    ) -> Result<Vec<LeasedCell>> {
-        // One transaction on the one writer connection: the fenced complete, then the lease of
-        // `cell_lease` only if the complete matched.
-        let mut tx = self.writer.begin().await?;
-        let n = complete_query(f, result_json, now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if n == 0 {
-            drop(tx);
-            return Err(self.fence_error(f).await);
-        }
-        let leased = lease_on(&mut tx, p, now).await?;
-        tx.commit().await?;
-        Ok(leased)
     }
 
     pub(in crate::store) async fn lease_heartbeat(
@@ -176,6 +153,32 @@ impl SqliteStore {
             return Err(self.fence_error(f).await);
         }
         Ok(())
+    }
+
+    pub(in crate::store) async fn cell_complete_many(
+        &self,
+        done: &[Completion<'_>],
+    ) -> Result<Vec<Result<()>>> {
+        // One transaction on the writer: one commit for the batch.
+        let mut tx = self.writer.begin().await?;
+        let mut matched = Vec::with_capacity(done.len());
+        for d in done {
+            let n = complete_query(d.fence, d.result_json, d.at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            matched.push(n > 0);
+        }
+        tx.commit().await?;
+        let mut out = Vec::with_capacity(done.len());
+        for (d, ok) in done.iter().zip(matched) {
+            out.push(if ok {
+                Ok(())
+            } else {
+                Err(self.fence_error(d.fence).await)
+            });
+        }
+        Ok(out)
     }
 
     pub(in crate::store) async fn cell_fail(

@@ -1,50 +1,47 @@
-//! Group commit of completes. Concurrent `Complete` calls are gathered and written together:
-//! one statement and one commit for every complete that arrived while the previous batches
-//! were being written ([`Store::cell_complete_many`]). Each caller still gets its own answer
-//! (`LeaseLost` for a stale attempt, `CellNotFound`), and gets it only after its batch has
-//! committed, so an acknowledged result is durable as before. What changes is the cost: on
-//! Postgres every commit waits for a WAL flush, and with many workers completing at once most
-//! of a cycle's time was commits and per-statement work (BENCHMARKS.md, "Session 4").
-//!
-//! No caller waits for a batch to fill: a batch is whatever is waiting when a write slot is
-//! free, so a lone complete is written at once. A task owns the writing, so a caller that goes
-//! away (a gRPC client that hung up) cannot strand the others of its batch. If a batch's
-//! statement fails (say, a result the database refuses), its completes are written one by one,
-//! so the bad one gets its own error and the rest succeed.
-
-use std::sync::Arc;
-
-use tokio::sync::{Semaphore, mpsc, oneshot};
+//! Completes by group commit ([`super::group`]): the completes that arrive together are
+//! written by one [`Store::cell_complete_many`], and each caller gets the answer it would have
+//! got alone (`LeaseLost` for a stale attempt, `CellNotFound`). A batch names each cell once;
+//! a repeated complete of a cell waits for the next batch and is answered `LeaseLost` there,
+//! as before. If a batch's statement fails (say, a result the database refuses), its completes
+//! are written one by one, so the bad one gets its own error and the rest succeed.
 
 use crate::clock::Millis;
 use crate::store::{Completion, Fence, Store};
 use crate::{Error, Result};
 
-/// Batches written at the same time. Two lets one batch gather while another commits.
-const IN_FLIGHT: usize = 2;
-/// Most completes in one batch.
-const MAX_BATCH: usize = 256;
+use super::group::{Gone, Group};
 
 struct Request {
     fence: Fence,
     result_json: String,
     at: Millis,
-    reply: oneshot::Sender<Result<()>>,
 }
 
-/// The handle the queue completes through; started on the first complete.
+/// The handle the queue completes through.
 #[derive(Debug)]
 pub(super) struct Completer {
-    requests: mpsc::UnboundedSender<Request>,
+    group: Group<Request, Result<()>>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("fence", &self.fence)
+            .finish()
+    }
 }
 
 impl Completer {
-    /// Starts the writing task on the current Tokio runtime; it ends when the handle is
-    /// dropped and every request has been answered.
+    /// Starts the group on the current Tokio runtime.
     pub(super) fn start(store: Store) -> Self {
-        let (requests, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(store, rx));
-        Self { requests }
+        let group = Group::start(
+            move |batch: Vec<Request>| {
+                let store = store.clone();
+                async move { write(&store, batch).await }
+            },
+            |r: &Request| r.fence.cell.0,
+        );
+        Self { group }
     }
 
     /// Records the result of the fenced attempt, in whichever batch takes it.
@@ -55,68 +52,30 @@ impl Completer {
         result_json: &str,
         at: Millis,
     ) -> Result<()> {
-        let (reply, answer) = oneshot::channel();
         let request = Request {
             fence,
             result_json: result_json.to_owned(),
             at,
-            reply,
         };
-        if self.requests.send(request).is_err() {
-            // The task is gone (its runtime shut down): write directly.
-            return store.cell_complete(fence, result_json, at).await;
-        }
-        answer.await.unwrap_or_else(|_| {
-            Err(Error::Conflict(format!(
+        match self.group.call(request).await {
+            Ok(out) => out,
+            Err(Gone::Unsent(r)) => store.cell_complete(r.fence, &r.result_json, r.at).await,
+            Err(Gone::Unanswered) => Err(Error::Conflict(format!(
                 "complete of cell {} attempt {}: the coordinator stopped before answering",
                 fence.cell, fence.attempt
-            )))
-        })
+            ))),
+        }
     }
 }
 
-async fn run(store: Store, mut rx: mpsc::UnboundedReceiver<Request>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    // Requests received but not yet in a batch: a second complete of a cell already in the
-    // batch being formed waits for the next one (a batch names each cell once).
-    let mut waiting: Vec<Request> = Vec::new();
-    loop {
-        if waiting.is_empty() {
-            match rx.recv().await {
-                Some(r) => waiting.push(r),
-                None => return,
-            }
-        }
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        while waiting.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => waiting.push(r),
-                Err(_) => break,
-            }
-        }
-        let mut cells = std::collections::HashSet::new();
-        let (batch, later): (Vec<Request>, Vec<Request>) = waiting
-            .drain(..)
-            .partition(|r| cells.len() < MAX_BATCH && cells.insert(r.fence.cell));
-        waiting = later;
-        let store = store.clone();
-        tokio::spawn(async move {
-            write(&store, batch).await;
-            drop(slot);
-        });
-    }
-}
-
-/// Writes one batch and answers its callers.
-async fn write(store: &Store, batch: Vec<Request>) {
+/// Writes one batch; `out[i]` answers `batch[i]`.
+async fn write(store: &Store, batch: Vec<Request>) -> Vec<Result<()>> {
     if let [one] = batch.as_slice() {
-        let out = store
-            .cell_complete(one.fence, &one.result_json, one.at)
-            .await;
-        answer(batch, vec![out]);
-        return;
+        return vec![
+            store
+                .cell_complete(one.fence, &one.result_json, one.at)
+                .await,
+        ];
     }
     let done: Vec<Completion<'_>> = batch
         .iter()
@@ -127,21 +86,14 @@ async fn write(store: &Store, batch: Vec<Request>) {
         })
         .collect();
     match store.cell_complete_many(&done).await {
-        Ok(out) => answer(batch, out),
+        Ok(out) => out,
         Err(e) => {
             tracing::warn!(error = %e, cells = batch.len(), "batched complete failed; writing one by one");
             let mut out = Vec::with_capacity(batch.len());
             for r in &batch {
                 out.push(store.cell_complete(r.fence, &r.result_json, r.at).await);
             }
-            answer(batch, out);
+            out
         }
-    }
-}
-
-fn answer(batch: Vec<Request>, out: Vec<Result<()>>) {
-    for (r, o) in batch.into_iter().zip(out) {
-        // A caller that went away no longer wants its answer; its complete stands.
-        let _ = r.reply.send(o);
     }
 }

@@ -11,6 +11,7 @@
 pub mod affinity;
 mod completer;
 pub mod dispatch;
+mod group;
 mod lease;
 pub mod maintenance;
 pub mod retry;
@@ -24,7 +25,7 @@ use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 use self::affinity::AffinityState;
 use self::completer::Completer;
 use self::dispatch::Dispatch;
-use self::lease::KnownWorker;
+use self::lease::{KnownWorker, LeaseWrites};
 use self::retry::{Decision, RetryPolicy};
 use self::state::FailureClass;
 use crate::clock::{Millis, SharedClock};
@@ -109,6 +110,8 @@ pub struct Queue {
     known: Arc<Mutex<HashMap<WorkerId, KnownWorker>>>,
     /// Group commit of completes, started on the first complete (it needs a runtime).
     completer: Arc<OnceLock<Completer>>,
+    /// Group commit of leases, started on the first lease.
+    lease_writes: Arc<OnceLock<LeaseWrites>>,
     events: Events,
 }
 
@@ -132,6 +135,7 @@ impl Queue {
             dispatch: Default::default(),
             known: Default::default(),
             completer: Default::default(),
+            lease_writes: Default::default(),
             events: Events::default(),
         }
     }
@@ -353,7 +357,8 @@ impl Queue {
         Ok(cancel)
     }
 
-    /// Records the result of the fenced attempt.
+    /// Records the result of the fenced attempt. Concurrent completes share one write
+    /// ([`completer`]).
     pub async fn complete(&self, f: Fence, result_json: &str) -> Result<()> {
         let completer = self
             .completer

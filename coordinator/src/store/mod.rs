@@ -530,6 +530,21 @@ impl Store {
         Ok(pick.in_pick_order(leased))
     }
 
+    /// Several [`Store::cell_lease`]s, each at its own time, in one statement and one commit
+    /// (the queue's group commit). `out[i]` answers `picks[i]`. The picks must not share a
+    /// cell. An `Err` means nothing was leased (the transaction rolled back).
+    pub async fn cell_lease_many(
+        &self,
+        picks: &[(LeasePick, Millis)],
+    ) -> Result<Vec<Vec<LeasedCell>>> {
+        let leased = delegate!(self, cell_lease_many(picks))?;
+        Ok(picks
+            .iter()
+            .zip(leased)
+            .map(|((p, _), l)| p.in_pick_order(l))
+            .collect())
+    }
+
     /// Extends the leases a worker still holds; reports lost and cancelled ones.
     pub async fn lease_heartbeat(
         &self,

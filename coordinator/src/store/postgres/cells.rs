@@ -89,6 +89,59 @@ impl PgStore {
             .collect()
     }
 
+    pub(in crate::store) async fn cell_lease_many(
+        &self,
+        picks: &[(LeasePick, Millis)],
+    ) -> Result<Vec<Vec<LeasedCell>>> {
+        // One `UPDATE … FROM unnest(…)` with a row per picked cell: `LEASE_UPDATE` for every
+        // pick at once; `d.pick` says which pick a leased cell answers.
+        let mut ids = Vec::new();
+        let mut pick_of = Vec::new();
+        let mut workers = Vec::new();
+        let mut ats = Vec::new();
+        let mut expires = Vec::new();
+        for (i, (p, at)) in picks.iter().enumerate() {
+            for id in &p.ids {
+                ids.push(*id);
+                pick_of.push(i as i64);
+                workers.push(p.worker.0);
+                ats.push(at.0);
+                expires.push(at.plus(p.lease_ttl_ms).0);
+            }
+        }
+        let rows = sqlx::query(
+            "UPDATE cells SET state = 'running', attempt = attempt + 1, attempted_at = d.at, \
+             lease_owner = d.worker, lease_expires_at = d.expires, heartbeat_at = d.at, \
+             progress_step = NULL, progress_total = NULL \
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+                 AS d(id, pick, worker, at, expires) \
+             WHERE cells.id = d.id AND cells.state = 'available' \
+             RETURNING cells.id, cells.sweep_id, cells.number, cells.attempt, cells.cell_key, \
+                 cells.affinity_key, cells.spec, d.pick, d.expires",
+        )
+        .bind(ids)
+        .bind(pick_of)
+        .bind(workers)
+        .bind(ats)
+        .bind(expires)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<Vec<LeasedCell>> = picks.iter().map(|_| Vec::new()).collect();
+        for r in &rows {
+            let i = usize::try_from(r.int("pick")?)
+                .ok()
+                .filter(|i| *i < picks.len())
+                .ok_or_else(|| Error::Corrupt("lease batch: pick index out of range".into()))?;
+            let head = picks[i].0.head;
+            out[i].push(rows::leased(
+                r,
+                Millis(r.int("expires")?),
+                head == Some(r.int("id")?),
+            )?);
+        }
+        Ok(out)
+    }
+
     pub(in crate::store) async fn lease_heartbeat(
         &self,
         worker: WorkerId,

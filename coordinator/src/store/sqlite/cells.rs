@@ -66,6 +66,20 @@ impl SqliteStore {
         lease_on(&mut conn, p, now).await
     }
 
+    pub(in crate::store) async fn cell_lease_many(
+        &self,
+        picks: &[(LeasePick, Millis)],
+    ) -> Result<Vec<Vec<LeasedCell>>> {
+        // One transaction on the writer: one commit for the batch.
+        let mut tx = self.writer.begin().await?;
+        let mut out = Vec::with_capacity(picks.len());
+        for (p, at) in picks {
+            out.push(lease_on(&mut tx, p, *at).await?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
     pub(in crate::store) async fn lease_heartbeat(
         &self,
         worker: WorkerId,

@@ -1,16 +1,18 @@
-//! The group commit of completes (`queue::completer`, `Store::cell_complete_many`), on both
-//! backends: completes written in one batch each get their own answer, and concurrent
-//! completes through the queue are each answered as if they had been written alone.
+//! The group commit of completes and leases (`queue::group`, `Store::cell_complete_many`,
+//! `Store::cell_lease_many`), on both backends: writes in one batch each get their own
+//! answer, and concurrent completes through the queue are each answered as if they had been
+//! written alone.
 
 use kiln_coordinator::Error;
 use kiln_coordinator::clock::Millis;
 use kiln_coordinator::queue::state::CellState;
-use kiln_coordinator::store::{Completion, Fence, LeasedCell};
+use kiln_coordinator::store::{Completion, Fence, LeasePick, LeasedCell};
 use kiln_proto::{Attempt, CellId, WorkerId};
 
 use crate::harness::{Backend, Fixture, T0, cell, submission};
 
 conformance!(
+    one_batch_answers_each_lease_alone,
     one_batch_answers_each_complete_alone,
     concurrent_completes_are_each_answered,
     a_complete_the_database_refuses_fails_alone,
@@ -175,5 +177,80 @@ async fn a_complete_the_database_refuses_fails_alone(b: Backend) {
         };
         assert_eq!(fx.queue.cell(c.id).await.unwrap().state, want);
     }
+    fx.finish().await;
+}
+
+async fn one_batch_answers_each_lease_alone(b: Backend) {
+    let fx = Fixture::new(b).await;
+    let sweep = fx
+        .queue
+        .submit(submission("picks", (0..6).map(cell).collect()))
+        .await
+        .unwrap()
+        .id;
+    let ids: Vec<CellId> = fx
+        .queue
+        .store()
+        .cell_query(&kiln_coordinator::store::CellQuery {
+            sweep: Some(sweep),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let (wa, wb, wc) = (
+        fx.worker("a").await,
+        fx.worker("b").await,
+        fx.worker("c").await,
+    );
+    // Cell 0 is leased by another worker before the batch: pick `b` comes back without it.
+    let taken = fx.queue.lease(wc, 1, None).await.unwrap();
+    assert_eq!(taken[0].id, ids[0]);
+    let pick = |worker, idx: &[usize], head: Option<usize>| LeasePick {
+        worker,
+        ids: idx.iter().map(|&i| ids[i].0).collect(),
+        head: head.map(|i| ids[i].0),
+        lease_ttl_ms: 1_000,
+    };
+    let (at_a, at_b) = (Millis(T0 + 10), Millis(T0 + 20));
+    let picks = [
+        // Picked out of queue order: the answer keeps the pick's order.
+        (pick(wa, &[3, 1], Some(1)), at_a),
+        (pick(wb, &[0, 2, 4], Some(0)), at_b),
+    ];
+    let out = fx.queue.store().cell_lease_many(&picks).await.unwrap();
+    let got = |i: usize| out[i].iter().map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(got(0), vec![ids[3], ids[1]]);
+    assert_eq!(got(1), vec![ids[2], ids[4]]);
+    assert_eq!(
+        out[0].iter().map(|c| c.was_head).collect::<Vec<_>>(),
+        vec![false, true]
+    );
+    assert!(out[1].iter().all(|c| !c.was_head));
+    assert!(
+        out[0]
+            .iter()
+            .all(|c| c.lease_expires_at == Millis(at_a.0 + 1_000))
+    );
+    assert!(
+        out[1]
+            .iter()
+            .all(|c| c.lease_expires_at == Millis(at_b.0 + 1_000))
+    );
+    // Each leased cell is held by its own pick's worker: its fence works, the other's does not.
+    for (c, owner, other) in [(&out[0][0], wa, wb), (&out[1][1], wb, wa)] {
+        assert_eq!(c.attempt, Attempt(1));
+        let wrong = fx.queue.complete(fence(c, other), "{}").await;
+        assert!(matches!(wrong, Err(Error::LeaseLost { .. })), "{wrong:?}");
+        fx.queue.complete(fence(c, owner), "{}").await.unwrap();
+    }
+    // Cell 5 was in no pick and is still available.
+    assert_eq!(
+        fx.queue.cell(ids[5]).await.unwrap().state,
+        CellState::Available
+    );
     fx.finish().await;
 }

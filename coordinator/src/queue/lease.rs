@@ -9,9 +9,9 @@ use kiln_proto::WorkerId;
 
 use super::Queue;
 use super::dispatch::{Leaser, Pick};
-use super::group::{Gone, Group};
+use super::group::Group;
 use crate::clock::Millis;
-use crate::store::{Caps, Fence, LeasePick, LeasedCell, Store};
+use crate::store::{Caps, Fence, LeasePick, LeasedCell};
 use crate::{Error, Result};
 
 /// What a lease needs to know about a worker, kept between leases so that a lease does not
@@ -87,16 +87,10 @@ impl Queue {
 
     /// Writes one pick, in whichever batch of the lease group takes it.
     async fn write_lease(&self, pick: LeasePick, now: Millis) -> Result<Vec<LeasedCell>> {
-        let writes = self
-            .lease_writes
-            .get_or_init(|| LeaseWrites::start(self.store.clone()));
-        match writes.group.call((pick, now)).await {
-            Ok(out) => out,
-            Err(Gone::Unsent((pick, now))) => self.store.cell_lease(&pick, now).await,
-            Err(Gone::Unanswered) => Err(Error::Conflict(
-                "lease: the coordinator stopped before answering".into(),
-            )),
-        }
+        self.leases
+            .get_or_init(|| Group::start(self.store.clone()))
+            .call((pick, now))
+            .await
     }
 
     /// The leasing worker, checked: `max` within bounds, and known.
@@ -191,49 +185,5 @@ impl Queue {
     pub(super) fn known_lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, KnownWorker>> {
         // A poisoned cache is still a valid cache: entries are replaced whole.
         self.known.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// The group commit of leases: picks (each with its time) written by one
-/// [`Store::cell_lease_many`]. Picks never share a cell (the dispatcher keeps picked cells in
-/// flight), so a pick's first cell names it.
-#[derive(Debug)]
-pub(super) struct LeaseWrites {
-    group: Group<(LeasePick, Millis), Result<Vec<LeasedCell>>>,
-}
-
-impl LeaseWrites {
-    /// Starts the group on the current Tokio runtime.
-    pub(super) fn start(store: Store) -> Self {
-        let group = Group::start(
-            move |batch: Vec<(LeasePick, Millis)>| {
-                let store = store.clone();
-                async move { write_leases(&store, batch).await }
-            },
-            |(p, _): &(LeasePick, Millis)| p.ids.first().copied().unwrap_or(-1),
-        );
-        Self { group }
-    }
-}
-
-/// Writes one batch of picks; `out[i]` answers `batch[i]`. If the batch's statement fails,
-/// its picks are written one by one, so each gets its own answer.
-async fn write_leases(
-    store: &Store,
-    batch: Vec<(LeasePick, Millis)>,
-) -> Vec<Result<Vec<LeasedCell>>> {
-    if let [(pick, at)] = batch.as_slice() {
-        return vec![store.cell_lease(pick, *at).await];
-    }
-    match store.cell_lease_many(&batch).await {
-        Ok(out) => out.into_iter().map(Ok).collect(),
-        Err(e) => {
-            tracing::warn!(error = %e, picks = batch.len(), "batched lease failed; writing one by one");
-            let mut out = Vec::with_capacity(batch.len());
-            for (pick, at) in &batch {
-                out.push(store.cell_lease(pick, *at).await);
-            }
-            out
-        }
     }
 }

@@ -9,7 +9,6 @@
 //! deadline renewed by heartbeats; every worker write is fenced on (cell, attempt, worker).
 
 pub mod affinity;
-mod completer;
 pub mod dispatch;
 mod group;
 mod lease;
@@ -23,9 +22,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 
 use self::affinity::AffinityState;
-use self::completer::Completer;
 use self::dispatch::Dispatch;
-use self::lease::{KnownWorker, LeaseWrites};
+use self::group::{Complete, Completes, Group, Leases};
+use self::lease::KnownWorker;
 use self::retry::{Decision, RetryPolicy};
 use self::state::FailureClass;
 use crate::clock::{Millis, SharedClock};
@@ -109,9 +108,9 @@ pub struct Queue {
     dispatch: Arc<Dispatch>,
     known: Arc<Mutex<HashMap<WorkerId, KnownWorker>>>,
     /// Group commit of completes, started on the first complete (it needs a runtime).
-    completer: Arc<OnceLock<Completer>>,
+    completes: Arc<OnceLock<Group<Completes>>>,
     /// Group commit of leases, started on the first lease.
-    lease_writes: Arc<OnceLock<LeaseWrites>>,
+    leases: Arc<OnceLock<Group<Leases>>>,
     events: Events,
 }
 
@@ -134,8 +133,8 @@ impl Queue {
             affinity: Default::default(),
             dispatch: Default::default(),
             known: Default::default(),
-            completer: Default::default(),
-            lease_writes: Default::default(),
+            completes: Default::default(),
+            leases: Default::default(),
             events: Events::default(),
         }
     }
@@ -358,13 +357,16 @@ impl Queue {
     }
 
     /// Records the result of the fenced attempt. Concurrent completes share one write
-    /// ([`completer`]).
+    /// ([`group`]).
     pub async fn complete(&self, f: Fence, result_json: &str) -> Result<()> {
-        let completer = self
-            .completer
-            .get_or_init(|| Completer::start(self.store.clone()));
-        completer
-            .complete(&self.store, f, result_json, self.now())
+        let complete = Complete {
+            fence: f,
+            result_json: result_json.to_owned(),
+            at: self.now(),
+        };
+        self.completes
+            .get_or_init(|| Group::start(self.store.clone()))
+            .call(complete)
             .await?;
         self.events.changed();
         Ok(())

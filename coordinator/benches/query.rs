@@ -175,6 +175,7 @@ async fn seed(queue: &Queue) {
             .submit(submission(&format!("sweep-{s}"), CELLS_PER_SWEEP))
             .await
             .unwrap();
+        queue.take_in(Some(out.id)).await.unwrap();
         let n = queue
             .store()
             .sweep_complete_all_unfenced(out.id, &result, queue.now())
@@ -182,10 +183,11 @@ async fn seed(queue: &Queue) {
             .unwrap();
         assert_eq!(n, CELLS_PER_SWEEP);
     }
-    queue
+    let queued = queue
         .submit(submission("queued", QUEUED_CELLS))
         .await
         .unwrap();
+    queue.take_in(Some(queued.id)).await.unwrap();
     // What the maintenance loop does at start and hourly.
     queue.store().analyze().await.unwrap();
     println!(

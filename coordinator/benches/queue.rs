@@ -1,7 +1,8 @@
 //! Queue benchmark (not a test): submit 100,000 cells, then lease+complete cycles per second
 //! with 64 concurrent simulated workers, on SQLite and on Postgres. The "workers" are a
 //! simulator: in-process tasks that lease cells and complete them at once, so the number is
-//! the coordinator's own ceiling, with no rendering. Three cycle modes: lease(1) then complete,
+//! the coordinator's own ceiling, with no rendering. Submit is measured with the intake off
+//! (every cell inserted with its sweep) and on (the default; `queue::intake`), side by side. Three cycle modes: lease(1) then complete,
 //! lease(4) then complete each, and complete-and-lease-next (`Queue::complete_and_lease`, the
 //! `CompleteRequest.lease_next` path: one call per cell).
 //!
@@ -96,12 +97,27 @@ async fn bench(name: &str, url: DatabaseUrl) {
     .await
     .unwrap();
     let mut cfg = QueueConfig::default();
+    if let Some(n) = std::env::var("KILN_BENCH_INTAKE_CHUNK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.intake_chunk = n;
+    }
     if let Some(l) = std::env::var("KILN_BENCH_LOOKAHEAD")
         .ok()
         .and_then(|v| v.parse().ok())
     {
         cfg.lookahead = l;
     }
+    // The same queue with the intake off: every cell inserted with its sweep, as before it.
+    let direct = Queue::new(
+        store.clone(),
+        Arc::new(SystemClock),
+        QueueConfig {
+            intake_chunk: usize::MAX,
+            ..cfg.clone()
+        },
+    );
     let queue = Queue::new(store.clone(), Arc::new(SystemClock), cfg);
 
     // The CPU part of submit alone (validation, hashes, JSON), for the profile in BENCHMARKS.md.
@@ -110,13 +126,29 @@ async fn bench(name: &str, url: DatabaseUrl) {
         std::hint::black_box(kiln_coordinator::sweep::NewCell::new(i as u32, c).unwrap());
     }
     let prepare_s = t.elapsed().as_secs_f64();
-    let sub = submission("bench-submit", SUBMIT_CELLS);
-    let t = Instant::now();
-    let out = queue.submit(sub).await.unwrap();
-    let submit_s = t.elapsed().as_secs_f64();
-    assert_eq!(out.cell_count, SUBMIT_CELLS);
-    // Cancel it so the cycle phase has its own queue.
-    queue.cancel(out.id).await.unwrap();
+    // Submit with every cell inserted with the sweep (the intake off) and with the default:
+    // the first chunk with the sweep, the rest as intake chunks, moved by the mover (woken by
+    // the submit) and by `take_in` here. Each runs twice, in the order off, on, on, off, since
+    // every submit finds the earlier ones' rows in the table (more index pages to insert into).
+    let mut submits = Vec::new();
+    for (round, intake) in [false, true, true, false].into_iter().enumerate() {
+        let q = if intake { &queue } else { &direct };
+        let t = Instant::now();
+        let out = q
+            .submit(submission(&format!("bench-submit-{round}"), SUBMIT_CELLS))
+            .await
+            .unwrap();
+        let submit_s = t.elapsed().as_secs_f64();
+        assert_eq!(out.cell_count, SUBMIT_CELLS);
+        q.take_in(Some(out.id)).await.unwrap();
+        let queued_s = t.elapsed().as_secs_f64();
+        let s = q.sweep(out.id).await.unwrap();
+        assert_eq!(s.counts.available, SUBMIT_CELLS);
+        assert_eq!(store.intake_pending().await.unwrap(), 0);
+        // Cancel it so the next phases have their own queue.
+        q.cancel(out.id).await.unwrap();
+        submits.push((intake, submit_s, queued_s));
+    }
 
     // Cycle modes: lease(n) then complete each (two kinds of call per cell), and the combined
     // complete-and-lease-next call (one call per cell after the first lease).
@@ -132,6 +164,8 @@ async fn bench(name: &str, url: DatabaseUrl) {
             .await
             .unwrap()
             .id;
+        // Every cell in the queue before the clock starts.
+        queue.take_in(Some(sweep)).await.unwrap();
         let reg = WorkerRegistration {
             name: "sim".into(),
             device_kind: DeviceKind::Cpu,
@@ -191,9 +225,15 @@ async fn bench(name: &str, url: DatabaseUrl) {
         );
     }
     println!(
-        "{name:8} submit: {SUBMIT_CELLS} cells in {submit_s:.2} s = {:.0} cells/s (validate+hash+JSON alone: {prepare_s:.2} s)",
-        SUBMIT_CELLS as f64 / submit_s
+        "{name:8} validate+hash+JSON of {SUBMIT_CELLS} cells alone, one thread: {prepare_s:.2} s"
     );
+    for (intake, submit_s, queued_s) in submits {
+        let how = if intake { "intake on " } else { "intake off" };
+        println!(
+            "{name:8} submit, {how}: {SUBMIT_CELLS} cells in {submit_s:.2} s = {:.0} cells/s; all in the queue after {queued_s:.2} s",
+            SUBMIT_CELLS as f64 / submit_s
+        );
+    }
     store.close().await;
 }
 

@@ -219,12 +219,23 @@ impl Write for Leases {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
     use crate::store::{DatabaseUrl, StoreOptions};
 
     /// Batches seen by [`Times10`].
     static BATCHES: Mutex<Vec<Vec<i64>>> = Mutex::new(Vec::new());
+    /// Writes wait until this is set, so that calls pile up behind the first ones whatever
+    /// the machine's speed (without it, on a slow machine each call could be written alone
+    /// before the next arrived).
+    static OPEN: AtomicBool = AtomicBool::new(false);
+
+    async fn gate() {
+        while !OPEN.load(Ordering::Acquire) {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
 
     /// A write that touches no database: answers `r * 10`, keyed by `r % 100`.
     struct Times10;
@@ -239,13 +250,14 @@ mod tests {
         }
 
         async fn one(_: &Store, r: &i64) -> Result<i64> {
+            gate().await;
             BATCHES.lock().unwrap().push(vec![*r]);
             Ok(r * 10)
         }
 
         async fn many(_: &Store, batch: &[i64]) -> Result<Vec<Result<i64>>> {
+            gate().await;
             BATCHES.lock().unwrap().push(batch.to_vec());
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             Ok(batch.iter().map(|r| Ok(r * 10)).collect())
         }
     }
@@ -265,6 +277,8 @@ mod tests {
             let g = group.clone();
             tasks.push(tokio::spawn(async move { (r, g.call(r).await.unwrap()) }));
         }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        OPEN.store(true, Ordering::Release);
         for t in tasks {
             let (r, o) = t.await.unwrap();
             assert_eq!(o, r * 10);

@@ -1,5 +1,5 @@
 //! The maintenance loop: every interval, rescue expired leases and promote due retries (see
-//! [`super::Queue::maintain`]); at start and then hourly, refresh the planner's statistics
+//! [`super::Queue::maintain`]) and wake the intake's mover ([`super::Queue::wake_intake`]); at start and then hourly, refresh the planner's statistics
 //! ([`crate::store::Store::analyze`]) so result queries use their indexes. One task per
 //! coordinator; it stops when `shutdown` resolves.
 
@@ -25,6 +25,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => {
+                queue.wake_intake();
                 if analyzed.is_none_or(|t| t.elapsed() >= ANALYZE_EVERY) {
                     analyzed = Some(Instant::now());
                     if let Err(e) = queue.store().analyze().await {

@@ -11,6 +11,7 @@
 pub mod affinity;
 pub mod dispatch;
 mod group;
+mod intake;
 mod lease;
 pub mod maintenance;
 pub mod retry;
@@ -24,6 +25,7 @@ use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 use self::affinity::AffinityState;
 use self::dispatch::Dispatch;
 use self::group::{Complete, Completes, Group, Leases};
+use self::intake::Mover;
 use self::lease::KnownWorker;
 use self::retry::{Decision, RetryPolicy};
 use self::state::FailureClass;
@@ -53,6 +55,12 @@ pub struct QueueConfig {
     pub max_cells_per_sweep: usize,
     /// Most cells one lease call may take.
     pub max_lease_batch: usize,
+    /// Cells per intake chunk: a submission inserts this many with its sweep and stores the
+    /// rest as chunks of this size, moved into the queue in the background (`queue::intake`).
+    pub intake_chunk: usize,
+    /// Whether this queue moves intake chunks in the background. `false` makes an insert-only
+    /// queue: chunks wait for [`Queue::take_in`] or for another queue on the same database.
+    pub move_intake: bool,
     /// Retry and poison rules.
     pub retry: RetryPolicy,
 }
@@ -67,6 +75,8 @@ impl Default for QueueConfig {
             default_max_attempts: 5,
             max_cells_per_sweep: 1_000_000,
             max_lease_batch: 64,
+            intake_chunk: 1_000,
+            move_intake: true,
             retry: RetryPolicy::default(),
         }
     }
@@ -111,6 +121,10 @@ pub struct Queue {
     completes: Arc<OnceLock<Group<Completes>>>,
     /// Group commit of leases, started on the first lease.
     leases: Arc<OnceLock<Group<Leases>>>,
+    /// The intake's mover, started on the first wake-up.
+    mover: Arc<OnceLock<Mover>>,
+    /// Taken by each intake chunk's move, so overlapping passes take turns.
+    moving: Arc<tokio::sync::Mutex<()>>,
     events: Events,
 }
 
@@ -135,6 +149,8 @@ impl Queue {
             known: Default::default(),
             completes: Default::default(),
             leases: Default::default(),
+            mover: Default::default(),
+            moving: Default::default(),
             events: Events::default(),
         }
     }
@@ -188,10 +204,15 @@ impl Queue {
                 self.cfg.max_cells_per_sweep
             )));
         }
-        // Validation, hashing and JSON are CPU work (about 0.3 s per 100,000 cells): off the
-        // async threads, and spread over the cores.
-        let cells = match tokio::task::spawn_blocking(move || prepare_cells(s.cells)).await {
-            Ok(cells) => cells?,
+        // Validation, hashing, JSON and the intake's compression are CPU work (about 0.3 s per
+        // 100,000 cells): off the async threads, and spread over the cores.
+        let chunk = self.cfg.intake_chunk;
+        let prepared = tokio::task::spawn_blocking(move || {
+            prepare_cells(s.cells).map(|cells| intake::split(cells, chunk))
+        })
+        .await;
+        let (cells, chunks) = match prepared {
+            Ok(split) => split?,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
         let insert = SweepInsert {
@@ -201,6 +222,7 @@ impl Queue {
             max_attempts,
             spec: &s.spec,
             cells: &cells,
+            intake: &chunks,
         };
         let out = match self.store.sweep_insert(&insert, self.now()).await {
             // Two submits of one key raced and the other won: ours now finds its sweep.
@@ -213,7 +235,44 @@ impl Queue {
             other => other?,
         };
         self.requeued();
+        if !out.duplicate && !chunks.is_empty() {
+            self.wake_intake();
+        }
         Ok(out)
+    }
+
+    /// Asks the intake's mover for a pass, starting it first if need be (on the current Tokio
+    /// runtime; there is always one where this is called). The maintenance loop calls this on
+    /// every tick, so chunks left by a stopped coordinator are moved after a restart.
+    pub fn wake_intake(&self) {
+        if !self.cfg.move_intake {
+            return;
+        }
+        self.mover
+            .get_or_init(|| {
+                let dispatch = Arc::clone(&self.dispatch);
+                let events = self.events.clone();
+                Mover::start(
+                    self.store.clone(),
+                    Arc::clone(&self.clock),
+                    Arc::clone(&self.moving),
+                    Box::new(move || {
+                        dispatch.invalidate();
+                        events.changed();
+                    }),
+                )
+            })
+            .wake();
+    }
+
+    /// Moves the intake chunks of sweep `only` (of every sweep when `None`) into the queue
+    /// now, as the background mover does, and returns the cells moved. For an extend, which
+    /// needs the whole sweep, and for tests and benchmarks.
+    pub async fn take_in(&self, only: Option<SweepId>) -> Result<u64> {
+        intake::move_all(&self.store, &self.clock, &self.moving, only, &|| {
+            self.requeued()
+        })
+        .await
     }
 
     /// Plans a sweep file (on a blocking thread: a million cells take seconds). `key` is the
@@ -234,6 +293,8 @@ impl Queue {
     /// Adds the cells of a grown sweep file that the sweep lacks. Returns (added, cells now).
     pub async fn extend(&self, id: SweepId, src: SweepSource) -> Result<(u64, u64)> {
         let sweep = self.store.sweep_get(id).await?;
+        // The new cells are told from the old by their keys: every old cell must be in `cells`.
+        self.take_in(Some(id)).await?;
         let stored = stored_source(&src);
         let plan = self.plan(src, &sweep.idempotency_key).await?;
         let cells = plan

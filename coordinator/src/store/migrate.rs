@@ -24,6 +24,11 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "query_indexes",
         sql: include_str!("../../../migrations/sqlite/0002_query_indexes.sql"),
     },
+    Migration {
+        version: 3,
+        name: "intake",
+        sql: include_str!("../../../migrations/sqlite/0003_intake.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
@@ -36,6 +41,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         version: 2,
         name: "query_indexes",
         sql: include_str!("../../../migrations/postgres/0002_query_indexes.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "intake",
+        sql: include_str!("../../../migrations/postgres/0003_intake.sql"),
     },
 ];
 

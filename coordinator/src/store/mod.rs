@@ -23,6 +23,7 @@ use std::str::FromStr;
 
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 
+pub use intake::{IntakeChunk, IntakeRow};
 pub use query::{CellQuery, CellSort};
 
 use crate::clock::Millis;
@@ -105,8 +106,11 @@ pub struct SweepInsert<'a> {
     pub max_attempts: i32,
     /// Sweep file verbatim.
     pub spec: &'a str,
-    /// Validated cells, numbered.
+    /// Validated cells, numbered, inserted into `cells` with the sweep.
     pub cells: &'a [NewCell],
+    /// The rest of the submission, numbered after `cells`, stored as intake chunks with the
+    /// sweep and moved into `cells` later ([`Store::intake_move`]).
+    pub intake: &'a [IntakeChunk],
 }
 
 /// Outcome of [`Store::sweep_insert`].
@@ -426,6 +430,9 @@ macro_rules! delegate {
     };
 }
 
+// After `delegate!`, which it uses.
+mod intake;
+
 impl Store {
     /// Connects and applies pending migrations.
     pub async fn connect(url: &DatabaseUrl, opts: &StoreOptions) -> Result<Store> {
@@ -451,8 +458,8 @@ impl Store {
         delegate!(self, close())
     }
 
-    /// Inserts a sweep and all its cells atomically, or returns the sweep that already has
-    /// this idempotency key.
+    /// Inserts a sweep with all its cells and intake chunks atomically, or returns the sweep
+    /// that already has this idempotency key (its cell count includes its intake).
     pub async fn sweep_insert(&self, p: &SweepInsert<'_>, now: Millis) -> Result<SweepInserted> {
         delegate!(self, sweep_insert(p, now))
     }
@@ -702,6 +709,15 @@ fn push_error(
         .map_err(|e| Error::Corrupt(format!("cells.errors: {e}")))?;
     history.push(entry);
     Ok(history)
+}
+
+/// Cells a sweep insert adds: its cells and its intake's.
+fn cell_count(p: &SweepInsert<'_>) -> u64 {
+    p.cells.len() as u64
+        + p.intake
+            .iter()
+            .map(|c| u64::from(c.cell_count))
+            .sum::<u64>()
 }
 
 fn to_u64(n: i64) -> u64 {

@@ -5,7 +5,7 @@ use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{
-    AvailableCell, CellRow, LeasedCell, ProgressRow, QueuePos, StateCounts, SweepRow,
+    AvailableCell, CellRow, IntakeRow, LeasedCell, ProgressRow, QueuePos, StateCounts, SweepRow,
     WorkerRegistration, WorkerRow, parse_loaded, to_u64,
 };
 use crate::clock::Millis;
@@ -22,6 +22,7 @@ where
     fn opt_int(&self, col: &str) -> Result<Option<i64>>;
     fn text(&self, col: &str) -> Result<String>;
     fn opt_text(&self, col: &str) -> Result<Option<String>>;
+    fn bytes(&self, col: &str) -> Result<Vec<u8>>;
 }
 
 impl<R> AnyRow for R
@@ -30,6 +31,7 @@ where
     for<'a> &'a str: ColumnIndex<R>,
     i64: for<'r> Decode<'r, R::Database> + Type<R::Database>,
     String: for<'r> Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: for<'r> Decode<'r, R::Database> + Type<R::Database>,
 {
     fn int(&self, col: &str) -> Result<i64> {
         Ok(self.try_get::<i64, _>(col)?)
@@ -43,10 +45,31 @@ where
     fn opt_text(&self, col: &str) -> Result<Option<String>> {
         Ok(self.try_get::<Option<String>, _>(col)?)
     }
+    fn bytes(&self, col: &str) -> Result<Vec<u8>> {
+        Ok(self.try_get::<Vec<u8>, _>(col)?)
+    }
 }
 
 pub(super) fn narrow(col: &str, v: i64) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Corrupt(format!("{col}: {v} out of range")))
+}
+
+/// A stored intake chunk.
+pub(super) fn intake<R: AnyRow>(r: &R) -> Result<IntakeRow>
+where
+    for<'a> &'a str: ColumnIndex<R>,
+{
+    let number = |col: &str| {
+        let v = r.int(col)?;
+        u32::try_from(v).map_err(|_| Error::Corrupt(format!("intake {col}: {v} out of range")))
+    };
+    Ok(IntakeRow {
+        sweep_id: SweepId(r.int("sweep_id")?),
+        first_number: number("first_number")?,
+        cell_count: number("cell_count")?,
+        created_at: Millis(r.int("created_at")?),
+        cells: r.bytes("cells")?,
+    })
 }
 
 pub(super) fn sweep<R: AnyRow>(r: &R) -> Result<SweepRow>

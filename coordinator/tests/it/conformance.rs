@@ -874,6 +874,8 @@ async fn small_worker_is_served_past_a_read_ahead_of_big_cells(b: Backend) {
         .await
         .unwrap()
         .id;
+    // More cells than one intake chunk: have them all in the queue before leasing.
+    fx.queue.take_in(None).await.unwrap();
     let big = fx.worker("big").await;
     let got = fx.queue.lease(big, 1, None).await.unwrap();
     assert_eq!(got[0].number, 0, "a big worker takes the head");

@@ -1,7 +1,7 @@
 //! Integration tests of kiln-coordinator: the store conformance suite (SQLite and Postgres),
 //! the filter language on both backends, the gRPC API against a real server on port 0, and
-//! sweep planning from the example files. `group_commit` is the batched writing of completes and leases, on
-//! both backends.
+//! sweep planning from the example files. `group_commit` is the batched writing of completes and leases, and
+//! `intake` the staged insert of large submissions, on both backends.
 
 #[macro_use]
 mod harness;
@@ -10,4 +10,5 @@ mod conformance;
 mod filter;
 mod group_commit;
 mod grpc;
+mod intake;
 mod sweep;

@@ -8,6 +8,7 @@
 
 mod cells;
 mod copy;
+mod intake;
 
 use std::collections::HashSet;
 
@@ -66,10 +67,13 @@ impl PgStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         if let Some(id) = existing {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM cells WHERE sweep_id = $1")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
+            let n: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM cells WHERE sweep_id = $1) \
+                 + (SELECT coalesce(sum(cell_count), 0)::bigint FROM intake WHERE sweep_id = $1)",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
             return Ok(SweepInserted {
                 id: SweepId(id),
                 cell_count: to_u64(n),
@@ -98,10 +102,11 @@ impl PgStore {
             now,
         )
         .await?;
+        intake::insert_chunks(&mut tx, id, p.intake, now).await?;
         tx.commit().await?;
         Ok(SweepInserted {
             id: SweepId(id),
-            cell_count: p.cells.len() as u64,
+            cell_count: super::cell_count(p),
             duplicate: false,
         })
     }
@@ -124,6 +129,12 @@ impl PgStore {
         let state: SweepState = row.text("state")?.parse()?;
         if state == SweepState::Cancelled {
             return Err(Error::Conflict(format!("sweep {id} is cancelled")));
+        }
+        let waiting = intake::count(&mut tx, id).await?;
+        if waiting > 0 {
+            return Err(Error::Conflict(format!(
+                "sweep {id} still has {waiting} cells in its intake"
+            )));
         }
         let existing: Vec<String> =
             sqlx::query_scalar("SELECT cell_key FROM cells WHERE sweep_id = $1")
@@ -190,8 +201,15 @@ impl PgStore {
     }
 
     async fn counts(&self, id: SweepId) -> Result<StateCounts> {
+        // One statement, so one snapshot: a chunk moved from the intake into `cells` meanwhile
+        // is counted once. Intake cells count as the state they will enter (`entry_state`).
         let rows = sqlx::query(
-            "SELECT state, count(*) AS n FROM cells WHERE sweep_id = $1 GROUP BY state",
+            "SELECT state, count(*) AS n FROM cells WHERE sweep_id = $1 GROUP BY state \
+             UNION ALL \
+             SELECT CASE s.state WHEN 'active' THEN 'available' WHEN 'paused' THEN 'held' \
+             ELSE 'cancelled' END AS state, sum(i.cell_count)::bigint AS n \
+             FROM intake i JOIN sweeps s ON s.id = i.sweep_id WHERE i.sweep_id = $1 \
+             GROUP BY s.state",
         )
         .bind(id.0)
         .fetch_all(&self.pool)
@@ -249,6 +267,8 @@ impl PgStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        // The intake's cells enter cancelled when they are moved (the sweep's row is held here).
+        let cancelled = cancelled + intake::count(&mut tx, id).await?;
         tx.commit().await?;
         Ok((cancelled, requested))
     }
@@ -258,14 +278,15 @@ impl PgStore {
         id: SweepId,
         from: SweepState,
         to: SweepState,
-    ) -> Result<()> {
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM sweeps WHERE id = $1")
-            .bind(id.0)
-            .fetch_optional(&mut *tx)
-            .await?;
+    ) -> Result<bool> {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM sweeps WHERE id = $1 FOR UPDATE")
+                .bind(id.0)
+                .fetch_optional(&mut *tx)
+                .await?;
         let state: SweepState = state.ok_or(Error::SweepNotFound(id))?.parse()?;
         if state == to {
-            return Ok(());
+            return Ok(false);
         }
         if state != from {
             return Err(Error::Conflict(format!("sweep {id} is {state}")));
@@ -275,12 +296,13 @@ impl PgStore {
             .bind(id.0)
             .execute(&mut *tx)
             .await?;
-        Ok(())
+        Ok(true)
     }
 
     pub(super) async fn sweep_pause(&self, id: SweepId) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
-        Self::set_sweep_state(&mut tx, id, SweepState::Active, SweepState::Paused).await?;
+        let changed =
+            Self::set_sweep_state(&mut tx, id, SweepState::Active, SweepState::Paused).await?;
         let n = sqlx::query(
             "UPDATE cells SET state = 'held' WHERE sweep_id = $1 \
              AND state IN ('available', 'scheduled', 'retryable')",
@@ -289,13 +311,20 @@ impl PgStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        // The intake's cells enter in the new state when they are moved.
+        let n = n + if changed {
+            intake::count(&mut tx, id).await?
+        } else {
+            0
+        };
         tx.commit().await?;
         Ok(n)
     }
 
     pub(super) async fn sweep_resume(&self, id: SweepId, now: Millis) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
-        Self::set_sweep_state(&mut tx, id, SweepState::Paused, SweepState::Active).await?;
+        let changed =
+            Self::set_sweep_state(&mut tx, id, SweepState::Paused, SweepState::Active).await?;
         let n = sqlx::query(
             "UPDATE cells SET state = CASE WHEN scheduled_at <= $1 THEN 'available' \
              WHEN attempt > 0 THEN 'retryable' ELSE 'scheduled' END \
@@ -306,6 +335,12 @@ impl PgStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        // The intake's cells enter in the new state when they are moved.
+        let n = n + if changed {
+            intake::count(&mut tx, id).await?
+        } else {
+            0
+        };
         tx.commit().await?;
         Ok(n)
     }

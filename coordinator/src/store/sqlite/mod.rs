@@ -5,6 +5,7 @@
 //! last few. Sweeps and workers are here; the cell lifecycle is in `cells`.
 
 mod cells;
+mod intake;
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -77,10 +78,13 @@ impl SqliteStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         if let Some(id) = existing {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM cells WHERE sweep_id = ?")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
+            let n: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM cells WHERE sweep_id = ?1) \
+                 + (SELECT coalesce(sum(cell_count), 0) FROM intake WHERE sweep_id = ?1)",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
             return Ok(SweepInserted {
                 id: SweepId(id),
                 cell_count: to_u64(n),
@@ -109,10 +113,11 @@ impl SqliteStore {
             now,
         )
         .await?;
+        intake::insert_chunks(&mut tx, id, p.intake, now).await?;
         tx.commit().await?;
         Ok(SweepInserted {
             id: SweepId(id),
-            cell_count: p.cells.len() as u64,
+            cell_count: super::cell_count(p),
             duplicate: false,
         })
     }
@@ -133,6 +138,12 @@ impl SqliteStore {
         let state: SweepState = row.text("state")?.parse()?;
         if state == SweepState::Cancelled {
             return Err(Error::Conflict(format!("sweep {id} is cancelled")));
+        }
+        let waiting = intake::count(&mut tx, id).await?;
+        if waiting > 0 {
+            return Err(Error::Conflict(format!(
+                "sweep {id} still has {waiting} cells in its intake"
+            )));
         }
         let existing: Vec<String> =
             sqlx::query_scalar("SELECT cell_key FROM cells WHERE sweep_id = ?")
@@ -199,11 +210,19 @@ impl SqliteStore {
     }
 
     async fn counts(&self, id: SweepId) -> Result<StateCounts> {
-        let rows =
-            sqlx::query("SELECT state, count(*) AS n FROM cells WHERE sweep_id = ? GROUP BY state")
-                .bind(id.0)
-                .fetch_all(&self.reader)
-                .await?;
+        // One statement, so one snapshot: a chunk moved from the intake into `cells` meanwhile
+        // is counted once. Intake cells count as the state they will enter (`entry_state`).
+        let rows = sqlx::query(
+            "SELECT state, count(*) AS n FROM cells WHERE sweep_id = ?1 GROUP BY state \
+             UNION ALL \
+             SELECT CASE s.state WHEN 'active' THEN 'available' WHEN 'paused' THEN 'held' \
+             ELSE 'cancelled' END AS state, sum(i.cell_count) AS n \
+             FROM intake i JOIN sweeps s ON s.id = i.sweep_id WHERE i.sweep_id = ?1 \
+             GROUP BY s.state",
+        )
+        .bind(id.0)
+        .fetch_all(&self.reader)
+        .await?;
         rows::counts(&rows)
     }
 
@@ -257,6 +276,8 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        // The intake's cells enter cancelled when they are moved.
+        let cancelled = cancelled + intake::count(&mut tx, id).await?;
         tx.commit().await?;
         Ok((cancelled, requested))
     }
@@ -266,14 +287,14 @@ impl SqliteStore {
         id: SweepId,
         from: SweepState,
         to: SweepState,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM sweeps WHERE id = ?")
             .bind(id.0)
             .fetch_optional(&mut *tx)
             .await?;
         let state: SweepState = state.ok_or(Error::SweepNotFound(id))?.parse()?;
         if state == to {
-            return Ok(());
+            return Ok(false);
         }
         if state != from {
             return Err(Error::Conflict(format!("sweep {id} is {state}")));
@@ -283,12 +304,13 @@ impl SqliteStore {
             .bind(id.0)
             .execute(&mut *tx)
             .await?;
-        Ok(())
+        Ok(true)
     }
 
     pub(super) async fn sweep_pause(&self, id: SweepId) -> Result<u64> {
         let mut tx = self.writer.begin().await?;
-        Self::set_sweep_state(&mut tx, id, SweepState::Active, SweepState::Paused).await?;
+        let changed =
+            Self::set_sweep_state(&mut tx, id, SweepState::Active, SweepState::Paused).await?;
         let n = sqlx::query(
             "UPDATE cells SET state = 'held' WHERE sweep_id = ? \
              AND state IN ('available', 'scheduled', 'retryable')",
@@ -297,13 +319,20 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        // The intake's cells enter in the new state when they are moved.
+        let n = n + if changed {
+            intake::count(&mut tx, id).await?
+        } else {
+            0
+        };
         tx.commit().await?;
         Ok(n)
     }
 
     pub(super) async fn sweep_resume(&self, id: SweepId, now: Millis) -> Result<u64> {
         let mut tx = self.writer.begin().await?;
-        Self::set_sweep_state(&mut tx, id, SweepState::Paused, SweepState::Active).await?;
+        let changed =
+            Self::set_sweep_state(&mut tx, id, SweepState::Paused, SweepState::Active).await?;
         let n = sqlx::query(
             "UPDATE cells SET state = CASE WHEN scheduled_at <= ? THEN 'available' \
              WHEN attempt > 0 THEN 'retryable' ELSE 'scheduled' END \
@@ -314,6 +343,12 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        // The intake's cells enter in the new state when they are moved.
+        let n = n + if changed {
+            intake::count(&mut tx, id).await?
+        } else {
+            0
+        };
         tx.commit().await?;
         Ok(n)
     }

@@ -11,6 +11,7 @@
 //! queue (`queue::dispatch`) and the store leases exactly those that are still available; where
 //! a failed cell goes is the caller's function, applied inside the failing transaction.
 
+mod deadlock;
 mod filter;
 mod migrate;
 mod postgres;
@@ -487,23 +488,25 @@ impl Store {
     }
 
     /// Cancels queued cells now, asks running ones to stop. Returns (cancelled, requested).
+    /// This and the other sweep-wide writes below run again if Postgres aborts them as a
+    /// deadlock victim ([`deadlock`]).
     pub async fn sweep_cancel(&self, id: SweepId, now: Millis) -> Result<(u64, u64)> {
-        delegate!(self, sweep_cancel(id, now))
+        deadlock::retried(|| async { delegate!(self, sweep_cancel(id, now)) }).await
     }
 
     /// Holds the sweep's queued cells. Returns cells held.
     pub async fn sweep_pause(&self, id: SweepId) -> Result<u64> {
-        delegate!(self, sweep_pause(id))
+        deadlock::retried(|| async { delegate!(self, sweep_pause(id)) }).await
     }
 
     /// Releases held cells. Returns cells released.
     pub async fn sweep_resume(&self, id: SweepId, now: Millis) -> Result<u64> {
-        delegate!(self, sweep_resume(id, now))
+        deadlock::retried(|| async { delegate!(self, sweep_resume(id, now)) }).await
     }
 
     /// Gives discarded cells a fresh set of attempts. Returns cells re-queued.
     pub async fn sweep_retry_failed(&self, id: SweepId, now: Millis) -> Result<u64> {
-        delegate!(self, sweep_retry_failed(id, now))
+        deadlock::retried(|| async { delegate!(self, sweep_retry_failed(id, now)) }).await
     }
 
     /// Cells finished (completed, discarded) since `since`.

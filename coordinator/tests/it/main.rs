@@ -7,6 +7,7 @@
 mod harness;
 
 mod conformance;
+mod deadlock;
 mod filter;
 mod group_commit;
 mod grpc;

@@ -30,10 +30,17 @@ const COMPLETE_UPDATE: &str = "UPDATE cells SET state = 'completed', finalized_a
 
 /// Marks the picked cells `$1` that are still available running under a new attempt for worker
 /// `$3` at `$2` until `$4`, and returns them.
+///
+/// A lease never waits for a row lock: it locks what it can `FOR UPDATE SKIP LOCKED` first and
+/// leaves a cell another transaction holds (another coordinator's lease, a cancel or pause of
+/// its sweep), which that transaction is changing anyway. Waiting instead let two statements
+/// that lock several cells in different orders deadlock (seen with two coordinators leasing
+/// from one database), and the one Postgres aborted failed its lease.
 const LEASE_UPDATE: &str = "UPDATE cells SET state = 'running', attempt = attempt + 1, \
      attempted_at = $2, lease_owner = $3, lease_expires_at = $4, heartbeat_at = $2, \
      progress_step = NULL, progress_total = NULL \
-     WHERE id = ANY($1) AND state = 'available' \
+     WHERE id IN (SELECT id FROM cells WHERE id = ANY($1) AND state = 'available' \
+         FOR UPDATE SKIP LOCKED) \
      RETURNING id, sweep_id, number, attempt, cell_key, affinity_key, spec";
 
 /// The columns of an [`AvailableCell`], for `cell_available`.
@@ -94,7 +101,8 @@ impl PgStore {
         picks: &[(LeasePick, Millis)],
     ) -> Result<Vec<Vec<LeasedCell>>> {
         // One `UPDATE … FROM unnest(…)` with a row per picked cell: `LEASE_UPDATE` for every
-        // pick at once; `d.pick` says which pick a leased cell answers.
+        // pick at once, skipping locked cells as it does; `d.pick` says which pick a leased
+        // cell answers.
         let mut ids = Vec::new();
         let mut pick_of = Vec::new();
         let mut workers = Vec::new();
@@ -115,7 +123,8 @@ impl PgStore {
              progress_step = NULL, progress_total = NULL \
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
                  AS d(id, pick, worker, at, expires) \
-             WHERE cells.id = d.id AND cells.state = 'available' \
+             WHERE cells.id = d.id AND cells.id IN (SELECT id FROM cells \
+                 WHERE id = ANY($1) AND state = 'available' FOR UPDATE SKIP LOCKED) \
              RETURNING cells.id, cells.sweep_id, cells.number, cells.attempt, cells.cell_key, \
                  cells.affinity_key, cells.spec, d.pick, d.expires",
         )

@@ -1,10 +1,11 @@
-//! Sweep-wide writes (cancel, pause, resume, retry) run again when Postgres aborts them as the
-//! victim of a deadlock. They lock many cells of a sweep in index order, while a batch of
-//! completes (`queue::group`) locks its cells in the order of its plan, so the two can wait on
-//! each other; Postgres then aborts one after `deadlock_timeout`. A batch that loses is written
-//! again one complete at a time by the group; a sweep-wide write that loses is run again here
-//! (its transaction was rolled back whole, so running it again is safe). SQLite has one writer
-//! and never deadlocks.
+//! Sweep-wide writes (cancel, pause, resume, retry) and single leases run again when Postgres
+//! aborts them as the victim of a deadlock. A sweep-wide write locks many cells of a sweep in
+//! the order of its index, while leases lock theirs by id and a batch of completes
+//! (`queue::group`) in the order of its plan, so two of them can wait on each other; Postgres
+//! then aborts one after `deadlock_timeout`. A batch that loses is written again one request
+//! at a time by the group; a statement that loses is run again here (its transaction was
+//! rolled back whole, so running it again is safe). SQLite has one writer and never
+//! deadlocks.
 
 use std::future::Future;
 

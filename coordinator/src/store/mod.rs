@@ -536,7 +536,9 @@ impl Store {
         if pick.ids.is_empty() {
             return Ok(Vec::new());
         }
-        let leased = delegate!(self, cell_lease(pick, now))?;
+        // A lease waits for a cell another transaction holds; if that one is a sweep-wide
+        // write locking in another order, Postgres may abort either ([`deadlock`]).
+        let leased = deadlock::retried(|| async { delegate!(self, cell_lease(pick, now)) }).await?;
         Ok(pick.in_pick_order(leased))
     }
 

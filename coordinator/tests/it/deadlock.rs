@@ -1,6 +1,5 @@
-//! Row-lock waits on Postgres (SQLite has one writer and cannot deadlock): a lease skips a
-//! locked cell rather than wait for it, and a sweep-wide write that Postgres aborts as a
-//! deadlock victim is run again (`store::deadlock`).
+//! A sweep-wide write that Postgres aborts as a deadlock victim is run again
+//! (`store::deadlock`). Postgres only: SQLite has one writer and cannot deadlock.
 //!
 //! The deadlock is real, made with a second connection: it holds a running cell's row, the
 //! cancel locks the sweep's available cells and then waits for that row, and the connection
@@ -10,7 +9,7 @@
 
 use std::time::Duration;
 
-use kiln_coordinator::store::DatabaseUrl;
+use kiln_coordinator::store::{DatabaseUrl, LeasePick};
 
 use crate::harness::{Backend, Fixture, cell, submission};
 
@@ -63,44 +62,72 @@ async fn a_cancel_chosen_as_deadlock_victim_is_run_again() {
     fx.finish().await;
 }
 
-/// A lease never waits for a row lock: a picked cell another transaction holds is left out,
-/// and the lease takes the next one (`LEASE_UPDATE`'s `FOR UPDATE SKIP LOCKED`). Waiting let
-/// two coordinators' leases deadlock. The timeout only guards against a hang.
+/// Leases lock their cells in id order, whatever order they were picked in, so a lease that
+/// waits for a locked cell holds none of the later ones meanwhile. Here a transaction holds
+/// the first cell, a lease picked "second, first" waits for it, and the transaction then
+/// takes the second cell: in pick order the lease would hold it and the two would deadlock.
+/// Both the single lease and the batch statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_lease_skips_a_cell_another_transaction_holds() {
+async fn leases_lock_in_id_order_whatever_the_pick_order() {
     let fx = Fixture::new(Backend::Postgres).await;
     fx.queue
-        .submit(submission("skip", (0..2).map(cell).collect()))
+        .submit(submission("order", (0..4).map(cell).collect()))
         .await
         .unwrap();
     let DatabaseUrl::Postgres(url) = &fx.db.url else {
         unreachable!()
     };
     let pool = sqlx::PgPool::connect(url).await.unwrap();
-    let first: i64 = sqlx::query_scalar("SELECT min(id) FROM cells")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let mut other = pool.begin().await.unwrap();
-    sqlx::query("UPDATE cells SET heartbeat_at = heartbeat_at WHERE id = $1")
-        .bind(first)
-        .execute(&mut *other)
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM cells ORDER BY id")
+        .fetch_all(&pool)
         .await
         .unwrap();
     let w = fx.worker("w").await;
-    let got = tokio::time::timeout(Duration::from_secs(30), fx.queue.lease(w, 2, None))
-        .await
-        .expect("the lease waited for the locked cell")
-        .unwrap();
-    let ids: Vec<i64> = got.iter().map(|c| c.id.0).collect();
-    assert_eq!(ids, [first + 1]);
-    other.commit().await.unwrap();
-    // The skipped cell left this coordinator's read-ahead with the pick, as a cell leased by
-    // another coordinator does; it is seen again at the read-ahead's next refresh.
-    fx.clock
-        .advance(kiln_coordinator::queue::dispatch::REFRESH_MS);
-    let got = fx.queue.lease(w, 2, None).await.unwrap();
-    assert_eq!(got.iter().map(|c| c.id.0).collect::<Vec<_>>(), [first]);
+    let touch = "UPDATE cells SET heartbeat_at = heartbeat_at WHERE id = $1";
+    for (batch, pair) in [(false, [ids[0], ids[1]]), (true, [ids[2], ids[3]])] {
+        let [first, second] = pair;
+        let mut other = pool.begin().await.unwrap();
+        sqlx::query(touch)
+            .bind(first)
+            .execute(&mut *other)
+            .await
+            .unwrap();
+        let store = fx.queue.store().clone();
+        let pick = LeasePick {
+            worker: w,
+            ids: vec![second, first],
+            head: None,
+            lease_ttl_ms: 60_000,
+        };
+        let now = fx.queue.now();
+        let lease = tokio::spawn(async move {
+            if batch {
+                store
+                    .cell_lease_many(&[(pick, now)])
+                    .await
+                    .map(|mut v| v.remove(0))
+            } else {
+                store.cell_lease(&pick, now).await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!lease.is_finished(), "the lease waits for the held cell");
+        // Would wait for the lease (and deadlock) if it held `second` already.
+        sqlx::query(touch)
+            .bind(second)
+            .execute(&mut *other)
+            .await
+            .unwrap();
+        other.commit().await.unwrap();
+        let got: Vec<i64> = lease
+            .await
+            .unwrap()
+            .unwrap()
+            .iter()
+            .map(|c| c.id.0)
+            .collect();
+        assert_eq!(got, [second, first], "batch: {batch}");
+    }
     pool.close().await;
     fx.finish().await;
 }

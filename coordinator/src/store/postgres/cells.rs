@@ -31,16 +31,16 @@ const COMPLETE_UPDATE: &str = "UPDATE cells SET state = 'completed', finalized_a
 /// Marks the picked cells `$1` that are still available running under a new attempt for worker
 /// `$3` at `$2` until `$4`, and returns them.
 ///
-/// A lease never waits for a row lock: it locks what it can `FOR UPDATE SKIP LOCKED` first and
-/// leaves a cell another transaction holds (another coordinator's lease, a cancel or pause of
-/// its sweep), which that transaction is changing anyway. Waiting instead let two statements
-/// that lock several cells in different orders deadlock (seen with two coordinators leasing
-/// from one database), and the one Postgres aborted failed its lease.
+/// Leases lock their cells in ascending id order: `$1` is bound sorted and read through the
+/// primary key, and the batch statement of `cell_lease_many` joins its ids sorted the same
+/// way. Two leases that want some of the same cells (two coordinators on one database) then
+/// wait for each other in one order and cannot deadlock; in pick order they could, and did in
+/// the two-coordinator test. (`FOR UPDATE SKIP LOCKED` would avoid the wait as well, but its
+/// extra row lock cost a fifth of the lease rate; BENCHMARKS.md, "Session 5".)
 const LEASE_UPDATE: &str = "UPDATE cells SET state = 'running', attempt = attempt + 1, \
      attempted_at = $2, lease_owner = $3, lease_expires_at = $4, heartbeat_at = $2, \
      progress_step = NULL, progress_total = NULL \
-     WHERE id IN (SELECT id FROM cells WHERE id = ANY($1) AND state = 'available' \
-         FOR UPDATE SKIP LOCKED) \
+     WHERE id = ANY($1) AND state = 'available' \
      RETURNING id, sweep_id, number, attempt, cell_key, affinity_key, spec";
 
 /// The columns of an [`AvailableCell`], for `cell_available`.
@@ -101,21 +101,26 @@ impl PgStore {
         picks: &[(LeasePick, Millis)],
     ) -> Result<Vec<Vec<LeasedCell>>> {
         // One `UPDATE … FROM unnest(…)` with a row per picked cell: `LEASE_UPDATE` for every
-        // pick at once, skipping locked cells as it does; `d.pick` says which pick a leased
-        // cell answers.
-        let mut ids = Vec::new();
-        let mut pick_of = Vec::new();
-        let mut workers = Vec::new();
-        let mut ats = Vec::new();
-        let mut expires = Vec::new();
+        // pick at once; `d.pick` says which pick a leased cell answers. The rows go in id
+        // order, so the join locks the cells in that order (see `LEASE_UPDATE`).
+        let mut rows: Vec<(i64, i64, i64, i64, i64)> = Vec::new();
         for (i, (p, at)) in picks.iter().enumerate() {
             for id in &p.ids {
-                ids.push(*id);
-                pick_of.push(i as i64);
-                workers.push(p.worker.0);
-                ats.push(at.0);
-                expires.push(at.plus(p.lease_ttl_ms).0);
+                rows.push((*id, i as i64, p.worker.0, at.0, at.plus(p.lease_ttl_ms).0));
             }
+        }
+        rows.sort_unstable();
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut pick_of = Vec::with_capacity(rows.len());
+        let mut workers = Vec::with_capacity(rows.len());
+        let mut ats = Vec::with_capacity(rows.len());
+        let mut expires = Vec::with_capacity(rows.len());
+        for (id, pick, worker, at, until) in rows {
+            ids.push(id);
+            pick_of.push(pick);
+            workers.push(worker);
+            ats.push(at);
+            expires.push(until);
         }
         let rows = sqlx::query(
             "UPDATE cells SET state = 'running', attempt = attempt + 1, attempted_at = d.at, \
@@ -123,8 +128,7 @@ impl PgStore {
              progress_step = NULL, progress_total = NULL \
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
                  AS d(id, pick, worker, at, expires) \
-             WHERE cells.id = d.id AND cells.id IN (SELECT id FROM cells \
-                 WHERE id = ANY($1) AND state = 'available' FOR UPDATE SKIP LOCKED) \
+             WHERE cells.id = d.id AND cells.state = 'available' \
              RETURNING cells.id, cells.sweep_id, cells.number, cells.attempt, cells.cell_key, \
                  cells.affinity_key, cells.spec, d.pick, d.expires",
         )
@@ -490,11 +494,9 @@ fn bind_lease<'q>(
     now: Millis,
     expires: Millis,
 ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
-    query
-        .bind(&p.ids)
-        .bind(now.0)
-        .bind(p.worker.0)
-        .bind(expires.0)
+    let mut ids = p.ids.clone();
+    ids.sort_unstable();
+    query.bind(ids).bind(now.0).bind(p.worker.0).bind(expires.0)
 }
 
 /// Applies a failure to the cell in `row` (already matched by its fence) inside `tx`.

@@ -11,7 +11,8 @@
 //! a fresh schema is created and dropped.)
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use kiln_coordinator::clock::SystemClock;
 use kiln_coordinator::queue::state::DeviceKind;
@@ -71,6 +72,82 @@ fn cell(seed: u64) -> CellSpec {
         .into(),
         min_memory_mib: 0,
     }
+}
+
+fn registration() -> WorkerRegistration {
+    WorkerRegistration {
+        name: "sim".into(),
+        device_kind: DeviceKind::Cpu,
+        device_model: "simulator".into(),
+        memory_mib: 8192,
+        max_pixels: 1 << 20,
+        loaded: vec![],
+        version: "bench".into(),
+    }
+}
+
+/// Workers that lease and complete the cells of another sweep meanwhile.
+const BUSY_WORKERS: usize = 16;
+
+/// What a submit of 100,000 cells does to the leases and completes of workers busy on another
+/// sweep: `BUSY_WORKERS` simulated workers cycle lease(1)+complete on a sweep of their own, and
+/// from the submit's start until its last cell is in the queue, each cycle's time is recorded.
+/// Returns (slowest cycle, cycles per second) in that window.
+async fn busy_while_submitting(q: &Queue, key: &str) -> (Duration, f64) {
+    let other = q
+        .submit(submission(&format!("{key}-other"), 40_000))
+        .await
+        .unwrap()
+        .id;
+    q.take_in(Some(other)).await.unwrap();
+    let window = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..BUSY_WORKERS {
+        let q = q.clone();
+        let (window, stop) = (window.clone(), stop.clone());
+        let w = q.register(&registration()).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let (mut slowest, mut cycles) = (Duration::ZERO, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let counted = window.load(Ordering::Relaxed);
+                let t = Instant::now();
+                let Some(c) = q.lease(w, 1, None).await.unwrap().pop() else {
+                    break;
+                };
+                let fence = Fence {
+                    cell: c.id,
+                    attempt: c.attempt,
+                    worker: w,
+                };
+                q.complete(fence, RESULT).await.unwrap();
+                if counted && window.load(Ordering::Relaxed) {
+                    slowest = slowest.max(t.elapsed());
+                    cycles += 1;
+                }
+            }
+            (slowest, cycles)
+        }));
+    }
+    // Into their stride first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    window.store(true, Ordering::Relaxed);
+    let t = Instant::now();
+    let out = q.submit(submission(key, SUBMIT_CELLS)).await.unwrap();
+    q.take_in(Some(out.id)).await.unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    window.store(false, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let (mut slowest, mut cycles) = (Duration::ZERO, 0);
+    for t in tasks {
+        let (s, n) = t.await.unwrap();
+        slowest = slowest.max(s);
+        cycles += n;
+    }
+    assert!(cycles > 0, "the busy workers ran out of cells");
+    q.cancel(out.id).await.unwrap();
+    q.cancel(other).await.unwrap();
+    (slowest, cycles as f64 / secs)
 }
 
 fn submission(key: &str, n: u64) -> Submission {
@@ -150,6 +227,15 @@ async fn bench(name: &str, url: DatabaseUrl) {
         submits.push((intake, submit_s, queued_s));
     }
 
+    // Workers busy on another sweep while a sweep is submitted, the intake off and on.
+    let mut busy = Vec::new();
+    if std::env::var_os("KILN_BENCH_SUBMIT_ONLY").is_none() {
+        for (q, how) in [(&direct, "intake off"), (&queue, "intake on ")] {
+            let key = format!("bench-busy-{}", busy.len());
+            busy.push((how, busy_while_submitting(q, &key).await));
+        }
+    }
+
     // Cycle modes: lease(n) then complete each (two kinds of call per cell), and the combined
     // complete-and-lease-next call (one call per cell after the first lease).
     let modes: &[Mode] = if std::env::var_os("KILN_BENCH_SUBMIT_ONLY").is_some() {
@@ -166,15 +252,7 @@ async fn bench(name: &str, url: DatabaseUrl) {
             .id;
         // Every cell in the queue before the clock starts.
         queue.take_in(Some(sweep)).await.unwrap();
-        let reg = WorkerRegistration {
-            name: "sim".into(),
-            device_kind: DeviceKind::Cpu,
-            device_model: "simulator".into(),
-            memory_mib: 8192,
-            max_pixels: 1 << 20,
-            loaded: vec![],
-            version: "bench".into(),
-        };
+        let reg = registration();
         let mut tasks = Vec::new();
         let t = Instant::now();
         for _ in 0..WORKERS {
@@ -227,6 +305,12 @@ async fn bench(name: &str, url: DatabaseUrl) {
     println!(
         "{name:8} validate+hash+JSON of {SUBMIT_CELLS} cells alone, one thread: {prepare_s:.2} s"
     );
+    for (how, (slowest, rate)) in busy {
+        println!(
+            "{name:8} {BUSY_WORKERS} workers busy on another sweep while {SUBMIT_CELLS} cells are submitted, {how}: slowest lease+complete {:.0} ms, {rate:.0} cycles/s",
+            slowest.as_secs_f64() * 1e3
+        );
+    }
     for (intake, submit_s, queued_s) in submits {
         let how = if intake { "intake on " } else { "intake off" };
         println!(

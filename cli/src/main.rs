@@ -8,12 +8,16 @@
 //!   resume | retry | workers`: talk to a coordinator (`--coordinator URL` or
 //!   `KILN_COORDINATOR`).
 //! - `kiln render`: one local image from a model folder.
+//! - `kiln devices`: what this build can compute on here (CPU, CUDA cards, Metal).
+//! - `kiln bench`: images/s, UNet ms/step, VAE ms and peak memory of a model on a device.
 //!
 //! Configuration flows defaults → `--config FILE` (TOML) → `KILN_*` environment → flags, and is
 //! validated once before anything starts.
 
+mod bench;
 mod client;
 mod coordinator;
+mod devices;
 mod grid;
 mod query;
 mod render;
@@ -46,6 +50,12 @@ enum Command {
     /// Render one image locally from a model folder (no coordinator).
     #[command(after_help = render::EXAMPLES)]
     Render(render::Args),
+    /// Measure rendering speed and peak memory of a model on a device (images/s, UNet ms/step).
+    #[command(after_help = bench::EXAMPLES)]
+    Bench(bench::Args),
+    /// List the devices this build of kiln can render on here: CPU, CUDA cards, Metal.
+    #[command(after_help = devices::EXAMPLES)]
+    Devices,
     /// Run a render worker: leases cells, renders them, uploads the PNGs.
     #[command(after_help = worker::EXAMPLES)]
     Worker(worker::Args),
@@ -276,7 +286,12 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 out,
                 limit,
             } => grid::grid(&conn, &filter, &x, y.as_deref(), limit, &out, &s3.options()).await,
-            Command::Coordinator(_) | Command::Worker(_) | Command::Run(_) | Command::Render(_) => {
+            Command::Coordinator(_)
+            | Command::Worker(_)
+            | Command::Run(_)
+            | Command::Render(_)
+            | Command::Devices
+            | Command::Bench(_) => {
                 unreachable!("long-running commands are dispatched in main")
             }
         }
@@ -301,6 +316,8 @@ fn main() -> std::process::ExitCode {
         Command::Worker(args) => worker::main(args),
         Command::Run(args) => run::main(args),
         Command::Render(args) => render::main(args),
+        Command::Devices => devices::main(),
+        Command::Bench(args) => bench::main(args),
         client_command => run_client(client_command),
     };
     match result {

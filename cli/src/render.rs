@@ -59,7 +59,7 @@ pub struct Args {
 }
 
 /// `FILE` or `FILE:STRENGTH`; a suffix that is not a number stays part of the path.
-fn parse_lora(value: &str) -> Result<LoraSpec, String> {
+pub(crate) fn parse_lora(value: &str) -> Result<LoraSpec, String> {
     if let Some((file, strength)) = value.rsplit_once(':')
         && let Ok(strength) = strength.parse::<f32>()
     {
@@ -78,20 +78,9 @@ fn parse_lora(value: &str) -> Result<LoraSpec, String> {
 }
 
 fn parse_device(value: &str) -> Result<Device, String> {
-    let ordinal = |s: &str| {
-        s.parse::<usize>()
-            .map_err(|_| format!("bad device ordinal in {value:?}"))
-    };
-    match value.split_once(':') {
-        None if value == "cpu" => Ok(Device::Cpu),
-        None if value == "cuda" => Ok(Device::Cuda(0)),
-        None if value == "metal" => Ok(Device::Metal(0)),
-        Some(("cuda", n)) => Ok(Device::Cuda(ordinal(n)?)),
-        Some(("metal", n)) => Ok(Device::Metal(ordinal(n)?)),
-        _ => Err(format!(
-            "unknown device {value:?} (expected cpu, cuda:N or metal:N)"
-        )),
-    }
+    value
+        .parse()
+        .map_err(|e: kiln_worker::engine::EngineError| e.to_string())
 }
 
 /// Runs `kiln render`.

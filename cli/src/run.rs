@@ -41,7 +41,7 @@ pub struct Args {
     /// Folder searched for model and LoRA names (repeatable) [default: the sweep file's folder].
     #[arg(long = "models", env = "KILN_MODELS")]
     models: Vec<PathBuf>,
-    /// Compute device: cpu, cuda:N or metal.
+    /// Compute device: cpu, cuda:N or metal:N (`kiln devices` lists them).
     #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
     device: String,
     /// Memory budget for loaded pipelines, GiB.
@@ -56,7 +56,7 @@ pub struct Args {
 
 pub fn main(args: Args) -> anyhow::Result<()> {
     let file = SweepFile::read(&args.file)?;
-    let device = crate::worker::parse_device(&args.device)?;
+    let opened = crate::devices::open(&args.device, None, None)?;
     let url: StorageUrl = args.storage.parse()?;
     let cfg = Settings {
         db: Some(args.db.clone()),
@@ -112,9 +112,10 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         let agent_cfg = AgentConfig {
             coordinator: conn.coordinator.clone(),
             name: "local".into(),
-            device,
+            device: opened.device,
             models,
             cache_bytes: (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64,
+            device_cache_bytes: opened.device_cache_bytes,
             max_pixels: 4096 * 4096,
             memory_mib: u64::MAX >> 1,
             prefetch: 1,

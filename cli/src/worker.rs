@@ -5,9 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use kiln_worker::agent::{self, AgentConfig};
-use kiln_worker::engine::Device;
 use kiln_worker::upload::{RetryPolicy, S3Options, Storage, StorageUrl};
 
 pub const EXAMPLES: &str = "Examples:
@@ -25,24 +23,30 @@ pub struct Args {
     /// Where images go: s3://BUCKET/PREFIX or file://DIR.
     #[arg(long, env = "KILN_STORAGE", default_value = "file://kiln-out")]
     storage: String,
-    /// Compute device: cpu, cuda:N or metal.
+    /// Compute device: cpu, cuda:N or metal:N (`kiln devices` lists them). A device this build
+    /// or machine cannot use stops the worker at start.
     #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
     device: String,
     /// Folder searched for model and LoRA names (repeatable).
     #[arg(long = "models", env = "KILN_MODELS")]
     models: Vec<PathBuf>,
-    /// Memory budget for loaded pipelines, GiB.
+    /// Host memory budget for loaded models and CPU pipelines, GiB.
     #[arg(long, env = "KILN_CACHE_GB", default_value_t = 8.0)]
     cache_gb: f64,
+    /// GPU memory budget for loaded pipelines, GiB [default: the card's free memory at start
+    /// less a workspace for rendering (the larger of 4 GiB and a quarter)].
+    #[arg(long, env = "KILN_DEVICE_CACHE_GB")]
+    device_cache_gb: Option<f64>,
     /// Name shown in `kiln workers` [default: the host name].
     #[arg(long, env = "KILN_WORKER_NAME")]
     name: Option<String>,
     /// Largest width×height this worker renders.
     #[arg(long, env = "KILN_MAX_PIXELS", default_value_t = 1024 * 1024)]
     max_pixels: u64,
-    /// Device memory declared to the coordinator, MiB.
-    #[arg(long, env = "KILN_MEMORY_MIB", default_value_t = 8192)]
-    memory_mib: u64,
+    /// Device memory declared to the coordinator, MiB [default: on a GPU the card's free
+    /// memory at start, on the CPU 8192].
+    #[arg(long, env = "KILN_MEMORY_MIB")]
+    memory_mib: Option<u64>,
     /// Cells leased beyond the next batch: while one batch renders, the worker holds the next
     /// batch (--batch cells) plus this many, so the device never waits for a lease.
     #[arg(long, env = "KILN_PREFETCH", default_value_t = 1)]
@@ -68,34 +72,15 @@ pub struct Args {
     upload_tries: u32,
 }
 
-/// `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N`.
-pub fn parse_device(s: &str) -> anyhow::Result<Device> {
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "metal" => Device::Metal(0),
-        "cuda" => Device::Cuda(0),
-        other => {
-            let (kind, n) = other
-                .split_once(':')
-                .with_context(|| format!("--device {other:?}: expected cpu, cuda:N or metal"))?;
-            let n: usize = n
-                .parse()
-                .with_context(|| format!("--device {other:?}: bad ordinal"))?;
-            match kind {
-                "cuda" => Device::Cuda(n),
-                "metal" => Device::Metal(n),
-                _ => anyhow::bail!("--device {other:?}: expected cpu, cuda:N or metal"),
-            }
-        }
-    })
-}
-
 fn env_either(a: &str, b: &str) -> Option<String> {
     std::env::var(a).ok().or_else(|| std::env::var(b).ok())
 }
 
 pub fn main(args: Args) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
+    kiln_worker::agent::link::endpoint(&args.coordinator)
+        .map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
+    let opened = crate::devices::open(&args.device, args.memory_mib, args.device_cache_gb)?;
+    tracing::info!(device = %crate::devices::describe(&opened.info), "device opened");
     let url: StorageUrl = args.storage.parse()?;
     let s3 = S3Options {
         endpoint: args.s3_endpoint,
@@ -115,11 +100,12 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let cfg = AgentConfig {
         coordinator: args.coordinator,
         name,
-        device,
+        device: opened.device,
         models: args.models,
         cache_bytes: (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64,
+        device_cache_bytes: opened.device_cache_bytes,
         max_pixels: args.max_pixels,
-        memory_mib: args.memory_mib,
+        memory_mib: opened.memory_mib,
         prefetch: args.prefetch,
         batch: args.batch,
         upload_retry: RetryPolicy {

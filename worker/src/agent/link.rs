@@ -42,22 +42,32 @@ fn retryable(s: &tonic::Status) -> bool {
     )
 }
 
+/// The coordinator's gRPC endpoint: `http://HOST:PORT`, `https://HOST:PORT`, or `HOST:PORT`
+/// (taken as http). The one check of a `--coordinator` value, made before a worker starts.
+pub fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    let full = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    };
+    let bad = || anyhow::anyhow!("coordinator {url:?} is not a URL like http://192.168.1.10:7450");
+    let endpoint = Endpoint::from_shared(full).map_err(|_| bad())?;
+    let uri = endpoint.uri();
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
+        return Err(bad());
+    }
+    Ok(endpoint)
+}
+
 impl Link {
-    /// Connects and registers, retrying with backoff until the coordinator answers.
-    pub async fn connect(url: &str, info: pb::WorkerInfo) -> Link {
-        let url = if url.contains("://") {
-            url.to_string()
-        } else {
-            format!("http://{url}")
-        };
+    /// Connects and registers, retrying with backoff until the coordinator answers. Fails
+    /// only on a malformed `url` ([`endpoint`]).
+    pub async fn connect(url: &str, info: pb::WorkerInfo) -> anyhow::Result<Link> {
         // A lazy channel reconnects by itself after the coordinator restarts.
-        let channel = match Endpoint::from_shared(url.clone()) {
-            Ok(e) => e
-                .connect_timeout(Duration::from_secs(3))
-                .timeout(Duration::from_secs(30))
-                .connect_lazy(),
-            Err(e) => panic!("coordinator URL {url:?} was validated by the CLI: {e}"),
-        };
+        let channel = endpoint(url)?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30))
+            .connect_lazy();
         let link = Link {
             client: WorkerServiceClient::new(channel),
             info,
@@ -70,7 +80,7 @@ impl Link {
             match link.register().await {
                 Ok(hb) => {
                     link.heartbeat = hb;
-                    return link;
+                    return Ok(link);
                 }
                 Err(e) => {
                     tracing::warn!(coordinator = %url, error = %e.message(), "register failed; retrying");
@@ -318,5 +328,26 @@ impl Link {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoint;
+
+    #[test]
+    fn coordinator_urls_are_checked_before_anything_starts() {
+        for ok in [
+            "http://127.0.0.1:7450",
+            "https://farm:7450",
+            "farm:7450",
+            "http://[::1]:7450",
+        ] {
+            assert!(endpoint(ok).is_ok(), "{ok}");
+        }
+        for bad in ["not a url", "http://[::1", "ftp://farm:7450", "http://", ""] {
+            let err = endpoint(bad).unwrap_err().to_string();
+            assert!(err.contains("is not a URL like http://"), "{bad}: {err}");
+        }
     }
 }

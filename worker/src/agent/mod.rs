@@ -50,8 +50,10 @@ pub struct AgentConfig {
     pub device: Device,
     /// Folders searched for model and LoRA names.
     pub models: Vec<PathBuf>,
-    /// Pipeline cache budget, bytes.
+    /// Pipeline cache budget in host memory, bytes.
     pub cache_bytes: u64,
+    /// Pipeline cache budget in device memory, bytes (GPU devices only).
+    pub device_cache_bytes: u64,
     /// Largest width×height it accepts.
     pub max_pixels: u64,
     /// Device memory declared to the coordinator, MiB.
@@ -92,10 +94,13 @@ pub async fn run(
         version: env!("CARGO_PKG_VERSION").into(),
     };
     let link = tokio::select! {
-        l = Link::connect(&cfg.coordinator, info) => l,
+        l = Link::connect(&cfg.coordinator, info) => l?,
         _ = &mut shutdown => return Ok(()),
     };
-    let renderer = Renderer::spawn(cfg.cache_bytes);
+    let renderer = Renderer::spawn(crate::cache::Budget {
+        host_bytes: cfg.cache_bytes,
+        device_bytes: cfg.device_cache_bytes,
+    });
     let batch = cfg.batch.max(1) as usize;
     let backlog = Arc::new(Backlog::new(batch, cfg.prefetch as usize));
     // Every attempt held, for the heartbeat task; uploads finish in the background.
@@ -262,7 +267,7 @@ async fn render_group(
             Err(RenderFailure::BadInput(m)) => {
                 report(link, held, pb::FailureClass::BadInput, m).await
             }
-            Err(RenderFailure::Resource(m)) => {
+            Err(RenderFailure::Resource(m) | RenderFailure::OutOfMemory(m)) => {
                 report(link, held, pb::FailureClass::Resource, m).await
             }
         }

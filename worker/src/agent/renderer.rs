@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use tokio::sync::{oneshot, watch};
 
-use crate::cache::{Found, PipelineCache, PipelineKey};
+use crate::cache::{Budget, Found, PipelineCache, PipelineKey};
 use crate::engine::pipeline::Cancel;
 use crate::engine::{BaseModel, EngineError, PhaseTimes, Pipeline, RenderRequest};
 
@@ -47,8 +47,12 @@ pub enum RenderFailure {
     /// The cell can never render as given (missing or corrupt file, unknown LoRA key, bad
     /// size): not worth retrying.
     BadInput(String),
-    /// The device failed (out of memory, NaN or constant output): retry, preferably elsewhere.
+    /// The device failed (NaN or constant output, a driver error): retry, preferably
+    /// elsewhere.
     Resource(String),
+    /// The device ran out of memory: a resource failure after which the render thread has
+    /// dropped its GPU pipelines to give the next cell the whole card.
+    OutOfMemory(String),
     /// The cancel flag was set.
     Cancelled,
 }
@@ -95,15 +99,15 @@ pub struct Renderer {
 }
 
 impl Renderer {
-    /// Starts the render and preparing threads with a pipeline cache of `cache_bytes`.
-    pub fn spawn(cache_bytes: u64) -> Renderer {
+    /// Starts the render and preparing threads with a pipeline cache under `budget`.
+    pub fn spawn(budget: Budget) -> Renderer {
         let (tx, rx) = std::sync::mpsc::channel::<Msg>();
         let loaded = Arc::new(Mutex::new(Vec::new()));
         let shared = loaded.clone();
         let back = tx.clone();
         std::thread::Builder::new()
             .name("kiln-render".into())
-            .spawn(move || RenderThread::new(cache_bytes, back, shared).run(rx))
+            .spawn(move || RenderThread::new(budget, back, shared).run(rx))
             .expect("spawning the render thread");
         Renderer {
             tx: tx.clone(),
@@ -160,9 +164,9 @@ struct RenderThread {
 }
 
 impl RenderThread {
-    fn new(cache_bytes: u64, back: Sender<Msg>, loaded: Arc<Mutex<Vec<PipelineKey>>>) -> Self {
+    fn new(budget: Budget, back: Sender<Msg>, loaded: Arc<Mutex<Vec<PipelineKey>>>) -> Self {
         Self {
-            cache: PipelineCache::new(cache_bytes),
+            cache: PipelineCache::with_budget(budget),
             pending: Vec::new(),
             back,
             prepare: None,
@@ -226,6 +230,17 @@ impl RenderThread {
 
     fn render(&mut self, job: Job) {
         let out = run_job(&mut self.cache, &job.key, &job.items);
+        if out
+            .iter()
+            .any(|r| matches!(r, Err(RenderFailure::OutOfMemory(_))))
+        {
+            let dropped = self.cache.clear_device();
+            tracing::warn!(
+                device = %job.key.device,
+                dropped,
+                "device out of memory: cached GPU pipelines dropped, going on with the next cell"
+            );
+        }
         self.publish();
         let _ = job.reply.send(out);
     }
@@ -400,9 +415,10 @@ fn package(out: crate::engine::RenderOutput, load_ms: f64) -> Result<Rendered, R
 }
 
 /// Bad input is anything about the files or the request; the rest is the device's fault.
-fn classify(e: EngineError) -> RenderFailure {
+pub(crate) fn classify(e: EngineError) -> RenderFailure {
     match e {
         EngineError::Cancelled => RenderFailure::Cancelled,
+        e if e.is_out_of_memory() => RenderFailure::OutOfMemory(e.to_string()),
         EngineError::Device { .. } | EngineError::Compute(_) => {
             RenderFailure::Resource(e.to_string())
         }

@@ -9,7 +9,12 @@
 //!
 //! Cost: a base counts its f32 host bytes; a pipeline counts [`Model::resident_bytes`] (on the
 //! CPU only the tensors its LoRAs replaced, since the rest shares the base's storage). Estimates
-//! from element counts, not measurements.
+//! from element counts, not measurements. Host and device memory are budgeted apart
+//! ([`Budget`]): bases and CPU pipelines count against the host's, GPU pipelines (every weight
+//! copied to the card) against the device's, so a 24 GB card does not make the host keep 24 GB
+//! of bases, nor a 64 GB host fill an 8 GB card. After the device runs out of memory the
+//! worker drops every GPU pipeline ([`PipelineCache::clear_device`]); the bases stay, so the
+//! next render rebuilds from host memory without reading the files again.
 //!
 //! [`Model::resident_bytes`]: crate::engine::Model::resident_bytes
 
@@ -71,9 +76,52 @@ pub struct CacheStats {
     pub evictions: u64,
 }
 
+/// The cache's byte budgets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Host memory for bases and CPU pipelines.
+    pub host_bytes: u64,
+    /// Device memory for GPU pipelines.
+    pub device_bytes: u64,
+}
+
+impl Budget {
+    /// The same number of bytes for host and device.
+    pub fn both(bytes: u64) -> Self {
+        Self {
+            host_bytes: bytes,
+            device_bytes: bytes,
+        }
+    }
+}
+
+/// Where an entry's bytes live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Cost {
+    host: u64,
+    device: u64,
+}
+
+impl Cost {
+    fn of(key: &PipelineKey, pipeline: &Pipeline) -> Self {
+        let bytes = pipeline.model().resident_bytes();
+        if key.device.is_gpu() {
+            Self {
+                host: 0,
+                device: bytes,
+            }
+        } else {
+            Self {
+                host: bytes,
+                device: 0,
+            }
+        }
+    }
+}
+
 /// An LRU of bases and pipelines under a byte budget.
 pub struct PipelineCache {
-    budget_bytes: u64,
+    budget: Budget,
     /// Most recently used last.
     bases: Vec<Arc<BaseModel>>,
     /// Most recently used last.
@@ -83,11 +131,16 @@ pub struct PipelineCache {
 }
 
 impl PipelineCache {
-    /// An empty cache that keeps at most `budget_bytes` (always at least the pipeline in use
-    /// and its base).
+    /// An empty cache that keeps at most `budget_bytes` of host memory, and as much of device
+    /// memory (always at least the pipeline in use and its base).
     pub fn new(budget_bytes: u64) -> Self {
+        Self::with_budget(Budget::both(budget_bytes))
+    }
+
+    /// An empty cache under `budget` (always at least the pipeline in use and its base).
+    pub fn with_budget(budget: Budget) -> Self {
         Self {
-            budget_bytes,
+            budget,
             bases: Vec::new(),
             pipelines: Vec::new(),
             stats: CacheStats::default(),
@@ -138,12 +191,10 @@ impl PipelineCache {
         pipeline: Pipeline,
     ) -> Arc<Pipeline> {
         self.pipelines.retain(|(k, _)| k != &key);
-        let incoming = pipeline.model().resident_bytes()
-            + if self.base(&key.model).is_some() {
-                0
-            } else {
-                base.bytes()
-            };
+        let mut incoming = Cost::of(&key, &pipeline);
+        if self.base(&key.model).is_none() {
+            incoming.host += base.bytes();
+        }
         self.make_room(incoming, Some(&key.model));
         if self.base(&key.model).is_none() {
             self.bases.push(base);
@@ -159,14 +210,38 @@ impl PipelineCache {
         self.pipelines.iter().map(|(k, _)| k)
     }
 
-    /// Bytes held now, by the estimate in the module header.
+    /// Bytes held now, host and device together, by the estimate in the module header.
     pub fn used_bytes(&self) -> u64 {
-        self.bases.iter().map(|b| b.bytes()).sum::<u64>()
-            + self
-                .pipelines
-                .iter()
-                .map(|(_, p)| p.model().resident_bytes())
-                .sum::<u64>()
+        let used = self.used();
+        used.host + used.device
+    }
+
+    /// Device bytes held now by GPU pipelines.
+    pub fn used_device_bytes(&self) -> u64 {
+        self.used().device
+    }
+
+    /// Drops every GPU pipeline (after the device ran out of memory); bases stay. Returns how
+    /// many were dropped.
+    pub fn clear_device(&mut self) -> usize {
+        let before = self.pipelines.len();
+        self.pipelines.retain(|(k, _)| !k.device.is_gpu());
+        let dropped = before - self.pipelines.len();
+        self.stats.evictions += dropped as u64;
+        dropped
+    }
+
+    fn used(&self) -> Cost {
+        let mut used = Cost {
+            host: self.bases.iter().map(|b| b.bytes()).sum(),
+            device: 0,
+        };
+        for (key, pipeline) in &self.pipelines {
+            let cost = Cost::of(key, pipeline);
+            used.host += cost.host;
+            used.device += cost.device;
+        }
+        used
     }
 
     fn touch_base(&mut self, model: &Path) {
@@ -176,10 +251,22 @@ impl PipelineCache {
         }
     }
 
-    /// Evicts until `incoming` more bytes fit: first bases no pipeline uses, then the least
-    /// recently used pipeline; never the base of `keep`.
-    fn make_room(&mut self, incoming: u64, keep: Option<&Path>) {
-        while self.used_bytes() + incoming > self.budget_bytes {
+    /// Evicts until `incoming` more bytes fit in both budgets: for the host, first bases no
+    /// pipeline uses, then the least recently used pipeline; for the device, the least
+    /// recently used GPU pipeline. Never the base of `keep`.
+    fn make_room(&mut self, incoming: Cost, keep: Option<&Path>) {
+        loop {
+            let used = self.used();
+            if used.device + incoming.device > self.budget.device_bytes {
+                if let Some(i) = self.pipelines.iter().position(|(k, _)| k.device.is_gpu()) {
+                    self.pipelines.remove(i);
+                    self.stats.evictions += 1;
+                    continue;
+                }
+            }
+            if used.host + incoming.host <= self.budget.host_bytes {
+                break;
+            }
             let unused = self.bases.iter().position(|b| {
                 Some(b.folder()) != keep
                     && !self.pipelines.iter().any(|(k, _)| k.model == b.folder())

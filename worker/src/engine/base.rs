@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::clip::ClipConfig;
+use super::device::Device;
 use super::error::{EngineError, Result};
 use super::lora::{self, LoraSpec, Targets};
-use super::model::{Device, LoadedLora, Model};
+use super::model::{LoadedLora, Model};
 use super::scheduler::ScheduleConfig;
 use super::unet::UNetConfig;
 use super::vae::VaeConfig;

@@ -117,9 +117,39 @@ pub enum EngineError {
 #[derive(Debug)]
 pub struct ComputeError(candle_core::Error);
 
+impl ComputeError {
+    /// Whether the device ran out of memory: the CUDA driver's `OUT_OF_MEMORY`, cuBLAS's
+    /// `ALLOC_FAILED`, or an allocator's "out of memory". Such a failure says nothing about the
+    /// cell, only about what else the device holds.
+    pub fn is_out_of_memory(&self) -> bool {
+        let text = self.to_string();
+        text.contains("OUT_OF_MEMORY")
+            || text.contains("ALLOC_FAILED")
+            || text.to_ascii_lowercase().contains("out of memory")
+    }
+}
+
+/// candle's message without the backtrace it captures when `RUST_BACKTRACE` is set: a user
+/// sees "DriverError(CUDA_ERROR_UNKNOWN, …)", not a list of unknown frames.
+fn write_candle(e: &candle_core::Error, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => write_candle(inner, f),
+        E::Context { inner, context } => {
+            write!(f, "{context}: ")?;
+            write_candle(inner, f)
+        }
+        E::WithPath { inner, path } => {
+            write!(f, "{}: ", path.display())?;
+            write_candle(inner, f)
+        }
+        other => std::fmt::Display::fmt(other, f),
+    }
+}
+
 impl std::fmt::Display for ComputeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+        write_candle(&self.0, f)
     }
 }
 
@@ -137,5 +167,50 @@ impl From<candle_core::Error> for EngineError {
     }
 }
 
+impl EngineError {
+    /// Whether the device ran out of memory ([`ComputeError::is_out_of_memory`]).
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            Self::Compute(e) | Self::Device { source: e, .. } => e.is_out_of_memory(),
+            _ => false,
+        }
+    }
+}
+
 /// The engine's result type.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A CUDA out-of-memory cannot be caused without a GPU: these build the error as cudarc
+    // words it (`DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")`) inside candle's
+    // wrappers, and check what a user and the worker see of it.
+    fn wrapped(msg: &str) -> EngineError {
+        let inner = candle_core::Error::Msg(msg.into());
+        let bt = candle_core::Error::WithBacktrace {
+            inner: Box::new(inner),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        EngineError::from(bt.context("conv2d"))
+    }
+
+    #[test]
+    fn device_out_of_memory_is_recognised_through_candle_wrappers() {
+        let oom = wrapped(r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#);
+        assert!(oom.is_out_of_memory());
+        assert!(wrapped("CUBLAS_STATUS_ALLOC_FAILED").is_out_of_memory());
+        assert!(!wrapped("shape mismatch in matmul").is_out_of_memory());
+        assert!(!EngineError::InvalidRequest("out of memory".into()).is_out_of_memory());
+    }
+
+    #[test]
+    fn a_backtrace_never_reaches_the_message() {
+        let e = wrapped(r#"DriverError(CUDA_ERROR_UNKNOWN, "unknown error")"#);
+        assert_eq!(
+            e.to_string(),
+            r#"tensor computation failed: conv2d: DriverError(CUDA_ERROR_UNKNOWN, "unknown error")"#
+        );
+    }
+}

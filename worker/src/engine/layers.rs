@@ -5,7 +5,7 @@
 //! GEGLU feed-forward, the 2× down/upsamplers and the sinusoidal timestep embedding. Tensors
 //! are NCHW as in PyTorch; weight names follow diffusers so LoRA keys map onto them.
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{D, Device, Module, Result, Tensor};
 
 use super::error::Result as EngineResult;
 use super::profile::{OpKind, timed};
@@ -130,33 +130,74 @@ impl Attention {
     }
 }
 
-/// `softmax(q·kᵀ/sqrt(d) + mask)·v` over `[b, heads, n, d]`, with the scores in f32.
+/// Largest score matrix one attention call builds, bytes. Self-attention at the UNet's first
+/// level is `batch × heads × n²` scores with `n = (w/8)·(h/8)`: in f32, 512 MiB for one 512²
+/// image and 2.5 GiB at 768², and CFG and `--batch` multiply it, which is what runs a GPU out
+/// of memory.
+/// Past this bound the queries are taken in slices (rows of a softmax are independent, so
+/// the result is the same); below it nothing changes.
+const MAX_SCORES_BYTES: usize = 512 << 20;
+
+/// `softmax(q·kᵀ/sqrt(d) + mask)·v` over `[b, heads, n, d]`, in query slices whose scores stay
+/// under [`MAX_SCORES_BYTES`].
 pub(crate) fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    timed(OpKind::Attention, || attention_core(q, k, v, mask))
+    timed(OpKind::Attention, || {
+        sliced_attention(q, k, v, mask, MAX_SCORES_BYTES)
+    })
+}
+
+/// [`attention_core`] over slices of the queries whose scores take at most `max_bytes`.
+fn sliced_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    max_bytes: usize,
+) -> Result<Tensor> {
+    let (b, heads, n, _) = q.dims4()?;
+    let keys = k.dim(2)?;
+    let row_bytes = (b * heads * keys * q.dtype().size_in_bytes()).max(1);
+    let rows = (max_bytes / row_bytes).max(1);
+    // A mask broadcast over the queries is sliced with them; one of a single row is shared.
+    let sliceable = mask.is_some_and(|m| m.rank() >= 2 && m.dim(D::Minus2).ok() == Some(n));
+    if rows >= n {
+        return attention_core(q, k, v, mask);
+    }
+    let mut out = Vec::with_capacity(n.div_ceil(rows));
+    let mut start = 0;
+    while start < n {
+        let len = rows.min(n - start);
+        let q_part = q.narrow(2, start, len)?;
+        let mask_part = match mask {
+            Some(m) if sliceable => Some(m.narrow(m.rank() - 2, start, len)?),
+            other => other.cloned(),
+        };
+        out.push(attention_core(&q_part, k, v, mask_part.as_ref())?);
+        start += len;
+    }
+    Tensor::cat(&out, 2)
 }
 
 fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let dtype = q.dtype();
+    // Scores in the inputs' dtype: f32 on the CPU; f16 on a GPU, as diffusers' fp16 SDPA keeps
+    // them for SD1.5 (`upcast_attention = false`), with candle's softmax summing f16 rows in
+    // f32.
     let head_dim = q.dim(D::Minus1)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
     // Scaling q (tokens × head_dim) instead of the scores (tokens × tokens) saves a full pass
     // over the largest tensor of the step; the rounding difference is far below 1e-6.
-    let (q, k, v) = (
-        (q.to_dtype(DType::F32)? * scale)?,
-        k.to_dtype(DType::F32)?,
-        v.to_dtype(DType::F32)?,
-    );
+    let q = (q * scale)?;
     let mut scores = q.matmul(&k.t()?)?;
     if let Some(mask) = mask {
-        scores = scores.broadcast_add(mask)?;
+        scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     }
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.matmul(&v.contiguous()?)?.to_dtype(dtype)
+    probs.matmul(&v.contiguous()?)
 }
 
 /// `GEGLU` + `Linear`: diffusers' `FeedForward(activation_fn="geglu")`, with the exact erf
@@ -369,4 +410,75 @@ pub(crate) fn timestep_embedding(
     };
     row.resize(dim, 0.0);
     Tensor::from_vec(row, (1, dim), device)?.repeat((batch, 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn randn(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
+        let mut rng = crate::engine::rng::TorchRng::new(seed);
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        Tensor::from_vec(rng.randn(n), shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn sliced_attention_equals_the_whole_and_bounds_the_scores() {
+        let (q, k, v) = (
+            randn((2, 3, 37, 8), 1),
+            randn((2, 3, 37, 8), 2),
+            randn((2, 3, 37, 8), 3),
+        );
+        let whole = attention_core(&q, &k, &v, None).unwrap();
+        // Rows of 2·3·37 f32 scores; a bound of 5 rows gives 8 slices, the last of 2 rows.
+        let row = 2 * 3 * 37 * 4;
+        for rows in [1, 5, 36, 37, 1000] {
+            let sliced = sliced_attention(&q, &k, &v, None, rows * row).unwrap();
+            assert_eq!(sliced.dims(), whole.dims());
+            let diff = (&sliced - &whole)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff <= 1e-6, "{rows} rows a slice: max diff {diff}");
+        }
+    }
+
+    #[test]
+    fn a_per_query_mask_is_sliced_with_the_queries() {
+        let (q, k, v) = (
+            randn((1, 2, 9, 4), 4),
+            randn((1, 2, 9, 4), 5),
+            randn((1, 2, 9, 4), 6),
+        );
+        // Causal, as CLIP's: row i sees keys 0..=i.
+        let mask: Vec<f32> = (0..81)
+            .map(|i| {
+                if i % 9 > i / 9 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (9, 9), &Device::Cpu).unwrap();
+        let whole = attention_core(&q, &k, &v, Some(&mask)).unwrap();
+        let sliced = sliced_attention(&q, &k, &v, Some(&mask), 2 * 2 * 9 * 4).unwrap();
+        let diff = (&sliced - &whole)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= 1e-6, "max diff {diff}");
+    }
 }

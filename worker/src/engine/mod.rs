@@ -9,6 +9,7 @@
 
 pub mod base;
 mod clip;
+pub mod device;
 pub mod embeddings;
 pub mod error;
 pub mod image;
@@ -26,10 +27,11 @@ mod vae;
 mod weights;
 
 pub use base::BaseModel;
+pub use device::{Device, DeviceInfo};
 pub use embeddings::EmbeddingStats;
 pub use error::{ComputeError, EngineError};
 pub use lora::LoraSpec;
-pub use model::{Device, LoadedLora, Model};
+pub use model::{LoadedLora, Model};
 pub use pipeline::{PhaseTimes, Pipeline, Progress, RenderOutput, RenderRequest, SamplerKind};
 
 pub use weights::{HostTensor, read_safetensors};

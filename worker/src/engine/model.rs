@@ -12,6 +12,7 @@ use candle_core::{DType, Tensor};
 
 use super::base::BaseModel;
 use super::clip::ClipTextModel;
+use super::device::Device;
 use super::error::{EngineError, Result};
 use super::lora::LoraSpec;
 use super::scheduler::ScheduleConfig;
@@ -19,42 +20,6 @@ use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
 use super::vae::VaeDecoder;
 use super::weights::{HostTensor, Params};
-
-/// Where the networks run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Device {
-    /// The host CPU, computing in f32 (the reference-exact path).
-    #[default]
-    Cpu,
-    /// An NVIDIA GPU by ordinal, in f16 (needs the `cuda` feature).
-    Cuda(usize),
-    /// An Apple GPU by ordinal, in f16 (needs the `metal` feature).
-    Metal(usize),
-}
-
-impl std::fmt::Display for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Cpu => write!(f, "cpu"),
-            Self::Cuda(i) => write!(f, "cuda:{i}"),
-            Self::Metal(i) => write!(f, "metal:{i}"),
-        }
-    }
-}
-
-impl Device {
-    fn open(self) -> Result<(candle_core::Device, DType)> {
-        let opened = match self {
-            Self::Cpu => Ok((candle_core::Device::Cpu, DType::F32)),
-            Self::Cuda(i) => candle_core::Device::new_cuda(i).map(|d| (d, DType::F16)),
-            Self::Metal(i) => candle_core::Device::new_metal(i).map(|d| (d, DType::F16)),
-        };
-        opened.map_err(|e| EngineError::Device {
-            device: self.to_string(),
-            source: e.into(),
-        })
-    }
-}
 
 /// A LoRA as merged into a [`Model`], for the image metadata.
 #[derive(Clone, Debug, PartialEq)]

@@ -17,11 +17,12 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
+use super::device::Device;
 use super::embeddings::{self, EmbeddingCache, EmbeddingStats};
 use super::error::{EngineError, Result};
 use super::image::{Infotext, RgbImage, encode_png, to_rgb8};
 use super::lora::LoraSpec;
-use super::model::{Device, Model, to_host};
+use super::model::{Model, to_host};
 use super::rng::TorchRng;
 use super::scheduler::{EulerAncestralScheduler, LcmScheduler, Sampler};
 use super::weights::HostTensor;

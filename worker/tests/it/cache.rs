@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use kiln_worker::agent::renderer::{Item, RenderFailure, Renderer};
-use kiln_worker::cache::{CacheStats, Found, PipelineCache, PipelineKey};
+use kiln_worker::cache::{Budget, CacheStats, Found, PipelineCache, PipelineKey};
 use kiln_worker::engine::{Device, RenderRequest, SamplerKind};
 use tokio::sync::watch;
 
@@ -93,7 +93,7 @@ fn item(seed: u64) -> (Item, watch::Receiver<(u32, u32)>) {
 
 #[tokio::test]
 async fn a_prepared_pipeline_is_ready_when_its_render_comes() {
-    let renderer = Renderer::spawn(1 << 30);
+    let renderer = Renderer::spawn(Budget::both(1 << 30));
     renderer.prepare(key(Some(0.5)));
     let deadline = Instant::now() + Duration::from_secs(60);
     while !renderer.loaded().contains(&key(Some(0.5))) {
@@ -109,7 +109,7 @@ async fn a_prepared_pipeline_is_ready_when_its_render_comes() {
 
 #[tokio::test]
 async fn a_batch_job_answers_every_cell_and_fails_a_bad_one_alone() {
-    let renderer = Renderer::spawn(1 << 30);
+    let renderer = Renderer::spawn(Budget::both(1 << 30));
     let (a, _ra) = item(1);
     let (mut bad, _rb) = item(2);
     bad.request.width = 100;
@@ -121,4 +121,22 @@ async fn a_batch_job_answers_every_cell_and_fails_a_bad_one_alone() {
     let c = out[2].as_ref().expect("third renders");
     assert_eq!(a.times.batch, 2, "the two valid cells shared a batch");
     assert_ne!(a.png, c.png);
+}
+
+#[test]
+fn cpu_pipelines_count_against_the_host_budget_only() {
+    // No device memory at all: CPU pipelines must still be kept (they live in host memory),
+    // and dropping the GPU pipelines after an out-of-memory leaves them alone.
+    let mut cache = PipelineCache::with_budget(Budget {
+        host_bytes: 1 << 30,
+        device_bytes: 0,
+    });
+    cache.get(&key(Some(1.0))).expect("a");
+    cache.get(&key(Some(0.5))).expect("b");
+    cache.get(&key(None)).expect("c");
+    assert_eq!(cache.keys().count(), 3);
+    assert_eq!(cache.stats.evictions, 0);
+    assert_eq!(cache.used_device_bytes(), 0);
+    assert_eq!(cache.clear_device(), 0);
+    assert_eq!(cache.keys().count(), 3);
 }

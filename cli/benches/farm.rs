@@ -91,6 +91,7 @@ async fn farm() -> (tempfile::TempDir, Farm) {
         device: Device::Cpu,
         models: vec![fixtures()],
         cache_bytes: 1 << 30,
+        paths: Default::default(),
         device_cache_bytes: 1 << 30,
         max_pixels: 1 << 20,
         memory_mib: 8192,

@@ -114,6 +114,8 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             name: "local".into(),
             device: opened.device,
             models,
+            // The sweep file is the user's own, and it names local paths.
+            paths: kiln_worker::agent::resolve::PathPolicy::AnyPath,
             cache_bytes: (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64,
             device_cache_bytes: opened.device_cache_bytes,
             max_pixels: 4096 * 4096,

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kiln_worker::agent::resolve::PathPolicy;
 use kiln_worker::agent::{self, AgentConfig};
 use kiln_worker::upload::{RetryPolicy, S3Options, Storage, StorageUrl};
 
@@ -27,9 +28,14 @@ pub struct Args {
     /// or machine cannot use stops the worker at start.
     #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
     device: String,
-    /// Folder searched for model and LoRA names (repeatable).
+    /// Folder searched for model and LoRA names (repeatable). Cells may name only files inside
+    /// these folders (by name or relative path).
     #[arg(long = "models", env = "KILN_MODELS")]
     models: Vec<PathBuf>,
+    /// Also let cells name absolute paths and `..` (only when you submit every sweep yourself:
+    /// anyone who can submit could then make this worker open any file it can read).
+    #[arg(long, env = "KILN_ALLOW_ANY_PATH")]
+    allow_any_path: bool,
     /// Host memory budget for loaded models and CPU pipelines, GiB.
     #[arg(long, env = "KILN_CACHE_GB", default_value_t = 8.0)]
     cache_gb: f64,
@@ -102,6 +108,11 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         name,
         device: opened.device,
         models: args.models,
+        paths: if args.allow_any_path {
+            PathPolicy::AnyPath
+        } else {
+            PathPolicy::ModelsOnly
+        },
         cache_bytes: (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64,
         device_cache_bytes: opened.device_cache_bytes,
         max_pixels: args.max_pixels,

@@ -72,7 +72,7 @@ def timed_module(module, device, sink):
 
 def load(args, device, dtype):
     pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, variant=args.variant, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        args.model, variant=args.variant or None, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     if args.lora:
@@ -98,7 +98,7 @@ def main():
     ap.add_argument("model")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    ap.add_argument("--variant", default="fp16", help="weight file variant (make_sd15_random.py writes fp16)")
+    ap.add_argument("--variant", default="fp16", help="weight file variant (make_sd15_random.py writes fp16; \"\" for none)")
     ap.add_argument("--lora", help="a LoRA file to fuse, e.g. an LCM-LoRA")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4)

@@ -3,8 +3,10 @@
 
 mod batch;
 mod commands;
+mod devices;
 mod drain;
 mod farm;
+mod paths;
 mod render;
 #[path = "../../../worker/tests/it/s3server.rs"]
 mod s3server;

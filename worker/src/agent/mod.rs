@@ -50,6 +50,8 @@ pub struct AgentConfig {
     pub device: Device,
     /// Folders searched for model and LoRA names.
     pub models: Vec<PathBuf>,
+    /// Whether a cell may name files outside `models`.
+    pub paths: resolve::PathPolicy,
     /// Pipeline cache budget in host memory, bytes.
     pub cache_bytes: u64,
     /// Pipeline cache budget in device memory, bytes (GPU devices only).
@@ -373,11 +375,14 @@ fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
 }
 
 fn pipeline_key(cfg: &AgentConfig, cell: &pb::RenderCell) -> Result<PipelineKey, String> {
-    let model = resolve::resolve(&cell.model, &cfg.models, "model")?;
+    let model = resolve::resolve(&cell.model, &cfg.models, "model", cfg.paths)?;
     let loras = cell
         .loras
         .iter()
-        .map(|l| Ok((resolve::resolve(&l.name, &cfg.models, "LoRA")?, l.strength)))
+        .map(|l| {
+            let path = resolve::resolve(&l.name, &cfg.models, "LoRA", cfg.paths)?;
+            Ok((path, l.strength))
+        })
         .collect::<Result<Vec<_>, String>>()?;
     if u64::from(cell.width) * u64::from(cell.height) > cfg.max_pixels {
         return Err(format!(

@@ -1,18 +1,54 @@
 //! Model references to files on this PC. A cell names its model and LoRAs by file name (found
-//! in the worker's `--models` folders) or by path; each worker maps them to its own files, so
-//! PCs need not share paths. A reference that resolves to nothing is bad input naming what was
-//! searched.
+//! in the worker's `--models` folders), or by a relative path inside one of them
+//! (`sd15/dreamshaper`); each worker maps them to its own files, so PCs need not share paths.
+//!
+//! A cell comes from the network, so a reference may only reach inside the `--models` folders:
+//! absolute paths, drive prefixes and `..` are refused before the file system is touched, and
+//! the refusal says nothing about what exists outside them. A worker whose owner trusts every
+//! submitter (`kiln run`, or `kiln worker --allow-any-path`) also takes paths as they are. A
+//! reference that resolves to nothing is bad input naming what was searched.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
-/// Finds `reference` as a path, or as a name (with or without `.safetensors`) in `dirs`.
-pub fn resolve(reference: &str, dirs: &[PathBuf], what: &str) -> Result<PathBuf, String> {
+/// Which references a worker accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PathPolicy {
+    /// Names and relative paths inside the `--models` folders only.
+    #[default]
+    ModelsOnly,
+    /// Also absolute paths and `..`, taken as they are (the worker's owner submits every cell).
+    AnyPath,
+}
+
+/// Finds `reference` as a name (with or without `.safetensors`) or a relative path in `dirs`,
+/// or, under [`PathPolicy::AnyPath`], as a path of its own.
+pub fn resolve(
+    reference: &str,
+    dirs: &[PathBuf],
+    what: &str,
+    policy: PathPolicy,
+) -> Result<PathBuf, String> {
+    if reference.is_empty() || reference.contains('\0') {
+        return Err(format!("{what} name {reference:?} is empty or not text"));
+    }
     let as_path = Path::new(reference);
-    if as_path.is_absolute() || reference.contains(['/', '\\']) {
-        if as_path.exists() {
-            return Ok(as_path.to_path_buf());
+    // `\` separates on Windows only; a name holding one is refused everywhere, so a sweep
+    // means the same on every worker.
+    let inside = !reference.contains('\\')
+        && as_path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if !inside {
+        if policy == PathPolicy::AnyPath {
+            if as_path.exists() {
+                return Ok(as_path.to_path_buf());
+            }
+            return Err(format!("{what} not found: {reference}"));
         }
-        return Err(format!("{what} not found: {reference}"));
+        return Err(format!(
+            "{what} {reference:?} refused: a cell may only name files inside this worker's \
+             --models folders (a name or a relative path, no absolute path or `..`)"
+        ));
     }
     let names = [reference.to_string(), format!("{reference}.safetensors")];
     for dir in dirs {
@@ -22,6 +58,10 @@ pub fn resolve(reference: &str, dirs: &[PathBuf], what: &str) -> Result<PathBuf,
                 return Ok(candidate);
             }
         }
+    }
+    if policy == PathPolicy::AnyPath && as_path.exists() {
+        // `kiln run`: a path relative to where it was started.
+        return Ok(as_path.to_path_buf());
     }
     let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
     Err(format!(
@@ -39,22 +79,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_paths_and_misses() {
+    fn names_relative_paths_and_misses() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("lcm.safetensors"), b"x").unwrap();
-        std::fs::create_dir(dir.path().join("dreamshaper")).unwrap();
+        std::fs::create_dir_all(dir.path().join("sd15/dreamshaper")).unwrap();
         let dirs = vec![dir.path().to_path_buf()];
+        let only = PathPolicy::ModelsOnly;
         assert_eq!(
-            resolve("lcm", &dirs, "LoRA").unwrap(),
+            resolve("lcm", &dirs, "LoRA", only).unwrap(),
             dir.path().join("lcm.safetensors")
         );
         assert_eq!(
-            resolve("dreamshaper", &dirs, "model").unwrap(),
-            dir.path().join("dreamshaper")
+            resolve("sd15/dreamshaper", &dirs, "model", only).unwrap(),
+            dir.path().join("sd15/dreamshaper")
         );
-        let full = dir.path().join("lcm.safetensors");
-        assert_eq!(resolve(full.to_str().unwrap(), &[], "LoRA").unwrap(), full);
-        let e = resolve("nope", &dirs, "model").unwrap_err();
+        let e = resolve("nope", &dirs, "model", only).unwrap_err();
         assert!(e.contains("model not found") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn paths_out_of_the_models_folders_are_refused_without_looking() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), b"x").unwrap();
+        let models = dir.path().join("models");
+        std::fs::create_dir(&models).unwrap();
+        let dirs = vec![models];
+        let full = dir.path().join("secret");
+        // The same answer whether the file exists or not: nothing is revealed.
+        for reference in [
+            full.to_str().unwrap(),
+            "/no/such/file",
+            "../secret",
+            "../no-such-file",
+            "a/../../secret",
+            "..\\secret",
+            "C:\\Windows\\win.ini",
+        ] {
+            let e = resolve(reference, &dirs, "LoRA", PathPolicy::ModelsOnly).unwrap_err();
+            assert!(e.contains("refused"), "{reference}: {e}");
+            assert!(!e.contains("not found"), "{reference}: {e}");
+        }
+        for reference in ["", "a\0b"] {
+            assert!(resolve(reference, &dirs, "model", PathPolicy::ModelsOnly).is_err());
+        }
+        // The owner's own `kiln run` takes paths as they are.
+        assert_eq!(
+            resolve(full.to_str().unwrap(), &dirs, "LoRA", PathPolicy::AnyPath).unwrap(),
+            full
+        );
     }
 }

@@ -257,12 +257,13 @@ impl PipelineCache {
     fn make_room(&mut self, incoming: Cost, keep: Option<&Path>) {
         loop {
             let used = self.used();
-            if used.device + incoming.device > self.budget.device_bytes {
-                if let Some(i) = self.pipelines.iter().position(|(k, _)| k.device.is_gpu()) {
-                    self.pipelines.remove(i);
-                    self.stats.evictions += 1;
-                    continue;
-                }
+            let gpu_lru = self.pipelines.iter().position(|(k, _)| k.device.is_gpu());
+            if used.device + incoming.device > self.budget.device_bytes
+                && let Some(i) = gpu_lru
+            {
+                self.pipelines.remove(i);
+                self.stats.evictions += 1;
+                continue;
             }
             if used.host + incoming.host <= self.budget.host_bytes {
                 break;

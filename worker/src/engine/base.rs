@@ -50,18 +50,30 @@ fn locate(folder: &Path, part: &'static str, config: &str, names: &[&str]) -> Re
     Ok(Part { config, weights })
 }
 
+/// The largest `config.json` read, bytes (SD1.5's are under 2 KB).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| EngineError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    use std::io::Read;
+    let (file, len) = super::weights::open_regular(path)?;
+    if len > MAX_CONFIG_BYTES {
+        return Err(EngineError::Config {
+            path: path.to_owned(),
+            reason: format!("{len} bytes, larger than any config ({MAX_CONFIG_BYTES})"),
+        });
+    }
+    let mut text = String::new();
+    file.take(len)
+        .read_to_string(&mut text)
+        .map_err(|source| EngineError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(text)
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| EngineError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    super::weights::read_safetensors_bytes(path)
 }
 
 /// transformers saves `CLIPTextModel` without the `text_model.` prefix; SD checkpoints have it.

@@ -129,14 +129,15 @@ impl Device {
             }
             _ => info,
         };
-        drop(handle);
+        #[cfg(not(feature = "cuda"))]
+        let _ = handle;
         Ok(info)
     }
 
     fn not_compiled(self, hint: &str) -> EngineError {
         EngineError::Device {
             device: self.to_string(),
-            source: ComputeError::from(candle_core::Error::Msg(format!(
+            reason: ComputeError::from(candle_core::Error::Msg(format!(
                 "this kiln was built without {} support; {hint}",
                 match self {
                     Self::Metal(_) => "Metal",
@@ -149,7 +150,7 @@ impl Device {
     fn failed(self, e: candle_core::Error) -> EngineError {
         EngineError::Device {
             device: self.to_string(),
-            source: e.into(),
+            reason: e.into(),
         }
     }
 }

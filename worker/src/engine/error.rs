@@ -97,13 +97,13 @@ pub enum EngineError {
     #[error("render cancelled")]
     Cancelled,
     /// The compute device could not be opened (e.g. a GPU backend not compiled in).
-    #[error("cannot use device {device}: {source}")]
+    #[error("cannot use device {device}: {reason}")]
     Device {
         /// The requested device.
         device: String,
-        /// The backend's error.
-        #[source]
-        source: ComputeError,
+        /// The backend's error (in the message, not a `source`, so that a chain printer
+        /// does not say it twice).
+        reason: ComputeError,
     },
     /// PNG encoding failed.
     #[error("PNG encoding failed: {0}")]
@@ -171,7 +171,7 @@ impl EngineError {
     /// Whether the device ran out of memory ([`ComputeError::is_out_of_memory`]).
     pub fn is_out_of_memory(&self) -> bool {
         match self {
-            Self::Compute(e) | Self::Device { source: e, .. } => e.is_out_of_memory(),
+            Self::Compute(e) | Self::Device { reason: e, .. } => e.is_out_of_memory(),
             _ => false,
         }
     }

@@ -38,6 +38,61 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     Ok(out)
 }
 
+/// The largest safetensors header accepted, bytes: the safetensors crate's own limit.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Opens `path` for reading only if it is a regular file (never a device, pipe or folder, which
+/// could be read without end), and gives its length.
+pub(crate) fn open_regular(path: &Path) -> Result<(std::fs::File, u64)> {
+    let io = |source| EngineError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(EngineError::Safetensors {
+            path: path.to_owned(),
+            reason: "not a regular file".into(),
+        });
+    }
+    Ok((file, meta.len()))
+}
+
+/// The bytes of the safetensors file `path`, read only after its header's declared size has
+/// been checked against the limit and the file's length, and never more than that length: a
+/// damaged or hostile file costs at most its own size in memory.
+pub(crate) fn read_safetensors_bytes(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let bad = |reason: String| EngineError::Safetensors {
+        path: path.to_owned(),
+        reason,
+    };
+    let io = |source| EngineError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let (file, len) = open_regular(path)?;
+    if len < 8 {
+        return Err(bad(format!("{len} bytes, shorter than a header")));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).map_err(|_| bad("too large".into()))?);
+    let mut reader = file.take(len);
+    reader
+        .by_ref()
+        .take(8)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    let header = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes read"));
+    if header > MAX_HEADER_BYTES || header > len - 8 {
+        return Err(bad(format!(
+            "its header claims {header} bytes in a file of {len} bytes"
+        )));
+    }
+    reader.read_to_end(&mut bytes).map_err(io)?;
+    Ok(bytes)
+}
+
 /// All tensors of one weights file, as f32 on the host. Cloning shares the tensors' storage.
 #[derive(Clone, Debug)]
 pub(crate) struct Weights {
@@ -49,11 +104,7 @@ pub(crate) struct Weights {
 impl Weights {
     /// Reads and validates `path`, upcasting every tensor to f32.
     pub(crate) fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::from_bytes(path, &bytes)
+        Self::from_bytes(path, &read_safetensors_bytes(path)?)
     }
 
     /// Parses an in-memory safetensors file (`path` only names it in errors).
@@ -228,3 +279,48 @@ profiled_layer!(
     LayerNorm,
     OpKind::Norm
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(path: &Path) -> String {
+        match read_safetensors_bytes(path) {
+            Err(EngineError::Safetensors { reason, .. }) => reason,
+            other => panic!(
+                "{}: expected a safetensors error, got {other:?}",
+                path.display()
+            ),
+        }
+    }
+
+    #[test]
+    fn a_device_or_folder_is_refused_before_any_read() {
+        // /dev/zero reads without end: it must be refused at once, not read.
+        #[cfg(unix)]
+        assert_eq!(reason(Path::new("/dev/zero")), "not a regular file");
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(reason(dir.path()), "not a regular file");
+    }
+
+    #[test]
+    fn a_header_larger_than_its_file_is_refused_before_the_body_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lies.safetensors");
+        let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        std::fs::write(&path, &bytes).unwrap();
+        let r = reason(&path);
+        assert!(
+            r.contains("header claims 1099511627776 bytes in a file of 10"),
+            "{r}"
+        );
+        std::fs::write(&path, b"abc").unwrap();
+        assert!(reason(&path).contains("shorter than a header"));
+        // A well-formed empty file reads whole.
+        let mut ok = 2u64.to_le_bytes().to_vec();
+        ok.extend_from_slice(b"{}");
+        std::fs::write(&path, &ok).unwrap();
+        assert_eq!(read_safetensors_bytes(&path).unwrap(), ok);
+    }
+}

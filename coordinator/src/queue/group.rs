@@ -3,8 +3,10 @@
 //! [`Leases`]). Each caller gets its own answer, and only after the batch that carried its
 //! write has committed, so what is acknowledged is durable as before. What changes is the
 //! cost: on Postgres every commit waits for a WAL flush, and with many workers writing at once
-//! most of a render cycle's time had been commits and per-statement work (BENCHMARKS.md,
-//! "Session 4").
+//! most of a render cycle's time had been commits and per-statement work: with 64 workers
+//! committing every lease and complete alone, 587 of 872 samples of active Postgres backends
+//! waited on the WAL write lock, and batching both took lease(1)+complete from 1,193 to 3,711
+//! cycles/s.
 //!
 //! No caller waits for a batch to fill: a batch is whatever is waiting when a write slot is
 //! free, so a lone write goes at once (with the single-row statement). A task owns the

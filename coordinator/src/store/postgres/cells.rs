@@ -36,7 +36,8 @@ const COMPLETE_UPDATE: &str = "UPDATE cells SET state = 'completed', finalized_a
 /// way. Two leases that want some of the same cells (two coordinators on one database) then
 /// wait for each other in one order and cannot deadlock; in pick order they could, and did in
 /// the two-coordinator test. (`FOR UPDATE SKIP LOCKED` would avoid the wait as well, but its
-/// extra row lock cost a fifth of the lease rate; BENCHMARKS.md, "Session 5".)
+/// extra row lock cost about a fifth of the lease rate: 2,914–3,322 lease(1)+complete cycles/s
+/// against 3,304–4,079 without it.)
 const LEASE_UPDATE: &str = "UPDATE cells SET state = 'running', attempt = attempt + 1, \
      attempted_at = $2, lease_owner = $3, lease_expires_at = $4, heartbeat_at = $2, \
      progress_step = NULL, progress_total = NULL \

@@ -4,15 +4,12 @@
 //! crash) running the same command again resumes where it stopped.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_coordinator::clock::SystemClock;
 use kiln_coordinator::config::Settings;
-use kiln_coordinator::queue::Queue;
-use kiln_coordinator::store::Store;
+use kiln_coordinator::server::Coordinator;
 use kiln_proto::v1 as pb;
 use kiln_worker::agent::{self, AgentConfig};
 use kiln_worker::upload::{RetryPolicy, Storage, StorageUrl};
@@ -79,11 +76,10 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let store = Store::connect(&cfg.db, &cfg.store).await?;
-        let queue = Queue::new(store.clone(), Arc::new(SystemClock), cfg.queue.clone());
+        let coordinator = Coordinator::open(&cfg).await?;
         // Embedded mode has no other workers: attempts left running by an interrupted run
         // go straight back to the queue.
-        let requeued = queue.requeue_running().await?;
+        let requeued = coordinator.queue().requeue_running().await?;
         if requeued > 0 {
             eprintln!("resuming: {requeued} interrupted cells queued again");
         }
@@ -93,12 +89,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let server = tokio::spawn(kiln_coordinator::server::serve(
-            queue,
-            listener,
-            cfg.maintenance_interval,
-            stopped(stop_rx.clone()),
-        ));
+        let server = tokio::spawn(coordinator.serve(listener, stopped(stop_rx.clone())));
         let conn = Conn {
             coordinator: format!("http://{addr}"),
         };
@@ -134,7 +125,6 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
         worker.await.context("worker task")??;
         server.await.context("coordinator task")??;
-        store.close().await;
         if interrupted {
             eprintln!("interrupted: run the same command again to resume");
         } else {

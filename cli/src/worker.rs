@@ -95,9 +95,6 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         access_key: env_either("KILN_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
         secret_key: env_either("KILN_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
     };
-    for dir in &args.models {
-        anyhow::ensure!(dir.is_dir(), "--models {}: not a folder", dir.display());
-    }
     let name = args
         .name
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -125,6 +122,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         },
         idle_poll: Duration::from_millis(args.idle_poll_ms.max(10)),
     };
+    cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

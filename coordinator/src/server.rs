@@ -17,6 +17,48 @@ use crate::queue::{Queue, maintenance};
 use crate::store::Store;
 use crate::{Error, Result};
 
+/// A coordinator ready to serve: its database connected and migrated, its queue built. The one
+/// way the coordinator is started, by `kiln coordinator` and by `kiln run`'s embedded one.
+pub struct Coordinator {
+    store: Store,
+    queue: Queue,
+    maintenance_interval: Duration,
+}
+
+impl Coordinator {
+    /// Connects to the configured database, applying migrations.
+    pub async fn open(cfg: &Config) -> Result<Self> {
+        let store = Store::connect(&cfg.db, &cfg.store).await?;
+        tracing::info!(backend = store.backend(), db = ?cfg.db, "database ready");
+        let queue = Queue::new(
+            store.clone(),
+            std::sync::Arc::new(SystemClock),
+            cfg.queue.clone(),
+        );
+        Ok(Self {
+            store,
+            queue,
+            maintenance_interval: cfg.maintenance_interval,
+        })
+    }
+
+    /// The queue, for what a caller does before serving (e.g. requeueing interrupted cells).
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then closes the database.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let out = serve(self.queue, listener, self.maintenance_interval, shutdown).await;
+        self.store.close().await;
+        out
+    }
+}
+
 /// Connects to the configured database (applying migrations) and serves on `listener` until
 /// `shutdown` resolves.
 pub async fn run(
@@ -24,16 +66,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let store = Store::connect(&cfg.db, &cfg.store).await?;
-    tracing::info!(backend = store.backend(), db = ?cfg.db, "database ready");
-    let queue = Queue::new(
-        store.clone(),
-        std::sync::Arc::new(SystemClock),
-        cfg.queue.clone(),
-    );
-    let out = serve(queue, listener, cfg.maintenance_interval, shutdown).await;
-    store.close().await;
-    out
+    Coordinator::open(cfg)
+        .await?
+        .serve(listener, shutdown)
+        .await
 }
 
 /// Serves `queue` on `listener` with maintenance every `maintenance_interval`, until

@@ -20,8 +20,8 @@
 #   CARGO_TARGET_DIR   for the release build, default target/cuda (apart from the CPU build)
 #
 # The result needs, at run time, the NVIDIA driver (libcuda.so.1; driver 580 or newer for
-# CUDA 13.0) and cuBLAS, cuBLASLt, cuRAND and NVRTC of CUDA 13 (a CUDA 13 toolkit, the
-# `--bundle` folder, or the same PyPI wheels on LD_LIBRARY_PATH). It does not start at all on a
+# CUDA 13.0) and the CUDA 13 runtime, cuBLAS, cuBLASLt, cuRAND and NVRTC (a CUDA 13 toolkit,
+# the `--bundle` folder, or the same PyPI wheels on LD_LIBRARY_PATH). It does not start at all on a
 # machine without the driver: coordinators and CPU-only PCs run the CPU build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -70,7 +70,7 @@ chmod +x "$cu"/bin/* "$cu"/nvvm/bin/* 2>/dev/null || true
 
 if [ "$mode" != check ]; then
     # The linker wants unversioned names; cudarc looks in $CUDA_HOME/lib and lib/stubs.
-    for lib in cublas cublasLt nvrtc; do ln -sfn "lib$lib.so.13" "$cu/lib/lib$lib.so"; done
+    for lib in cublas cublasLt nvrtc cudart; do ln -sfn "lib$lib.so.13" "$cu/lib/lib$lib.so"; done
     ln -sfn libcurand.so.10 "$cu/lib/libcurand.so"
     # A stub libcuda for the link only (the driver's own is found at run time; never ship or
     # load this one): every driver-API name that cuda.h declares or #defines to, as an empty
@@ -103,7 +103,7 @@ strip -o "$out/kiln" "$CARGO_TARGET_DIR/release/kiln"
 if [ "$mode" = bundle ]; then
     mkdir -p "$out/lib"
     for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 \
-        libnvrtc-builtins.so.13.0; do
+        libnvrtc-builtins.so.13.0 libcudart.so.13; do
         cp -L "$cu/lib/$lib" "$out/lib/"
     done
 fi

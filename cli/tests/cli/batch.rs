@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::sweep_service_client::SweepServiceClient;
@@ -56,19 +56,7 @@ async fn submit(sweeps: &mut SweepServiceClient<Channel>, key: &str) -> u64 {
             ..Default::default()
         })
         .collect();
-    let msgs = crate::submit_messages(
-        pb::SweepHeader {
-            idempotency_key: key.into(),
-            ..Default::default()
-        },
-        cells,
-    );
-    sweeps
-        .submit_sweep(tokio_stream::iter(msgs))
-        .await
-        .unwrap()
-        .into_inner()
-        .sweep_id
+    crate::submit_cells(sweeps, key, cells).await
 }
 
 /// Waits for the sweep to finish and returns its results by seed.
@@ -76,29 +64,7 @@ async fn results(
     sweeps: &mut SweepServiceClient<Channel>,
     sweep: u64,
 ) -> BTreeMap<u64, pb::RenderResult> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = sweeps
-            .get_sweep(pb::GetSweepRequest { sweep_id: sweep })
-            .await
-            .unwrap()
-            .into_inner();
-        if s.finished {
-            break;
-        }
-        assert!(Instant::now() < deadline, "sweep {sweep} did not finish");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let rows = sweeps
-        .query_results(pb::QueryResultsRequest {
-            sweep_id: sweep,
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .cells;
+    let rows = crate::finished_cells(sweeps, sweep, Duration::from_secs(120)).await;
     assert_eq!(rows.len(), 8);
     rows.into_iter()
         .map(|r| {

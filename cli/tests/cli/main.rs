@@ -26,6 +26,56 @@ struct Coordinator {
     addr: String,
 }
 
+/// Submits `cells` as one sweep under idempotency key `key`; returns its id.
+async fn submit_cells(
+    sweeps: &mut SweepServiceClient<Channel>,
+    key: &str,
+    cells: Vec<pb::RenderCell>,
+) -> u64 {
+    let msgs = submit_messages(
+        pb::SweepHeader {
+            idempotency_key: key.into(),
+            ..Default::default()
+        },
+        cells,
+    );
+    sweeps
+        .submit_sweep(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner()
+        .sweep_id
+}
+
+/// Waits (at most `limit`) for `sweep` to finish and returns its cells (at most 100).
+async fn finished_cells(
+    sweeps: &mut SweepServiceClient<Channel>,
+    sweep: u64,
+    limit: Duration,
+) -> Vec<pb::CellRecord> {
+    let deadline = Instant::now() + limit;
+    while !sweeps
+        .get_sweep(pb::GetSweepRequest { sweep_id: sweep })
+        .await
+        .unwrap()
+        .into_inner()
+        .finished
+    {
+        assert!(Instant::now() < deadline, "sweep {sweep} did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sweeps
+        .query_results(pb::QueryResultsRequest {
+            sweep_id: sweep,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cells
+}
+
 /// A one-chunk `SubmitSweep` stream: `header`, then every cell.
 fn submit_messages(
     header: pb::SweepHeader,

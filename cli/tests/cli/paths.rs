@@ -4,11 +4,11 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_proto::v1 as pb;
 
-use crate::{clients, spawn};
+use crate::{clients, finished_cells, spawn, submit_cells};
 
 struct Worker(Child);
 
@@ -78,40 +78,8 @@ async fn cells_cannot_make_a_worker_read_outside_its_models_folders() {
         cell(8, "tiny-sd15", Some("lora_kohya")),
     ];
     let (mut sweeps, _) = clients(&c.addr).await;
-    let msgs = crate::submit_messages(
-        pb::SweepHeader {
-            idempotency_key: "paths".into(),
-            ..Default::default()
-        },
-        cells,
-    );
-    let sweep = sweeps
-        .submit_sweep(tokio_stream::iter(msgs))
-        .await
-        .unwrap()
-        .into_inner()
-        .sweep_id;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !sweeps
-        .get_sweep(pb::GetSweepRequest { sweep_id: sweep })
-        .await
-        .unwrap()
-        .into_inner()
-        .finished
-    {
-        assert!(Instant::now() < deadline, "sweep did not finish");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let rows = sweeps
-        .query_results(pb::QueryResultsRequest {
-            sweep_id: sweep,
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .cells;
+    let sweep = submit_cells(&mut sweeps, "paths", cells).await;
+    let rows = finished_cells(&mut sweeps, sweep, Duration::from_secs(120)).await;
     assert_eq!(rows.len(), 8);
     let mut refusals = Vec::new();
     for row in rows {

@@ -370,7 +370,9 @@ async fn idempotent_submit(b: Backend) {
 
 async fn release_returns_attempt_uncounted(b: Backend) {
     let fx = Fixture::new(b).await;
-    submit_n(&fx, "release", 2).await;
+    let mut sub = submission("release", vec![cell(0), cell(1)]);
+    sub.max_attempts = Some(2);
+    fx.queue.submit(sub).await.unwrap();
     let w = fx.worker("w").await;
     let leased = fx.queue.lease(w, 2, None).await.unwrap();
     let refs: Vec<_> = leased.iter().map(|c| (c.id, c.attempt)).collect();
@@ -378,9 +380,30 @@ async fn release_returns_attempt_uncounted(b: Backend) {
     let w2 = fx.worker("w2").await;
     let again = fx.queue.lease(w2, 2, None).await.unwrap();
     assert_eq!(again.len(), 2);
+    // A new attempt number, so the released worker's late writes (and its attempt-scoped
+    // object keys) can never be taken for the new attempt's...
     assert!(
-        again.iter().all(|c| c.attempt.0 == 1),
-        "release does not count an attempt"
+        again.iter().all(|c| c.attempt.0 == 2),
+        "a released cell is leased again under a new attempt"
+    );
+    // ...but the release used none of the cell's attempts: with 2 allowed, a failure of the
+    // first attempt that ran is retried, not discarded.
+    let d = fx
+        .queue
+        .fail(
+            fence(&again[0], w2),
+            FailureClass::Transient,
+            "storage down",
+        )
+        .await
+        .unwrap();
+    assert!(matches!(d, Decision::Retry { .. }), "{d:?}");
+    // The released attempt's worker can no longer write.
+    assert!(
+        fx.queue
+            .fail(fence(&leased[1], w), FailureClass::Transient, "late")
+            .await
+            .is_err()
     );
     let workers = fx.queue.workers().await.unwrap();
     assert!(workers.iter().find(|x| x.id == w).unwrap().drained);

@@ -20,8 +20,9 @@ use std::time::Duration;
 use kiln_proto::v1 as pb;
 use tokio::sync::{Notify, watch};
 
-use super::link::{Link, Tracked};
+use super::link::Link;
 use super::renderer::Renderer;
+use super::tracked::{AttemptFlags, Tracked};
 use crate::cache::PipelineKey;
 use crate::engine::RenderRequest;
 
@@ -32,9 +33,8 @@ pub(super) type Plan = Result<(PipelineKey, RenderRequest), String>;
 pub(super) struct Held {
     pub(super) task: pb::LeasedTask,
     pub(super) plan: Plan,
-    pub(super) cancel: Arc<AtomicBool>,
-    /// Set when the coordinator says the lease is lost (never complete).
-    pub(super) lost: Arc<AtomicBool>,
+    /// What the heartbeat learned about it (cancelled, lost).
+    pub(super) flags: Arc<AttemptFlags>,
 }
 
 impl Held {
@@ -46,7 +46,7 @@ impl Held {
     }
 
     pub(super) fn is_lost(&self) -> bool {
-        self.lost.load(std::sync::atomic::Ordering::Relaxed)
+        self.flags.is_lost()
     }
 }
 
@@ -247,14 +247,11 @@ impl Leaser {
                 }
                 remember(&self.affinity, &task.affinity_key, key);
             }
-            let held = Held {
-                task,
-                plan,
-                cancel: Arc::new(AtomicBool::new(false)),
-                lost: Arc::new(AtomicBool::new(false)),
-            };
-            super::track(&self.tracked, &held);
-            self.backlog.push(held);
+            let flags = self.tracked.add(pb::AttemptRef {
+                cell_id: task.cell_id,
+                attempt: task.attempt,
+            });
+            self.backlog.push(Held { task, plan, flags });
         }
         self.backlog.arrived.notify_one();
     }

@@ -12,9 +12,7 @@ use tokio::sync::watch;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
-/// Attempts the agent holds (queued, rendering or being uploaded), with their cancel and lost
-/// flags; shared with the heartbeat task.
-pub type Tracked = Arc<std::sync::Mutex<Vec<(pb::AttemptRef, Arc<AtomicBool>, Arc<AtomicBool>)>>>;
+use super::tracked::Tracked;
 
 /// Shortest wait between two progress reports of one attempt.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -254,7 +252,7 @@ impl Link {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(link.heartbeat).await;
-                let held = tracked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let held = tracked.snapshot();
                 if held.is_empty() {
                     continue;
                 }
@@ -276,18 +274,17 @@ impl Link {
                         continue;
                     }
                 };
-                for (a, cancel, lost) in &held {
+                for (a, flags) in &held {
                     if r.lost.contains(a) {
                         tracing::warn!(
                             cell = a.cell_id,
                             attempt = a.attempt,
                             "lease lost: aborting"
                         );
-                        lost.store(true, Ordering::SeqCst);
-                        cancel.store(true, Ordering::SeqCst);
+                        flags.mark_lost();
                     }
                     if r.cancelled.contains(a) {
-                        cancel.store(true, Ordering::SeqCst);
+                        flags.mark_cancelled();
                     }
                 }
             }

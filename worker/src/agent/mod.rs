@@ -22,10 +22,10 @@ mod backlog;
 pub mod link;
 pub mod renderer;
 pub mod resolve;
+pub mod tracked;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use kiln_proto::v1 as pb;
@@ -33,13 +33,14 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use self::backlog::{Backlog, Held, Leaser, Plan};
-use self::link::{Link, Tracked};
+use self::link::Link;
 use self::renderer::{Item, RenderFailure, Renderer};
+use self::tracked::Tracked;
 use crate::cache::PipelineKey;
 use crate::engine::{Device, RenderRequest, SamplerKind};
 use crate::upload::{RetryPolicy, Storage, object_key};
 
-/// Agent settings, validated by the CLI.
+/// Agent settings, checked once by [`AgentConfig::validate`] when the agent starts.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// Coordinator URL.
@@ -72,6 +73,31 @@ pub struct AgentConfig {
     pub idle_poll: Duration,
 }
 
+impl AgentConfig {
+    /// Checks the settings once, before the agent starts: the coordinator URL parses, the
+    /// models folders exist, the batch and timings are in range.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        link::endpoint(&self.coordinator).map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
+        for dir in &self.models {
+            anyhow::ensure!(dir.is_dir(), "--models {}: not a folder", dir.display());
+        }
+        anyhow::ensure!(
+            (1..=64).contains(&self.batch),
+            "--batch {}: must be 1..=64",
+            self.batch
+        );
+        anyhow::ensure!(
+            !self.idle_poll.is_zero(),
+            "the idle poll interval must not be 0"
+        );
+        anyhow::ensure!(
+            self.upload_retry.attempts >= 1,
+            "upload tries must be at least 1"
+        );
+        Ok(())
+    }
+}
+
 /// Uploads (with their completes) allowed to run beside the render.
 const MAX_FINISHING: usize = 2;
 
@@ -81,6 +107,7 @@ pub async fn run(
     storage: Storage,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    cfg.validate()?;
     tokio::pin!(shutdown);
     let info = pb::WorkerInfo {
         name: cfg.name.clone(),
@@ -106,7 +133,7 @@ pub async fn run(
     let batch = cfg.batch.max(1) as usize;
     let backlog = Arc::new(Backlog::new(batch, cfg.prefetch as usize));
     // Every attempt held, for the heartbeat task; uploads finish in the background.
-    let tracked: Tracked = Arc::default();
+    let tracked = Tracked::default();
     let heartbeats = link.spawn_heartbeats(tracked.clone());
     let (stop_leasing, stop_rx) = watch::channel(false);
     let planner = cfg.clone();
@@ -145,7 +172,7 @@ pub async fn run(
         };
         for (held, rendered) in group.into_iter().zip(rendered) {
             let Some(rendered) = rendered else {
-                untrack(&tracked, held.attempt());
+                tracked.remove(held.attempt());
                 continue;
             };
             // Upload and complete beside the next render.
@@ -163,13 +190,13 @@ pub async fn run(
                 if let Err(e) = finish(&leaser, &storage, &retry, device, &held, rendered).await {
                     tracing::warn!(cell = a.cell_id, error = %e, "attempt ended without a report");
                 }
-                untrack(&leaser.tracked, a);
+                leaser.tracked.remove(a);
                 leaser.backlog.finishing_ended();
             });
         }
         // Drop queued attempts the coordinator took back meanwhile.
         for a in backlog.drop_lost() {
-            untrack(&tracked, a);
+            tracked.remove(a);
         }
     }
     backlog.stop();
@@ -189,21 +216,6 @@ pub async fn run(
     heartbeats.abort();
     tracing::info!("drained");
     Ok(())
-}
-
-fn track(tracked: &Tracked, h: &Held) {
-    tracked.lock().unwrap_or_else(|e| e.into_inner()).push((
-        h.attempt(),
-        h.cancel.clone(),
-        h.lost.clone(),
-    ));
-}
-
-fn untrack(tracked: &Tracked, a: pb::AttemptRef) {
-    tracked
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|(x, _, _)| *x != a);
 }
 
 /// Renders a group of alike attempts as one batch. Failures are reported here; `None` means
@@ -227,11 +239,11 @@ async fn render_group(
                 reporters.push(link.spawn_progress(
                     held.attempt(),
                     progress_rx,
-                    held.cancel.clone(),
+                    held.flags.cancel.clone(),
                 ));
                 items.push(Item {
                     request: request.clone(),
-                    cancel: held.cancel.clone(),
+                    cancel: held.flags.cancel.clone(),
                     progress,
                 });
                 members.push(i);
@@ -311,7 +323,7 @@ async fn finish(
             .await;
     }
     let upload_ms = t.elapsed().as_secs_f64() * 1000.0;
-    if held.lost.load(Ordering::Relaxed) {
+    if held.is_lost() {
         // The object stays under this attempt's own key; it can never be a result.
         return Ok(());
     }
@@ -358,16 +370,24 @@ async fn finish(
 /// Resolves a leased cell's files and settings (bad input when they cannot be).
 fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
     let cell = task.cell.as_ref().ok_or("leased task has no cell")?;
+    // A sampler this worker does not know is never rendered as another one.
+    let sampler = match pb::Sampler::try_from(cell.sampler) {
+        Ok(pb::Sampler::Lcm) => SamplerKind::Lcm,
+        Ok(pb::Sampler::EulerA) => SamplerKind::EulerAncestral,
+        _ => {
+            return Err(format!(
+                "sampler {} is not one this worker renders (LCM, Euler a)",
+                cell.sampler
+            ));
+        }
+    };
     let request = RenderRequest {
         prompt: cell.prompt.clone(),
         negative_prompt: cell.negative_prompt.clone(),
         seed: cell.seed,
         steps: cell.steps as usize,
         cfg_scale: cell.cfg,
-        sampler: match pb::Sampler::try_from(cell.sampler) {
-            Ok(pb::Sampler::EulerA) => SamplerKind::EulerAncestral,
-            _ => SamplerKind::Lcm,
-        },
+        sampler,
         width: cell.width,
         height: cell.height,
     };
@@ -395,4 +415,87 @@ fn pipeline_key(cfg: &AgentConfig, cell: &pb::RenderCell) -> Result<PipelineKey,
         loras,
         device: cfg.device,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(models: PathBuf) -> AgentConfig {
+        AgentConfig {
+            coordinator: "http://127.0.0.1:7450".into(),
+            name: "test".into(),
+            device: Device::Cpu,
+            models: vec![models],
+            paths: resolve::PathPolicy::ModelsOnly,
+            cache_bytes: 1 << 30,
+            device_cache_bytes: 0,
+            max_pixels: 1 << 20,
+            memory_mib: 8192,
+            prefetch: 1,
+            batch: 1,
+            upload_retry: RetryPolicy::default(),
+            idle_poll: Duration::from_millis(100),
+        }
+    }
+
+    fn task(sampler: i32) -> pb::LeasedTask {
+        pb::LeasedTask {
+            cell: Some(pb::RenderCell {
+                model: "tiny-sd15".into(),
+                prompt: "a fox".into(),
+                steps: 4,
+                cfg: 1.0,
+                sampler,
+                width: 64,
+                height: 64,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn settings_are_checked_once_at_start() {
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference");
+        assert!(config(fixtures.clone()).validate().is_ok());
+        let mut bad = config(fixtures.clone());
+        bad.coordinator = "http://[::1".into();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--coordinator")
+        );
+        let mut bad = config(fixtures.join("no-such-folder"));
+        bad.batch = 1;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("not a folder")
+        );
+        let mut bad = config(fixtures);
+        bad.batch = 0;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--batch 0")
+        );
+    }
+
+    #[test]
+    fn an_unknown_sampler_is_bad_input_never_another_sampler() {
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference");
+        let cfg = config(fixtures);
+        let (_, lcm) = plan(&cfg, &task(pb::Sampler::Lcm as i32)).expect("lcm");
+        assert_eq!(lcm.sampler, SamplerKind::Lcm);
+        let (_, euler) = plan(&cfg, &task(pb::Sampler::EulerA as i32)).expect("euler a");
+        assert_eq!(euler.sampler, SamplerKind::EulerAncestral);
+        for unknown in [pb::Sampler::Unspecified as i32, 99] {
+            let e = plan(&cfg, &task(unknown)).unwrap_err();
+            assert!(e.contains("not one this worker renders"), "{unknown}: {e}");
+        }
+    }
 }

@@ -94,7 +94,12 @@ impl Device {
                 }
                 candle_core::Device::new_cuda(i)
                     .map(|d| (d, DType::F16))
-                    .map_err(|e| self.failed(e))
+                    .map_err(|e| {
+                        self.failed(e.context(
+                            "the NVIDIA driver said no (`kiln devices` lists the cards, \
+                             `nvidia-smi` checks the driver: this build needs 580 or newer)",
+                        ))
+                    })
             }
             Self::Metal(i) => {
                 if !cfg!(feature = "metal") {

@@ -416,6 +416,15 @@ pub(crate) fn timestep_embedding(
 mod tests {
     use super::*;
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .unwrap()
+    }
+
     fn randn(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
         let mut rng = crate::engine::rng::TorchRng::new(seed);
         let n = shape.0 * shape.1 * shape.2 * shape.3;
@@ -435,16 +444,7 @@ mod tests {
         for rows in [1, 5, 36, 37, 1000] {
             let sliced = sliced_attention(&q, &k, &v, None, rows * row).unwrap();
             assert_eq!(sliced.dims(), whole.dims());
-            let diff = (&sliced - &whole)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(&sliced, &whole);
             assert!(diff <= 1e-6, "{rows} rows a slice: max diff {diff}");
         }
     }
@@ -469,16 +469,7 @@ mod tests {
         let mask = Tensor::from_vec(mask, (9, 9), &Device::Cpu).unwrap();
         let whole = attention_core(&q, &k, &v, Some(&mask)).unwrap();
         let sliced = sliced_attention(&q, &k, &v, Some(&mask), 2 * 2 * 9 * 4).unwrap();
-        let diff = (&sliced - &whole)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&sliced, &whole);
         assert!(diff <= 1e-6, "max diff {diff}");
     }
 }

@@ -329,7 +329,7 @@ impl PgStore {
             n += sqlx::query(
                 "UPDATE cells SET state = CASE WHEN (SELECT state FROM sweeps \
                  WHERE sweeps.id = cells.sweep_id) = 'paused' THEN 'held' ELSE 'available' END, \
-                 attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL, \
+                 max_attempts = max_attempts + 1, lease_owner = NULL, lease_expires_at = NULL, \
                  progress_step = NULL, progress_total = NULL \
                  WHERE id = $1 AND state = 'running' AND attempt = $2 AND lease_owner = $3",
             )

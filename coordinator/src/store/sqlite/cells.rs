@@ -234,7 +234,7 @@ impl SqliteStore {
             n += sqlx::query(
                 "UPDATE cells SET state = CASE WHEN (SELECT state FROM sweeps \
                  WHERE sweeps.id = cells.sweep_id) = 'paused' THEN 'held' ELSE 'available' END, \
-                 attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL, \
+                 max_attempts = max_attempts + 1, lease_owner = NULL, lease_expires_at = NULL, \
                  progress_step = NULL, progress_total = NULL \
                  WHERE id = ? AND state = 'running' AND attempt = ? AND lease_owner = ?",
             )

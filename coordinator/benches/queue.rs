@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_coordinator::clock::SystemClock;
-use kiln_coordinator::queue::state::DeviceKind;
+use kiln_coordinator::domain::state::DeviceKind;
 use kiln_coordinator::queue::{Queue, QueueConfig, Submission};
 use kiln_coordinator::store::{
     DatabaseUrl, Fence, LeasedCell, Store, StoreOptions, WorkerRegistration,

@@ -6,7 +6,9 @@
 //! - [`sweep`]: sweep files (TOML: templates, wildcards, axes, seeds) planned into numbered
 //!   cells by a pure function ([`sweep::plan`]), and the validation and identity of cells
 //!   (cell key, affinity key).
-//! - [`queue`]: the cell lifecycle — states, retry/backoff/poison policy, affinity choice,
+//! - [`domain`]: the ground floor the queue, store and API share: states, failures and
+//!   decisions, lease candidates.
+//! - [`queue`]: the cell lifecycle — retry/backoff/poison policy, affinity choice,
 //!   the maintenance loop, and [`queue::Queue`], the one entry point the API calls.
 //! - [`query`]: the filter language of `kiln query` (lexer, parser, sort keys) → a typed AST;
 //!   no SQL.
@@ -21,6 +23,7 @@
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod domain;
 pub mod error;
 pub mod events;
 pub mod query;

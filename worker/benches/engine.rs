@@ -8,10 +8,15 @@
 //! RAYON_NUM_THREADS=2 cargo bench -p kiln-worker --bench engine --profile dev -- /tmp/kiln-bench/sd15-random
 //! ```
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kiln_worker::engine::profile;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+
+use kiln_worker::engine::profile::OpKind;
 use kiln_worker::engine::rng::TorchRng;
 use kiln_worker::engine::{Device, HostTensor, Model};
 
@@ -43,6 +48,56 @@ fn peak_rss_gb() -> f64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kb| kb / 1024.0 / 1024.0)
+}
+
+/// Seconds per operation kind: a `tracing` layer that times the engine's `op` spans
+/// (`kiln_worker::engine::profile`) from creation to close.
+#[derive(Clone, Default)]
+struct OpTimes(Arc<Mutex<HashMap<String, f64>>>);
+
+/// An open `op` span: its kind and when it began.
+struct Open(String, Instant);
+
+#[derive(Default)]
+struct Kind(String);
+
+impl tracing::field::Visit for Kind {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "kind" {
+            self.0 = value.to_owned();
+        }
+    }
+
+    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+}
+
+impl<S> Layer<S> for OpTimes
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        if attrs.metadata().name() != "op" {
+            return;
+        }
+        let mut kind = Kind::default();
+        attrs.record(&mut kind);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(Open(kind.0, Instant::now()));
+        }
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        if let Some(Open(kind, began)) = span.extensions_mut().remove::<Open>() {
+            let mut totals = self.0.lock().unwrap();
+            *totals.entry(kind).or_default() += began.elapsed().as_secs_f64();
+        }
+    }
 }
 
 fn main() {
@@ -96,17 +151,24 @@ fn main() {
         shape: vec![1, 4, 64, 64],
         data: rng.randn(4 * 64 * 64),
     };
-    profile::start();
+    let times = OpTimes::default();
+    let subscriber = tracing_subscriber::registry().with(times.clone());
     let start = Instant::now();
-    model
-        .predict_noise(&latents_512, 999.0, &context)
-        .expect("unet");
+    tracing::subscriber::with_default(subscriber, || {
+        model
+            .predict_noise(&latents_512, 999.0, &context)
+            .expect("unet");
+    });
     let total = start.elapsed().as_secs_f64();
-    let ops = profile::finish();
+    let totals = times.0.lock().unwrap().clone();
+    let ops: Vec<(&str, f64)> = OpKind::ALL
+        .iter()
+        .filter_map(|k| totals.get(k.name()).map(|s| (k.name(), *s)))
+        .collect();
     let counted: f64 = ops.iter().map(|(_, s)| s).sum();
     let mut profile_json: Vec<String> = ops
         .iter()
-        .map(|(kind, s)| format!("\"{}\": {s:.3}", kind.name()))
+        .map(|(kind, s)| format!("\"{kind}\": {s:.3}"))
         .collect();
     profile_json.push(format!("\"other\": {:.3}", total - counted));
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".to_owned());

@@ -5,7 +5,7 @@
 use kiln_proto::v1 as pb;
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 
-use crate::queue::state::{CellState, DeviceKind, FailureClass, SweepState};
+use crate::domain::state::{CellState, DeviceKind, FailureClass, SweepState};
 use crate::result::RenderResult;
 use crate::store::{CellRow, Fence, ProgressRow, StateCounts, SweepRow, WorkerRegistration};
 use crate::sweep::{CellSpec, LoraSpec, Sampler};
@@ -240,7 +240,7 @@ fn result_to_wire(r: RenderResult) -> pb::RenderResult {
 }
 
 pub(super) fn cell_record_to_wire(c: CellRow) -> Result<pb::CellRecord> {
-    let errors: Vec<crate::queue::retry::ErrorEntry> = serde_json::from_str(&c.errors_json)
+    let errors: Vec<crate::domain::failure::ErrorEntry> = serde_json::from_str(&c.errors_json)
         .map_err(|e| Error::Corrupt(format!("cells.errors: {e}")))?;
     let result = c
         .result_json

@@ -7,8 +7,8 @@ use kiln_proto::v1::worker_service_server::WorkerService;
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, attempt_to_wire, fence, worker_id};
+use crate::domain::failure::Decision;
 use crate::queue::Queue;
-use crate::queue::retry::Decision;
 use crate::store::{HeartbeatStatus, LeasedCell};
 use crate::{Error, Result};
 

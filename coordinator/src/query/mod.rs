@@ -57,7 +57,7 @@ use std::fmt;
 pub use parser::MAX_DEPTH;
 pub use sort::{SortKey, parse_sort};
 
-use crate::queue::state::CellState;
+use crate::domain::state::CellState;
 
 /// Longest filter accepted, in bytes.
 pub const MAX_FILTER_BYTES: usize = 16 * 1024;

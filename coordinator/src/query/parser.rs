@@ -490,7 +490,7 @@ fn typed(field: &Field, label: &str, used: Use, lit: Lit) -> Result<Value, Strin
             Some(_) => Ok(Value::Text(s)),
             None => Err(format!(
                 "unknown state {s:?}; states are {}",
-                crate::queue::state::CellState::ALL
+                crate::domain::state::CellState::ALL
                     .iter()
                     .map(|c| c.as_str())
                     .collect::<Vec<_>>()

@@ -11,16 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-/// One available cell the worker could take, in queue order.
-#[derive(Clone, Debug)]
-pub struct Candidate {
-    /// Cell id.
-    pub id: i64,
-    /// Pipeline-reuse hash.
-    pub affinity_key: String,
-    /// Worker of the cell's last failed attempt, if any.
-    pub last_failed_worker: Option<i64>,
-}
+pub use crate::domain::candidate::Candidate;
 
 /// Per-worker count of how often the window head was passed over.
 #[derive(Debug, Default)]

@@ -220,7 +220,7 @@ mod tests {
     use std::sync::Arc;
 
     use crate::clock::{ManualClock, Millis};
-    use crate::queue::state::DeviceKind;
+    use crate::domain::state::DeviceKind;
     use crate::queue::{Queue, QueueConfig, Submission};
     use crate::store::{DatabaseUrl, Store, StoreOptions, WorkerRegistration};
     use crate::sweep::cell::tests::spec;

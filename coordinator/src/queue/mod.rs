@@ -15,7 +15,6 @@ mod intake;
 mod lease;
 pub mod maintenance;
 pub mod retry;
-pub mod state;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -28,8 +27,8 @@ use self::group::{Complete, Completes, Group, Leases};
 use self::intake::Mover;
 use self::lease::KnownWorker;
 use self::retry::{Decision, RetryPolicy};
-use self::state::FailureClass;
 use crate::clock::{Millis, SharedClock};
+use crate::domain::state::FailureClass;
 use crate::events::Events;
 use crate::store::{
     CellQuery, CellRow, Fence, HeartbeatStatus, ProgressRow, Store, SweepInsert, SweepInserted,

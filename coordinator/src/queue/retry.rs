@@ -2,43 +2,10 @@
 //! (bad input, attempts exhausted, poison), or cancel. Pure functions of the cell's history and
 //! an injected `now`, so every branch is tested without a database.
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::state::FailureClass;
-use crate::clock::Millis;
-
-/// One failed attempt, as kept in `cells.errors`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ErrorEntry {
-    /// The attempt that failed.
-    pub attempt: i32,
-    /// The worker it ran on.
-    pub worker: i64,
-    /// Why it failed.
-    pub class: FailureClass,
-    /// The worker's (or coordinator's) message.
-    pub message: String,
-    /// When, unix ms.
-    pub at: i64,
-}
-
-/// Where a failed cell goes next.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Decision {
-    /// Back to the queue at `at`.
-    Retry {
-        /// When it becomes available again.
-        at: Millis,
-    },
-    /// Failed for good.
-    Discard {
-        /// Why no retry (kept in the log, the error history has the details).
-        reason: String,
-    },
-    /// Cancelled by a user.
-    Cancel,
-}
+pub use crate::domain::failure::{Decision, ErrorEntry, FailContext};
+use crate::domain::state::FailureClass;
 
 /// Retry settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,23 +30,6 @@ impl Default for RetryPolicy {
             poison_workers: 3,
         }
     }
-}
-
-/// What the policy needs to know about a failed attempt.
-#[derive(Clone, Debug)]
-pub struct FailContext<'a> {
-    /// Cell id (seeds the jitter, so cells failing together spread out).
-    pub cell: i64,
-    /// The attempt that failed.
-    pub attempt: i32,
-    /// Attempts allowed.
-    pub max_attempts: i32,
-    /// A user asked for the cell to be cancelled.
-    pub cancel_requested: bool,
-    /// Every failure so far, the new one last.
-    pub history: &'a [ErrorEntry],
-    /// Now.
-    pub now: Millis,
 }
 
 impl RetryPolicy {
@@ -161,6 +111,7 @@ fn unit_hash(cell: i64, attempt: i32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Millis;
 
     fn entry(attempt: i32, worker: i64, class: FailureClass, msg: &str) -> ErrorEntry {
         ErrorEntry {

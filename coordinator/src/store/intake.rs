@@ -7,7 +7,7 @@ use kiln_proto::SweepId;
 use super::Store;
 use crate::Result;
 use crate::clock::Millis;
-use crate::queue::state::CellState;
+use crate::domain::state::CellState;
 use crate::sweep::NewCell;
 
 /// One chunk of a submission, to insert with its sweep.
@@ -46,8 +46,8 @@ impl IntakeRow {
 /// The state cells entering a sweep in `sweep_state` take: what an extend or an intake move
 /// inserts, and how a sweep's counts show its intake (the SQL of both backends' counts says the
 /// same in a `CASE`).
-pub(super) fn entry_state(sweep_state: crate::queue::state::SweepState) -> CellState {
-    use crate::queue::state::SweepState;
+pub(super) fn entry_state(sweep_state: crate::domain::state::SweepState) -> CellState {
+    use crate::domain::state::SweepState;
     match sweep_state {
         SweepState::Active => CellState::Available,
         SweepState::Paused => CellState::Held,

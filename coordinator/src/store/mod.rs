@@ -28,9 +28,9 @@ pub use intake::{IntakeChunk, IntakeRow};
 pub use query::{CellQuery, CellSort};
 
 use crate::clock::Millis;
-use crate::queue::affinity::Candidate;
-use crate::queue::retry::{Decision, FailContext};
-use crate::queue::state::{CellState, DeviceKind, FailureClass, SweepState};
+use crate::domain::candidate::Candidate;
+use crate::domain::failure::{Decision, FailContext};
+use crate::domain::state::{CellState, DeviceKind, FailureClass, SweepState};
 use crate::sweep::NewCell;
 use crate::{Error, Result};
 
@@ -708,9 +708,9 @@ fn parse_loaded(s: &str) -> Result<Vec<String>> {
 /// Appends a failure to a stored error history.
 fn push_error(
     errors_json: &str,
-    entry: crate::queue::retry::ErrorEntry,
-) -> Result<Vec<crate::queue::retry::ErrorEntry>> {
-    let mut history: Vec<crate::queue::retry::ErrorEntry> = serde_json::from_str(errors_json)
+    entry: crate::domain::failure::ErrorEntry,
+) -> Result<Vec<crate::domain::failure::ErrorEntry>> {
+    let mut history: Vec<crate::domain::failure::ErrorEntry> = serde_json::from_str(errors_json)
         .map_err(|e| Error::Corrupt(format!("cells.errors: {e}")))?;
     history.push(entry);
     Ok(history)

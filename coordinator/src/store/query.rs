@@ -7,8 +7,8 @@ use kiln_proto::{SweepId, WorkerId};
 use sqlx::{Database, QueryBuilder};
 
 use super::filter;
+use crate::domain::state::CellState;
 use crate::query::{Filter, SortKey};
-use crate::queue::state::CellState;
 
 /// Sort keys.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

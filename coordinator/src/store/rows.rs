@@ -9,8 +9,8 @@ use super::{
     WorkerRegistration, WorkerRow, parse_loaded, to_u64,
 };
 use crate::clock::Millis;
-use crate::queue::affinity::Candidate;
-use crate::queue::state::DeviceKind;
+use crate::domain::candidate::Candidate;
+use crate::domain::state::DeviceKind;
 use crate::{Error, Result};
 
 /// A row type both backends' rows satisfy.

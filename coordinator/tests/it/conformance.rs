@@ -5,9 +5,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use kiln_coordinator::Error;
+use kiln_coordinator::domain::failure::Decision;
+use kiln_coordinator::domain::state::{CellState, FailureClass, SweepState};
 use kiln_coordinator::queue::QueueConfig;
-use kiln_coordinator::queue::retry::Decision;
-use kiln_coordinator::queue::state::{CellState, FailureClass, SweepState};
 use kiln_coordinator::store::{CellQuery, CellSort, Fence, HeartbeatStatus, LeasedCell};
 use kiln_proto::{SweepId, WorkerId};
 

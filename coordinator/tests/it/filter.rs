@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use kiln_coordinator::domain::state::{CellState, FailureClass};
 use kiln_coordinator::query::{Filter, parse_sort};
-use kiln_coordinator::queue::state::{CellState, FailureClass};
 use kiln_coordinator::result::RenderResult;
 use kiln_coordinator::store::{CellQuery, CellRow, Fence};
 use kiln_coordinator::sweep::CellSpec;

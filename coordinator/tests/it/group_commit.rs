@@ -5,7 +5,7 @@
 
 use kiln_coordinator::Error;
 use kiln_coordinator::clock::Millis;
-use kiln_coordinator::queue::state::CellState;
+use kiln_coordinator::domain::state::CellState;
 use kiln_coordinator::store::{Completion, Fence, LeasePick, LeasedCell};
 use kiln_proto::{Attempt, CellId, WorkerId};
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use kiln_coordinator::clock::{ManualClock, Millis};
-use kiln_coordinator::queue::state::DeviceKind;
+use kiln_coordinator::domain::state::DeviceKind;
 use kiln_coordinator::queue::{Queue, QueueConfig, Submission};
 use kiln_coordinator::store::{DatabaseUrl, Store, StoreOptions, WorkerRegistration};
 use kiln_coordinator::sweep::{CellSpec, LoraSpec, Sampler};

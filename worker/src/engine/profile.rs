@@ -1,13 +1,11 @@
-//! An opt-in wall-clock profile of the networks by operation kind, for the benchmark.
+//! The networks' operations as `tracing` spans, for profiling.
 //!
-//! Owns a process-wide table of seconds per [`OpKind`], filled only between [`start`] and
-//! [`finish`] (one relaxed atomic load per operation otherwise). CPU tensor operations are
-//! synchronous, so timing a call times its work; on a GPU the numbers would only measure
-//! kernel launches.
-
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+//! Every convolution, dense layer, norm, attention core and GEGLU gate runs inside a
+//! trace-level span named `op` with a `kind` field ([`OpKind::name`]); a subscriber that
+//! times spans (the engine benchmark's, `worker/benches/engine.rs`) turns them into seconds per
+//! kind. With no subscriber interested in trace-level spans a span costs one relaxed atomic
+//! load. CPU tensor operations are synchronous, so a span times its work; on a GPU it would
+//! only time kernel launches.
 
 /// The operation kinds the benchmark reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -25,7 +23,16 @@ pub enum OpKind {
 }
 
 impl OpKind {
-    /// A short name for tables.
+    /// Every kind, in report order.
+    pub const ALL: [OpKind; 5] = [
+        Self::Convolution,
+        Self::Attention,
+        Self::Linear,
+        Self::Geglu,
+        Self::Norm,
+    ];
+
+    /// A short name for tables, and the `kind` field of its spans.
     pub fn name(self) -> &'static str {
         match self {
             Self::Convolution => "convolutions",
@@ -37,38 +44,8 @@ impl OpKind {
     }
 }
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
-static TOTALS: Mutex<Vec<(OpKind, f64)>> = Mutex::new(Vec::new());
-
-/// Clears the table and starts recording.
-pub fn start() {
-    if let Ok(mut totals) = TOTALS.lock() {
-        totals.clear();
-    }
-    ENABLED.store(true, Ordering::Relaxed);
-}
-
-/// Stops recording and returns seconds per kind, in [`OpKind`] order.
-pub fn finish() -> Vec<(OpKind, f64)> {
-    ENABLED.store(false, Ordering::Relaxed);
-    let mut totals = TOTALS.lock().map(|t| t.clone()).unwrap_or_default();
-    totals.sort_by_key(|(kind, _)| *kind);
-    totals
-}
-
-/// Runs `f`, adding its wall time to `kind` while recording.
+/// Runs `f` inside a trace-level span `op` with `kind`.
 pub(crate) fn timed<T>(kind: OpKind, f: impl FnOnce() -> T) -> T {
-    if !ENABLED.load(Ordering::Relaxed) {
-        return f();
-    }
-    let start = Instant::now();
-    let out = f();
-    let elapsed = start.elapsed().as_secs_f64();
-    if let Ok(mut totals) = TOTALS.lock() {
-        match totals.iter_mut().find(|(k, _)| *k == kind) {
-            Some((_, total)) => *total += elapsed,
-            None => totals.push((kind, elapsed)),
-        }
-    }
-    out
+    let _span = tracing::trace_span!("op", kind = kind.name()).entered();
+    f()
 }

@@ -5,7 +5,7 @@ use kiln_proto::SweepId;
 use super::PgStore;
 use super::copy;
 use crate::clock::Millis;
-use crate::queue::state::{CellState, SweepState};
+use crate::domain::state::{CellState, SweepState};
 use crate::store::intake::{entry_state, insert_state};
 use crate::store::rows::{self, AnyRow};
 use crate::store::{IntakeChunk, IntakeRow, to_u64};

@@ -20,7 +20,7 @@ use super::{
     StateCounts, SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow, to_u64,
 };
 use crate::clock::Millis;
-use crate::queue::state::SweepState;
+use crate::domain::state::SweepState;
 use crate::{Error, Result};
 
 /// Postgres store handle.

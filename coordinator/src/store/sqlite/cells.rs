@@ -8,8 +8,8 @@ use sqlx::{AssertSqlSafe, Sqlite};
 
 use super::SqliteStore;
 use crate::clock::Millis;
-use crate::queue::retry::{Decision, ErrorEntry, FailContext};
-use crate::queue::state::{CellState, FailureClass};
+use crate::domain::failure::{Decision, ErrorEntry, FailContext};
+use crate::domain::state::{CellState, FailureClass};
 use crate::store::filter;
 use crate::store::query::{self, CELL_COLUMNS, CellQuery};
 use crate::store::rows::{self, AnyRow};

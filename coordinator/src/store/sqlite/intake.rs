@@ -4,7 +4,7 @@ use kiln_proto::SweepId;
 
 use super::{SqliteStore, insert_cells};
 use crate::clock::Millis;
-use crate::queue::state::{CellState, SweepState};
+use crate::domain::state::{CellState, SweepState};
 use crate::store::intake::{entry_state, insert_state};
 use crate::store::rows::{self, AnyRow};
 use crate::store::{IntakeChunk, IntakeRow, to_u64};

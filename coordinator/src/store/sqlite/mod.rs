@@ -22,7 +22,7 @@ use super::{
     StateCounts, SweepInsert, SweepInserted, SweepRow, WorkerRegistration, WorkerRow, to_u64,
 };
 use crate::clock::Millis;
-use crate::queue::state::SweepState;
+use crate::domain::state::SweepState;
 use crate::{Error, Result};
 
 /// Rows per multi-row INSERT (24 columns each stays far below SQLite's variable limit).

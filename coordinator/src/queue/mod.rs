@@ -34,6 +34,7 @@ use crate::store::{
     CellQuery, CellRow, Fence, HeartbeatStatus, ProgressRow, Store, SweepInsert, SweepInserted,
     SweepRow, WorkerRegistration, WorkerRow,
 };
+use crate::sweep::cell::check_text;
 use crate::sweep::{CellSpec, NewCell, Plan, PlanLimits, SweepSource};
 use crate::{Error, Result};
 
@@ -183,6 +184,12 @@ impl Queue {
         }
         if s.name.len() > 200 {
             return Err(Error::invalid("name: longer than 200 bytes"));
+        }
+        check_text("name", &s.name)?;
+        check_text("idempotency_key", key)?;
+        check_text("spec", &s.spec)?;
+        if s.cells.is_empty() {
+            return Err(Error::invalid("cells: a sweep needs at least one cell"));
         }
         if !(0..=9).contains(&s.priority) {
             return Err(Error::invalid(format!(
@@ -439,7 +446,13 @@ impl Queue {
                 "class: LEASE_EXPIRED is set by the coordinator only",
             ));
         }
-        let message: String = message.chars().take(4096).collect();
+        // A worker's own words are kept, not refused: NUL (which Postgres cannot store) becomes
+        // U+FFFD on both backends.
+        let message: String = message
+            .chars()
+            .take(4096)
+            .map(|c| if c == '\0' { '\u{FFFD}' } else { c })
+            .collect();
         let policy = &self.cfg.retry;
         let decide = |cx: &retry::FailContext<'_>| policy.decide(cx);
         let d = self
@@ -588,6 +601,12 @@ pub fn stored_source(src: &SweepSource) -> String {
 fn validate_registration(r: &WorkerRegistration) -> Result<()> {
     if r.name.trim().is_empty() || r.name.len() > 200 {
         return Err(Error::invalid("info.name: must be 1..=200 bytes"));
+    }
+    check_text("info.name", &r.name)?;
+    check_text("info.device_model", &r.device_model)?;
+    check_text("info.version", &r.version)?;
+    for k in &r.loaded {
+        check_text("info.loaded", k)?;
     }
     if r.device_model.len() > 200 || r.version.len() > 100 {
         return Err(Error::invalid("info: device_model or version too long"));

@@ -103,6 +103,7 @@ impl CellSpec {
                     l.strength
                 )));
             }
+            check_text(&format!("loras[{i}].sha256"), &l.sha256)?;
             if !l.sha256.is_empty()
                 && (l.sha256.len() != 64 || !l.sha256.bytes().all(|b| b.is_ascii_hexdigit()))
             {
@@ -121,6 +122,13 @@ impl CellSpec {
                     text.len()
                 )));
             }
+            check_text(field, text)?;
+        }
+        if self.min_memory_mib > MAX_MEMORY_MIB {
+            return Err(Error::invalid(format!(
+                "min_memory_mib: {} is past {MAX_MEMORY_MIB} (1 TiB)",
+                self.min_memory_mib
+            )));
         }
         if i64::try_from(self.seed).is_err() {
             return Err(Error::invalid(format!(
@@ -224,6 +232,19 @@ fn field(h: &mut Sha256, bytes: &[u8]) {
     h.update(bytes);
 }
 
+/// Refuses text a database cannot store the same way on both backends: Postgres `text` and
+/// `jsonb` reject NUL, SQLite keeps it. Named by field, so the client knows what to fix.
+pub fn check_text(name: &str, v: &str) -> Result<()> {
+    if v.contains('\0') {
+        return Err(Error::invalid(format!("{name}: contains a NUL character")));
+    }
+    Ok(())
+}
+
+/// The largest `min_memory_mib` (1 TiB): more than any device, and far inside the database's
+/// signed 64-bit integers.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
 fn check_ref(name: &str, v: &str) -> Result<()> {
     if v.trim().is_empty() {
         return Err(Error::invalid(format!("{name}: must not be empty")));
@@ -232,6 +253,7 @@ fn check_ref(name: &str, v: &str) -> Result<()> {
 }
 
 fn check_len(name: &str, v: &str) -> Result<()> {
+    check_text(name, v)?;
     if v.len() > MAX_REF_BYTES {
         return Err(Error::TooLarge(format!(
             "{name}: {} bytes, at most {MAX_REF_BYTES}",

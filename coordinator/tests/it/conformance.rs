@@ -35,6 +35,7 @@ conformance!(
     small_worker_is_served_past_a_read_ahead_of_big_cells,
     two_coordinators_on_one_database_never_share_a_cell,
     read_ahead_catches_up_with_changes_it_was_not_told_of,
+    odd_text_and_out_of_range_numbers_are_invalid_on_both_backends,
 );
 
 fn fence(c: &LeasedCell, worker: WorkerId) -> Fence {
@@ -1023,5 +1024,55 @@ async fn read_ahead_catches_up_with_changes_it_was_not_told_of(b: Backend) {
         "the other coordinator's sweep is seen after a refresh"
     );
     other.store().close().await;
+    fx.finish().await;
+}
+
+async fn odd_text_and_out_of_range_numbers_are_invalid_on_both_backends(b: Backend) {
+    let fx = Fixture::new(b).await;
+    fn invalid<T: std::fmt::Debug>(r: Result<T, Error>, field: &str) {
+        match r {
+            Err(Error::Invalid(m)) => assert!(m.contains(&format!("{field}: ")), "{field}: {m}"),
+            other => panic!("{field}: expected invalid, got {other:?}"),
+        }
+    }
+    let mut nul_prompt = cell(1);
+    nul_prompt.prompt = "a fox\0".into();
+    invalid(
+        fx.queue.submit(submission("nul", vec![nul_prompt])).await,
+        "prompt",
+    );
+    let mut nul_binding = cell(1);
+    nul_binding.bindings.insert("animal".into(), "fox\0".into());
+    invalid(
+        fx.queue.submit(submission("nulb", vec![nul_binding])).await,
+        "bindings.animal",
+    );
+    let mut huge_memory = cell(1);
+    huge_memory.min_memory_mib = u64::MAX;
+    invalid(
+        fx.queue.submit(submission("mem", vec![huge_memory])).await,
+        "min_memory_mib",
+    );
+    let mut nul_name = submission("nuln", vec![cell(1)]);
+    nul_name.name = "zoo\0".into();
+    invalid(fx.queue.submit(nul_name).await, "name");
+    invalid(fx.queue.submit(submission("empty", vec![])).await, "cells");
+    let mut reg = crate::harness::registration("w");
+    reg.name = "w\0".into();
+    invalid(fx.queue.register(&reg).await, "info.name");
+    // Nothing of the above was stored.
+    assert!(fx.queue.sweeps(10, None).await.unwrap().is_empty());
+
+    // A worker's failure text is kept, with NUL replaced, on both backends alike.
+    submit_n(&fx, "ok", 1).await;
+    let w = fx.worker("w").await;
+    let c = fx.queue.lease(w, 1, None).await.unwrap().remove(0);
+    fx.queue
+        .fail(fence(&c, w), FailureClass::BadInput, "bad\0file")
+        .await
+        .unwrap();
+    let errors: Vec<serde_json::Value> =
+        serde_json::from_str(&fx.queue.cell(c.id).await.unwrap().errors_json).unwrap();
+    assert_eq!(errors[0]["message"], "bad\u{FFFD}file");
     fx.finish().await;
 }

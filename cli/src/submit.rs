@@ -24,6 +24,17 @@ pub struct SweepFile {
 impl SweepFile {
     /// Reads `path` and, relative to its folder, every file it references.
     pub fn read(path: &Path) -> anyhow::Result<SweepFile> {
+        let limits = kiln_coordinator::sweep::PlanLimits::default();
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        if size(path) > limits.max_sweep_bytes as u64 {
+            anyhow::bail!(
+                "sweep file {} is {:.1} MiB, at most {:.0} MiB",
+                path.display(),
+                mib(size(path)),
+                mib(limits.max_sweep_bytes as u64)
+            );
+        }
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading sweep file {}", path.display()))?;
         let shown = path.display().to_string();
@@ -31,8 +42,25 @@ impl SweepFile {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let dir = path.parent().unwrap_or(Path::new(""));
         let mut files = HashMap::new();
+        let mut total = 0;
         for name in names {
             let full = dir.join(&name);
+            let len = size(&full);
+            if len > limits.max_file_bytes as u64 {
+                anyhow::bail!(
+                    "{shown}: referenced file {name:?} is {:.1} MiB, at most {:.0} MiB",
+                    mib(len),
+                    mib(limits.max_file_bytes as u64)
+                );
+            }
+            total += len;
+            if total > kiln_coordinator::api::MAX_SWEEP_FILES_BYTES as u64 {
+                anyhow::bail!(
+                    "{shown}: the referenced files come to more than {:.0} MiB together \
+                     (at {name:?})",
+                    mib(kiln_coordinator::api::MAX_SWEEP_FILES_BYTES as u64)
+                );
+            }
             let body = std::fs::read_to_string(&full).with_context(|| {
                 format!(
                     "{shown}: referenced file {name:?} (looked at {})",

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::api::{MAX_MESSAGE_BYTES, SweepApi, WorkerApi};
+use crate::api::{MAX_MESSAGE_BYTES, MAX_SWEEP_MESSAGE_BYTES, SweepApi, WorkerApi};
 use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::queue::{Queue, maintenance};
@@ -101,7 +101,7 @@ pub async fn serve(
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "coordinator listening");
     let sweeps = SweepServiceServer::new(SweepApi::new(queue.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_SWEEP_MESSAGE_BYTES);
     let workers = WorkerServiceServer::new(WorkerApi::new(queue))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let result = tonic::transport::Server::builder()

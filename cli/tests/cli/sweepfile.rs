@@ -240,3 +240,38 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         })
         .collect()
 }
+
+/// A wildcard file past the old 4 MiB message limit plans (it is within the documented 16 MiB),
+/// and one past 16 MiB is refused by the CLI with the file's name, before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_referenced_files_are_sent_or_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
+    let c = spawn(&db, dir.path());
+    let sweep = dir.path().join("big.toml");
+    std::fs::write(
+        &sweep,
+        "name = \"big\"\nmodel = \"tiny-sd15\"\nprompt = \"a __animal__\"\nseeds = [1]\n\
+         [wildcards]\nanimal = \"animals.txt\"\n",
+    )
+    .unwrap();
+    // About 6 MiB: 400,000 lines of 15 bytes.
+    let animals: String = (0..400_000).map(|i| format!("animal {i:07}\n")).collect();
+    std::fs::write(dir.path().join("animals.txt"), &animals).unwrap();
+    let out = kiln(&c.addr, &["plan", sweep.to_str().unwrap(), "--show", "1"]);
+    assert!(out.contains("400000") || out.contains("400,000"), "{out}");
+
+    let huge: String = (0..1_200_000).map(|i| format!("animal {i:07}\n")).collect();
+    std::fs::write(dir.path().join("animals.txt"), &huge).unwrap();
+    let failed = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["plan", sweep.to_str().unwrap()])
+        .env("KILN_COORDINATOR", format!("http://{}", c.addr))
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        err.contains("referenced file \"animals.txt\" is 17.2 MiB, at most 16 MiB"),
+        "{err}"
+    );
+}

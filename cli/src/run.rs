@@ -75,7 +75,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let coordinator = Coordinator::open(&cfg).await?;
         // Embedded mode has no other workers: attempts left running by an interrupted run
         // go straight back to the queue.
@@ -85,11 +85,13 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         }
         let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
-        let (stop_tx, stop_rx) = watch::channel(false);
+        // The worker stops first, while the coordinator still answers it; then the coordinator.
+        let (stop_worker, worker_rx) = watch::channel(false);
+        let (stop_server, server_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let server = tokio::spawn(coordinator.serve(listener, stopped(stop_rx.clone())));
+        let server = tokio::spawn(coordinator.serve(listener, stopped(server_rx)));
         let conn = Conn {
             coordinator: format!("http://{addr}"),
         };
@@ -116,23 +118,60 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             upload_retry: RetryPolicy::default(),
             idle_poll: Duration::from_millis(100),
         };
-        let worker = tokio::spawn(agent::run(agent_cfg, storage, stopped(stop_rx.clone())));
+        let mut worker = tokio::spawn(agent::run(agent_cfg, storage, stopped(worker_rx)));
 
-        let interrupted = tokio::select! {
-            r = follow(&conn, sub.sweep_id) => { r?; false }
-            _ = crate::signal::shutdown() => true,
+        let followed = tokio::select! {
+            r = follow(&conn, sub.sweep_id) => Some(r),
+            _ = crate::signal::shutdown() => None,
         };
-        let _ = stop_tx.send(true);
-        worker.await.context("worker task")??;
-        server.await.context("coordinator task")??;
-        if interrupted {
-            eprintln!("interrupted: run the same command again to resume");
+        let _ = stop_worker.send(true);
+        let worker_done = if followed.is_some() {
+            Some((&mut worker).await)
         } else {
-            eprintln!("done: images under {url}/sweeps/{}/", sub.sweep_id);
+            // Interrupted: the render in flight may take minutes on a CPU. Wait a little for the
+            // worker to finish what it holds, then give it up: the next run queues interrupted
+            // cells again, so nothing is lost. A second Ctrl-C stops at once.
+            eprintln!("stopping (Ctrl-C again to stop at once)");
+            tokio::select! {
+                r = tokio::time::timeout(WORKER_GRACE, &mut worker) => r.ok(),
+                _ = crate::signal::shutdown() => {
+                    eprintln!("stopped at once: run the same command again to resume");
+                    std::process::exit(130);
+                }
+            }
+        };
+        match worker_done {
+            Some(joined) => joined.context("worker task")??,
+            None => {
+                worker.abort();
+                eprintln!("the render in flight was given up; the next run renders it again");
+            }
+        }
+        let _ = stop_server.send(true);
+        match tokio::time::timeout(SERVER_GRACE, server).await {
+            Ok(joined) => joined.context("coordinator task")??,
+            Err(_) => eprintln!("the coordinator did not stop in time; its database is safe"),
+        }
+        match followed {
+            Some(result) => {
+                result?;
+                eprintln!("done: images under {url}/sweeps/{}/", sub.sweep_id);
+            }
+            None => eprintln!("interrupted: run the same command again to resume"),
         }
         anyhow::Ok(())
-    })
+    });
+    // The render thread may still be inside a step it was not waited for; it holds nothing the
+    // next run needs.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    result
 }
+
+/// How long an interrupted `kiln run` waits for its worker to finish what it holds.
+const WORKER_GRACE: Duration = Duration::from_secs(5);
+
+/// How long an interrupted `kiln run` waits for its coordinator to stop.
+const SERVER_GRACE: Duration = Duration::from_secs(3);
 
 /// Shows a progress bar until the sweep is finished; errors if any cell failed for good.
 async fn follow(conn: &Conn, sweep: u64) -> anyhow::Result<()> {

@@ -275,3 +275,87 @@ async fn large_referenced_files_are_sent_or_refused_by_name() {
         "{err}"
     );
 }
+
+/// Ctrl-C on `kiln run` always ends it within seconds, once while rendering and twice in a row,
+/// and the next run finishes the sweep with every cell rendered.
+#[cfg(unix)]
+#[test]
+fn kiln_run_stops_within_seconds_on_ctrl_c_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
+    let out = dir.path().join("kiln-out");
+    let sweep = dir.path().join("slow.toml");
+    std::fs::write(
+        &sweep,
+        format!(
+            "name = \"slow\"\nmodel = \"{}\"\nprompt = \"a fox\"\nsteps = 8\nwidth = 256\nheight = 256\n\
+             seeds = {{ from = 1, count = 4 }}\n",
+            fixtures().join("tiny-sd15").display()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["run", sweep.to_str().unwrap(), "--db", &db])
+            .arg("--storage")
+            .arg(format!("file://{}", out.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let interrupt = |pid: u32| {
+        Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .unwrap();
+    };
+    let wait = |mut child: std::process::Child, limit: Duration| {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+                return (status, err);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("kiln run did not stop within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Once, while it renders.
+    let first = run();
+    std::thread::sleep(Duration::from_millis(1500));
+    let stopped_at = Instant::now();
+    interrupt(first.id());
+    let (_, err) = wait(first, Duration::from_secs(10));
+    assert!(
+        err.contains("interrupted") || err.contains("stopped"),
+        "{err}"
+    );
+    assert!(stopped_at.elapsed() < Duration::from_secs(10));
+    // Twice in a row.
+    let second = run();
+    std::thread::sleep(Duration::from_millis(1500));
+    interrupt(second.id());
+    std::thread::sleep(Duration::from_millis(100));
+    interrupt(second.id());
+    let (status, err) = wait(second, Duration::from_secs(10));
+    assert!(!status.success() || err.contains("interrupted"), "{err}");
+    // Then to the end: every cell rendered.
+    let (status, err) = wait(run(), Duration::from_secs(300));
+    assert!(status.success(), "{err}");
+    assert!(err.contains("done"), "{err}");
+    let cells_with_an_image = std::fs::read_dir(out.join("sweeps/1"))
+        .unwrap()
+        .flatten()
+        .filter(|cell| {
+            walk(&cell.path())
+                .iter()
+                .any(|p| p.extension().is_some_and(|e| e == "png"))
+        })
+        .count();
+    assert_eq!(cells_with_an_image, 4);
+}

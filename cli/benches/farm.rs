@@ -99,6 +99,7 @@ async fn farm() -> (tempfile::TempDir, Farm) {
         batch: 1,
         upload_retry: RetryPolicy::default(),
         idle_poll: Duration::from_millis(50),
+        drain_timeout: Duration::from_secs(60),
     };
     let client = SweepServiceClient::connect(format!("http://{addr}"))
         .await

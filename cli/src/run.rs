@@ -117,6 +117,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             batch: args.batch,
             upload_retry: RetryPolicy::default(),
             idle_poll: Duration::from_millis(100),
+            drain_timeout: WORKER_GRACE,
         };
         let mut worker = tokio::spawn(agent::run(agent_cfg, storage, stopped(worker_rx)));
 

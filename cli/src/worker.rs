@@ -76,6 +76,12 @@ pub struct Args {
     /// Upload tries before the attempt fails as transient.
     #[arg(long, default_value_t = 5)]
     upload_tries: u32,
+    /// On SIGTERM or Ctrl-C, the longest wait (seconds) for uploads and completes of finished
+    /// renders when storage or the coordinator does not answer; then the worker exits and those
+    /// cells run again.
+    #[arg(long, env = "KILN_DRAIN_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    drain_timeout_secs: u64,
 }
 
 fn env_either(a: &str, b: &str) -> Option<String> {
@@ -121,6 +127,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             ..RetryPolicy::default()
         },
         idle_poll: Duration::from_millis(args.idle_poll_ms.max(10)),
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
     };
     cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -141,3 +141,77 @@ async fn sigterm_drains_a_worker() {
         .workers;
     assert!(w[0].drained && !w[0].online);
 }
+
+/// SIGTERM while the coordinator is gone: the worker finishes its render, cannot report it, and
+/// still exits once its drain timeout has passed (the cell's lease expires and it runs again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_coordinator_gone_ends_within_the_drain_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
+    let mut c = spawn(&db, dir.path());
+    let (mut sweeps, _) = clients(&c.addr).await;
+    let cells: Vec<pb::RenderCell> = (0..2)
+        .map(|seed| pb::RenderCell {
+            model: "tiny-sd15".into(),
+            prompt: format!("a fox {seed}"),
+            seed,
+            steps: 8,
+            cfg: 1.0,
+            sampler: pb::Sampler::Lcm as i32,
+            width: 256,
+            height: 256,
+            ..Default::default()
+        })
+        .collect();
+    crate::submit_cells(&mut sweeps, "gone", cells).await;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures/reference");
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["worker", "--coordinator", &format!("http://{}", c.addr)])
+        .args(["--drain-timeout-secs", "2"])
+        .arg("--storage")
+        .arg(format!("file://{}", dir.path().join("out").display()))
+        .arg("--models")
+        .arg(&fixtures)
+        .env("KILN_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once a render is under way, the coordinator dies for good.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let w = sweeps
+            .list_workers(pb::ListWorkersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .workers;
+        if w.iter().any(|w| !w.running.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker never leased");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.child.kill().unwrap();
+    c.child.wait().unwrap();
+    let pid = worker.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // The render in flight (about a second here), then at most the 2 s drain timeout.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = worker.kill();
+            panic!("the worker did not exit after SIGTERM with its coordinator gone");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

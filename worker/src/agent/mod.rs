@@ -71,6 +71,10 @@ pub struct AgentConfig {
     pub upload_retry: RetryPolicy,
     /// Wait between empty lease polls.
     pub idle_poll: Duration,
+    /// On a drain, the longest wait for the uploads and completes of finished renders when
+    /// storage or the coordinator does not answer; then they are given up (their leases
+    /// expire and the cells run again, so nothing is lost).
+    pub drain_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -89,6 +93,10 @@ impl AgentConfig {
         anyhow::ensure!(
             !self.idle_poll.is_zero(),
             "the idle poll interval must not be 0"
+        );
+        anyhow::ensure!(
+            !self.drain_timeout.is_zero(),
+            "the drain timeout must not be 0"
         );
         anyhow::ensure!(
             self.upload_retry.attempts >= 1,
@@ -210,7 +218,18 @@ pub async fn run(
     {
         leasing.abort();
     }
-    while finishing.join_next().await.is_some() {}
+    let finished = tokio::time::timeout(cfg.drain_timeout, async {
+        while finishing.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            left = finishing.len(),
+            "storage or the coordinator did not answer within the drain timeout: the images \
+             not reported are given up, and their cells will run again"
+        );
+        finishing.abort_all();
+    }
     let rest: Vec<pb::AttemptRef> = backlog.drain().iter().map(Held::attempt).collect();
     link.release(rest, true).await;
     heartbeats.abort();
@@ -436,6 +455,7 @@ mod tests {
             batch: 1,
             upload_retry: RetryPolicy::default(),
             idle_poll: Duration::from_millis(100),
+            drain_timeout: Duration::from_secs(60),
         }
     }
 

@@ -3,12 +3,74 @@
 //! exits 0, and shows as drained.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_proto::v1 as pb;
+use kiln_proto::v1::sweep_service_client::SweepServiceClient;
+use tonic::transport::Channel;
 
 use crate::{clients, spawn};
+
+/// A worker process on the coordinator at `addr`, with the fixtures as its models.
+fn worker(addr: &str, out: &Path, extra: &[&str]) -> Child {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures/reference");
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["worker", "--coordinator", &format!("http://{addr}")])
+        .args(extra)
+        .arg("--storage")
+        .arg(format!("file://{}", out.display()))
+        .arg("--models")
+        .arg(&fixtures)
+        .env("KILN_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until some worker holds a cell that has reached `step` (0: leased at all).
+async fn wait_until_rendering(sweeps: &mut SweepServiceClient<Channel>, step: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let w = sweeps
+            .list_workers(pb::ListWorkersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .workers;
+        if w.iter().any(|w| w.running.iter().any(|p| p.step >= step)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker never started rendering"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends SIGTERM and waits at most `limit` for the exit.
+async fn terminate(worker: &mut Child, limit: Duration) -> ExitStatus {
+    let pid = worker.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = worker.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = worker.kill();
+            panic!("the worker did not exit within {limit:?} of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_worker() {
@@ -43,61 +105,11 @@ async fn sigterm_drains_a_worker() {
         .unwrap()
         .into_inner()
         .sweep_id;
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures/reference");
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "worker",
-            "--coordinator",
-            &format!("http://{}", c.addr),
-            "--prefetch",
-            "1",
-        ])
-        .arg("--storage")
-        .arg(format!("file://{}", dir.path().join("out").display()))
-        .arg("--models")
-        .arg(&fixtures)
-        .env("KILN_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-
+    let out = dir.path().join("out");
+    let mut worker = worker(&c.addr, &out, &["--prefetch", "1"]);
     // Wait until a render is under way (progress reported), with one more cell prefetched.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let w = sweeps
-            .list_workers(pb::ListWorkersRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .workers;
-        if w.iter().any(|w| w.running.iter().any(|p| p.step >= 1)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the worker never started rendering"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let pid = worker.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = worker.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    wait_until_rendering(&mut sweeps, 1).await;
+    let status = terminate(&mut worker, Duration::from_secs(60)).await;
     assert!(status.success(), "{status:?}");
 
     let s = sweeps
@@ -164,54 +176,13 @@ async fn sigterm_with_the_coordinator_gone_ends_within_the_drain_timeout() {
         })
         .collect();
     crate::submit_cells(&mut sweeps, "gone", cells).await;
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures/reference");
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["worker", "--coordinator", &format!("http://{}", c.addr)])
-        .args(["--drain-timeout-secs", "2"])
-        .arg("--storage")
-        .arg(format!("file://{}", dir.path().join("out").display()))
-        .arg("--models")
-        .arg(&fixtures)
-        .env("KILN_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let out = dir.path().join("out");
+    let mut worker = worker(&c.addr, &out, &["--drain-timeout-secs", "2"]);
     // Once a render is under way, the coordinator dies for good.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let w = sweeps
-            .list_workers(pb::ListWorkersRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .workers;
-        if w.iter().any(|w| !w.running.is_empty()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the worker never leased");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_rendering(&mut sweeps, 0).await;
     c.child.kill().unwrap();
     c.child.wait().unwrap();
-    let pid = worker.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
     // The render in flight (about a second here), then at most the 2 s drain timeout.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = worker.try_wait().unwrap() {
-            assert!(status.success(), "{status:?}");
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = worker.kill();
-            panic!("the worker did not exit after SIGTERM with its coordinator gone");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = terminate(&mut worker, Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}");
 }

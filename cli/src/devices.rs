@@ -28,7 +28,8 @@ pub struct Opened {
     /// [`CPU_DECLARED_MIB`].
     pub memory_mib: u64,
     /// The pipeline cache's device budget, bytes: the flag, else the card's free memory less
-    /// [`device_workspace`]; unused on the CPU.
+    /// [`device_workspace`], else (Metal, whose memory is the host's) the host budget; unused
+    /// on the CPU.
     pub device_cache_bytes: u64,
 }
 
@@ -38,6 +39,7 @@ pub fn open(
     device: &str,
     memory_mib: Option<u64>,
     device_cache_gb: Option<f64>,
+    host_cache_bytes: u64,
 ) -> anyhow::Result<Opened> {
     let device: Device = device
         .parse()
@@ -49,7 +51,7 @@ pub fn open(
         .unwrap_or(CPU_DECLARED_MIB);
     let device_cache_bytes = match device_cache_gb {
         Some(gb) => (gb.max(0.0) * (1u64 << 30) as f64) as u64,
-        None => free.map_or(0, |f| f.saturating_sub(device_workspace(f))),
+        None => free.map_or(host_cache_bytes, |f| f.saturating_sub(device_workspace(f))),
     };
     Ok(Opened {
         device,
@@ -99,11 +101,12 @@ mod tests {
 
     #[test]
     fn a_cpu_declares_the_default_or_the_flag() {
-        let cpu = open("cpu", None, None).unwrap();
+        let cpu = open("cpu", None, None, 1 << 30).unwrap();
         assert_eq!(cpu.memory_mib, CPU_DECLARED_MIB);
-        assert_eq!(cpu.device_cache_bytes, 0);
-        assert_eq!(open("cpu", Some(100), None).unwrap().memory_mib, 100);
-        let err = open("gpu", None, None).unwrap_err().to_string();
+        assert_eq!(open("cpu", Some(100), None, 0).unwrap().memory_mib, 100);
+        let flag = open("cpu", None, Some(2.0), 0).unwrap();
+        assert_eq!(flag.device_cache_bytes, 2 << 30);
+        let err = open("gpu", None, None, 0).unwrap_err().to_string();
         assert!(err.starts_with("--device: "), "{err}");
     }
 }

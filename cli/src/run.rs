@@ -53,7 +53,8 @@ pub struct Args {
 
 pub fn main(args: Args) -> anyhow::Result<()> {
     let file = SweepFile::read(&args.file)?;
-    let opened = crate::devices::open(&args.device, None, None)?;
+    let cache_bytes = (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64;
+    let opened = crate::devices::open(&args.device, None, None, cache_bytes)?;
     let url: StorageUrl = args.storage.parse()?;
     let cfg = Settings {
         db: Some(args.db.clone()),
@@ -109,7 +110,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             models,
             // The sweep file is the user's own, and it names local paths.
             paths: kiln_worker::agent::resolve::PathPolicy::AnyPath,
-            cache_bytes: (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64,
+            cache_bytes,
             device_cache_bytes: opened.device_cache_bytes,
             max_pixels: 4096 * 4096,
             memory_mib: u64::MAX >> 1,

@@ -39,8 +39,9 @@ pub struct Args {
     /// Host memory budget for loaded models and CPU pipelines, GiB.
     #[arg(long, env = "KILN_CACHE_GB", default_value_t = 8.0)]
     cache_gb: f64,
-    /// GPU memory budget for loaded pipelines, GiB [default: the card's free memory at start
-    /// less a workspace for rendering (the larger of 4 GiB and a quarter)].
+    /// GPU memory budget for loaded pipelines, GiB [default: a CUDA card's free memory at
+    /// start less a workspace for rendering (the larger of 4 GiB and a quarter); on Metal,
+    /// whose memory is the host's, --cache-gb].
     #[arg(long, env = "KILN_DEVICE_CACHE_GB")]
     device_cache_gb: Option<f64>,
     /// Name shown in `kiln workers` [default: the host name].
@@ -91,7 +92,13 @@ fn env_either(a: &str, b: &str) -> Option<String> {
 pub fn main(args: Args) -> anyhow::Result<()> {
     kiln_worker::agent::link::endpoint(&args.coordinator)
         .map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
-    let opened = crate::devices::open(&args.device, args.memory_mib, args.device_cache_gb)?;
+    let cache_bytes = (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64;
+    let opened = crate::devices::open(
+        &args.device,
+        args.memory_mib,
+        args.device_cache_gb,
+        cache_bytes,
+    )?;
     tracing::info!(device = %crate::devices::describe(&opened.info), "device opened");
     let url: StorageUrl = args.storage.parse()?;
     let s3 = S3Options {
@@ -116,7 +123,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         } else {
             PathPolicy::ModelsOnly
         },
-        cache_bytes: (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64,
+        cache_bytes,
         device_cache_bytes: opened.device_cache_bytes,
         max_pixels: args.max_pixels,
         memory_mib: opened.memory_mib,

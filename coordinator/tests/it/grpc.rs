@@ -476,7 +476,9 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
-    let huge: Vec<_> = (0..10)
+    // Past the sweep service's limit (room for the documented 1 + 48 MiB of files).
+    let past_limit = kiln_coordinator::api::MAX_SWEEP_MESSAGE_BYTES / 500_000 + 2;
+    let huge: Vec<_> = (0..past_limit as u64)
         .map(|i| {
             let mut c = render_cell(i);
             c.negative_prompt = "y".repeat(500_000);

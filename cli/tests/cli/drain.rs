@@ -12,6 +12,23 @@ use tonic::transport::Channel;
 
 use crate::{clients, spawn};
 
+/// `n` cells big enough (256², 8 steps) that the worker is mid-render when a signal comes.
+fn slow_cells(n: u64) -> Vec<pb::RenderCell> {
+    (0..n)
+        .map(|seed| pb::RenderCell {
+            model: "tiny-sd15".into(),
+            prompt: format!("a fox {seed}"),
+            seed,
+            steps: 8,
+            cfg: 1.0,
+            sampler: pb::Sampler::Lcm as i32,
+            width: 256,
+            height: 256,
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// A worker process on the coordinator at `addr`, with the fixtures as its models.
 fn worker(addr: &str, out: &Path, extra: &[&str]) -> Child {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures/reference");
@@ -78,33 +95,7 @@ async fn sigterm_drains_a_worker() {
     let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
     let c = spawn(&db, dir.path());
     let (mut sweeps, _) = clients(&c.addr).await;
-    let cells: Vec<pb::RenderCell> = (0..6)
-        .map(|seed| pb::RenderCell {
-            model: "tiny-sd15".into(),
-            prompt: "a fox".into(),
-            seed,
-            steps: 8,
-            cfg: 1.0,
-            sampler: pb::Sampler::Lcm as i32,
-            // Big enough that the worker is mid-render when the signal comes.
-            width: 256,
-            height: 256,
-            ..Default::default()
-        })
-        .collect();
-    let msgs = crate::submit_messages(
-        pb::SweepHeader {
-            idempotency_key: "drain".into(),
-            ..Default::default()
-        },
-        cells,
-    );
-    let sweep = sweeps
-        .submit_sweep(tokio_stream::iter(msgs))
-        .await
-        .unwrap()
-        .into_inner()
-        .sweep_id;
+    let sweep = crate::submit_cells(&mut sweeps, "drain", slow_cells(6)).await;
     let out = dir.path().join("out");
     let mut worker = worker(&c.addr, &out, &["--prefetch", "1"]);
     // Wait until a render is under way (progress reported), with one more cell prefetched.
@@ -162,20 +153,7 @@ async fn sigterm_with_the_coordinator_gone_ends_within_the_drain_timeout() {
     let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
     let mut c = spawn(&db, dir.path());
     let (mut sweeps, _) = clients(&c.addr).await;
-    let cells: Vec<pb::RenderCell> = (0..2)
-        .map(|seed| pb::RenderCell {
-            model: "tiny-sd15".into(),
-            prompt: format!("a fox {seed}"),
-            seed,
-            steps: 8,
-            cfg: 1.0,
-            sampler: pb::Sampler::Lcm as i32,
-            width: 256,
-            height: 256,
-            ..Default::default()
-        })
-        .collect();
-    crate::submit_cells(&mut sweeps, "gone", cells).await;
+    crate::submit_cells(&mut sweeps, "gone", slow_cells(2)).await;
     let out = dir.path().join("out");
     let mut worker = worker(&c.addr, &out, &["--drain-timeout-secs", "2"]);
     // Once a render is under way, the coordinator dies for good.

@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_coordinator::clock::SystemClock;
+use kiln_coordinator::domain::lease::{Fence, LeasedCell};
+use kiln_coordinator::domain::rows::WorkerRegistration;
 use kiln_coordinator::domain::state::DeviceKind;
 use kiln_coordinator::queue::{Queue, QueueConfig, Submission};
-use kiln_coordinator::store::{
-    DatabaseUrl, Fence, LeasedCell, Store, StoreOptions, WorkerRegistration,
-};
+use kiln_coordinator::store::{DatabaseUrl, Store, StoreOptions};
 use kiln_coordinator::sweep::{CellSpec, LoraSpec, Sampler};
 
 const SUBMIT_CELLS: u64 = 100_000;

@@ -5,9 +5,10 @@
 use kiln_proto::v1 as pb;
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 
+use crate::domain::lease::Fence;
+use crate::domain::rows::{CellRow, ProgressRow, StateCounts, SweepRow, WorkerRegistration};
 use crate::domain::state::{CellState, DeviceKind, FailureClass, SweepState};
 use crate::result::RenderResult;
-use crate::store::{CellRow, Fence, ProgressRow, StateCounts, SweepRow, WorkerRegistration};
 use crate::sweep::{CellSpec, LoraSpec, Sampler};
 use crate::{Error, Result};
 

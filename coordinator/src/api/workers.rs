@@ -8,8 +8,8 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, attempt_to_wire, fence, worker_id};
 use crate::domain::failure::Decision;
+use crate::domain::lease::{HeartbeatStatus, LeasedCell};
 use crate::queue::Queue;
-use crate::store::{HeartbeatStatus, LeasedCell};
 use crate::{Error, Result};
 
 /// The worker service.

@@ -1,9 +1,12 @@
 //! The coordinator's ground floor: the types the queue, the store and the API share — cell,
 //! sweep and failure states ([`state`]), failed attempts and what becomes of them
-//! ([`failure`]), and a cell as a lease chooses among them ([`candidate`]). It imports nothing
-//! of the coordinator above [`crate::clock`], so none of those layers imports another to
-//! reach these.
+//! ([`failure`]), a cell as a lease chooses among them ([`candidate`]), a cell's way through a
+//! lease and the fence on its writes ([`lease`]), and what the store returns for sweeps, cells
+//! and workers ([`rows`]). It imports nothing of the coordinator but [`crate::clock`] and
+//! [`crate::Error`], so none of those layers imports another to reach these.
 
 pub mod candidate;
 pub mod failure;
+pub mod lease;
+pub mod rows;
 pub mod state;

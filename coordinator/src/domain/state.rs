@@ -91,6 +91,19 @@ text_enum!(
     }
 );
 
+impl SweepState {
+    /// The state cells entering a sweep in this state take: what an extend or an intake move
+    /// inserts, and how a sweep's counts show its intake (the SQL of `Store::counts` says the
+    /// same in a `CASE`).
+    pub fn entry_state(self) -> CellState {
+        match self {
+            SweepState::Active => CellState::Available,
+            SweepState::Paused => CellState::Held,
+            SweepState::Cancelled => CellState::Cancelled,
+        }
+    }
+}
+
 text_enum!(
     /// Why an attempt failed; decides whether and where it is retried.
     FailureClass {

@@ -24,7 +24,8 @@ use tokio::sync::Mutex;
 use super::affinity::{self, Candidate};
 use crate::Result;
 use crate::clock::Millis;
-use crate::store::{AvailableCell, Caps, QueuePos, Store};
+use crate::domain::lease::{AvailableCell, Caps, QueuePos};
+use crate::store::Store;
 
 /// Cells read from the store per page of the read-ahead.
 const PAGE: usize = 256;
@@ -220,9 +221,10 @@ mod tests {
     use std::sync::Arc;
 
     use crate::clock::{ManualClock, Millis};
+    use crate::domain::rows::WorkerRegistration;
     use crate::domain::state::DeviceKind;
     use crate::queue::{Queue, QueueConfig, Submission};
-    use crate::store::{DatabaseUrl, Store, StoreOptions, WorkerRegistration};
+    use crate::store::{DatabaseUrl, Store, StoreOptions};
     use crate::sweep::cell::tests::spec;
 
     /// A lease call that goes away between the pick and the store's answer (a gRPC client

@@ -21,7 +21,8 @@ use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::clock::Millis;
-use crate::store::{Completion, Fence, LeasePick, LeasedCell, Store};
+use crate::domain::lease::{Completion, Fence, LeasePick, LeasedCell};
+use crate::store::Store;
 use crate::{Error, Result};
 
 /// Batches written at the same time. Two lets one batch gather while another commits.

@@ -11,7 +11,7 @@ use super::Queue;
 use super::dispatch::{Leaser, Pick};
 use super::group::Group;
 use crate::clock::Millis;
-use crate::store::{Caps, Fence, LeasePick, LeasedCell};
+use crate::domain::lease::{Caps, Fence, LeasePick, LeasedCell};
 use crate::{Error, Result};
 
 /// What a lease needs to know about a worker, kept between leases so that a lease does not

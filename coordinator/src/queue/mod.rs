@@ -28,12 +28,11 @@ use self::intake::Mover;
 use self::lease::KnownWorker;
 use self::retry::{Decision, RetryPolicy};
 use crate::clock::{Millis, SharedClock};
+use crate::domain::lease::{Fence, HeartbeatStatus};
+use crate::domain::rows::{CellRow, ProgressRow, SweepRow, WorkerRegistration, WorkerRow};
 use crate::domain::state::FailureClass;
 use crate::events::Events;
-use crate::store::{
-    CellQuery, CellRow, Fence, HeartbeatStatus, ProgressRow, Store, SweepInsert, SweepInserted,
-    SweepRow, WorkerRegistration, WorkerRow,
-};
+use crate::store::{CellQuery, Store, SweepInsert, SweepInserted};
 use crate::sweep::cell::check_text;
 use crate::sweep::{CellSpec, NewCell, Plan, PlanLimits, SweepSource};
 use crate::{Error, Result};

@@ -16,9 +16,10 @@
 //!   sweep-name equalities are first resolved to ids by the store ([`sweep_lookup`],
 //!   [`with_sweep_ids`]), so an index on `(sweep_id, …)` serves the sort.
 
-use sqlx::QueryBuilder;
+use sqlx::{Database, QueryBuilder};
 
-use super::query::{CellQuery, Dialect};
+use super::query::{CellQuery, CellSort, Dialect};
+use super::rows::CELL_COLUMNS;
 use crate::query::{CmpOp, Column, ColumnKind, Field, Filter, Predicate, SortKey, Test, Value};
 
 /// What a test is applied to.
@@ -58,6 +59,80 @@ fn push_joined<DB: Dialect>(qb: &mut QueryBuilder<DB>, parts: &[Filter], sep: &s
         push_filter(qb, p);
     }
     qb.push(")");
+}
+
+/// Builds `SELECT … FROM cells WHERE … ORDER BY … LIMIT … OFFSET …`.
+pub(super) fn build<DB>(q: &CellQuery) -> QueryBuilder<DB>
+where
+    DB: Dialect,
+    <DB as Database>::Arguments: Default,
+    i64: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
+    f64: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
+    String: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
+{
+    let mut qb = QueryBuilder::<DB>::new(format!("SELECT {CELL_COLUMNS} FROM cells WHERE TRUE"));
+    if let Some(s) = q.sweep {
+        qb.push(" AND sweep_id = ").push_bind(s.0);
+    }
+    if !q.states.is_empty() {
+        qb.push(" AND state IN (");
+        let mut sep = qb.separated(", ");
+        for s in &q.states {
+            sep.push_bind(s.as_str().to_string());
+        }
+        qb.push(")");
+    }
+    if let Some(p) = &q.prompt_contains {
+        qb.push(" AND ");
+        DB::push_contains(&mut qb, p.clone());
+    }
+    if let Some(m) = &q.model {
+        qb.push(" AND model = ").push_bind(m.clone());
+    }
+    if let Some(v) = q.seed_min {
+        qb.push(" AND seed >= ").push_bind(v);
+    }
+    if let Some(v) = q.seed_max {
+        qb.push(" AND seed <= ").push_bind(v);
+    }
+    if let Some(v) = q.cfg_min {
+        qb.push(" AND cfg >= ").push_bind(v);
+    }
+    if let Some(v) = q.cfg_max {
+        qb.push(" AND cfg <= ").push_bind(v);
+    }
+    if let Some(w) = q.worker {
+        qb.push(" AND (result_worker = ")
+            .push_bind(w.0)
+            .push(" OR lease_owner = ")
+            .push_bind(w.0)
+            .push(")");
+    }
+    for (k, v) in &q.bindings {
+        qb.push(" AND ");
+        DB::push_binding_eq(&mut qb, k.clone(), v.clone());
+    }
+    if let Some(f) = &q.filter {
+        qb.push(" AND ");
+        push_filter(&mut qb, f);
+    }
+    qb.push(" ORDER BY ");
+    if q.sorts.is_empty() {
+        let dir = if q.descending { "DESC" } else { "ASC" };
+        qb.push(match q.sort {
+            CellSort::Number => format!("sweep_id {dir}, number {dir}"),
+            CellSort::Seed => format!("seed {dir}, id {dir}"),
+            CellSort::Cfg => format!("cfg {dir}, id {dir}"),
+            CellSort::FinishedAt => format!("finalized_at {dir}, id {dir}"),
+        });
+    } else {
+        push_order(&mut qb, &q.sorts);
+    }
+    qb.push(" LIMIT ")
+        .push_bind(q.limit)
+        .push(" OFFSET ")
+        .push_bind(q.offset);
+    qb
 }
 
 /// True when the test's values are text (lists are of one kind; see `Test`).
@@ -310,8 +385,9 @@ fn resolve(f: Filter, ids: &[(i64, String)]) -> Filter {
 mod tests {
     use sqlx::{Postgres, Sqlite};
 
-    use super::super::query::{CellQuery, build};
+    use super::build;
     use crate::query::{Filter, parse_sort};
+    use crate::store::CellQuery;
 
     /// Every literal and key travels as a parameter: none of these strings reach the SQL text.
     #[test]

@@ -6,7 +6,6 @@
 use kiln_proto::{SweepId, WorkerId};
 use sqlx::{Database, QueryBuilder};
 
-use super::filter;
 use crate::domain::state::CellState;
 use crate::query::{Filter, SortKey};
 
@@ -61,10 +60,6 @@ pub struct CellQuery {
     pub offset: i64,
 }
 
-/// The columns every cell read returns, in `CellRow` order.
-pub(super) const CELL_COLUMNS: &str = "id, sweep_id, number, cell_key, spec, state, attempt, \
-    max_attempts, errors, result, COALESCE(lease_owner, result_worker) AS worker, finalized_at";
-
 /// How each backend spells the parts that differ. Values go through the `push_*` binders, so
 /// callers need no per-type bounds; every `push_*` writes a placeholder, never the value.
 pub(super) trait Dialect: Database {
@@ -106,6 +101,21 @@ pub(super) trait Dialect: Database {
     }
 }
 
+/// The binders that are the same for both: the value as it is.
+macro_rules! plain_binders {
+    () => {
+        fn push_int(qb: &mut QueryBuilder<Self>, v: i64) {
+            qb.push_bind(v);
+        }
+        fn push_float(qb: &mut QueryBuilder<Self>, v: f64) {
+            qb.push_bind(v);
+        }
+        fn push_text(qb: &mut QueryBuilder<Self>, v: String) {
+            qb.push_bind(v);
+        }
+    };
+}
+
 /// The JSON path of a binding key for SQLite: quoted, so any character is a literal.
 fn sqlite_path(key: &str) -> String {
     format!("$.\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""))
@@ -120,15 +130,7 @@ impl Dialect for sqlx::Sqlite {
     const RESULT_SHA256: &'static str = "json_extract(result, '$.sha256')";
     const RESULT_OBJECT_KEY: &'static str = "json_extract(result, '$.object_key')";
 
-    fn push_int(qb: &mut QueryBuilder<Self>, v: i64) {
-        qb.push_bind(v);
-    }
-    fn push_float(qb: &mut QueryBuilder<Self>, v: f64) {
-        qb.push_bind(v);
-    }
-    fn push_text(qb: &mut QueryBuilder<Self>, v: String) {
-        qb.push_bind(v);
-    }
+    plain_binders!();
     fn push_number(qb: &mut QueryBuilder<Self>, v: f64) {
         qb.push_bind(v);
     }
@@ -163,15 +165,7 @@ impl Dialect for sqlx::Postgres {
     const RESULT_SHA256: &'static str = "(result::jsonb ->> 'sha256')";
     const RESULT_OBJECT_KEY: &'static str = "(result::jsonb ->> 'object_key')";
 
-    fn push_int(qb: &mut QueryBuilder<Self>, v: i64) {
-        qb.push_bind(v);
-    }
-    fn push_float(qb: &mut QueryBuilder<Self>, v: f64) {
-        qb.push_bind(v);
-    }
-    fn push_text(qb: &mut QueryBuilder<Self>, v: String) {
-        qb.push_bind(v);
-    }
+    plain_binders!();
     fn push_number(qb: &mut QueryBuilder<Self>, v: f64) {
         // numeric, not float8: a binding like "1e400" is a valid number that float8 rejects
         // with an error. Rust prints finite f64s without exponents, which numeric reads.
@@ -189,78 +183,4 @@ impl Dialect for sqlx::Postgres {
         Self::push_binding_text(qb, key);
         qb.push("::numeric END)");
     }
-}
-
-/// Builds `SELECT … FROM cells WHERE … ORDER BY … LIMIT … OFFSET …`.
-pub(super) fn build<DB>(q: &CellQuery) -> QueryBuilder<DB>
-where
-    DB: Dialect,
-    <DB as Database>::Arguments: Default,
-    i64: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
-    f64: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
-    String: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
-{
-    let mut qb = QueryBuilder::<DB>::new(format!("SELECT {CELL_COLUMNS} FROM cells WHERE TRUE"));
-    if let Some(s) = q.sweep {
-        qb.push(" AND sweep_id = ").push_bind(s.0);
-    }
-    if !q.states.is_empty() {
-        qb.push(" AND state IN (");
-        let mut sep = qb.separated(", ");
-        for s in &q.states {
-            sep.push_bind(s.as_str().to_string());
-        }
-        qb.push(")");
-    }
-    if let Some(p) = &q.prompt_contains {
-        qb.push(" AND ");
-        DB::push_contains(&mut qb, p.clone());
-    }
-    if let Some(m) = &q.model {
-        qb.push(" AND model = ").push_bind(m.clone());
-    }
-    if let Some(v) = q.seed_min {
-        qb.push(" AND seed >= ").push_bind(v);
-    }
-    if let Some(v) = q.seed_max {
-        qb.push(" AND seed <= ").push_bind(v);
-    }
-    if let Some(v) = q.cfg_min {
-        qb.push(" AND cfg >= ").push_bind(v);
-    }
-    if let Some(v) = q.cfg_max {
-        qb.push(" AND cfg <= ").push_bind(v);
-    }
-    if let Some(w) = q.worker {
-        qb.push(" AND (result_worker = ")
-            .push_bind(w.0)
-            .push(" OR lease_owner = ")
-            .push_bind(w.0)
-            .push(")");
-    }
-    for (k, v) in &q.bindings {
-        qb.push(" AND ");
-        DB::push_binding_eq(&mut qb, k.clone(), v.clone());
-    }
-    if let Some(f) = &q.filter {
-        qb.push(" AND ");
-        filter::push_filter(&mut qb, f);
-    }
-    qb.push(" ORDER BY ");
-    if q.sorts.is_empty() {
-        let dir = if q.descending { "DESC" } else { "ASC" };
-        qb.push(match q.sort {
-            CellSort::Number => format!("sweep_id {dir}, number {dir}"),
-            CellSort::Seed => format!("seed {dir}, id {dir}"),
-            CellSort::Cfg => format!("cfg {dir}, id {dir}"),
-            CellSort::FinishedAt => format!("finalized_at {dir}, id {dir}"),
-        });
-    } else {
-        filter::push_order(&mut qb, &q.sorts);
-    }
-    qb.push(" LIMIT ")
-        .push_bind(q.limit)
-        .push(" OFFSET ")
-        .push_bind(q.offset);
-    qb
 }

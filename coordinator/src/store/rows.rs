@@ -1,64 +1,32 @@
-//! Decoding of result rows into the store's row types, shared by both backends. Every integer
-//! column is read as `i64` (Postgres `BIGINT`, SQLite `INTEGER`) and narrowed here.
+//! Decoding of result rows into the store's row types, for both databases ([`Row`] reads
+//! either; every integer column as `i64` and narrowed here).
 
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
-use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{
-    AvailableCell, CellRow, IntakeRow, LeasedCell, ProgressRow, QueuePos, StateCounts, SweepRow,
-    WorkerRegistration, WorkerRow, parse_loaded, to_u64,
-};
+use super::db::Row;
 use crate::clock::Millis;
 use crate::domain::candidate::Candidate;
+use crate::domain::lease::{AvailableCell, LeasedCell, QueuePos};
+use crate::domain::rows::{
+    CellRow, IntakeRow, ProgressRow, StateCounts, SweepRow, WorkerRegistration, WorkerRow,
+};
 use crate::domain::state::DeviceKind;
 use crate::{Error, Result};
 
-/// A row type both backends' rows satisfy.
-pub(super) trait AnyRow: Row
-where
-    for<'a> &'a str: ColumnIndex<Self>,
-{
-    fn int(&self, col: &str) -> Result<i64>;
-    fn opt_int(&self, col: &str) -> Result<Option<i64>>;
-    fn text(&self, col: &str) -> Result<String>;
-    fn opt_text(&self, col: &str) -> Result<Option<String>>;
-    fn bytes(&self, col: &str) -> Result<Vec<u8>>;
-}
+/// The columns a lease returns, for [`leased`].
+pub(super) const LEASED_COLUMNS: &str =
+    "id, sweep_id, number, attempt, cell_key, affinity_key, spec";
 
-impl<R> AnyRow for R
-where
-    R: Row,
-    for<'a> &'a str: ColumnIndex<R>,
-    i64: for<'r> Decode<'r, R::Database> + Type<R::Database>,
-    String: for<'r> Decode<'r, R::Database> + Type<R::Database>,
-    Vec<u8>: for<'r> Decode<'r, R::Database> + Type<R::Database>,
-{
-    fn int(&self, col: &str) -> Result<i64> {
-        Ok(self.try_get::<i64, _>(col)?)
-    }
-    fn opt_int(&self, col: &str) -> Result<Option<i64>> {
-        Ok(self.try_get::<Option<i64>, _>(col)?)
-    }
-    fn text(&self, col: &str) -> Result<String> {
-        Ok(self.try_get::<String, _>(col)?)
-    }
-    fn opt_text(&self, col: &str) -> Result<Option<String>> {
-        Ok(self.try_get::<Option<String>, _>(col)?)
-    }
-    fn bytes(&self, col: &str) -> Result<Vec<u8>> {
-        Ok(self.try_get::<Vec<u8>, _>(col)?)
-    }
-}
+/// The columns every cell read returns, in `CellRow` order.
+pub(super) const CELL_COLUMNS: &str = "id, sweep_id, number, cell_key, spec, state, attempt, \
+    max_attempts, errors, result, COALESCE(lease_owner, result_worker) AS worker, finalized_at";
 
 pub(super) fn narrow(col: &str, v: i64) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Corrupt(format!("{col}: {v} out of range")))
 }
 
 /// A stored intake chunk.
-pub(super) fn intake<R: AnyRow>(r: &R) -> Result<IntakeRow>
-where
-    for<'a> &'a str: ColumnIndex<R>,
-{
+pub(super) fn intake(r: &Row) -> Result<IntakeRow> {
     let number = |col: &str| {
         let v = r.int(col)?;
         u32::try_from(v).map_err(|_| Error::Corrupt(format!("intake {col}: {v} out of range")))
@@ -72,10 +40,7 @@ where
     })
 }
 
-pub(super) fn sweep<R: AnyRow>(r: &R) -> Result<SweepRow>
-where
-    for<'a> &'a str: ColumnIndex<R>,
-{
+pub(super) fn sweep(r: &Row) -> Result<SweepRow> {
     Ok(SweepRow {
         id: SweepId(r.int("id")?),
         name: r.text("name")?,
@@ -88,10 +53,7 @@ where
     })
 }
 
-pub(super) fn counts<R: AnyRow>(rows: &[R]) -> Result<StateCounts>
-where
-    for<'a> &'a str: ColumnIndex<R>,
-{
+pub(super) fn counts(rows: &[Row]) -> Result<StateCounts> {
     let mut counts = StateCounts::default();
     for r in rows {
         counts.add(r.text("state")?.parse()?, to_u64(r.int("n")?));
@@ -99,10 +61,7 @@ where
     Ok(counts)
 }
 
-pub(super) fn leased<R: AnyRow>(r: &R, expires: Millis, was_head: bool) -> Result<LeasedCell>
-where
-    for<'a> &'a str: ColumnIndex<R>,
-{
+pub(super) fn leased(r: &Row, expires: Millis, was_head: bool) -> Result<LeasedCell> {
     Ok(LeasedCell {
         id: CellId(r.int("id")?),
         sweep_id: SweepId(r.int("sweep_id")?),
@@ -116,10 +75,7 @@ where
     })
 }
 
-pub(super) fn available<R: AnyRow>(r: &R) -> Result<AvailableCell>
-where
-    for<'a> &'a str: ColumnIndex<R>,
-{
+pub(super) fn available(r: &Row) -> Result<AvailableCell> {
     let id = r.int("id")?;
     Ok(AvailableCell {
         pos: QueuePos {
@@ -137,10 +93,7 @@ where
     })
 }
 
-pub(super) fn cell<R: AnyRow>(r: &R) -> Result<CellRow>
-where
-    for<'a> &'a str: ColumnIndex<R>,
-{
+pub(super) fn cell(r: &Row) -> Result<CellRow> {
     Ok(CellRow {
         id: CellId(r.int("id")?),
         sweep_id: SweepId(r.int("sweep_id")?),
@@ -157,10 +110,7 @@ where
     })
 }
 
-pub(super) fn progress<R: AnyRow>(r: &R) -> Result<ProgressRow>
-where
-    for<'a> &'a str: ColumnIndex<R>,
-{
+pub(super) fn progress(r: &Row) -> Result<ProgressRow> {
     Ok(ProgressRow {
         cell: CellId(r.int("id")?),
         number: r.int("number")?,
@@ -171,10 +121,7 @@ where
     })
 }
 
-pub(super) fn worker<R: AnyRow>(r: &R) -> Result<WorkerRow>
-where
-    for<'a> &'a str: ColumnIndex<R>,
-{
+pub(super) fn worker(r: &Row) -> Result<WorkerRow> {
     Ok(WorkerRow {
         id: WorkerId(r.int("id")?),
         info: WorkerRegistration {
@@ -201,14 +148,28 @@ pub(super) struct FailRow {
     pub cancel_requested: bool,
 }
 
-pub(super) fn fail<R: AnyRow>(r: &R) -> Result<FailRow>
-where
-    for<'a> &'a str: ColumnIndex<R>,
-{
+pub(super) fn fail(r: &Row) -> Result<FailRow> {
     Ok(FailRow {
         attempt: narrow("attempt", r.int("attempt")?)?,
         max_attempts: narrow("max_attempts", r.int("max_attempts")?)?,
         errors: r.text("errors")?,
         cancel_requested: r.opt_int("cancel_requested_at")?.is_some(),
     })
+}
+
+/// `(id, name)` of each sweep a name lookup found (`filter::sweep_lookup`).
+pub(super) fn sweep_names(found: &[Row]) -> Result<Vec<(i64, String)>> {
+    found
+        .iter()
+        .map(|r| Ok((r.int("id")?, r.text("name")?)))
+        .collect()
+}
+
+/// Parses a stored JSON array of loaded affinity keys.
+fn parse_loaded(s: &str) -> Result<Vec<String>> {
+    serde_json::from_str(s).map_err(|e| Error::Corrupt(format!("workers.loaded: {e}")))
+}
+
+pub(super) fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
 }

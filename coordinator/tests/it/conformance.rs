@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use kiln_coordinator::Error;
 use kiln_coordinator::domain::failure::Decision;
+use kiln_coordinator::domain::lease::{Fence, HeartbeatStatus, LeasedCell};
 use kiln_coordinator::domain::state::{CellState, FailureClass, SweepState};
 use kiln_coordinator::queue::QueueConfig;
-use kiln_coordinator::store::{CellQuery, CellSort, Fence, HeartbeatStatus, LeasedCell};
+use kiln_coordinator::store::{CellQuery, CellSort};
 use kiln_proto::{SweepId, WorkerId};
 
 use crate::harness::{Backend, Fixture, cell, submission};
@@ -610,7 +611,7 @@ async fn queries_filter_sort_and_page(b: Backend) {
         q.offset = 5;
     }))
     .await;
-    let seeds = |rows: &[kiln_coordinator::store::CellRow]| -> Vec<u64> {
+    let seeds = |rows: &[kiln_coordinator::domain::rows::CellRow]| -> Vec<u64> {
         rows.iter()
             .map(|r| {
                 serde_json::from_str::<serde_json::Value>(&r.spec_json).unwrap()["seed"]

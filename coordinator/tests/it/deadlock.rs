@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use kiln_coordinator::store::{DatabaseUrl, LeasePick};
+use kiln_coordinator::domain::lease::LeasePick;
+
+use kiln_coordinator::store::DatabaseUrl;
 
 use crate::harness::{Backend, Fixture, cell, submission};
 

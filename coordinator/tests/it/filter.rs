@@ -5,10 +5,12 @@
 
 use std::collections::BTreeMap;
 
+use kiln_coordinator::domain::lease::Fence;
+use kiln_coordinator::domain::rows::CellRow;
 use kiln_coordinator::domain::state::{CellState, FailureClass};
 use kiln_coordinator::query::{Filter, parse_sort};
 use kiln_coordinator::result::RenderResult;
-use kiln_coordinator::store::{CellQuery, CellRow, Fence};
+use kiln_coordinator::store::CellQuery;
 use kiln_coordinator::sweep::CellSpec;
 use kiln_proto::SweepId;
 

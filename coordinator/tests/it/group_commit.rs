@@ -5,8 +5,8 @@
 
 use kiln_coordinator::Error;
 use kiln_coordinator::clock::Millis;
+use kiln_coordinator::domain::lease::{Completion, Fence, LeasePick, LeasedCell};
 use kiln_coordinator::domain::state::CellState;
-use kiln_coordinator::store::{Completion, Fence, LeasePick, LeasedCell};
 use kiln_proto::{Attempt, CellId, WorkerId};
 
 use crate::harness::{Backend, Fixture, T0, cell, submission};

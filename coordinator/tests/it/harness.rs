@@ -5,9 +5,10 @@
 use std::sync::Arc;
 
 use kiln_coordinator::clock::{ManualClock, Millis};
+use kiln_coordinator::domain::rows::WorkerRegistration;
 use kiln_coordinator::domain::state::DeviceKind;
 use kiln_coordinator::queue::{Queue, QueueConfig, Submission};
-use kiln_coordinator::store::{DatabaseUrl, Store, StoreOptions, WorkerRegistration};
+use kiln_coordinator::store::{DatabaseUrl, Store, StoreOptions};
 use kiln_coordinator::sweep::{CellSpec, LoraSpec, Sampler};
 use kiln_proto::WorkerId;
 

@@ -7,9 +7,11 @@
 use std::time::Duration;
 
 use kiln_coordinator::clock::Millis;
+use kiln_coordinator::domain::lease::Fence;
+use kiln_coordinator::domain::rows::CellRow;
 use kiln_coordinator::domain::state::CellState;
 use kiln_coordinator::queue::QueueConfig;
-use kiln_coordinator::store::{CellQuery, CellRow, Fence};
+use kiln_coordinator::store::CellQuery;
 use kiln_coordinator::sweep::{CellSpec, NewCell};
 use kiln_proto::SweepId;
 

@@ -1,24 +1,20 @@
 //! Sweep inserts by `COPY … FROM STDIN`: the text-format encoder of cell rows.
 
 use crate::Result;
-use crate::clock::Millis;
+use crate::store::db::BulkInsert;
 
 /// Cells per chunk of the COPY stream of a sweep insert.
 const COPY_CHUNK: usize = 2_000;
 
-/// Inserts `cells` of sweep `id` in `state` with one `COPY … FROM STDIN` (text format), sent in
+/// Inserts `cells` as `b` says with one `COPY … FROM STDIN` (text format), sent in
 /// chunks so that encoding the next chunk overlaps the server's work on the last. COPY inserts
 /// heap rows in batches (one WAL record per page, not per row) and skips the executor; against
 /// the former `INSERT … SELECT FROM UNNEST` a 100,000-cell submit was 8–13 % faster
 /// (docs/perf-history.md, "Postgres submit by `COPY … FROM STDIN`").
-pub(super) async fn insert_cells(
+pub(in crate::store) async fn insert_cells(
     conn: &mut sqlx::PgConnection,
-    id: i64,
-    priority: i64,
-    max_attempts: i64,
-    state: &str,
+    b: &BulkInsert<'_>,
     cells: &[crate::sweep::NewCell],
-    now: Millis,
 ) -> Result<()> {
     if cells.is_empty() {
         return Ok(());
@@ -34,23 +30,23 @@ pub(super) async fn insert_cells(
     // The columns every row shares, encoded once.
     let mut tail = String::new();
     for v in [
-        state,
+        b.state,
         "0",
-        &max_attempts.to_string(),
+        &b.max_attempts.to_string(),
         "[]",
-        &now.0.to_string(),
+        &b.now.0.to_string(),
     ] {
         tail.push('\t');
         copy_text(&mut tail, v);
     }
     tail.push('\t');
-    tail.push_str(&now.0.to_string());
+    tail.push_str(&b.now.0.to_string());
     tail.push('\n');
     let mut buf = String::with_capacity(COPY_CHUNK * 1024);
     for chunk in cells.chunks(COPY_CHUNK) {
         buf.clear();
         for c in chunk {
-            copy_row(&mut buf, id, priority, c);
+            copy_row(&mut buf, b.sweep, b.priority, c);
             buf.push_str(&tail);
         }
         if let Err(e) = copy.send(buf.as_bytes()).await {

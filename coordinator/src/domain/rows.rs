@@ -1,0 +1,200 @@
+//! What the store returns and the API shows: a sweep with its counts per state, a cell with
+//! its outcome, a running attempt's progress, a worker with what it declared, and the chunks
+//! of a large submission waiting in the intake (`queue::intake`). Plain data,
+//! decoded from rows by `store::rows`.
+
+use kiln_proto::{CellId, SweepId, WorkerId};
+
+use crate::clock::Millis;
+
+use crate::domain::state::{CellState, DeviceKind, SweepState};
+
+/// Cells of a sweep per state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    /// Available.
+    pub available: u64,
+    /// Scheduled.
+    pub scheduled: u64,
+    /// Running.
+    pub running: u64,
+    /// Retryable.
+    pub retryable: u64,
+    /// Held (paused).
+    pub held: u64,
+    /// Completed.
+    pub completed: u64,
+    /// Cancelled.
+    pub cancelled: u64,
+    /// Discarded.
+    pub discarded: u64,
+}
+
+impl StateCounts {
+    /// Every cell.
+    pub fn total(&self) -> u64 {
+        self.available
+            + self.scheduled
+            + self.running
+            + self.retryable
+            + self.held
+            + self.completed
+            + self.cancelled
+            + self.discarded
+    }
+
+    /// True when nothing is queued or running.
+    pub fn finished(&self) -> bool {
+        self.completed + self.cancelled + self.discarded == self.total()
+    }
+
+    pub(crate) fn add(&mut self, state: CellState, n: u64) {
+        let slot = match state {
+            CellState::Available => &mut self.available,
+            CellState::Scheduled => &mut self.scheduled,
+            CellState::Running => &mut self.running,
+            CellState::Retryable => &mut self.retryable,
+            CellState::Held => &mut self.held,
+            CellState::Completed => &mut self.completed,
+            CellState::Cancelled => &mut self.cancelled,
+            CellState::Discarded => &mut self.discarded,
+        };
+        *slot += n;
+    }
+}
+
+/// A sweep with its cell counts.
+#[derive(Clone, Debug)]
+pub struct SweepRow {
+    /// Id.
+    pub id: SweepId,
+    /// Name.
+    pub name: String,
+    /// Idempotency key.
+    pub idempotency_key: String,
+    /// Priority.
+    pub priority: i32,
+    /// Attempts per cell.
+    pub max_attempts: i32,
+    /// State.
+    pub state: SweepState,
+    /// Created, unix ms.
+    pub created_at: i64,
+    /// Cells per state.
+    pub counts: StateCounts,
+}
+
+/// A cell with its outcome.
+#[derive(Clone, Debug)]
+pub struct CellRow {
+    /// Cell.
+    pub id: CellId,
+    /// Sweep.
+    pub sweep_id: SweepId,
+    /// Number within the sweep.
+    pub number: i64,
+    /// Identity hash.
+    pub cell_key: String,
+    /// Render parameters (JSON).
+    pub spec_json: String,
+    /// State.
+    pub state: CellState,
+    /// Attempts made.
+    pub attempt: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// Failed attempts (JSON array of `ErrorEntry`).
+    pub errors_json: String,
+    /// Result (JSON), when completed.
+    pub result_json: Option<String>,
+    /// Lease holder (running) or winner (completed).
+    pub worker: Option<WorkerId>,
+    /// When it reached a terminal state.
+    pub finalized_at: Option<i64>,
+}
+
+/// Per-step progress of a running attempt.
+#[derive(Clone, Debug)]
+pub struct ProgressRow {
+    /// Cell.
+    pub cell: CellId,
+    /// Number within the sweep.
+    pub number: i64,
+    /// Attempt.
+    pub attempt: i32,
+    /// Lease holder.
+    pub worker: WorkerId,
+    /// Last reported step.
+    pub step: i64,
+    /// Steps in all.
+    pub total: i64,
+}
+
+/// What a worker declares at registration.
+#[derive(Clone, Debug)]
+pub struct WorkerRegistration {
+    /// Name.
+    pub name: String,
+    /// Device kind.
+    pub device_kind: DeviceKind,
+    /// Device model.
+    pub device_model: String,
+    /// Memory, MiB.
+    pub memory_mib: i64,
+    /// Largest width×height.
+    pub max_pixels: i64,
+    /// Affinity keys loaded.
+    pub loaded: Vec<String>,
+    /// kiln version.
+    pub version: String,
+}
+
+/// A registered worker.
+#[derive(Clone, Debug)]
+pub struct WorkerRow {
+    /// Id.
+    pub id: WorkerId,
+    /// What it declared (with its latest loaded set).
+    pub info: WorkerRegistration,
+    /// True after a graceful drain.
+    pub drained: bool,
+    /// Registered, unix ms.
+    pub registered_at: i64,
+    /// Last request, unix ms.
+    pub last_seen_at: i64,
+    /// Cells completed since the `since` given to `Store::worker_list`.
+    pub completed_recently: u64,
+}
+
+/// One chunk of a submission, to insert with its sweep.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IntakeChunk {
+    /// Number of its first cell; the rest follow in order.
+    pub first_number: u32,
+    /// Cells in it.
+    pub cell_count: u32,
+    /// The encoded cells.
+    pub cells: Vec<u8>,
+}
+
+/// A stored chunk waiting to be moved into `cells`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IntakeRow {
+    /// Its sweep.
+    pub sweep_id: SweepId,
+    /// Number of its first cell.
+    pub first_number: u32,
+    /// Cells in it.
+    pub cell_count: u32,
+    /// The submit's time, which its cells keep as `created_at` and `scheduled_at`.
+    pub created_at: Millis,
+    /// The encoded cells.
+    pub cells: Vec<u8>,
+}
+
+impl IntakeRow {
+    /// Its key: (sweep, first number).
+    pub fn key(&self) -> (SweepId, u32) {
+        (self.sweep_id, self.first_number)
+    }
+}

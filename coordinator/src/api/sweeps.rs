@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, sweep_id};
 use crate::query::{Filter, parse_sort};
-use crate::queue::{Queue, Submission, stored_source};
+use crate::queue::{Queue, Submission, SubmittedCells, stored_source};
 use crate::store::{CellQuery, CellSort};
 use crate::sweep::SweepSource;
 use crate::{Error, Result};
@@ -98,6 +98,7 @@ impl SweepService for SweepApi {
         }
         let mut spec = header.spec;
         let mut name = header.name;
+        let mut cells = SubmittedCells::Sent(cells);
         if cells.is_empty() && !spec.is_empty() {
             // A sweep file: plan it here, before anything is stored.
             let src = SweepSource {
@@ -110,7 +111,7 @@ impl SweepService for SweepApi {
             if name.is_empty() {
                 name = plan.name;
             }
-            cells = plan.cells;
+            cells = SubmittedCells::Planned(plan.cells);
         }
         let out = self
             .queue
@@ -154,7 +155,7 @@ impl SweepService for SweepApi {
                 .cells
                 .into_iter()
                 .take(r.preview.min(1000) as usize)
-                .map(convert::cell_to_wire)
+                .map(|c| convert::cell_to_wire(c.spec))
                 .collect(),
         }))
     }

@@ -3,26 +3,16 @@
 //! commit: concurrent leases share one statement, see `group`), and the affinity bookkeeping
 //! after it. Also the complete-and-lease-next call.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use kiln_proto::WorkerId;
 
-use super::Queue;
+use super::{KnownWorker, Queue};
 use super::dispatch::{Leaser, Pick};
 use super::group::Group;
 use crate::clock::Millis;
 use crate::domain::lease::{Caps, Fence, LeasePick, LeasedCell};
 use crate::{Error, Result};
-
-/// What a lease needs to know about a worker, kept between leases so that a lease does not
-/// have to write the worker's `last_seen_at` every time (heartbeats keep it fresh).
-#[derive(Clone, Debug)]
-pub(super) struct KnownWorker {
-    pub(super) max_pixels: i64,
-    pub(super) memory_mib: i64,
-    pub(super) loaded: HashSet<String>,
-    pub(super) written_at: Millis,
-}
 
 impl Queue {
     /// Leases up to `max` cells the worker can render, preferring what it has `loaded`.

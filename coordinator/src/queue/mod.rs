@@ -25,7 +25,6 @@ use self::affinity::AffinityState;
 use self::dispatch::Dispatch;
 use self::group::{Complete, Completes, Group, Leases};
 use self::intake::Mover;
-use self::lease::KnownWorker;
 use self::retry::{Decision, RetryPolicy};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::lease::{Fence, HeartbeatStatus};
@@ -34,7 +33,7 @@ use crate::domain::state::FailureClass;
 use crate::events::Events;
 use crate::store::{CellQuery, Store, SweepInsert, SweepInserted};
 use crate::sweep::cell::check_text;
-use crate::sweep::{CellSpec, NewCell, Plan, PlanLimits, SweepSource};
+use crate::sweep::{CellSpec, NewCell, Plan, PlanLimits, PlannedCell, SweepSource};
 use crate::{Error, Result};
 
 /// Lifecycle settings.
@@ -95,7 +94,43 @@ pub struct Submission {
     /// The sweep file verbatim.
     pub spec: String,
     /// Cells in order.
-    pub cells: Vec<CellSpec>,
+    pub cells: SubmittedCells,
+}
+
+/// The cells of a submission.
+#[derive(Clone, Debug)]
+pub enum SubmittedCells {
+    /// Sent as cells: each is checked and keyed at submit, and repeats are dropped.
+    Sent(Vec<CellSpec>),
+    /// Planned from a sweep file here, which checked, de-duplicated and keyed them.
+    Planned(Vec<PlannedCell>),
+}
+
+impl SubmittedCells {
+    /// Cells in it.
+    pub fn len(&self) -> usize {
+        match self {
+            SubmittedCells::Sent(c) => c.len(),
+            SubmittedCells::Planned(c) => c.len(),
+        }
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl FromIterator<CellSpec> for SubmittedCells {
+    fn from_iter<I: IntoIterator<Item = CellSpec>>(cells: I) -> Self {
+        SubmittedCells::Sent(cells.into_iter().collect())
+    }
+}
+
+impl From<Vec<CellSpec>> for SubmittedCells {
+    fn from(cells: Vec<CellSpec>) -> Self {
+        SubmittedCells::Sent(cells)
+    }
 }
 
 /// Outcome of one maintenance pass.
@@ -105,6 +140,16 @@ pub struct MaintenanceReport {
     pub rescued: u64,
     /// Due cells made available.
     pub promoted: u64,
+}
+
+/// What a lease needs to know about a worker, kept between leases so that a lease does not
+/// have to write the worker's `last_seen_at` every time (heartbeats keep it fresh).
+#[derive(Clone, Debug)]
+struct KnownWorker {
+    max_pixels: i64,
+    memory_mib: i64,
+    loaded: HashSet<String>,
+    written_at: Millis,
 }
 
 /// The render queue.
@@ -306,7 +351,7 @@ impl Queue {
             .cells
             .into_iter()
             .enumerate()
-            .map(|(i, c)| NewCell::new(i as u32, c))
+            .map(|(i, c)| NewCell::planned(cell_number(i)?, c))
             .collect::<Result<Vec<_>>>()?;
         let out = self
             .store
@@ -535,47 +580,57 @@ impl Queue {
     }
 }
 
-/// Validates and derives every cell of a submission (on as many threads as there are cores),
-/// then drops repeated cells (same cell key; the first wins) and numbers the rest in order. An
-/// error names the cell by its place in the submission.
-fn prepare_cells(specs: Vec<CellSpec>) -> Result<Vec<NewCell>> {
+/// Derives every cell of a submission (on as many threads as there are cores): cells sent as
+/// cells are checked and keyed, then repeats (same cell key; the first wins) dropped and the
+/// rest numbered in order; planned cells were all that already. An error names the cell by its
+/// place in the submission.
+fn prepare_cells(cells: SubmittedCells) -> Result<Vec<NewCell>> {
+    match cells {
+        SubmittedCells::Planned(cells) => {
+            let parts = in_parallel(cells, |i, c| NewCell::planned(cell_number(i)?, c))?;
+            Ok(parts.into_iter().flatten().collect())
+        }
+        SubmittedCells::Sent(specs) => {
+            let parts = in_parallel(specs, |i, spec| NewCell::new(cell_number(i)?, spec))?;
+            let mut seen = HashSet::new();
+            let mut cells = Vec::new();
+            for mut cell in parts.into_iter().flatten() {
+                if seen.insert(cell.cell_key.clone()) {
+                    cell.number = cell_number(cells.len())?;
+                    cells.push(cell);
+                }
+            }
+            Ok(cells)
+        }
+    }
+}
+
+/// `f(i, items[i])` for every item, on up to 8 threads; the results in item order, in parts.
+fn in_parallel<T: Send>(
+    items: Vec<T>,
+    f: impl Fn(usize, T) -> Result<NewCell> + Sync,
+) -> Result<Vec<Vec<NewCell>>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(8);
-    let chunk = specs.len().div_ceil(threads).max(1_000);
-    let mut specs = specs.into_iter().enumerate();
-    let parts: Vec<Vec<(usize, CellSpec)>> = std::iter::from_fn(|| {
-        let part: Vec<_> = specs.by_ref().take(chunk).collect();
+    let chunk = items.len().div_ceil(threads).max(1_000);
+    let mut items = items.into_iter().enumerate();
+    let parts: Vec<Vec<(usize, T)>> = std::iter::from_fn(|| {
+        let part: Vec<_> = items.by_ref().take(chunk).collect();
         (!part.is_empty()).then_some(part)
     })
     .collect();
-    let prepared: Vec<Result<Vec<NewCell>>> = std::thread::scope(|scope| {
+    let f = &f;
+    std::thread::scope(|scope| {
         let handles: Vec<_> = parts
             .into_iter()
-            .map(|part| {
-                scope.spawn(move || {
-                    part.into_iter()
-                        .map(|(i, spec)| NewCell::new(cell_number(i)?, spec))
-                        .collect::<Result<Vec<_>>>()
-                })
-            })
+            .map(|part| scope.spawn(move || part.into_iter().map(|(i, t)| f(i, t)).collect()))
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
-    });
-    let mut seen = HashSet::new();
-    let mut cells = Vec::new();
-    for part in prepared {
-        for mut cell in part? {
-            if seen.insert(cell.cell_key.clone()) {
-                cell.number = cell_number(cells.len())?;
-                cells.push(cell);
-            }
-        }
-    }
-    Ok(cells)
+    })
 }
 
 fn cell_number(i: usize) -> Result<u32> {

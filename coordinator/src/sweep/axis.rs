@@ -5,7 +5,7 @@ use toml::Spanned;
 
 use super::cell::{CellSpec, MAX_REF_BYTES, Sampler};
 use super::error::{PlanError, PlanErrorKind};
-use super::resolve::{PromptText, Resolver, quote_key};
+use super::resolver::{PromptText, Resolver, quote_key};
 use super::spec::SweepFile;
 
 /// One parameter an axis sets.

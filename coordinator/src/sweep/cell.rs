@@ -280,17 +280,46 @@ pub struct NewCell {
     pub bindings_json: String,
 }
 
+/// A cell the planner made: checked ([`CellSpec::validate`]), distinct from the sweep's other
+/// cells, with its identity hash, so a submit of a plan neither checks nor hashes it again.
+/// Reads as its [`CellSpec`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedCell {
+    /// The render.
+    pub spec: CellSpec,
+    /// `spec.cell_key()`.
+    pub cell_key: String,
+}
+
+impl std::ops::Deref for PlannedCell {
+    type Target = CellSpec;
+    fn deref(&self) -> &CellSpec {
+        &self.spec
+    }
+}
+
 impl NewCell {
     /// Validates `spec` and derives its keys and JSON.
     pub fn new(number: u32, spec: CellSpec) -> Result<Self> {
         spec.validate().map_err(|e| prefix_cell(number, e))?;
+        let cell_key = spec.cell_key();
+        Self::checked(number, spec, cell_key)
+    }
+
+    /// A cell the planner checked and keyed already ([`PlannedCell`]): only its affinity key
+    /// and JSON are derived.
+    pub fn planned(number: u32, cell: PlannedCell) -> Result<Self> {
+        Self::checked(number, cell.spec, cell.cell_key)
+    }
+
+    fn checked(number: u32, spec: CellSpec, cell_key: String) -> Result<Self> {
         let spec_json = serde_json::to_string(&spec)
             .map_err(|e| Error::invalid(format!("cell {number}: {e}")))?;
         let bindings_json = serde_json::to_string(&spec.bindings)
             .map_err(|e| Error::invalid(format!("cell {number}: {e}")))?;
         Ok(Self {
             number,
-            cell_key: spec.cell_key(),
+            cell_key,
             affinity_key: spec.affinity_key(),
             spec,
             spec_json,

@@ -19,13 +19,14 @@ pub mod cell;
 pub mod error;
 pub mod plan;
 pub mod resolve;
+mod resolver;
 pub mod seeds;
 pub mod source;
 pub mod spec;
 pub mod template;
 pub mod wildcard;
 
-pub use cell::{CellSpec, LoraSpec, NewCell, Sampler};
+pub use cell::{CellSpec, LoraSpec, NewCell, PlannedCell, Sampler};
 pub use error::{Place, PlanError, PlanErrorKind};
 pub use plan::{Plan, PlanLimits, plan, referenced_files};
 pub use source::SweepSource;

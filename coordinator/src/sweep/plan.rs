@@ -30,7 +30,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use super::axis::Setter;
-use super::cell::CellSpec;
+use super::cell::{CellSpec, PlannedCell};
 use super::error::{Place, PlanError, PlanErrorKind};
 use super::resolve::{self, Settings};
 use super::seeds;
@@ -71,8 +71,8 @@ impl Default for PlanLimits {
 pub struct Plan {
     /// The sweep's name (`name`, or the sweep file's stem).
     pub name: String,
-    /// The cells; cell N is `cells[N]`.
-    pub cells: Vec<CellSpec>,
+    /// The cells, checked, distinct and keyed; cell N is `cells[N]`.
+    pub cells: Vec<PlannedCell>,
     /// The seeds every prompt is rendered with, in order (random seeds as drawn).
     pub seeds: Vec<u64>,
     /// Axis names, outermost first.
@@ -274,14 +274,15 @@ impl Expansion<'_> {
 /// The planned cells, identical renders dropped as they come (so a large sweep is held once).
 #[derive(Default)]
 struct Cells {
-    cells: Vec<CellSpec>,
+    cells: Vec<PlannedCell>,
     seen: HashSet<String>,
     duplicates: u64,
 }
 
 impl Cells {
     fn push(&mut self, cell: CellSpec) -> Result<(), PlanError> {
-        if !self.seen.insert(cell.cell_key()) {
+        let cell_key = cell.cell_key();
+        if !self.seen.insert(cell_key.clone()) {
             self.duplicates += 1;
             return Ok(());
         }
@@ -293,7 +294,10 @@ impl Cells {
                 PlanErrorKind::InvalidCell(e.to_string()),
             )
         })?;
-        self.cells.push(cell);
+        self.cells.push(PlannedCell {
+            spec: cell,
+            cell_key,
+        });
         Ok(())
     }
 }

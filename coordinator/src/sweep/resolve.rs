@@ -11,18 +11,10 @@ use toml::Spanned;
 use super::axis::{Axis, cfg, dimension, sampler, size, steps, strength};
 use super::cell::{CellSpec, LoraSpec, MAX_REF_BYTES, Sampler};
 use super::error::{Place, PlanError, PlanErrorKind};
+use super::resolver::{PromptText, Resolver, quote_key};
 use super::source::{Origin, SweepSource, list_lines};
 use super::spec::{LoraEntry, SeedsSpec, SweepFile, WildcardSource};
 use super::template::is_wildcard_name;
-
-/// A prompt template's text before parsing.
-#[derive(Clone, Debug)]
-pub(crate) struct PromptText {
-    pub text: String,
-    pub origin: Origin,
-    /// The binding recording which prompt this is (`prompts.line`), if any.
-    pub binding: Option<(String, String)>,
-}
 
 /// A declared wildcard's values before parsing.
 #[derive(Clone, Debug)]
@@ -66,11 +58,6 @@ pub(crate) fn resolve(
         max_file_bytes,
     };
     r.resolve(file)
-}
-
-pub(super) struct Resolver<'a> {
-    pub(super) src: &'a SweepSource,
-    max_file_bytes: usize,
 }
 
 impl Resolver<'_> {
@@ -402,17 +389,6 @@ fn file_stem(path: &str) -> &str {
     }
 }
 
-/// A key as it would be written in a TOML path: bare if it can be, quoted otherwise.
-pub(super) fn quote_key(k: &str) -> String {
-    if !k.is_empty()
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        k.to_string()
-    } else {
-        format!("{k:?}")
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -36,7 +36,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::error::{PlanError, PlanErrorKind};
 use super::source::{Origin, SweepSource};
-use super::wildcard::Wildcards;
+
+
+/// Where `__name__` finds its values when a template expands: the sweep's checked
+/// `Wildcards` (`sweep::wildcard`), whose values are templates in turn.
+pub(crate) trait WildcardValues {
+    /// The values of wildcard `name`; none when it is not declared.
+    fn values(&self, name: &str) -> &[Template];
+}
 
 /// A parsed template and where its text came from.
 #[derive(Clone, Debug)]
@@ -112,8 +119,8 @@ impl Template {
         count_seq(&self.nodes, counts)
     }
 
-    /// Every variant, in order. Wildcards must be acyclic ([`Wildcards::check`]).
-    pub(crate) fn expand(&self, wildcards: &Wildcards) -> Vec<Variant> {
+    /// Every variant, in order. Wildcards must be acyclic (`Wildcards::check`).
+    pub(crate) fn expand(&self, wildcards: &impl WildcardValues) -> Vec<Variant> {
         expand_seq(&self.nodes, "", wildcards)
     }
 
@@ -310,7 +317,7 @@ fn count_seq(nodes: &[Node], counts: &BTreeMap<String, u128>) -> u128 {
     })
 }
 
-fn expand_seq(nodes: &[Node], prefix: &str, wildcards: &Wildcards) -> Vec<Variant> {
+fn expand_seq(nodes: &[Node], prefix: &str, wildcards: &impl WildcardValues) -> Vec<Variant> {
     let mut acc = vec![Variant {
         text: String::new(),
         bindings: Vec::new(),
@@ -387,6 +394,7 @@ fn collect_refs<'a>(nodes: &'a [Node], out: &mut Vec<(&'a str, usize)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sweep::wildcard::Wildcards;
     use crate::sweep::error::Place;
 
     fn src() -> SweepSource {

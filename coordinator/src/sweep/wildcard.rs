@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use super::error::{PlanError, PlanErrorKind};
 use super::source::{Origin, SweepSource};
-use super::template::Template;
+use super::template::{Template, WildcardValues};
 
 /// One value of a wildcard, with its place.
 #[derive(Clone, Debug)]
@@ -26,6 +26,12 @@ pub(crate) struct Wildcards {
     templates: BTreeMap<String, Vec<Template>>,
 }
 
+impl WildcardValues for Wildcards {
+    fn values(&self, name: &str) -> &[Template] {
+        self.templates.get(name).map_or(&[], Vec::as_slice)
+    }
+}
+
 impl Wildcards {
     /// Adds a wildcard's values.
     pub(crate) fn insert(&mut self, name: String, values: Vec<WildcardValue>) {
@@ -34,10 +40,6 @@ impl Wildcards {
             values.iter().map(|v| v.template.clone()).collect(),
         );
         self.entries.insert(name, values);
-    }
-
-    pub(super) fn values(&self, name: &str) -> &[Template] {
-        self.templates.get(name).map_or(&[], Vec::as_slice)
     }
 
     /// Variant counts per wildcard.

@@ -183,6 +183,6 @@ pub fn submission(key: &str, cells: Vec<CellSpec>) -> Submission {
         priority: 0,
         max_attempts: None,
         spec: String::new(),
-        cells,
+        cells: cells.into(),
     }
 }

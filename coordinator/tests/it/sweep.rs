@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use kiln_coordinator::queue::Submission;
+use kiln_coordinator::queue::{Submission, SubmittedCells};
 use kiln_coordinator::sweep::{Place, PlanLimits, SweepSource, plan, referenced_files};
 
 use crate::harness::{Backend, Fixture};
@@ -165,7 +165,7 @@ async fn a_planned_sweep_is_accepted_by_the_queue() {
             priority: 5,
             max_attempts: None,
             spec: src.text.clone(),
-            cells: p.cells,
+            cells: SubmittedCells::Planned(p.cells),
         })
         .await
         .unwrap();

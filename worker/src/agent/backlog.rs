@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_proto::v1 as pb;
+use kiln_proto::{Attempt, CellId, SweepId};
 use tokio::sync::{Notify, watch};
 
 use super::link::Link;
@@ -25,6 +26,7 @@ use super::renderer::Renderer;
 use super::tracked::{AttemptFlags, Tracked};
 use crate::cache::PipelineKey;
 use crate::engine::RenderRequest;
+use crate::upload::object_key;
 
 /// What a leased cell renders with, or why it cannot render.
 pub(super) type Plan = Result<(PipelineKey, RenderRequest), String>;
@@ -43,6 +45,16 @@ impl Held {
             cell_id: self.task.cell_id,
             attempt: self.task.attempt,
         }
+    }
+
+    /// Where its image is stored; `None` when the coordinator sent ids it never assigns (0).
+    pub(super) fn object_key(&self) -> Option<String> {
+        let t = &self.task;
+        Some(object_key(
+            SweepId::from_wire(t.sweep_id)?,
+            CellId::from_wire(t.cell_id)?,
+            Attempt::from_wire(t.attempt)?,
+        ))
     }
 
     pub(super) fn is_lost(&self) -> bool {

@@ -38,7 +38,7 @@ use self::renderer::{Item, RenderFailure, Renderer};
 use self::tracked::Tracked;
 use crate::cache::PipelineKey;
 use crate::engine::{Device, RenderRequest, SamplerKind};
-use crate::upload::{RetryPolicy, Storage, object_key};
+use crate::upload::{RetryPolicy, Storage};
 
 /// Agent settings, checked once by [`AgentConfig::validate`] when the agent starts.
 #[derive(Clone, Debug)]
@@ -326,9 +326,11 @@ async fn finish(
     rendered: renderer::Rendered,
 ) -> anyhow::Result<()> {
     let link = &leaser.link;
-    let task = &held.task;
     let attempt = held.attempt();
-    let okey = object_key(task.sweep_id, task.cell_id, task.attempt);
+    let Some(okey) = held.object_key() else {
+        let msg = "the coordinator leased a task with malformed ids".to_string();
+        return link.fail(attempt, pb::FailureClass::BadInput, msg).await;
+    };
     let sha256 = hex::encode(Sha256::digest(&rendered.png));
     let bytes = rendered.png.len() as u64;
     let t = Instant::now();

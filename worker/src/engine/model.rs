@@ -162,7 +162,9 @@ impl Model {
     }
 
     /// One UNet forward: the predicted noise for `latents` (`[b, c, h, w]`) at `timestep`,
-    /// conditioned on `context` (`[b, tokens, hidden]`).
+    /// conditioned on `context` (`[b, tokens, hidden]`). For tests and benchmarks; renders go
+    /// through `Pipeline`.
+    #[cfg(feature = "testing")]
     pub fn predict_noise(
         &self,
         latents: &HostTensor,

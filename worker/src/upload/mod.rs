@@ -11,6 +11,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use kiln_proto::{Attempt, CellId, SweepId};
+
 pub use file::FileStore;
 pub use s3::{S3Options, S3Store};
 
@@ -104,7 +106,7 @@ impl fmt::Debug for StorageUrl {
 }
 
 /// The object key of an attempt's image (relative to the storage prefix).
-pub fn object_key(sweep: u64, cell: u64, attempt: u32) -> String {
+pub fn object_key(sweep: SweepId, cell: CellId, attempt: Attempt) -> String {
     format!("sweeps/{sweep}/{cell}/{attempt}.png")
 }
 
@@ -222,6 +224,9 @@ mod tests {
         ));
         assert!("ftp://x".parse::<StorageUrl>().is_err());
         assert!("s3://".parse::<StorageUrl>().is_err());
-        assert_eq!(object_key(1, 22, 3), "sweeps/1/22/3.png");
+        assert_eq!(
+            object_key(SweepId(1), CellId(22), Attempt(3)),
+            "sweeps/1/22/3.png"
+        );
     }
 }

@@ -155,7 +155,8 @@ impl S3Store {
         Ok(keys)
     }
 
-    /// Creates the bucket (for tests and first-time setup).
+    /// Creates the bucket. For tests: kiln never creates a user's bucket.
+    #[cfg(feature = "testing")]
     pub async fn create_bucket(&self) -> Result<(), UploadError> {
         self.client
             .create_bucket()

@@ -75,18 +75,23 @@ async fn farm() -> (tempfile::TempDir, Farm) {
     let queue = Queue::new(store, Arc::new(SystemClock), cfg.queue.clone());
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(kiln_coordinator::server::serve(
-        queue,
-        listener,
-        cfg.maintenance_interval,
-        std::future::pending(),
-    ));
+    tokio::spawn(async move {
+        kiln_coordinator::server::serve(
+            queue,
+            listener,
+            &cfg.security,
+            cfg.maintenance_interval,
+            std::future::pending(),
+        )
+        .await
+    });
     let url: StorageUrl = format!("file://{}", dir.path().join("out").display())
         .parse()
         .unwrap();
     let storage = Storage::open(&url, &Default::default()).await.unwrap();
     let agent_cfg = AgentConfig {
         coordinator: format!("http://{addr}"),
+        access: Default::default(),
         name: "bench".into(),
         device: Device::Cpu,
         models: vec![fixtures()],

@@ -1,30 +1,58 @@
 //! Connecting to a coordinator: the `--coordinator URL` / `KILN_COORDINATOR` option shared by
 //! every client command, and the tonic clients built from it.
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use kiln_proto::v1::sweep_service_client::SweepServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use kiln_worker::agent::access::{self, Access, Credentials};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 /// Default coordinator address.
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7450";
 
-/// Where the coordinator is.
+/// A token and TLS trust for a coordinator that requires them (`kiln worker` and every client
+/// command).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AccessArgs {
+    /// Token for a coordinator that requires tokens (`kiln token create`).
+    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// coordinator with a self-signed
+    /// certificate (`kiln cert` makes one).
+    #[arg(long, global = true, env = "KILN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl AccessArgs {
+    /// As the agent and clients take it.
+    pub fn access(&self) -> Access {
+        Access {
+            token: self.token.clone(),
+            tls_ca: self.tls_ca.clone(),
+        }
+    }
+}
+
+/// The sweep service client, every call carrying the token.
+pub type SweepClient = SweepServiceClient<InterceptedService<Channel, Credentials>>;
+
+/// Where the coordinator is, and how to get in.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Conn {
-    /// Coordinator URL, e.g. http://192.168.1.10:7450.
+    /// Coordinator URL, e.g. http://192.168.1.10:7450 or https://farm:7450.
     #[arg(long, global = true, env = "KILN_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 impl Conn {
     /// A channel to the coordinator (fails fast with the URL in the message).
     pub async fn channel(&self) -> anyhow::Result<Channel> {
-        let url = if self.coordinator.contains("://") {
-            self.coordinator.clone()
-        } else {
-            format!("http://{}", self.coordinator)
-        };
-        Endpoint::from_shared(url.clone())
+        let url = &self.coordinator;
+        access::endpoint(url, &self.access.access())
             .with_context(|| format!("coordinator URL {url:?}"))?
             .connect_timeout(std::time::Duration::from_secs(5))
             .connect()
@@ -33,9 +61,12 @@ impl Conn {
     }
 
     /// The sweep service client.
-    pub async fn sweeps(&self) -> anyhow::Result<SweepServiceClient<Channel>> {
-        Ok(SweepServiceClient::new(self.channel().await?)
-            .max_decoding_message_size(64 * 1024 * 1024))
+    pub async fn sweeps(&self) -> anyhow::Result<SweepClient> {
+        let credentials = Credentials::new(&self.access.access())?;
+        Ok(
+            SweepServiceClient::with_interceptor(self.channel().await?, credentials)
+                .max_decoding_message_size(64 * 1024 * 1024),
+        )
     }
 }
 

@@ -8,7 +8,10 @@ use kiln_coordinator::config::Settings;
 
 pub const EXAMPLES: &str = "Examples:
   kiln coordinator                                   # sqlite://kiln.db on 127.0.0.1:7450
-  kiln coordinator --listen 0.0.0.0:7450 --db sqlite:///var/lib/kiln/kiln.db
+  kiln cert --out certs --host farm.lan              # once: a CA and a server certificate
+  kiln token create --owner me --scope admin         # once: a token (printed once)
+  kiln coordinator --listen 0.0.0.0:7450 --require-tokens \\
+      --tls-cert certs/server.pem --tls-key certs/server.key
   kiln coordinator --db postgres://kiln:secret@db.lan/kiln
   KILN_DB=postgres://kiln@127.0.0.1/kiln kiln coordinator --config /etc/kiln/coordinator.toml";
 
@@ -16,7 +19,8 @@ pub const EXAMPLES: &str = "Examples:
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// TOML config file (keys: listen, db, lease_ttl_secs, heartbeat_secs, max_attempts,
-    /// max_cells_per_sweep, maintenance_interval_ms, pg_max_connections, retry_base_ms).
+    /// max_cells_per_sweep, maintenance_interval_ms, pg_max_connections, retry_base_ms,
+    /// require_tokens, tls_cert, tls_key, tls_client_ca, insecure_lan).
     #[arg(long, env = "KILN_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:7450]; port 0 picks a free port.
@@ -34,26 +38,52 @@ pub struct Args {
     /// Maintenance pass interval in milliseconds [default: 1000].
     #[arg(long, env = "KILN_MAINTENANCE_INTERVAL_MS")]
     maintenance_interval_ms: Option<u64>,
+    /// Refuse every call without a live token (`kiln token create`).
+    #[arg(long, env = "KILN_REQUIRE_TOKENS")]
+    require_tokens: bool,
+    /// TLS certificate chain (PEM); with --tls-key, serve TLS (clients use https://).
+    #[arg(long, env = "KILN_TLS_CERT")]
+    tls_cert: Option<String>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "KILN_TLS_KEY")]
+    tls_key: Option<String>,
+    /// Require client certificates signed by this CA (PEM).
+    #[arg(long, env = "KILN_TLS_CLIENT_CA")]
+    tls_client_ca: Option<String>,
+    /// Listen on a non-loopback address without TLS and tokens anyway (a network you trust:
+    /// anyone on it can drive the farm).
+    #[arg(long, env = "KILN_INSECURE_LAN")]
+    insecure_lan: bool,
     /// Write the bound address to this file once listening (for scripts using port 0).
     #[arg(long)]
     addr_file: Option<PathBuf>,
 }
 
-pub fn main(args: Args) -> anyhow::Result<()> {
-    let file = match &args.config {
+/// The settings of a config file, if one is given.
+pub fn file_settings(config: Option<&PathBuf>) -> anyhow::Result<Settings> {
+    Ok(match config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading config {}", path.display()))?;
             Settings::from_toml(&text, &path.display().to_string())?
         }
         None => Settings::default(),
-    };
+    })
+}
+
+pub fn main(args: Args) -> anyhow::Result<()> {
+    let file = file_settings(args.config.as_ref())?;
     let flags = Settings {
         listen: args.listen,
         db: args.db,
         lease_ttl_secs: args.lease_ttl_secs,
         max_attempts: args.max_attempts,
         maintenance_interval_ms: args.maintenance_interval_ms,
+        require_tokens: args.require_tokens.then_some(true),
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_client_ca: args.tls_client_ca,
+        insecure_lan: args.insecure_lan.then_some(true),
         ..Default::default()
     };
     let cfg = file.merge(flags).validate()?;

@@ -15,6 +15,7 @@
 //! validated once before anything starts.
 
 mod bench;
+mod cert;
 mod client;
 mod coordinator;
 mod devices;
@@ -26,6 +27,7 @@ mod signal;
 mod submit;
 mod sweeps;
 mod table;
+mod token;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -56,6 +58,17 @@ enum Command {
     /// List the devices this build of kiln can render on here: CPU, CUDA cards, Metal.
     #[command(after_help = devices::EXAMPLES)]
     Devices,
+    /// Make, list and revoke tokens for a coordinator run with --require-tokens.
+    #[command(after_help = token::EXAMPLES)]
+    Token {
+        #[command(flatten)]
+        db: token::Db,
+        #[command(subcommand)]
+        action: token::Action,
+    },
+    /// Make a certificate authority and a server certificate for a TLS coordinator.
+    #[command(after_help = cert::EXAMPLES)]
+    Cert(cert::Args),
     /// Run a render worker: leases cells, renders them, uploads the PNGs.
     #[command(after_help = worker::EXAMPLES)]
     Worker(worker::Args),
@@ -291,6 +304,8 @@ fn run_client(command: Command) -> anyhow::Result<()> {
             | Command::Run(_)
             | Command::Render(_)
             | Command::Devices
+            | Command::Token { .. }
+            | Command::Cert(_)
             | Command::Bench(_) => {
                 unreachable!("long-running commands are dispatched in main")
             }
@@ -318,6 +333,8 @@ fn main() -> std::process::ExitCode {
         Command::Render(args) => render::main(args),
         Command::Devices => devices::main(),
         Command::Bench(args) => bench::main(args),
+        Command::Token { db, action } => token::main(db, action),
+        Command::Cert(args) => cert::main(args),
         client_command => run_client(client_command),
     };
     match result {

@@ -95,6 +95,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         let server = tokio::spawn(coordinator.serve(listener, stopped(server_rx)));
         let conn = Conn {
             coordinator: format!("http://{addr}"),
+            access: Default::default(),
         };
         let sub = submit_file(&conn, &file, &file.content_key(), 0).await?;
         if sub.duplicate {
@@ -105,6 +106,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         let storage = Storage::open(&url, &args.s3.options()).await?;
         let agent_cfg = AgentConfig {
             coordinator: conn.coordinator.clone(),
+            access: Default::default(),
             name: "local".into(),
             device: opened.device,
             models,

@@ -18,9 +18,11 @@ pub const EXAMPLES: &str = "Examples:
 /// Flags of `kiln worker`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Coordinator URL.
+    /// Coordinator URL (https:// when it serves TLS).
     #[arg(long, env = "KILN_COORDINATOR", default_value = crate::client::DEFAULT_COORDINATOR)]
     coordinator: String,
+    #[command(flatten)]
+    access: crate::client::AccessArgs,
     /// Where images go: s3://BUCKET/PREFIX or file://DIR.
     #[arg(long, env = "KILN_STORAGE", default_value = "file://kiln-out")]
     storage: String,
@@ -90,7 +92,8 @@ fn env_either(a: &str, b: &str) -> Option<String> {
 }
 
 pub fn main(args: Args) -> anyhow::Result<()> {
-    kiln_worker::agent::link::endpoint(&args.coordinator)
+    let access = args.access.access();
+    kiln_worker::agent::access::endpoint(&args.coordinator, &access)
         .map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
     let cache_bytes = (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64;
     let opened = crate::devices::open(
@@ -115,6 +118,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| "worker".into());
     let cfg = AgentConfig {
         coordinator: args.coordinator,
+        access,
         name,
         device: opened.device,
         models: args.models,

@@ -148,12 +148,13 @@ fn submission(name: &str, n: u64) -> Submission {
         max_attempts: None,
         spec: String::new(),
         cells: (0..n).map(cell).collect(),
+        owner: None,
     }
 }
 
 /// Fills the database unless a kept one is already full.
 async fn seed(queue: &Queue) {
-    if queue.sweeps(100, None).await.unwrap().len() == SWEEPS + 1 {
+    if queue.sweeps(100, None, None).await.unwrap().len() == SWEEPS + 1 {
         println!("reusing the kept database");
         return;
     }

@@ -83,6 +83,7 @@ fn registration() -> WorkerRegistration {
         max_pixels: 1 << 20,
         loaded: vec![],
         version: "bench".into(),
+        storage: "file:///tmp/kiln-test".into(),
     }
 }
 
@@ -106,7 +107,7 @@ async fn busy_while_submitting(q: &Queue, key: &str) -> (Duration, f64) {
     for _ in 0..BUSY_WORKERS {
         let q = q.clone();
         let (window, stop) = (window.clone(), stop.clone());
-        let w = q.register(&registration()).await.unwrap();
+        let w = q.register(&registration()).await.unwrap().0;
         tasks.push(tokio::spawn(async move {
             let (mut slowest, mut cycles) = (Duration::ZERO, 0u64);
             while !stop.load(Ordering::Relaxed) {
@@ -158,6 +159,7 @@ fn submission(key: &str, n: u64) -> Submission {
         max_attempts: None,
         spec: String::new(),
         cells: (0..n).map(cell).collect(),
+        owner: None,
     }
 }
 
@@ -257,7 +259,7 @@ async fn bench(name: &str, url: DatabaseUrl) {
         let t = Instant::now();
         for _ in 0..WORKERS {
             let q = queue.clone();
-            let w = q.register(&reg).await.unwrap();
+            let w = q.register(&reg).await.unwrap().0;
             tasks.push(tokio::spawn(async move {
                 let fence = |c: &LeasedCell| Fence {
                     cell: c.id,

@@ -39,6 +39,16 @@ pub struct Settings {
     pub pg_max_connections: Option<u32>,
     /// Backoff after the first failure, milliseconds.
     pub retry_base_ms: Option<u64>,
+    /// Refuse every call without a live token (`kiln token create`).
+    pub require_tokens: Option<bool>,
+    /// TLS server certificate chain, PEM file.
+    pub tls_cert: Option<String>,
+    /// TLS private key, PEM file.
+    pub tls_key: Option<String>,
+    /// CA (PEM file) whose client certificates are required of every caller.
+    pub tls_client_ca: Option<String>,
+    /// Listen on a non-loopback address without TLS and tokens anyway.
+    pub insecure_lan: Option<bool>,
 }
 
 /// Validated configuration.
@@ -54,6 +64,47 @@ pub struct Config {
     pub queue: QueueConfig,
     /// Maintenance pass interval.
     pub maintenance_interval: Duration,
+    /// Who may call, and over what.
+    pub security: Security,
+}
+
+/// Who may call the coordinator, and over what.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    /// Every call needs a live token; without, every caller may do everything.
+    pub require_tokens: bool,
+    /// TLS; `None` serves plain HTTP/2.
+    pub tls: Option<Tls>,
+}
+
+/// TLS material, read from the configured files once, at validation.
+#[derive(Clone)]
+pub struct Tls {
+    /// Certificate chain, PEM.
+    pub cert_pem: Vec<u8>,
+    /// Private key, PEM.
+    pub key_pem: Vec<u8>,
+    /// CA of required client certificates, PEM.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Tls {
+    // Never print the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("client_certificates", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The contents of the PEM file `path`, named `setting` in errors.
+fn read_pem(setting: &str, path: &str) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Config(format!("{setting} {path}: {e}")))?;
+    if !bytes.starts_with(b"-----BEGIN") && !String::from_utf8_lossy(&bytes).contains("-----BEGIN")
+    {
+        return Err(Error::Config(format!("{setting} {path}: not a PEM file")));
+    }
+    Ok(bytes)
 }
 
 impl Settings {
@@ -76,6 +127,11 @@ impl Settings {
                 .or(self.maintenance_interval_ms),
             pg_max_connections: over.pg_max_connections.or(self.pg_max_connections),
             retry_base_ms: over.retry_base_ms.or(self.retry_base_ms),
+            require_tokens: over.require_tokens.or(self.require_tokens),
+            tls_cert: over.tls_cert.or(self.tls_cert),
+            tls_key: over.tls_key.or(self.tls_key),
+            tls_client_ca: over.tls_client_ca.or(self.tls_client_ca),
+            insecure_lan: over.insecure_lan.or(self.insecure_lan),
         }
     }
 
@@ -129,12 +185,48 @@ impl Settings {
         let store = StoreOptions {
             max_connections: self.pg_max_connections.unwrap_or(16),
         };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(Tls {
+                cert_pem: read_pem("tls_cert", cert)?,
+                key_pem: read_pem("tls_key", key)?,
+                client_ca_pem: self
+                    .tls_client_ca
+                    .as_deref()
+                    .map(|p| read_pem("tls_client_ca", p))
+                    .transpose()?,
+            }),
+            (None, None) if self.tls_client_ca.is_some() => {
+                return Err(Error::Config(
+                    "tls_client_ca: needs tls_cert and tls_key".into(),
+                ));
+            }
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config(
+                    "tls_cert and tls_key: give both or neither".into(),
+                ));
+            }
+        };
+        let security = Security {
+            require_tokens: self.require_tokens.unwrap_or(false),
+            tls,
+        };
+        let guarded = security.require_tokens && security.tls.is_some();
+        if !listen.ip().is_loopback() && !guarded && !self.insecure_lan.unwrap_or(false) {
+            return Err(Error::Config(format!(
+                "listen {listen}: other machines can reach this address, and without TLS and \
+                 tokens anyone on the network could submit, cancel, read every sweep and act as \
+                 a worker. Give --tls-cert, --tls-key and --require-tokens (README: \"Running a \
+                 pool safely\"), or --insecure-lan on a network you trust"
+            )));
+        }
         Ok(Config {
             listen,
             db,
             store,
             queue,
             maintenance_interval,
+            security,
         })
     }
 }

@@ -39,6 +39,13 @@ pub enum Error {
     /// The operation does not apply to the object's current state.
     #[error("{0}")]
     Conflict(String),
+    /// The caller is not who it must be: no token, an unknown or revoked one, a worker call
+    /// without its session.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller is known but may not do this: a token's scope, another owner's sweep.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// A database error.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

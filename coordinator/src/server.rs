@@ -9,10 +9,11 @@ use kiln_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::api::{MAX_MESSAGE_BYTES, MAX_SWEEP_MESSAGE_BYTES, SweepApi, WorkerApi};
+use crate::api::{AuthLayer, MAX_MESSAGE_BYTES, MAX_SWEEP_MESSAGE_BYTES, SweepApi, WorkerApi};
 use crate::clock::SystemClock;
-use crate::config::Config;
+use crate::config::{Config, Security};
 use crate::queue::{Queue, maintenance};
 use crate::store::Store;
 use crate::{Error, Result};
@@ -23,6 +24,7 @@ pub struct Coordinator {
     store: Store,
     queue: Queue,
     maintenance_interval: Duration,
+    security: Security,
 }
 
 impl Coordinator {
@@ -39,6 +41,7 @@ impl Coordinator {
             store,
             queue,
             maintenance_interval: cfg.maintenance_interval,
+            security: cfg.security.clone(),
         })
     }
 
@@ -53,7 +56,14 @@ impl Coordinator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let out = serve(self.queue, listener, self.maintenance_interval, shutdown).await;
+        let out = serve(
+            self.queue,
+            listener,
+            &self.security,
+            self.maintenance_interval,
+            shutdown,
+        )
+        .await;
         self.store.close().await;
         out
     }
@@ -72,14 +82,26 @@ pub async fn run(
         .await
 }
 
-/// Serves `queue` on `listener` with maintenance every `maintenance_interval`, until
-/// `shutdown` resolves.
+/// Serves `queue` on `listener` as `security` says, with maintenance every
+/// `maintenance_interval`, until `shutdown` resolves.
 pub async fn serve(
     queue: Queue,
     listener: TcpListener,
+    security: &Security,
     maintenance_interval: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &security.tls {
+        let identity = Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        let mut config = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &tls.client_ca_pem {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder
+            .tls_config(config)
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -99,12 +121,28 @@ pub async fn serve(
     health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
 
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "coordinator listening");
+    let auth = if security.require_tokens {
+        AuthLayer::tokens(queue.clone())
+    } else {
+        AuthLayer::open()
+    };
+    tracing::info!(
+        ?addr,
+        tls = security.tls.is_some(),
+        tokens = security.require_tokens,
+        "coordinator listening"
+    );
+    if addr.is_some_and(|a| !a.ip().is_loopback())
+        && !(security.tls.is_some() && security.require_tokens)
+    {
+        tracing::warn!("reachable from the network without TLS and tokens (--insecure-lan)");
+    }
     let sweeps = SweepServiceServer::new(SweepApi::new(queue.clone()))
         .max_decoding_message_size(MAX_SWEEP_MESSAGE_BYTES);
     let workers = WorkerServiceServer::new(WorkerApi::new(queue))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let result = tonic::transport::Server::builder()
+    let result = builder
+        .layer(auth)
         .add_service(health_service)
         .add_service(sweeps)
         .add_service(workers)

@@ -84,7 +84,7 @@ async fn batch_4_renders_the_images_batch_1_renders() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
     let c = spawn(&db, dir.path());
-    let (mut sweeps, _) = clients(&c.addr).await;
+    let (mut sweeps, _, _) = clients(&c.addr).await;
 
     // The cells are queued before the worker starts, so it leases all 8 in one call.
     let batched_sweep = submit(&mut sweeps, "batched").await;

@@ -25,7 +25,7 @@ async fn client_commands_drive_a_sweep() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
     let c = spawn(&db, dir.path());
-    let (mut sweeps, mut workers) = clients(&c.addr).await;
+    let (mut sweeps, mut workers, creds) = clients(&c.addr).await;
     let msgs = vec![
         pb::SubmitSweepRequest {
             part: Some(pb::submit_sweep_request::Part::Header(pb::SweepHeader {
@@ -71,8 +71,9 @@ async fn client_commands_drive_a_sweep() {
         })
         .await
         .unwrap()
-        .into_inner()
-        .worker_id;
+        .into_inner();
+    creds.set_session(&worker.session).unwrap();
+    let worker = worker.worker_id;
     let t = workers
         .lease(pb::LeaseRequest {
             worker_id: worker,

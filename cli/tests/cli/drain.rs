@@ -94,7 +94,7 @@ async fn sigterm_drains_a_worker() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
     let c = spawn(&db, dir.path());
-    let (mut sweeps, _) = clients(&c.addr).await;
+    let (mut sweeps, _, _) = clients(&c.addr).await;
     let sweep = crate::submit_cells(&mut sweeps, "drain", slow_cells(6)).await;
     let out = dir.path().join("out");
     let mut worker = worker(&c.addr, &out, &["--prefetch", "1"]);
@@ -152,7 +152,7 @@ async fn sigterm_with_the_coordinator_gone_ends_within_the_drain_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
     let mut c = spawn(&db, dir.path());
-    let (mut sweeps, _) = clients(&c.addr).await;
+    let (mut sweeps, _, _) = clients(&c.addr).await;
     crate::submit_cells(&mut sweeps, "gone", slow_cells(2)).await;
     let out = dir.path().join("out");
     let mut worker = worker(&c.addr, &out, &["--drain-timeout-secs", "2"]);

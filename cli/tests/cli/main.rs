@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::sweep_service_client::SweepServiceClient;
 use kiln_proto::v1::worker_service_client::WorkerServiceClient;
+use kiln_worker::agent::access::Credentials;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 struct Coordinator {
@@ -140,7 +142,19 @@ impl Drop for Coordinator {
     }
 }
 
-async fn clients(addr: &str) -> (SweepServiceClient<Channel>, WorkerServiceClient<Channel>) {
+/// A worker service client that sends the session its `Credentials` hold (set them after
+/// registering, as the agent does).
+type Workers = WorkerServiceClient<InterceptedService<Channel, Credentials>>;
+
+async fn clients(addr: &str) -> (SweepServiceClient<Channel>, Workers, Credentials) {
+    clients_as(addr, Credentials::default()).await
+}
+
+/// Clients whose worker calls carry `creds` (a worker's, from before a restart).
+async fn clients_as(
+    addr: &str,
+    creds: Credentials,
+) -> (SweepServiceClient<Channel>, Workers, Credentials) {
     let ch = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -148,7 +162,8 @@ async fn clients(addr: &str) -> (SweepServiceClient<Channel>, WorkerServiceClien
         .unwrap();
     (
         SweepServiceClient::new(ch.clone()),
-        WorkerServiceClient::new(ch),
+        WorkerServiceClient::with_interceptor(ch, creds.clone()),
+        creds,
     )
 }
 
@@ -179,7 +194,7 @@ fn result(cell: u64) -> pb::RenderResult {
 async fn kill_and_restart_loses_nothing(db: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut c = spawn(db, dir.path());
-    let (mut sweeps, mut workers) = clients(&c.addr).await;
+    let (mut sweeps, mut workers, creds) = clients(&c.addr).await;
     let msgs = vec![
         pb::SubmitSweepRequest {
             part: Some(pb::submit_sweep_request::Part::Header(pb::SweepHeader {
@@ -210,8 +225,9 @@ async fn kill_and_restart_loses_nothing(db: &str) {
         })
         .await
         .unwrap()
-        .into_inner()
-        .worker_id;
+        .into_inner();
+    creds.set_session(&worker.session).unwrap();
+    let worker = worker.worker_id;
     let tasks = workers
         .lease(pb::LeaseRequest {
             worker_id: worker,
@@ -246,7 +262,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
     c.child.wait().unwrap();
 
     let mut c = spawn(db, dir.path());
-    let (mut sweeps, mut workers) = clients(&c.addr).await;
+    let (mut sweeps, mut workers, _) = clients_as(&c.addr, creds).await;
     let s = sweeps
         .get_sweep(pb::GetSweepRequest {
             sweep_id: sweep.sweep_id,

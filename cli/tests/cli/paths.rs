@@ -77,7 +77,7 @@ async fn cells_cannot_make_a_worker_read_outside_its_models_folders() {
         cell(7, "tiny-sd15", Some("../reference/lora_kohya")),
         cell(8, "tiny-sd15", Some("lora_kohya")),
     ];
-    let (mut sweeps, _) = clients(&c.addr).await;
+    let (mut sweeps, _, _) = clients(&c.addr).await;
     let sweep = submit_cells(&mut sweeps, "paths", cells).await;
     let rows = finished_cells(&mut sweeps, sweep, Duration::from_secs(120)).await;
     assert_eq!(rows.len(), 8);

@@ -298,6 +298,7 @@ pub(super) fn registration_from_wire(info: Option<pb::WorkerInfo>) -> Result<Wor
             .map_err(|_| Error::invalid("info.max_pixels: too large"))?,
         loaded: info.loaded,
         version: info.version,
+        storage: info.storage,
     })
 }
 
@@ -315,5 +316,6 @@ pub(super) fn registration_to_wire(r: WorkerRegistration) -> pb::WorkerInfo {
         max_pixels: r.max_pixels.max(0) as u64,
         loaded: r.loaded,
         version: r.version,
+        storage: r.storage,
     }
 }

@@ -1,11 +1,13 @@
 //! tonic adapters for `kiln.v1`: [`SweepApi`] for clients and [`WorkerApi`] for workers. The
 //! only module that knows `tonic::Status` (mapped from [`crate::Error`] in `status`).
 
+mod auth;
 mod convert;
 mod status;
 mod sweeps;
 mod workers;
 
+pub use auth::{Auth, AuthLayer, SESSION_HEADER};
 pub use sweeps::SweepApi;
 pub use workers::WorkerApi;
 

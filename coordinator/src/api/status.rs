@@ -16,6 +16,8 @@ impl From<Error> for Status {
             Error::Invalid(_) => Status::invalid_argument(e.to_string()),
             Error::TooLarge(_) => Status::resource_exhausted(e.to_string()),
             Error::Conflict(_) => Status::failed_precondition(e.to_string()),
+            Error::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
+            Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),
             Error::Database(_) | Error::Corrupt(_) | Error::Config(_) => {
                 tracing::error!(error = %e, "internal error");
                 Status::internal("internal error; see the coordinator log")

@@ -11,7 +11,11 @@ use kiln_proto::{SweepId, WorkerId};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::principal;
 use super::convert::{self, sweep_id};
+use crate::domain::auth::Principal;
+use crate::domain::rows::SweepRow;
+use crate::domain::state::Scope;
 use crate::query::{Filter, parse_sort};
 use crate::queue::{Queue, Submission, SubmittedCells, stored_source};
 use crate::store::{CellQuery, CellSort};
@@ -23,6 +27,13 @@ const WATCH_TICK: Duration = Duration::from_secs(2);
 /// Changes closer together than this are sent as one progress event.
 const WATCH_DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// The caller of `request`, refused unless its token's scope covers `needed`.
+fn caller<T>(request: &Request<T>, needed: Scope) -> Result<Principal> {
+    let p = principal(request)?;
+    p.require(needed)?;
+    Ok(p)
+}
+
 /// The client service.
 #[derive(Clone, Debug)]
 pub struct SweepApi {
@@ -33,6 +44,21 @@ impl SweepApi {
     /// A service over `queue`.
     pub fn new(queue: Queue) -> Self {
         Self { queue }
+    }
+
+    /// Sweep `id`, refused (PERMISSION_DENIED) when `caller` may not see it.
+    async fn owned(&self, caller: &Principal, id: SweepId) -> Result<SweepRow> {
+        let sweep = self.queue.sweep(id).await?;
+        caller.may_see(sweep.owner.as_deref())?;
+        Ok(sweep)
+    }
+
+    /// The sweep a changing request names, refused unless the caller may submit and owns it.
+    async fn writable(&self, request: &Request<pb::SweepRequest>) -> Result<SweepId> {
+        let who = caller(request, Scope::Submit)?;
+        let id = sweep_id(request.get_ref().sweep_id)?;
+        self.owned(&who, id).await?;
+        Ok(id)
     }
 
     async fn progress(&self, id: SweepId) -> Result<pb::SweepProgress> {
@@ -65,6 +91,7 @@ impl SweepService for SweepApi {
         &self,
         request: Request<Streaming<pb::SubmitSweepRequest>>,
     ) -> Result<Response<pb::SubmitSweepResponse>, Status> {
+        let owner = caller(&request, Scope::Submit)?.owner;
         let mut stream = request.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::SubmitSweepRequest {
@@ -125,6 +152,7 @@ impl SweepService for SweepApi {
                 },
                 spec,
                 cells,
+                owner,
             })
             .await?;
         Ok(Response::new(pb::SubmitSweepResponse {
@@ -138,6 +166,8 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::PlanSweepRequest>,
     ) -> Result<Response<pb::PlanSweepResponse>, Status> {
+        // Planning costs CPU and memory: it takes a token that may submit.
+        caller(&request, Scope::Submit)?;
         let r = request.into_inner();
         let src = SweepSource {
             path: r.spec_path,
@@ -164,7 +194,9 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::ExtendSweepRequest>,
     ) -> Result<Response<pb::ExtendSweepResponse>, Status> {
+        let who = caller(&request, Scope::Submit)?;
         let r = request.into_inner();
+        self.owned(&who, sweep_id(r.sweep_id)?).await?;
         let src = SweepSource {
             path: r.spec_path,
             text: r.spec,
@@ -178,8 +210,10 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::GetSweepRequest>,
     ) -> Result<Response<pb::Sweep>, Status> {
-        let id = sweep_id(request.into_inner().sweep_id)?;
-        let s = self.queue.sweep(id).await?;
+        let who = caller(&request, Scope::Read)?;
+        let s = self
+            .owned(&who, sweep_id(request.into_inner().sweep_id)?)
+            .await?;
         Ok(Response::new(convert::sweep_to_wire(&s)))
     }
 
@@ -187,6 +221,7 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::ListSweepsRequest>,
     ) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        let who = caller(&request, Scope::Read)?;
         let r = request.into_inner();
         let limit = match r.limit {
             0 => 50,
@@ -201,7 +236,7 @@ impl SweepService for SweepApi {
                 .map_err(|_| Error::invalid("page_token: not from ListSweeps"))?;
             Some(SweepId(id))
         };
-        let rows = self.queue.sweeps(limit, before).await?;
+        let rows = self.queue.sweeps(limit, before, who.only_owner()).await?;
         let next_page_token = match rows.last() {
             Some(last) if rows.len() as i64 == limit => last.id.0.to_string(),
             _ => String::new(),
@@ -216,10 +251,7 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::SweepRequest>,
     ) -> Result<Response<pb::CancelSweepResponse>, Status> {
-        let (cancelled, requested) = self
-            .queue
-            .cancel(sweep_id(request.into_inner().sweep_id)?)
-            .await?;
+        let (cancelled, requested) = self.queue.cancel(self.writable(&request).await?).await?;
         Ok(Response::new(pb::CancelSweepResponse {
             cancelled,
             cancel_requested: requested,
@@ -230,10 +262,7 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::SweepRequest>,
     ) -> Result<Response<pb::ChangeCount>, Status> {
-        let changed = self
-            .queue
-            .pause(sweep_id(request.into_inner().sweep_id)?)
-            .await?;
+        let changed = self.queue.pause(self.writable(&request).await?).await?;
         Ok(Response::new(pb::ChangeCount { changed }))
     }
 
@@ -241,10 +270,7 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::SweepRequest>,
     ) -> Result<Response<pb::ChangeCount>, Status> {
-        let changed = self
-            .queue
-            .resume(sweep_id(request.into_inner().sweep_id)?)
-            .await?;
+        let changed = self.queue.resume(self.writable(&request).await?).await?;
         Ok(Response::new(pb::ChangeCount { changed }))
     }
 
@@ -254,7 +280,7 @@ impl SweepService for SweepApi {
     ) -> Result<Response<pb::ChangeCount>, Status> {
         let changed = self
             .queue
-            .retry_failed(sweep_id(request.into_inner().sweep_id)?)
+            .retry_failed(self.writable(&request).await?)
             .await?;
         Ok(Response::new(pb::ChangeCount { changed }))
     }
@@ -265,7 +291,9 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::SweepRequest>,
     ) -> Result<Response<Self::WatchSweepStream>, Status> {
+        let who = caller(&request, Scope::Read)?;
         let id = sweep_id(request.into_inner().sweep_id)?;
+        self.owned(&who, id).await?;
         // Fail fast on an unknown sweep, before the stream starts.
         let first = self.progress(id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -303,6 +331,7 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::QueryResultsRequest>,
     ) -> Result<Response<pb::QueryResultsResponse>, Status> {
+        let who = caller(&request, Scope::Read)?;
         let r = request.into_inner();
         let limit = match r.limit {
             0 => 100,
@@ -322,6 +351,7 @@ impl SweepService for SweepApi {
                 .transpose()
         };
         let q = CellQuery {
+            owner: who.only_owner().map(str::to_string),
             sweep: match r.sweep_id {
                 0 => None,
                 v => Some(sweep_id(v)?),
@@ -381,8 +411,9 @@ impl SweepService for SweepApi {
 
     async fn list_workers(
         &self,
-        _request: Request<pb::ListWorkersRequest>,
+        request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        caller(&request, Scope::Read)?;
         let now = self.queue.now();
         let ttl = self.queue.config().lease_ttl_ms;
         let rows = self.queue.workers().await?;

@@ -6,11 +6,15 @@ use kiln_proto::v1 as pb;
 use kiln_proto::v1::worker_service_server::WorkerService;
 use tonic::{Request, Response, Status};
 
+use super::auth::{principal, session};
 use super::convert::{self, attempt_to_wire, fence, worker_id};
 use crate::domain::failure::Decision;
+use crate::domain::lease::Fence;
 use crate::domain::lease::{HeartbeatStatus, LeasedCell};
+use crate::domain::state::Scope;
 use crate::queue::Queue;
 use crate::{Error, Result};
+use kiln_proto::WorkerId;
 
 /// The worker service.
 #[derive(Clone, Debug)]
@@ -22,6 +26,28 @@ impl WorkerApi {
     /// A service over `queue`.
     pub fn new(queue: Queue) -> Self {
         Self { queue }
+    }
+
+    /// The worker `id` names, refused unless the caller holds a worker token and this worker's
+    /// session credential.
+    async fn worker<T>(&self, request: &Request<T>, id: u64) -> Result<WorkerId> {
+        principal(request)?.require(Scope::Worker)?;
+        let worker = worker_id(id)?;
+        self.queue
+            .authenticate_worker(worker, session(request))
+            .await?;
+        Ok(worker)
+    }
+
+    /// The fence of a worker write, its worker authenticated ([`WorkerApi::worker`]).
+    async fn fence<T>(
+        &self,
+        request: &Request<T>,
+        id: u64,
+        attempt: Option<&pb::AttemptRef>,
+    ) -> Result<Fence> {
+        self.worker(request, id).await?;
+        fence(id, attempt)
     }
 }
 
@@ -56,14 +82,16 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        principal(&request)?.require(Scope::Worker)?;
         let reg = convert::registration_from_wire(request.into_inner().info)?;
-        let id = self.queue.register(&reg).await?;
+        let (id, session) = self.queue.register(&reg).await?;
         tracing::info!(worker = %id, name = %reg.name, device = %reg.device_model, "worker registered");
         let cfg = self.queue.config();
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id.0 as u64,
             lease_ttl_ms: cfg.lease_ttl_ms as u64,
             heartbeat_interval_ms: cfg.heartbeat_interval_ms as u64,
+            session: session.expose().to_string(),
         }))
     }
 
@@ -71,8 +99,8 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let worker = self.worker(&request, request.get_ref().worker_id).await?;
         let r = request.into_inner();
-        let worker = worker_id(r.worker_id)?;
         let loaded = loaded(r.loaded);
         let leased = self
             .queue
@@ -86,8 +114,8 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let worker = self.worker(&request, request.get_ref().worker_id).await?;
         let r = request.into_inner();
-        let worker = worker_id(r.worker_id)?;
         if r.attempts.len() > 1024 {
             return Err(Error::TooLarge("attempts: at most 1024".into()).into());
         }
@@ -123,8 +151,11 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::ProgressRequest>,
     ) -> Result<Response<pb::ProgressResponse>, Status> {
+        let r = request.get_ref();
+        let f = self
+            .fence(&request, r.worker_id, r.attempt.as_ref())
+            .await?;
         let r = request.into_inner();
-        let f = fence(r.worker_id, r.attempt.as_ref())?;
         let cancel_requested = self.queue.progress(f, r.step, r.total_steps).await?;
         Ok(Response::new(pb::ProgressResponse { cancel_requested }))
     }
@@ -133,11 +164,15 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
+        let r = request.get_ref();
+        let f = self
+            .fence(&request, r.worker_id, r.attempt.as_ref())
+            .await?;
         let r = request.into_inner();
-        let f = fence(r.worker_id, r.attempt.as_ref())?;
         let result =
             convert::result_from_wire(r.result.ok_or_else(|| Error::invalid("result: required"))?);
         result.validate()?;
+        self.queue.check_result(f.worker, &result).await?;
         let next = r.lease_next as usize;
         let loaded = loaded(r.loaded);
         let leased = self
@@ -153,8 +188,11 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::FailRequest>,
     ) -> Result<Response<pb::FailResponse>, Status> {
+        let r = request.get_ref();
+        let f = self
+            .fence(&request, r.worker_id, r.attempt.as_ref())
+            .await?;
         let r = request.into_inner();
-        let f = fence(r.worker_id, r.attempt.as_ref())?;
         let class = convert::failure_class_from_wire(r.class)?;
         let decision = self.queue.fail(f, class, &r.message).await?;
         tracing::info!(cell = %f.cell, attempt = %f.attempt, worker = %f.worker, %class, ?decision, "attempt failed");
@@ -173,8 +211,8 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let worker = self.worker(&request, request.get_ref().worker_id).await?;
         let r = request.into_inner();
-        let worker = worker_id(r.worker_id)?;
         let attempts = r
             .attempts
             .iter()

@@ -80,6 +80,8 @@ pub struct SweepRow {
     pub state: SweepState,
     /// Created, unix ms.
     pub created_at: i64,
+    /// Who submitted it (its token's owner); `None` without tokens.
+    pub owner: Option<String>,
     /// Cells per state.
     pub counts: StateCounts,
 }
@@ -147,6 +149,8 @@ pub struct WorkerRegistration {
     pub loaded: Vec<String>,
     /// kiln version.
     pub version: String,
+    /// Where it stores images: the only storage its results may name.
+    pub storage: String,
 }
 
 /// A registered worker.

@@ -91,6 +91,21 @@ text_enum!(
     }
 );
 
+text_enum!(
+    /// What a token may do. `read` ⊂ `submit` ⊂ `admin` for the sweep service; `worker` is the
+    /// worker service only.
+    Scope {
+        /// Read its owner's sweeps, cells and results; list workers.
+        Read = "read",
+        /// And submit, extend, cancel, pause, resume and retry its owner's sweeps.
+        Submit = "submit",
+        /// Everything, on every owner's sweeps.
+        Admin = "admin",
+        /// Register as a worker and lease, render and report cells.
+        Worker = "worker",
+    }
+);
+
 impl SweepState {
     /// The state cells entering a sweep in this state take: what an extend or an intake move
     /// inserts, and how a sweep's counts show its intake (the SQL of `Store::counts` says the

@@ -245,6 +245,7 @@ mod tests {
             max_attempts: None,
             spec: String::new(),
             cells: (0..3).map(spec).collect(),
+            owner: None,
         };
         queue.submit(sub).await.unwrap();
         let w = queue
@@ -256,9 +257,11 @@ mod tests {
                 max_pixels: 1 << 20,
                 loaded: vec![],
                 version: "test".into(),
+                storage: "file:///tmp/kiln-test".into(),
             })
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         let now = queue.now();
         let known = queue.lease_worker(w, 1, None, now).await.unwrap();
         let pick = queue.pick(w, &known, 1, now).await.unwrap();

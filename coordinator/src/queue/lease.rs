@@ -7,9 +7,9 @@ use std::collections::HashMap;
 
 use kiln_proto::WorkerId;
 
-use super::{KnownWorker, Queue};
 use super::dispatch::{Leaser, Pick};
 use super::group::Group;
+use super::{KnownWorker, Queue};
 use crate::clock::Millis;
 use crate::domain::lease::{Caps, Fence, LeasePick, LeasedCell};
 use crate::{Error, Result};

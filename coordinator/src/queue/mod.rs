@@ -9,6 +9,7 @@
 //! deadline renewed by heartbeats; every worker write is fenced on (cell, attempt, worker).
 
 pub mod affinity;
+mod auth;
 pub mod dispatch;
 mod group;
 mod intake;
@@ -28,7 +29,7 @@ use self::intake::Mover;
 use self::retry::{Decision, RetryPolicy};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::lease::{Fence, HeartbeatStatus};
-use crate::domain::rows::{CellRow, ProgressRow, SweepRow, WorkerRegistration, WorkerRow};
+use crate::domain::rows::{CellRow, ProgressRow, SweepRow, WorkerRow};
 use crate::domain::state::FailureClass;
 use crate::events::Events;
 use crate::store::{CellQuery, Store, SweepInsert, SweepInserted};
@@ -95,6 +96,8 @@ pub struct Submission {
     pub spec: String,
     /// Cells in order.
     pub cells: SubmittedCells,
+    /// Who submits it (its token's owner); `None` without tokens.
+    pub owner: Option<String>,
 }
 
 /// The cells of a submission.
@@ -152,6 +155,15 @@ struct KnownWorker {
     written_at: Millis,
 }
 
+/// What authenticates a worker's calls and checks its results, kept from its registration.
+#[derive(Clone, Debug)]
+struct WorkerCredentials {
+    /// sha256 of its session credential; `None` for a worker registered before sessions.
+    session_hash: Option<String>,
+    /// The storage it registered with.
+    storage: String,
+}
+
 /// The render queue.
 #[derive(Clone)]
 pub struct Queue {
@@ -161,6 +173,7 @@ pub struct Queue {
     affinity: Arc<AffinityState>,
     dispatch: Arc<Dispatch>,
     known: Arc<Mutex<HashMap<WorkerId, KnownWorker>>>,
+    credentials: Arc<Mutex<HashMap<WorkerId, WorkerCredentials>>>,
     /// Group commit of completes, started on the first complete (it needs a runtime).
     completes: Arc<OnceLock<Group<Completes>>>,
     /// Group commit of leases, started on the first lease.
@@ -191,6 +204,7 @@ impl Queue {
             affinity: Default::default(),
             dispatch: Default::default(),
             known: Default::default(),
+            credentials: Default::default(),
             completes: Default::default(),
             leases: Default::default(),
             mover: Default::default(),
@@ -271,6 +285,7 @@ impl Queue {
             priority: s.priority,
             max_attempts,
             spec: &s.spec,
+            owner: s.owner.as_deref(),
             cells: &cells,
             intake: &chunks,
         };
@@ -366,9 +381,14 @@ impl Queue {
         self.store.sweep_get(id).await
     }
 
-    /// Sweeps newest first.
-    pub async fn sweeps(&self, limit: i64, before: Option<SweepId>) -> Result<Vec<SweepRow>> {
-        self.store.sweep_list(limit, before).await
+    /// Sweeps newest first, of `owner` only when given.
+    pub async fn sweeps(
+        &self,
+        limit: i64,
+        before: Option<SweepId>,
+        owner: Option<&str>,
+    ) -> Result<Vec<SweepRow>> {
+        self.store.sweep_list(limit, before, owner).await
     }
 
     /// Cells finished per second over the last minute.
@@ -406,12 +426,6 @@ impl Queue {
         let out = self.store.sweep_retry_failed(id, self.now()).await?;
         self.requeued();
         Ok(out)
-    }
-
-    /// Registers a worker.
-    pub async fn register(&self, r: &WorkerRegistration) -> Result<WorkerId> {
-        validate_registration(r)?;
-        self.store.worker_register(r, self.now()).await
     }
 
     /// Cells may have become available, or stopped being: the dispatcher reads the queue
@@ -650,28 +664,4 @@ pub fn random_seed_for(key: &str) -> u64 {
 /// references, so its plan can be re-derived and audited later.
 pub fn stored_source(src: &SweepSource) -> String {
     serde_json::json!({ "path": src.path, "text": src.text, "files": src.files }).to_string()
-}
-
-fn validate_registration(r: &WorkerRegistration) -> Result<()> {
-    if r.name.trim().is_empty() || r.name.len() > 200 {
-        return Err(Error::invalid("info.name: must be 1..=200 bytes"));
-    }
-    check_text("info.name", &r.name)?;
-    check_text("info.device_model", &r.device_model)?;
-    check_text("info.version", &r.version)?;
-    for k in &r.loaded {
-        check_text("info.loaded", k)?;
-    }
-    if r.device_model.len() > 200 || r.version.len() > 100 {
-        return Err(Error::invalid("info: device_model or version too long"));
-    }
-    if r.memory_mib < 0 || r.max_pixels < 0 {
-        return Err(Error::invalid(
-            "info: memory_mib and max_pixels must be >= 0",
-        ));
-    }
-    if r.loaded.len() > 256 || r.loaded.iter().any(|k| k.len() > 128) {
-        return Err(Error::invalid("info.loaded: at most 256 keys of 128 bytes"));
-    }
-    Ok(())
 }

@@ -74,6 +74,11 @@ where
     if let Some(s) = q.sweep {
         qb.push(" AND sweep_id = ").push_bind(s.0);
     }
+    if let Some(o) = &q.owner {
+        qb.push(" AND sweep_id IN (SELECT id FROM sweeps WHERE owner = ")
+            .push_bind(o.clone())
+            .push(")");
+    }
     if !q.states.is_empty() {
         qb.push(" AND state IN (");
         let mut sep = qb.separated(", ");

@@ -27,12 +27,14 @@ const SQLITE: &[Migration] = migrations!("sqlite":
     1 "init" "0001_init.sql",
     2 "query_indexes" "0002_query_indexes.sql",
     3 "intake" "0003_intake.sql",
+    4 "auth" "0004_auth.sql",
 );
 
 const POSTGRES: &[Migration] = migrations!("postgres":
     1 "init" "0001_init.sql",
     2 "query_indexes" "0002_query_indexes.sql",
     3 "intake" "0003_intake.sql",
+    4 "auth" "0004_auth.sql",
 );
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS kiln_migrations (

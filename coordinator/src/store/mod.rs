@@ -28,6 +28,7 @@ mod query;
 mod rows;
 mod sqlite;
 mod sweeps;
+mod tokens;
 mod workers;
 
 use std::fmt;
@@ -117,6 +118,8 @@ pub struct SweepInsert<'a> {
     pub max_attempts: i32,
     /// Sweep file verbatim.
     pub spec: &'a str,
+    /// Who submits it (its token's owner); `None` without tokens.
+    pub owner: Option<&'a str>,
     /// Validated cells, numbered, inserted into `cells` with the sweep.
     pub cells: &'a [NewCell],
     /// The rest of the submission, numbered after `cells`, stored as intake chunks with the

@@ -28,6 +28,8 @@ pub enum CellSort {
 pub struct CellQuery {
     /// Only this sweep.
     pub sweep: Option<SweepId>,
+    /// Only sweeps of this owner (a non-admin token's caller).
+    pub owner: Option<String>,
     /// Only these states (empty: all).
     pub states: Vec<CellState>,
     /// Literal substring of the prompt.

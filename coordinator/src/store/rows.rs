@@ -49,6 +49,7 @@ pub(super) fn sweep(r: &Row) -> Result<SweepRow> {
         max_attempts: narrow("max_attempts", r.int("max_attempts")?)?,
         state: r.text("state")?.parse()?,
         created_at: r.int("created_at")?,
+        owner: r.opt_text("owner")?,
         counts: StateCounts::default(),
     })
 }
@@ -132,6 +133,7 @@ pub(super) fn worker(r: &Row) -> Result<WorkerRow> {
             max_pixels: r.int("max_pixels")?,
             loaded: parse_loaded(&r.text("loaded")?)?,
             version: r.text("version")?,
+            storage: r.text("storage")?,
         },
         drained: r.text("state")? == "drained",
         registered_at: r.int("registered_at")?,

@@ -20,8 +20,8 @@ use crate::sweep::NewCell;
 use crate::{Error, Result};
 
 /// The columns of a [`SweepRow`] (without its counts).
-const SWEEP_COLUMNS: &str =
-    "SELECT id, name, idempotency_key, priority, max_attempts, state, created_at FROM sweeps";
+const SWEEP_COLUMNS: &str = "SELECT id, name, idempotency_key, priority, max_attempts, state, \
+     created_at, owner FROM sweeps";
 
 /// A sweep's state and what its new cells inherit, read (and locked) inside a write.
 pub(super) struct SweepHead {
@@ -50,15 +50,21 @@ impl Store {
     }
 
     /// Inserts a sweep with all its cells and intake chunks atomically, or returns the sweep
-    /// that already has this idempotency key (its cell count includes its intake).
+    /// that already has this idempotency key (its cell count includes its intake). A key
+    /// another owner used is refused (PERMISSION_DENIED), revealing nothing of that sweep.
     pub async fn sweep_insert(&self, p: &SweepInsert<'_>, now: Millis) -> Result<SweepInserted> {
         let mut tx = self.db.begin().await?;
-        let existing = Stmt::new("SELECT id FROM sweeps WHERE idempotency_key = $1")
+        let existing = Stmt::new("SELECT id, owner FROM sweeps WHERE idempotency_key = $1")
             .bind(p.idempotency_key)
             .fetch_optional(tx.on())
             .await?;
         if let Some(row) = existing {
-            let id = row.int(0)?;
+            if row.opt_text("owner")?.as_deref() != p.owner {
+                return Err(Error::PermissionDenied(
+                    "this idempotency key belongs to another owner's sweep".into(),
+                ));
+            }
+            let id = row.int("id")?;
             let n = Stmt::new(
                 "SELECT (SELECT count(*) FROM cells WHERE sweep_id = $1) \
                  + (SELECT CAST(coalesce(sum(cell_count), 0) AS BIGINT) FROM intake \
@@ -76,7 +82,7 @@ impl Store {
         }
         let id = Stmt::new(
             "INSERT INTO sweeps (name, idempotency_key, priority, max_attempts, state, spec, \
-             created_at) VALUES ($1, $2, $3, $4, 'active', $5, $6) RETURNING id",
+             created_at, owner) VALUES ($1, $2, $3, $4, 'active', $5, $6, $7) RETURNING id",
         )
         .bind(p.name)
         .bind(p.idempotency_key)
@@ -84,6 +90,7 @@ impl Store {
         .bind(i64::from(p.max_attempts))
         .bind(p.spec)
         .bind(now.0)
+        .bind(p.owner)
         .fetch_one(tx.on())
         .await?
         .int(0)?;
@@ -184,13 +191,20 @@ impl Store {
         rows::counts(&rows)
     }
 
-    /// Sweeps newest first, with ids below `before` when given.
-    pub async fn sweep_list(&self, limit: i64, before: Option<SweepId>) -> Result<Vec<SweepRow>> {
+    /// Sweeps newest first, with ids below `before` when given, of `owner` only when given.
+    pub async fn sweep_list(
+        &self,
+        limit: i64,
+        before: Option<SweepId>,
+        owner: Option<&str>,
+    ) -> Result<Vec<SweepRow>> {
         let rows = Stmt::new(format!(
-            "{SWEEP_COLUMNS} WHERE id < $1 ORDER BY id DESC LIMIT $2"
+            "{SWEEP_COLUMNS} WHERE id < $1 AND ($3 IS NULL OR owner = $3) \
+             ORDER BY id DESC LIMIT $2"
         ))
         .bind(before.map_or(i64::MAX, |b| b.0))
         .bind(limit)
+        .bind(owner)
         .fetch_all(self.db.reader())
         .await?;
         let mut out = Vec::with_capacity(rows.len());

@@ -11,19 +11,24 @@ use crate::{Error, Result};
 
 /// The columns of a [`WorkerRow`] but its recent completions.
 const WORKER_COLUMNS: &str = "id, name, device_kind, device_model, memory_mib, max_pixels, \
-     loaded, version, state, registered_at, last_seen_at";
+     loaded, version, storage, state, registered_at, last_seen_at";
 
 fn to_json(loaded: &[String]) -> Result<String> {
     serde_json::to_string(loaded).map_err(|e| Error::Corrupt(e.to_string()))
 }
 
 impl Store {
-    /// Registers a worker.
-    pub async fn worker_register(&self, r: &WorkerRegistration, now: Millis) -> Result<WorkerId> {
+    /// Registers a worker, with the hash of the session credential it was given.
+    pub async fn worker_register(
+        &self,
+        r: &WorkerRegistration,
+        session_hash: &str,
+        now: Millis,
+    ) -> Result<WorkerId> {
         let id = Stmt::new(
             "INSERT INTO workers (name, device_kind, device_model, memory_mib, max_pixels, \
-             loaded, version, state, registered_at, last_seen_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $8) RETURNING id",
+             loaded, version, storage, session_hash, state, registered_at, last_seen_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10, 'active', $8, $8) RETURNING id",
         )
         .bind(&r.name)
         .bind(r.device_kind.as_str())
@@ -33,6 +38,8 @@ impl Store {
         .bind(to_json(&r.loaded)?)
         .bind(&r.version)
         .bind(now.0)
+        .bind(&r.storage)
+        .bind(session_hash)
         .fetch_one(self.db.writer())
         .await?
         .int(0)?;
@@ -59,6 +66,17 @@ impl Store {
         .await?
         .ok_or(Error::WorkerNotFound(id))?;
         rows::worker(&row)
+    }
+
+    /// The hash of a worker's session credential (`None` for one registered before sessions)
+    /// and the storage it registered with.
+    pub async fn worker_credentials(&self, id: WorkerId) -> Result<(Option<String>, String)> {
+        let row = Stmt::new("SELECT session_hash, storage FROM workers WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(self.db.reader())
+            .await?
+            .ok_or(Error::WorkerNotFound(id))?;
+        Ok((row.opt_text("session_hash")?, row.text("storage")?))
     }
 
     /// Marks a worker drained.

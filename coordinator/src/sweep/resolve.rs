@@ -389,7 +389,6 @@ fn file_stem(path: &str) -> &str {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

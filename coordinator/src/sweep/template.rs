@@ -37,7 +37,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::error::{PlanError, PlanErrorKind};
 use super::source::{Origin, SweepSource};
 
-
 /// Where `__name__` finds its values when a template expands: the sweep's checked
 /// `Wildcards` (`sweep::wildcard`), whose values are templates in turn.
 pub(crate) trait WildcardValues {
@@ -394,8 +393,8 @@ fn collect_refs<'a>(nodes: &'a [Node], out: &mut Vec<(&'a str, usize)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::wildcard::Wildcards;
     use crate::sweep::error::Place;
+    use crate::sweep::wildcard::Wildcards;
 
     fn src() -> SweepSource {
         SweepSource::new("t.toml", "")

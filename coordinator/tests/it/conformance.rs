@@ -348,7 +348,7 @@ async fn idempotent_submit(b: Backend) {
     assert!(again.duplicate);
     assert_eq!(a.id, again.id);
     assert_eq!(again.cell_count, 5);
-    assert_eq!(fx.queue.sweeps(100, None).await.unwrap().len(), 1);
+    assert_eq!(fx.queue.sweeps(100, None, None).await.unwrap().len(), 1);
     // Concurrent submits of one key still make one sweep.
     let mut joins = Vec::new();
     for _ in 0..8 {
@@ -366,7 +366,7 @@ async fn idempotent_submit(b: Backend) {
         fresh += usize::from(!r.duplicate);
     }
     assert_eq!((ids.len(), fresh), (1, 1));
-    assert_eq!(fx.queue.sweeps(100, None).await.unwrap().len(), 2);
+    assert_eq!(fx.queue.sweeps(100, None, None).await.unwrap().len(), 2);
     fx.finish().await;
 }
 
@@ -474,7 +474,7 @@ async fn affinity_and_capabilities_shape_leases(b: Backend) {
     // A worker that cannot render 1024x1024 never gets the big cell.
     let mut small = crate::harness::registration("small");
     small.max_pixels = 512 * 512;
-    let s = fx.queue.register(&small).await.unwrap();
+    let s = fx.queue.register(&small).await.unwrap().0;
     let got = fx.queue.lease(s, 10, None).await.unwrap();
     assert_eq!(got.len(), 3);
     assert!(got.iter().all(|c| c.affinity_key != big.affinity_key()));
@@ -802,7 +802,7 @@ async fn complete_and_lease_honours_capabilities_and_affinity(b: Backend) {
     // A worker that cannot render 1024x1024 never gets the big cell at the queue head.
     let mut small = crate::harness::registration("small");
     small.max_pixels = 512 * 512;
-    let s = fx.queue.register(&small).await.unwrap();
+    let s = fx.queue.register(&small).await.unwrap().0;
     let first = fx.queue.lease(s, 1, None).await.unwrap().remove(0);
     assert_ne!(first.affinity_key, big.affinity_key());
     // With model "b" loaded, the combined lease prefers the "b" cells.
@@ -907,7 +907,7 @@ async fn small_worker_is_served_past_a_read_ahead_of_big_cells(b: Backend) {
 
     let mut small = crate::harness::registration("small");
     small.max_pixels = 512 * 512;
-    let s = fx.queue.register(&small).await.unwrap();
+    let s = fx.queue.register(&small).await.unwrap().0;
     let got = fx.queue.lease(s, 2, None).await.unwrap();
     let numbers: Vec<i64> = got.iter().map(|c| c.number).collect();
     assert_eq!(numbers, vec![1_100, 1_101]);
@@ -991,7 +991,8 @@ async fn read_ahead_catches_up_with_changes_it_was_not_told_of(b: Backend) {
     let o = other
         .register(&crate::harness::registration("o"))
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     let taken: HashSet<i64> = other
         .lease(o, 2, None)
         .await
@@ -1062,7 +1063,7 @@ async fn odd_text_and_out_of_range_numbers_are_invalid_on_both_backends(b: Backe
     reg.name = "w\0".into();
     invalid(fx.queue.register(&reg).await, "info.name");
     // Nothing of the above was stored.
-    assert!(fx.queue.sweeps(10, None).await.unwrap().is_empty());
+    assert!(fx.queue.sweeps(10, None, None).await.unwrap().is_empty());
 
     // A worker's failure text is kept, with NUL replaced, on both backends alike.
     submit_n(&fx, "ok", 1).await;

@@ -424,7 +424,7 @@ async fn hostile_input_is_data(b: Backend) {
     .await;
     // The tables are all still there, with every row.
     assert_eq!(run(&fx, "id > 0", "").await.len(), 32);
-    assert_eq!(fx.queue.sweeps(10, None).await.unwrap().len(), 3);
+    assert_eq!(fx.queue.sweeps(10, None, None).await.unwrap().len(), 3);
     fx.finish().await;
 }
 

@@ -9,13 +9,35 @@ use kiln_proto::v1::sweep_service_client::SweepServiceClient;
 use kiln_proto::v1::worker_service_client::WorkerServiceClient;
 use tokio_stream::StreamExt;
 use tonic::Code;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::harness::{Backend, TestDb};
 
+/// Sends the session credential of the last registration, as a worker does.
+#[derive(Clone, Default)]
+pub struct Session(std::sync::Arc<std::sync::Mutex<Option<AsciiMetadataValue>>>);
+
+impl Session {
+    pub fn set(&self, session: &str) {
+        *self.0.lock().unwrap() = Some(session.parse().unwrap());
+    }
+}
+
+impl tonic::service::Interceptor for Session {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(s) = self.0.lock().unwrap().clone() {
+            r.metadata_mut().insert("x-kiln-session", s);
+        }
+        Ok(r)
+    }
+}
+
 struct Server {
     sweeps: SweepServiceClient<Channel>,
-    workers: WorkerServiceClient<Channel>,
+    workers: WorkerServiceClient<InterceptedService<Channel, Session>>,
+    session: Session,
     channel: Channel,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -34,12 +56,20 @@ impl Server {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            kiln_coordinator::server::serve(queue, listener, Duration::from_millis(100), async {
-                let _ = stopped.await;
-            })
+            let security = kiln_coordinator::config::Security::default();
+            kiln_coordinator::server::serve(
+                queue,
+                listener,
+                &security,
+                Duration::from_millis(100),
+                async {
+                    let _ = stopped.await;
+                },
+            )
             .await
             .unwrap();
         });
+        let session = Session::default();
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -47,7 +77,8 @@ impl Server {
             .unwrap();
         Server {
             sweeps: SweepServiceClient::new(channel.clone()),
-            workers: WorkerServiceClient::new(channel.clone()),
+            workers: WorkerServiceClient::with_interceptor(channel.clone(), session.clone()),
+            session,
             channel,
             stop: Some(stop),
             task,
@@ -115,7 +146,8 @@ async fn submit(s: &mut Server, key: &str, n: u64) -> pb::SubmitSweepResponse {
 }
 
 async fn register(s: &mut Server) -> u64 {
-    s.workers
+    let r = s
+        .workers
         .register(pb::RegisterRequest {
             info: Some(pb::WorkerInfo {
                 name: "pc-1".into(),
@@ -125,12 +157,14 @@ async fn register(s: &mut Server) -> u64 {
                 max_pixels: 1024 * 1024,
                 loaded: vec![],
                 version: "test".into(),
+                storage: "file:///tmp/kiln".into(),
             }),
         })
         .await
         .unwrap()
-        .into_inner()
-        .worker_id
+        .into_inner();
+    s.session.set(&r.session);
+    r.worker_id
 }
 
 /// Leases exactly one cell for `worker`.

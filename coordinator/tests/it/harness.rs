@@ -138,7 +138,7 @@ impl Fixture {
     }
 
     pub async fn worker(&self, name: &str) -> WorkerId {
-        self.queue.register(&registration(name)).await.unwrap()
+        self.queue.register(&registration(name)).await.unwrap().0
     }
 }
 
@@ -151,6 +151,7 @@ pub fn registration(name: &str) -> WorkerRegistration {
         max_pixels: 1024 * 1024,
         loaded: vec![],
         version: "test".into(),
+        storage: "file:///tmp/kiln-test".into(),
     }
 }
 
@@ -184,5 +185,6 @@ pub fn submission(key: &str, cells: Vec<CellSpec>) -> Submission {
         max_attempts: None,
         spec: String::new(),
         cells: cells.into(),
+        owner: None,
     }
 }

@@ -291,7 +291,8 @@ async fn chunks_left_by_a_stopped_coordinator_are_moved_after_restart(b: Backend
     let w = queue
         .register(&crate::harness::registration("w"))
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     assert_eq!(queue.lease(w, 20, None).await.unwrap().len(), 10);
     store.close().await;
     fx.db.cleanup().await;

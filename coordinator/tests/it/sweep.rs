@@ -166,6 +166,7 @@ async fn a_planned_sweep_is_accepted_by_the_queue() {
             max_attempts: None,
             spec: src.text.clone(),
             cells: SubmittedCells::Planned(p.cells),
+            owner: None,
         })
         .await
         .unwrap();

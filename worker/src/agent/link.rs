@@ -10,9 +10,14 @@ use kiln_proto::v1 as pb;
 use kiln_proto::v1::worker_service_client::WorkerServiceClient;
 use tokio::sync::watch;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
+use super::access::{Access, Credentials};
 use super::tracked::Tracked;
+
+/// The worker service client, every call carrying the token and the session.
+type Client = WorkerServiceClient<InterceptedService<Channel, Credentials>>;
 
 /// Shortest wait between two progress reports of one attempt.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -23,7 +28,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A registered worker's line to the coordinator.
 #[derive(Clone)]
 pub struct Link {
-    client: WorkerServiceClient<Channel>,
+    client: Client,
+    credentials: Credentials,
     info: pb::WorkerInfo,
     worker_id: Arc<AtomicU64>,
     heartbeat: Duration,
@@ -40,34 +46,20 @@ fn retryable(s: &tonic::Status) -> bool {
     )
 }
 
-/// The coordinator's gRPC endpoint: `http://HOST:PORT`, `https://HOST:PORT`, or `HOST:PORT`
-/// (taken as http). The one check of a `--coordinator` value, made before a worker starts.
-pub fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
-    let full = if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
-    };
-    let bad = || anyhow::anyhow!("coordinator {url:?} is not a URL like http://192.168.1.10:7450");
-    let endpoint = Endpoint::from_shared(full).map_err(|_| bad())?;
-    let uri = endpoint.uri();
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none_or(str::is_empty) {
-        return Err(bad());
-    }
-    Ok(endpoint)
-}
-
 impl Link {
     /// Connects and registers, retrying with backoff until the coordinator answers. Fails
-    /// only on a malformed `url` ([`endpoint`]).
-    pub async fn connect(url: &str, info: pb::WorkerInfo) -> anyhow::Result<Link> {
+    /// on a malformed `url` or TLS settings ([`super::access::endpoint`]), and when the
+    /// coordinator refuses the token.
+    pub async fn connect(url: &str, access: &Access, info: pb::WorkerInfo) -> anyhow::Result<Link> {
         // A lazy channel reconnects by itself after the coordinator restarts.
-        let channel = endpoint(url)?
+        let channel = super::access::endpoint(url, access)?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(30))
             .connect_lazy();
+        let credentials = Credentials::new(access)?;
         let link = Link {
-            client: WorkerServiceClient::new(channel),
+            client: WorkerServiceClient::with_interceptor(channel, credentials.clone()),
+            credentials,
             info,
             worker_id: Arc::new(AtomicU64::new(0)),
             heartbeat: Duration::from_secs(5),
@@ -79,6 +71,9 @@ impl Link {
                 Ok(hb) => {
                     link.heartbeat = hb;
                     return Ok(link);
+                }
+                Err(e) if matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+                    anyhow::bail!("the coordinator refused this worker: {}", e.message());
                 }
                 Err(e) => {
                     tracing::warn!(coordinator = %url, error = %e.message(), "register failed; retrying");
@@ -98,6 +93,9 @@ impl Link {
             })
             .await?
             .into_inner();
+        self.credentials
+            .set_session(&r.session)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         self.worker_id.store(r.worker_id, Ordering::SeqCst);
         tracing::info!(worker = r.worker_id, "registered");
         Ok(Duration::from_millis(
@@ -113,14 +111,19 @@ impl Link {
     /// when the coordinator does not know this worker.
     async fn retry<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, tonic::Status>
     where
-        F: FnMut(WorkerServiceClient<Channel>, u64) -> Fut,
+        F: FnMut(Client, u64) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut backoff = Duration::from_millis(200);
         loop {
             match call(self.client.clone(), self.id()).await {
                 Ok(r) => return Ok(r.into_inner()),
-                Err(s) if s.code() == Code::NotFound && s.message().starts_with("worker") => {
+                // Forgotten (a new database), or our session is not the one on record.
+                Err(s)
+                    if (s.code() == Code::NotFound && s.message().starts_with("worker"))
+                        || (s.code() == Code::Unauthenticated
+                            && s.message().contains("worker session")) =>
+                {
                     tracing::warn!("coordinator forgot this worker; registering again");
                     let _ = self.register().await;
                 }
@@ -325,26 +328,5 @@ impl Link {
                 }
             }
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::endpoint;
-
-    #[test]
-    fn coordinator_urls_are_checked_before_anything_starts() {
-        for ok in [
-            "http://127.0.0.1:7450",
-            "https://farm:7450",
-            "farm:7450",
-            "http://[::1]:7450",
-        ] {
-            assert!(endpoint(ok).is_ok(), "{ok}");
-        }
-        for bad in ["not a url", "http://[::1", "ftp://farm:7450", "http://", ""] {
-            let err = endpoint(bad).unwrap_err().to_string();
-            assert!(err.contains("is not a URL like http://"), "{bad}: {err}");
-        }
     }
 }

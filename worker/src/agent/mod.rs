@@ -18,6 +18,7 @@
 //! - a drain (SIGTERM) finishes the current render and its upload, and releases
 //!   leased-but-unstarted cells.
 
+pub mod access;
 mod backlog;
 pub mod link;
 pub mod renderer;
@@ -45,6 +46,8 @@ use crate::upload::{RetryPolicy, Storage};
 pub struct AgentConfig {
     /// Coordinator URL.
     pub coordinator: String,
+    /// Token and TLS trust for the coordinator.
+    pub access: access::Access,
     /// Worker name shown in `kiln workers`.
     pub name: String,
     /// Compute device.
@@ -81,7 +84,8 @@ impl AgentConfig {
     /// Checks the settings once, before the agent starts: the coordinator URL parses, the
     /// models folders exist, the batch and timings are in range.
     pub fn validate(&self) -> anyhow::Result<()> {
-        link::endpoint(&self.coordinator).map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
+        access::endpoint(&self.coordinator, &self.access)
+            .map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
         for dir in &self.models {
             anyhow::ensure!(dir.is_dir(), "--models {}: not a folder", dir.display());
         }
@@ -129,9 +133,10 @@ pub async fn run(
         max_pixels: cfg.max_pixels,
         loaded: vec![],
         version: env!("CARGO_PKG_VERSION").into(),
+        storage: storage.url().to_string(),
     };
     let link = tokio::select! {
-        l = Link::connect(&cfg.coordinator, info) => l?,
+        l = Link::connect(&cfg.coordinator, &cfg.access, info) => l?,
         _ = &mut shutdown => return Ok(()),
     };
     let renderer = Renderer::spawn(crate::cache::Budget {
@@ -445,6 +450,7 @@ mod tests {
     fn config(models: PathBuf) -> AgentConfig {
         AgentConfig {
             coordinator: "http://127.0.0.1:7450".into(),
+            access: Default::default(),
             name: "test".into(),
             device: Device::Cpu,
             models: vec![models],

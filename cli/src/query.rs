@@ -224,28 +224,88 @@ pub async fn fetch(
     let rows = fetch_rows(conn, &filter, None, limit).await?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut stores: Vec<(String, Storage)> = Vec::new();
-    let mut n = 0;
+    let (mut n, mut skipped) = (0, 0);
     for r in &rows {
         let Some(res) = &r.result else { continue };
-        let storage = open_storage(&mut stores, &res.storage, s3).await?;
-        let bytes = storage
-            .get(&res.object_key)
-            .await
-            .with_context(|| format!("cell {}: {}", r.cell_id, res.object_key))?;
-        let got = hex::encode(Sha256::digest(&bytes));
-        anyhow::ensure!(
-            got == res.sha256,
-            "cell {}: {} has sha256 {got}, the result says {}",
-            r.cell_id,
-            res.object_key,
-            res.sha256
-        );
-        let seed = r.cell.as_ref().map_or(0, |c| c.seed);
-        let name = format!("{}-{:06}-{seed}.png", r.sweep_id, r.number);
-        std::fs::write(dir.join(&name), &bytes)
-            .with_context(|| format!("writing {}", dir.join(&name).display()))?;
-        n += 1;
+        // One bad row (a storage that cannot be opened, a missing object, bytes that do not
+        // match) is reported and skipped; the rest are fetched.
+        match fetch_one(&mut stores, r, res, s3, dir).await {
+            Ok(()) => n += 1,
+            Err(e) => {
+                eprintln!("kiln: skipped: {e:#}");
+                skipped += 1;
+            }
+        }
     }
     println!("{n} images written to {}", dir.display());
+    anyhow::ensure!(
+        skipped == 0,
+        "{skipped} images could not be fetched (see above)"
+    );
     Ok(())
+}
+
+/// Whether `key` is what a worker writes: `sweeps/SWEEP/CELL/ATTEMPT.png`, nothing else (no
+/// `..`, no absolute path), so a result row can only name an image.
+fn image_key(key: &str) -> bool {
+    let parts: Vec<&str> = key.split('/').collect();
+    let number = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+    matches!(parts.as_slice(), ["sweeps", sweep, cell, file]
+        if number(sweep) && number(cell) && file.strip_suffix(".png").is_some_and(number))
+}
+
+/// Fetches one result's image into `dir`, checking its key and sha256.
+async fn fetch_one(
+    stores: &mut Vec<(String, Storage)>,
+    r: &pb::CellRecord,
+    res: &pb::RenderResult,
+    s3: &S3Options,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        image_key(&res.object_key),
+        "cell {}: object key {:?} is not an image key of kiln's",
+        r.cell_id,
+        res.object_key
+    );
+    let storage = open_storage(stores, &res.storage, s3).await?;
+    let bytes = storage
+        .get(&res.object_key)
+        .await
+        .with_context(|| format!("cell {}: {}", r.cell_id, res.object_key))?;
+    let got = hex::encode(Sha256::digest(&bytes));
+    anyhow::ensure!(
+        got == res.sha256,
+        "cell {}: {} has sha256 {got}, the result says {}",
+        r.cell_id,
+        res.object_key,
+        res.sha256
+    );
+    let seed = r.cell.as_ref().map_or(0, |c| c.seed);
+    let name = format!("{}-{:06}-{seed}.png", r.sweep_id, r.number);
+    std::fs::write(dir.join(&name), &bytes)
+        .with_context(|| format!("writing {}", dir.join(&name).display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::image_key;
+
+    #[test]
+    fn fetch_reads_only_image_keys() {
+        assert!(image_key("sweeps/1/22/3.png"));
+        for bad in [
+            "etc/passwd",
+            "sweeps/../../etc/passwd.png",
+            "/sweeps/1/2/3.png",
+            "sweeps/1/2/3.png/x",
+            "sweeps/1/2/x.png",
+            "sweeps/1/2/3.jpg",
+            "sweeps//2/3.png",
+            "sweeps/1/2/.png",
+        ] {
+            assert!(!image_key(bad), "{bad}");
+        }
+    }
 }

@@ -259,4 +259,56 @@ mod tests {
         .to_string();
         assert!(e.contains("mysql"), "{e}");
     }
+
+    #[test]
+    fn a_network_listen_needs_tls_and_tokens_or_says_why() {
+        let lan = |more: Settings| {
+            Settings {
+                listen: Some("0.0.0.0:7450".into()),
+                ..Default::default()
+            }
+            .merge(more)
+            .validate()
+        };
+        let e = lan(Settings::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("0.0.0.0:7450") && e.contains("--insecure-lan"),
+            "{e}"
+        );
+        let e = lan(Settings {
+            require_tokens: Some(true),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--tls-cert"), "{e}");
+        let ok = lan(Settings {
+            insecure_lan: Some(true),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!ok.security.require_tokens && ok.security.tls.is_none());
+        // Loopback needs neither.
+        assert!(Settings::default().validate().is_ok());
+        let e = lan(Settings {
+            tls_cert: Some("/no/such.pem".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("give both or neither"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        std::fs::write(&key, "not pem").unwrap();
+        let e = lan(Settings {
+            tls_cert: Some(cert.display().to_string()),
+            tls_key: Some(key.display().to_string()),
+            require_tokens: Some(true),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tls_key") && e.contains("not a PEM file"), "{e}");
+    }
 }

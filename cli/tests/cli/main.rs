@@ -10,6 +10,7 @@ mod paths;
 mod render;
 #[path = "../../../worker/tests/it/s3server.rs"]
 mod s3server;
+mod secure;
 mod sweepfile;
 
 use std::path::Path;

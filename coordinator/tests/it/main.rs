@@ -6,6 +6,7 @@
 #[macro_use]
 mod harness;
 
+mod auth;
 mod conformance;
 mod deadlock;
 mod filter;

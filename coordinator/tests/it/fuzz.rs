@@ -207,7 +207,7 @@ async fn fuzz(backend: Backend, seed: u64) {
         .into_inner();
     session.set(&reg.session);
     let mut g = Gen(StdRng::seed_from_u64(seed));
-    let mut worker = |g: &mut Gen| {
+    let worker = |g: &mut Gen| {
         if g.0.random_range(0..4) > 0 {
             reg.worker_id
         } else {
@@ -378,7 +378,7 @@ async fn fuzz(backend: Backend, seed: u64) {
             Err(_) => Vec::new(),
         };
         check("Lease", seed, leased);
-        let mut pick = |g: &mut Gen| {
+        let pick = |g: &mut Gen| {
             real.first()
                 .copied()
                 .filter(|_| g.0.random())

@@ -3,19 +3,80 @@
 //! defaults → file → env → flags, and [`Settings::validate`] turns the result into a typed
 //! [`Config`] once. Nothing below `main` reads the environment.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::queue::QueueConfig;
-use crate::store::{DatabaseUrl, StoreOptions};
 use crate::{Error, Result};
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 /// Default database.
 pub const DEFAULT_DB: &str = "sqlite://kiln.db";
+
+/// Where the database is.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `sqlite://path` (created if missing).
+    Sqlite(String),
+    /// `postgres://…` or `postgresql://…`.
+    Postgres(String),
+}
+
+impl FromStr for DatabaseUrl {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(DatabaseUrl::Postgres(s.to_string()))
+        } else if let Some(path) = s.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(Error::Config("database url: sqlite:// needs a path".into()));
+            }
+            Ok(DatabaseUrl::Sqlite(s.to_string()))
+        } else if s.starts_with("sqlite:") {
+            Ok(DatabaseUrl::Sqlite(s.to_string()))
+        } else {
+            Err(Error::Config(format!(
+                "database url {s:?}: expected sqlite://PATH or postgres://…"
+            )))
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    // Never print a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatabaseUrl::Sqlite(s) => write!(f, "{s}"),
+            DatabaseUrl::Postgres(s) => {
+                let redacted = match (s.find("://"), s.rfind('@')) {
+                    (Some(a), Some(b)) if b > a => format!("{}://…@{}", &s[..a], &s[b + 1..]),
+                    _ => s.clone(),
+                };
+                write!(f, "{redacted}")
+            }
+        }
+    }
+}
+
+/// Connection settings.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Most Postgres connections (SQLite always has one writer and a few readers).
+    pub max_connections: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+        }
+    }
+}
 
 /// Raw settings; every field optional so layers can be merged.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

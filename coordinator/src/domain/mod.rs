@@ -3,8 +3,9 @@
 //! sweep and failure states ([`state`]), failed attempts and what becomes of them
 //! ([`failure`]), a cell as a lease chooses among them ([`candidate`]), a cell's way through a
 //! lease and the fence on its writes ([`lease`]), and what the store returns for sweeps, cells
-//! and workers ([`rows`]). It imports nothing of the coordinator but [`crate::clock`] and
-//! [`crate::Error`], so none of those layers imports another to reach these.
+//! and workers ([`rows`]). It imports nothing of the coordinator but [`crate::clock`],
+//! [`crate::Error`] and [`crate::sweep`]'s cells (the planner, which knows no queue, store or
+//! API), so none of those layers imports another to reach these.
 
 pub mod auth;
 pub mod candidate;

@@ -6,6 +6,7 @@
 use kiln_proto::{CellId, SweepId, WorkerId};
 
 use crate::clock::Millis;
+use crate::sweep::NewCell;
 
 use crate::domain::state::{CellState, DeviceKind, SweepState};
 
@@ -201,4 +202,37 @@ impl IntakeRow {
     pub fn key(&self) -> (SweepId, u32) {
         (self.sweep_id, self.first_number)
     }
+}
+
+/// A sweep to insert.
+#[derive(Clone, Debug)]
+pub struct SweepInsert<'a> {
+    /// Human name.
+    pub name: &'a str,
+    /// Client-chosen idempotency key.
+    pub idempotency_key: &'a str,
+    /// 0..=9, lower first.
+    pub priority: i32,
+    /// Attempts per cell.
+    pub max_attempts: i32,
+    /// Sweep file verbatim.
+    pub spec: &'a str,
+    /// Who submits it (its token's owner); `None` without tokens.
+    pub owner: Option<&'a str>,
+    /// Validated cells, numbered, inserted into `cells` with the sweep.
+    pub cells: &'a [NewCell],
+    /// The rest of the submission, numbered after `cells`, stored as intake chunks with the
+    /// sweep and moved into `cells` later (`Store::intake_move`).
+    pub intake: &'a [IntakeChunk],
+}
+
+/// Outcome of `Store::sweep_insert`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SweepInserted {
+    /// The sweep (new or existing).
+    pub id: SweepId,
+    /// Cells it has.
+    pub cell_count: u64,
+    /// True when the key named an existing sweep and nothing was inserted.
+    pub duplicate: bool,
 }

@@ -145,47 +145,26 @@ pub(super) enum Arg<'a> {
     Bytes(&'a [u8]),
 }
 
-impl From<i64> for Arg<'_> {
-    fn from(v: i64) -> Self {
-        Arg::Int(v)
-    }
+/// `Arg::$variant` from a `$t`.
+macro_rules! arg_from {
+    ($($t:ty => $variant:ident),+ $(,)?) => {
+        $(impl<'a> From<$t> for Arg<'a> {
+            fn from(v: $t) -> Self {
+                Arg::$variant(v as _)
+            }
+        })+
+    };
 }
 
-impl From<Option<i64>> for Arg<'_> {
-    fn from(v: Option<i64>) -> Self {
-        Arg::OptInt(v)
-    }
-}
-
-impl<'a> From<&'a str> for Arg<'a> {
-    fn from(v: &'a str) -> Self {
-        Arg::Text(v)
-    }
-}
-
-impl From<String> for Arg<'_> {
-    fn from(v: String) -> Self {
-        Arg::OwnedText(v)
-    }
-}
-
-impl<'a> From<&'a String> for Arg<'a> {
-    fn from(v: &'a String) -> Self {
-        Arg::Text(v)
-    }
-}
-
-impl<'a> From<Option<&'a str>> for Arg<'a> {
-    fn from(v: Option<&'a str>) -> Self {
-        Arg::OptText(v)
-    }
-}
-
-impl<'a> From<&'a [u8]> for Arg<'a> {
-    fn from(v: &'a [u8]) -> Self {
-        Arg::Bytes(v)
-    }
-}
+arg_from!(
+    i64 => Int,
+    Option<i64> => OptInt,
+    &'a str => Text,
+    &'a String => Text,
+    String => OwnedText,
+    Option<&'a str> => OptText,
+    &'a [u8] => Bytes,
+);
 
 /// A statement and its arguments, `$1` the first.
 pub(super) struct Stmt<'a> {

@@ -31,112 +31,15 @@ mod sweeps;
 mod tokens;
 mod workers;
 
-use std::fmt;
-use std::str::FromStr;
-
-use kiln_proto::SweepId;
-
-pub use crate::domain::rows::{IntakeChunk, IntakeRow};
+pub use crate::domain::rows::{IntakeChunk, IntakeRow, SweepInsert, SweepInserted};
 pub use query::{CellQuery, CellSort};
+
+pub use crate::config::{DatabaseUrl, StoreOptions};
 
 use crate::domain::failure::{Decision, ErrorEntry, FailContext};
 use crate::domain::rows::CellRow;
-use crate::sweep::NewCell;
 use crate::{Error, Result};
 use db::Db;
-
-/// Where the database is.
-#[derive(Clone, PartialEq, Eq)]
-pub enum DatabaseUrl {
-    /// `sqlite://path` (created if missing).
-    Sqlite(String),
-    /// `postgres://…` or `postgresql://…`.
-    Postgres(String),
-}
-
-impl FromStr for DatabaseUrl {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            Ok(DatabaseUrl::Postgres(s.to_string()))
-        } else if let Some(path) = s.strip_prefix("sqlite://") {
-            if path.is_empty() {
-                return Err(Error::Config("database url: sqlite:// needs a path".into()));
-            }
-            Ok(DatabaseUrl::Sqlite(s.to_string()))
-        } else if s.starts_with("sqlite:") {
-            Ok(DatabaseUrl::Sqlite(s.to_string()))
-        } else {
-            Err(Error::Config(format!(
-                "database url {s:?}: expected sqlite://PATH or postgres://…"
-            )))
-        }
-    }
-}
-
-impl fmt::Debug for DatabaseUrl {
-    // Never print a password.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DatabaseUrl::Sqlite(s) => write!(f, "{s}"),
-            DatabaseUrl::Postgres(s) => {
-                let redacted = match (s.find("://"), s.rfind('@')) {
-                    (Some(a), Some(b)) if b > a => format!("{}://…@{}", &s[..a], &s[b + 1..]),
-                    _ => s.clone(),
-                };
-                write!(f, "{redacted}")
-            }
-        }
-    }
-}
-
-/// Connection settings.
-#[derive(Clone, Debug)]
-pub struct StoreOptions {
-    /// Most Postgres connections (SQLite always has one writer and a few readers).
-    pub max_connections: u32,
-}
-
-impl Default for StoreOptions {
-    fn default() -> Self {
-        Self {
-            max_connections: 16,
-        }
-    }
-}
-
-/// A sweep to insert.
-#[derive(Clone, Debug)]
-pub struct SweepInsert<'a> {
-    /// Human name.
-    pub name: &'a str,
-    /// Client-chosen idempotency key.
-    pub idempotency_key: &'a str,
-    /// 0..=9, lower first.
-    pub priority: i32,
-    /// Attempts per cell.
-    pub max_attempts: i32,
-    /// Sweep file verbatim.
-    pub spec: &'a str,
-    /// Who submits it (its token's owner); `None` without tokens.
-    pub owner: Option<&'a str>,
-    /// Validated cells, numbered, inserted into `cells` with the sweep.
-    pub cells: &'a [NewCell],
-    /// The rest of the submission, numbered after `cells`, stored as intake chunks with the
-    /// sweep and moved into `cells` later ([`Store::intake_move`]).
-    pub intake: &'a [IntakeChunk],
-}
-
-/// Outcome of [`Store::sweep_insert`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SweepInserted {
-    /// The sweep (new or existing).
-    pub id: SweepId,
-    /// Cells it has.
-    pub cell_count: u64,
-    /// True when the key named an existing sweep and nothing was inserted.
-    pub duplicate: bool,
-}
 
 /// The decision callback for failed attempts.
 pub type DecideFn<'a> = &'a (dyn Fn(&FailContext<'_>) -> Decision + Sync);

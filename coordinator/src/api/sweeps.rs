@@ -102,48 +102,44 @@ impl SweepService for SweepApi {
                 return Err(Error::invalid("the first message must be a SweepHeader").into());
             }
         };
-        let max_cells = self.queue.config().max_cells_per_sweep;
-        let mut cells = Vec::new();
+        // Cells are taken in message by message, so a stream is never held whole.
+        let mut builder = self.queue.intake_builder();
+        let mut sent = 0;
         while let Some(msg) = stream.next().await {
             match msg?.part {
                 Some(pb::submit_sweep_request::Part::Cells(chunk)) => {
-                    if cells.len() + chunk.cells.len() > max_cells {
-                        return Err(Error::TooLarge(format!(
-                            "sweep has more than {max_cells} cells"
-                        ))
-                        .into());
-                    }
-                    for c in chunk.cells {
-                        let n = cells.len();
-                        let spec = convert::cell_from_wire(c)
-                            .map_err(|e| Error::invalid(format!("cell {n}: {e}")))?;
-                        cells.push(spec);
-                    }
+                    let specs = chunk
+                        .cells
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            convert::cell_from_wire(c)
+                                .map_err(|e| Error::invalid(format!("cell {}: {e}", sent + i)))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let n = specs.len();
+                    builder = self.queue.take_cells(builder, specs, sent).await?;
+                    sent += n;
                 }
                 _ => return Err(Error::invalid("only one SweepHeader per stream").into()),
             }
         }
         let mut spec = header.spec;
-        let mut name = header.name;
-        let mut cells = SubmittedCells::Sent(cells);
-        if cells.is_empty() && !spec.is_empty() {
-            // A sweep file: plan it here, before anything is stored.
+        let mut cells = SubmittedCells::Taken(builder);
+        if sent == 0 && !spec.is_empty() {
+            // A sweep file: planned here, cell by cell, before anything is stored.
             let src = SweepSource {
                 path: header.spec_path,
                 text: spec,
                 files: header.files.into_iter().collect(),
             };
             spec = stored_source(&src);
-            let plan = self.queue.plan(src, &header.idempotency_key).await?;
-            if name.is_empty() {
-                name = plan.name;
-            }
-            cells = SubmittedCells::Planned(plan.cells);
+            cells = SubmittedCells::File(src);
         }
         let out = self
             .queue
             .submit(Submission {
-                name,
+                name: header.name,
                 idempotency_key: header.idempotency_key,
                 priority: header.priority,
                 max_attempts: match header.max_attempts {
@@ -174,17 +170,18 @@ impl SweepService for SweepApi {
             text: r.spec,
             files: r.files.into_iter().collect(),
         };
-        let plan = self.queue.plan(src, &r.idempotency_key).await?;
+        let preview = r.preview.min(1000) as usize;
+        let plan = self.queue.plan(src, &r.idempotency_key, preview).await?;
+        let s = plan.summary;
         Ok(Response::new(pb::PlanSweepResponse {
-            name: plan.name,
-            cell_count: plan.cells.len() as u64,
-            duplicates: plan.duplicates,
-            axes: plan.axes,
-            seeds: plan.seeds,
+            name: s.name,
+            cell_count: s.cell_count,
+            duplicates: s.duplicates,
+            axes: s.axes,
+            seeds: s.seeds,
             cells: plan
                 .cells
                 .into_iter()
-                .take(r.preview.min(1000) as usize)
                 .map(|c| convert::cell_to_wire(c.spec))
                 .collect(),
         }))

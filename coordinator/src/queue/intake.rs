@@ -10,6 +10,7 @@
 //! size prepended). Moving it re-derives each cell with [`NewCell::new`] from its JSON and its
 //! number, so its keys and columns are exactly those a direct insert writes.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,30 +29,76 @@ const MAX_CHUNK_BYTES: usize = 256 << 20;
 /// How long the mover waits after a database error before it tries again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Splits prepared cells into those inserted with the sweep (the first `chunk`) and intake
-/// chunks of `chunk` cells each for the rest, encoded on up to as many threads as there are
-/// cores. CPU work: call it off the async threads.
-pub(super) fn split(mut cells: Vec<NewCell>, chunk: usize) -> (Vec<NewCell>, Vec<IntakeChunk>) {
-    let chunk = chunk.max(1);
-    if cells.len() <= chunk {
-        return (cells, Vec::new());
+/// A submission's cells as they come, held compressed: numbered in order (with `dedup`,
+/// repeats of a cell key are dropped, the first wins), the first `chunk` kept for the sweep's
+/// own insert and every later `chunk` encoded into an intake chunk at once, so a million-cell
+/// submission is held as its compressed chunks, not as cells. CPU work: off the async threads.
+#[derive(Debug)]
+pub struct Builder {
+    chunk: usize,
+    seen: Option<HashSet<[u8; 32]>>,
+    first: Vec<NewCell>,
+    pending: Vec<NewCell>,
+    chunks: Vec<IntakeChunk>,
+    count: u32,
+}
+
+impl Builder {
+    pub(super) fn new(chunk: usize, dedup: bool) -> Self {
+        Builder {
+            chunk: chunk.max(1),
+            seen: dedup.then(HashSet::new),
+            first: Vec::new(),
+            pending: Vec::new(),
+            chunks: Vec::new(),
+            count: 0,
+        }
     }
-    let rest = cells.split_off(chunk);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8);
-    let per_thread = rest.len().div_ceil(chunk).div_ceil(threads).max(1) * chunk;
-    let encoded: Vec<Vec<IntakeChunk>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = rest
-            .chunks(per_thread)
-            .map(|part| scope.spawn(move || part.chunks(chunk).map(encode).collect()))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    (cells, encoded.into_iter().flatten().collect())
+
+    /// Cells so far (repeats not counted).
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// True before the first cell.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Adds `cell` as the next one (its number is set here), unless it repeats an earlier one.
+    pub(super) fn push(&mut self, mut cell: NewCell) -> Result<()> {
+        if let Some(seen) = &mut self.seen {
+            let mut digest = [0u8; 32];
+            hex::decode_to_slice(&cell.cell_key, &mut digest)
+                .map_err(|e| Error::Corrupt(format!("cell key: {e}")))?;
+            if !seen.insert(digest) {
+                return Ok(());
+            }
+        }
+        cell.number = self.count;
+        self.count = self
+            .count
+            .checked_add(1)
+            .ok_or_else(|| Error::TooLarge("cells".into()))?;
+        if self.first.len() < self.chunk {
+            self.first.push(cell);
+        } else {
+            self.pending.push(cell);
+            if self.pending.len() == self.chunk {
+                self.chunks.push(encode(&self.pending));
+                self.pending.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// The cells inserted with the sweep, and the intake chunks of the rest.
+    pub(super) fn finish(mut self) -> (Vec<NewCell>, Vec<IntakeChunk>) {
+        if !self.pending.is_empty() {
+            self.chunks.push(encode(&self.pending));
+        }
+        (self.first, self.chunks)
+    }
 }
 
 /// One chunk of consecutively numbered cells.
@@ -230,6 +277,34 @@ mod tests {
             created_at: crate::clock::Millis(0),
             cells: c.cells.clone(),
         }
+    }
+
+    fn split(cells: Vec<NewCell>, chunk: usize) -> (Vec<NewCell>, Vec<IntakeChunk>) {
+        let mut b = Builder::new(chunk, true);
+        for c in cells {
+            b.push(c).unwrap();
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn repeats_are_dropped_and_the_rest_numbered_in_order() {
+        let all = cells(5);
+        let mut b = Builder::new(2, true);
+        for c in [&all[0], &all[1], &all[0], &all[2], &all[1], &all[3]] {
+            b.push(c.clone()).unwrap();
+        }
+        assert_eq!(b.len(), 4);
+        let (direct, chunks) = b.finish();
+        assert_eq!(direct.iter().map(|c| c.number).collect::<Vec<_>>(), [0, 1]);
+        let back = decode(&row(&chunks[0])).unwrap();
+        assert_eq!(back[0].cell_key, all[2].cell_key);
+        assert_eq!((chunks[0].first_number, back[1].number), (2, 3));
+        // Without `dedup` (planned cells, already distinct) every cell counts.
+        let mut b = Builder::new(2, false);
+        b.push(all[0].clone()).unwrap();
+        b.push(all[0].clone()).unwrap();
+        assert_eq!(b.len(), 2);
     }
 
     #[test]

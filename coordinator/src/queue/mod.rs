@@ -16,6 +16,7 @@ mod intake;
 mod lease;
 pub mod maintenance;
 pub mod retry;
+mod submit;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -25,16 +26,17 @@ use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 use self::affinity::AffinityState;
 use self::dispatch::Dispatch;
 use self::group::{Complete, Completes, Group, Leases};
+pub use self::intake::Builder;
 use self::intake::Mover;
 use self::retry::{Decision, RetryPolicy};
+pub use self::submit::Preview;
 use crate::clock::{Millis, SharedClock};
 use crate::domain::lease::{Fence, HeartbeatStatus};
 use crate::domain::rows::{CellRow, ProgressRow, SweepRow, WorkerRow};
 use crate::domain::state::FailureClass;
 use crate::events::Events;
-use crate::store::{CellQuery, Store, SweepInsert, SweepInserted};
-use crate::sweep::cell::check_text;
-use crate::sweep::{CellSpec, NewCell, Plan, PlanLimits, PlannedCell, SweepSource};
+use crate::store::{CellQuery, Store};
+use crate::sweep::{CellSpec, SweepSource};
 use crate::{Error, Result};
 
 /// Lifecycle settings.
@@ -82,7 +84,7 @@ impl Default for QueueConfig {
 }
 
 /// A sweep as submitted: its header and resolved cells.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Submission {
     /// Human name.
     pub name: String,
@@ -101,27 +103,15 @@ pub struct Submission {
 }
 
 /// The cells of a submission.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum SubmittedCells {
     /// Sent as cells: each is checked and keyed at submit, and repeats are dropped.
     Sent(Vec<CellSpec>),
-    /// Planned from a sweep file here, which checked, de-duplicated and keyed them.
-    Planned(Vec<PlannedCell>),
-}
-
-impl SubmittedCells {
-    /// Cells in it.
-    pub fn len(&self) -> usize {
-        match self {
-            SubmittedCells::Sent(c) => c.len(),
-            SubmittedCells::Planned(c) => c.len(),
-        }
-    }
-
-    /// True when there are none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    /// Sent as cells and taken in as they arrived ([`Queue::take_cells`]).
+    Taken(Builder),
+    /// A sweep file, planned here and taken in cell by cell as it is planned, so the whole
+    /// sweep is never held (its name names the sweep when the submission has none).
+    File(SweepSource),
 }
 
 impl FromIterator<CellSpec> for SubmittedCells {
@@ -173,6 +163,8 @@ pub struct Queue {
     affinity: Arc<AffinityState>,
     dispatch: Arc<Dispatch>,
     known: Arc<Mutex<HashMap<WorkerId, KnownWorker>>>,
+    /// Turns of the heavy work: plans, submits, extends (`submit`).
+    heavy: Arc<tokio::sync::Semaphore>,
     credentials: Arc<Mutex<HashMap<WorkerId, WorkerCredentials>>>,
     /// Group commit of completes, started on the first complete (it needs a runtime).
     completes: Arc<OnceLock<Group<Completes>>>,
@@ -204,6 +196,7 @@ impl Queue {
             affinity: Default::default(),
             dispatch: Default::default(),
             known: Default::default(),
+            heavy: Arc::new(tokio::sync::Semaphore::new(submit::HEAVY_AT_ONCE)),
             credentials: Default::default(),
             completes: Default::default(),
             leases: Default::default(),
@@ -231,79 +224,6 @@ impl Queue {
     /// Now, by the injected clock.
     pub fn now(&self) -> Millis {
         self.clock.now()
-    }
-
-    /// Validates, de-duplicates (by cell key, first wins) and stores a sweep atomically. The
-    /// same idempotency key twice returns the first sweep.
-    pub async fn submit(&self, s: Submission) -> Result<SweepInserted> {
-        let key = s.idempotency_key.trim();
-        if key.is_empty() || key.len() > 200 {
-            return Err(Error::invalid("idempotency_key: must be 1..=200 bytes"));
-        }
-        if s.name.len() > 200 {
-            return Err(Error::invalid("name: longer than 200 bytes"));
-        }
-        check_text("name", &s.name)?;
-        check_text("idempotency_key", key)?;
-        check_text("spec", &s.spec)?;
-        if s.cells.is_empty() {
-            return Err(Error::invalid("cells: a sweep needs at least one cell"));
-        }
-        if !(0..=9).contains(&s.priority) {
-            return Err(Error::invalid(format!(
-                "priority: {} is outside 0..=9",
-                s.priority
-            )));
-        }
-        let max_attempts = s.max_attempts.unwrap_or(self.cfg.default_max_attempts);
-        if !(1..=100).contains(&max_attempts) {
-            return Err(Error::invalid(format!(
-                "max_attempts: {max_attempts} is outside 1..=100"
-            )));
-        }
-        if s.cells.len() > self.cfg.max_cells_per_sweep {
-            return Err(Error::TooLarge(format!(
-                "sweep has {} cells, at most {}",
-                s.cells.len(),
-                self.cfg.max_cells_per_sweep
-            )));
-        }
-        // Validation, hashing, JSON and the intake's compression are CPU work (about 0.3 s per
-        // 100,000 cells): off the async threads, and spread over the cores.
-        let chunk = self.cfg.intake_chunk;
-        let prepared = tokio::task::spawn_blocking(move || {
-            prepare_cells(s.cells).map(|cells| intake::split(cells, chunk))
-        })
-        .await;
-        let (cells, chunks) = match prepared {
-            Ok(split) => split?,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        };
-        let insert = SweepInsert {
-            name: &s.name,
-            idempotency_key: key,
-            priority: s.priority,
-            max_attempts,
-            spec: &s.spec,
-            owner: s.owner.as_deref(),
-            cells: &cells,
-            intake: &chunks,
-        };
-        let out = match self.store.sweep_insert(&insert, self.now()).await {
-            // Two submits of one key raced and the other won: ours now finds its sweep.
-            Err(Error::Database(e))
-                if e.as_database_error()
-                    .is_some_and(|d| d.is_unique_violation()) =>
-            {
-                self.store.sweep_insert(&insert, self.now()).await?
-            }
-            other => other?,
-        };
-        self.requeued();
-        if !out.duplicate && !chunks.is_empty() {
-            self.wake_intake();
-        }
-        Ok(out)
     }
 
     /// Asks the intake's mover for a pass, starting it first if need be (on the current Tokio
@@ -338,42 +258,6 @@ impl Queue {
             self.requeued()
         })
         .await
-    }
-
-    /// Plans a sweep file (on a blocking thread: a million cells take seconds). `key` is the
-    /// idempotency key it is (or would be) submitted with; it seeds `random = N` seeds, so the
-    /// same key always draws the same seeds and extending a sweep keeps them.
-    pub async fn plan(&self, src: SweepSource, key: &str) -> Result<Plan> {
-        let limits = PlanLimits {
-            max_cells: self.cfg.max_cells_per_sweep as u64,
-            ..PlanLimits::default()
-        };
-        let seed = random_seed_for(key);
-        tokio::task::spawn_blocking(move || crate::sweep::plan(&src, &limits, seed))
-            .await
-            .map_err(|e| Error::invalid(format!("planning stopped: {e}")))?
-            .map_err(Error::from)
-    }
-
-    /// Adds the cells of a grown sweep file that the sweep lacks. Returns (added, cells now).
-    pub async fn extend(&self, id: SweepId, src: SweepSource) -> Result<(u64, u64)> {
-        let sweep = self.store.sweep_get(id).await?;
-        // The new cells are told from the old by their keys: every old cell must be in `cells`.
-        self.take_in(Some(id)).await?;
-        let stored = stored_source(&src);
-        let plan = self.plan(src, &sweep.idempotency_key).await?;
-        let cells = plan
-            .cells
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| NewCell::planned(cell_number(i)?, c))
-            .collect::<Result<Vec<_>>>()?;
-        let out = self
-            .store
-            .sweep_extend(id, &cells, &stored, self.now())
-            .await?;
-        self.requeued();
-        Ok(out)
     }
 
     /// A sweep with counts.
@@ -592,63 +476,6 @@ impl Queue {
     pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
         self.store.worker_list(self.now().plus(-60_000)).await
     }
-}
-
-/// Derives every cell of a submission (on as many threads as there are cores): cells sent as
-/// cells are checked and keyed, then repeats (same cell key; the first wins) dropped and the
-/// rest numbered in order; planned cells were all that already. An error names the cell by its
-/// place in the submission.
-fn prepare_cells(cells: SubmittedCells) -> Result<Vec<NewCell>> {
-    match cells {
-        SubmittedCells::Planned(cells) => {
-            let parts = in_parallel(cells, |i, c| NewCell::planned(cell_number(i)?, c))?;
-            Ok(parts.into_iter().flatten().collect())
-        }
-        SubmittedCells::Sent(specs) => {
-            let parts = in_parallel(specs, |i, spec| NewCell::new(cell_number(i)?, spec))?;
-            let mut seen = HashSet::new();
-            let mut cells = Vec::new();
-            for mut cell in parts.into_iter().flatten() {
-                if seen.insert(cell.cell_key.clone()) {
-                    cell.number = cell_number(cells.len())?;
-                    cells.push(cell);
-                }
-            }
-            Ok(cells)
-        }
-    }
-}
-
-/// `f(i, items[i])` for every item, on up to 8 threads; the results in item order, in parts.
-fn in_parallel<T: Send>(
-    items: Vec<T>,
-    f: impl Fn(usize, T) -> Result<NewCell> + Sync,
-) -> Result<Vec<Vec<NewCell>>> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8);
-    let chunk = items.len().div_ceil(threads).max(1_000);
-    let mut items = items.into_iter().enumerate();
-    let parts: Vec<Vec<(usize, T)>> = std::iter::from_fn(|| {
-        let part: Vec<_> = items.by_ref().take(chunk).collect();
-        (!part.is_empty()).then_some(part)
-    })
-    .collect();
-    let f = &f;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = parts
-            .into_iter()
-            .map(|part| scope.spawn(move || part.into_iter().map(|(i, t)| f(i, t)).collect()))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    })
-}
-
-fn cell_number(i: usize) -> Result<u32> {
-    u32::try_from(i).map_err(|_| Error::TooLarge("cells".into()))
 }
 
 /// The seed for a sweep's `random = N` seeds: the first 8 bytes of sha256(idempotency key).

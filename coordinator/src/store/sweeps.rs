@@ -53,6 +53,19 @@ impl Store {
     /// that already has this idempotency key (its cell count includes its intake). A key
     /// another owner used is refused (PERMISSION_DENIED), revealing nothing of that sweep.
     pub async fn sweep_insert(&self, p: &SweepInsert<'_>, now: Millis) -> Result<SweepInserted> {
+        match self.sweep_insert_once(p, now).await {
+            // Two inserts of one key raced and the other won: ours now finds its sweep.
+            Err(Error::Database(e))
+                if e.as_database_error()
+                    .is_some_and(|d| d.is_unique_violation()) =>
+            {
+                self.sweep_insert_once(p, now).await
+            }
+            other => other,
+        }
+    }
+
+    async fn sweep_insert_once(&self, p: &SweepInsert<'_>, now: Millis) -> Result<SweepInserted> {
         let mut tx = self.db.begin().await?;
         let existing = Stmt::new("SELECT id, owner FROM sweeps WHERE idempotency_key = $1")
             .bind(p.idempotency_key)

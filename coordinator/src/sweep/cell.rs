@@ -191,6 +191,11 @@ impl CellSpec {
     /// Identity of the render: sha256 over the canonical render parameters (bindings and
     /// memory hints excluded — they do not change the image).
     pub fn cell_key(&self) -> String {
+        hex::encode(self.cell_digest())
+    }
+
+    /// The identity hash as bytes (what [`CellSpec::cell_key`] shows in hex).
+    pub fn cell_digest(&self) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(b"kiln.cell.v1\0");
         self.hash_pipeline(&mut h);
@@ -201,7 +206,7 @@ impl CellSpec {
         field(&mut h, &self.cfg.to_bits().to_le_bytes());
         field(&mut h, self.sampler.as_str().as_bytes());
         field(&mut h, self.rng.as_bytes());
-        hex::encode(h.finalize())
+        h.finalize().into()
     }
 
     /// What a worker must have loaded to reuse a pipeline: model, LoRA stack with strengths,

@@ -28,5 +28,5 @@ pub mod wildcard;
 
 pub use cell::{CellSpec, LoraSpec, NewCell, PlannedCell, Sampler};
 pub use error::{Place, PlanError, PlanErrorKind};
-pub use plan::{Plan, PlanLimits, plan, referenced_files};
+pub use plan::{CellSink, Plan, PlanLimits, PlanSummary, plan, plan_into, referenced_files};
 pub use source::SweepSource;

@@ -81,10 +81,52 @@ pub struct Plan {
     pub duplicates: u64,
 }
 
+/// What planning says of a sweep besides its cells ([`plan_into`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanSummary {
+    /// The sweep's name (`name`, or the sweep file's stem).
+    pub name: String,
+    /// Distinct cells made.
+    pub cell_count: u64,
+    /// The seeds every prompt is rendered with, in order (random seeds as drawn).
+    pub seeds: Vec<u64>,
+    /// Axis names, outermost first.
+    pub axes: Vec<String>,
+    /// Cells left out because an earlier cell has the same `cell_key`.
+    pub duplicates: u64,
+}
+
+/// A taker of planned cells, in order; an error stops the plan.
+pub type CellSink<'a> = &'a mut dyn FnMut(PlannedCell) -> Result<(), PlanError>;
+
 /// Plans a sweep. `random_seed` feeds `seeds = { random = N }` only; the caller picks it
 /// once per sweep and keeps it (e.g. with the stored sweep) so that re-planning or extending
-/// the sweep draws the same seeds.
+/// the sweep draws the same seeds. Holds every cell: for previews and tests; a submit streams
+/// them ([`plan_into`]).
 pub fn plan(src: &SweepSource, limits: &PlanLimits, random_seed: u64) -> Result<Plan, PlanError> {
+    let mut cells = Vec::new();
+    let s = plan_into(src, limits, random_seed, &mut |c| {
+        cells.push(c);
+        Ok(())
+    })?;
+    Ok(Plan {
+        name: s.name,
+        cells,
+        seeds: s.seeds,
+        axes: s.axes,
+        duplicates: s.duplicates,
+    })
+}
+
+/// Plans a sweep as [`plan`] does, handing each distinct, checked cell to `sink` as it is
+/// made, so a sweep is never held whole: what is kept is the sink's business, and a 32-byte
+/// digest per cell to drop repeats.
+pub fn plan_into(
+    src: &SweepSource,
+    limits: &PlanLimits,
+    random_seed: u64,
+    sink: CellSink<'_>,
+) -> Result<PlanSummary, PlanError> {
     let settings = settings(src, limits)?;
     let wildcards = parse_wildcards(&settings, src, limits)?;
     let grammar = Grammar {
@@ -100,16 +142,21 @@ pub fn plan(src: &SweepSource, limits: &PlanLimits, random_seed: u64) -> Result<
     let seeds = seeds::resolve(&settings.seeds, src, random_seed, limits.max_cells)?;
     check_count(&settings, &templates, &wildcards, seeds.len(), src, limits)?;
     let variants: Vec<Vec<Variant>> = templates.iter().map(|t| t.expand(&wildcards)).collect();
-    let mut cells = Cells::default();
+    let mut cells = Cells {
+        sink,
+        count: 0,
+        seen: HashSet::new(),
+        duplicates: 0,
+    };
     Expansion {
         settings: &settings,
         variants: &variants,
         seeds: &seeds,
     }
     .run(&mut cells)?;
-    Ok(Plan {
+    Ok(PlanSummary {
         name: settings.name,
-        cells: cells.cells,
+        cell_count: cells.count,
         seeds,
         axes: settings.axes.iter().map(|a| a.name.clone()).collect(),
         duplicates: cells.duplicates,
@@ -210,7 +257,7 @@ struct Expansion<'a> {
 }
 
 impl Expansion<'_> {
-    fn run(&self, out: &mut Cells) -> Result<(), PlanError> {
+    fn run(&self, out: &mut Cells<'_>) -> Result<(), PlanError> {
         let axes = &self.settings.axes;
         let mut index = vec![0usize; axes.len()];
         loop {
@@ -232,7 +279,7 @@ impl Expansion<'_> {
     }
 
     /// The cells of one combination of axis values.
-    fn combination(&self, index: &[usize], out: &mut Cells) -> Result<(), PlanError> {
+    fn combination(&self, index: &[usize], out: &mut Cells<'_>) -> Result<(), PlanError> {
         let mut base = self.settings.base.clone();
         let mut prompt = None;
         for (axis, &i) in self.settings.axes.iter().zip(index) {
@@ -271,34 +318,33 @@ impl Expansion<'_> {
     }
 }
 
-/// The planned cells, identical renders dropped as they come (so a large sweep is held once).
-#[derive(Default)]
-struct Cells {
-    cells: Vec<PlannedCell>,
-    seen: HashSet<String>,
+/// The planned cells on their way to the sink, identical renders dropped as they come.
+struct Cells<'a> {
+    sink: CellSink<'a>,
+    count: u64,
+    /// Identity digests of the cells so far.
+    seen: HashSet<[u8; 32]>,
     duplicates: u64,
 }
 
-impl Cells {
+impl Cells<'_> {
     fn push(&mut self, cell: CellSpec) -> Result<(), PlanError> {
-        let cell_key = cell.cell_key();
-        if !self.seen.insert(cell_key.clone()) {
+        let digest = cell.cell_digest();
+        if !self.seen.insert(digest) {
             self.duplicates += 1;
             return Ok(());
         }
         cell.validate().map_err(|e| {
             PlanError::new(
-                Place::Cell {
-                    number: self.cells.len() as u64,
-                },
+                Place::Cell { number: self.count },
                 PlanErrorKind::InvalidCell(e.to_string()),
             )
         })?;
-        self.cells.push(PlannedCell {
+        self.count += 1;
+        (self.sink)(PlannedCell {
             spec: cell,
-            cell_key,
-        });
-        Ok(())
+            cell_key: hex::encode(digest),
+        })
     }
 }
 

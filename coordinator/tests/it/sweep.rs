@@ -157,20 +157,35 @@ async fn a_planned_sweep_is_accepted_by_the_queue() {
     let src = load("examples/foxes.toml");
     let p = plan(&src, &PlanLimits::default(), 0).unwrap();
     let f = Fixture::new(Backend::Sqlite).await;
+    // Planned as it is taken in: the same cells, in the same order, named by the file.
     let inserted = f
         .queue
         .submit(Submission {
-            name: p.name.clone(),
+            name: String::new(),
             idempotency_key: "foxes-1".into(),
             priority: 5,
             max_attempts: None,
             spec: src.text.clone(),
-            cells: SubmittedCells::Planned(p.cells),
+            cells: SubmittedCells::File(src.clone()),
             owner: None,
         })
         .await
         .unwrap();
     assert_eq!(inserted.cell_count, 24);
+    let sweep = f.queue.sweep(inserted.id).await.unwrap();
+    assert_eq!(sweep.name, p.name);
+    let stored = f
+        .queue
+        .query(&kiln_coordinator::store::CellQuery {
+            sweep: Some(inserted.id),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let keys: Vec<&str> = stored.iter().map(|c| c.cell_key.as_str()).collect();
+    let planned: Vec<&str> = p.cells.iter().map(|c| c.cell_key.as_str()).collect();
+    assert_eq!(keys, planned);
     f.finish().await;
 }
 

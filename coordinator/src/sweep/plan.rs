@@ -36,7 +36,7 @@ use super::resolve::{self, Settings};
 use super::seeds;
 use super::source::SweepSource;
 use super::spec;
-use super::template::{Grammar, Template, Variant};
+use super::template::{Grammar, Template};
 use super::wildcard::{WildcardValue, Wildcards};
 
 /// Limits on what a sweep file may expand to. Every limit is inclusive.
@@ -141,7 +141,6 @@ pub fn plan_into(
         .collect::<Result<Vec<_>, _>>()?;
     let seeds = seeds::resolve(&settings.seeds, src, random_seed, limits.max_cells)?;
     check_count(&settings, &templates, &wildcards, seeds.len(), src, limits)?;
-    let variants: Vec<Vec<Variant>> = templates.iter().map(|t| t.expand(&wildcards)).collect();
     let mut cells = Cells {
         sink,
         count: 0,
@@ -150,7 +149,8 @@ pub fn plan_into(
     };
     Expansion {
         settings: &settings,
-        variants: &variants,
+        templates: &templates,
+        wildcards: &wildcards,
         seeds: &seeds,
     }
     .run(&mut cells)?;
@@ -252,7 +252,10 @@ fn check_count(
 /// The nested loops that produce the cells.
 struct Expansion<'a> {
     settings: &'a Settings,
-    variants: &'a [Vec<Variant>],
+    /// The prompt templates, expanded afresh for each combination of axis values (one variant
+    /// at a time, never all of them held).
+    templates: &'a [Template],
+    wildcards: &'a Wildcards,
     seeds: &'a [u64],
 }
 
@@ -293,7 +296,7 @@ impl Expansion<'_> {
         }
         let prompts: Vec<usize> = match prompt {
             Some(p) => vec![p],
-            None if !self.settings.prompt_axis => (0..self.variants.len()).collect(),
+            None if !self.settings.prompt_axis => (0..self.templates.len()).collect(),
             None => Vec::new(),
         };
         for p in prompts {
@@ -301,7 +304,7 @@ impl Expansion<'_> {
             if let Some((k, v)) = &self.settings.prompts[p].binding {
                 bind(&mut with_prompt.bindings, k, v);
             }
-            for variant in &self.variants[p] {
+            self.templates[p].each_variant(self.wildcards, &mut |variant| {
                 let mut cell = with_prompt.clone();
                 cell.prompt.clone_from(&variant.text);
                 for (k, v) in &variant.bindings {
@@ -312,7 +315,8 @@ impl Expansion<'_> {
                     c.seed = seed;
                     out.push(c)?;
                 }
-            }
+                Ok(())
+            })?;
         }
         Ok(())
     }

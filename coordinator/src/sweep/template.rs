@@ -118,9 +118,30 @@ impl Template {
         count_seq(&self.nodes, counts)
     }
 
-    /// Every variant, in order. Wildcards must be acyclic (`Wildcards::check`).
+    /// Every variant, in order. Wildcards must be acyclic (`Wildcards::check`). Holds them all:
+    /// a sweep plans through [`Template::each_variant`].
+    #[cfg(test)]
     pub(crate) fn expand(&self, wildcards: &impl WildcardValues) -> Vec<Variant> {
-        expand_seq(&self.nodes, "", wildcards)
+        let mut out = Vec::new();
+        let _ = self.each_variant(wildcards, &mut |v| {
+            out.push(v.clone());
+            Ok(())
+        });
+        out
+    }
+
+    /// Calls `visit` with every variant, in order, one at a time (a template of a million
+    /// variants is never held); stops at `visit`'s first error.
+    pub(crate) fn each_variant(
+        &self,
+        wildcards: &impl WildcardValues,
+        visit: Visit<'_>,
+    ) -> Result<(), PlanError> {
+        let mut cur = Variant {
+            text: String::new(),
+            bindings: Vec::new(),
+        };
+        walk(&self.nodes, "", &mut Vec::new(), wildcards, &mut cur, visit)
     }
 
     /// Wildcard references anywhere in the template: `(name, byte offset)`.
@@ -316,64 +337,70 @@ fn count_seq(nodes: &[Node], counts: &BTreeMap<String, u128>) -> u128 {
     })
 }
 
-fn expand_seq(nodes: &[Node], prefix: &str, wildcards: &impl WildcardValues) -> Vec<Variant> {
-    let mut acc = vec![Variant {
-        text: String::new(),
-        bindings: Vec::new(),
-    }];
-    for node in nodes {
-        let parts: Vec<Variant> = match node {
-            Node::Text(t) => {
-                for v in &mut acc {
-                    v.text.push_str(t);
-                }
-                continue;
-            }
-            Node::Alt { key, options } => {
-                let key = &format!("{prefix}{key}");
-                options
-                    .iter()
-                    .flat_map(|o| {
-                        expand_seq(&o.nodes, prefix, wildcards)
-                            .into_iter()
-                            .map(move |v| with_binding(key, &o.value, v))
-                    })
-                    .collect()
-            }
-            Node::Wildcard { key, name, .. } => {
-                let key = format!("{prefix}{key}");
-                let inner = format!("{key}.");
-                wildcards
-                    .values(name)
-                    .iter()
-                    .flat_map(|t| {
-                        expand_seq(&t.nodes, &inner, wildcards)
-                            .into_iter()
-                            .map(|v| with_binding(&key, &t.text, v))
-                    })
-                    .collect()
-            }
-        };
-        acc = acc
-            .iter()
-            .flat_map(|a| {
-                parts.iter().map(move |p| {
-                    let mut text = String::with_capacity(a.text.len() + p.text.len());
-                    text.push_str(&a.text);
-                    text.push_str(&p.text);
-                    let mut bindings = a.bindings.clone();
-                    bindings.extend(p.bindings.iter().cloned());
-                    Variant { text, bindings }
-                })
-            })
-            .collect();
-    }
-    acc
-}
+/// What [`walk`] calls with each finished variant; an error stops the walk.
+type Visit<'v> = &'v mut dyn FnMut(&Variant) -> Result<(), PlanError>;
 
-fn with_binding(key: &str, value: &str, mut v: Variant) -> Variant {
-    v.bindings.insert(0, (key.to_string(), value.to_string()));
-    v
+/// Walks every variant of `nodes` followed by `rest` (outer sequences still to come, innermost
+/// first), in order: the last choice turns fastest. `cur` holds the text and bindings so far
+/// and is restored before returning, so one buffer serves every variant.
+fn walk<'a>(
+    nodes: &'a [Node],
+    prefix: &str,
+    rest: &mut Vec<(&'a [Node], String)>,
+    w: &'a dyn WildcardValues,
+    cur: &mut Variant,
+    visit: Visit<'_>,
+) -> Result<(), PlanError> {
+    let Some((node, tail)) = nodes.split_first() else {
+        // This sequence is done: carry on with the one it is nested in, if any.
+        let Some((outer, outer_prefix)) = rest.pop() else {
+            return visit(cur);
+        };
+        let out = walk(outer, &outer_prefix, rest, w, cur, visit);
+        rest.push((outer, outer_prefix));
+        return out;
+    };
+    let (text_len, bindings_len) = (cur.text.len(), cur.bindings.len());
+    let out = match node {
+        Node::Text(s) => {
+            cur.text.push_str(s);
+            walk(tail, prefix, rest, w, cur, visit)
+        }
+        Node::Alt { key, options } => {
+            let key = format!("{prefix}{key}");
+            rest.push((tail, prefix.to_string()));
+            let mut out = Ok(());
+            for o in options {
+                cur.bindings.push((key.clone(), o.value.clone()));
+                out = walk(&o.nodes, prefix, rest, w, cur, visit);
+                cur.bindings.truncate(bindings_len);
+                if out.is_err() {
+                    break;
+                }
+            }
+            rest.pop();
+            out
+        }
+        Node::Wildcard { key, name, .. } => {
+            let key = format!("{prefix}{key}");
+            let inner = format!("{key}.");
+            rest.push((tail, prefix.to_string()));
+            let mut out = Ok(());
+            for t in w.values(name) {
+                cur.bindings.push((key.clone(), t.text.clone()));
+                out = walk(&t.nodes, &inner, rest, w, cur, visit);
+                cur.bindings.truncate(bindings_len);
+                if out.is_err() {
+                    break;
+                }
+            }
+            rest.pop();
+            out
+        }
+    };
+    cur.text.truncate(text_len);
+    cur.bindings.truncate(bindings_len);
+    out
 }
 
 fn collect_refs<'a>(nodes: &'a [Node], out: &mut Vec<(&'a str, usize)>) {

@@ -1,7 +1,8 @@
 //! A pool run safely, as processes: `kiln cert` makes a CA and a certificate, `kiln token create`
 //! makes an admin and a worker token, `kiln coordinator` serves TLS and requires tokens, a
-//! `kiln worker` joins over https with its token, and the client commands (submit, watch,
-//! status, sweeps, query, fetch, workers) work with the admin token, while the same commands
+//! `kiln worker` joins over https with its token, and every client command (submit, watch,
+//! status, sweeps, query, fetch, workers, grid, plan, extend, pause, resume, cancel, retry)
+//! works with the admin token, while the same commands
 //! without a token, or over plain http, are refused with a clear error.
 
 use std::path::Path;
@@ -157,6 +158,38 @@ fn a_pool_with_tls_and_tokens_works_end_to_end_and_refuses_strangers() {
     assert!(out.contains("4 images"), "{out}");
     assert_eq!(std::fs::read_dir(&fetched).unwrap().count(), 4);
     assert!(ok(&kiln(&["workers"], &client)).contains("cpu"));
+    let grid = d.join("grid.png");
+    ok(&kiln(
+        &[
+            "grid",
+            "sweep = 1",
+            "--x",
+            "alt1",
+            "-o",
+            grid.to_str().unwrap(),
+        ],
+        &client,
+    ));
+    assert!(grid.exists());
+    let planned = ok(&kiln(&["plan", sweep_file.to_str().unwrap()], &client));
+    assert!(planned.contains("4 cells"), "{planned}");
+    // More seeds: extend adds only the new cells; pause, resume, retry and cancel answer.
+    std::fs::write(
+        &sweep_file,
+        "name = \"foxes\"\nmodel = \"tiny-sd15\"\nprompt = \"a {red|arctic} fox\"\n\
+         steps = 2\nwidth = 64\nheight = 64\nseeds = { from = 1, count = 3 }\n",
+    )
+    .unwrap();
+    let extended = ok(&kiln(
+        &["extend", "1", sweep_file.to_str().unwrap()],
+        &client,
+    ));
+    assert!(extended.contains('2'), "{extended}");
+    for cmd in [["pause", "1"], ["resume", "1"]] {
+        ok(&kiln(&cmd, &client));
+    }
+    ok(&kiln(&["retry", "--failed", "1"], &client));
+    ok(&kiln(&["cancel", "1"], &client));
 
     // Strangers: no token, a wrong one, plain http.
     let no_token = kiln(&["sweeps"], &client[..2]);

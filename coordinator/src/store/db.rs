@@ -115,12 +115,8 @@ impl Tx {
     /// Runs `sql` as given, without arguments (schema changes, `ANALYZE`).
     pub(super) async fn raw(&mut self, sql: &'static str) -> Result<()> {
         match self {
-            Tx::Sqlite(t) => {
-                sqlx::raw_sql(sql).execute(&mut **t).await?;
-            }
-            Tx::Postgres(t) => {
-                sqlx::raw_sql(sql).execute(&mut **t).await?;
-            }
+            Tx::Sqlite(t) => sqlx::raw_sql(sql).execute(&mut **t).await.map(|_| ())?,
+            Tx::Postgres(t) => sqlx::raw_sql(sql).execute(&mut **t).await.map(|_| ())?,
         }
         Ok(())
     }
@@ -178,23 +174,19 @@ macro_rules! run {
     ($self:ident, $on:ident, $method:ident, |$r:ident, $row:ident| $wrap:expr) => {
         match $on {
             On::SqlitePool(p) => {
-                let $r = $self.sqlite().$method(p).await?;
-                let $row = Row::Sqlite;
+                let ($r, $row) = ($self.sqlite().$method(p).await?, Row::Sqlite);
                 $wrap
             }
             On::Sqlite(c) => {
-                let $r = $self.sqlite().$method(c).await?;
-                let $row = Row::Sqlite;
+                let ($r, $row) = ($self.sqlite().$method(c).await?, Row::Sqlite);
                 $wrap
             }
             On::PgPool(p) => {
-                let $r = $self.postgres().$method(p).await?;
-                let $row = Row::Postgres;
+                let ($r, $row) = ($self.postgres().$method(p).await?, Row::Postgres);
                 $wrap
             }
             On::Pg(c) => {
-                let $r = $self.postgres().$method(c).await?;
-                let $row = Row::Postgres;
+                let ($r, $row) = ($self.postgres().$method(c).await?, Row::Postgres);
                 $wrap
             }
         }

@@ -20,6 +20,7 @@
 
 pub mod access;
 mod backlog;
+mod finish;
 pub mod link;
 pub mod renderer;
 pub mod resolve;
@@ -27,13 +28,13 @@ pub mod tracked;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_proto::v1 as pb;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use self::backlog::{Backlog, Held, Leaser, Plan};
+use self::finish::Finisher;
 use self::link::Link;
 use self::renderer::{Item, RenderFailure, Renderer};
 use self::tracked::Tracked;
@@ -110,9 +111,6 @@ impl AgentConfig {
     }
 }
 
-/// Uploads (with their completes) allowed to run beside the render.
-const MAX_FINISHING: usize = 2;
-
 /// Runs the agent until `shutdown` resolves, then drains.
 pub async fn run(
     cfg: AgentConfig,
@@ -160,7 +158,12 @@ pub async fn run(
         plan: Box::new(move |task| plan(&planner, task)),
     });
     let leasing = tokio::spawn(leaser.clone().run(stop_rx));
-    let mut finishing: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
+    let finisher = Finisher::spawn(
+        leaser.clone(),
+        storage,
+        cfg.upload_retry.clone(),
+        cfg.device,
+    );
     let mut draining = false;
     while !draining {
         let group = backlog.take(batch);
@@ -188,24 +191,10 @@ pub async fn run(
                 tracked.remove(held.attempt());
                 continue;
             };
-            // Upload and complete beside the next render.
-            while finishing.len() >= MAX_FINISHING {
-                finishing.join_next().await;
-            }
-            let (leaser, storage) = (leaser.clone(), storage.clone());
-            let retry = cfg.upload_retry.clone();
-            let device = cfg.device;
             // Counted before the next take, so the leasing task leaves the top-up to this
-            // attempt's complete.
+            // attempt's complete; uploaded and completed beside the next render.
             backlog.finishing_started();
-            finishing.spawn(async move {
-                let a = held.attempt();
-                if let Err(e) = finish(&leaser, &storage, &retry, device, &held, rendered).await {
-                    tracing::warn!(cell = a.cell_id, error = %e, "attempt ended without a report");
-                }
-                leaser.tracked.remove(a);
-                leaser.backlog.finishing_ended();
-            });
+            finisher.send(held, rendered).await;
         }
         // Drop queued attempts the coordinator took back meanwhile.
         for a in backlog.drop_lost() {
@@ -223,17 +212,11 @@ pub async fn run(
     {
         leasing.abort();
     }
-    let finished = tokio::time::timeout(cfg.drain_timeout, async {
-        while finishing.join_next().await.is_some() {}
-    })
-    .await;
-    if finished.is_err() {
+    if !finisher.close(cfg.drain_timeout).await {
         tracing::warn!(
-            left = finishing.len(),
             "storage or the coordinator did not answer within the drain timeout: the images \
              not reported are given up, and their cells will run again"
         );
-        finishing.abort_all();
     }
     let rest: Vec<pb::AttemptRef> = backlog.drain().iter().map(Held::attempt).collect();
     link.release(rest, true).await;
@@ -318,79 +301,6 @@ async fn report(link: &Link, held: &Held, class: pb::FailureClass, msg: String) 
     if let Err(e) = link.fail(attempt, class, msg).await {
         tracing::warn!(cell = attempt.cell_id, error = %e, "failure not reported");
     }
-}
-
-/// Uploads a rendered image under its attempt's own key, then completes the attempt (or
-/// fails it as transient when storage stays down). Never completes without the object.
-async fn finish(
-    leaser: &Leaser,
-    storage: &Storage,
-    retry: &RetryPolicy,
-    device: Device,
-    held: &Held,
-    rendered: renderer::Rendered,
-) -> anyhow::Result<()> {
-    let link = &leaser.link;
-    let attempt = held.attempt();
-    let Some(okey) = held.object_key() else {
-        let msg = "the coordinator leased a task with malformed ids".to_string();
-        return link.fail(attempt, pb::FailureClass::BadInput, msg).await;
-    };
-    let sha256 = hex::encode(Sha256::digest(&rendered.png));
-    let bytes = rendered.png.len() as u64;
-    let t = Instant::now();
-    if let Err(e) = storage.put_with_retry(&okey, rendered.png, retry).await {
-        return link
-            .fail(
-                attempt,
-                pb::FailureClass::Transient,
-                format!("upload failed: {e}"),
-            )
-            .await;
-    }
-    let upload_ms = t.elapsed().as_secs_f64() * 1000.0;
-    if held.is_lost() {
-        // The object stays under this attempt's own key; it can never be a result.
-        return Ok(());
-    }
-    let result = pb::RenderResult {
-        object_key: okey,
-        storage: storage.url().to_string(),
-        sha256,
-        bytes,
-        width: rendered.width,
-        height: rendered.height,
-        device: device.to_string(),
-        timings_ms: [
-            ("load", rendered.load_ms),
-            ("text_encode", rendered.times.text_encode_ms),
-            ("unet", rendered.times.unet_ms),
-            ("vae", rendered.times.vae_ms),
-            ("encode", rendered.encode_ms),
-            ("upload", upload_ms),
-        ]
-        .into_iter()
-        .map(|(phase, ms)| (phase.to_string(), ms.round() as u64))
-        .chain([("batch".to_string(), rendered.times.batch as u64)])
-        .collect(),
-        parameters: rendered.parameters,
-        notes: rendered.notes,
-    };
-    // Top the backlog up in the same call when it has a gap.
-    let want = leaser.backlog.claim();
-    tracing::debug!(cell = attempt.cell_id, lease_next = want, "completing");
-    let loaded = if want > 0 {
-        leaser.loaded()
-    } else {
-        Vec::new()
-    };
-    let (tasks, outcome) = match link.complete(attempt, result, want as u32, loaded).await {
-        Ok(tasks) => (tasks, Ok(())),
-        Err(e) => (Vec::new(), Err(e)),
-    };
-    leaser.admit(tasks);
-    leaser.backlog.unclaim(want);
-    outcome
 }
 
 /// Resolves a leased cell's files and settings (bad input when they cannot be).

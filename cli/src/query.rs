@@ -74,6 +74,34 @@ fn bindings_text(c: &pb::RenderCell) -> String {
     b.join(";")
 }
 
+fn class_name(v: i32) -> &'static str {
+    match pb::FailureClass::try_from(v) {
+        Ok(pb::FailureClass::BadInput) => "bad input",
+        Ok(pb::FailureClass::Resource) => "resource",
+        Ok(pb::FailureClass::Transient) => "transient",
+        Ok(pb::FailureClass::Cancelled) => "cancelled",
+        Ok(pb::FailureClass::LeaseExpired) => "lease expired",
+        _ => "failed",
+    }
+}
+
+/// A failed attempt as a person reads it: `bad input: LoRA not found: x`.
+pub fn error_text(e: &pb::AttemptError) -> String {
+    format!("{}: {}", class_name(e.class), e.message)
+}
+
+/// Why the cell's last attempt failed: `bad input: LoRA not found: x (worker 3, attempt 2)`.
+/// `None` when no attempt failed.
+pub fn last_error(r: &pb::CellRecord) -> Option<String> {
+    let e = r.errors.last()?;
+    Some(format!(
+        "{} (worker {}, attempt {})",
+        error_text(e),
+        e.worker_id,
+        e.attempt
+    ))
+}
+
 fn record_json(r: &pb::CellRecord) -> serde_json::Value {
     let c = r.cell.clone().unwrap_or_default();
     let res = r.result.clone().unwrap_or_default();
@@ -87,6 +115,11 @@ fn record_json(r: &pb::CellRecord) -> serde_json::Value {
         "bindings": c.bindings, "attempt": r.attempt, "worker": r.worker_id,
         "object_key": res.object_key, "storage": res.storage, "sha256": res.sha256,
         "finished_at_ms": r.finished_at_ms,
+        "error": last_error(r).unwrap_or_default(),
+        "errors": r.errors.iter().map(|e| serde_json::json!({
+            "attempt": e.attempt, "worker": e.worker_id, "class": class_name(e.class),
+            "message": e.message, "at_ms": e.at_ms,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -127,6 +160,7 @@ pub fn render(rows: &[pb::CellRecord], format: Format) -> String {
                 "storage",
                 "sha256",
                 "finished_at_ms",
+                "error",
             ];
             let mut out = cols.join(",") + "\n";
             for r in rows {
@@ -147,10 +181,18 @@ pub fn render(rows: &[pb::CellRecord], format: Format) -> String {
             out
         }
         Format::Table => {
-            let mut t = Table::new(&[
+            // A column for why cells failed, when one did.
+            let failed = rows
+                .iter()
+                .any(|r| !r.errors.is_empty() && r.result.is_none());
+            let mut cols = vec![
                 "CELL", "SWEEP", "#", "STATE", "SEED", "CFG", "STEPS", "PROMPT", "BINDINGS",
                 "OBJECT",
-            ]);
+            ];
+            if failed {
+                cols.push("LAST ERROR");
+            }
+            let mut t = Table::new(&cols);
             for r in rows {
                 let c = r.cell.clone().unwrap_or_default();
                 let prompt: String = if c.prompt.chars().count() > 48 {
@@ -158,7 +200,7 @@ pub fn render(rows: &[pb::CellRecord], format: Format) -> String {
                 } else {
                     c.prompt.clone()
                 };
-                t.row(vec![
+                let mut row = vec![
                     r.cell_id.to_string(),
                     r.sweep_id.to_string(),
                     r.number.to_string(),
@@ -172,7 +214,16 @@ pub fn render(rows: &[pb::CellRecord], format: Format) -> String {
                         .as_ref()
                         .map(|x| x.object_key.clone())
                         .unwrap_or_default(),
-                ]);
+                ];
+                if failed {
+                    let e = if r.result.is_none() {
+                        last_error(r)
+                    } else {
+                        None
+                    };
+                    row.push(e.unwrap_or_default());
+                }
+                t.row(row);
             }
             t.render()
         }

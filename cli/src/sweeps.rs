@@ -9,7 +9,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use kiln_proto::v1 as pb;
 use tokio_stream::StreamExt;
 
-use crate::client::{Conn, status_error};
+use crate::client::{Conn, SweepClient, status_error};
 use crate::table::Table;
 
 /// `kiln sweeps`: the newest sweeps with their progress.
@@ -68,6 +68,7 @@ pub async fn status(conn: &Conn, sweep: Option<u64>) -> anyhow::Result<()> {
     }
     for s in sweeps {
         let n = s.counts.unwrap_or_default();
+        let failing = n.discarded + n.retryable;
         println!("sweep {} {:?} ({})", s.id, s.name, sweep_state(&s));
         println!(
             "  {} total: {} completed, {} running, {} queued, {} retrying, {} held, {} discarded, {} cancelled",
@@ -80,8 +81,57 @@ pub async fn status(conn: &Conn, sweep: Option<u64>) -> anyhow::Result<()> {
             n.discarded,
             n.cancelled
         );
+        if failing > 0 {
+            for line in failure_summary(&mut c, s.id).await? {
+                println!("  {line}");
+            }
+        }
     }
     Ok(())
+}
+
+/// Why a sweep's cells fail: the last errors of its discarded and retrying cells, alike ones
+/// counted together, most frequent first (at most five kinds, from up to 500 cells).
+async fn failure_summary(c: &mut SweepClient, sweep: u64) -> anyhow::Result<Vec<String>> {
+    let cells = c
+        .query_results(pb::QueryResultsRequest {
+            sweep_id: sweep,
+            states: vec![
+                pb::CellState::Discarded as i32,
+                pb::CellState::Retryable as i32,
+            ],
+            limit: 500,
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .cells;
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    // The same failure on any worker and attempt is one kind.
+    for text in cells
+        .iter()
+        .filter_map(|r| r.errors.last())
+        .map(crate::query::error_text)
+    {
+        match kinds.iter_mut().find(|(k, _)| *k == text) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((text, 1)),
+        }
+    }
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+    let mut out: Vec<String> = kinds
+        .iter()
+        .take(5)
+        .map(|(text, n)| format!("{n} × {text}"))
+        .collect();
+    if kinds.len() > 5 {
+        out.push(format!(
+            "… and {} other kinds of failure (kiln query 'state = \"discarded\"')",
+            kinds.len() - 5
+        ));
+    }
+    Ok(out)
 }
 
 /// The sweep-changing commands.

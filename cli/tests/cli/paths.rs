@@ -1,6 +1,7 @@
 //! A worker reads only its own files: cells from the network that name a model or LoRA by an
 //! absolute path, `..`, or a device are refused as bad input (not retried) with an error that
-//! is the same whether the file exists or not, and the worker goes on rendering good cells.
+//! is the same whether the file exists or not, and the worker goes on rendering good cells;
+//! `kiln status` and `kiln query` show those refusals to the user.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -107,5 +108,40 @@ async fn cells_cannot_make_a_worker_read_outside_its_models_folders() {
     assert_eq!(
         existing.replace(&secret, "X"),
         absent.replace(&missing, "X")
+    );
+
+    // The reasons are shown where the user is: `kiln status` groups them, `kiln query` lists
+    // each one.
+    let kiln = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .env("KILN_COORDINATOR", format!("http://{}", c.addr))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = kiln(&["status", &sweep.to_string()]);
+    assert!(
+        status.contains("6 discarded")
+            && status.contains("× bad input: ")
+            && status.contains("refused"),
+        "{status}"
+    );
+    let filter = format!("sweep = {sweep}");
+    let json = kiln(&["query", &filter, "--format", "json"]);
+    assert_eq!(
+        json.matches("\"error\": \"bad input: ").count(),
+        6,
+        "{json}"
+    );
+    let table = kiln(&["query", &filter]);
+    assert!(
+        table.contains("LAST ERROR") && table.contains("refused"),
+        "{table}"
     );
 }

@@ -90,9 +90,10 @@ pub async fn status(conn: &Conn, sweep: Option<u64>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Why a sweep's cells fail: the last errors of its discarded and retrying cells, alike ones
-/// counted together, most frequent first (at most five kinds, from up to 500 cells).
-async fn failure_summary(c: &mut SweepClient, sweep: u64) -> anyhow::Result<Vec<String>> {
+/// Why a sweep's cells fail: the last errors of its discarded and retrying cells (from up to
+/// 500), alike ones counted together (the same failure on any worker or attempt), most
+/// frequent first.
+async fn failure_kinds(c: &mut SweepClient, sweep: u64) -> anyhow::Result<Vec<(String, usize)>> {
     let cells = c
         .query_results(pb::QueryResultsRequest {
             sweep_id: sweep,
@@ -108,7 +109,6 @@ async fn failure_summary(c: &mut SweepClient, sweep: u64) -> anyhow::Result<Vec<
         .into_inner()
         .cells;
     let mut kinds: Vec<(String, usize)> = Vec::new();
-    // The same failure on any worker and attempt is one kind.
     for text in cells
         .iter()
         .filter_map(|r| r.errors.last())
@@ -120,6 +120,12 @@ async fn failure_summary(c: &mut SweepClient, sweep: u64) -> anyhow::Result<Vec<
         }
     }
     kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+    Ok(kinds)
+}
+
+/// [`failure_kinds`] as lines: at most five kinds, then how many others.
+async fn failure_summary(c: &mut SweepClient, sweep: u64) -> anyhow::Result<Vec<String>> {
+    let kinds = failure_kinds(c, sweep).await?;
     let mut out: Vec<String> = kinds
         .iter()
         .take(5)
@@ -222,6 +228,8 @@ pub async fn watch(conn: &Conn, sweep: Option<u64>) -> anyhow::Result<()> {
         bar.enable_steady_tick(Duration::from_millis(500));
         let mut client = c.clone();
         tasks.push(tokio::spawn(async move {
+            // Each kind of failure is told once, when it first shows.
+            let (mut failing, mut told) = (0, std::collections::HashSet::new());
             let mut stream = client
                 .watch_sweep(pb::SweepRequest { sweep_id: id })
                 .await
@@ -241,6 +249,14 @@ pub async fn watch(conn: &Conn, sweep: Option<u64>) -> anyhow::Result<()> {
                     "{} failed, {} running, {:.2} img/s, {eta}",
                     n.discarded, n.running, ev.cells_per_second
                 ));
+                if n.discarded + n.retryable > failing {
+                    failing = n.discarded + n.retryable;
+                    for (kind, _) in failure_kinds(&mut client, id).await? {
+                        if told.insert(kind.clone()) {
+                            say(&bar, format!("sweep {id}: cells fail with {kind}"));
+                        }
+                    }
+                }
                 if s.finished {
                     bar.finish_with_message(format!(
                         "finished: {} done, {} failed, {} cancelled",
@@ -255,6 +271,15 @@ pub async fn watch(conn: &Conn, sweep: Option<u64>) -> anyhow::Result<()> {
         t.await??;
     }
     Ok(())
+}
+
+/// Prints `line` above the progress bars (or plainly, when they are hidden: not a terminal).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 /// `kiln workers`: who is connected, their device, current task and speed.

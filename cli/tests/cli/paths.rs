@@ -1,7 +1,7 @@
 //! A worker reads only its own files: cells from the network that name a model or LoRA by an
 //! absolute path, `..`, or a device are refused as bad input (not retried) with an error that
 //! is the same whether the file exists or not, and the worker goes on rendering good cells;
-//! `kiln status` and `kiln query` show those refusals to the user.
+//! `kiln status`, `kiln watch` and `kiln query` show those refusals to the user.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -132,6 +132,8 @@ async fn cells_cannot_make_a_worker_read_outside_its_models_folders() {
             && status.contains("refused"),
         "{status}"
     );
+    let watched = kiln(&["watch", &sweep.to_string()]);
+    assert!(watched.contains("cells fail with bad input: "), "{watched}");
     let filter = format!("sweep = {sweep}");
     let json = kiln(&["query", &filter, "--format", "json"]);
     assert_eq!(

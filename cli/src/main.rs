@@ -92,8 +92,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         priority: i32,
     },
-    /// Plan a sweep file without submitting it: cell count and the first cells.
-    #[command(after_help = "Example:\n  kiln plan examples/foxes.toml --show 10")]
+    /// Plan a sweep file without submitting it (here, no coordinator needed): cell count and
+    /// the first cells, exactly as `kiln submit` would store them.
+    #[command(
+        after_help = "Examples:\n  kiln plan examples/foxes.toml --show 10\n  kiln plan examples/foxes.toml --remote   # ask the coordinator (its limits)"
+    )]
     Plan {
         #[command(flatten)]
         conn: client::Conn,
@@ -102,6 +105,9 @@ enum Command {
         /// How many cells to show.
         #[arg(long, default_value_t = 20)]
         show: u32,
+        /// Ask the coordinator to plan it (with its own cell limit) instead of planning here.
+        #[arg(long)]
+        remote: bool,
     },
     /// Add the cells a grown sweep file has (more seeds, more axis values) to a sweep.
     #[command(after_help = "Example:\n  kiln extend 12 examples/foxes.toml")]
@@ -274,7 +280,12 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 key,
                 priority,
             } => submit::submit(&conn, &file, key, priority).await,
-            Command::Plan { conn, file, show } => submit::plan(&conn, &file, show).await,
+            Command::Plan {
+                conn,
+                file,
+                show,
+                remote,
+            } => submit::plan(&conn, &file, show, remote).await,
             Command::Extend { conn, sweep, file } => submit::extend(&conn, sweep, &file).await,
             Command::Query {
                 conn,

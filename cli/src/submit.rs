@@ -146,12 +146,13 @@ pub async fn submit(
     Ok(())
 }
 
-/// `kiln plan FILE`: a dry run.
-pub async fn plan(conn: &Conn, path: &Path, show: u32) -> anyhow::Result<()> {
+/// `kiln plan FILE`: a dry run, planned here (the coordinator's planner, the same seeds as
+/// `kiln submit` draws) or, with `remote`, by the coordinator.
+pub async fn plan(conn: &Conn, path: &Path, show: u32, remote: bool) -> anyhow::Result<()> {
     let file = SweepFile::read(path)?;
-    let mut c = conn.sweeps().await?;
-    let r = c
-        .plan_sweep(pb::PlanSweepRequest {
+    let r = if remote {
+        let mut c = conn.sweeps().await?;
+        c.plan_sweep(pb::PlanSweepRequest {
             spec_path: file.path.clone(),
             spec: file.text.clone(),
             files: file.files.clone(),
@@ -160,7 +161,10 @@ pub async fn plan(conn: &Conn, path: &Path, show: u32) -> anyhow::Result<()> {
         })
         .await
         .map_err(status_error)?
-        .into_inner();
+        .into_inner()
+    } else {
+        tokio::task::spawn_blocking(move || plan_here(&file, show as usize)).await??
+    };
     println!(
         "sweep {:?}: {} cells ({} duplicates dropped), axes: [{}], {} seeds",
         r.name,
@@ -189,6 +193,46 @@ pub async fn plan(conn: &Conn, path: &Path, show: u32) -> anyhow::Result<()> {
     }
     print!("{}", t.render());
     Ok(())
+}
+
+/// Plans `file` in this process, as the coordinator would for `kiln submit`, keeping the
+/// first `show` cells.
+fn plan_here(file: &SweepFile, show: usize) -> anyhow::Result<pb::PlanSweepResponse> {
+    use kiln_coordinator::sweep::{PlanLimits, SweepSource, plan_into};
+    let src = SweepSource {
+        path: file.path.clone(),
+        text: file.text.clone(),
+        files: file.files.clone().into_iter().collect(),
+    };
+    let seed = kiln_coordinator::queue::random_seed_for(&file.content_key());
+    let mut cells = Vec::new();
+    let s = plan_into(&src, &PlanLimits::default(), seed, &mut |c| {
+        if cells.len() < show {
+            cells.push(c.spec);
+        }
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(pb::PlanSweepResponse {
+        name: s.name,
+        cell_count: s.cell_count,
+        duplicates: s.duplicates,
+        axes: s.axes,
+        seeds: s.seeds,
+        cells: cells
+            .into_iter()
+            .map(|c| pb::RenderCell {
+                prompt: c.prompt,
+                seed: c.seed,
+                steps: c.steps,
+                cfg: c.cfg,
+                width: c.width,
+                height: c.height,
+                bindings: c.bindings.into_iter().collect(),
+                ..Default::default()
+            })
+            .collect(),
+    })
 }
 
 /// `kiln extend SWEEP FILE`.

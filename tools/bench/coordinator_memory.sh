@@ -35,7 +35,7 @@ case_() {
     local pids=()
     for i in $(seq "$n"); do
         if [ "$cmd" = plan ]; then
-            "$kiln" plan "$dir/million.toml" --show 3 --coordinator "http://$(cat "$addr")" > /dev/null &
+            "$kiln" plan "$dir/million.toml" --show 3 --remote --coordinator "http://$(cat "$addr")" > /dev/null &
         else
             "$kiln" submit "$dir/million.toml" --key "k$i" --coordinator "http://$(cat "$addr")" > /dev/null &
         fi

@@ -57,28 +57,40 @@ fn json_rows(out: &str) -> Vec<serde_json::Value> {
         .clone()
 }
 
+/// A worker process, killed when the test ends however it ends.
+struct Worker(std::process::Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_submit_watch_query_extend_fetch() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
     let c = spawn(&db, dir.path());
     let out_dir = dir.path().join("out");
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "worker",
-            "--coordinator",
-            &format!("http://{}", c.addr),
-            "--idle-poll-ms",
-            "50",
-        ])
-        .arg("--storage")
-        .arg(format!("file://{}", out_dir.display()))
-        .arg("--models")
-        .arg(fixtures())
-        .env("KILN_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let worker = Worker(
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "worker",
+                "--coordinator",
+                &format!("http://{}", c.addr),
+                "--idle-poll-ms",
+                "50",
+            ])
+            .arg("--storage")
+            .arg(format!("file://{}", out_dir.display()))
+            .arg("--models")
+            .arg(fixtures())
+            .env("KILN_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
 
     let file = dir.path().join("foxes.toml");
     std::fs::write(&file, sweep_file(2)).unwrap();
@@ -88,6 +100,9 @@ async fn plan_submit_watch_query_extend_fetch() {
         out.contains("8 cells") && out.contains("axes: [cfg]"),
         "{out}"
     );
+    // Planned here, it needs no coordinator, and says what the coordinator says.
+    assert_eq!(kiln("127.0.0.1:9", &["plan", f]), out);
+    assert_eq!(kiln(&c.addr, &["plan", f, "--remote"]), out);
     let out = kiln(&c.addr, &["submit", f]);
     assert!(out.contains("sweep 1 submitted: 8 cells"), "{out}");
     let out = kiln(&c.addr, &["submit", f]);
@@ -188,8 +203,7 @@ async fn plan_submit_watch_query_extend_fetch() {
         std::fs::copy(&grid, keep).unwrap();
     }
 
-    let _ = worker.kill();
-    let _ = worker.wait();
+    drop(worker);
 }
 
 #[test]
@@ -258,7 +272,8 @@ async fn large_referenced_files_are_sent_or_refused_by_name() {
     // About 6 MiB: 400,000 lines of 15 bytes.
     let animals: String = (0..400_000).map(|i| format!("animal {i:07}\n")).collect();
     std::fs::write(dir.path().join("animals.txt"), &animals).unwrap();
-    let out = kiln(&c.addr, &["plan", sweep.to_str().unwrap(), "--show", "1"]);
+    let big = sweep.to_str().unwrap();
+    let out = kiln(&c.addr, &["plan", big, "--show", "1", "--remote"]);
     assert!(out.contains("400000") || out.contains("400,000"), "{out}");
 
     let huge: String = (0..1_200_000).map(|i| format!("animal {i:07}\n")).collect();

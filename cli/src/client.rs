@@ -70,6 +70,41 @@ impl Conn {
     }
 }
 
+/// The sweep `given` names: an id, or a name (the newest sweep of that name).
+pub async fn sweep_id(conn: &Conn, given: &str) -> anyhow::Result<u64> {
+    if let Ok(id) = given.parse::<u64>() {
+        return Ok(id);
+    }
+    let mut c = conn.sweeps().await?;
+    let mut page_token = String::new();
+    loop {
+        let page = c
+            .list_sweeps(kiln_proto::v1::ListSweepsRequest {
+                limit: 1000,
+                page_token,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        // Newest first: the first match is the newest sweep of that name.
+        if let Some(s) = page.sweeps.iter().find(|s| s.name == given) {
+            return Ok(s.id);
+        }
+        if page.next_page_token.is_empty() {
+            anyhow::bail!("no sweep is named {given:?} (`kiln sweeps` lists them)");
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// [`sweep_id`] of an optional sweep.
+pub async fn maybe_sweep_id(conn: &Conn, given: Option<&str>) -> anyhow::Result<Option<u64>> {
+    match given {
+        Some(g) => Ok(Some(sweep_id(conn, g).await?)),
+        None => Ok(None),
+    }
+}
+
 /// Turns a gRPC status into an error that reads well on a terminal.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())

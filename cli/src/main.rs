@@ -114,8 +114,8 @@ enum Command {
     Extend {
         #[command(flatten)]
         conn: client::Conn,
-        /// Sweep id.
-        sweep: u64,
+        /// Sweep id or name (the newest sweep of that name).
+        sweep: String,
         /// The grown sweep file.
         file: std::path::PathBuf,
     },
@@ -195,8 +195,8 @@ enum Command {
     Status {
         #[command(flatten)]
         conn: client::Conn,
-        /// Sweep id.
-        sweep: Option<u64>,
+        /// Sweep id or name (the newest sweep of that name).
+        sweep: Option<String>,
     },
     /// Live progress bars until the sweep (or every unfinished sweep) finishes.
     #[command(
@@ -205,32 +205,32 @@ enum Command {
     Watch {
         #[command(flatten)]
         conn: client::Conn,
-        /// Sweep id.
-        sweep: Option<u64>,
+        /// Sweep id or name (the newest sweep of that name).
+        sweep: Option<String>,
     },
     /// Cancel a sweep: queued cells now, running ones at their next heartbeat.
     #[command(after_help = "Example:\n  kiln cancel 12")]
     Cancel {
         #[command(flatten)]
         conn: client::Conn,
-        /// Sweep id.
-        sweep: u64,
+        /// Sweep id or name (the newest sweep of that name).
+        sweep: String,
     },
     /// Pause a sweep: hold its queued cells; running ones finish.
     #[command(after_help = "Example:\n  kiln pause 12")]
     Pause {
         #[command(flatten)]
         conn: client::Conn,
-        /// Sweep id.
-        sweep: u64,
+        /// Sweep id or name (the newest sweep of that name).
+        sweep: String,
     },
     /// Resume a paused sweep.
     #[command(after_help = "Example:\n  kiln resume 12")]
     Resume {
         #[command(flatten)]
         conn: client::Conn,
-        /// Sweep id.
-        sweep: u64,
+        /// Sweep id or name (the newest sweep of that name).
+        sweep: String,
     },
     /// Queue a sweep's failed cells again with a fresh set of attempts.
     #[command(after_help = "Example:\n  kiln retry --failed 12")]
@@ -240,8 +240,8 @@ enum Command {
         /// Retry the failed (discarded) cells; required, so the intent is explicit.
         #[arg(long, required = true)]
         failed: bool,
-        /// Sweep id.
-        sweep: u64,
+        /// Sweep id or name (the newest sweep of that name).
+        sweep: String,
     },
     /// Connected workers: device, state, current task, images/s.
     #[command(after_help = "Example:\n  kiln workers")]
@@ -259,18 +259,28 @@ fn run_client(command: Command) -> anyhow::Result<()> {
     rt.block_on(async move {
         match command {
             Command::Sweeps { conn, limit } => sweeps::list(&conn, limit).await,
-            Command::Status { conn, sweep } => sweeps::status(&conn, sweep).await,
-            Command::Watch { conn, sweep } => sweeps::watch(&conn, sweep).await,
+            Command::Status { conn, sweep } => {
+                let sweep = client::maybe_sweep_id(&conn, sweep.as_deref()).await?;
+                sweeps::status(&conn, sweep).await
+            }
+            Command::Watch { conn, sweep } => {
+                let sweep = client::maybe_sweep_id(&conn, sweep.as_deref()).await?;
+                sweeps::watch(&conn, sweep).await
+            }
             Command::Cancel { conn, sweep } => {
+                let sweep = client::sweep_id(&conn, &sweep).await?;
                 sweeps::change(&conn, sweep, sweeps::Change::Cancel).await
             }
             Command::Pause { conn, sweep } => {
+                let sweep = client::sweep_id(&conn, &sweep).await?;
                 sweeps::change(&conn, sweep, sweeps::Change::Pause).await
             }
             Command::Resume { conn, sweep } => {
+                let sweep = client::sweep_id(&conn, &sweep).await?;
                 sweeps::change(&conn, sweep, sweeps::Change::Resume).await
             }
             Command::Retry { conn, sweep, .. } => {
+                let sweep = client::sweep_id(&conn, &sweep).await?;
                 sweeps::change(&conn, sweep, sweeps::Change::RetryFailed).await
             }
             Command::Workers { conn } => sweeps::workers(&conn).await,
@@ -286,7 +296,10 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 show,
                 remote,
             } => submit::plan(&conn, &file, show, remote).await,
-            Command::Extend { conn, sweep, file } => submit::extend(&conn, sweep, &file).await,
+            Command::Extend { conn, sweep, file } => {
+                let sweep = client::sweep_id(&conn, &sweep).await?;
+                submit::extend(&conn, sweep, &file).await
+            }
             Command::Query {
                 conn,
                 filter,

@@ -141,7 +141,8 @@ fn a_pool_with_tls_and_tokens_works_end_to_end_and_refuses_strangers() {
     let submitted = ok(&kiln(&["submit", sweep_file.to_str().unwrap()], &client));
     assert!(submitted.contains("4 cells"), "{submitted}");
     ok(&kiln(&["watch", "1"], &client));
-    let status = ok(&kiln(&["status", "1"], &client));
+    // A sweep is named by its id or its name.
+    let status = ok(&kiln(&["status", "foxes"], &client));
     assert!(status.contains("completed"), "{status}");
     assert!(ok(&kiln(&["sweeps"], &client)).contains("foxes"));
     let rows = ok(&kiln(
@@ -185,9 +186,14 @@ fn a_pool_with_tls_and_tokens_works_end_to_end_and_refuses_strangers() {
         &client,
     ));
     assert!(extended.contains('2'), "{extended}");
-    for cmd in [["pause", "1"], ["resume", "1"]] {
+    for cmd in [["pause", "foxes"], ["resume", "1"]] {
         ok(&kiln(&cmd, &client));
     }
+    let unknown = kiln(&["cancel", "wolves"], &client);
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no sweep is named \"wolves\""),
+        "{unknown:?}"
+    );
     ok(&kiln(&["retry", "--failed", "1"], &client));
     ok(&kiln(&["cancel", "1"], &client));
 

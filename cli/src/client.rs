@@ -57,7 +57,12 @@ impl Conn {
             .connect_timeout(std::time::Duration::from_secs(5))
             .connect()
             .await
-            .with_context(|| format!("connecting to the coordinator at {url}"))
+            .with_context(|| {
+                format!(
+                    "connecting to the coordinator at {url} (start one with `kiln coordinator`, \
+                     or point --coordinator / KILN_COORDINATOR at yours)"
+                )
+            })
     }
 
     /// The sweep service client.

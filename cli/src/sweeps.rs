@@ -315,11 +315,15 @@ pub async fn workers(conn: &Conn) -> anyhow::Result<()> {
         t.row(vec![
             w.worker_id.to_string(),
             info.name,
-            format!(
-                "{} {}",
-                kinds.get(&info.device_kind).unwrap_or(&"?"),
-                info.device_model
-            ),
+            {
+                // `cuda NVIDIA GeForce RTX 3060`, but `cpu`, not `cpu cpu`.
+                let kind = kinds.get(&info.device_kind).unwrap_or(&"?");
+                if info.device_model.starts_with(kind) {
+                    info.device_model.clone()
+                } else {
+                    format!("{kind} {}", info.device_model)
+                }
+            },
             if w.drained {
                 "drained".into()
             } else if w.online {
@@ -333,7 +337,7 @@ pub async fn workers(conn: &Conn) -> anyhow::Result<()> {
                 running.join(", ")
             },
             format!("{:.2}", w.cells_per_second),
-            format!("{} ms", w.last_seen_at_ms),
+            format!("{} ago", human_duration(now_ms() - w.last_seen_at_ms)),
         ]);
     }
     print!("{}", t.render());
@@ -354,8 +358,15 @@ fn sweep_state(s: &pb::Sweep) -> String {
 }
 
 /// 3725000 ms → "1h02m".
+/// Now, unix ms.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 pub fn human_duration(ms: i64) -> String {
-    let s = ms / 1000;
+    let s = ms.max(0) / 1000;
     match s {
         s if s >= 3600 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
         s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),

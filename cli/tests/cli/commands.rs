@@ -100,7 +100,7 @@ async fn client_commands_drive_a_sweep() {
         .unwrap();
     let (ok, out, _) = kiln(&c.addr, &["workers"]);
     assert!(
-        ok && out.contains("gaming-pc") && out.contains("online"),
+        ok && out.contains("gaming-pc") && out.contains("online") && out.contains("s ago"),
         "{out}"
     );
     let (ok, out, _) = kiln(&c.addr, &["retry", "--failed", &sid]);
@@ -116,7 +116,8 @@ async fn client_commands_drive_a_sweep() {
     assert!(!ok && err.contains("sweep 999 not found"), "{err}");
     let (ok, _, err) = kiln("127.0.0.1:1", &["sweeps"]);
     assert!(
-        !ok && err.contains("connecting to the coordinator"),
+        !ok && err.contains("connecting to the coordinator")
+            && err.contains("start one with `kiln coordinator`"),
         "{err}"
     );
 }

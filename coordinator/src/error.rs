@@ -36,6 +36,10 @@ pub enum Error {
     /// The request is well-formed but too large for the configured limits.
     #[error("too large: {0}")]
     TooLarge(String),
+    /// The caller already has as much work running as it may (a token's one plan or submit at
+    /// a time); it may try again when that ends.
+    #[error("busy: {0}")]
+    Busy(String),
     /// The operation does not apply to the object's current state.
     #[error("{0}")]
     Conflict(String),

@@ -14,7 +14,7 @@ impl From<Error> for Status {
             // A distinct, documented answer: the worker must abort and never retry the write.
             Error::LeaseLost { .. } => Status::new(Code::FailedPrecondition, e.to_string()),
             Error::Invalid(_) => Status::invalid_argument(e.to_string()),
-            Error::TooLarge(_) => Status::resource_exhausted(e.to_string()),
+            Error::TooLarge(_) | Error::Busy(_) => Status::resource_exhausted(e.to_string()),
             Error::Conflict(_) => Status::failed_precondition(e.to_string()),
             Error::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
             Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),

@@ -92,6 +92,7 @@ impl SweepService for SweepApi {
         request: Request<Streaming<pb::SubmitSweepRequest>>,
     ) -> Result<Response<pb::SubmitSweepResponse>, Status> {
         let owner = caller(&request, Scope::Submit)?.owner;
+        let _turn = self.queue.owner_turn(owner.as_deref())?;
         let mut stream = request.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::SubmitSweepRequest {
@@ -162,8 +163,9 @@ impl SweepService for SweepApi {
         &self,
         request: Request<pb::PlanSweepRequest>,
     ) -> Result<Response<pb::PlanSweepResponse>, Status> {
-        // Planning costs CPU and memory: it takes a token that may submit.
-        caller(&request, Scope::Submit)?;
+        // Planning costs CPU and memory: it takes a token that may submit, one at a time.
+        let who = caller(&request, Scope::Submit)?;
+        let _turn = self.queue.owner_turn(who.owner.as_deref())?;
         let r = request.into_inner();
         let src = SweepSource {
             path: r.spec_path,
@@ -192,6 +194,7 @@ impl SweepService for SweepApi {
         request: Request<pb::ExtendSweepRequest>,
     ) -> Result<Response<pb::ExtendSweepResponse>, Status> {
         let who = caller(&request, Scope::Submit)?;
+        let _turn = self.queue.owner_turn(who.owner.as_deref())?;
         let r = request.into_inner();
         self.owned(&who, sweep_id(r.sweep_id)?).await?;
         let src = SweepSource {

@@ -29,7 +29,7 @@ use self::group::{Complete, Completes, Group, Leases};
 pub use self::intake::Builder;
 use self::intake::Mover;
 use self::retry::{Decision, RetryPolicy};
-pub use self::submit::Preview;
+pub use self::submit::{OwnerTurn, Preview};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::lease::{Fence, HeartbeatStatus};
 use crate::domain::rows::{CellRow, ProgressRow, SweepRow, WorkerRow};
@@ -165,6 +165,8 @@ pub struct Queue {
     known: Arc<Mutex<HashMap<WorkerId, KnownWorker>>>,
     /// Turns of the heavy work: plans, submits, extends (`submit`).
     heavy: Arc<tokio::sync::Semaphore>,
+    /// Token owners with a plan, submit or extend running (`Queue::owner_turn`).
+    owners_running: Arc<Mutex<HashSet<String>>>,
     credentials: Arc<Mutex<HashMap<WorkerId, WorkerCredentials>>>,
     /// Group commit of completes, started on the first complete (it needs a runtime).
     completes: Arc<OnceLock<Group<Completes>>>,
@@ -197,6 +199,7 @@ impl Queue {
             dispatch: Default::default(),
             known: Default::default(),
             heavy: Arc::new(tokio::sync::Semaphore::new(submit::HEAVY_AT_ONCE)),
+            owners_running: Default::default(),
             credentials: Default::default(),
             completes: Default::default(),
             leases: Default::default(),

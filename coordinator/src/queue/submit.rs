@@ -19,6 +19,22 @@ use crate::{Error, Result};
 /// Plans, submits and extends that may run at once; more wait their turn.
 pub(super) const HEAVY_AT_ONCE: usize = 2;
 
+/// A token owner's turn of the heavy work, held for a whole request ([`Queue::owner_turn`]).
+#[derive(Debug)]
+pub struct OwnerTurn {
+    owner: String,
+    running: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl Drop for OwnerTurn {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.owner);
+    }
+}
+
 /// A plan's preview: what planning says, and its first cells.
 #[derive(Debug)]
 pub struct Preview {
@@ -202,6 +218,28 @@ impl Queue {
             .await?;
         self.requeued();
         Ok(out)
+    }
+
+    /// One plan, submit or extend at a time per token owner: a second one while the first
+    /// runs is refused (RESOURCE_EXHAUSTED), so no token can hold every turn of the heavy
+    /// work. No limit without tokens (`owner` is `None`).
+    pub fn owner_turn(&self, owner: Option<&str>) -> Result<Option<OwnerTurn>> {
+        let Some(owner) = owner else {
+            return Ok(None);
+        };
+        let mut running = self
+            .owners_running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !running.insert(owner.to_string()) {
+            return Err(Error::Busy(format!(
+                "{owner} already has a plan, submit or extend running; try again when it ends"
+            )));
+        }
+        Ok(Some(OwnerTurn {
+            owner: owner.to_string(),
+            running: self.owners_running.clone(),
+        }))
     }
 
     fn plan_limits(&self) -> PlanLimits {

@@ -486,3 +486,17 @@ async fn health_answers_without_a_token() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 }
+
+#[tokio::test]
+async fn a_token_owner_runs_one_plan_or_submit_at_a_time() {
+    let fx = crate::harness::Fixture::new(Backend::Sqlite).await;
+    let first = fx.queue.owner_turn(Some("alice")).unwrap();
+    let e = fx.queue.owner_turn(Some("alice")).unwrap_err();
+    assert_eq!(tonic::Status::from(e).code(), Code::ResourceExhausted);
+    // Another owner, and a coordinator without tokens, are not held up.
+    assert!(fx.queue.owner_turn(Some("bob")).unwrap().is_some());
+    assert!(fx.queue.owner_turn(None).unwrap().is_none());
+    drop(first);
+    assert!(fx.queue.owner_turn(Some("alice")).unwrap().is_some());
+    fx.finish().await;
+}

@@ -40,8 +40,10 @@ def deps(mods):
         src = re.sub(r'#\[cfg\(test\)\]\s*mod tests \{.*', '', src, flags=re.S)
         src = re.sub(r'//.*', '', src)
         found = set()
-        for m in re.finditer(r'\b(\w+)((?:::\w+)+)(?:::\{([^}]*)\})?', src):
+        for m in re.finditer(r'\b(\w+)((?:::\w+)*)(?:::\{([^}]*)\})?', src):
             base, rest, group = m.group(1), [x for x in m.group(2).split('::') if x], m.group(3)
+            if not rest and group is None:
+                continue
             if base == 'crate':
                 start = []
             elif base == 'self':

@@ -1,7 +1,7 @@
 //! Splits a filter into tokens, each with the line and column where it starts. Strings are
 //! unescaped here; numbers keep their kind (integer or not) so the parser can type-check them.
 
-use super::{FilterError, Pos};
+use super::ast::{FilterError, Pos};
 
 /// One token of the filter language.
 #[derive(Clone, Debug, PartialEq)]

@@ -2,12 +2,19 @@
 //! [`crate::query`]). Every value is type-checked against its field here, so the SQL side only
 //! sees well-typed predicates.
 
-use super::lexer::{Tok, Token, tokenize};
-use super::time::parse_utc_ms;
-use super::{
+use super::ast::{
     CmpOp, Column, ColumnKind, Field, Filter, FilterError, MAX_FILTER_BYTES, MAX_TESTS, MAX_VALUES,
     Pos, Predicate, Test, Value, state_name,
 };
+use super::lexer::{Tok, Token, tokenize};
+use super::time::parse_utc_ms;
+
+impl Filter {
+    /// Parses and type-checks `input`. Blank input is an error: callers pass no filter at all.
+    pub fn parse(input: &str) -> Result<Filter, FilterError> {
+        parse(input)
+    }
+}
 
 /// Deepest nesting of parentheses and `not`.
 pub const MAX_DEPTH: usize = 64;

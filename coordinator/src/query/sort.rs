@@ -6,8 +6,8 @@
 //! value, then other text, then cells without the binding. Missing values (`finished` of an
 //! unfinished cell, …) sort last in either direction. Ties are broken by cell id.
 
+use super::ast::{Column, Field, FilterError, MAX_FILTER_BYTES, Pos};
 use super::lexer::{Tok, tokenize};
-use super::{Column, Field, FilterError, MAX_FILTER_BYTES, Pos};
 
 /// Most sort keys.
 pub const MAX_SORT_KEYS: usize = 8;

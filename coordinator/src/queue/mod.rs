@@ -16,7 +16,7 @@ mod intake;
 mod lease;
 pub mod maintenance;
 pub mod retry;
-mod submit;
+pub mod submit;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,7 +29,6 @@ use self::group::{Complete, Completes, Group, Leases};
 pub use self::intake::Builder;
 use self::intake::Mover;
 use self::retry::{Decision, RetryPolicy};
-pub use self::submit::{OwnerTurn, Preview};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::lease::{Fence, HeartbeatStatus};
 use crate::domain::rows::{CellRow, ProgressRow, SweepRow, WorkerRow};
@@ -135,6 +134,9 @@ pub struct MaintenanceReport {
     pub promoted: u64,
 }
 
+/// Plans, submits and extends that may run at once; more wait their turn (`submit`).
+const HEAVY_AT_ONCE: usize = 2;
+
 /// What a lease needs to know about a worker, kept between leases so that a lease does not
 /// have to write the worker's `last_seen_at` every time (heartbeats keep it fresh).
 #[derive(Clone, Debug)]
@@ -198,7 +200,7 @@ impl Queue {
             affinity: Default::default(),
             dispatch: Default::default(),
             known: Default::default(),
-            heavy: Arc::new(tokio::sync::Semaphore::new(submit::HEAVY_AT_ONCE)),
+            heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_AT_ONCE)),
             owners_running: Default::default(),
             credentials: Default::default(),
             completes: Default::default(),

@@ -1,6 +1,6 @@
 //! Taking sweeps in: a submit (cells sent, or a sweep file planned here), a plan's preview and
 //! an extend. The CPU work (planning, checking, hashing, JSON, compression) runs on blocking
-//! threads, at most [`HEAVY_AT_ONCE`] requests at a time, and a submission is taken in as it is
+//! threads, at most `HEAVY_AT_ONCE` requests at a time, and a submission is taken in as it is
 //! planned or received ([`Builder`]): held as compressed intake chunks, never as a whole list of
 //! cells, so a million-cell request needs tens of megabytes, not gigabytes.
 
@@ -15,9 +15,6 @@ use crate::sweep::{
     SweepSource,
 };
 use crate::{Error, Result};
-
-/// Plans, submits and extends that may run at once; more wait their turn.
-pub(super) const HEAVY_AT_ONCE: usize = 2;
 
 /// A token owner's turn of the heavy work, held for a whole request ([`Queue::owner_turn`]).
 #[derive(Debug)]
@@ -259,7 +256,7 @@ impl Queue {
         Ok(())
     }
 
-    /// A turn of the heavy work ([`HEAVY_AT_ONCE`] at a time).
+    /// A turn of the heavy work (`HEAVY_AT_ONCE` at a time).
     async fn heavy_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
         self.heavy
             .acquire()

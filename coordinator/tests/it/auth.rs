@@ -9,7 +9,6 @@ use kiln_coordinator::clock::{Clock, SystemClock};
 use kiln_coordinator::config::{Security, Tls};
 use kiln_coordinator::domain::auth::Secret;
 use kiln_coordinator::domain::state::Scope;
-use kiln_coordinator::queue::{Queue, QueueConfig};
 use kiln_coordinator::store::Store;
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::sweep_service_client::SweepServiceClient;
@@ -19,7 +18,7 @@ use tonic::Code;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use crate::harness::{Backend, TestDb};
+use crate::harness::{Backend, Served, TestDb};
 
 /// A CA and a certificate for 127.0.0.1 signed by it: (CA PEM, server cert PEM, key PEM).
 fn certificates() -> (String, String, String) {
@@ -71,7 +70,7 @@ struct Farm {
     channel: Channel,
     plain: String,
     store: Store,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _served: Served,
     _db: TestDb,
 }
 
@@ -79,11 +78,6 @@ impl Farm {
     async fn start() -> Farm {
         let db = TestDb::new(Backend::Sqlite).await;
         let store = db.store().await;
-        let queue = Queue::new(
-            store.clone(),
-            std::sync::Arc::new(SystemClock),
-            QueueConfig::default(),
-        );
         let (ca, cert, key) = certificates();
         let security = Security {
             require_tokens: true,
@@ -93,22 +87,8 @@ impl Farm {
                 client_ca_pem: None,
             }),
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            kiln_coordinator::server::serve(
-                queue,
-                listener,
-                &security,
-                Duration::from_millis(100),
-                async {
-                    let _ = stopped.await;
-                },
-            )
-            .await
-            .unwrap();
-        });
+        let served = Served::start(&db, security).await;
+        let addr = served.addr;
         let channel = Endpoint::from_shared(format!("https://{addr}"))
             .unwrap()
             .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
@@ -120,7 +100,7 @@ impl Farm {
             channel,
             plain: format!("http://{addr}"),
             store,
-            stop: Some(stop),
+            _served: served,
             _db: db,
         }
     }
@@ -148,14 +128,6 @@ impl Farm {
         who: As,
     ) -> WorkerServiceClient<tonic::service::interceptor::InterceptedService<Channel, As>> {
         WorkerServiceClient::with_interceptor(self.channel.clone(), who)
-    }
-}
-
-impl Drop for Farm {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
     }
 }
 

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use kiln_coordinator::queue::{Queue, QueueConfig};
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::sweep_service_client::SweepServiceClient;
 use kiln_proto::v1::worker_service_client::WorkerServiceClient;
@@ -16,7 +15,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::grpc::Session;
-use crate::harness::{Backend, TestDb};
+use crate::harness::{Backend, Served, TestDb};
 
 /// Rounds over every RPC per backend.
 const ROUNDS: usize = 40;
@@ -162,33 +161,8 @@ fn check<T>(what: &str, seed: u64, r: Result<tonic::Response<T>, tonic::Status>)
 
 async fn fuzz(backend: Backend, seed: u64) {
     let db = TestDb::new(backend).await;
-    let queue = Queue::new(
-        db.store().await,
-        std::sync::Arc::new(kiln_coordinator::clock::SystemClock),
-        QueueConfig::default(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        let security = kiln_coordinator::config::Security::default();
-        kiln_coordinator::server::serve(
-            queue,
-            listener,
-            &security,
-            Duration::from_millis(50),
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await
-        .unwrap();
-    });
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let served = Served::start(&db, Default::default()).await;
+    let channel = served.channel().await;
     let mut sweeps = SweepServiceClient::new(channel.clone());
     let session = Session::default();
     let mut workers: Workers =
@@ -451,8 +425,7 @@ async fn fuzz(backend: Backend, seed: u64) {
         .list_sweeps(pb::ListSweepsRequest::default())
         .await
         .expect("a normal call after fuzzing");
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    served.stop().await;
 }
 
 /// The generator's seed: fixed, so CI runs the same requests every time (a failure is a real

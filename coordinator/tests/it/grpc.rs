@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use kiln_coordinator::queue::{Queue, QueueConfig};
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::sweep_service_client::SweepServiceClient;
 use kiln_proto::v1::worker_service_client::WorkerServiceClient;
@@ -13,7 +12,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::harness::{Backend, TestDb};
+use crate::harness::{Backend, Served, TestDb};
 
 /// Sends the session credential of the last registration, as a worker does.
 #[derive(Clone, Default)]
@@ -39,59 +38,28 @@ struct Server {
     workers: WorkerServiceClient<InterceptedService<Channel, Session>>,
     session: Session,
     channel: Channel,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    served: Served,
     _db: TestDb,
 }
 
 impl Server {
     async fn start() -> Server {
         let db = TestDb::new(Backend::Sqlite).await;
-        let queue = Queue::new(
-            db.store().await,
-            std::sync::Arc::new(kiln_coordinator::clock::SystemClock),
-            QueueConfig::default(),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let security = kiln_coordinator::config::Security::default();
-            kiln_coordinator::server::serve(
-                queue,
-                listener,
-                &security,
-                Duration::from_millis(100),
-                async {
-                    let _ = stopped.await;
-                },
-            )
-            .await
-            .unwrap();
-        });
+        let served = Served::start(&db, Default::default()).await;
         let session = Session::default();
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = served.channel().await;
         Server {
             sweeps: SweepServiceClient::new(channel.clone()),
             workers: WorkerServiceClient::with_interceptor(channel.clone(), session.clone()),
             session,
             channel,
-            stop: Some(stop),
-            task,
+            served,
             _db: db,
         }
     }
 
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("graceful shutdown")
-            .unwrap();
+    async fn shutdown(self) {
+        self.served.stop().await;
     }
 }
 

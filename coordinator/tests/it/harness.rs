@@ -188,3 +188,67 @@ pub fn submission(key: &str, cells: Vec<CellSpec>) -> Submission {
         owner: None,
     }
 }
+
+/// A real coordinator serving over gRPC on 127.0.0.1:0 (SQLite or Postgres as `db` is), as
+/// `security` says, until [`Served::stop`] (or the end of the test).
+pub struct Served {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// Serves a queue on `db` with default settings.
+    pub async fn start(db: &TestDb, security: kiln_coordinator::config::Security) -> Served {
+        let queue = Queue::new(
+            db.store().await,
+            std::sync::Arc::new(kiln_coordinator::clock::SystemClock),
+            QueueConfig::default(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let maintenance = std::time::Duration::from_millis(100);
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            kiln_coordinator::server::serve(queue, listener, &security, maintenance, stopped)
+                .await
+                .unwrap();
+        });
+        Served {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// A plain (no TLS) channel to it.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Stops it and waits (at most 10 s) for a graceful end.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let task = &mut self.task;
+        tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("graceful shutdown")
+            .unwrap();
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

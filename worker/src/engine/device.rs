@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use candle_core::DType;
 
-use super::error::{ComputeError, EngineError, Result};
+use crate::engine::error::{ComputeError, EngineError, Result};
 
 /// How a user gets a build with CUDA, for error messages and `kiln devices`.
 pub const CUDA_HINT: &str = "build kiln with CUDA: tools/gpu/build.sh (README, section GPU)";

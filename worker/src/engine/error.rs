@@ -7,8 +7,8 @@
 
 use std::path::PathBuf;
 
-use super::scheduler::SchedulerError;
-use super::tokenizer::TokenizerError;
+use crate::engine::scheduler::SchedulerError;
+use crate::engine::text::tokenizer::TokenizerError;
 
 /// Why a model could not be loaded or an image could not be rendered.
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,8 @@
 
 use std::io::Cursor;
 
-use super::error::{EngineError, Result};
-use super::model::LoadedLora;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::model::LoadedLora;
 
 /// An 8-bit RGB image, rows top to bottom, pixels `[r, g, b]`.
 #[derive(Clone, Debug, PartialEq, Eq)]

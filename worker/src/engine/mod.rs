@@ -1,37 +1,32 @@
 //! The rendering engine: everything between a resolved cell and its pixels.
 //!
-//! Owns tokenizing prompts ([`tokenizer`]), drawing noise ([`rng`]), stepping samplers
-//! ([`scheduler`]), loading a diffusers SD1.5 folder with its LoRA stack ([`model`],
-//! [`lora`]), the candle networks (CLIP text encoder, UNet, VAE decoder), the render loop
-//! ([`pipeline`]) and PNG output ([`image`]). candle types never leave this module: the public
-//! API speaks [`HostTensor`], paths and plain numbers. It must never know about leases, gRPC,
-//! databases or object storage.
+//! Owns, by submodule: [`load`] (model files, LoRAs), [`text`] (tokenizer, prompt
+//! conditioning), the candle networks (CLIP text encoder, UNet, VAE decoder, in `nets`),
+//! drawing noise ([`rng`]), stepping samplers ([`scheduler`]), one model built on a device
+//! ([`model`]), the render loop ([`pipeline`]) and PNG output ([`image`]). candle types never
+//! leave this module: the public API speaks [`HostTensor`], paths and plain numbers. It must
+//! never know about leases, gRPC, databases or object storage.
 
-pub mod base;
-mod clip;
 pub mod device;
-pub mod embeddings;
 pub mod error;
 pub mod image;
-mod layers;
-pub mod lora;
+pub mod load;
 pub mod model;
+mod nets;
 pub mod pipeline;
 pub mod profile;
 pub mod rng;
 pub mod scheduler;
+pub mod text;
 pub mod threads;
-pub mod tokenizer;
-mod unet;
-mod vae;
-mod weights;
 
-pub use base::BaseModel;
 pub use device::{Device, DeviceInfo};
-pub use embeddings::EmbeddingStats;
 pub use error::{ComputeError, EngineError};
-pub use lora::LoraSpec;
+pub use load::base::{self, BaseModel};
+pub use load::lora::{self, LoraSpec};
 pub use model::{LoadedLora, Model};
 pub use pipeline::{PhaseTimes, Pipeline, Progress, RenderOutput, RenderRequest, SamplerKind};
+pub use text::embeddings::{self, EmbeddingStats};
+pub use text::tokenizer;
 
-pub use weights::{HostTensor, read_safetensors};
+pub use load::weights::{HostTensor, read_safetensors};

@@ -1,7 +1,7 @@
 //! An SD1.5 model with its LoRA stack merged, built on one device.
 //!
 //! Owns building the networks in the compute dtype (f32 on CPU, f16 on CUDA/Metal) from a
-//! [`BaseModel`] (the files, read once; see [`super::base`]), the identity of the result (name,
+//! [`BaseModel`] (the files, read once; see [`crate::engine::load::base`]), the identity of the result (name,
 //! A1111's model hash, the merged LoRAs), and running each network. The tokenizer is compiled
 //! in (SD1.5's CLIP BPE), so `tokenizer/` is not read. [`Model`] also exposes each network on
 //! [`HostTensor`]s, which is how the reference tests reach them.
@@ -10,16 +10,16 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 
-use super::base::BaseModel;
-use super::clip::ClipTextModel;
-use super::device::Device;
-use super::error::{EngineError, Result};
-use super::lora::LoraSpec;
-use super::scheduler::ScheduleConfig;
-use super::tokenizer::ClipTokenizer;
-use super::unet::UNet;
-use super::vae::VaeDecoder;
-use super::weights::{HostTensor, Params};
+use crate::engine::device::Device;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::load::base::BaseModel;
+use crate::engine::load::lora::LoraSpec;
+use crate::engine::load::weights::{HostTensor, Params};
+use crate::engine::nets::clip::ClipTextModel;
+use crate::engine::nets::unet::UNet;
+use crate::engine::nets::vae::VaeDecoder;
+use crate::engine::scheduler::ScheduleConfig;
+use crate::engine::text::tokenizer::ClipTokenizer;
 
 /// A LoRA as merged into a [`Model`], for the image metadata.
 #[derive(Clone, Debug, PartialEq)]
@@ -99,7 +99,7 @@ impl Model {
         let resident_bytes = match device {
             Device::Cpu => replaced_bytes,
             _ => {
-                let elems = |w: &super::weights::Weights| -> u64 {
+                let elems = |w: &crate::engine::load::weights::Weights| -> u64 {
                     w.tensors.values().map(|t| t.elem_count() as u64).sum()
                 };
                 (elems(&weights.text_encoder) + elems(&weights.unet)) * dtype.size_in_bytes() as u64

@@ -17,15 +17,15 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::device::Device;
-use super::embeddings::{self, EmbeddingCache, EmbeddingStats};
-use super::error::{EngineError, Result};
-use super::image::{Infotext, RgbImage, encode_png, to_rgb8};
-use super::lora::LoraSpec;
-use super::model::{Model, to_host};
-use super::rng::TorchRng;
-use super::scheduler::{EulerAncestralScheduler, LcmScheduler, Sampler};
-use super::weights::HostTensor;
+use crate::engine::device::Device;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::image::{Infotext, RgbImage, encode_png, to_rgb8};
+use crate::engine::load::lora::LoraSpec;
+use crate::engine::load::weights::HostTensor;
+use crate::engine::model::{Model, to_host};
+use crate::engine::rng::TorchRng;
+use crate::engine::scheduler::{EulerAncestralScheduler, LcmScheduler, Sampler};
+use crate::engine::text::embeddings::{self, EmbeddingCache, EmbeddingStats};
 
 /// Pixels per latent cell: the VAE upsamples by 8.
 const LATENT_SCALE: u32 = 8;

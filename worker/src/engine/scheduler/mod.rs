@@ -19,7 +19,7 @@ use serde::Deserialize;
 pub use euler_ancestral::EulerAncestralScheduler;
 pub use lcm::LcmScheduler;
 
-use super::rng::TorchRng;
+use crate::engine::rng::TorchRng;
 
 /// Why a schedule could not be built or a step could not be taken.
 #[derive(Debug, thiserror::Error)]

@@ -12,12 +12,12 @@ use std::path::Path;
 use candle_core::{Module, Result, Tensor};
 use serde::Deserialize;
 
-use super::error::{EngineError, Result as EngineResult};
-use super::layers::{
+use crate::engine::error::{EngineError, Result as EngineResult};
+use crate::engine::load::weights::{Conv2d, GroupNorm, Linear, Params};
+use crate::engine::nets::layers::{
     Downsample, ResnetBlock, ResnetConfig, Transformer2D, TransformerConfig, Upsample,
     timestep_embedding,
 };
-use super::weights::{Conv2d, GroupNorm, Linear, Params};
 
 /// A config value that diffusers accepts either once for all blocks or once per block.
 #[derive(Clone, Debug, Deserialize, PartialEq)]

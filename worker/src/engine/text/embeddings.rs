@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 
 use candle_core::Tensor;
 
-use super::error::Result;
+use crate::engine::error::Result;
 
 /// How many prompts a pipeline keeps by default: at SD1.5's 77×768 f32 that is about 30 MB.
 pub const DEFAULT_CAPACITY: usize = 128;

@@ -10,9 +10,9 @@ use std::path::Path;
 use candle_core::{Module, Result, Tensor};
 use serde::Deserialize;
 
-use super::error::{EngineError, Result as EngineResult};
-use super::layers::{Attention, ResnetBlock, ResnetConfig, Upsample};
-use super::weights::{Conv2d, GroupNorm, Params};
+use crate::engine::error::{EngineError, Result as EngineResult};
+use crate::engine::load::weights::{Conv2d, GroupNorm, Params};
+use crate::engine::nets::layers::{Attention, ResnetBlock, ResnetConfig, Upsample};
 
 /// diffusers hard-codes this epsilon for every VAE norm.
 const VAE_NORM_EPS: f64 = 1e-6;

@@ -7,9 +7,9 @@
 
 use candle_core::{D, Device, Module, Result, Tensor};
 
-use super::error::Result as EngineResult;
-use super::profile::{OpKind, timed};
-use super::weights::{Conv2d, GroupNorm, LayerNorm, Linear, Params};
+use crate::engine::error::Result as EngineResult;
+use crate::engine::load::weights::{Conv2d, GroupNorm, LayerNorm, Linear, Params};
+use crate::engine::profile::{OpKind, timed};
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"` and SiLU.
 #[derive(Debug)]

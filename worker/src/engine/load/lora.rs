@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use super::error::{EngineError, Result};
-use super::weights::Weights;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::load::weights::Weights;
 
 /// One LoRA to merge and its strength.
 #[derive(Clone, Debug, PartialEq)]

@@ -10,9 +10,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use serde::Deserialize;
 
-use super::error::{EngineError, Result as EngineResult};
-use super::layers::scaled_dot_product_attention;
-use super::weights::{LayerNorm, Linear, Params};
+use crate::engine::error::{EngineError, Result as EngineResult};
+use crate::engine::load::weights::{LayerNorm, Linear, Params};
+use crate::engine::nets::layers::scaled_dot_product_attention;
 
 /// The activation between the two MLP layers (`hidden_act`).
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]

@@ -11,20 +11,20 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::clip::ClipConfig;
-use super::device::Device;
-use super::error::{EngineError, Result};
-use super::lora::{self, LoraSpec, Targets};
-use super::model::{LoadedLora, Model};
-use super::scheduler::ScheduleConfig;
-use super::unet::UNetConfig;
-use super::vae::VaeConfig;
-use super::weights::Weights;
+use crate::engine::device::Device;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::load::lora::{self, LoraSpec, Targets};
+use crate::engine::load::weights::Weights;
+use crate::engine::model::{LoadedLora, Model};
+use crate::engine::nets::clip::ClipConfig;
+use crate::engine::nets::unet::UNetConfig;
+use crate::engine::nets::vae::VaeConfig;
+use crate::engine::scheduler::ScheduleConfig;
 
 /// One component folder's config and weights file.
-pub(super) struct Part {
-    pub(super) config: PathBuf,
-    pub(super) weights: PathBuf,
+pub(crate) struct Part {
+    pub(crate) config: PathBuf,
+    pub(crate) weights: PathBuf,
 }
 
 /// Finds `folder/part/{config}` and the first existing weights file among `names`.
@@ -55,7 +55,7 @@ const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 fn read_text(path: &Path) -> Result<String> {
     use std::io::Read;
-    let (file, len) = super::weights::open_regular(path)?;
+    let (file, len) = crate::engine::load::weights::open_regular(path)?;
     if len > MAX_CONFIG_BYTES {
         return Err(EngineError::Config {
             path: path.to_owned(),
@@ -73,7 +73,7 @@ fn read_text(path: &Path) -> Result<String> {
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    super::weights::read_safetensors_bytes(path)
+    crate::engine::load::weights::read_safetensors_bytes(path)
 }
 
 /// transformers saves `CLIPTextModel` without the `text_model.` prefix; SD checkpoints have it.
@@ -113,11 +113,11 @@ fn lora_hash(path: &Path, bytes: &[u8]) -> Result<String> {
 }
 
 /// The files of a diffusers folder.
-pub(super) struct Parts {
-    pub(super) text_encoder: Part,
-    pub(super) unet: Part,
-    pub(super) vae: Part,
-    pub(super) scheduler_config: PathBuf,
+pub(crate) struct Parts {
+    pub(crate) text_encoder: Part,
+    pub(crate) unet: Part,
+    pub(crate) vae: Part,
+    pub(crate) scheduler_config: PathBuf,
 }
 
 impl Parts {
@@ -146,11 +146,11 @@ impl Parts {
 }
 
 /// Every component's config, checked against each other.
-pub(super) struct Configs {
-    pub(super) clip: ClipConfig,
-    pub(super) unet: UNetConfig,
-    pub(super) vae: VaeConfig,
-    pub(super) schedule: ScheduleConfig,
+pub(crate) struct Configs {
+    pub(crate) clip: ClipConfig,
+    pub(crate) unet: UNetConfig,
+    pub(crate) vae: VaeConfig,
+    pub(crate) schedule: ScheduleConfig,
 }
 
 impl Configs {
@@ -194,13 +194,13 @@ impl Configs {
 
 /// Every component's weights in f32 on the host, where LoRAs are merged.
 #[derive(Clone)]
-pub(super) struct HostWeights {
-    pub(super) text_encoder: Weights,
-    pub(super) unet: Weights,
-    pub(super) vae: Weights,
+pub(crate) struct HostWeights {
+    pub(crate) text_encoder: Weights,
+    pub(crate) unet: Weights,
+    pub(crate) vae: Weights,
     /// sha256 over the three weight files in a fixed order: the folder analogue of A1111's
     /// whole-file checkpoint hash.
-    pub(super) hash: String,
+    pub(crate) hash: String,
 }
 
 impl HostWeights {
@@ -226,10 +226,10 @@ impl HostWeights {
 
 /// A diffusers SD1.5 folder read into host memory, ready to be built with any LoRA stack.
 pub struct BaseModel {
-    pub(super) folder: PathBuf,
-    pub(super) parts: Parts,
-    pub(super) configs: Configs,
-    pub(super) weights: HostWeights,
+    pub(crate) folder: PathBuf,
+    pub(crate) parts: Parts,
+    pub(crate) configs: Configs,
+    pub(crate) weights: HostWeights,
     bytes: u64,
 }
 
@@ -281,7 +281,7 @@ impl BaseModel {
 
     /// A copy of the base weights with `loras` merged in, the LoRAs as loaded, and the f32 bytes
     /// of the tensors the merge replaced.
-    pub(super) fn merged(&self, loras: &[LoraSpec]) -> Result<(HostWeights, Vec<LoadedLora>, u64)> {
+    pub(crate) fn merged(&self, loras: &[LoraSpec]) -> Result<(HostWeights, Vec<LoadedLora>, u64)> {
         let mut weights = self.weights.clone();
         let mut loaded = Vec::with_capacity(loras.len());
         let mut replaced = std::collections::HashSet::new();

@@ -40,7 +40,7 @@ use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
 
 /// The gzipped merges list shipped with OpenAI CLIP.
-const VOCAB_GZ: &[u8] = include_bytes!("../../assets/bpe_simple_vocab_16e6.txt.gz");
+const VOCAB_GZ: &[u8] = include_bytes!("../../../assets/bpe_simple_vocab_16e6.txt.gz");
 
 /// Number of merges CLIP uses: lines `1..=48894` of the merges file (`49152 - 256 - 2`).
 const MERGE_COUNT: usize = 49_152 - 256 - 2;

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Conv2dConfig;
 
-use super::error::{EngineError, Result};
-use super::profile::{OpKind, timed};
+use crate::engine::error::{EngineError, Result};
+use crate::engine::profile::{OpKind, timed};
 
 /// A dense f32 array on the host: the engine's tensor type at its public boundary.
 #[derive(Clone, Debug, PartialEq)]
@@ -244,7 +244,7 @@ impl<'a> Params<'a> {
 }
 
 /// Defines a newtype over a candle-nn layer whose `forward` is counted as `$kind` by
-/// [`super::profile`].
+/// [`crate::engine::profile`].
 macro_rules! profiled_layer {
     ($(#[$doc:meta])* $name:ident, $kind:expr) => {
         $(#[$doc])*

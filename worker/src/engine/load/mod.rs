@@ -1,0 +1,9 @@
+//! Loading what a user brings: model files into host memory, ready to build on a device.
+//!
+//! Owns reading safetensors weights ([`weights`]), diffusers folders and their configs
+//! ([`base`]), and LoRA files merged into the base weights ([`lora`]). Nothing here runs a
+//! network; [`super::nets`] builds the networks from what this module read.
+
+pub mod base;
+pub mod lora;
+pub(crate) mod weights;

@@ -20,6 +20,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$PY" gen_models.py
 "$PY" gen_lora.py
 "$PY" gen_expected.py
+"$PY" gen_single_file.py
 chmod 644 ../../worker/tests/fixtures/reference/*.* ../../worker/tests/fixtures/reference/tiny-sd15/*/* \
   ../../worker/tests/fixtures/reference/tiny-sd15/*.json
 du -ab ../../worker/tests/fixtures/reference | sort -k2

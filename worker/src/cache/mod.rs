@@ -179,7 +179,7 @@ impl PipelineCache {
 
     /// The cached base of the model folder `model`, if any.
     pub fn base(&self, model: &Path) -> Option<Arc<BaseModel>> {
-        self.bases.iter().find(|b| b.folder() == model).cloned()
+        self.bases.iter().find(|b| b.path() == model).cloned()
     }
 
     /// Adds a pipeline built elsewhere (the preparing thread) with the base it came from,
@@ -245,7 +245,7 @@ impl PipelineCache {
     }
 
     fn touch_base(&mut self, model: &Path) {
-        if let Some(i) = self.bases.iter().position(|b| b.folder() == model) {
+        if let Some(i) = self.bases.iter().position(|b| b.path() == model) {
             let b = self.bases.remove(i);
             self.bases.push(b);
         }
@@ -269,8 +269,7 @@ impl PipelineCache {
                 break;
             }
             let unused = self.bases.iter().position(|b| {
-                Some(b.folder()) != keep
-                    && !self.pipelines.iter().any(|(k, _)| k.model == b.folder())
+                Some(b.path()) != keep && !self.pipelines.iter().any(|(k, _)| k.model == b.path())
             });
             if let Some(i) = unused {
                 self.bases.remove(i);

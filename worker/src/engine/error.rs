@@ -23,6 +23,32 @@ pub enum EngineError {
         /// What was looked for.
         expected: String,
     },
+    /// A pickle checkpoint (`.ckpt`, `.pt`, …): unpickling runs code from the file.
+    #[error(
+        "{} is a pickle checkpoint: loading one can run any code it contains, so kiln never opens \
+         them. Convert it once, on a machine you trust, to .safetensors (e.g. `python -c \"import \
+         torch, safetensors.torch as s; sd = torch.load('{name}', weights_only=True); \
+         s.save_file({{k: v.contiguous() for k, v in sd.get('state_dict', sd).items() if \
+         hasattr(v, 'contiguous')}}, '{stem}.safetensors')\"`) or download the .safetensors \
+         version the model's page offers",
+        path.display()
+    )]
+    Pickle {
+        /// The file.
+        path: PathBuf,
+        /// Its file name, for the conversion command.
+        name: String,
+        /// Its file stem, for the converted file's name.
+        stem: String,
+    },
+    /// A checkpoint of a model family the engine does not render (yet).
+    #[error("{}: {detected} is not supported yet; kiln renders SD1.x models", path.display())]
+    Unsupported {
+        /// The file or folder.
+        path: PathBuf,
+        /// What was detected, e.g. "an SDXL checkpoint (conditioner.embedders.* keys)".
+        detected: String,
+    },
     /// A file could not be read.
     #[error("cannot read {}: {source}", path.display())]
     Io {

@@ -83,7 +83,7 @@ impl Model {
         let unet = UNet::new(
             &Params::new(&weights.unet, &device_handle, dtype),
             &configs.unet,
-            &base.parts.unet.config,
+            &base.unet_config,
         )?;
         let vae_dtype = if configs.vae.force_upcast() {
             DType::F32
@@ -107,7 +107,7 @@ impl Model {
             }
         };
         Ok(Self {
-            name: folder_name(&base.folder),
+            name: base.name(),
             hash: weights.hash.clone(),
             loras: loaded,
             device: device_handle,
@@ -238,12 +238,4 @@ pub(crate) fn to_host(t: &Tensor) -> Result<HostTensor> {
         shape: t.dims().to_vec(),
         data: t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
     })
-}
-
-fn folder_name(folder: &Path) -> String {
-    let canonical = folder.canonicalize().unwrap_or_else(|_| folder.to_owned());
-    canonical
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }

@@ -13,5 +13,6 @@ mod pipeline;
 mod rng;
 mod s3server;
 mod scheduler;
+mod single_file;
 mod tokenizer;
 mod upload;

@@ -53,7 +53,7 @@ fn locate(folder: &Path, part: &'static str, config: &str, names: &[&str]) -> Re
 /// The largest `config.json` read, bytes (SD1.5's are under 2 KB).
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
-fn read_text(path: &Path) -> Result<String> {
+pub(crate) fn read_text(path: &Path) -> Result<String> {
     use std::io::Read;
     let (file, len) = crate::engine::load::weights::open_regular(path)?;
     if len > MAX_CONFIG_BYTES {
@@ -155,40 +155,75 @@ pub(crate) struct Configs {
 
 impl Configs {
     fn read(parts: &Parts) -> Result<Self> {
-        let te = &parts.text_encoder.config;
-        let configs = Self {
-            clip: ClipConfig::from_json(te, &read_text(te)?)?,
-            unet: UNetConfig::from_json(&parts.unet.config, &read_text(&parts.unet.config)?)?,
-            vae: VaeConfig::from_json(&parts.vae.config, &read_text(&parts.vae.config)?)?,
-            schedule: ScheduleConfig::from_json(&read_text(&parts.scheduler_config)?)?,
-        };
+        let text = |p: &Path| -> Result<(PathBuf, String)> { Ok((p.to_owned(), read_text(p)?)) };
+        let te = text(&parts.text_encoder.config)?;
+        let unet = text(&parts.unet.config)?;
+        let vae = text(&parts.vae.config)?;
+        let schedule = ScheduleConfig::from_json(&read_text(&parts.scheduler_config)?)?;
+        Self::checked(
+            ClipConfig::from_json(&te.0, &te.1)?,
+            (&unet.0, UNetConfig::from_json(&unet.0, &unet.1)?),
+            (&vae.0, VaeConfig::from_json(&vae.0, &vae.1)?),
+            schedule,
+        )
+    }
+
+    /// Parses configs in diffusers' JSON form that one file (`path`, named in errors)
+    /// describes: a single-file checkpoint or its yaml.
+    pub(crate) fn parse(
+        path: &Path,
+        text_encoder: &str,
+        unet: &str,
+        vae: &str,
+        scheduler: &str,
+    ) -> Result<Self> {
+        Self::checked(
+            ClipConfig::from_json(path, text_encoder)?,
+            (path, UNetConfig::from_json(path, unet)?),
+            (path, VaeConfig::from_json(path, vae)?),
+            ScheduleConfig::from_json(scheduler)?,
+        )
+    }
+
+    /// The configs, once their shared widths agree.
+    fn checked(
+        clip: ClipConfig,
+        (unet_path, unet): (&Path, UNetConfig),
+        (vae_path, vae): (&Path, VaeConfig),
+        schedule: ScheduleConfig,
+    ) -> Result<Self> {
         let mismatch = |path: &Path, reason: String| {
             Err(EngineError::Config {
                 path: path.to_owned(),
                 reason,
             })
         };
-        if configs.unet.cross_attention_dim() != configs.clip.hidden_size() {
+        if unet.cross_attention_dim() != clip.hidden_size() {
             return mismatch(
-                &parts.unet.config,
+                unet_path,
                 format!(
                     "cross_attention_dim {} differs from the text encoder's hidden_size {}",
-                    configs.unet.cross_attention_dim(),
-                    configs.clip.hidden_size()
+                    unet.cross_attention_dim(),
+                    clip.hidden_size()
                 ),
             );
         }
-        if configs.vae.latent_channels() != configs.unet.in_channels() {
+        if vae.latent_channels() != unet.in_channels() {
             return mismatch(
-                &parts.vae.config,
+                vae_path,
                 format!(
                     "latent_channels {} differs from the UNet's in_channels {}",
-                    configs.vae.latent_channels(),
-                    configs.unet.in_channels()
+                    vae.latent_channels(),
+                    unet.in_channels()
                 ),
             );
         }
-        Ok(configs)
+        Ok(Self {
+            clip,
+            unet,
+            vae,
+            schedule,
+        })
     }
 }
 
@@ -224,10 +259,13 @@ impl HostWeights {
     }
 }
 
-/// A diffusers SD1.5 folder read into host memory, ready to be built with any LoRA stack.
+/// An SD1.5 model (a diffusers folder or a single-file checkpoint) read into host memory,
+/// ready to be built with any LoRA stack.
 pub struct BaseModel {
-    pub(crate) folder: PathBuf,
-    pub(crate) parts: Parts,
+    /// The folder or file it was read from.
+    pub(crate) path: PathBuf,
+    /// What names the UNet's architecture in errors: `unet/config.json`, the yaml or the file.
+    pub(crate) unet_config: PathBuf,
     pub(crate) configs: Configs,
     pub(crate) weights: HostWeights,
     bytes: u64,
@@ -236,27 +274,78 @@ pub struct BaseModel {
 impl std::fmt::Debug for BaseModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BaseModel")
-            .field("folder", &self.folder)
+            .field("path", &self.path)
             .field("hash", &self.weights.hash)
             .field("bytes", &self.bytes)
             .finish_non_exhaustive()
     }
 }
 
+/// Extensions of PyTorch pickle files, which kiln never unpickles.
+const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
+
+/// Refuses a pickle checkpoint, by its name or by its first bytes (a zip archive, as
+/// `torch.save` writes, or a raw pickle stream), before anything else reads it.
+fn refuse_pickle(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let by_name = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
+    let mut head = [0u8; 4];
+    let by_content = super::weights::open_regular(path)
+        .ok()
+        .and_then(|(f, _)| f.take(4).read_exact(&mut head).ok())
+        .is_some()
+        && (head == *b"PK\x03\x04" || head[0] == 0x80);
+    if by_name || by_content {
+        return Err(EngineError::Pickle {
+            path: path.to_owned(),
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            stem: file_stem(path),
+        });
+    }
+    Ok(())
+}
+
 impl BaseModel {
-    /// Reads every config and weights file of `folder`.
-    pub fn read(folder: &Path) -> Result<Self> {
-        let parts = Parts::locate(folder)?;
-        let configs = Configs::read(&parts)?;
-        let weights = HostWeights::read(&parts)?;
+    /// Reads a model: every config and weights file of a diffusers folder, or a single-file
+    /// checkpoint in the CompVis/LDM layout (with the `.yaml` beside it, if any).
+    pub fn read(path: &Path) -> Result<Self> {
+        let (configs, weights, unet_config) = if path.is_file() {
+            refuse_pickle(path)?;
+            let (configs, weights) = super::ldm::read(path)?;
+            let yaml = super::ldm::yaml_beside(path);
+            let named = if yaml.is_file() {
+                yaml
+            } else {
+                path.to_owned()
+            };
+            (configs, weights, named)
+        } else if path.is_dir() {
+            let parts = Parts::locate(path)?;
+            let configs = Configs::read(&parts)?;
+            (configs, HostWeights::read(&parts)?, parts.unet.config)
+        } else {
+            return Err(EngineError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such model folder or checkpoint file",
+                ),
+            });
+        };
         let bytes = [&weights.text_encoder, &weights.unet, &weights.vae]
             .iter()
             .flat_map(|w| w.tensors.values())
             .map(|t| t.elem_count() as u64 * 4)
             .sum();
         Ok(Self {
-            folder: folder.to_owned(),
-            parts,
+            path: path.to_owned(),
+            unet_config,
             configs,
             weights,
             bytes,
@@ -268,9 +357,25 @@ impl BaseModel {
         self.bytes
     }
 
-    /// The folder it was read from.
-    pub fn folder(&self) -> &Path {
-        &self.folder
+    /// The folder or file it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The model's name as A1111 writes it: the folder's name, or the file's stem.
+    pub fn name(&self) -> String {
+        let canonical = self
+            .path
+            .canonicalize()
+            .unwrap_or_else(|_| self.path.clone());
+        if canonical.is_file() {
+            file_stem(&canonical)
+        } else {
+            canonical
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        }
     }
 
     /// Merges `loras` in order into a copy of the base weights and builds the networks on

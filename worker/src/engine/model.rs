@@ -175,6 +175,7 @@ impl Model {
             &self.to_device(latents)?,
             timestep,
             &self.to_device(context)?,
+            1.0,
         )?;
         to_host(&out)
     }
@@ -203,17 +204,26 @@ impl Model {
         Ok(self.clip.forward(&ids)?)
     }
 
+    /// Whether the UNet is LCM-distilled: it takes the guidance scale as an embedding and
+    /// needs one pass per step whatever the scale (no classifier-free guidance batch).
+    pub fn embeds_guidance(&self) -> bool {
+        self.unet.guidance_embedding_dim().is_some()
+    }
+
+    /// One UNet pass; `guidance_scale` reaches only an LCM-distilled UNet
+    /// ([`Self::embeds_guidance`]).
     pub(crate) fn unet_forward(
         &self,
         latents: &Tensor,
         t: f32,
         context: &Tensor,
+        guidance_scale: f32,
     ) -> Result<Tensor> {
         let latents = latents.to_dtype(self.dtype)?;
         let context = context.to_dtype(self.dtype)?;
         Ok(self
             .unet
-            .forward(&latents, t, &context)?
+            .forward(&latents, t, &context, guidance_scale)?
             .to_dtype(DType::F32)?)
     }
 

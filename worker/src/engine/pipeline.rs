@@ -293,7 +293,8 @@ impl Pipeline {
         let n = requests.len();
         let sampler = self.sampler(first)?;
         let model = &self.model;
-        let guided = first.cfg_scale > 1.0;
+        // An LCM-distilled UNet takes the scale as an embedding: one pass, no CFG batch.
+        let guided = first.cfg_scale > 1.0 && !model.embeds_guidance();
 
         let started = Instant::now();
         let conds = requests
@@ -338,13 +339,7 @@ impl Pipeline {
                 shape: vec![n, channels, h, w],
                 data: input,
             })?;
-            let eps = predict_noise(
-                model,
-                &input,
-                t,
-                &context,
-                guided.then_some(first.cfg_scale),
-            )?;
+            let eps = predict_noise(model, &input, t, &context, first.cfg_scale, guided)?;
             for (i, (l, rng)) in latents.iter_mut().zip(&mut rngs).enumerate() {
                 let eps_i = &eps[i * numel..(i + 1) * numel];
                 *l = sampler.step(index, eps_i, l, rng)?.prev_sample;
@@ -434,21 +429,22 @@ fn ms(since: Instant) -> f64 {
 }
 
 /// The noise the sampler steps with, for a batch of `b` latents (`[b, c, h, w]`), row-major:
-/// one UNet pass, or with `guidance = Some(g)` one batch of `[uncond × b, cond × b]` combined
-/// as diffusers does, `u + g·(c − u)` in f32.
+/// one UNet pass (which an LCM-distilled UNet conditions on `g`), or when `guided` one batch of
+/// `[uncond × b, cond × b]` combined as diffusers does, `u + g·(c − u)` in f32.
 fn predict_noise(
     model: &Model,
     input: &Tensor,
     t: f32,
     context: &Tensor,
-    guidance: Option<f32>,
+    g: f32,
+    guided: bool,
 ) -> Result<Vec<f32>> {
-    let Some(g) = guidance else {
-        return Ok(to_host(&model.unet_forward(input, t, context)?)?.data);
-    };
+    if !guided {
+        return Ok(to_host(&model.unet_forward(input, t, context, g)?)?.data);
+    }
     let b = input.dim(0)?;
     let batch = Tensor::cat(&[input, input], 0)?;
-    let out = model.unet_forward(&batch, t, context)?;
+    let out = model.unet_forward(&batch, t, context, g)?;
     let uncond = to_host(&out.narrow(0, 0, b)?)?.data;
     let cond = to_host(&out.narrow(0, b, b)?)?.data;
     Ok(uncond

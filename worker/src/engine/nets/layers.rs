@@ -412,6 +412,25 @@ pub(crate) fn timestep_embedding(
     Tensor::from_vec(row, (1, dim), device)?.repeat((batch, 1))
 }
 
+/// The guidance-scale embedding of diffusers' LCM pipelines (`get_guidance_scale_embedding`),
+/// `[batch, dim]`: `w = (guidance_scale − 1)·1000`, then `[sin(w·f), cos(w·f)]` over
+/// `f_i = exp(−i·ln(10000)/(dim/2 − 1))`, zero-padded to an odd `dim`; in f32 as torch computes it.
+pub(crate) fn guidance_embedding(
+    guidance_scale: f32,
+    batch: usize,
+    dim: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let w = (guidance_scale - 1.0) * 1000.0;
+    let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -step).exp()).collect();
+    let mut row: Vec<f32> = args.iter().map(|a| a.sin()).collect();
+    row.extend(args.iter().map(|a| a.cos()));
+    row.resize(dim, 0.0);
+    Tensor::from_vec(row, (1, dim), device)?.repeat((batch, 1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use crate::engine::error::{EngineError, Result as EngineResult};
 use crate::engine::load::weights::{Conv2d, GroupNorm, Linear, Params};
 use crate::engine::nets::layers::{
     Downsample, ResnetBlock, ResnetConfig, Transformer2D, TransformerConfig, Upsample,
-    timestep_embedding,
+    guidance_embedding, timestep_embedding,
 };
 
 /// A config value that diffusers accepts either once for all blocks or once per block.
@@ -215,10 +215,6 @@ impl UNetConfig {
                 "class embeddings",
             ),
             (self.addition_embed_type.is_some(), "addition_embed_type"),
-            (
-                self.time_cond_proj_dim.is_some(),
-                "time_cond_proj_dim (full LCM checkpoints)",
-            ),
             (self.encoder_hid_dim.is_some(), "encoder_hid_dim"),
             (self.timestep_post_act.is_some(), "timestep_post_act"),
             (self.resnet_skip_time_act, "resnet_skip_time_act"),
@@ -304,6 +300,9 @@ pub(crate) struct UNet {
     up: Vec<(Block, Option<Upsample>)>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// LCM-distilled UNets: projects the guidance-scale embedding (`time_cond_proj_dim`
+    /// wide) onto the timestep embedding.
+    cond_proj: Option<(Linear, usize)>,
     time_proj_dim: usize,
     flip_sin_to_cos: bool,
     freq_shift: f64,
@@ -431,19 +430,34 @@ impl UNet {
             conv_out: p
                 .pp("conv_out")
                 .conv2d(ch[0], c.out_channels, k_out, 1, (k_out - 1) / 2)?,
+            cond_proj: c
+                .time_cond_proj_dim
+                .map(|dim| {
+                    p.pp("time_embedding.cond_proj")
+                        .linear(dim, ch[0], false)
+                        .map(|l| (l, dim))
+                })
+                .transpose()?,
             time_proj_dim: ch[0],
             flip_sin_to_cos: c.flip_sin_to_cos,
             freq_shift: c.freq_shift,
         })
     }
 
+    /// The width of the guidance-scale embedding an LCM-distilled UNet takes, if it takes one.
+    pub(crate) fn guidance_embedding_dim(&self) -> Option<usize> {
+        self.cond_proj.as_ref().map(|(_, dim)| *dim)
+    }
+
     /// Predicts the noise in `sample` (`[b, c, h, w]`) at `timestep`, conditioned on
-    /// `context` (`[b, tokens, cross_attention_dim]`).
+    /// `context` (`[b, tokens, cross_attention_dim]`); an LCM-distilled UNet also on
+    /// `guidance_scale` (ignored by others).
     pub(crate) fn forward(
         &self,
         sample: &Tensor,
         timestep: f32,
         context: &Tensor,
+        guidance_scale: f32,
     ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let t_emb = timestep_embedding(
@@ -455,6 +469,14 @@ impl UNet {
             sample.device(),
         )?
         .to_dtype(sample.dtype())?;
+        let t_emb = match &self.cond_proj {
+            Some((proj, dim)) => {
+                let w = guidance_embedding(guidance_scale, batch, *dim, sample.device())?
+                    .to_dtype(sample.dtype())?;
+                (t_emb + proj.forward(&w)?)?
+            }
+            None => t_emb,
+        };
         let temb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;

@@ -125,8 +125,9 @@ RESNET_TO_LDM = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_
                  ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
 
 
-def unet_to_ldm(sd):
+def unet_to_ldm(sd, levels=LEVELS, layers=LAYERS):
     """diffusers UNet names -> LDM names (without the model.diffusion_model. prefix)."""
+    LEVELS, LAYERS = levels, layers  # noqa: N806 (the module constants, for another UNet)
     blocks = {  # diffusers module prefix -> LDM module prefix
         "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
         "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",

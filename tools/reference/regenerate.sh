@@ -20,8 +20,10 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$PY" gen_models.py
 "$PY" gen_lora.py
 "$PY" gen_expected.py
+"$PY" gen_prompts.py
 "$PY" gen_single_file.py
 "$PY" gen_lcm_distilled.py
+"$PY" gen_lora_ldm.py
 chmod 644 ../../worker/tests/fixtures/reference/*.* ../../worker/tests/fixtures/reference/tiny-sd15/*/* \
   ../../worker/tests/fixtures/reference/tiny-sd15/*.json \
   ../../worker/tests/fixtures/reference/tiny-lcm-unet/*

@@ -59,6 +59,13 @@ pub fn resolve(
             }
         }
     }
+    // A bare name is also looked for in subfolders, as A1111 finds `<lora:name>` anywhere
+    // under its Lora folder by file stem.
+    if as_path.components().count() == 1
+        && let Some(found) = dirs.iter().find_map(|d| find_by_stem(d, reference))
+    {
+        return Ok(found);
+    }
     if policy == PathPolicy::AnyPath && as_path.exists() {
         // `kiln run`: a path relative to where it was started.
         return Ok(as_path.to_path_buf());
@@ -72,6 +79,49 @@ pub fn resolve(
             searched.join(", ")
         }
     ))
+}
+
+/// How deep below a `--models` folder [`find_by_stem`] looks, and how many entries it reads at
+/// most: a folder of models is small, and a huge tree must not stall a render.
+const STEM_SEARCH_DEPTH: usize = 4;
+const STEM_SEARCH_ENTRIES: usize = 20_000;
+
+/// The first `<stem>.safetensors` (or folder `<stem>`) below `dir`, breadth first, in name
+/// order, never entering a linked folder (no loops, no wandering out of the tree).
+fn find_by_stem(dir: &Path, stem: &str) -> Option<PathBuf> {
+    let file = format!("{stem}.safetensors");
+    let mut level = vec![dir.to_path_buf()];
+    let mut read = 0usize;
+    for _ in 0..STEM_SEARCH_DEPTH {
+        let mut next = Vec::new();
+        for folder in level {
+            let Ok(entries) = std::fs::read_dir(&folder) else {
+                continue;
+            };
+            let mut entries: Vec<_> = entries.filter_map(|e| e.ok()).collect();
+            read += entries.len();
+            if read > STEM_SEARCH_ENTRIES {
+                return None;
+            }
+            entries.sort_by_key(|e| e.file_name());
+            for entry in entries {
+                let Ok(kind) = entry.file_type() else {
+                    continue;
+                };
+                let name = entry.file_name();
+                // A linked file counts (owners link models in); a linked folder is not entered.
+                let is_file = kind.is_file() || (kind.is_symlink() && entry.path().is_file());
+                if (is_file && name == file.as_str()) || (kind.is_dir() && name == stem) {
+                    return Some(entry.path());
+                }
+                if kind.is_dir() {
+                    next.push(entry.path());
+                }
+            }
+        }
+        level = next;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -92,6 +142,13 @@ mod tests {
         assert_eq!(
             resolve("sd15/dreamshaper", &dirs, "model", only).unwrap(),
             dir.path().join("sd15/dreamshaper")
+        );
+        // A bare name is found in a subfolder by its stem, as A1111 finds LoRAs.
+        std::fs::create_dir_all(dir.path().join("styles/old")).unwrap();
+        std::fs::write(dir.path().join("styles/old/detail.safetensors"), b"x").unwrap();
+        assert_eq!(
+            resolve("detail", &dirs, "LoRA", only).unwrap(),
+            dir.path().join("styles/old/detail.safetensors")
         );
         let e = resolve("nope", &dirs, "model", only).unwrap_err();
         assert!(e.contains("model not found") && e.contains("nope"), "{e}");

@@ -4,7 +4,8 @@
 //! `W' = W + strength · (alpha/rank) · up·down`, computed in f32 on the host before the model
 //! is built. kohya files (`lora_unet_*` / `lora_te_*` with `.lora_down`/`.lora_up`/`.alpha`)
 //! are matched with the forward name map A1111 and ComfyUI use: every real module name with
-//! `.` replaced by `_`. PEFT files (`unet.<module>.lora_A/lora_B`,
+//! `.` replaced by `_`; UNet modules named the LDM way (`input_blocks_1_0_in_layers_2`) are
+//! renamed first (`ldm::keys`). PEFT files (`unet.<module>.lora_A/lora_B`,
 //! `text_encoder.<module>...`) name modules directly. Any key that matches no module fails
 //! the load with the full list; nothing is skipped silently.
 
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::load::ldm;
 use crate::engine::load::weights::Weights;
 
 /// One LoRA to merge and its strength.
@@ -81,6 +83,29 @@ fn naming(base: &str) -> Option<Naming> {
     }
 }
 
+/// Names the LyCORIS (or other) network type of a file kiln cannot merge, from the tensor
+/// names each type uses (A1111's `network_*.py` modules; LyCORIS' module docs).
+fn unsupported_format(file: &Weights) -> Option<&'static str> {
+    const FORMATS: [(&str, &str); 7] = [
+        (".hada_w1_a", "a LyCORIS LoHa file (hada_* tensors)"),
+        (".lokr_w1", "a LyCORIS LoKr file (lokr_* tensors)"),
+        (
+            ".lora_mid.weight",
+            "a LoCon file with CP decomposition (lora_mid tensors)",
+        ),
+        (".oft_blocks", "an OFT file (oft_blocks tensors)"),
+        (".oft_diag", "an OFT file (oft_diag tensors)"),
+        (".dora_scale", "a DoRA file (dora_scale tensors)"),
+        (".diff", "a full-difference network (diff tensors)"),
+    ];
+    FORMATS.iter().find_map(|(marker, name)| {
+        file.tensors
+            .keys()
+            .any(|k| k.contains(marker))
+            .then_some(*name)
+    })
+}
+
 /// `module.weight` names of `weights` keyed by kohya's underscored module name.
 fn kohya_index(weights: &Weights) -> HashMap<String, String> {
     weights
@@ -103,6 +128,15 @@ pub(crate) fn merge(
         return Err(lora_error(
             path,
             format!("strength {} is not finite", spec.strength),
+        ));
+    }
+    if let Some(format) = unsupported_format(file) {
+        return Err(lora_error(
+            path,
+            format!(
+                "{format}: kiln merges LoRA files (lora_down/lora_up or lora_A/lora_B pairs) \
+                 only; use a plain LoRA version of this network"
+            ),
         ));
     }
     let mut groups: BTreeMap<String, Pair> = BTreeMap::new();
@@ -136,13 +170,24 @@ pub(crate) fn merge(
     }
 
     let unet_index = kohya_index(targets.unet);
+    let unet_layers = (0..)
+        .take_while(|j| {
+            targets
+                .unet
+                .tensors
+                .contains_key(&format!("down_blocks.0.resnets.{j}.conv1.weight"))
+        })
+        .count();
     let te_index = kohya_index(targets.text_encoder);
     let mut resolved: Vec<(Component, String, Pair)> = Vec::with_capacity(groups.len());
     for (base, pair) in groups {
         let target = match naming(&base) {
-            Some(Naming::Kohya(Component::Unet, m)) => {
-                unet_index.get(&m).map(|w| (Component::Unet, w.clone()))
-            }
+            Some(Naming::Kohya(Component::Unet, m)) => unet_index
+                .get(&m)
+                .or_else(|| {
+                    ldm::keys::ldm_lora_module(&m, unet_layers).and_then(|d| unet_index.get(&d))
+                })
+                .map(|w| (Component::Unet, w.clone())),
             Some(Naming::Kohya(Component::TextEncoder, m)) => te_index
                 .get(&m)
                 .or_else(|| te_index.get(&format!("text_model_{m}")))
@@ -297,13 +342,56 @@ mod tests {
 
     #[test]
     fn kohya_and_peft_merges_match_the_reference_merge() {
-        for file in ["lora_kohya.safetensors", "lora_peft.safetensors"] {
+        for file in [
+            "lora_kohya.safetensors",
+            "lora_peft.safetensors",
+            "lora_kohya_ldm.safetensors",
+        ] {
             for strength in [0.5, 1.0] {
                 let worst = check(file, strength);
                 eprintln!("{file} at {strength}: max abs diff {worst:e}");
                 // A rank-4 f32 matmul may sum in another order than torch: allow an ulp or so.
                 assert!(worst <= 1e-6, "{file} at {strength}: max |diff| {worst}");
             }
+        }
+    }
+
+    #[test]
+    fn lycoris_files_are_named_not_listed_key_by_key() {
+        let mut unet = Weights::read(&fixture(
+            "tiny-sd15/unet/diffusion_pytorch_model.fp16.safetensors",
+        ))
+        .expect("unet");
+        let mut te = Weights::read(&fixture("tiny-sd15/text_encoder/model.fp16.safetensors"))
+            .expect("text encoder");
+        let one = Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        for (key, says) in [
+            ("lora_unet_conv_in.hada_w1_a", "LoHa"),
+            ("lora_unet_conv_in.lokr_w1", "LoKr"),
+            ("lora_unet_conv_in.lora_mid.weight", "LoCon"),
+        ] {
+            let file = Weights {
+                file: "x.safetensors".into(),
+                tensors: HashMap::from([(key.to_owned(), one.clone())]),
+            };
+            let spec = LoraSpec {
+                path: PathBuf::from("x.safetensors"),
+                strength: 1.0,
+            };
+            let e = merge(
+                &spec,
+                &file,
+                &mut Targets {
+                    unet: &mut unet,
+                    text_encoder: &mut te,
+                },
+            )
+            .unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains(says) && text.contains("x.safetensors"),
+                "{text}"
+            );
         }
     }
 }

@@ -5,6 +5,6 @@
 //! network; [`super::nets`] builds the networks from what this module read.
 
 pub mod base;
-mod ldm;
+pub(crate) mod ldm;
 pub mod lora;
 pub(crate) mod weights;

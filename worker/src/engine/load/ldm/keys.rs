@@ -53,6 +53,71 @@ pub(crate) fn rename(name: &str, layout: Layout) -> Option<(Part, String)> {
     None
 }
 
+/// The diffusers module a kohya LoRA names in LDM style (`input_blocks_1_0_in_layers_2`,
+/// as LoRAs trained on CompVis modules do), underscored as kohya writes diffusers names
+/// (`down_blocks_0_resnets_0_conv1`); `layers` is the UNet's res blocks per level.
+pub(crate) fn ldm_lora_module(module: &str, layers: usize) -> Option<String> {
+    // Re-dot the LDM name: block and indices, then a res block's known children; an
+    // attention's children are named alike in both layouts, so they pass through as they are.
+    let (block, rest) = [
+        "input_blocks_",
+        "output_blocks_",
+        "middle_block_",
+        "time_embed_",
+        "out_",
+    ]
+    .iter()
+    .find_map(|b| module.strip_prefix(b).map(|r| (b.trim_end_matches('_'), r)))?;
+    let indices = if matches!(block, "input_blocks" | "output_blocks") {
+        2
+    } else if block == "middle_block" {
+        1
+    } else {
+        0
+    };
+    let mut parts = rest.splitn(indices + 1, '_');
+    let mut dotted = String::from(block);
+    let mut tail = rest;
+    for _ in 0..indices {
+        let index = parts.next()?;
+        index.parse::<usize>().ok()?;
+        dotted.push('.');
+        dotted.push_str(index);
+        tail = parts.clone().next().unwrap_or("");
+    }
+    if indices == 0 {
+        rest.parse::<usize>().ok()?;
+        dotted = format!("{block}.{rest}");
+        tail = "";
+    }
+    const CHILDREN: [(&str, &str); 8] = [
+        ("in_layers_0", "in_layers.0"),
+        ("in_layers_2", "in_layers.2"),
+        ("emb_layers_1", "emb_layers.1"),
+        ("out_layers_0", "out_layers.0"),
+        ("out_layers_3", "out_layers.3"),
+        ("skip_connection", "skip_connection"),
+        ("op", "op"),
+        ("conv", "conv"),
+    ];
+    if !tail.is_empty() {
+        let child = CHILDREN
+            .iter()
+            .find(|(u, _)| *u == tail)
+            .map_or(tail, |(_, d)| *d);
+        dotted.push('.');
+        dotted.push_str(child);
+    }
+    let (part, name) = rename(
+        &format!("{UNET_PREFIX}{dotted}.weight"),
+        Layout {
+            unet_layers: layers,
+            vae_levels: 1,
+        },
+    )?;
+    (part == Part::Unet).then(|| name.trim_end_matches(".weight").replace('.', "_"))
+}
+
 /// `in_layers.0` → `norm1` and the rest of an LDM `ResBlock`'s children.
 fn resnet_child(rest: &str) -> Option<String> {
     const CHILDREN: [(&str, &str); 6] = [
@@ -272,6 +337,36 @@ mod tests {
         ] {
             assert_eq!(unet_name(ldm), diffusers, "{ldm}");
         }
+    }
+
+    #[test]
+    fn ldm_style_lora_names_reach_diffusers_modules() {
+        for (ldm, diffusers) in [
+            (
+                "input_blocks_1_0_in_layers_2",
+                "down_blocks_0_resnets_0_conv1",
+            ),
+            (
+                "input_blocks_1_1_transformer_blocks_0_attn1_to_q",
+                "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+            ),
+            ("input_blocks_3_0_op", "down_blocks_0_downsamplers_0_conv"),
+            (
+                "middle_block_2_emb_layers_1",
+                "mid_block_resnets_1_time_emb_proj",
+            ),
+            ("middle_block_1_proj_in", "mid_block_attentions_0_proj_in"),
+            ("output_blocks_2_1_conv", "up_blocks_0_upsamplers_0_conv"),
+            (
+                "output_blocks_8_0_skip_connection",
+                "up_blocks_2_resnets_2_conv_shortcut",
+            ),
+            ("time_embed_0", "time_embedding_linear_1"),
+            ("out_2", "conv_out"),
+        ] {
+            assert_eq!(ldm_lora_module(ldm, 2).as_deref(), Some(diffusers), "{ldm}");
+        }
+        assert_eq!(ldm_lora_module("down_blocks_0_resnets_0_conv1", 2), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! buffers) are skipped without being converted, so they cost no memory beyond the file.
 
 mod arch;
-mod keys;
+pub(crate) mod keys;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -43,6 +43,7 @@ fn request(seed: u64) -> RenderRequest {
         sampler: SamplerKind::Lcm,
         width: 64,
         height: 64,
+        clip_skip: 1,
     }
 }
 
@@ -199,6 +200,7 @@ fn main() {
     let lora = LoraSpec {
         path: fixtures().join("lora_kohya.safetensors"),
         strength: 1.0,
+        text_encoder_strength: None,
     };
     let pipeline = Pipeline::load(&fixtures().join("tiny-sd15"), &[lora], Device::Cpu).unwrap();
     bare(&pipeline, 2_000_000, 1);

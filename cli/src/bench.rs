@@ -111,6 +111,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
                 sampler: SamplerKind::Lcm,
                 width: args.size,
                 height: args.size,
+                clip_skip: 1,
             })
             .collect();
         let mut walls = Vec::new();

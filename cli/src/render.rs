@@ -69,11 +69,13 @@ pub(crate) fn parse_lora(value: &str) -> Result<LoraSpec, String> {
         return Ok(LoraSpec {
             path: PathBuf::from(file),
             strength,
+            text_encoder_strength: None,
         });
     }
     Ok(LoraSpec {
         path: PathBuf::from(value),
         strength: 1.0,
+        text_encoder_strength: None,
     })
 }
 
@@ -95,6 +97,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         sampler,
         width: args.width,
         height: args.height,
+        clip_skip: 1,
     };
     // Reject a bad size before spending seconds loading weights.
     request.check()?;

@@ -137,6 +137,8 @@ fn cell(i: u64) -> CellSpec {
         ]
         .into(),
         min_memory_mib: 0,
+        vae: String::new(),
+        clip_skip: 1,
     }
 }
 

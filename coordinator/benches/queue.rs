@@ -71,6 +71,8 @@ fn cell(seed: u64) -> CellSpec {
         ]
         .into(),
         min_memory_mib: 0,
+        vae: String::new(),
+        clip_skip: 1,
     }
 }
 

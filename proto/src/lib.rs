@@ -5,9 +5,13 @@
 //!   `proto/kiln/v1/kiln.proto` (the documented source of the API).
 //! - [`ids`]: newtypes for the ids that cross crate boundaries, so a sweep id can never be
 //!   passed where a cell id is expected.
+//! - [`prompt`]: A1111 prompt syntax (extra networks such as `<lora:name:0.7>`, emphasis,
+//!   `BREAK`), parsed as A1111 parses it, so the coordinator can refuse a bad prompt at submit
+//!   time and the worker encodes exactly what A1111 would.
 #![warn(missing_docs)]
 
 pub mod ids;
+pub mod prompt;
 
 /// Generated code for package `kiln.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

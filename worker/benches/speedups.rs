@@ -46,6 +46,7 @@ impl Setup {
             .map(|path| LoraSpec {
                 path: path.clone(),
                 strength,
+                text_encoder_strength: None,
             })
             .collect()
     }
@@ -60,6 +61,7 @@ impl Setup {
             sampler: SamplerKind::Lcm,
             width: self.size,
             height: self.size,
+            clip_skip: 1,
         }
     }
 }

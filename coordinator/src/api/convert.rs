@@ -83,6 +83,8 @@ pub(super) fn cell_from_wire(c: pb::RenderCell) -> Result<CellSpec> {
         rng: rng.into(),
         bindings: c.bindings.into_iter().collect(),
         min_memory_mib: c.min_memory_mib,
+        vae: c.vae,
+        clip_skip: c.clip_skip.max(1),
     })
 }
 
@@ -112,6 +114,8 @@ pub(super) fn cell_to_wire(s: CellSpec) -> pb::RenderCell {
         rng: pb::RngSource::Cpu as i32,
         bindings: s.bindings.into_iter().collect(),
         min_memory_mib: s.min_memory_mib,
+        vae: s.vae,
+        clip_skip: s.clip_skip,
     }
 }
 

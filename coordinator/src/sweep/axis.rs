@@ -15,6 +15,8 @@ pub(crate) enum Setter {
     Steps(u32),
     Sampler(Sampler),
     Model(String),
+    Vae(String),
+    ClipSkip(u32),
     Width(u32),
     Height(u32),
     Size(u32, u32),
@@ -33,6 +35,8 @@ impl Setter {
             Setter::Steps(v) => cell.steps = *v,
             Setter::Sampler(v) => cell.sampler = *v,
             Setter::Model(v) => cell.model.clone_from(v),
+            Setter::Vae(v) => cell.vae.clone_from(v),
+            Setter::ClipSkip(v) => cell.clip_skip = *v,
             Setter::Width(v) => cell.width = *v,
             Setter::Height(v) => cell.height = *v,
             Setter::Size(w, h) => (cell.width, cell.height) = (*w, *h),
@@ -70,6 +74,8 @@ const AXES: &[&str] = &[
     "steps",
     "sampler",
     "model",
+    "vae",
+    "clip_skip",
     "size",
     "width",
     "height",
@@ -96,6 +102,8 @@ impl Resolver<'_> {
                 "steps" => &[("steps", f.steps.is_some())],
                 "sampler" => &[("sampler", f.sampler.is_some())],
                 "model" => &[("model", f.model.is_some())],
+                "vae" => &[("vae", f.vae.is_some())],
+                "clip_skip" => &[("clip_skip", f.clip_skip.is_some())],
                 "negative_prompt" => &[("negative_prompt", f.negative_prompt.is_some())],
                 "prompt" => &[
                     ("prompt", f.prompt.is_some()),
@@ -164,13 +172,22 @@ impl Resolver<'_> {
                             self.val(span.clone(), &vpath, string(value).and_then(size))?;
                         Setter::Size(w, h)
                     }
-                    ("model", _) => {
+                    ("model" | "vae", _) => {
                         let m = self.val(span.clone(), &vpath, string(value))?;
                         if m.trim().is_empty() || m.len() > MAX_REF_BYTES {
                             return Err(self.invalid(span, &vpath, "must be 1..=1024 bytes"));
                         }
-                        Setter::Model(m.to_string())
+                        if name == "vae" {
+                            Setter::Vae(m.to_string())
+                        } else {
+                            Setter::Model(m.to_string())
+                        }
                     }
+                    ("clip_skip", _) => Setter::ClipSkip(self.val(
+                        span.clone(),
+                        &vpath,
+                        integer(value).and_then(clip_skip),
+                    )?),
                     ("negative_prompt", _) => Setter::NegativePrompt(
                         self.val(span.clone(), &vpath, string(value))?.to_string(),
                     ),
@@ -188,10 +205,13 @@ impl Resolver<'_> {
                 out.push(AxisValue {
                     binding: match &set {
                         Setter::Cfg(v) | Setter::LoraStrength(_, v) => format!("{v:?}"),
-                        Setter::Steps(v) | Setter::Width(v) | Setter::Height(v) => v.to_string(),
+                        Setter::Steps(v)
+                        | Setter::Width(v)
+                        | Setter::Height(v)
+                        | Setter::ClipSkip(v) => v.to_string(),
                         Setter::Sampler(s) => s.as_str().to_string(),
                         Setter::Size(w, h) => format!("{w}x{h}"),
-                        Setter::Model(m) => m.clone(),
+                        Setter::Model(m) | Setter::Vae(m) => m.clone(),
                         Setter::NegativePrompt(_) | Setter::Prompt(_) => (i + 1).to_string(),
                     },
                     set,
@@ -307,6 +327,16 @@ pub(super) fn sampler(s: &str) -> Result<Sampler, String> {
         other => Err(format!(
             "unknown sampler `{other}` (samplers: lcm, euler_a)"
         )),
+    }
+}
+
+pub(super) fn clip_skip(v: i64) -> Result<u32, String> {
+    if (1..=4).contains(&v) {
+        Ok(v as u32)
+    } else {
+        Err(format!(
+            "{v} is outside 1..=4 (1 is the last CLIP layer; A1111's \"Clip skip\")"
+        ))
     }
 }
 

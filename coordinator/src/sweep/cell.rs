@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use kiln_proto::prompt::{LoraRef, ParsedPrompt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -83,6 +84,21 @@ pub struct CellSpec {
     /// Least device memory a worker must declare, MiB.
     #[serde(default)]
     pub min_memory_mib: u64,
+    /// A VAE replacing the model's own (A1111's "SD VAE"); empty: the model's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vae: String,
+    /// CLIP layers skipped from the end (A1111's "Clip skip"), 1..=4; 1 is the last layer.
+    #[serde(default = "last_layer", skip_serializing_if = "is_last_layer")]
+    pub clip_skip: u32,
+}
+
+fn last_layer() -> u32 {
+    1
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_last_layer(n: &u32) -> bool {
+    *n == 1
 }
 
 impl CellSpec {
@@ -124,6 +140,18 @@ impl CellSpec {
             }
             check_text(field, text)?;
         }
+        if !self.vae.is_empty() {
+            check_ref("vae", &self.vae)?;
+        }
+        if !(1..=4).contains(&self.clip_skip) {
+            return Err(Error::invalid(format!(
+                "clip_skip: {} is outside 1..=4",
+                self.clip_skip
+            )));
+        }
+        ParsedPrompt::parse(&self.prompt).map_err(|e| Error::invalid(format!("prompt: {e}")))?;
+        ParsedPrompt::parse_negative(&self.negative_prompt)
+            .map_err(|e| Error::invalid(format!("negative_prompt: {e}")))?;
         if self.min_memory_mib > MAX_MEMORY_MIB {
             return Err(Error::invalid(format!(
                 "min_memory_mib: {} is past {MAX_MEMORY_MIB} (1 TiB)",
@@ -206,6 +234,11 @@ impl CellSpec {
         field(&mut h, &self.cfg.to_bits().to_le_bytes());
         field(&mut h, self.sampler.as_str().as_bytes());
         field(&mut h, self.rng.as_bytes());
+        // Fields added later hash only when set, so earlier cells keep their identity.
+        if self.clip_skip != 1 {
+            field(&mut h, b"clip_skip");
+            field(&mut h, &self.clip_skip.to_le_bytes());
+        }
         h.finalize().into()
     }
 
@@ -218,6 +251,14 @@ impl CellSpec {
         hex::encode(&h.finalize()[..16])
     }
 
+    /// The LoRAs the prompt names (`<lora:name:weight>`), which a worker merges after
+    /// [`Self::loras`]; none for a prompt that does not parse (`validate` refuses it).
+    pub fn prompt_loras(&self) -> Vec<LoraRef> {
+        ParsedPrompt::parse(&self.prompt)
+            .map(|p| p.loras())
+            .unwrap_or_default()
+    }
+
     fn hash_pipeline(&self, h: &mut Sha256) {
         field(h, self.model.as_bytes());
         field(h, &(self.loras.len() as u64).to_le_bytes());
@@ -226,8 +267,19 @@ impl CellSpec {
             field(h, &l.strength.to_bits().to_le_bytes());
             field(h, l.sha256.as_bytes());
         }
+        // Prompt LoRAs change the merged weights too; a prompt without any hashes as before.
+        for l in self.prompt_loras() {
+            field(h, b"prompt-lora");
+            field(h, l.name.as_bytes());
+            field(h, &l.te.to_bits().to_le_bytes());
+            field(h, &l.unet.to_bits().to_le_bytes());
+        }
         field(h, &self.width.to_le_bytes());
         field(h, &self.height.to_le_bytes());
+        if !self.vae.is_empty() {
+            field(h, b"vae");
+            field(h, self.vae.as_bytes());
+        }
     }
 }
 
@@ -364,6 +416,8 @@ pub(crate) mod tests {
             rng: "cpu".into(),
             bindings: BTreeMap::new(),
             min_memory_mib: 0,
+            vae: String::new(),
+            clip_skip: 1,
         }
     }
 

@@ -310,6 +310,14 @@ impl Expansion<'_> {
                 for (k, v) in &variant.bindings {
                     bind(&mut cell.bindings, k, v);
                 }
+                // `<lora:name:w>` in the prompt: queryable as `lora.<name>` (the UNet strength).
+                for lora in cell.prompt_loras() {
+                    bind(
+                        &mut cell.bindings,
+                        &format!("lora.{}", lora.name),
+                        &lora.unet.to_string(),
+                    );
+                }
                 for &seed in self.seeds {
                     let mut c = cell.clone();
                     c.seed = seed;
@@ -536,6 +544,83 @@ cfg = [1, 2]
             run(&src).unwrap_err().to_string(),
             "x.txt:3:7: `}` without a matching `{` (write `\\}` for a literal brace)"
         );
+    }
+
+    #[test]
+    fn prompt_loras_are_bindings_and_part_of_the_pipeline() {
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nseeds = [1]\nprompt = \"a (fox:1.2) <lora:{detail:0.7|detail:0.5:0.25}>\"\n",
+        );
+        let p = run(&src).unwrap();
+        assert_eq!(p.cells.len(), 2);
+        assert_eq!(
+            b(&p.cells[0]),
+            [("alt1", "detail:0.7"), ("lora.detail", "0.7")]
+        );
+        assert_eq!(
+            b(&p.cells[1]),
+            [("alt1", "detail:0.5:0.25"), ("lora.detail", "0.25")]
+        );
+        // Another prompt LoRA strength is another pipeline; the prompt text is kept whole.
+        assert_ne!(p.cells[0].affinity_key(), p.cells[1].affinity_key());
+        assert!(p.cells[0].prompt.ends_with("<lora:detail:0.7>"));
+        let mut plain = p.cells[0].spec.clone();
+        plain.prompt = "a (fox:1.2)".into();
+        let mut other = plain.clone();
+        other.prompt = "a fox".into();
+        assert_eq!(plain.affinity_key(), other.affinity_key());
+    }
+
+    #[test]
+    fn vae_and_clip_skip_as_settings_and_axes() {
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nseeds = [1]\nprompt = \"a fox\"\nvae = \"mse\"\n[axes]\nclip_skip = [1, 2]\n",
+        );
+        let p = run(&src).unwrap();
+        let got: Vec<_> = p
+            .cells
+            .iter()
+            .map(|c| (c.vae.as_str(), c.clip_skip, b(c)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("mse", 1, vec![("clip_skip", "1")]),
+                ("mse", 2, vec![("clip_skip", "2")])
+            ]
+        );
+        // Another VAE is another pipeline; clip skip is not.
+        let mut other = p.cells[0].spec.clone();
+        other.vae = "other".into();
+        assert_ne!(other.affinity_key(), p.cells[0].affinity_key());
+        assert_eq!(p.cells[0].affinity_key(), p.cells[1].affinity_key());
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nseeds = [1]\nprompt = \"a\"\n[axes]\nvae = [\"a\", \"b\"]\nclip_skip = [5]\n",
+        );
+        let e = run(&src).unwrap_err().to_string();
+        assert!(
+            e.contains("s.toml:6:") && e.contains("outside 1..=4"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_prompt_a1111_cannot_read_is_refused_with_its_column() {
+        for (prompt, says) in [
+            ("a (fox", "`(` at column 3 is never closed"),
+            ("a fox)", "`)` at column 6 closes nothing"),
+            ("a <lora:x:abc>", "lora"),
+        ] {
+            let src = SweepSource::new(
+                "s.toml",
+                format!("model = \"m\"\nseeds = [1]\nprompt = \"{prompt}\"\n"),
+            );
+            let e = run(&src).unwrap_err().to_string();
+            assert!(e.contains(says), "{prompt}: {e}");
+        }
     }
 
     #[test]

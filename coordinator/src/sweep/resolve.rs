@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use toml::Spanned;
 
-use super::axis::{Axis, cfg, dimension, sampler, size, steps, strength};
+use super::axis::{Axis, cfg, clip_skip, dimension, sampler, size, steps, strength};
 use super::cell::{CellSpec, LoraSpec, MAX_REF_BYTES, Sampler};
 use super::error::{Place, PlanError, PlanErrorKind};
 use super::resolver::{PromptText, Resolver, quote_key};
@@ -84,10 +84,19 @@ impl Resolver<'_> {
             rng: "cpu".into(),
             bindings: BTreeMap::new(),
             min_memory_mib: f.min_memory_mib.as_ref().map_or(0, |m| *m.get_ref()),
+            vae: String::new(),
+            clip_skip: 1,
         };
         if let Some(m) = &f.model {
             self.check_text("model", m, MAX_REF_BYTES)?;
             base.model.clone_from(m.get_ref());
+        }
+        if let Some(v) = &f.vae {
+            self.check_text("vae", v, MAX_REF_BYTES)?;
+            base.vae.clone_from(v.get_ref());
+        }
+        if let Some(c) = &f.clip_skip {
+            base.clip_skip = self.val(c.span(), "clip_skip", clip_skip(*c.get_ref()))?;
         }
         if let Some(s) = &f.sampler {
             base.sampler = self.val(s.span(), "sampler", sampler(s.get_ref()))?;
@@ -457,7 +466,7 @@ mod tests {
     fn errors_name_their_place() {
         assert_eq!(
             err(&format!("{BASE}colour = 1\n")),
-            "s.toml:4:1: unknown field `colour`, expected one of `name`, `model`, `loras`, `sampler`, `steps`, `cfg`, `width`, `height`, `size`, `negative_prompt`, `prompt`, `prompts`, `seeds`, `wildcards`, `axes`, `min_memory_mib`"
+            "s.toml:4:1: unknown field `colour`, expected one of `name`, `model`, `loras`, `sampler`, `steps`, `cfg`, `width`, `height`, `size`, `negative_prompt`, `prompt`, `prompts`, `seeds`, `wildcards`, `axes`, `min_memory_mib`, `vae`, `clip_skip`"
         );
         assert_eq!(
             err(&format!("{BASE}steps = \"4\"\n")),
@@ -480,8 +489,8 @@ mod tests {
                 .starts_with("s.toml:5:1: axes.seed: seeds are not an axis")
         );
         assert!(
-            err(&format!("{BASE}[axes]\nclip_skip = [1]\n"))
-                .starts_with("s.toml:5:1: unknown axis `clip_skip`")
+            err(&format!("{BASE}[axes]\ndenoise = [1]\n"))
+                .starts_with("s.toml:5:1: unknown axis `denoise`")
         );
         assert!(
             err(&format!("{BASE}[axes]\n\"lora.x.strength\" = [1]\n"))

@@ -10,6 +10,8 @@
 //! cfg = 1.0                               # default 1.0
 //! size = "512x512"                        # or width = 512, height = 512 (default 512x512)
 //! negative_prompt = "blurry"
+//! vae = "vae-ft-mse-840000-ema-pruned"     # default: the model's own VAE
+//! clip_skip = 2                           # 1 (default, the last layer) ..= 4
 //! prompt = "a {red|arctic} __animal__"    # or prompts = "prompts.txt", or axes.prompt
 //! seeds = [1, 2]                          # or { from = 1000, count = 8 } or { random = 8 }
 //!
@@ -27,8 +29,8 @@
 //! "lora.lcm.strength" = [0.5, 1.0]
 //! ```
 //!
-//! Axes: `cfg`, `steps`, `sampler`, `model`, `size`, `width`, `height`, `negative_prompt`,
-//! `prompt` (a list of templates) and `lora.<id>.strength`. A parameter is set in one place:
+//! Axes: `cfg`, `steps`, `sampler`, `model`, `vae`, `clip_skip`, `size`, `width`, `height`,
+//! `negative_prompt`, `prompt` (a list of templates) and `lora.<id>.strength`. A parameter is set in one place:
 //! at the top level *or* as an axis (`size` counts as both `width` and `height`).
 //! `min_memory_mib` (default 0) asks for workers with at least that much device memory.
 
@@ -65,6 +67,8 @@ pub(crate) struct SweepFile {
     #[serde(default)]
     pub(super) axes: BTreeMap<Spanned<String>, Spanned<AxisEntry>>,
     pub(super) min_memory_mib: Option<Spanned<u64>>,
+    pub(super) vae: Option<Spanned<String>>,
+    pub(super) clip_skip: Option<Spanned<i64>>,
 }
 
 impl SweepFile {

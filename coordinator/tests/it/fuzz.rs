@@ -111,6 +111,8 @@ impl Gen {
             rng: self.0.random_range(-1..3),
             bindings: self.map(),
             min_memory_mib: self.u64(),
+            vae: self.text(),
+            clip_skip: self.u32(),
         }
     }
 

@@ -82,6 +82,8 @@ fn render_cell(seed: u64) -> pb::RenderCell {
         rng: pb::RngSource::Cpu as i32,
         bindings: [("animal".to_string(), "fox".to_string())].into(),
         min_memory_mib: 0,
+        vae: String::new(),
+        clip_skip: 0,
     }
 }
 

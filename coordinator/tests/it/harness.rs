@@ -174,6 +174,8 @@ pub fn cell(seed: u64) -> CellSpec {
         rng: "cpu".into(),
         bindings: Default::default(),
         min_memory_mib: 0,
+        vae: String::new(),
+        clip_skip: 1,
     }
 }
 

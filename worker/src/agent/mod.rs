@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_proto::prompt::ParsedPrompt;
 use kiln_proto::v1 as pb;
 use tokio::sync::watch;
 
@@ -39,7 +40,7 @@ use self::link::Link;
 use self::renderer::{Item, RenderFailure, Renderer};
 use self::tracked::Tracked;
 use crate::cache::PipelineKey;
-use crate::engine::{Device, RenderRequest, SamplerKind};
+use crate::engine::{Device, LoraSpec, RenderRequest, SamplerKind};
 use crate::upload::{RetryPolicy, Storage};
 
 /// Agent settings, checked once by [`AgentConfig::validate`] when the agent starts.
@@ -326,29 +327,49 @@ fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
         sampler,
         width: cell.width,
         height: cell.height,
+        // The wire has no clip skip yet: every cell renders at A1111's default.
+        clip_skip: cell.clip_skip.max(1) as usize,
     };
     Ok((pipeline_key(cfg, cell)?, request))
 }
 
 fn pipeline_key(cfg: &AgentConfig, cell: &pb::RenderCell) -> Result<PipelineKey, String> {
     let model = resolve::resolve(&cell.model, &cfg.models, "model", cfg.paths)?;
-    let loras = cell
+    let mut loras = cell
         .loras
         .iter()
         .map(|l| {
-            let path = resolve::resolve(&l.name, &cfg.models, "LoRA", cfg.paths)?;
-            Ok((path, l.strength))
+            Ok(LoraSpec {
+                path: resolve::resolve(&l.name, &cfg.models, "LoRA", cfg.paths)?,
+                strength: l.strength,
+                text_encoder_strength: None,
+            })
         })
         .collect::<Result<Vec<_>, String>>()?;
+    // `<lora:name:te:unet>` in the prompt, merged after the cell's own stack, as A1111 does.
+    let prompt = ParsedPrompt::parse(&cell.prompt).map_err(|e| format!("prompt: {e}"))?;
+    for lora in prompt.loras() {
+        loras.push(LoraSpec {
+            path: resolve::resolve(&lora.name, &cfg.models, "LoRA", cfg.paths)?,
+            strength: lora.unet,
+            text_encoder_strength: (lora.te != lora.unet).then_some(lora.te),
+        });
+    }
     if u64::from(cell.width) * u64::from(cell.height) > cfg.max_pixels {
         return Err(format!(
             "{}x{} is past this worker's max pixels {}",
             cell.width, cell.height, cfg.max_pixels
         ));
     }
+    let vae = if cell.vae.is_empty() {
+        None
+    } else {
+        Some(resolve::resolve(&cell.vae, &cfg.models, "VAE", cfg.paths)?)
+    };
     Ok(PipelineKey {
         model,
         loras,
+        vae,
         device: cfg.device,
     })
 }
@@ -421,6 +442,63 @@ mod tests {
                 .to_string()
                 .contains("--batch 0")
         );
+    }
+
+    #[test]
+    fn a_prompt_lora_is_the_same_merge_and_image_as_a_listed_one() {
+        use std::sync::atomic::AtomicBool;
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference");
+        let cfg = config(fixtures.clone());
+        let with_prompt = |prompt: &str| {
+            let mut t = task(pb::Sampler::Lcm as i32);
+            t.cell.as_mut().unwrap().prompt = prompt.into();
+            plan(&cfg, &t)
+        };
+        let (tagged, tagged_request) = with_prompt("a fox <lora:lora_kohya:0.7>").unwrap();
+        let mut listed = task(pb::Sampler::Lcm as i32);
+        listed.cell.as_mut().unwrap().loras = vec![pb::LoraRef {
+            name: "lora_kohya".into(),
+            strength: 0.7,
+            sha256: String::new(),
+        }];
+        let (listed, listed_request) = plan(&cfg, &listed).unwrap();
+        assert_eq!(tagged, listed);
+        assert_eq!(
+            tagged.loras[0].path,
+            fixtures.join("lora_kohya.safetensors")
+        );
+
+        let base = crate::engine::BaseModel::read(&tagged.model).unwrap();
+        let render = |key: &PipelineKey, request: &RenderRequest| {
+            key.build(&base)
+                .unwrap()
+                .render(request, &mut |_| {}, &AtomicBool::new(false))
+                .unwrap()
+        };
+        let a = render(&tagged, &tagged_request);
+        let b = render(&listed, &listed_request);
+        assert_eq!(
+            a.image, b.image,
+            "the tag is cut from the text the encoder sees"
+        );
+        assert!(a.parameters.starts_with("a fox <lora:lora_kohya:0.7>"));
+
+        // Separate text-encoder and UNet strengths, and the errors a user can make.
+        let (split, _) = with_prompt("a fox <lora:lora_kohya:0.5:0.25>").unwrap();
+        assert_eq!(
+            (
+                split.loras[0].strength,
+                split.loras[0].text_encoder_strength
+            ),
+            (0.25, Some(0.5))
+        );
+        let e = with_prompt("a fox <lora:no_such_lora:1>").unwrap_err();
+        assert!(
+            e.contains("LoRA not found") && e.contains("no_such_lora"),
+            "{e}"
+        );
+        let e = with_prompt("a (fox").unwrap_err();
+        assert!(e.contains("never closed"), "{e}");
     }
 
     #[test]

@@ -29,7 +29,9 @@ pub struct PipelineKey {
     /// Model folder.
     pub model: PathBuf,
     /// LoRA files with strengths, in merge order.
-    pub loras: Vec<(PathBuf, f32)>,
+    pub loras: Vec<LoraSpec>,
+    /// A VAE file replacing the model's own.
+    pub vae: Option<PathBuf>,
     /// Device.
     pub device: Device,
 }
@@ -37,18 +39,16 @@ pub struct PipelineKey {
 impl PipelineKey {
     /// The LoRA stack as the engine takes it.
     pub fn lora_specs(&self) -> Vec<LoraSpec> {
-        self.loras
-            .iter()
-            .map(|(path, strength)| LoraSpec {
-                path: path.clone(),
-                strength: *strength,
-            })
-            .collect()
+        self.loras.clone()
     }
 
     /// Builds this key's pipeline from `base` (which must be `self.model`'s).
     pub fn build(&self, base: &BaseModel) -> Result<Pipeline, EngineError> {
-        Ok(Pipeline::new(base.build(&self.lora_specs(), self.device)?))
+        Ok(Pipeline::new(base.build_with_vae(
+            &self.lora_specs(),
+            self.vae.as_deref(),
+            self.device,
+        )?))
     }
 }
 

@@ -113,6 +113,15 @@ pub enum EngineError {
     /// A render request the engine cannot honour (size, steps, CFG).
     #[error("invalid render request: {0}")]
     InvalidRequest(String),
+    /// A prompt or negative prompt that does not parse (an unbalanced bracket, a bad weight,
+    /// A1111 syntax kiln does not support).
+    #[error("invalid {which}: {error}")]
+    Prompt {
+        /// `prompt` or `negative prompt`.
+        which: &'static str,
+        /// Why (in the message, not a `source`, so a chain printer does not say it twice).
+        error: kiln_proto::prompt::PromptError,
+    },
     /// The sampler rejected its schedule or a step.
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),

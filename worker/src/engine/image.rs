@@ -72,6 +72,11 @@ pub struct Infotext<'a> {
     pub model_name: &'a str,
     /// Merged LoRAs; A1111 prints the first 12 hex digits of each hash.
     pub loras: &'a [LoadedLora],
+    /// A1111's "Clip skip", printed when above 1.
+    pub clip_skip: usize,
+    /// Whether the prompt's and negative prompt's conditionings were padded to the same number
+    /// of chunks (A1111's `pad_cond_uncond` option, printed as `Pad conds: True`).
+    pub pad_conds: bool,
 }
 
 /// A1111's `quote`: values with `,`, `:` or a newline become JSON strings.
@@ -96,6 +101,9 @@ impl Infotext<'_> {
             ("Model hash", self.model_hash.chars().take(10).collect()),
             ("Model", self.model_name.to_owned()),
         ];
+        if self.clip_skip > 1 {
+            fields.push(("Clip skip", self.clip_skip.to_string()));
+        }
         if !self.loras.is_empty() {
             // A1111 strips `:` and `,` from the alias so the list stays parseable.
             let hashes: Vec<String> = self
@@ -111,6 +119,10 @@ impl Infotext<'_> {
         }
         // Torch's CPU generator, which A1111 calls "CPU".
         fields.push(("RNG", "CPU".to_owned()));
+        // Like `Lora hashes`, one of A1111's extra generation parameters.
+        if self.pad_conds {
+            fields.push(("Pad conds", "True".to_owned()));
+        }
         let params: Vec<String> = fields
             .iter()
             .map(|(k, v)| format!("{k}: {}", quote(v)))
@@ -226,6 +238,8 @@ mod tests {
             model_hash: "0123456789abcdef",
             model_name: "tiny-sd15",
             loras,
+            clip_skip: 1,
+            pad_conds: false,
         }
     }
 
@@ -253,6 +267,17 @@ mod tests {
              Negative prompt: blurry, low quality\n\
              Steps: 4, Sampler: Euler a, CFG scale: 1.5, Seed: 42, Size: 64x64, \
              Model hash: 0123456789, Model: tiny-sd15, RNG: CPU"
+        );
+        // Clip skip follows the model, as in A1111; Pad conds is an extra parameter at the end.
+        let mut skipped = sample(&[]);
+        skipped.clip_skip = 2;
+        skipped.pad_conds = true;
+        assert!(
+            skipped
+                .render()
+                .ends_with("Model: tiny-sd15, Clip skip: 2, RNG: CPU, Pad conds: True"),
+            "{}",
+            skipped.render()
         );
     }
 

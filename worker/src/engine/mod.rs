@@ -24,7 +24,7 @@ pub use device::{Device, DeviceInfo};
 pub use error::{ComputeError, EngineError};
 pub use load::base::{self, BaseModel};
 pub use load::lora::{self, LoraSpec};
-pub use model::{LoadedLora, Model};
+pub use model::{LoadedLora, LoadedVae, Model};
 pub use pipeline::{PhaseTimes, Pipeline, Progress, RenderOutput, RenderRequest, SamplerKind};
 pub use text::embeddings::{self, EmbeddingStats};
 pub use text::tokenizer;

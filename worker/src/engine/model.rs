@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
+use kiln_proto::prompt::{ParsedPrompt, PromptPart};
 
 use crate::engine::device::Device;
 use crate::engine::error::{EngineError, Result};
@@ -19,7 +20,8 @@ use crate::engine::nets::clip::ClipTextModel;
 use crate::engine::nets::unet::UNet;
 use crate::engine::nets::vae::VaeDecoder;
 use crate::engine::scheduler::ScheduleConfig;
-use crate::engine::text::tokenizer::ClipTokenizer;
+use crate::engine::text::conditioning;
+use crate::engine::text::tokenizer::{ClipTokenizer, MAX_LENGTH};
 
 /// A LoRA as merged into a [`Model`], for the image metadata.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,11 +34,21 @@ pub struct LoadedLora {
     pub strength: f32,
 }
 
+/// A VAE that replaced the model's own, for the image metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadedVae {
+    /// The file name, as A1111 writes it (`VAE:`).
+    pub name: String,
+    /// sha256 of the file, lowercase hex; A1111 writes its first 10 digits (`VAE hash:`).
+    pub hash: String,
+}
+
 /// An SD1.5 model with its LoRA stack merged, ready to run on one device.
 pub struct Model {
     name: String,
     hash: String,
     loras: Vec<LoadedLora>,
+    vae_file: Option<LoadedVae>,
     device: candle_core::Device,
     dtype: DType,
     tokenizer: std::sync::Arc<ClipTokenizer>,
@@ -73,7 +85,32 @@ impl Model {
     /// Builds the networks on `device` from `base` with `loras` merged in order; the base is
     /// left as it was.
     pub fn from_base(base: &BaseModel, loras: &[LoraSpec], device: Device) -> Result<Self> {
-        let (weights, loaded, replaced_bytes) = base.merged(loras)?;
+        Self::from_base_with_vae(base, loras, None, device)
+    }
+
+    /// [`Self::from_base`] with the VAE of the file `vae` (A1111's "SD VAE") in place of the
+    /// model's own, when given.
+    pub fn from_base_with_vae(
+        base: &BaseModel,
+        loras: &[LoraSpec],
+        vae: Option<&Path>,
+        device: Device,
+    ) -> Result<Self> {
+        let (mut weights, loaded, replaced_bytes) = base.merged(loras)?;
+        let vae_file = match vae {
+            Some(path) => {
+                let (vae_weights, hash) = crate::engine::load::ldm::read_vae(path)?;
+                weights.vae = vae_weights;
+                Some(LoadedVae {
+                    name: path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    hash,
+                })
+            }
+            None => None,
+        };
         let configs = &base.configs;
         let (device_handle, dtype) = device.open()?;
         let clip = ClipTextModel::new(
@@ -110,6 +147,7 @@ impl Model {
             name: base.name(),
             hash: weights.hash.clone(),
             loras: loaded,
+            vae_file,
             device: device_handle,
             dtype,
             tokenizer: ClipTokenizer::shared()?,
@@ -141,6 +179,11 @@ impl Model {
         &self.hash
     }
 
+    /// The VAE that replaced the model's own, if one did.
+    pub fn vae_file(&self) -> Option<&LoadedVae> {
+        self.vae_file.as_ref()
+    }
+
     /// The merged LoRAs, in merge order.
     pub fn loras(&self) -> &[LoadedLora] {
         &self.loras
@@ -156,9 +199,26 @@ impl Model {
         self.latent_channels
     }
 
-    /// Text embeddings (`[1, 77, hidden]`) of a prompt, tokenized as SD1.5 does.
+    /// Text embeddings (`[1, 77·k, hidden]`) of a positive prompt in A1111 syntax at clip skip
+    /// 1 (see [`crate::engine::text::conditioning`]); a plain prompt of up to 75 tokens gives
+    /// exactly diffusers' `[1, 77, hidden]`.
     pub fn encode_prompt(&self, prompt: &str) -> Result<HostTensor> {
-        to_host(&self.text_embeddings(&[prompt])?)
+        let parsed = ParsedPrompt::parse(prompt).map_err(|error| EngineError::Prompt {
+            which: "prompt",
+            error,
+        })?;
+        self.encode_parsed(&parsed, 1)
+    }
+
+    /// Text embeddings (`[1, 77·k, hidden]`) of a parsed prompt, `clip_skip` layers from the
+    /// end of the text encoder.
+    pub fn encode_parsed(&self, parsed: &ParsedPrompt, clip_skip: usize) -> Result<HostTensor> {
+        to_host(&self.text_embeddings(&parsed.parts, clip_skip)?)
+    }
+
+    /// The text encoder's layer count: the largest clip skip this model takes.
+    pub fn clip_layers(&self) -> usize {
+        self.clip.layers()
     }
 
     /// One UNet forward: the predicted noise for `latents` (`[b, c, h, w]`) at `timestep`,
@@ -186,22 +246,17 @@ impl Model {
         to_host(&self.decode_latents(&self.to_device(latents)?)?)
     }
 
-    pub(crate) fn text_embeddings(&self, prompts: &[&str]) -> Result<Tensor> {
-        let mut ids = Vec::with_capacity(prompts.len() * self.context_tokens);
-        for prompt in prompts {
-            let encoded = self.tokenizer.encode(prompt);
-            if encoded.len() > self.context_tokens {
-                return Err(EngineError::InvalidRequest(format!(
-                    "the text encoder takes {} tokens, the tokenizer gives {}",
-                    self.context_tokens,
-                    encoded.len()
-                )));
-            }
-            ids.extend(encoded);
+    /// The conditioning (`[1, 77·k, hidden]`, f32) of a parsed prompt's parts: A1111's chunks,
+    /// encoded `clip_skip` layers from the end, with emphasis.
+    pub(crate) fn text_embeddings(&self, parts: &[PromptPart], clip_skip: usize) -> Result<Tensor> {
+        if self.context_tokens < MAX_LENGTH {
+            return Err(EngineError::InvalidRequest(format!(
+                "the text encoder takes {} tokens, a prompt chunk is {MAX_LENGTH}",
+                self.context_tokens
+            )));
         }
-        let n = ids.len() / prompts.len().max(1);
-        let ids = Tensor::from_vec(ids, (prompts.len(), n), &self.device)?;
-        Ok(self.clip.forward(&ids)?)
+        let chunks = conditioning::chunk_prompt(&self.tokenizer, parts);
+        conditioning::encode_chunks(&self.clip, &chunks, clip_skip, &self.device)
     }
 
     /// Whether the UNet is LCM-distilled: it takes the guidance scale as an embedding and

@@ -6,8 +6,10 @@
 //! latents first, then whatever the sampler draws, from one [`TorchRng`] stream in diffusers'
 //! order), batching requests that share everything but prompt and seed into one UNet batch
 //! (each with its own noise stream, so each image is its single render), the prompt-embedding
-//! cache, phase timings, progress reporting, cancellation, decoding and the image metadata. It does not
-//! know where requests come from or where images go.
+//! cache and putting each request's conditioning together (A1111 prompt syntax, clip skip, the
+//! negative prompt padded to the prompt's chunk count), phase timings, progress reporting,
+//! cancellation, decoding and the image metadata. It does not know where requests come from or
+//! where images go.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -16,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::Tensor;
+use kiln_proto::prompt::{ParsedPrompt, PromptPart};
 
 use crate::engine::device::Device;
 use crate::engine::error::{EngineError, Result};
@@ -25,10 +28,15 @@ use crate::engine::load::weights::HostTensor;
 use crate::engine::model::{Model, to_host};
 use crate::engine::rng::TorchRng;
 use crate::engine::scheduler::{EulerAncestralScheduler, LcmScheduler, Sampler};
+use crate::engine::text::conditioning::{self, ContextGroup};
 use crate::engine::text::embeddings::{self, EmbeddingCache, EmbeddingStats};
 
 /// Pixels per latent cell: the VAE upsamples by 8.
 const LATENT_SCALE: u32 = 8;
+
+/// The largest [`RenderRequest::clip_skip`] (A1111's slider goes to 12; 1–4 is what SD1.5 work
+/// uses).
+pub const MAX_CLIP_SKIP: usize = 4;
 
 /// Which sampler steps the latents.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,11 +99,15 @@ pub struct RenderRequest {
     pub width: u32,
     /// Image height in pixels, a multiple of 8.
     pub height: u32,
+    /// A1111's "Clip skip": which text-encoder layer, counted from the end, conditions the UNet
+    /// (its output then goes through CLIP's final layer norm). 1, the usual value, is the last
+    /// layer; at most [`MAX_CLIP_SKIP`].
+    pub clip_skip: usize,
 }
 
 impl RenderRequest {
-    /// The checks that need no model: size and CFG scale. (Step counts depend on the
-    /// model's schedule; [`Pipeline::validate`] checks everything.)
+    /// The checks that need no model: size, CFG scale, clip skip and prompt syntax. (Step
+    /// counts depend on the model's schedule; [`Pipeline::validate`] checks everything.)
     pub fn check(&self) -> Result<()> {
         let invalid = |msg: String| Err(EngineError::InvalidRequest(msg));
         for (what, value) in [("width", self.width), ("height", self.height)] {
@@ -108,11 +120,33 @@ impl RenderRequest {
         if !self.cfg_scale.is_finite() {
             return invalid(format!("CFG scale {} is not finite", self.cfg_scale));
         }
-        Ok(())
+        if !(1..=MAX_CLIP_SKIP).contains(&self.clip_skip) {
+            return invalid(format!(
+                "clip skip {} is not in 1..={MAX_CLIP_SKIP}",
+                self.clip_skip
+            ));
+        }
+        self.parse_prompts().map(|_| ())
+    }
+
+    /// The prompt and the negative prompt, parsed as A1111 parses them (extra networks are cut
+    /// from the prompt only).
+    pub fn parse_prompts(&self) -> Result<(ParsedPrompt, ParsedPrompt)> {
+        let prompt = ParsedPrompt::parse(&self.prompt).map_err(|error| EngineError::Prompt {
+            which: "prompt",
+            error,
+        })?;
+        let negative = ParsedPrompt::parse_negative(&self.negative_prompt).map_err(|error| {
+            EngineError::Prompt {
+                which: "negative prompt",
+                error,
+            }
+        })?;
+        Ok((prompt, negative))
     }
 
     /// Whether `other` can share a UNet batch with this request: same steps, CFG scale,
-    /// sampler and size (prompts and seeds may differ).
+    /// sampler and size (prompts, clip skip and seeds may differ).
     pub fn batchable_with(&self, other: &RenderRequest) -> bool {
         self.steps == other.steps
             && self.cfg_scale.to_bits() == other.cfg_scale.to_bits()
@@ -234,6 +268,13 @@ impl Pipeline {
     /// Checks a request without rendering it.
     pub fn validate(&self, request: &RenderRequest) -> Result<()> {
         request.check()?;
+        let layers = self.model.clip_layers();
+        if request.clip_skip > layers {
+            return Err(EngineError::InvalidRequest(format!(
+                "clip skip {} is more than the text encoder's {layers} layers",
+                request.clip_skip
+            )));
+        }
         self.sampler(request).map(|_| ())
     }
 
@@ -247,12 +288,51 @@ impl Pipeline {
         })
     }
 
-    /// The text embedding (`[1, tokens, hidden]`) of one prompt, cached.
-    fn embedding(&self, prompt: &str) -> Result<Tensor> {
+    /// The conditioning (`[1, 77·k, hidden]`, f32) of one parsed prompt, cached by its parts
+    /// and clip skip.
+    fn embedding(&self, parts: &[PromptPart], clip_skip: usize) -> Result<Tensor> {
+        let key = conditioning::cache_key(parts, clip_skip);
         self.embeddings
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_encode(prompt, || self.model.text_embeddings(&[prompt]))
+            .get_or_encode(&key, || self.model.text_embeddings(parts, clip_skip))
+    }
+
+    /// `request`'s conditioning and, when `guided`, its negative prompt's, padded to the same
+    /// number of chunks with the empty prompt's as A1111's `pad_cond_uncond` does; and whether
+    /// that padding happened.
+    fn conditioning_pair(
+        &self,
+        request: &RenderRequest,
+        guided: bool,
+    ) -> Result<(Tensor, Option<Tensor>, bool)> {
+        let (prompt, negative) = request.parse_prompts()?;
+        let cond = self.embedding(&prompt.parts, request.clip_skip)?;
+        if !guided {
+            return Ok((cond, None, false));
+        }
+        let uncond = self.embedding(&negative.parts, request.clip_skip)?;
+        let empty = || {
+            let nothing = PromptPart::Text {
+                text: String::new(),
+                weight: 1.0,
+            };
+            self.embedding(&[nothing], request.clip_skip)
+        };
+        let (cond, uncond, padded) = conditioning::pad_cond_uncond(cond, uncond, empty)?;
+        Ok((cond, Some(uncond), padded))
+    }
+
+    /// The conditioning the UNet sees for `request` (`[1, 77·k, hidden]` each): the prompt's
+    /// and, under classifier-free guidance, the negative prompt's, padded alike.
+    #[cfg(feature = "testing")]
+    pub fn conditioning(
+        &self,
+        request: &RenderRequest,
+    ) -> Result<(HostTensor, Option<HostTensor>)> {
+        let guided = request.cfg_scale > 1.0 && !self.model.embeds_guidance();
+        let (cond, uncond, _) = self.conditioning_pair(request, guided)?;
+        Ok((to_host(&cond)?, uncond.map(|u| to_host(&u)).transpose()?))
     }
 
     /// Renders `request`, calling `on_step` after every step and giving up with
@@ -268,10 +348,11 @@ impl Pipeline {
         Ok(out.pop().expect("one request gives one image"))
     }
 
-    /// Renders `requests` as one UNet batch per step. They must share steps, CFG scale,
-    /// sampler and size ([`RenderRequest::batchable_with`]); each keeps its own prompt and its
-    /// own seed's noise stream, so each image is what [`Pipeline::render`] gives for it alone
-    /// (up to the last bits of float summation order in batched kernels). `on_step` is called
+    /// Renders `requests` as one UNet batch per step (one per conditioning length, when their
+    /// prompts have different chunk counts). They must share steps, CFG scale, sampler and size
+    /// ([`RenderRequest::batchable_with`]); each keeps its own prompt and its own seed's noise
+    /// stream, so each image is what [`Pipeline::render`] gives for it alone (up to the last
+    /// bits of float summation order in batched kernels). `on_step` is called
     /// per image per step; `cancel` is checked before each step and before decoding.
     pub fn render_batch(
         &self,
@@ -297,20 +378,16 @@ impl Pipeline {
         let guided = first.cfg_scale > 1.0 && !model.embeds_guidance();
 
         let started = Instant::now();
-        let conds = requests
-            .iter()
-            .map(|r| self.embedding(&r.prompt))
-            .collect::<Result<Vec<_>>>()?;
-        let context = if guided {
-            let mut all = requests
-                .iter()
-                .map(|r| self.embedding(&r.negative_prompt))
-                .collect::<Result<Vec<_>>>()?;
-            all.extend(conds);
-            Tensor::cat(&all, 0)?
-        } else {
-            Tensor::cat(&conds, 0)?
-        };
+        let mut pairs = Vec::with_capacity(n);
+        let mut padded = Vec::with_capacity(n);
+        for request in requests {
+            let (cond, uncond, was_padded) = self.conditioning_pair(request, guided)?;
+            pairs.push((cond, uncond));
+            padded.push(was_padded);
+        }
+        // Prompts of different chunk counts cannot share a UNet batch; each length gets its own
+        // pass, so every image is still its single render.
+        let groups: Vec<ContextGroup> = conditioning::group_by_length(&pairs)?;
         let text_encode_ms = ms(started);
 
         let started = Instant::now();
@@ -331,15 +408,22 @@ impl Pipeline {
             if cancel.is_cancelled() {
                 return Err(EngineError::Cancelled);
             }
-            let mut input = Vec::with_capacity(n * numel);
-            for l in &latents {
-                input.extend(sampler.scale_model_input(l, index)?);
+            let mut eps = vec![0f32; n * numel];
+            for group in &groups {
+                let mut input = Vec::with_capacity(group.images.len() * numel);
+                for &i in &group.images {
+                    input.extend(sampler.scale_model_input(&latents[i], index)?);
+                }
+                let input = model.to_device(&HostTensor {
+                    shape: vec![group.images.len(), channels, h, w],
+                    data: input,
+                })?;
+                let out = predict_noise(model, &input, t, &group.context, first.cfg_scale, guided)?;
+                for (j, &i) in group.images.iter().enumerate() {
+                    eps[i * numel..(i + 1) * numel]
+                        .copy_from_slice(&out[j * numel..(j + 1) * numel]);
+                }
             }
-            let input = model.to_device(&HostTensor {
-                shape: vec![n, channels, h, w],
-                data: input,
-            })?;
-            let eps = predict_noise(model, &input, t, &context, first.cfg_scale, guided)?;
             for (i, (l, rng)) in latents.iter_mut().zip(&mut rngs).enumerate() {
                 let eps_i = &eps[i * numel..(i + 1) * numel];
                 *l = sampler.step(index, eps_i, l, rng)?.prev_sample;
@@ -381,15 +465,19 @@ impl Pipeline {
         Ok(requests
             .iter()
             .zip(images)
-            .map(|(request, image)| self.output(request, image, guided, times))
+            .zip(padded)
+            .map(|((request, image), padded)| self.output(request, image, guided, padded, times))
             .collect())
     }
 
+    /// The image with its metadata; `padded` says the prompt's and negative prompt's
+    /// conditionings were padded to the same length (A1111's `Pad conds`).
     fn output(
         &self,
         request: &RenderRequest,
         image: RgbImage,
         guided: bool,
+        padded: bool,
         times: PhaseTimes,
     ) -> RenderOutput {
         let model = &self.model;
@@ -412,6 +500,8 @@ impl Pipeline {
             model_hash: model.hash(),
             model_name: model.name(),
             loras: model.loras(),
+            clip_skip: request.clip_skip,
+            pad_conds: padded,
         }
         .render();
         RenderOutput {

@@ -15,6 +15,7 @@ fn lora(strength: f32) -> Vec<LoraSpec> {
     vec![LoraSpec {
         path: path("lora_kohya.safetensors"),
         strength,
+        text_encoder_strength: None,
     }]
 }
 
@@ -28,6 +29,7 @@ fn request(prompt: &str, seed: u64, cfg: f32, sampler: SamplerKind) -> RenderReq
         sampler,
         width: 64,
         height: 48,
+        clip_skip: 1,
     }
 }
 

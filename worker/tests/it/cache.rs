@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kiln_worker::agent::renderer::{Item, RenderFailure, Renderer};
 use kiln_worker::cache::{Budget, CacheStats, Found, PipelineCache, PipelineKey};
-use kiln_worker::engine::{Device, RenderRequest, SamplerKind};
+use kiln_worker::engine::{Device, LoraSpec, RenderRequest, SamplerKind};
 use tokio::sync::watch;
 
 use crate::fixture::path;
@@ -18,8 +18,15 @@ fn key(strength: Option<f32>) -> PipelineKey {
     PipelineKey {
         model: path("tiny-sd15"),
         loras: strength
-            .map(|s| vec![(path("lora_kohya.safetensors"), s)])
+            .map(|s| {
+                vec![LoraSpec {
+                    path: path("lora_kohya.safetensors"),
+                    strength: s,
+                    text_encoder_strength: None,
+                }]
+            })
             .unwrap_or_default(),
+        vae: None,
         device: Device::Cpu,
     }
 }
@@ -63,7 +70,7 @@ fn over_budget_the_least_recently_used_pipeline_goes_first() {
         .get(&key(Some(1.0)))
         .expect("a again: now b is least recent");
     cache.get(&key(Some(0.25))).expect("c evicts b");
-    let keys: Vec<f32> = cache.keys().map(|k| k.loras[0].1).collect();
+    let keys: Vec<f32> = cache.keys().map(|k| k.loras[0].strength).collect();
     assert_eq!(keys, vec![1.0, 0.25]);
     assert_eq!(cache.stats.evictions, 1);
     assert_eq!(cache.stats.reads, 1, "the base stayed");
@@ -83,6 +90,7 @@ fn item(seed: u64) -> (Item, watch::Receiver<(u32, u32)>) {
                 sampler: SamplerKind::Lcm,
                 width: 64,
                 height: 64,
+                clip_skip: 1,
             },
             cancel: Arc::new(AtomicBool::new(false)),
             progress,

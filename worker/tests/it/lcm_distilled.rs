@@ -58,6 +58,7 @@ fn an_lcm_distilled_unet_matches_diffusers_lcm_pipeline_at_cfg_1_5_and_8() {
             sampler: SamplerKind::Lcm,
             width: r.width,
             height: r.height,
+            clip_skip: 1,
         };
         let mut last = Vec::new();
         let out = pipeline

@@ -11,6 +11,7 @@ mod fixture;
 mod lcm_distilled;
 mod model;
 mod pipeline;
+mod prompt;
 mod rng;
 mod s3server;
 mod scheduler;

@@ -26,6 +26,7 @@ fn load(loras: &[(&str, f32)]) -> Model {
         .map(|(file, strength)| LoraSpec {
             path: path(file),
             strength: *strength,
+            text_encoder_strength: None,
         })
         .collect();
     Model::load(&tiny(), &specs, Device::Cpu).expect("tiny-sd15 loads")
@@ -145,6 +146,7 @@ fn an_unknown_lora_key_is_an_error_naming_it() {
         &[LoraSpec {
             path: path("lora_unknown_key.safetensors"),
             strength: 1.0,
+            text_encoder_strength: None,
         }],
         Device::Cpu,
     )

@@ -42,6 +42,7 @@ fn pipeline(lora: Option<&RunLora>) -> Pipeline {
         .map(|l| LoraSpec {
             path: path(&l.file),
             strength: l.strength,
+            text_encoder_strength: None,
         })
         .collect();
     Pipeline::load(&path("tiny-sd15"), &loras, Device::Cpu).expect("pipeline loads")
@@ -60,6 +61,7 @@ fn request(run: &Run) -> RenderRequest {
         },
         width: 64,
         height: 64,
+        clip_skip: 1,
     }
 }
 

@@ -41,6 +41,7 @@ fn request(r: &Reference) -> RenderRequest {
         sampler: SamplerKind::Lcm,
         width: r.width,
         height: r.height,
+        clip_skip: 1,
     }
 }
 

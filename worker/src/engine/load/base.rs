@@ -384,6 +384,16 @@ impl BaseModel {
         Model::from_base(self, loras, device)
     }
 
+    /// [`Self::build`] with the VAE file `vae` in place of the model's own, when given.
+    pub fn build_with_vae(
+        &self,
+        loras: &[LoraSpec],
+        vae: Option<&Path>,
+        device: Device,
+    ) -> Result<Model> {
+        Model::from_base_with_vae(self, loras, vae, device)
+    }
+
     /// A copy of the base weights with `loras` merged in, the LoRAs as loaded, and the f32 bytes
     /// of the tensors the merge replaced.
     pub(crate) fn merged(&self, loras: &[LoraSpec]) -> Result<(HostWeights, Vec<LoadedLora>, u64)> {

@@ -25,6 +25,19 @@ pub struct LoraSpec {
     pub path: PathBuf,
     /// The user's multiplier `m` in `W + m·(alpha/rank)·up·down` (A1111's `<lora:name:m>`).
     pub strength: f32,
+    /// The multiplier in the text encoder when it differs from `strength` (A1111's
+    /// `<lora:name:te:unet>`, where `strength` is the UNet's); `None`: `strength` for both.
+    pub text_encoder_strength: Option<f32>,
+}
+
+impl LoraSpec {
+    /// The multiplier for modules of `component`.
+    pub(crate) fn strength_for(&self, component: Component) -> f32 {
+        match component {
+            Component::Unet => self.strength,
+            Component::TextEncoder => self.text_encoder_strength.unwrap_or(self.strength),
+        }
+    }
 }
 
 /// Which model a LoRA module patches.
@@ -124,11 +137,13 @@ pub(crate) fn merge(
     targets: &mut Targets,
 ) -> Result<Vec<(Component, String)>> {
     let path = &spec.path;
-    if !spec.strength.is_finite() {
-        return Err(lora_error(
-            path,
-            format!("strength {} is not finite", spec.strength),
-        ));
+    for strength in [spec.strength, spec.strength_for(Component::TextEncoder)] {
+        if !strength.is_finite() {
+            return Err(lora_error(
+                path,
+                format!("strength {strength} is not finite"),
+            ));
+        }
     }
     if let Some(format) = unsupported_format(file) {
         return Err(lora_error(
@@ -223,7 +238,7 @@ pub(crate) fn merge(
             Component::Unet => &mut *targets.unet,
             Component::TextEncoder => &mut *targets.text_encoder,
         };
-        apply(path, spec.strength, weights, &weight, pair)?;
+        apply(path, spec.strength_for(component), weights, &weight, pair)?;
         replaced.push((component, weight));
     }
     Ok(replaced)
@@ -302,6 +317,7 @@ mod tests {
         let spec = LoraSpec {
             path: fixture(file),
             strength,
+            text_encoder_strength: None,
         };
         let file = Weights::read(&spec.path).expect("lora");
         merge(
@@ -377,6 +393,7 @@ mod tests {
             let spec = LoraSpec {
                 path: PathBuf::from("x.safetensors"),
                 strength: 1.0,
+                text_encoder_strength: None,
             };
             let e = merge(
                 &spec,

@@ -2,8 +2,9 @@
 //!
 //! Owns the text-encoder config and the forward pass from token ids to `last_hidden_state`
 //! (token + position embeddings, pre-norm transformer layers with a causal mask and no padding
-//! mask, as SD1.5 uses it, then `final_layer_norm`). Weights are read under `text_model.`;
-//! files saved without that prefix are normalised by the loader.
+//! mask, as SD1.5 uses it, then `final_layer_norm`), or from an earlier layer's output for
+//! A1111's clip skip. Weights are read under `text_model.`; files saved without that prefix are
+//! normalised by the loader.
 
 use std::path::Path;
 
@@ -130,8 +131,16 @@ impl ClipTextModel {
         })
     }
 
-    /// `last_hidden_state` (`[batch, tokens, hidden]`) for `ids` (`[batch, tokens]`, u32).
-    pub(crate) fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+    /// How many transformer layers the encoder has (the most `clip_skip` can be).
+    pub(crate) fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The text embeddings (`[batch, tokens, hidden]`) for `ids` (`[batch, tokens]`, u32),
+    /// taken `clip_skip` layers from the end as A1111's "Clip skip" does: 1 is
+    /// `last_hidden_state`; N > 1 is `hidden_states[-N]` (the output of layer `layers - N + 1`)
+    /// passed through `final_layer_norm`. `clip_skip` is clamped to `1..=layers`.
+    pub(crate) fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
         let (batch, tokens) = ids.dims2()?;
         let positions = self.position_embedding.narrow(0, 0, tokens)?;
         let mut h = self
@@ -140,7 +149,8 @@ impl ClipTextModel {
             .reshape((batch, tokens, ()))?
             .broadcast_add(&positions)?;
         let mask = causal_mask(tokens, ids.device())?;
-        for layer in &self.layers {
+        let skipped = clip_skip.clamp(1, self.layers.len().max(1)) - 1;
+        for layer in &self.layers[..self.layers.len() - skipped] {
             h = self.layer_forward(layer, &h, &mask)?;
         }
         self.final_layer_norm.forward(&h)

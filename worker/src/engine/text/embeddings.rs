@@ -1,10 +1,12 @@
 //! Prompt embeddings kept per pipeline, so a seed sweep encodes each prompt once.
 //!
-//! Owns a small least-recently-used map from prompt text to its text-encoder output
-//! (`[1, tokens, hidden]` on the compute device). It lives inside one pipeline, whose model and
-//! LoRA stack (text-encoder LoRAs change the embeddings) are therefore part of the key
-//! implicitly. Each prompt is encoded alone, as diffusers encodes the prompt and the negative
-//! prompt in separate calls, so a cached embedding is exactly what a fresh encode returns.
+//! Owns a small least-recently-used map from a prompt's key to its conditioning
+//! (`[1, 77·k, hidden]`, f32, on the compute device). The key is the parsed prompt and the clip
+//! skip (`conditioning::cache_key`), so prompts that parse alike (`(a:1)` and `a`)
+//! share an entry. It lives inside one pipeline, whose model and LoRA stack (text-encoder LoRAs
+//! change the embeddings) are therefore part of the key implicitly. Each prompt is encoded
+//! alone, as A1111 and diffusers encode the prompt and the negative prompt in separate calls,
+//! so a cached embedding is exactly what a fresh encode returns.
 
 use std::collections::VecDeque;
 
@@ -12,7 +14,8 @@ use candle_core::Tensor;
 
 use crate::engine::error::Result;
 
-/// How many prompts a pipeline keeps by default: at SD1.5's 77×768 f32 that is about 30 MB.
+/// How many prompts a pipeline keeps by default: at SD1.5's 77×768 f32 that is about 30 MB
+/// (more for prompts longer than one 75-token chunk).
 pub const DEFAULT_CAPACITY: usize = 128;
 
 /// Hits and misses since the pipeline was built.
@@ -43,13 +46,13 @@ impl EmbeddingCache {
         }
     }
 
-    /// The embedding of `prompt`, from the cache or from `encode`.
+    /// The embedding of the prompt whose key is `key`, from the cache or from `encode`.
     pub(crate) fn get_or_encode(
         &mut self,
-        prompt: &str,
+        key: &str,
         encode: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Tensor> {
-        if let Some(i) = self.entries.iter().position(|(p, _)| p == prompt) {
+        if let Some(i) = self.entries.iter().position(|(k, _)| k == key) {
             self.stats.hits += 1;
             let entry = self.entries.remove(i).expect("position is in range");
             let tensor = entry.1.clone();
@@ -62,7 +65,7 @@ impl EmbeddingCache {
             while self.entries.len() >= self.capacity {
                 self.entries.pop_front();
             }
-            self.entries.push_back((prompt.to_owned(), tensor.clone()));
+            self.entries.push_back((key.to_owned(), tensor.clone()));
         }
         Ok(tensor)
     }

@@ -21,6 +21,92 @@ use super::weights::{Weights, display_name, read_safetensors_bytes};
 use crate::engine::error::{EngineError, Result};
 use keys::Part;
 
+/// Reads a VAE file to replace a model's own (A1111's "SD VAE"): the LDM layout of the
+/// released SD VAEs (`encoder.down.*`, `decoder.up.*`), a whole checkpoint's
+/// `first_stage_model.*`, or diffusers' names. Gives the weights under diffusers' names and the
+/// file's sha256 (A1111's VAE hash).
+pub(crate) fn read_vae(path: &Path) -> Result<(Weights, String)> {
+    let bytes = read_safetensors_bytes(path)?;
+    let bad = |reason: String| EngineError::Safetensors {
+        path: path.to_owned(),
+        reason,
+    };
+    let file =
+        candle_core::safetensors::SliceSafetensors::new(&bytes).map_err(|e| bad(e.to_string()))?;
+    let names: Vec<String> = file.tensors().into_iter().map(|(n, _)| n).collect();
+    let prefix = if names.iter().any(|n| n.starts_with(keys::VAE_PREFIX)) {
+        keys::VAE_PREFIX
+    } else {
+        ""
+    };
+    let levels = (0..)
+        .take_while(|i| {
+            let block = format!("{prefix}decoder.up.{i}.");
+            names.iter().any(|n| n.starts_with(&block))
+        })
+        .count();
+    let diffusers = names.iter().any(|n| n.starts_with("decoder.up_blocks."));
+    if levels == 0 && !diffusers {
+        return Err(EngineError::Unsupported {
+            path: path.to_owned(),
+            detected: "not a VAE (no decoder.up.* or decoder.up_blocks.* tensors)".into(),
+        });
+    }
+    let layout = keys::Layout {
+        unet_layers: 2,
+        vae_levels: levels,
+    };
+    let mut tensors = HashMap::new();
+    for name in &names {
+        let renamed = if diffusers {
+            Some(name.clone())
+        } else {
+            keys::rename(
+                &format!("{}{}", keys::VAE_PREFIX, &name[prefix.len()..]),
+                layout,
+            )
+            .map(|(_, n)| n)
+        };
+        let Some(renamed) = renamed else {
+            continue;
+        };
+        let tensor = load_f32(path, &file, name, &renamed, true)?;
+        tensors.insert(renamed, tensor);
+    }
+    let hash = hex::encode(Sha256::digest(&bytes));
+    Ok((
+        Weights {
+            file: display_name(path),
+            tensors,
+        },
+        hash,
+    ))
+}
+
+/// The tensor `name` of `file` in f32, renamed `renamed`. LDM keeps a VAE's attention
+/// projections as 1×1 convolutions, diffusers as linears: those are reshaped when `vae`.
+fn load_f32(
+    path: &Path,
+    file: &candle_core::safetensors::SliceSafetensors<'_>,
+    name: &str,
+    renamed: &str,
+    vae: bool,
+) -> Result<candle_core::Tensor> {
+    let bad = |e: candle_core::Error| EngineError::Safetensors {
+        path: path.to_owned(),
+        reason: format!("tensor `{name}`: {e}"),
+    };
+    let tensor = file
+        .load(name, &Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .map_err(bad)?;
+    if vae && renamed.contains(".attentions.") && tensor.rank() == 4 {
+        let (o, i, _, _) = tensor.dims4().map_err(bad)?;
+        return tensor.reshape((o, i)).map_err(bad);
+    }
+    Ok(tensor)
+}
+
 /// The yaml A1111 reads beside a checkpoint: the same stem, `.yaml`.
 pub(crate) fn yaml_beside(path: &Path) -> PathBuf {
     path.with_extension("yaml")
@@ -69,18 +155,7 @@ pub(crate) fn read(path: &Path) -> Result<(Configs, HostWeights)> {
         let Some((part, renamed)) = keys::rename(name, arch.layout) else {
             continue;
         };
-        let tensor = file
-            .load(name, &Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
-        // LDM keeps the VAE's attention projections as 1×1 convolutions; diffusers as linears.
-        let tensor = if part == Part::Vae && renamed.contains(".attentions.") && tensor.rank() == 4
-        {
-            let (o, i, _, _) = tensor.dims4().map_err(|e| bad(e.to_string()))?;
-            tensor.reshape((o, i)).map_err(|e| bad(e.to_string()))?
-        } else {
-            tensor
-        };
+        let tensor = load_f32(path, &file, name, &renamed, part == Part::Vae)?;
         let slot = match part {
             Part::TextEncoder => 0,
             Part::Unet => 1,

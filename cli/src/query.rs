@@ -110,7 +110,7 @@ fn record_json(r: &pb::CellRecord) -> serde_json::Value {
         "model": c.model, "prompt": c.prompt, "negative_prompt": c.negative_prompt,
         "seed": c.seed, "steps": c.steps, "cfg": c.cfg,
         "sampler": match pb::Sampler::try_from(c.sampler) { Ok(pb::Sampler::EulerA) => "euler_a", _ => "lcm" },
-        "width": c.width, "height": c.height,
+        "width": c.width, "height": c.height, "vae": c.vae, "clip_skip": c.clip_skip.max(1),
         "loras": c.loras.iter().map(|l| serde_json::json!({"name": l.name, "strength": l.strength})).collect::<Vec<_>>(),
         "bindings": c.bindings, "attempt": r.attempt, "worker": r.worker_id,
         "object_key": res.object_key, "storage": res.storage, "sha256": res.sha256,

@@ -1,4 +1,4 @@
-//! `kiln render`: one local image from a model folder, without a coordinator.
+//! `kiln render`: one local image from a model file or folder, without a coordinator.
 //!
 //! Parses the flags into an engine [`RenderRequest`], loads the pipeline once, shows a
 //! per-step progress bar on stderr and writes a PNG with A1111-style metadata.
@@ -8,7 +8,9 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_worker::engine::{Device, LoraSpec, Pipeline, RenderRequest, SamplerKind};
+use kiln_proto::prompt::ParsedPrompt;
+use kiln_worker::agent::resolve;
+use kiln_worker::engine::{BaseModel, Device, LoraSpec, Pipeline, RenderRequest, SamplerKind};
 
 /// Examples shown by `kiln render --help`.
 pub const EXAMPLES: &str = "Examples:
@@ -20,13 +22,24 @@ pub const EXAMPLES: &str = "Examples:
 /// Render one image locally.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Diffusers-layout SD1.5 folder (unet/, vae/, text_encoder/, scheduler/).
+    /// An SD1.5 model: a single-file checkpoint (.safetensors, CompVis/LDM layout, with its
+    /// .yaml beside it if it has one) or a diffusers folder (unet/, vae/, text_encoder/, …).
     #[arg(long)]
     model: PathBuf,
     /// A LoRA to merge, as FILE or FILE:STRENGTH (default strength 1); repeat to stack.
     #[arg(long = "lora", value_name = "FILE[:STRENGTH]", value_parser = parse_lora)]
     loras: Vec<LoraSpec>,
-    /// The prompt.
+    /// Where `<lora:name:weight>` in the prompt finds `name.safetensors` (subfolders too);
+    /// repeat for more. Default: the current folder.
+    #[arg(long = "lora-dir", value_name = "DIR")]
+    lora_dirs: Vec<PathBuf>,
+    /// A VAE file to use instead of the model's own (A1111's "SD VAE").
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// CLIP layers to skip from the end, 1..=4 (A1111's "Clip skip"; 1 is the last layer).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
+    clip_skip: u8,
+    /// The prompt, in A1111's syntax: `(word:1.2)`, `[word]`, `BREAK`, `<lora:name:0.7>`.
     #[arg(long)]
     prompt: String,
     /// The negative prompt (used only when --cfg is above 1).
@@ -79,6 +92,30 @@ pub(crate) fn parse_lora(value: &str) -> Result<LoraSpec, String> {
     })
 }
 
+/// The `<lora:name:te:unet>` tags of `prompt`, each found by name in `dirs` (default: the
+/// current folder), merged after the `--lora` stack as a worker merges them.
+fn prompt_loras(prompt: &str, dirs: &[PathBuf]) -> anyhow::Result<Vec<LoraSpec>> {
+    let parsed = ParsedPrompt::parse(prompt).context("--prompt")?;
+    let dirs = if dirs.is_empty() {
+        vec![PathBuf::from(".")]
+    } else {
+        dirs.to_vec()
+    };
+    parsed
+        .loras()
+        .into_iter()
+        .map(|l| {
+            let path = resolve::resolve(&l.name, &dirs, "LoRA", resolve::PathPolicy::AnyPath)
+                .map_err(|e| anyhow::anyhow!("<lora:{}>: {e} (set --lora-dir)", l.name))?;
+            Ok(LoraSpec {
+                path,
+                strength: l.unet,
+                text_encoder_strength: (l.te != l.unet).then_some(l.te),
+            })
+        })
+        .collect()
+}
+
 fn parse_device(value: &str) -> Result<Device, String> {
     value
         .parse()
@@ -97,7 +134,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         sampler,
         width: args.width,
         height: args.height,
-        clip_skip: 1,
+        clip_skip: usize::from(args.clip_skip),
     };
     // Reject a bad size before spending seconds loading weights.
     request.check()?;
@@ -108,8 +145,14 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         args.loras.len()
     ));
     loading.enable_steady_tick(std::time::Duration::from_millis(120));
-    let pipeline = Pipeline::load(&args.model, &args.loras, args.device)
+    let mut loras = args.loras.clone();
+    loras.extend(prompt_loras(&request.prompt, &args.lora_dirs)?);
+    let base = BaseModel::read(&args.model)
         .with_context(|| format!("loading model {}", args.model.display()))?;
+    let pipeline = Pipeline::new(
+        base.build_with_vae(&loras, args.vae.as_deref(), args.device)
+            .with_context(|| format!("building model {}", args.model.display()))?,
+    );
     loading.finish_and_clear();
     pipeline.validate(&request)?;
 

@@ -24,6 +24,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$PY" gen_single_file.py
 "$PY" gen_lcm_distilled.py
 "$PY" gen_lora_ldm.py
+"$PY" gen_vae.py
 chmod 644 ../../worker/tests/fixtures/reference/*.* ../../worker/tests/fixtures/reference/tiny-sd15/*/* \
   ../../worker/tests/fixtures/reference/tiny-sd15/*.json \
   ../../worker/tests/fixtures/reference/tiny-lcm-unet/*

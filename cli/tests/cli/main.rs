@@ -2,6 +2,7 @@
 //! database loses nothing (SQLite file and Postgres), and SIGTERM shuts it down cleanly.
 
 mod batch;
+mod brought;
 mod commands;
 mod devices;
 mod drain;
@@ -12,6 +13,7 @@ mod render;
 mod s3server;
 mod secure;
 mod sweepfile;
+mod util;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

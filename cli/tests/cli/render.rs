@@ -54,8 +54,10 @@ fn assert_matches_fixture(png: &Path, fixture_png: &str) {
         .expect("parameters chunk")
         .1;
     assert!(
-        parameters
-            .starts_with("a photograph of an astronaut riding a horse\nSteps: 4, Sampler: LCM"),
+        parameters.starts_with(
+            "a photograph of an astronaut riding a horse <lora:lora_kohya:1>\nSteps: 4, \
+                 Sampler: LCM"
+        ),
         "{parameters}"
     );
     assert!(

@@ -7,29 +7,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::spawn;
+use crate::util::{Worker, fixtures, json_rows, kiln};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn fixtures() -> PathBuf {
-    repo().join("worker/tests/fixtures/reference")
-}
-
-fn kiln(addr: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("KILN_COORDINATOR", format!("http://{addr}"))
-        .env("KILN_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "kiln {args:?} failed: {}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 fn sweep_file(seeds: u32) -> String {
@@ -47,24 +28,6 @@ seeds = {{ from = 1, count = {seeds} }}
 cfg = [1.0, 1.5]
 "#
     )
-}
-
-fn json_rows(out: &str) -> Vec<serde_json::Value> {
-    serde_json::from_str::<serde_json::Value>(out)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-/// A worker process, killed when the test ends however it ends.
-struct Worker(std::process::Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

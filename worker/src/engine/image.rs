@@ -8,7 +8,7 @@
 use std::io::Cursor;
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::model::LoadedLora;
+use crate::engine::model::{LoadedLora, LoadedVae};
 
 /// An 8-bit RGB image, rows top to bottom, pixels `[r, g, b]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +72,9 @@ pub struct Infotext<'a> {
     pub model_name: &'a str,
     /// Merged LoRAs; A1111 prints the first 12 hex digits of each hash.
     pub loras: &'a [LoadedLora],
+    /// A VAE file used instead of the model's own; A1111 prints its name and the first 10 hex
+    /// digits of its hash.
+    pub vae: Option<&'a LoadedVae>,
     /// A1111's "Clip skip", printed when above 1.
     pub clip_skip: usize,
     /// Whether the prompt's and negative prompt's conditionings were padded to the same number
@@ -101,6 +104,10 @@ impl Infotext<'_> {
             ("Model hash", self.model_hash.chars().take(10).collect()),
             ("Model", self.model_name.to_owned()),
         ];
+        if let Some(vae) = self.vae {
+            fields.push(("VAE hash", vae.hash.chars().take(10).collect()));
+            fields.push(("VAE", vae.name.clone()));
+        }
         if self.clip_skip > 1 {
             fields.push(("Clip skip", self.clip_skip.to_string()));
         }
@@ -132,9 +139,28 @@ impl Infotext<'_> {
         } else {
             format!("\nNegative prompt: {}", self.negative_prompt)
         };
-        format!("{}{negative}\n{}", self.prompt, params.join(", "))
+        format!("{}{negative}\n{}", self.prompt_line(), params.join(", "))
             .trim()
             .to_owned()
+    }
+}
+
+impl Infotext<'_> {
+    /// The prompt with a `<lora:name:strength>` tag for each merged LoRA the prompt does not
+    /// name itself (one given with `--lora` or a sweep's `[[loras]]`), as A1111 writes every
+    /// LoRA: pasted back into A1111, the image's parameters load the same LoRAs.
+    fn prompt_line(&self) -> String {
+        let named: Vec<String> = kiln_proto::prompt::ParsedPrompt::parse(self.prompt)
+            .map(|p| p.loras().into_iter().map(|l| l.name).collect())
+            .unwrap_or_default();
+        let mut line = self.prompt.to_owned();
+        for lora in self.loras {
+            if !named.contains(&lora.name) {
+                let sep = if line.is_empty() { "" } else { " " };
+                line.push_str(&format!("{sep}<lora:{}:{}>", lora.name, lora.strength));
+            }
+        }
+        line
     }
 }
 
@@ -238,6 +264,7 @@ mod tests {
             model_hash: "0123456789abcdef",
             model_name: "tiny-sd15",
             loras,
+            vae: None,
             clip_skip: 1,
             pad_conds: false,
         }
@@ -252,7 +279,7 @@ mod tests {
         }];
         assert_eq!(
             sample(&loras).render(),
-            "a photograph of an astronaut riding a horse\n\
+            "a photograph of an astronaut riding a horse <lora:lcm-lora:1>\n\
              Steps: 4, Sampler: LCM, CFG scale: 1, Seed: 42, Size: 64x64, \
              Model hash: 0123456789, Model: tiny-sd15, \
              Lora hashes: \"lcm-lora: abcdef012345\", RNG: CPU"

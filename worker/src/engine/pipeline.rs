@@ -500,6 +500,7 @@ impl Pipeline {
             model_hash: model.hash(),
             model_name: model.name(),
             loras: model.loras(),
+            vae: model.vae_file(),
             clip_skip: request.clip_skip,
             pad_conds: padded,
         }

@@ -155,7 +155,7 @@ fn the_png_carries_a1111_parameters() {
     assert_eq!(
         out.parameters,
         format!(
-            "a photograph of an astronaut riding a horse\n\
+            "a photograph of an astronaut riding a horse <lora:lora_kohya:1>\n\
              Steps: 4, Sampler: LCM, CFG scale: 1, Seed: 42, Size: 64x64, \
              Model hash: {hash}, Model: tiny-sd15, \
              Lora hashes: \"lora_kohya: {lora_hash}\", RNG: CPU"

@@ -332,3 +332,51 @@ fn files_that_are_not_sd1_checkpoints_are_refused_with_the_reason() {
         "{e}"
     );
 }
+
+#[derive(Deserialize)]
+struct VaeReference {
+    file: String,
+    model: String,
+    prompt: String,
+    seed: u64,
+    png: String,
+    sha256: String,
+}
+
+#[test]
+fn a_vae_file_replaces_the_models_own_as_a1111s_sd_vae() {
+    let r: VaeReference = load("vae_override.json");
+    let base = BaseModel::read(&path(&r.model)).expect("model");
+    let model = base
+        .build_with_vae(&[], Some(&path(&r.file)), Device::Cpu)
+        .expect("builds with the VAE");
+    let pipeline = Pipeline::new(model);
+    let request = RenderRequest {
+        prompt: r.prompt.clone(),
+        negative_prompt: String::new(),
+        seed: r.seed,
+        steps: 4,
+        cfg_scale: 1.0,
+        sampler: SamplerKind::Lcm,
+        width: 64,
+        height: 64,
+        clip_skip: 1,
+    };
+    let out = pipeline
+        .render(&request, &mut |_| {}, &AtomicBool::new(false))
+        .expect("render");
+    let max = max_pixel_diff(&out, &r.png);
+    eprintln!("vae override: max pixel diff {max}/255");
+    assert!(max <= 1, "max pixel diff {max}");
+    let fields = format!(
+        "Model: tiny-sd15, VAE hash: {}, VAE: {}, ",
+        &r.sha256[..10],
+        r.file
+    );
+    assert!(out.parameters.contains(&fields), "{}", out.parameters);
+    // Not a VAE: named, not a panic.
+    let e = base
+        .build_with_vae(&[], Some(&path("lora_kohya.safetensors")), Device::Cpu)
+        .unwrap_err();
+    assert!(e.to_string().contains("not a VAE"), "{e}");
+}

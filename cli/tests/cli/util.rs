@@ -1,0 +1,59 @@
+//! Helpers the process tests share: running `kiln` against a coordinator, reading JSON query
+//! output, a worker process killed when the test ends, and comparing images.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln_worker::engine::image::RgbImage;
+
+/// The reference fixtures of the worker's tests (tiny models, LoRAs, reference images).
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/fixtures/reference")
+}
+
+/// Runs `kiln ARGS` against the coordinator at `addr`; its stdout, after asserting success.
+pub fn kiln(addr: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_COORDINATOR", format!("http://{addr}"))
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The rows of `kiln query … --format json` output.
+pub fn json_rows(out: &str) -> Vec<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// A worker process, killed when the test ends however it ends.
+pub struct Worker(pub std::process::Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The largest difference of one channel of one pixel between two images of one size.
+pub fn max_pixel_diff(a: &RgbImage, b: &RgbImage) -> u8 {
+    assert_eq!((a.width, a.height), (b.width, b.height), "image sizes");
+    a.pixels
+        .iter()
+        .zip(&b.pixels)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}

@@ -1,6 +1,7 @@
 """Fixture 7: a single-file checkpoint in the CompVis/LDM layout, as Civitai ships SD1.5 models.
 
-Writes `tiny-ldm.safetensors` (fp16, no EMA keys), `tiny-ldm.yaml` (its LDM config, as A1111 reads one
+Writes `tiny-ldm.safetensors` (fp16, no EMA keys), `tiny-ldm-diffusers/` (the same model as a diffusers folder),
+`tiny-ldm.yaml` (its LDM config, as A1111 reads one
 beside a checkpoint), `single_file.json`, `single_file_expected.safetensors` and `single_file_lcm_seed42.png`.
 
 The model is a second tiny random-weight SD1.5 whose architecture an LDM config can express: LDM hard-codes
@@ -199,6 +200,28 @@ def build():
     return unet, vae, te
 
 
+def write_folder(unet, vae, te):
+    """The same model as a diffusers folder (fp16 variant files, no tokenizer: kiln compiles SD1.5's in), so the
+    Rust test can render both forms. Loading it back must give the same weights."""
+    import json
+
+    d = os.path.join(FIXTURES, "tiny-ldm-diffusers")
+    for sub, model, file in (("unet", unet, "diffusion_pytorch_model.fp16.safetensors"),
+                             ("vae", vae, "diffusion_pytorch_model.fp16.safetensors"),
+                             ("text_encoder", te, "model.fp16.safetensors")):
+        os.makedirs(os.path.join(d, sub), exist_ok=True)
+        sd = canonical_state_dict(model, sub) if sub == "text_encoder" else model.state_dict()
+        sd = {k: v.half().contiguous() for k, v in sd.items() if v.dtype.is_floating_point}
+        save_file(sd, os.path.join(d, sub, file), metadata={"format": "pt"})
+        if sub == "text_encoder":
+            model.config.save_pretrained(os.path.join(d, sub))
+        else:
+            model.save_config(os.path.join(d, sub))
+    os.makedirs(os.path.join(d, "scheduler"), exist_ok=True)
+    with open(os.path.join(d, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SD15_SCHEDULER_CONFIG, f, indent=2)
+
+
 def render(pipe):
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator("cpu").manual_seed(SEED)
@@ -233,6 +256,7 @@ def main():
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     latents, decoded = render(pipe)
+    write_folder(unet, vae, te)
 
     # diffusers' own LDM -> diffusers conversion, configured by a diffusers folder of the same model.
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():

@@ -27,5 +27,6 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$PY" gen_vae.py
 chmod 644 ../../worker/tests/fixtures/reference/*.* ../../worker/tests/fixtures/reference/tiny-sd15/*/* \
   ../../worker/tests/fixtures/reference/tiny-sd15/*.json \
-  ../../worker/tests/fixtures/reference/tiny-lcm-unet/*
+  ../../worker/tests/fixtures/reference/tiny-lcm-unet/* \
+  ../../worker/tests/fixtures/reference/tiny-ldm-diffusers/*/*
 du -ab ../../worker/tests/fixtures/reference | sort -k2

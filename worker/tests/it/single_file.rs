@@ -1,7 +1,8 @@
 //! Single-file checkpoints in the CompVis/LDM layout against diffusers' `from_single_file`:
 //! `tiny-ldm.safetensors` (written by `tools/reference/gen_single_file.py`, whose script checks
 //! that diffusers loads it back bit-identical to the diffusers modules it was written from)
-//! renders the reference image with and without its yaml, in fp16 and fp32, with EMA copies;
+//! renders the reference image with and without its yaml, in fp16 and fp32, with EMA copies,
+//! as its diffusers folder (`tiny-ldm-diffusers/`) does;
 //! and every kind of file a user may wrongly name is refused with the reason.
 
 use std::path::{Path, PathBuf};
@@ -178,6 +179,12 @@ fn a_single_file_renders_what_diffusers_from_single_file_renders() {
             assert!(out.parameters.contains(&hash), "{}", out.parameters);
         }
     }
+    // The same model as a diffusers folder renders the same image.
+    let (latents, out) = render(&path("tiny-ldm-diffusers"));
+    let err = relative_error(&latents, &want.data);
+    let max = max_pixel_diff(&out, &r.png);
+    eprintln!("diffusers folder: final latents relative error {err:.3e}, max pixel diff {max}/255");
+    assert!(err <= 1e-4 && max <= 1, "diffusers folder: {err:e}, {max}/255");
     // bf16 weights differ from the reference's, so only that it loads and renders is checked.
     let bf16 = write_variant(dir.path(), "bf16", Variant::Bf16, false);
     let (latents, _) = render(&bf16);

@@ -285,19 +285,23 @@ impl std::fmt::Debug for BaseModel {
 const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
 
 /// Refuses a pickle checkpoint, by its name or by its first bytes (a zip archive, as
-/// `torch.save` writes, or a raw pickle stream), before anything else reads it.
+/// `torch.save` writes, or a raw pickle stream, but never a safetensors file), before anything
+/// else reads it.
 fn refuse_pickle(path: &Path) -> Result<()> {
     use std::io::Read;
     let by_name = path
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-    let mut head = [0u8; 4];
+    // A safetensors file has `{` at byte 8 (its JSON header); a zip (`torch.save`) starts with
+    // `PK\x03\x04`, a raw pickle with PROTO (0x80) and a protocol number.
+    let mut head = [0u8; 9];
     let by_content = super::weights::open_regular(path)
         .ok()
-        .and_then(|(f, _)| f.take(4).read_exact(&mut head).ok())
+        .and_then(|(f, _)| f.take(9).read_exact(&mut head).ok())
         .is_some()
-        && (head == *b"PK\x03\x04" || head[0] == 0x80);
+        && head[8] != b'{'
+        && (head[..4] == *b"PK\x03\x04" || (head[0] == 0x80 && (2..=5).contains(&head[1])));
     if by_name || by_content {
         return Err(EngineError::Pickle {
             path: path.to_owned(),
@@ -433,4 +437,32 @@ fn file_stem(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_safetensors_file_is_never_taken_for_a_pickle() {
+        let dir = tempfile::tempdir().unwrap();
+        // A header of 0x80 bytes puts PROTO's byte first; byte 8 is still the JSON's `{`.
+        let mut bytes = 0x80u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(format!("{:<128}", "{}").as_bytes());
+        let file = dir.path().join("fine.safetensors");
+        std::fs::write(&file, &bytes).unwrap();
+        assert!(refuse_pickle(&file).is_ok());
+        // A raw protocol-4 pickle and a torch zip are refused whatever their name.
+        for (name, head) in [
+            ("a.safetensors", &b"\x80\x04\x95abcdefgh"[..]),
+            ("b", b"PK\x03\x04abcdefgh"),
+        ] {
+            let file = dir.path().join(name);
+            std::fs::write(&file, head).unwrap();
+            assert!(
+                matches!(refuse_pickle(&file), Err(EngineError::Pickle { .. })),
+                "{name}"
+            );
+        }
+    }
 }

@@ -73,6 +73,12 @@ pub struct Args {
 
 /// `FILE` or `FILE:STRENGTH`; a suffix that is not a number stays part of the path.
 pub(crate) fn parse_lora(value: &str) -> Result<LoraSpec, String> {
+    if value.trim_start().starts_with('<') {
+        return Err(format!(
+            "{value:?} is a prompt tag: write it in --prompt, or give the file as \
+             --lora FILE[:STRENGTH]"
+        ));
+    }
     if let Some((file, strength)) = value.rsplit_once(':')
         && let Ok(strength) = strength.parse::<f32>()
     {

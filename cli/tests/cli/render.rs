@@ -114,3 +114,108 @@ fn render_names_unknown_lora_keys() {
         "{stderr}"
     );
 }
+
+#[test]
+fn render_takes_a_single_file_a_vae_and_prompt_loras_and_says_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The single-file checkpoint renders diffusers' from_single_file image.
+    let out = dir.path().join("single.png");
+    let result = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("render")
+        .arg("--model")
+        .arg(fixture("tiny-ldm.safetensors"))
+        .args(["--prompt", "a photograph of an astronaut riding a horse"])
+        .args(["--seed", "42", "--width", "128", "--height", "128"])
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run");
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let got = decode_png(&std::fs::read(&out).unwrap()).unwrap();
+    let want = decode_png(&std::fs::read(fixture("single_file_lcm_seed42.png")).unwrap()).unwrap();
+    assert!(crate::util::max_pixel_diff(&got.image, &want.image) <= 1);
+
+    // A prompt LoRA found in --lora-dir, a VAE file and clip skip reach the PNG's parameters.
+    let out = dir.path().join("tagged.png");
+    let result = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("render")
+        .arg("--model")
+        .arg(fixture("tiny-sd15"))
+        .args(["--prompt", "a (fox:1.2) <lora:lora_kohya:0.5>"])
+        .arg("--lora-dir")
+        .arg(fixture(""))
+        .arg("--vae")
+        .arg(fixture("vae_override.safetensors"))
+        .args([
+            "--clip-skip",
+            "2",
+            "--seed",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ])
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("run");
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let parameters = decode_png(&std::fs::read(&out).unwrap()).unwrap().text[0]
+        .1
+        .clone();
+    for field in [
+        "a (fox:1.2) <lora:lora_kohya:0.5>\n",
+        "VAE: vae_override.safetensors",
+        "Clip skip: 2",
+        "Lora hashes: \"lora_kohya: ",
+    ] {
+        assert!(parameters.contains(field), "{field}: {parameters}");
+    }
+
+    // Mistakes a new user makes, each said plainly.
+    let model = fixture("tiny-sd15");
+    let model = model.to_str().unwrap();
+    for (args, says) in [
+        (
+            ["--model", "no-such-model", "--prompt", "a fox"],
+            "no model folder or checkpoint file at no-such-model",
+        ),
+        (
+            ["--model", model, "--lora", "<lora:x:0.5>"],
+            "is a prompt tag: write it in --prompt",
+        ),
+        (
+            ["--model", model, "--prompt", "a (fox"],
+            "`(` at column 3 is never closed",
+        ),
+        (
+            ["--model", model, "--prompt", "a <lora:nowhere:1>"],
+            "LoRA not found",
+        ),
+    ] {
+        let result = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("render")
+            .args(args)
+            .args(
+                ["--prompt", "a fox"]
+                    .iter()
+                    .filter(|_| !args.contains(&"--prompt")),
+            )
+            .args(["--seed", "1", "--width", "64", "--height", "64", "-o"])
+            .arg(&out)
+            .output()
+            .expect("run");
+        assert!(!result.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

@@ -23,23 +23,19 @@ pub enum EngineError {
         /// What was looked for.
         expected: String,
     },
-    /// A pickle checkpoint (`.ckpt`, `.pt`, …): unpickling runs code from the file.
+    /// A pickle file (a `.ckpt` checkpoint, a `.pt` embedding, …): unpickling runs code from the
+    /// file.
     #[error(
-        "{} is a pickle checkpoint: loading one can run any code it contains, so kiln never opens \
-         them. Convert it once, on a machine you trust, to .safetensors (e.g. `python -c \"import \
-         torch, safetensors.torch as s; sd = torch.load('{name}', weights_only=True); \
-         s.save_file({{k: v.contiguous() for k, v in sd.get('state_dict', sd).items() if \
-         hasattr(v, 'contiguous')}}, '{stem}.safetensors')\"`) or download the .safetensors \
-         version the model's page offers",
+        "{} is a pickle file: loading one can run any code it contains, so kiln never opens them. \
+         Convert it once, on a machine you trust, to .safetensors (e.g. `{convert}`) or download \
+         the .safetensors version its page offers",
         path.display()
     )]
     Pickle {
         /// The file.
         path: PathBuf,
-        /// Its file name, for the conversion command.
-        name: String,
-        /// Its file stem, for the converted file's name.
-        stem: String,
+        /// A command that converts it, for the message.
+        convert: String,
     },
     /// A checkpoint of a model family the engine does not render (yet).
     #[error("{}: {detected} is not supported yet; kiln renders SD1.x models", path.display())]
@@ -48,6 +44,12 @@ pub enum EngineError {
         path: PathBuf,
         /// What was detected, e.g. "an SDXL checkpoint (conditioner.embedders.* keys)".
         detected: String,
+    },
+    /// No model folder or checkpoint file at a path.
+    #[error("no model folder or checkpoint file at {}", path.display())]
+    ModelNotFound {
+        /// The path given.
+        path: PathBuf,
     },
     /// A file could not be read.
     #[error("cannot read {}: {source}", path.display())]
@@ -109,6 +111,26 @@ pub enum EngineError {
         path: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// A textual-inversion embedding file that is malformed, or that does not fit the model it
+    /// is used with (its width is not the text encoder's).
+    #[error("embedding {}: {reason}", path.display())]
+    Inversion {
+        /// The embedding file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A prompt names an embedding whose file could not be loaded (a pickle, an SDXL
+    /// embedding, a malformed file): rendering the name as plain words would silently give
+    /// another image than A1111 gives.
+    #[error("the prompt uses the embedding {name}, which cannot be used: {error}")]
+    InversionRefused {
+        /// The embedding's name (its file stem).
+        name: String,
+        /// Why its file was refused (in the message, not a `source`, so a chain printer does
+        /// not say it twice).
+        error: std::sync::Arc<EngineError>,
     },
     /// A render request the engine cannot honour (size, steps, CFG).
     #[error("invalid render request: {0}")]

@@ -184,7 +184,10 @@ fn a_single_file_renders_what_diffusers_from_single_file_renders() {
     let err = relative_error(&latents, &want.data);
     let max = max_pixel_diff(&out, &r.png);
     eprintln!("diffusers folder: final latents relative error {err:.3e}, max pixel diff {max}/255");
-    assert!(err <= 1e-4 && max <= 1, "diffusers folder: {err:e}, {max}/255");
+    assert!(
+        err <= 1e-4 && max <= 1,
+        "diffusers folder: {err:e}, {max}/255"
+    );
     // bf16 weights differ from the reference's, so only that it loads and renders is checked.
     let bf16 = write_variant(dir.path(), "bf16", Variant::Bf16, false);
     let (latents, _) = render(&bf16);

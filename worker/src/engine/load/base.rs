@@ -284,35 +284,41 @@ impl std::fmt::Debug for BaseModel {
 /// Extensions of PyTorch pickle files, which kiln never unpickles.
 const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
 
-/// Refuses a pickle checkpoint, by its name or by its first bytes (a zip archive, as
-/// `torch.save` writes, or a raw pickle stream, but never a safetensors file), before anything
-/// else reads it.
-fn refuse_pickle(path: &Path) -> Result<()> {
+/// Whether `path` is a pickle file, by its name or by its first bytes (a zip archive, as
+/// `torch.save` writes, or a raw pickle stream). Reads at most 4 bytes.
+pub(crate) fn is_pickle(path: &Path) -> bool {
     use std::io::Read;
     let by_name = path
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-    // A safetensors file has `{` at byte 8 (its JSON header); a zip (`torch.save`) starts with
-    // `PK\x03\x04`, a raw pickle with PROTO (0x80) and a protocol number.
-    let mut head = [0u8; 9];
+    let mut head = [0u8; 4];
     let by_content = super::weights::open_regular(path)
         .ok()
-        .and_then(|(f, _)| f.take(9).read_exact(&mut head).ok())
+        .and_then(|(f, _)| f.take(4).read_exact(&mut head).ok())
         .is_some()
-        && head[8] != b'{'
-        && (head[..4] == *b"PK\x03\x04" || (head[0] == 0x80 && (2..=5).contains(&head[1])));
-    if by_name || by_content {
-        return Err(EngineError::Pickle {
-            path: path.to_owned(),
-            name: path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            stem: file_stem(path),
-        });
+        && (head == *b"PK\x03\x04" || head[0] == 0x80);
+    by_name || by_content
+}
+
+/// Refuses a pickle checkpoint before anything else reads it.
+fn refuse_pickle(path: &Path) -> Result<()> {
+    if !is_pickle(path) {
+        return Ok(());
     }
-    Ok(())
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Err(EngineError::Pickle {
+        path: path.to_owned(),
+        convert: format!(
+            "python -c \"import torch, safetensors.torch as s; sd = torch.load('{name}', \
+             weights_only=True); s.save_file({{k: v.contiguous() for k, v in sd.get('state_dict', \
+             sd).items() if hasattr(v, 'contiguous')}}, '{}.safetensors')\"",
+            file_stem(path)
+        ),
+    })
 }
 
 impl BaseModel {
@@ -334,12 +340,8 @@ impl BaseModel {
             let configs = Configs::read(&parts)?;
             (configs, HostWeights::read(&parts)?, parts.unet.config)
         } else {
-            return Err(EngineError::Io {
+            return Err(EngineError::ModelNotFound {
                 path: path.to_owned(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no such model folder or checkpoint file",
-                ),
             });
         };
         let bytes = [&weights.text_encoder, &weights.unet, &weights.vae]

@@ -25,8 +25,10 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$PY" gen_lcm_distilled.py
 "$PY" gen_lora_ldm.py
 "$PY" gen_vae.py
+"$PY" gen_inversion.py
 chmod 644 ../../worker/tests/fixtures/reference/*.* ../../worker/tests/fixtures/reference/tiny-sd15/*/* \
   ../../worker/tests/fixtures/reference/tiny-sd15/*.json \
   ../../worker/tests/fixtures/reference/tiny-lcm-unet/* \
-  ../../worker/tests/fixtures/reference/tiny-ldm-diffusers/*/*
+  ../../worker/tests/fixtures/reference/tiny-ldm-diffusers/*/* \
+  ../../worker/tests/fixtures/reference/embeddings/*
 du -ab ../../worker/tests/fixtures/reference | sort -k2

@@ -16,11 +16,15 @@
 //! - with `batch > 1`, backlog cells that share model, LoRA stack, size, steps, CFG and sampler
 //!   render as one UNet batch, each with its own seed's noise;
 //! - a drain (SIGTERM) finishes the current render and its upload, and releases
-//!   leased-but-unstarted cells.
+//!   leased-but-unstarted cells;
+//! - textual-inversion embeddings come from each models folder's `embeddings/` and the
+//!   `--embeddings` folders, read on the render thread at start and again when they change
+//!   ([`inversions`]).
 
 pub mod access;
 mod backlog;
 mod finish;
+pub mod inversions;
 pub mod link;
 pub mod renderer;
 pub mod resolve;
@@ -54,8 +58,12 @@ pub struct AgentConfig {
     pub name: String,
     /// Compute device.
     pub device: Device,
-    /// Folders searched for model and LoRA names.
+    /// Folders searched for model and LoRA names; each one's `embeddings/` subfolder holds
+    /// textual-inversion embeddings.
     pub models: Vec<PathBuf>,
+    /// More folders of textual-inversion embeddings, after the models folders' (a later
+    /// folder's file wins a name).
+    pub embeddings: Vec<PathBuf>,
     /// Whether a cell may name files outside `models`.
     pub paths: resolve::PathPolicy,
     /// Pipeline cache budget in host memory, bytes.
@@ -91,6 +99,9 @@ impl AgentConfig {
         for dir in &self.models {
             anyhow::ensure!(dir.is_dir(), "--models {}: not a folder", dir.display());
         }
+        for dir in &self.embeddings {
+            anyhow::ensure!(dir.is_dir(), "--embeddings {}: not a folder", dir.display());
+        }
         anyhow::ensure!(
             (1..=64).contains(&self.batch),
             "--batch {}: must be 1..=64",
@@ -109,6 +120,13 @@ impl AgentConfig {
             "upload tries must be at least 1"
         );
         Ok(())
+    }
+
+    /// Where textual-inversion embeddings are looked for: each models folder's `embeddings/`
+    /// (which may appear later), then the `embeddings` folders.
+    pub fn inversion_dirs(&self) -> Vec<PathBuf> {
+        let subfolders = self.models.iter().map(|m| m.join("embeddings"));
+        subfolders.chain(self.embeddings.iter().cloned()).collect()
     }
 }
 
@@ -138,10 +156,11 @@ pub async fn run(
         l = Link::connect(&cfg.coordinator, &cfg.access, info) => l?,
         _ = &mut shutdown => return Ok(()),
     };
-    let renderer = Renderer::spawn(crate::cache::Budget {
+    let budget = crate::cache::Budget {
         host_bytes: cfg.cache_bytes,
         device_bytes: cfg.device_cache_bytes,
-    });
+    };
+    let renderer = Renderer::spawn_with_inversions(budget, cfg.inversion_dirs());
     let batch = cfg.batch.max(1) as usize;
     let backlog = Arc::new(Backlog::new(batch, cfg.prefetch as usize));
     // Every attempt held, for the heartbeat task; uploads finish in the background.
@@ -385,6 +404,7 @@ mod tests {
             name: "test".into(),
             device: Device::Cpu,
             models: vec![models],
+            embeddings: Vec::new(),
             paths: resolve::PathPolicy::ModelsOnly,
             cache_bytes: 1 << 30,
             device_cache_bytes: 0,
@@ -434,13 +454,25 @@ mod tests {
                 .to_string()
                 .contains("not a folder")
         );
-        let mut bad = config(fixtures);
+        let mut bad = config(fixtures.clone());
         bad.batch = 0;
         assert!(
             bad.validate()
                 .unwrap_err()
                 .to_string()
                 .contains("--batch 0")
+        );
+        let mut cfg = config(fixtures.clone());
+        cfg.embeddings = vec![fixtures.join("no-such-folder")];
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--embeddings") && e.contains("not a folder"),
+            "{e}"
+        );
+        cfg.embeddings = vec![fixtures.join("tiny-sd15")];
+        assert_eq!(
+            cfg.inversion_dirs(),
+            [fixtures.join("embeddings"), fixtures.join("tiny-sd15")]
         );
     }
 

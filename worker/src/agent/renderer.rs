@@ -6,8 +6,11 @@
 //! The agent sends jobs of one or more cells (a UNet batch) over a channel and awaits each
 //! answer; per-step progress flows back through watch channels, and each cell's cancel flag
 //! reaches into the sampling loop (a batch stops only when all its cells are cancelled; a
-//! cancelled cell in a running batch is dropped by the agent).
+//! cancelled cell in a running batch is dropped by the agent). The render thread also keeps the
+//! textual-inversion embedding database ([`super::inversions`]) and hands it to each job's
+//! pipeline.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -15,9 +18,10 @@ use std::time::Instant;
 
 use tokio::sync::{oneshot, watch};
 
+use super::inversions::Inversions;
 use crate::cache::{Budget, Found, PipelineCache, PipelineKey};
 use crate::engine::pipeline::Cancel;
-use crate::engine::{BaseModel, EngineError, PhaseTimes, Pipeline, RenderRequest};
+use crate::engine::{BaseModel, EngineError, InversionDb, PhaseTimes, Pipeline, RenderRequest};
 
 /// A rendered image and how long each phase took.
 #[derive(Debug)]
@@ -99,15 +103,25 @@ pub struct Renderer {
 }
 
 impl Renderer {
-    /// Starts the render and preparing threads with a pipeline cache under `budget`.
+    /// Starts the render and preparing threads with a pipeline cache under `budget`, and no
+    /// textual-inversion embeddings.
     pub fn spawn(budget: Budget) -> Renderer {
+        Self::spawn_with_inversions(budget, Vec::new())
+    }
+
+    /// [`Self::spawn`], the render thread first reading the textual-inversion embeddings under
+    /// `inversion_dirs` (and again whenever they change).
+    pub fn spawn_with_inversions(budget: Budget, inversion_dirs: Vec<PathBuf>) -> Renderer {
         let (tx, rx) = std::sync::mpsc::channel::<Msg>();
         let loaded = Arc::new(Mutex::new(Vec::new()));
         let shared = loaded.clone();
         let back = tx.clone();
         std::thread::Builder::new()
             .name("kiln-render".into())
-            .spawn(move || RenderThread::new(budget, back, shared).run(rx))
+            .spawn(move || {
+                let inversions = Inversions::load(inversion_dirs);
+                RenderThread::new(budget, back, shared, inversions).run(rx)
+            })
             .expect("spawning the render thread");
         Renderer {
             tx: tx.clone(),
@@ -161,16 +175,23 @@ struct RenderThread {
     /// Work for the preparing thread: a key and the cached base, if any.
     prepare: Option<Sender<(PipelineKey, Option<Arc<BaseModel>>)>>,
     loaded: Arc<Mutex<Vec<PipelineKey>>>,
+    inversions: Inversions,
 }
 
 impl RenderThread {
-    fn new(budget: Budget, back: Sender<Msg>, loaded: Arc<Mutex<Vec<PipelineKey>>>) -> Self {
+    fn new(
+        budget: Budget,
+        back: Sender<Msg>,
+        loaded: Arc<Mutex<Vec<PipelineKey>>>,
+        inversions: Inversions,
+    ) -> Self {
         Self {
             cache: PipelineCache::with_budget(budget),
             pending: Vec::new(),
             back,
             prepare: None,
             loaded,
+            inversions,
         }
     }
 
@@ -229,7 +250,8 @@ impl RenderThread {
     }
 
     fn render(&mut self, job: Job) {
-        let out = run_job(&mut self.cache, &job.key, &job.items);
+        let inversions = self.inversions.current();
+        let out = run_job(&mut self.cache, &job.key, &job.items, inversions);
         if out
             .iter()
             .any(|r| matches!(r, Err(RenderFailure::OutOfMemory(_))))
@@ -293,12 +315,14 @@ fn run_job(
     cache: &mut PipelineCache,
     key: &PipelineKey,
     items: &[Item],
+    inversions: Arc<InversionDb>,
 ) -> Vec<Result<Rendered, RenderFailure>> {
     let n = items.len();
     let t0 = Instant::now();
     // A panic inside candle (a bug, or an allocation failure) must not take the worker down.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let (pipeline, found) = cache.get(key).map_err(classify)?;
+        pipeline.set_inversions(inversions);
         let load_ms = match found {
             Found::Hit => 0.0,
             Found::Rebuilt | Found::Read => t0.elapsed().as_secs_f64() * 1000.0,

@@ -8,7 +8,7 @@
 use std::io::Cursor;
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::model::{LoadedLora, LoadedVae};
+use crate::engine::model::{LoadedLora, LoadedVae, UsedInversion};
 
 /// An 8-bit RGB image, rows top to bottom, pixels `[r, g, b]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,11 +75,27 @@ pub struct Infotext<'a> {
     /// A VAE file used instead of the model's own; A1111 prints its name and the first 10 hex
     /// digits of its hash.
     pub vae: Option<&'a LoadedVae>,
+    /// Textual-inversion embeddings the prompt or negative prompt used; A1111 prints the first
+    /// 12 hex digits of each file's sha256 (`TI hashes`).
+    pub inversions: &'a [UsedInversion],
     /// A1111's "Clip skip", printed when above 1.
     pub clip_skip: usize,
     /// Whether the prompt's and negative prompt's conditionings were padded to the same number
     /// of chunks (A1111's `pad_cond_uncond` option, printed as `Pad conds: True`).
     pub pad_conds: bool,
+}
+
+/// `name: hash, …` as A1111's `TI hashes` lists embeddings: `:` and `,` stripped from each name,
+/// the hash cut to 12 hex digits.
+fn name_hashes(inversions: &[UsedInversion]) -> String {
+    let listed: Vec<String> = inversions
+        .iter()
+        .map(|i| {
+            let name: String = i.name.chars().filter(|c| !matches!(c, ':' | ',')).collect();
+            format!("{name}: {}", &i.hash[..i.hash.len().min(12)])
+        })
+        .collect();
+    listed.join(", ")
 }
 
 /// A1111's `quote`: values with `,`, `:` or a newline become JSON strings.
@@ -123,6 +139,9 @@ impl Infotext<'_> {
                 })
                 .collect();
             fields.push(("Lora hashes", hashes.join(", ")));
+        }
+        if !self.inversions.is_empty() {
+            fields.push(("TI hashes", name_hashes(self.inversions)));
         }
         // Torch's CPU generator, which A1111 calls "CPU".
         fields.push(("RNG", "CPU".to_owned()));
@@ -265,9 +284,34 @@ mod tests {
             model_name: "tiny-sd15",
             loras,
             vae: None,
+            inversions: &[],
             clip_skip: 1,
             pad_conds: false,
         }
+    }
+
+    #[test]
+    fn embeddings_are_listed_as_a1111_writes_ti_hashes() {
+        let used = [
+            UsedInversion {
+                name: "EasyNegative".to_owned(),
+                hash: "c74b4e810b030bb2fb1a2a8d1b2c3d4e".to_owned(),
+            },
+            UsedInversion {
+                name: "odd:name,v2".to_owned(),
+                hash: "0123456789abcdef".to_owned(),
+            },
+        ];
+        let mut info = sample(&[]);
+        info.inversions = &used;
+        let text = info.render();
+        assert!(
+            text.ends_with(
+                "Model: tiny-sd15, \
+                 TI hashes: \"EasyNegative: c74b4e810b03, oddnamev2: 0123456789ab\", RNG: CPU"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -20,7 +20,8 @@ use crate::engine::nets::clip::ClipTextModel;
 use crate::engine::nets::unet::UNet;
 use crate::engine::nets::vae::VaeDecoder;
 use crate::engine::scheduler::ScheduleConfig;
-use crate::engine::text::conditioning;
+use crate::engine::text::conditioning::{self, Encoded};
+use crate::engine::text::inversion::InversionDb;
 use crate::engine::text::tokenizer::{ClipTokenizer, MAX_LENGTH};
 
 /// A LoRA as merged into a [`Model`], for the image metadata.
@@ -40,6 +41,15 @@ pub struct LoadedVae {
     /// The file name, as A1111 writes it (`VAE:`).
     pub name: String,
     /// sha256 of the file, lowercase hex; A1111 writes its first 10 digits (`VAE hash:`).
+    pub hash: String,
+}
+
+/// A textual-inversion embedding a prompt used, for the image metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsedInversion {
+    /// Its name (the file stem), as the prompt writes it.
+    pub name: String,
+    /// sha256 of its file, lowercase hex; A1111 writes its first 12 digits (`TI hashes:`).
     pub hash: String,
 }
 
@@ -213,7 +223,22 @@ impl Model {
     /// Text embeddings (`[1, 77·k, hidden]`) of a parsed prompt, `clip_skip` layers from the
     /// end of the text encoder.
     pub fn encode_parsed(&self, parsed: &ParsedPrompt, clip_skip: usize) -> Result<HostTensor> {
-        to_host(&self.text_embeddings(&parsed.parts, clip_skip)?)
+        self.encode_parsed_with(parsed, clip_skip, &InversionDb::empty())
+    }
+
+    /// [`Self::encode_parsed`] with the textual-inversion embeddings of `inversions` in place
+    /// of their names.
+    pub fn encode_parsed_with(
+        &self,
+        parsed: &ParsedPrompt,
+        clip_skip: usize,
+        inversions: &InversionDb,
+    ) -> Result<HostTensor> {
+        to_host(
+            &self
+                .text_embeddings(&parsed.parts, clip_skip, inversions)?
+                .z,
+        )
     }
 
     /// The text encoder's layer count: the largest clip skip this model takes.
@@ -247,16 +272,25 @@ impl Model {
     }
 
     /// The conditioning (`[1, 77·k, hidden]`, f32) of a parsed prompt's parts: A1111's chunks,
-    /// encoded `clip_skip` layers from the end, with emphasis.
-    pub(crate) fn text_embeddings(&self, parts: &[PromptPart], clip_skip: usize) -> Result<Tensor> {
+    /// the embeddings of `inversions` in place of their names, encoded `clip_skip` layers from
+    /// the end, with emphasis; and the embeddings used.
+    pub(crate) fn text_embeddings(
+        &self,
+        parts: &[PromptPart],
+        clip_skip: usize,
+        inversions: &InversionDb,
+    ) -> Result<Encoded> {
         if self.context_tokens < MAX_LENGTH {
             return Err(EngineError::InvalidRequest(format!(
                 "the text encoder takes {} tokens, a prompt chunk is {MAX_LENGTH}",
                 self.context_tokens
             )));
         }
-        let chunks = conditioning::chunk_prompt(&self.tokenizer, parts);
-        conditioning::encode_chunks(&self.clip, &chunks, clip_skip, &self.device)
+        let chunks = conditioning::chunk_prompt_with(&self.tokenizer, parts, inversions)?;
+        Ok(Encoded {
+            z: conditioning::encode_chunks(&self.clip, &chunks, clip_skip, &self.device)?,
+            inversions: conditioning::inversions_used(&chunks),
+        })
     }
 
     /// Whether the UNet is LCM-distilled: it takes the guidance scale as an embedding and

@@ -6,15 +6,15 @@
 //! latents first, then whatever the sampler draws, from one [`TorchRng`] stream in diffusers'
 //! order), batching requests that share everything but prompt and seed into one UNet batch
 //! (each with its own noise stream, so each image is its single render), the prompt-embedding
-//! cache and putting each request's conditioning together (A1111 prompt syntax, clip skip, the
-//! negative prompt padded to the prompt's chunk count), phase timings, progress reporting,
-//! cancellation, decoding and the image metadata. It does not know where requests come from or
-//! where images go.
+//! cache and putting each request's conditioning together (A1111 prompt syntax, textual-inversion
+//! embeddings from the database its caller sets, clip skip, the negative prompt padded to the
+//! prompt's chunk count), phase timings, progress reporting, cancellation, decoding and the image
+//! metadata. It does not know where requests come from or where images go.
 
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -25,11 +25,12 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::image::{Infotext, RgbImage, encode_png, to_rgb8};
 use crate::engine::load::lora::LoraSpec;
 use crate::engine::load::weights::HostTensor;
-use crate::engine::model::{Model, to_host};
+use crate::engine::model::{Model, UsedInversion, to_host};
 use crate::engine::rng::TorchRng;
 use crate::engine::scheduler::{EulerAncestralScheduler, LcmScheduler, Sampler};
-use crate::engine::text::conditioning::{self, ContextGroup};
+use crate::engine::text::conditioning::{self, ContextGroup, Encoded};
 use crate::engine::text::embeddings::{self, EmbeddingCache, EmbeddingStats};
+use crate::engine::text::inversion::InversionDb;
 
 /// Pixels per latent cell: the VAE upsamples by 8.
 const LATENT_SCALE: u32 = 8;
@@ -230,7 +231,20 @@ impl RenderOutput {
 #[derive(Debug)]
 pub struct Pipeline {
     model: Model,
-    embeddings: Mutex<EmbeddingCache>,
+    embeddings: Mutex<EmbeddingCache<Encoded>>,
+    /// The textual-inversion embeddings prompts may name (none until the caller sets some).
+    inversions: Mutex<Arc<InversionDb>>,
+}
+
+/// A request's conditioning, ready for the UNet.
+struct Conditioned {
+    cond: Tensor,
+    /// The negative prompt's, under classifier-free guidance.
+    uncond: Option<Tensor>,
+    /// Whether one of them was padded to the other's length (A1111's `Pad conds`).
+    padded: bool,
+    /// The embeddings used by the prompt, then those only the negative prompt used.
+    inversions: Vec<UsedInversion>,
 }
 
 impl Pipeline {
@@ -249,7 +263,23 @@ impl Pipeline {
         Self {
             model,
             embeddings: Mutex::new(EmbeddingCache::new(prompts)),
+            inversions: Mutex::new(Arc::new(InversionDb::empty())),
         }
+    }
+
+    /// Sets the textual-inversion embeddings later renders find in prompts (the caller loads
+    /// the database, off async threads, and may swap in a newer one at any time; prompt
+    /// embeddings cached under another database are not reused).
+    pub fn set_inversions(&self, inversions: Arc<InversionDb>) {
+        *self.inversions.lock().unwrap_or_else(|e| e.into_inner()) = inversions;
+    }
+
+    /// The textual-inversion embeddings renders use now.
+    pub fn inversions(&self) -> Arc<InversionDb> {
+        self.inversions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The model, for its name, hashes and component access.
@@ -288,39 +318,52 @@ impl Pipeline {
         })
     }
 
-    /// The conditioning (`[1, 77·k, hidden]`, f32) of one parsed prompt, cached by its parts
-    /// and clip skip.
-    fn embedding(&self, parts: &[PromptPart], clip_skip: usize) -> Result<Tensor> {
-        let key = conditioning::cache_key(parts, clip_skip);
+    /// The conditioning (`[1, 77·k, hidden]`, f32) of one parsed prompt with the embeddings
+    /// it used, cached by its parts, clip skip and embedding database.
+    fn embedding(
+        &self,
+        parts: &[PromptPart],
+        clip_skip: usize,
+        db: &InversionDb,
+    ) -> Result<Encoded> {
+        let key = conditioning::cache_key(parts, clip_skip, db);
         self.embeddings
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get_or_encode(&key, || self.model.text_embeddings(parts, clip_skip))
+            .get_or_encode(&key, || self.model.text_embeddings(parts, clip_skip, db))
     }
 
     /// `request`'s conditioning and, when `guided`, its negative prompt's, padded to the same
-    /// number of chunks with the empty prompt's as A1111's `pad_cond_uncond` does; and whether
-    /// that padding happened.
-    fn conditioning_pair(
-        &self,
-        request: &RenderRequest,
-        guided: bool,
-    ) -> Result<(Tensor, Option<Tensor>, bool)> {
+    /// number of chunks with the empty prompt's as A1111's `pad_cond_uncond` does. Embeddings
+    /// of a negative prompt that is not used are not used either.
+    fn conditioning_pair(&self, request: &RenderRequest, guided: bool) -> Result<Conditioned> {
+        let db = self.inversions();
         let (prompt, negative) = request.parse_prompts()?;
-        let cond = self.embedding(&prompt.parts, request.clip_skip)?;
+        let cond = self.embedding(&prompt.parts, request.clip_skip, &db)?;
         if !guided {
-            return Ok((cond, None, false));
+            return Ok(Conditioned {
+                inversions: conditioning::used_inversions(&[&cond]),
+                cond: cond.z,
+                uncond: None,
+                padded: false,
+            });
         }
-        let uncond = self.embedding(&negative.parts, request.clip_skip)?;
+        let uncond = self.embedding(&negative.parts, request.clip_skip, &db)?;
+        let inversions = conditioning::used_inversions(&[&cond, &uncond]);
         let empty = || {
             let nothing = PromptPart::Text {
                 text: String::new(),
                 weight: 1.0,
             };
-            self.embedding(&[nothing], request.clip_skip)
+            Ok(self.embedding(&[nothing], request.clip_skip, &db)?.z)
         };
-        let (cond, uncond, padded) = conditioning::pad_cond_uncond(cond, uncond, empty)?;
-        Ok((cond, Some(uncond), padded))
+        let (cond, uncond, padded) = conditioning::pad_cond_uncond(cond.z, uncond.z, empty)?;
+        Ok(Conditioned {
+            cond,
+            uncond: Some(uncond),
+            padded,
+            inversions,
+        })
     }
 
     /// The conditioning the UNet sees for `request` (`[1, 77·k, hidden]` each): the prompt's
@@ -331,8 +374,11 @@ impl Pipeline {
         request: &RenderRequest,
     ) -> Result<(HostTensor, Option<HostTensor>)> {
         let guided = request.cfg_scale > 1.0 && !self.model.embeds_guidance();
-        let (cond, uncond, _) = self.conditioning_pair(request, guided)?;
-        Ok((to_host(&cond)?, uncond.map(|u| to_host(&u)).transpose()?))
+        let c = self.conditioning_pair(request, guided)?;
+        Ok((
+            to_host(&c.cond)?,
+            c.uncond.map(|u| to_host(&u)).transpose()?,
+        ))
     }
 
     /// Renders `request`, calling `on_step` after every step and giving up with
@@ -379,11 +425,11 @@ impl Pipeline {
 
         let started = Instant::now();
         let mut pairs = Vec::with_capacity(n);
-        let mut padded = Vec::with_capacity(n);
+        let mut extras = Vec::with_capacity(n);
         for request in requests {
-            let (cond, uncond, was_padded) = self.conditioning_pair(request, guided)?;
-            pairs.push((cond, uncond));
-            padded.push(was_padded);
+            let c = self.conditioning_pair(request, guided)?;
+            pairs.push((c.cond, c.uncond));
+            extras.push((c.padded, c.inversions));
         }
         // Prompts of different chunk counts cannot share a UNet batch; each length gets its own
         // pass, so every image is still its single render.
@@ -465,19 +511,22 @@ impl Pipeline {
         Ok(requests
             .iter()
             .zip(images)
-            .zip(padded)
-            .map(|((request, image), padded)| self.output(request, image, guided, padded, times))
+            .zip(extras)
+            .map(|((request, image), (padded, inversions))| {
+                self.output(request, image, guided, (padded, &inversions), times)
+            })
             .collect())
     }
 
     /// The image with its metadata; `padded` says the prompt's and negative prompt's
-    /// conditionings were padded to the same length (A1111's `Pad conds`).
+    /// conditionings were padded to the same length (A1111's `Pad conds`), `inversions` are the
+    /// embeddings they used.
     fn output(
         &self,
         request: &RenderRequest,
         image: RgbImage,
         guided: bool,
-        padded: bool,
+        (padded, inversions): (bool, &[UsedInversion]),
         times: PhaseTimes,
     ) -> RenderOutput {
         let model = &self.model;
@@ -501,6 +550,7 @@ impl Pipeline {
             model_name: model.name(),
             loras: model.loras(),
             vae: model.vae_file(),
+            inversions,
             clip_skip: request.clip_skip,
             pad_conds: padded,
         }

@@ -8,6 +8,7 @@
 mod batch;
 mod cache;
 mod fixture;
+mod inversion;
 mod lcm_distilled;
 mod model;
 mod pipeline;

@@ -338,7 +338,7 @@ fn files_that_are_not_sd1_checkpoints_are_refused_with_the_reason() {
     let e = refusal(&d.join("nowhere"));
     assert!(
         e.to_string()
-            .contains("no such model folder or checkpoint file"),
+            .contains("no model folder or checkpoint file at"),
         "{e}"
     );
 }

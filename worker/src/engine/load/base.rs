@@ -285,19 +285,23 @@ impl std::fmt::Debug for BaseModel {
 const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
 
 /// Whether `path` is a pickle file, by its name or by its first bytes (a zip archive, as
-/// `torch.save` writes, or a raw pickle stream). Reads at most 4 bytes.
+/// `torch.save` writes, or a raw pickle stream, but never a safetensors file). Reads at most 9
+/// bytes.
 pub(crate) fn is_pickle(path: &Path) -> bool {
     use std::io::Read;
     let by_name = path
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-    let mut head = [0u8; 4];
+    // A safetensors file has `{` at byte 8 (its JSON header); a zip (`torch.save`) starts with
+    // `PK\x03\x04`, a raw pickle with PROTO (0x80) and a protocol number.
+    let mut head = [0u8; 9];
     let by_content = super::weights::open_regular(path)
         .ok()
-        .and_then(|(f, _)| f.take(4).read_exact(&mut head).ok())
+        .and_then(|(f, _)| f.take(9).read_exact(&mut head).ok())
         .is_some()
-        && (head == *b"PK\x03\x04" || head[0] == 0x80);
+        && head[8] != b'{'
+        && (head[..4] == *b"PK\x03\x04" || (head[0] == 0x80 && (2..=5).contains(&head[1])));
     by_name || by_content
 }
 

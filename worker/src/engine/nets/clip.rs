@@ -3,8 +3,10 @@
 //! Owns the text-encoder config and the forward pass from token ids to `last_hidden_state`
 //! (token + position embeddings, pre-norm transformer layers with a causal mask and no padding
 //! mask, as SD1.5 uses it, then `final_layer_norm`), or from an earlier layer's output for
-//! A1111's clip skip. Weights are read under `text_model.`; files saved without that prefix are
-//! normalised by the loader.
+//! A1111's clip skip. Token embeddings can be replaced at given positions before the position
+//! embeddings are added ([`TokenFix`]: textual-inversion vectors, as A1111's
+//! `EmbeddingsWithFixes` places them). Weights are read under `text_model.`; files saved without
+//! that prefix are normalised by the loader.
 
 use std::path::Path;
 
@@ -84,6 +86,18 @@ struct EncoderLayer {
     fc2: Linear,
 }
 
+/// Vectors that replace token embeddings: row `row` of the batch, tokens `start ..
+/// start + vectors.dim(0)`.
+#[derive(Debug)]
+pub(crate) struct TokenFix {
+    /// Which sequence of the batch.
+    pub(crate) row: usize,
+    /// The first token replaced.
+    pub(crate) start: usize,
+    /// `[n, hidden]`, any float dtype (cast to the encoder's).
+    pub(crate) vectors: Tensor,
+}
+
 /// transformers' `CLIPTextModel` up to `last_hidden_state`.
 #[derive(Debug)]
 pub(crate) struct ClipTextModel {
@@ -136,18 +150,39 @@ impl ClipTextModel {
         self.layers.len()
     }
 
+    /// The width of its token embeddings and outputs.
+    pub(crate) fn hidden_size(&self) -> usize {
+        self.token_embedding.dims().get(1).copied().unwrap_or(0)
+    }
+
     /// The text embeddings (`[batch, tokens, hidden]`) for `ids` (`[batch, tokens]`, u32),
     /// taken `clip_skip` layers from the end as A1111's "Clip skip" does: 1 is
     /// `last_hidden_state`; N > 1 is `hidden_states[-N]` (the output of layer `layers - N + 1`)
-    /// passed through `final_layer_norm`. `clip_skip` is clamped to `1..=layers`.
-    pub(crate) fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+    /// passed through `final_layer_norm`. `clip_skip` is clamped to `1..=layers`. The token
+    /// embeddings at `fixes` are replaced by their vectors before the position embeddings are
+    /// added.
+    pub(crate) fn forward(
+        &self,
+        ids: &Tensor,
+        clip_skip: usize,
+        fixes: &[TokenFix],
+    ) -> Result<Tensor> {
         let (batch, tokens) = ids.dims2()?;
         let positions = self.position_embedding.narrow(0, 0, tokens)?;
         let mut h = self
             .token_embedding
             .index_select(&ids.flatten_all()?, 0)?
-            .reshape((batch, tokens, ()))?
-            .broadcast_add(&positions)?;
+            .reshape((batch, tokens, ()))?;
+        let hidden = h.dim(2)?;
+        for fix in fixes {
+            let n = fix.vectors.dim(0)?;
+            let vectors = fix.vectors.to_dtype(h.dtype())?.unsqueeze(0)?;
+            h = h.slice_assign(
+                &[fix.row..fix.row + 1, fix.start..fix.start + n, 0..hidden],
+                &vectors,
+            )?;
+        }
+        let mut h = h.broadcast_add(&positions)?;
         let mask = causal_mask(tokens, ids.device())?;
         let skipped = clip_skip.clamp(1, self.layers.len().max(1)) - 1;
         for layer in &self.layers[..self.layers.len() - skipped] {

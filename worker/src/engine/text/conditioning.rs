@@ -5,15 +5,27 @@
 //!
 //! 1. Each part is tokenized on its own, without BOS/EOS; every token carries its part's
 //!    weight.
-//! 2. The tokens are cut into chunks of 75 ([`chunk_prompt`]). `BREAK` ends a chunk. When a
+//! 2. The tokens are cut into chunks of 75 ([`chunk_prompt_with`]). `BREAK` ends a chunk. When a
 //!    chunk is full and the next token is not a comma, the tokens after the chunk's last comma
 //!    move to the next chunk if that comma is within the last 20 tokens (A1111's
 //!    `comma_padding_backtrack`, default 20). Each chunk is `[BOS] + 75 + [EOS]`, padded with
 //!    EOS (SD1's pad token), weight 1.0 for BOS, EOS and padding.
-//! 3. All chunks go through CLIP in one batch (each is encoded on its own: there is no
-//!    attention across chunks), then A1111's "Original" emphasis per chunk: `m0 = mean(z)`,
-//!    `z *= weight`, `z *= m0 / mean(z)`, means over the chunk's 77 × hidden values.
-//! 4. The chunks are concatenated on the token axis: `[1, 77·k, hidden]`.
+//! 3. Textual-inversion embeddings (A1111's `tokenize_line`): after the comma rule, at each
+//!    position the longest embedding name whose tokens start there ([`InversionDb`], within the
+//!    part) takes one placeholder token per vector (id 0), each with the part's weight, and its
+//!    position is remembered in the chunk ([`ChunkFix`]). An embedding is never split: when its
+//!    vectors do not fit, the chunk is closed (padded) and it starts the next one. A1111 leaves
+//!    a remembered position in its chunk even when the comma rule later moves the placeholders
+//!    on; kiln does the same, so such a prompt gives A1111's conditioning (the vectors land on
+//!    the old chunk's padding, the moved placeholders stay `!`).
+//! 4. All chunks go through CLIP in one batch (each is encoded on its own: there is no
+//!    attention across chunks), each embedding's vectors replacing the token embeddings after
+//!    BOS + its position, before the position embeddings are added (A1111's
+//!    `EmbeddingsWithFixes`, cut at the chunk's end as it cuts them). An embedding whose width
+//!    is not the text encoder's is an error naming its file. Then A1111's "Original" emphasis per
+//!    chunk: `m0 = mean(z)`, `z *= weight`, `z *= m0 / mean(z)`, means over the chunk's
+//!    77 × hidden values.
+//! 5. The chunks are concatenated on the token axis: `[1, 77·k, hidden]`.
 //!
 //! A prompt whose weights are all 1.0 skips step 3, which then changes nothing, so a plain
 //! prompt of up to 75 tokens is exactly the single 77-token encoding diffusers makes.
@@ -27,11 +39,16 @@
 //! (`group_by_length`) rather than A1111's repeat-the-last-vector padding, so that batching
 //! never changes an image.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 use kiln_proto::prompt::PromptPart;
 
-use crate::engine::error::Result;
-use crate::engine::nets::clip::ClipTextModel;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::load::inversion::Inversion;
+use crate::engine::model::UsedInversion;
+use crate::engine::nets::clip::{ClipTextModel, TokenFix};
+use crate::engine::text::inversion::InversionDb;
 use crate::engine::text::tokenizer::{BOS_ID, ClipTokenizer, EOS_ID, MAX_LENGTH};
 
 /// Prompt tokens per chunk: the encoder's 77 minus BOS and EOS.
@@ -41,6 +58,18 @@ pub const CHUNK_TOKENS: usize = MAX_LENGTH - 2;
 pub const COMMA_PADDING_BACKTRACK: usize = 20;
 /// `,</w>`, the token A1111 looks for (`vocab[',</w>']`).
 pub const COMMA_ID: u32 = 267;
+/// The id A1111 puts where an embedding's vectors go (`!`); the vectors replace its embedding.
+pub const PLACEHOLDER_ID: u32 = 0;
+
+/// Where an embedding's vectors go in a chunk (A1111's `PromptChunkFix`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChunkFix {
+    /// Position among the chunk's prompt tokens, BOS not counted: the vectors replace tokens
+    /// `offset + 1 ..` of the 77.
+    pub offset: usize,
+    /// The embedding.
+    pub inversion: Arc<Inversion>,
+}
 
 /// One 77-token chunk of a prompt: what the text encoder reads, and each token's weight.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,22 +78,62 @@ pub struct PromptChunk {
     pub tokens: Vec<u32>,
     /// One per token, as f32 (A1111 builds the multiplier tensor in torch's default f32).
     pub weights: Vec<f32>,
+    /// The embeddings placed in this chunk, in order.
+    pub fixes: Vec<ChunkFix>,
 }
 
-/// Tokenizes and chunks `parts` as A1111's `tokenize_line` does; never empty.
+/// Tokenizes and chunks `parts` as A1111's `tokenize_line` does, with no embeddings; never
+/// empty.
 pub fn chunk_prompt(tokenizer: &ClipTokenizer, parts: &[PromptPart]) -> Vec<PromptChunk> {
+    chunk_prompt_with(tokenizer, parts, &InversionDb::empty())
+        .expect("a database of no embeddings refuses no name")
+}
+
+/// Tokenizes and chunks `parts` as A1111's `tokenize_line` does, placing the embeddings of
+/// `inversions` whose names occur; never empty. Fails when a name's file was refused.
+pub fn chunk_prompt_with(
+    tokenizer: &ClipTokenizer,
+    parts: &[PromptPart],
+    inversions: &InversionDb,
+) -> Result<Vec<PromptChunk>> {
     let mut chunker = Chunker::default();
     for part in parts {
-        match part {
-            PromptPart::Break => chunker.close(),
-            PromptPart::Text { text, weight } => {
-                for token in tokenizer.tokenize(text) {
-                    chunker.push(token, *weight as f32);
+        let (text, weight) = match part {
+            PromptPart::Break => {
+                chunker.close();
+                continue;
+            }
+            PromptPart::Text { text, weight } => (text, *weight as f32),
+        };
+        let tokens = tokenizer.tokenize(text);
+        let mut at = 0;
+        while at < tokens.len() {
+            chunker.make_room(tokens[at]);
+            match inversions.find(&tokens, at)? {
+                Some((inversion, name_tokens)) => {
+                    chunker.place(inversion, weight);
+                    at += name_tokens;
+                }
+                None => {
+                    chunker.tokens.push(tokens[at]);
+                    chunker.weights.push(weight);
+                    at += 1;
                 }
             }
         }
     }
-    chunker.finish()
+    Ok(chunker.finish())
+}
+
+/// The embeddings placed in `chunks`, each once, in order of first use.
+pub(crate) fn inversions_used(chunks: &[PromptChunk]) -> Vec<Arc<Inversion>> {
+    let mut used: Vec<Arc<Inversion>> = Vec::new();
+    for fix in chunks.iter().flat_map(|c| &c.fixes) {
+        if !used.iter().any(|u| u.name() == fix.inversion.name()) {
+            used.push(fix.inversion.clone());
+        }
+    }
+    used
 }
 
 #[derive(Default)]
@@ -72,12 +141,15 @@ struct Chunker {
     done: Vec<PromptChunk>,
     tokens: Vec<u32>,
     weights: Vec<f32>,
+    fixes: Vec<ChunkFix>,
     /// Index in `tokens` of the last comma since the chunk began.
     last_comma: Option<usize>,
 }
 
 impl Chunker {
-    fn push(&mut self, token: u32, weight: f32) {
+    /// A1111's steps before a token (or an embedding starting with it) is added: the comma
+    /// rule, then closing a full chunk.
+    fn make_room(&mut self, token: u32) {
         if token == COMMA_ID {
             self.last_comma = Some(self.tokens.len());
         } else if let Some(comma) = self.last_comma
@@ -86,6 +158,7 @@ impl Chunker {
         {
             let moved_tokens = self.tokens.split_off(comma + 1);
             let moved_weights = self.weights.split_off(comma + 1);
+            // The fixes stay with the chunk being closed, as A1111 leaves them.
             self.close();
             self.tokens = moved_tokens;
             self.weights = moved_weights;
@@ -95,8 +168,20 @@ impl Chunker {
         if self.tokens.len() == CHUNK_TOKENS {
             self.close();
         }
-        self.tokens.push(token);
-        self.weights.push(weight);
+    }
+
+    /// Adds an embedding's placeholders, first closing the chunk if they do not fit in it.
+    fn place(&mut self, inversion: Arc<Inversion>, weight: f32) {
+        let n = inversion.vectors();
+        if self.tokens.len() + n > CHUNK_TOKENS {
+            self.close();
+        }
+        self.fixes.push(ChunkFix {
+            offset: self.tokens.len(),
+            inversion,
+        });
+        self.tokens.extend(std::iter::repeat_n(PLACEHOLDER_ID, n));
+        self.weights.extend(std::iter::repeat_n(weight, n));
     }
 
     /// Pads the chunk being filled to 75, wraps it in BOS/EOS and starts the next one.
@@ -109,7 +194,12 @@ impl Chunker {
         weights.push(1.0);
         weights.append(&mut self.weights);
         weights.resize(MAX_LENGTH, 1.0);
-        self.done.push(PromptChunk { tokens, weights });
+        let fixes = std::mem::take(&mut self.fixes);
+        self.done.push(PromptChunk {
+            tokens,
+            weights,
+            fixes,
+        });
         self.last_comma = None;
     }
 
@@ -119,6 +209,30 @@ impl Chunker {
         }
         self.done
     }
+}
+
+/// A prompt's conditioning and the embeddings that went into it.
+#[derive(Clone, Debug)]
+pub(crate) struct Encoded {
+    /// `[1, 77·k, hidden]`, f32.
+    pub(crate) z: Tensor,
+    /// The textual-inversion embeddings placed, each once, in order of first use.
+    pub(crate) inversions: Vec<Arc<Inversion>>,
+}
+
+/// The embeddings `encoded` used, each once, in order (the prompt's, then those only the
+/// negative prompt used), for the image metadata.
+pub(crate) fn used_inversions(encoded: &[&Encoded]) -> Vec<UsedInversion> {
+    let mut used: Vec<UsedInversion> = Vec::new();
+    for inversion in encoded.iter().flat_map(|e| &e.inversions) {
+        if !used.iter().any(|u| u.name == inversion.name()) {
+            used.push(UsedInversion {
+                name: inversion.name().to_owned(),
+                hash: inversion.hash().to_owned(),
+            });
+        }
+    }
+    used
 }
 
 /// The conditioning (`[1, 77·k, hidden]`, f32) of `chunks`, `clip_skip` layers from the end.
@@ -134,7 +248,10 @@ pub(crate) fn encode_chunks(
         .flat_map(|c| c.tokens.iter().copied())
         .collect();
     let ids = Tensor::from_vec(ids, (k, MAX_LENGTH), device)?;
-    let z = clip.forward(&ids, clip_skip)?.to_dtype(DType::F32)?;
+    let fixes = token_fixes(chunks, clip.hidden_size(), device)?;
+    let z = clip
+        .forward(&ids, clip_skip, &fixes)?
+        .to_dtype(DType::F32)?;
     let hidden = z.dim(2)?;
     let z = if chunks.iter().all(|c| c.weights.iter().all(|&w| w == 1.0)) {
         z
@@ -146,6 +263,44 @@ pub(crate) fn encode_chunks(
         emphasis(&z, &Tensor::from_vec(weights, (k, MAX_LENGTH), device)?)?
     };
     Ok(z.reshape((1, k * MAX_LENGTH, hidden))?)
+}
+
+/// The embeddings' vectors for the text encoder: chunk `row`'s token embeddings from `start`
+/// on, as many as fit before the chunk's end (A1111's `EmbeddingsWithFixes` cut).
+fn token_fixes(
+    chunks: &[PromptChunk],
+    hidden: usize,
+    device: &candle_core::Device,
+) -> Result<Vec<TokenFix>> {
+    let mut fixes = Vec::new();
+    for (row, chunk) in chunks.iter().enumerate() {
+        for fix in &chunk.fixes {
+            let inversion = &fix.inversion;
+            if inversion.width() != hidden {
+                return Err(EngineError::Inversion {
+                    path: inversion.path().to_owned(),
+                    reason: format!(
+                        "{} vectors of width {}, but this model's text encoder is {hidden} wide \
+                         (an embedding for another model family? SD1.x is 768, SD2.x 1024)",
+                        inversion.vectors(),
+                        inversion.width()
+                    ),
+                });
+            }
+            let start = fix.offset + 1;
+            let n = inversion.vectors().min(MAX_LENGTH.saturating_sub(start));
+            if n == 0 {
+                continue;
+            }
+            let values = &inversion.values()[..n * hidden];
+            fixes.push(TokenFix {
+                row,
+                start,
+                vectors: Tensor::from_slice(values, (n, hidden), device)?,
+            });
+        }
+    }
+    Ok(fixes)
 }
 
 /// A1111's `EmphasisOriginal` on each chunk of `z` (`[k, tokens, hidden]`) with `weights`
@@ -230,9 +385,14 @@ pub(crate) fn group_by_length(pairs: &[(Tensor, Option<Tensor>)]) -> Result<Vec<
 }
 
 /// A key that is equal for two prompts exactly when they encode the same: their parts (text
-/// and the weight's bits, or BREAK) and the clip skip. `(a:1)` and `a` share one.
-pub(crate) fn cache_key(parts: &[PromptPart], clip_skip: usize) -> String {
-    let mut key = format!("skip {clip_skip}");
+/// and the weight's bits, or BREAK), the clip skip and the embedding database's identity.
+/// `(a:1)` and `a` share one.
+pub(crate) fn cache_key(
+    parts: &[PromptPart],
+    clip_skip: usize,
+    inversions: &InversionDb,
+) -> String {
+    let mut key = format!("skip {clip_skip} ti {}", inversions.fingerprint());
     for part in parts {
         match part {
             PromptPart::Break => key.push_str("|B"),
@@ -321,13 +481,15 @@ mod tests {
 
     #[test]
     fn equal_parts_share_a_cache_key() {
+        let none = InversionDb::empty();
+        let key = |parts: &[PromptPart], skip| cache_key(parts, skip, &none);
         let a = [text("a", 1.0)];
-        assert_eq!(cache_key(&a, 1), cache_key(&[text("a", 1.0)], 1));
-        assert_ne!(cache_key(&a, 1), cache_key(&a, 2));
-        assert_ne!(cache_key(&a, 1), cache_key(&[text("a", 1.1)], 1));
+        assert_eq!(key(&a, 1), key(&[text("a", 1.0)], 1));
+        assert_ne!(key(&a, 1), key(&a, 2));
+        assert_ne!(key(&a, 1), key(&[text("a", 1.1)], 1));
         assert_ne!(
-            cache_key(&[text("a", 1.0), PromptPart::Break], 1),
-            cache_key(&[text("a", 1.0)], 1)
+            key(&[text("a", 1.0), PromptPart::Break], 1),
+            key(&[text("a", 1.0)], 1)
         );
     }
 }

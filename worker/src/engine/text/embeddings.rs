@@ -1,9 +1,11 @@
 //! Prompt embeddings kept per pipeline, so a seed sweep encodes each prompt once.
 //!
 //! Owns a small least-recently-used map from a prompt's key to its conditioning
-//! (`[1, 77·k, hidden]`, f32, on the compute device). The key is the parsed prompt and the clip
-//! skip (`conditioning::cache_key`), so prompts that parse alike (`(a:1)` and `a`)
-//! share an entry. It lives inside one pipeline, whose model and LoRA stack (text-encoder LoRAs
+//! (`[1, 77·k, hidden]`, f32, on the compute device, with what else the pipeline keeps of the
+//! encode: the textual-inversion embeddings it used). The key is the parsed prompt, the clip
+//! skip and the embedding database's identity (`conditioning::cache_key`), so prompts that parse
+//! alike (`(a:1)` and `a`) share an entry and a changed embeddings folder is never served stale
+//! vectors. It lives inside one pipeline, whose model and LoRA stack (text-encoder LoRAs
 //! change the embeddings) are therefore part of the key implicitly. Each prompt is encoded
 //! alone, as A1111 and diffusers encode the prompt and the negative prompt in separate calls,
 //! so a cached embedding is exactly what a fresh encode returns.
@@ -27,16 +29,16 @@ pub struct EmbeddingStats {
     pub misses: u64,
 }
 
-/// An LRU of prompt embeddings.
+/// An LRU of prompt embeddings (`V`: the conditioning and what comes with it).
 #[derive(Debug)]
-pub(crate) struct EmbeddingCache {
+pub(crate) struct EmbeddingCache<V = Tensor> {
     capacity: usize,
     /// Most recently used last.
-    entries: VecDeque<(String, Tensor)>,
+    entries: VecDeque<(String, V)>,
     pub(crate) stats: EmbeddingStats,
 }
 
-impl EmbeddingCache {
+impl<V: Clone> EmbeddingCache<V> {
     /// A cache of at most `capacity` prompts; 0 keeps none (every prompt is encoded).
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
@@ -50,8 +52,8 @@ impl EmbeddingCache {
     pub(crate) fn get_or_encode(
         &mut self,
         key: &str,
-        encode: impl FnOnce() -> Result<Tensor>,
-    ) -> Result<Tensor> {
+        encode: impl FnOnce() -> Result<V>,
+    ) -> Result<V> {
         if let Some(i) = self.entries.iter().position(|(k, _)| k == key) {
             self.stats.hits += 1;
             let entry = self.entries.remove(i).expect("position is in range");

@@ -96,6 +96,7 @@ async fn farm() -> (tempfile::TempDir, Farm) {
         name: "bench".into(),
         device: Device::Cpu,
         models: vec![fixtures()],
+        embeddings: Vec::new(),
         cache_bytes: 1 << 30,
         paths: Default::default(),
         device_cache_bytes: 1 << 30,

@@ -7,7 +7,7 @@
 //! - `kiln submit | plan | extend | query | fetch | grid | sweeps | status | watch | cancel | pause |
 //!   resume | retry | workers`: talk to a coordinator (`--coordinator URL` or
 //!   `KILN_COORDINATOR`).
-//! - `kiln render`: one local image from a model folder.
+//! - `kiln render`: one local image from a model file or folder.
 //! - `kiln devices`: what this build can compute on here (CPU, CUDA cards, Metal).
 //! - `kiln bench`: images/s, UNet ms/step, VAE ms and peak memory of a model on a device.
 //!
@@ -19,6 +19,7 @@ mod cert;
 mod client;
 mod coordinator;
 mod devices;
+mod fetch;
 mod grid;
 mod query;
 mod render;
@@ -34,7 +35,13 @@ use clap::{Parser, Subcommand};
 
 /// The kiln render farm: Stable Diffusion 1.5 + LCM-LoRA sweeps across your PCs.
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about, long_about = None)]
+#[command(
+    name = "kiln",
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:\n  kiln run examples/tiny.toml                        # everything on this PC: the quick start\n  kiln coordinator                                   # a farm: the coordinator (127.0.0.1:7450)\n  kiln worker --coordinator http://PC:7450 --models D:\\sd\\models   # on each PC\n  kiln submit examples/foxes.toml && kiln watch foxes\n  kiln query 'sweep = \"foxes\" and cfg >= 1.5' --sort -seed\n  kiln render --model dreamshaper_8.safetensors --prompt 'a (fox:1.2)' --seed 1 -o fox.png\n\nEvery command has --help with examples; README.md has the rest."
+)]
 struct Cli {
     /// Log filter, e.g. `info` or `kiln_coordinator=debug` (or RUST_LOG) [default: info; warn
     /// for `kiln run`, whose progress bar it would interrupt].
@@ -49,7 +56,7 @@ enum Command {
     /// Run the coordinator: stores sweeps and leases cells to workers over gRPC.
     #[command(after_help = coordinator::EXAMPLES)]
     Coordinator(coordinator::Args),
-    /// Render one image locally from a model folder (no coordinator).
+    /// Render one image locally from a model file or folder (no coordinator).
     #[command(after_help = render::EXAMPLES)]
     Render(render::Args),
     /// Measure rendering speed and peak memory of a model on a device (images/s, UNet ms/step).
@@ -78,13 +85,19 @@ enum Command {
     Run(run::Args),
     /// Submit a sweep file (and the files it references); prints the sweep id and cell count.
     #[command(
-        after_help = "Examples:\n  kiln submit examples/foxes.toml\n  kiln submit sweep.toml --key overnight-2026-11-26 --priority 1"
+        after_help = "A sweep of the same name submitted before from other contents (a file that grew: more seeds, axis values) is refused with how to go on: --extend adds only the new cells to it, --new starts another sweep of that name.\n\nExamples:\n  kiln submit examples/foxes.toml\n  kiln submit --extend examples/foxes.toml   # after adding seeds: only the new cells run\n  kiln submit sweep.toml --key overnight-2026-11-26 --priority 1"
     )]
     Submit {
         #[command(flatten)]
         conn: client::Conn,
         /// The sweep file (TOML).
         file: std::path::PathBuf,
+        /// When a sweep of this name exists, add this file's new cells to it.
+        #[arg(long, conflicts_with = "new")]
+        extend: bool,
+        /// When a sweep of this name exists, start another one anyway.
+        #[arg(long)]
+        new: bool,
         /// Idempotency key [default: a hash of the file and the files it references].
         #[arg(long)]
         key: Option<String>,
@@ -119,10 +132,8 @@ enum Command {
         /// The grown sweep file.
         file: std::path::PathBuf,
     },
-    /// Query results with the filter language.
-    #[command(
-        after_help = "Examples:\n  kiln query 'sweep = \"foxes\" and animal = \"fox\" and cfg >= 1.5 and seed between 1000 and 1100 and prompt ~ \"forest\"'\n  kiln query 'state = \"discarded\"' --format json\n  kiln query 'sweep = 3' --sort cfg,-seed --format csv > foxes.csv"
-    )]
+    /// Query results with the filter language (docs/query.md).
+    #[command(after_help = query::help())]
     Query {
         #[command(flatten)]
         conn: client::Conn,
@@ -132,15 +143,15 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
         format: query::Format,
-        /// Sort keys, e.g. `cfg,-seed`.
-        #[arg(long)]
+        /// Sort keys, e.g. `cfg,-seed` or `-seed` (`-`: descending).
+        #[arg(long, allow_hyphen_values = true)]
         sort: Option<String>,
         /// Most rows.
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
     /// Download the images of matching completed cells, verifying each sha256.
-    #[command(after_help = "Example:\n  kiln fetch 'sweep = \"foxes\" and cfg = 1.5' -o best/")]
+    #[command(after_help = fetch::EXAMPLES)]
     Fetch {
         #[command(flatten)]
         conn: client::Conn,
@@ -152,13 +163,17 @@ enum Command {
         /// Output folder.
         #[arg(short = 'o', long = "out")]
         out: std::path::PathBuf,
+        /// File names: text with {field} or {field:N}, `/` for folders (see below)
+        /// [default: {sweep_id}-{number:6}-{seed}.png].
+        #[arg(long, value_name = "PATTERN")]
+        name: Option<String>,
         /// Most images.
         #[arg(long, default_value_t = 10_000)]
         limit: u32,
     },
     /// A labelled contact sheet (PNG) of matching images along one or two axes.
     #[command(
-        after_help = "Examples:\n  kiln grid 'sweep = \"foxes\" and seed = 1' --x cfg --y animal -o foxes.png\n  kiln grid 'sweep = 3' --x lora.lcm.strength -o strength.png"
+        after_help = "Each tile shows the first of its matches by cell number; kiln grid says how many matches that leaves out (narrow the filter, or add an axis).\n\nExamples:\n  kiln grid 'sweep = \"foxes\" and seed = 1' --x cfg --y animal -o foxes.png\n  kiln grid 'sweep = 3' --x lora.lcm.strength -o strength.png"
     )]
     Grid {
         #[command(flatten)]
@@ -168,7 +183,8 @@ enum Command {
         /// Filter (empty: every completed cell).
         #[arg(default_value = "")]
         filter: String,
-        /// Column axis: a binding or seed, cfg, steps, sampler, model, prompt, size.
+        /// Column axis: a binding or seed, cfg, steps, sampler, model, prompt, negative, width,
+        /// height, size (an axis no matched cell has is refused, listing those they have).
         #[arg(long)]
         x: String,
         /// Row axis (optional).
@@ -289,7 +305,16 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 file,
                 key,
                 priority,
-            } => submit::submit(&conn, &file, key, priority).await,
+                extend,
+                new,
+            } => {
+                let on_existing = match (extend, new) {
+                    (true, _) => submit::OnExisting::Extend,
+                    (_, true) => submit::OnExisting::New,
+                    _ => submit::OnExisting::Refuse,
+                };
+                submit::submit(&conn, &file, key, priority, on_existing).await
+            }
             Command::Plan {
                 conn,
                 file,
@@ -312,8 +337,9 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 s3,
                 filter,
                 out,
+                name,
                 limit,
-            } => query::fetch(&conn, &filter, limit, &out, &s3.options()).await,
+            } => fetch::fetch(&conn, &filter, limit, &out, name.as_deref(), &s3.options()).await,
             Command::Grid {
                 conn,
                 s3,
@@ -367,5 +393,33 @@ fn main() -> std::process::ExitCode {
             eprintln!("kiln: {e:#}");
             std::process::ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    /// `--sort -seed` takes `-seed` as the value (a descending key), not as a flag.
+    #[test]
+    fn sort_keys_may_start_with_a_hyphen() {
+        for args in [
+            &["kiln", "query", "seed > 1", "--sort", "-seed"][..],
+            &["kiln", "query", "seed > 1", "--sort=-seed"],
+            &["kiln", "query", "--sort", "-seed", "seed > 1"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let Command::Query { sort, filter, .. } = cli.command else {
+                panic!("{args:?}: not a query");
+            };
+            assert_eq!(
+                (sort.as_deref(), filter.as_str()),
+                (Some("-seed"), "seed > 1")
+            );
+        }
+        let cli = Cli::try_parse_from(["kiln", "query", "--sort", "-cfg,seed"]).unwrap();
+        assert!(matches!(cli.command, Command::Query { sort: Some(s), .. } if s == "-cfg,seed"));
     }
 }

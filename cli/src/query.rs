@@ -1,16 +1,47 @@
-//! `kiln query` (results as a table, JSON or CSV) and `kiln fetch` (download the matching
-//! images, checking each against its recorded sha256). The filter text goes to the
-//! coordinator as data; it never becomes SQL on this side or the other.
+//! `kiln query` (results as a table, JSON or CSV) and what `kiln fetch` and `kiln grid` share
+//! with it: reading matching cells page by page, opening the storages their results name. The
+//! filter text goes to the coordinator as data; it never becomes SQL on this side or the other.
 
-use std::path::Path;
-
-use anyhow::Context;
 use kiln_proto::v1 as pb;
 use kiln_worker::upload::{S3Options, Storage, StorageUrl};
-use sha2::{Digest, Sha256};
 
 use crate::client::{Conn, status_error};
 use crate::table::Table;
+
+/// `kiln query --help` after the options: the language in brief, where the whole of it is,
+/// and examples. The columns are the coordinator's own list.
+pub fn help() -> String {
+    // The columns, wrapped under the `fields` heading.
+    let mut columns = String::new();
+    let mut line = 0;
+    for c in kiln_coordinator::query::Column::ALL {
+        if line > 0 && line + c.name().len() > 64 {
+            columns.push_str(",\n           ");
+            line = 0;
+        } else if line > 0 {
+            columns.push_str(", ");
+            line += 2;
+        }
+        columns.push_str(c.name());
+        line += c.name().len();
+    }
+    format!(
+        "The filter language (all of it, with examples: docs/query.md in kiln's source):\n  \
+         fields   the columns {columns}\n           \
+         and the bindings each cell recorded: axes (cfg, clip_skip, …), {{a|b}} lists (alt1, …),\n           \
+         wildcards (animal, animal.alt1), <lora:name:w> tags (lora.name); `odd key` in backticks\n  \
+         tests    = != < <= > >=   ~ !~ (contains)   between A and B   in (A, B)\n  \
+         logic    not, and, or, ( )\n  \
+         values   \"text\" or 'text', numbers; dates for finished (\"2026-11-26\")\n  \
+         --sort   fields, comma-separated, - before one for descending: --sort -seed,cfg\n\
+         A name that is neither a column nor a binding of the sweeps queried is an error listing both.\n\n\
+         Examples:\n  \
+         kiln query 'sweep = \"foxes\" and animal = \"barn owl\" and cfg >= 1.5'\n  \
+         kiln query 'sweep = \"foxes\" and seed between 1000 and 1001 and prompt ~ \"forest\"'\n  \
+         kiln query 'state = \"discarded\"' --format json\n  \
+         kiln query 'sweep = \"foxes\"' --sort -seed --format csv > foxes.csv"
+    )
+}
 
 /// Output formats of `kiln query`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -68,6 +99,14 @@ fn state_name(v: i32) -> &'static str {
     }
 }
 
+/// A sampler as the sweep file and filter spell it: `lcm`, `euler_a`.
+pub fn sampler_name(v: i32) -> &'static str {
+    match pb::Sampler::try_from(v) {
+        Ok(pb::Sampler::EulerA) => "euler_a",
+        _ => "lcm",
+    }
+}
+
 fn bindings_text(c: &pb::RenderCell) -> String {
     let mut b: Vec<String> = c.bindings.iter().map(|(k, v)| format!("{k}={v}")).collect();
     b.sort();
@@ -109,7 +148,7 @@ fn record_json(r: &pb::CellRecord) -> serde_json::Value {
         "cell": r.cell_id, "sweep": r.sweep_id, "number": r.number, "state": state_name(r.state),
         "model": c.model, "prompt": c.prompt, "negative_prompt": c.negative_prompt,
         "seed": c.seed, "steps": c.steps, "cfg": c.cfg,
-        "sampler": match pb::Sampler::try_from(c.sampler) { Ok(pb::Sampler::EulerA) => "euler_a", _ => "lcm" },
+        "sampler": sampler_name(c.sampler),
         "width": c.width, "height": c.height, "vae": c.vae, "clip_skip": c.clip_skip.max(1),
         "loras": c.loras.iter().map(|l| serde_json::json!({"name": l.name, "strength": l.strength})).collect::<Vec<_>>(),
         "bindings": c.bindings, "attempt": r.attempt, "worker": r.worker_id,
@@ -256,107 +295,4 @@ pub async fn open_storage(
     let s = Storage::open(&parsed, s3).await?;
     opened.push((url.to_string(), s.clone()));
     Ok(s)
-}
-
-/// `kiln fetch`: downloads the images of matching completed cells into `dir` as
-/// `{sweep}-{number:06}-{seed}.png`, verifying each sha256.
-pub async fn fetch(
-    conn: &Conn,
-    filter: &str,
-    limit: u32,
-    dir: &Path,
-    s3: &S3Options,
-) -> anyhow::Result<()> {
-    let filter = if filter.trim().is_empty() {
-        "state = \"completed\"".to_string()
-    } else {
-        format!("({filter}) and state = \"completed\"")
-    };
-    let rows = fetch_rows(conn, &filter, None, limit).await?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut stores: Vec<(String, Storage)> = Vec::new();
-    let (mut n, mut skipped) = (0, 0);
-    for r in &rows {
-        let Some(res) = &r.result else { continue };
-        // One bad row (a storage that cannot be opened, a missing object, bytes that do not
-        // match) is reported and skipped; the rest are fetched.
-        match fetch_one(&mut stores, r, res, s3, dir).await {
-            Ok(()) => n += 1,
-            Err(e) => {
-                eprintln!("kiln: skipped: {e:#}");
-                skipped += 1;
-            }
-        }
-    }
-    println!("{n} images written to {}", dir.display());
-    anyhow::ensure!(
-        skipped == 0,
-        "{skipped} images could not be fetched (see above)"
-    );
-    Ok(())
-}
-
-/// Whether `key` is what a worker writes: `sweeps/SWEEP/CELL/ATTEMPT.png`, nothing else (no
-/// `..`, no absolute path), so a result row can only name an image.
-fn image_key(key: &str) -> bool {
-    let parts: Vec<&str> = key.split('/').collect();
-    let number = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
-    matches!(parts.as_slice(), ["sweeps", sweep, cell, file]
-        if number(sweep) && number(cell) && file.strip_suffix(".png").is_some_and(number))
-}
-
-/// Fetches one result's image into `dir`, checking its key and sha256.
-async fn fetch_one(
-    stores: &mut Vec<(String, Storage)>,
-    r: &pb::CellRecord,
-    res: &pb::RenderResult,
-    s3: &S3Options,
-    dir: &Path,
-) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        image_key(&res.object_key),
-        "cell {}: object key {:?} is not an image key of kiln's",
-        r.cell_id,
-        res.object_key
-    );
-    let storage = open_storage(stores, &res.storage, s3).await?;
-    let bytes = storage
-        .get(&res.object_key)
-        .await
-        .with_context(|| format!("cell {}: {}", r.cell_id, res.object_key))?;
-    let got = hex::encode(Sha256::digest(&bytes));
-    anyhow::ensure!(
-        got == res.sha256,
-        "cell {}: {} has sha256 {got}, the result says {}",
-        r.cell_id,
-        res.object_key,
-        res.sha256
-    );
-    let seed = r.cell.as_ref().map_or(0, |c| c.seed);
-    let name = format!("{}-{:06}-{seed}.png", r.sweep_id, r.number);
-    std::fs::write(dir.join(&name), &bytes)
-        .with_context(|| format!("writing {}", dir.join(&name).display()))?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::image_key;
-
-    #[test]
-    fn fetch_reads_only_image_keys() {
-        assert!(image_key("sweeps/1/22/3.png"));
-        for bad in [
-            "etc/passwd",
-            "sweeps/../../etc/passwd.png",
-            "/sweeps/1/2/3.png",
-            "sweeps/1/2/3.png/x",
-            "sweeps/1/2/x.png",
-            "sweeps/1/2/3.jpg",
-            "sweeps//2/3.png",
-            "sweeps/1/2/.png",
-        ] {
-            assert!(!image_key(bad), "{bad}");
-        }
-    }
 }

@@ -10,7 +10,9 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_proto::prompt::ParsedPrompt;
 use kiln_worker::agent::resolve;
-use kiln_worker::engine::{BaseModel, Device, LoraSpec, Pipeline, RenderRequest, SamplerKind};
+use kiln_worker::engine::{
+    BaseModel, Device, InversionDb, LoraSpec, Pipeline, RenderRequest, SamplerKind,
+};
 
 /// Examples shown by `kiln render --help`.
 pub const EXAMPLES: &str = "Examples:
@@ -33,6 +35,11 @@ pub struct Args {
     /// repeat for more. Default: the current folder.
     #[arg(long = "lora-dir", value_name = "DIR")]
     lora_dirs: Vec<PathBuf>,
+    /// A folder of textual-inversion embeddings (`NAME.safetensors`, subfolders too): NAME in
+    /// the prompt or negative prompt stands for the embedding, as in A1111. Repeat for more (a
+    /// later folder wins a name).
+    #[arg(long = "embeddings", value_name = "DIR")]
+    embeddings: Vec<PathBuf>,
     /// A VAE file to use instead of the model's own (A1111's "SD VAE").
     #[arg(long)]
     vae: Option<PathBuf>,
@@ -122,6 +129,19 @@ fn prompt_loras(prompt: &str, dirs: &[PathBuf]) -> anyhow::Result<Vec<LoraSpec>>
         .collect()
 }
 
+/// The textual-inversion embeddings under `dirs`; each refused file is reported (a prompt that
+/// uses it fails).
+fn load_inversions(dirs: &[PathBuf]) -> anyhow::Result<InversionDb> {
+    for dir in dirs {
+        anyhow::ensure!(dir.is_dir(), "--embeddings {}: not a folder", dir.display());
+    }
+    let db = InversionDb::load(dirs)?;
+    for (name, error) in db.refused() {
+        eprintln!("warning: embedding {name} cannot be used: {error}");
+    }
+    Ok(db)
+}
+
 fn parse_device(value: &str) -> Result<Device, String> {
     value
         .parse()
@@ -144,6 +164,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     };
     // Reject a bad size before spending seconds loading weights.
     request.check()?;
+    let inversions = load_inversions(&args.embeddings)?;
 
     let loading = ProgressBar::new_spinner().with_message(format!(
         "loading {} ({} LoRA)",
@@ -160,6 +181,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("building model {}", args.model.display()))?,
     );
     loading.finish_and_clear();
+    pipeline.set_inversions(std::sync::Arc::new(inversions));
     pipeline.validate(&request)?;
 
     let bar = ProgressBar::new(request.steps as u64).with_style(

@@ -38,6 +38,10 @@ pub struct Args {
     /// Folder searched for model and LoRA names (repeatable) [default: the sweep file's folder].
     #[arg(long = "models", env = "KILN_MODELS")]
     models: Vec<PathBuf>,
+    /// A folder of textual-inversion embeddings (repeatable), after each models folder's
+    /// `embeddings/` (see `kiln worker --embeddings`).
+    #[arg(long = "embeddings", env = "KILN_EMBEDDINGS", value_name = "DIR")]
+    embeddings: Vec<PathBuf>,
     /// Compute device: cpu, cuda:N or metal:N (`kiln devices` lists them).
     #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
     device: String,
@@ -97,12 +101,22 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             coordinator: format!("http://{addr}"),
             access: Default::default(),
         };
-        let sub = submit_file(&conn, &file, &file.content_key(), 0).await?;
-        if sub.duplicate {
-            eprintln!("sweep {} (submitted before): resuming", sub.sweep_id);
-        } else {
-            eprintln!("sweep {}: {} cells", sub.sweep_id, sub.cell_count);
-        }
+        let sweep_id = match submit_file(&conn, &file, &file.content_key(), 0, true).await? {
+            Ok(sub) if sub.duplicate => {
+                eprintln!("sweep {} (submitted before): resuming", sub.sweep_id);
+                sub.sweep_id
+            }
+            Ok(sub) => {
+                eprintln!("sweep {}: {} cells", sub.sweep_id, sub.cell_count);
+                sub.sweep_id
+            }
+            // The file grew (seeds, axis values) since a run of the sweep of that name: only
+            // the new cells are added, and the run resumes the rest.
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                crate::submit::extend_by_name(&conn, &file).await?
+            }
+            Err(s) => return Err(crate::client::status_error(s)),
+        };
         let storage = Storage::open(&url, &args.s3.options()).await?;
         let agent_cfg = AgentConfig {
             coordinator: conn.coordinator.clone(),
@@ -110,6 +124,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             name: "local".into(),
             device: opened.device,
             models,
+            embeddings: args.embeddings.clone(),
             // The sweep file is the user's own, and it names local paths.
             paths: kiln_worker::agent::resolve::PathPolicy::AnyPath,
             cache_bytes,
@@ -125,7 +140,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         let mut worker = tokio::spawn(agent::run(agent_cfg, storage, stopped(worker_rx)));
 
         let followed = tokio::select! {
-            r = follow(&conn, sub.sweep_id) => Some(r),
+            r = follow(&conn, sweep_id) => Some(r),
             _ = crate::signal::shutdown() => None,
         };
         let _ = stop_worker.send(true);
@@ -159,7 +174,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         match followed {
             Some(result) => {
                 result?;
-                eprintln!("done: images under {url}/sweeps/{}/", sub.sweep_id);
+                eprintln!("done: images under {url}/sweeps/{sweep_id}/");
             }
             None => eprintln!("interrupted: run the same command again to resume"),
         }

@@ -93,7 +93,7 @@ impl SweepFile {
     }
 
     /// The header of a SubmitSweep stream that asks the coordinator to plan this file.
-    pub fn header(&self, key: &str, priority: i32) -> pb::SweepHeader {
+    pub fn header(&self, key: &str, priority: i32, unique_name: bool) -> pb::SweepHeader {
         pb::SweepHeader {
             name: String::new(),
             idempotency_key: key.to_string(),
@@ -102,27 +102,42 @@ impl SweepFile {
             spec: self.text.clone(),
             spec_path: self.path.clone(),
             files: self.files.clone(),
+            unique_name,
         }
     }
 }
 
-/// Submits a sweep file; returns (sweep id, cells, duplicate).
+/// Submits a sweep file; returns (sweep id, cells, duplicate). With `unique_name`, a sweep of
+/// the same name submitted from other contents is an `ALREADY_EXISTS` status.
 pub async fn submit_file(
     conn: &Conn,
     file: &SweepFile,
     key: &str,
     priority: i32,
-) -> anyhow::Result<pb::SubmitSweepResponse> {
+    unique_name: bool,
+) -> anyhow::Result<Result<pb::SubmitSweepResponse, tonic::Status>> {
     let mut c = conn.sweeps().await?;
     let msgs = vec![pb::SubmitSweepRequest {
-        part: Some(pb::submit_sweep_request::Part::Header(
-            file.header(key, priority),
-        )),
+        part: Some(pb::submit_sweep_request::Part::Header(file.header(
+            key,
+            priority,
+            unique_name,
+        ))),
     }];
     Ok(c.submit_sweep(tokio_stream::iter(msgs))
         .await
-        .map_err(status_error)?
-        .into_inner())
+        .map(tonic::Response::into_inner))
+}
+
+/// What `kiln submit` does when a sweep of the file's name exists (from other contents).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExisting {
+    /// Refuse, saying how to extend it or start another.
+    Refuse,
+    /// Add the file's new cells to it (`--extend`).
+    Extend,
+    /// Start another sweep of the same name (`--new`).
+    New,
 }
 
 /// `kiln submit FILE`.
@@ -131,10 +146,29 @@ pub async fn submit(
     path: &Path,
     key: Option<String>,
     priority: i32,
+    on_existing: OnExisting,
 ) -> anyhow::Result<()> {
     let file = SweepFile::read(path)?;
     let key = key.unwrap_or_else(|| file.content_key());
-    let r = submit_file(conn, &file, &key, priority).await?;
+    let unique = on_existing != OnExisting::New;
+    let r = match submit_file(conn, &file, &key, priority, unique).await? {
+        Ok(r) => r,
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            let name = plan_here(&file, 0)?.name;
+            if on_existing == OnExisting::Extend {
+                let id = crate::client::sweep_id(conn, &name).await?;
+                return extend(conn, id, path).await;
+            }
+            let shown = path.display();
+            anyhow::bail!(
+                "{}.\n  To add this file's new cells to it: kiln submit --extend {shown}   \
+                 (or: kiln extend {name} {shown})\n  To start another sweep of that name: \
+                 kiln submit --new {shown}",
+                s.message()
+            );
+        }
+        Err(s) => return Err(status_error(s)),
+    };
     if r.duplicate {
         println!(
             "sweep {} already submitted ({} cells); nothing added",
@@ -235,20 +269,40 @@ fn plan_here(file: &SweepFile, show: usize) -> anyhow::Result<pb::PlanSweepRespo
     })
 }
 
+/// Extends the sweep named as `file` names its sweep with `file`'s new cells (`kiln run` of a
+/// grown file); returns the sweep's id.
+pub async fn extend_by_name(conn: &Conn, file: &SweepFile) -> anyhow::Result<u64> {
+    let name = plan_here(file, 0)?.name;
+    let id = crate::client::sweep_id(conn, &name).await?;
+    let r = extend_file(conn, id, file).await?;
+    eprintln!(
+        "sweep {id} ({name}) grew: {} new cells added, {} cells in all; resuming",
+        r.added, r.cell_count
+    );
+    Ok(id)
+}
+
+async fn extend_file(
+    conn: &Conn,
+    sweep: u64,
+    file: &SweepFile,
+) -> anyhow::Result<pb::ExtendSweepResponse> {
+    let mut c = conn.sweeps().await?;
+    Ok(c.extend_sweep(pb::ExtendSweepRequest {
+        sweep_id: sweep,
+        spec_path: file.path.clone(),
+        spec: file.text.clone(),
+        files: file.files.clone(),
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner())
+}
+
 /// `kiln extend SWEEP FILE`.
 pub async fn extend(conn: &Conn, sweep: u64, path: &Path) -> anyhow::Result<()> {
     let file = SweepFile::read(path)?;
-    let mut c = conn.sweeps().await?;
-    let r = c
-        .extend_sweep(pb::ExtendSweepRequest {
-            sweep_id: sweep,
-            spec_path: file.path.clone(),
-            spec: file.text.clone(),
-            files: file.files.clone(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let r = extend_file(conn, sweep, &file).await?;
     println!(
         "sweep {sweep}: {} new cells added, {} cells in all",
         r.added, r.cell_count

@@ -34,6 +34,11 @@ pub struct Args {
     /// these folders (by name or relative path).
     #[arg(long = "models", env = "KILN_MODELS")]
     models: Vec<PathBuf>,
+    /// A folder of textual-inversion embeddings (`NAME.safetensors`; repeatable), searched after
+    /// each --models folder's `embeddings/` subfolder: NAME in a prompt or negative prompt stands
+    /// for the embedding, as in A1111. Read at start, and again when a file there changes.
+    #[arg(long = "embeddings", env = "KILN_EMBEDDINGS", value_name = "DIR")]
+    embeddings: Vec<PathBuf>,
     /// Also let cells name absolute paths and `..` (only when you submit every sweep yourself:
     /// anyone who can submit could then make this worker open any file it can read).
     #[arg(long, env = "KILN_ALLOW_ANY_PATH")]
@@ -111,17 +116,26 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         access_key: env_either("KILN_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
         secret_key: env_either("KILN_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
     };
-    let name = args
-        .name
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .or_else(|| std::env::var("COMPUTERNAME").ok())
-        .unwrap_or_else(|| "worker".into());
+    // The PC's own name (gethostname on Unix, the computer name on Windows): shells do not
+    // export $HOSTNAME, so reading it named every Linux PC "worker".
+    let name = args.name.unwrap_or_else(|| {
+        let host = gethostname::gethostname()
+            .to_string_lossy()
+            .trim()
+            .to_owned();
+        if host.is_empty() {
+            "worker".into()
+        } else {
+            host
+        }
+    });
     let cfg = AgentConfig {
         coordinator: args.coordinator,
         access,
         name,
         device: opened.device,
         models: args.models,
+        embeddings: args.embeddings,
         paths: if args.allow_any_path {
             PathPolicy::AnyPath
         } else {

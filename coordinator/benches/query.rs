@@ -151,6 +151,7 @@ fn submission(name: &str, n: u64) -> Submission {
         spec: String::new(),
         cells: (0..n).map(cell).collect(),
         owner: None,
+        unique_name: false,
     }
 }
 

@@ -162,6 +162,7 @@ fn submission(key: &str, n: u64) -> Submission {
         spec: String::new(),
         cells: (0..n).map(cell).collect(),
         owner: None,
+        unique_name: false,
     }
 }
 

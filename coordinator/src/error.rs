@@ -43,6 +43,14 @@ pub enum Error {
     /// The operation does not apply to the object's current state.
     #[error("{0}")]
     Conflict(String),
+    /// A sweep of this name exists (a submission that asked for a unique name).
+    #[error("a sweep named {name:?} exists (sweep {id})")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The existing sweep.
+        id: SweepId,
+    },
     /// The caller is not who it must be: no token, an unknown or revoked one, a worker call
     /// without its session.
     #[error("unauthenticated: {0}")]

@@ -71,6 +71,10 @@ async fn single_files_prompt_loras_and_refusals_through_a_farm() {
         "{errors:?}"
     );
     assert!(worker.0.try_wait().unwrap().is_none(), "the worker is up");
+    // Named after the PC (not $HOSTNAME, which shells do not export).
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let workers = kiln(&c.addr, &["workers"]);
+    assert!(workers.contains(&host), "{host}: {workers}");
 
     // A1111 prompts on the diffusers folder: prompt LoRA weights and a clip skip axis.
     let a1111 = dir.path().join("a1111.toml");

@@ -7,7 +7,9 @@ mod commands;
 mod devices;
 mod drain;
 mod farm;
+mod outputs;
 mod paths;
+mod querydoc;
 mod render;
 #[path = "../../../worker/tests/it/s3server.rs"]
 mod s3server;

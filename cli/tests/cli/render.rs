@@ -219,3 +219,59 @@ fn render_takes_a_single_file_a_vae_and_prompt_loras_and_says_what_is_wrong() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn render_finds_prompt_embeddings_in_embeddings_folders() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("ti.png");
+    let render = |prompt: &str, embeddings: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("render")
+            .arg("--model")
+            .arg(fixture("tiny-sd15"))
+            .args([
+                "--prompt",
+                prompt,
+                "--negative",
+                "kiln, blurry",
+                "--cfg",
+                "1.5",
+            ])
+            .arg("--embeddings")
+            .arg(embeddings)
+            .args(["--seed", "1", "--width", "64", "--height", "64", "-o"])
+            .arg(&out)
+            .output()
+            .expect("run")
+    };
+    // kiln-glow in the prompt and kiln in the negative prompt, both listed with A1111's hash.
+    let result = render("a (kiln-glow:1.2) castle", &fixture("embeddings"));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let parameters = decode_png(&std::fs::read(&out).unwrap()).unwrap().text[0]
+        .1
+        .clone();
+    assert!(
+        parameters.contains("TI hashes: \"kiln-glow: 45299b967a00, kiln: 296a5092d06a\""),
+        "{parameters}"
+    );
+    // An embedding of another width fails the render, naming the file.
+    let result = render("a narrow castle", &fixture("embeddings"));
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("narrow.safetensors") && stderr.contains("width 8"),
+        "{stderr}"
+    );
+    // A folder that is not there is said so.
+    let result = render("a castle", &dir.path().join("nowhere"));
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("--embeddings") && stderr.contains("not a folder"),
+        "{stderr}"
+    );
+}

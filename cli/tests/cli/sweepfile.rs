@@ -119,10 +119,26 @@ async fn plan_submit_watch_query_extend_fetch() {
         8
     );
 
-    // Extend with one more seed: only the 4 new cells are added and rendered.
+    // The file grows by one seed: a plain submit says the sweep exists and how to go on...
     std::fs::write(&file, sweep_file(3)).unwrap();
-    let out = kiln(&c.addr, &["extend", "1", f]);
+    let refused = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["submit", f])
+        .env("KILN_COORDINATOR", format!("http://{}", c.addr))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("a sweep named \"foxes\" exists (sweep 1)")
+            && err.contains("kiln submit --extend")
+            && err.contains("kiln submit --new"),
+        "{err}"
+    );
+    // ... and --extend adds only the 4 new cells, which alone are rendered.
+    let out = kiln(&c.addr, &["submit", "--extend", f]);
     assert!(out.contains("4 new cells added, 12 cells in all"), "{out}");
+    let out = kiln(&c.addr, &["extend", "foxes", f]);
+    assert!(out.contains("0 new cells added, 12 cells in all"), "{out}");
     kiln(&c.addr, &["watch", "1"]);
     let rows = json_rows(&kiln(&c.addr, &["query", "sweep = 1", "--format", "json"]));
     assert_eq!(rows.len(), 12);

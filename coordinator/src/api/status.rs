@@ -16,6 +16,7 @@ impl From<Error> for Status {
             Error::Invalid(_) => Status::invalid_argument(e.to_string()),
             Error::TooLarge(_) | Error::Busy(_) => Status::resource_exhausted(e.to_string()),
             Error::Conflict(_) => Status::failed_precondition(e.to_string()),
+            Error::NameTaken { .. } => Status::already_exists(e.to_string()),
             Error::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
             Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),
             Error::Database(_) | Error::Corrupt(_) | Error::Config(_) => {

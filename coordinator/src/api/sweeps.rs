@@ -150,6 +150,7 @@ impl SweepService for SweepApi {
                 spec,
                 cells,
                 owner,
+                unique_name: header.unique_name,
             })
             .await?;
         Ok(Response::new(pb::SubmitSweepResponse {
@@ -350,6 +351,12 @@ impl SweepService for SweepApi {
             v.map(|s| i64::try_from(s).map_err(|_| Error::invalid(format!("{name}: past 2^63-1"))))
                 .transpose()
         };
+        let (filter, located) = if r.filter.trim().is_empty() {
+            (None, Vec::new())
+        } else {
+            let (f, keys) = Filter::parse_located(&r.filter).map_err(Error::from)?;
+            (Some(f), keys)
+        };
         let q = CellQuery {
             owner: who.only_owner().map(str::to_string),
             sweep: match r.sweep_id {
@@ -372,11 +379,7 @@ impl SweepService for SweepApi {
                 v => Some(WorkerId::from_wire(v).ok_or_else(|| Error::invalid("worker_id"))?),
             },
             bindings: r.bindings.into_iter().collect(),
-            filter: if r.filter.trim().is_empty() {
-                None
-            } else {
-                Some(Filter::parse(&r.filter).map_err(Error::from)?)
-            },
+            filter,
             sorts: if r.sort_by.trim().is_empty() {
                 Vec::new()
             } else {
@@ -393,6 +396,9 @@ impl SweepService for SweepApi {
             limit,
             offset,
         };
+        if offset == 0 {
+            self.queue.check_names(&q, &located).await?;
+        }
         let rows = self.queue.query(&q).await?;
         let next_page_token = if rows.len() as i64 == limit {
             (offset + limit).to_string()

@@ -219,6 +219,8 @@ pub struct SweepInsert<'a> {
     pub spec: &'a str,
     /// Who submits it (its token's owner); `None` without tokens.
     pub owner: Option<&'a str>,
+    /// Refuse the insert when a sweep of this name and owner exists (another key).
+    pub unique_name: bool,
     /// Validated cells, numbered, inserted into `cells` with the sweep.
     pub cells: &'a [NewCell],
     /// The rest of the submission, numbered after `cells`, stored as intake chunks with the

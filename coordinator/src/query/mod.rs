@@ -46,9 +46,18 @@
 //! `not in` and `not between` are exactly `not` of the positive test, so they are true there:
 //! `animal != "fox"` (like `not animal = "fox"`) includes cells without an `animal` binding.
 //! Two-valued logic throughout: no SQL `NULL` surprises.
+//!
+//! # Names that must exist
+//! A filter is parsed without knowing what is stored, so any name that is not a column parses
+//! as a binding. Before the first page is read, a query checks that every sweep it names by
+//! `=`/`in` exists and that some cell of the sweeps in question has every binding it names
+//! (in the filter or `--sort`); otherwise it is an error listing the columns and the binding
+//! keys there are (`names.rs`), not an empty table. The user's guide to the whole
+//! language is `docs/query.md`.
 
 mod ast;
 mod lexer;
+mod names;
 mod parser;
 mod sort;
 mod time;
@@ -56,6 +65,10 @@ mod time;
 pub use ast::{
     CmpOp, Column, ColumnKind, Field, Filter, FilterError, MAX_FILTER_BYTES, MAX_TESTS, MAX_VALUES,
     Pos, Predicate, Test, Value,
+};
+pub use names::{
+    KeyRef, MAX_LISTED, SweepRefs, key_refs, sweep_refs, sweep_scope, unknown_binding,
+    unknown_sweep,
 };
 pub use parser::MAX_DEPTH;
 pub use sort::{SortKey, parse_sort};

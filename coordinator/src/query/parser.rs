@@ -12,6 +12,12 @@ use super::time::parse_utc_ms;
 impl Filter {
     /// Parses and type-checks `input`. Blank input is an error: callers pass no filter at all.
     pub fn parse(input: &str) -> Result<Filter, FilterError> {
+        parse(input).map(|(f, _)| f)
+    }
+
+    /// [`Filter::parse`], and every binding key the filter names with where it is written,
+    /// in text order (for [`crate::query::key_refs`]).
+    pub fn parse_located(input: &str) -> Result<(Filter, Vec<(String, Pos)>), FilterError> {
         parse(input)
     }
 }
@@ -21,8 +27,8 @@ pub const MAX_DEPTH: usize = 64;
 
 const KEYWORDS: &[&str] = &["and", "or", "not", "between", "in"];
 
-/// Parses and type-checks a whole filter.
-pub(super) fn parse(input: &str) -> Result<Filter, FilterError> {
+/// Parses and type-checks a whole filter; also returns the binding keys it names and where.
+fn parse(input: &str) -> Result<(Filter, Vec<(String, Pos)>), FilterError> {
     let start = Pos { line: 1, column: 1 };
     if input.len() > MAX_FILTER_BYTES {
         return Err(FilterError::at(
@@ -46,11 +52,12 @@ pub(super) fn parse(input: &str) -> Result<Filter, FilterError> {
         depth: 0,
         values: 0,
         tests: 0,
+        keys: Vec::new(),
     };
     let f = p.or()?;
     let t = p.peek();
     match &t.tok {
-        Tok::End => Ok(f),
+        Tok::End => Ok((f, p.keys)),
         Tok::RParen => Err(FilterError::at(t.pos, "unmatched ')'")),
         other => Err(FilterError::at(
             t.pos,
@@ -94,6 +101,8 @@ struct Parser {
     depth: usize,
     values: usize,
     tests: usize,
+    /// Binding keys named so far, with where.
+    keys: Vec<(String, Pos)>,
 }
 
 impl Parser {
@@ -178,6 +187,15 @@ impl Parser {
 
     /// `field`: a column or binding name, a backtick key, or `binding("key")`.
     fn field(&mut self) -> Result<(Field, String), FilterError> {
+        let pos = self.peek().pos;
+        let found = self.field_at()?;
+        if let Field::Binding(k) = &found.0 {
+            self.keys.push((k.clone(), pos));
+        }
+        Ok(found)
+    }
+
+    fn field_at(&mut self) -> Result<(Field, String), FilterError> {
         let t = self.bump();
         match t.tok {
             Tok::Ident(name) if name == "binding" && self.peek().tok == Tok::LParen => {

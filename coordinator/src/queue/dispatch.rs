@@ -246,6 +246,7 @@ mod tests {
             spec: String::new(),
             cells: (0..3).map(spec).collect(),
             owner: None,
+            unique_name: false,
         };
         queue.submit(sub).await.unwrap();
         let w = queue

@@ -15,6 +15,7 @@ mod group;
 mod intake;
 mod lease;
 pub mod maintenance;
+mod names;
 pub mod retry;
 pub mod submit;
 
@@ -99,6 +100,9 @@ pub struct Submission {
     pub cells: SubmittedCells,
     /// Who submits it (its token's owner); `None` without tokens.
     pub owner: Option<String>,
+    /// Refuse it ([`crate::Error::NameTaken`]) when a sweep of this name and owner exists
+    /// under another idempotency key.
+    pub unique_name: bool,
 }
 
 /// The cells of a submission.

@@ -107,6 +107,7 @@ impl Queue {
             max_attempts,
             spec: &s.spec,
             owner: s.owner.as_deref(),
+            unique_name: s.unique_name,
             cells: &cells,
             intake: &chunks,
         };

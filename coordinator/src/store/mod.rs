@@ -8,7 +8,8 @@
 //! databases accept, run through the seam in [`db`]; what really differs between them (bulk
 //! inserts, leases by a list of ids, batched completes, the filter language's JSON functions)
 //! lives in `sqlite.rs`, `postgres.rs` and `query.rs`'s `Dialect`. Sweeps are in `sweeps.rs`,
-//! the cell lifecycle in `cells.rs`, workers in `workers.rs`, the intake in `intake.rs`.
+//! the cell lifecycle in `cells.rs`, workers in `workers.rs`, the intake in `intake.rs`, what a
+//! query may name (sweeps, binding keys) in `known.rs`.
 //!
 //! Every worker write is fenced on `(cell, attempt, worker)` and only applies while the cell is
 //! `running` under that lease, so a stale attempt can never complete, fail or overwrite a newer
@@ -22,6 +23,7 @@ mod db;
 mod deadlock;
 mod filter;
 mod intake;
+mod known;
 mod migrate;
 mod postgres;
 mod query;
@@ -32,7 +34,7 @@ mod tokens;
 mod workers;
 
 pub use crate::domain::rows::{IntakeChunk, IntakeRow, SweepInsert, SweepInserted};
-pub use query::{CellQuery, CellSort};
+pub use query::{CellQuery, CellSort, KeyScope};
 
 pub use crate::config::{DatabaseUrl, StoreOptions};
 

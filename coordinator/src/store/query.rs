@@ -62,6 +62,16 @@ pub struct CellQuery {
     pub offset: i64,
 }
 
+/// The cells a binding key is looked for in (`Store::binding_key_exists`,
+/// `Store::binding_keys`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyScope {
+    /// Only cells of these sweeps; `None`: of every sweep.
+    pub sweeps: Option<Vec<SweepId>>,
+    /// Only cells of this owner's sweeps.
+    pub owner: Option<String>,
+}
+
 /// How each backend spells the parts that differ. Values go through the `push_*` binders, so
 /// callers need no per-type bounds; every `push_*` writes a placeholder, never the value.
 pub(super) trait Dialect: Database {
@@ -119,7 +129,7 @@ macro_rules! plain_binders {
 }
 
 /// The JSON path of a binding key for SQLite: quoted, so any character is a literal.
-fn sqlite_path(key: &str) -> String {
+pub(super) fn sqlite_path(key: &str) -> String {
     format!("$.\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""))
 }
 

@@ -93,6 +93,22 @@ impl Store {
                 duplicate: true,
             });
         }
+        if p.unique_name {
+            let taken = Stmt::new(
+                "SELECT id FROM sweeps WHERE name = $1 AND owner IS NOT DISTINCT FROM $2 \
+                 ORDER BY id DESC LIMIT 1",
+            )
+            .bind(p.name)
+            .bind(p.owner)
+            .fetch_optional(tx.on())
+            .await?;
+            if let Some(row) = taken {
+                return Err(Error::NameTaken {
+                    name: p.name.to_owned(),
+                    id: SweepId(row.int("id")?),
+                });
+            }
+        }
         let id = Stmt::new(
             "INSERT INTO sweeps (name, idempotency_key, priority, max_attempts, state, spec, \
              created_at, owner) VALUES ($1, $2, $3, $4, 'active', $5, $6, $7) RETURNING id",

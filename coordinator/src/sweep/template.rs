@@ -20,10 +20,13 @@
 //! # Bindings
 //! Every choice is recorded as a binding `key = value`:
 //! - an unnamed list is `altN`, N counting the unnamed `{` of its template text from 1, in
-//!   text order (nested ones included), whichever options are taken; a named list is its name;
-//!   the value is the chosen option's text, trimmed.
-//! - a wildcard is its name; the value is the chosen line (trimmed). Choices made *inside* a
-//!   wildcard value are prefixed by the wildcard's key: `animal.alt1`, `scene.animal`.
+//!   text order (nested ones included), whichever options are taken; a named list is its name.
+//! - a wildcard is its name. Choices made *inside* a wildcard value are prefixed by the
+//!   wildcard's key: `animal.alt1`, `scene.animal`.
+//! - the value is the text the choice produced, expanded and trimmed: the wildcard line
+//!   `{snowy|barn} owl` binds `animal = "barn owl"` (and `animal.alt1 = "barn"`), the option
+//!   `x {1|2}` binds `alt1 = "x 2"` (and `alt2 = "2"`). Bindings never count in a cell's
+//!   identity, so this is only what queries see.
 //! - a key used twice in one template text gets `.2`, `.3`, … in text order
 //!   (`__animal__ meets __animal__` binds `animal` and `animal.2`).
 //!
@@ -70,8 +73,6 @@ enum Node {
 
 #[derive(Clone, Debug)]
 struct AltOption {
-    /// The option as written, trimmed: the binding's value.
-    value: String,
     nodes: Vec<Node>,
 }
 
@@ -225,13 +226,12 @@ impl Parser<'_, '_> {
             }
         };
         let mut options = Vec::new();
+        let mut all_blank = true;
         loop {
             let start = self.pos;
             let nodes = self.seq(depth)?;
-            options.push(AltOption {
-                value: self.text[start..self.pos].trim().to_string(),
-                nodes,
-            });
+            all_blank &= self.text[start..self.pos].trim().is_empty();
+            options.push(AltOption { nodes });
             match self.peek() {
                 Some('|') => self.pos += 1,
                 Some('}') => {
@@ -241,7 +241,7 @@ impl Parser<'_, '_> {
                 _ => return Err((open, PlanErrorKind::UnclosedBrace)),
             }
         }
-        if options.iter().all(|o| o.value.is_empty()) {
+        if all_blank {
             return Err((open, PlanErrorKind::EmptyAlternatives));
         }
         Ok(Node::Alt { key, options })
@@ -340,27 +340,47 @@ fn count_seq(nodes: &[Node], counts: &BTreeMap<String, u128>) -> u128 {
 /// What [`walk`] calls with each finished variant; an error stops the walk.
 type Visit<'v> = &'v mut dyn FnMut(&Variant) -> Result<(), PlanError>;
 
+/// An outer sequence still to come: where [`walk`] carries on when the sequence it is in ends.
+struct Frame<'a> {
+    /// The nodes after the choice whose option or value is being walked.
+    nodes: &'a [Node],
+    /// The binding-key prefix of those nodes.
+    prefix: String,
+    /// That choice's binding (its index in `Variant::bindings`) and where its text starts in
+    /// `Variant::text`: when the frame resumes, the choice's text is complete and becomes the
+    /// binding's value.
+    choice: (usize, usize),
+}
+
 /// Walks every variant of `nodes` followed by `rest` (outer sequences still to come, innermost
-/// first), in order: the last choice turns fastest. `cur` holds the text and bindings so far
+/// last), in order: the last choice turns fastest. `cur` holds the text and bindings so far
 /// and is restored before returning, so one buffer serves every variant.
 fn walk<'a>(
     nodes: &'a [Node],
     prefix: &str,
-    rest: &mut Vec<(&'a [Node], String)>,
+    rest: &mut Vec<Frame<'a>>,
     w: &'a dyn WildcardValues,
     cur: &mut Variant,
     visit: Visit<'_>,
 ) -> Result<(), PlanError> {
     let Some((node, tail)) = nodes.split_first() else {
-        // This sequence is done: carry on with the one it is nested in, if any.
-        let Some((outer, outer_prefix)) = rest.pop() else {
+        // This sequence is done: the choice it was an option of has its text; carry on with
+        // the sequence it is nested in, if any.
+        let Some(frame) = rest.pop() else {
             return visit(cur);
         };
-        let out = walk(outer, &outer_prefix, rest, w, cur, visit);
-        rest.push((outer, outer_prefix));
+        let (binding, start) = frame.choice;
+        cur.bindings[binding].1 = cur.text[start..].trim().to_string();
+        let out = walk(frame.nodes, &frame.prefix, rest, w, cur, visit);
+        rest.push(frame);
         return out;
     };
     let (text_len, bindings_len) = (cur.text.len(), cur.bindings.len());
+    let frame = |prefix: &str| Frame {
+        nodes: tail,
+        prefix: prefix.to_string(),
+        choice: (bindings_len, text_len),
+    };
     let out = match node {
         Node::Text(s) => {
             cur.text.push_str(s);
@@ -368,10 +388,11 @@ fn walk<'a>(
         }
         Node::Alt { key, options } => {
             let key = format!("{prefix}{key}");
-            rest.push((tail, prefix.to_string()));
+            rest.push(frame(prefix));
             let mut out = Ok(());
             for o in options {
-                cur.bindings.push((key.clone(), o.value.clone()));
+                // The value is filled in when the option's text is complete (see `Frame`).
+                cur.bindings.push((key.clone(), String::new()));
                 out = walk(&o.nodes, prefix, rest, w, cur, visit);
                 cur.bindings.truncate(bindings_len);
                 if out.is_err() {
@@ -384,10 +405,10 @@ fn walk<'a>(
         Node::Wildcard { key, name, .. } => {
             let key = format!("{prefix}{key}");
             let inner = format!("{key}.");
-            rest.push((tail, prefix.to_string()));
+            rest.push(frame(prefix));
             let mut out = Ok(());
             for t in w.values(name) {
-                cur.bindings.push((key.clone(), t.text.clone()));
+                cur.bindings.push((key.clone(), String::new()));
                 out = walk(&t.nodes, &inner, rest, w, cur, visit);
                 cur.bindings.truncate(bindings_len);
                 if out.is_err() {
@@ -489,7 +510,8 @@ mod tests {
         assert_eq!(
             v[3].bindings,
             vec![
-                ("alt1".to_string(), "x {1|2}".to_string()),
+                // An option's binding is the text it produced.
+                ("alt1".to_string(), "x 2".to_string()),
                 ("alt2".into(), "2".into()),
                 ("tone".into(), "night".into())
             ]

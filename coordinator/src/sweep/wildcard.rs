@@ -199,7 +199,59 @@ mod tests {
                 "scene.animal.alt1"
             ]
         );
-        assert_eq!(last.bindings[0].1, "{red|grey} wolf");
+        // A wildcard binds the text its value produced, not the value as written.
+        let values: Vec<&str> = last.bindings.iter().map(|(_, v)| v.as_str()).collect();
+        assert_eq!(
+            values,
+            [
+                "grey wolf",
+                "grey",
+                "grey wolf",
+                "grey",
+                "grey wolf in snow",
+                "grey wolf",
+                "grey"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_choice_binds_the_text_it_produced() {
+        let mut w = wildcards(&[("animal", &["red fox", "{snowy|barn} owl"])]);
+        w.check(&src(), 8).unwrap();
+        let names: BTreeSet<String> = ["animal".to_string()].into();
+        let g = Grammar {
+            wildcards: &names,
+            max_nesting: 4,
+        };
+        let origin = Origin::Line {
+            file: "p.txt".into(),
+            line: 1,
+            col: 1,
+        };
+        // A named list whose option holds a wildcard and an escaped `|`, then an optional word.
+        let text = r"a {style=__animal__ \| sketch|photo}, {|very }dark".to_string();
+        let v = Template::parse(text, &origin, &src(), &g)
+            .unwrap()
+            .expand(&w);
+        assert_eq!(v.len(), 8);
+        assert_eq!(v[4].text, "a barn owl | sketch, dark");
+        assert_eq!(
+            v[4].bindings,
+            [
+                ("style".to_string(), "barn owl | sketch".to_string()),
+                ("animal".into(), "barn owl".into()),
+                ("animal.alt1".into(), "barn".into()),
+                ("alt1".into(), String::new()),
+            ]
+        );
+        assert_eq!(
+            v[7].bindings,
+            [
+                ("style".to_string(), "photo".to_string()),
+                ("alt1".into(), "very".into())
+            ]
+        );
     }
 
     #[test]

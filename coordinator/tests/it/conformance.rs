@@ -367,6 +367,35 @@ async fn idempotent_submit(b: Backend) {
     }
     assert_eq!((ids.len(), fresh), (1, 1));
     assert_eq!(fx.queue.sweeps(100, None, None).await.unwrap().len(), 2);
+    // A unique name: the same key is still its sweep; another key under that name is refused,
+    // naming the sweep; without the flag it makes a second sweep of that name.
+    let named = |key: &str, unique: bool| {
+        let mut s = submission(key, (0..3).map(cell).collect());
+        s.name = "foxes".into();
+        s.unique_name = unique;
+        s
+    };
+    let first = fx.queue.submit(named("foxes-a", true)).await.unwrap();
+    assert!(
+        fx.queue
+            .submit(named("foxes-a", true))
+            .await
+            .unwrap()
+            .duplicate
+    );
+    match fx.queue.submit(named("foxes-b", true)).await {
+        Err(kiln_coordinator::Error::NameTaken { name, id }) => {
+            assert_eq!((name.as_str(), id), ("foxes", first.id));
+        }
+        other => panic!("expected NameTaken, got {other:?}"),
+    }
+    assert!(
+        !fx.queue
+            .submit(named("foxes-b", false))
+            .await
+            .unwrap()
+            .duplicate
+    );
     fx.finish().await;
 }
 

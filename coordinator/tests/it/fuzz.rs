@@ -218,6 +218,7 @@ async fn fuzz(backend: Backend, seed: u64) {
             },
             spec_path: g.text(),
             files: g.map(),
+            unique_name: g.0.random(),
         };
         let mut msgs = vec![pb::SubmitSweepRequest {
             part: Some(pb::submit_sweep_request::Part::Header(header)),

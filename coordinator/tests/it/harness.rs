@@ -188,6 +188,7 @@ pub fn submission(key: &str, cells: Vec<CellSpec>) -> Submission {
         spec: String::new(),
         cells: cells.into(),
         owner: None,
+        unique_name: false,
     }
 }
 

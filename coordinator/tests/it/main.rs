@@ -1,7 +1,8 @@
 //! Integration tests of kiln-coordinator: the store conformance suite (SQLite and Postgres),
 //! the filter language on both backends, the gRPC API against a real server on port 0, and
 //! sweep planning from the example files. `group_commit` is the batched writing of completes and leases, and
-//! `intake` the staged insert of large submissions, on both backends.
+//! `intake` the staged insert of large submissions, on both backends; `names` the check that a
+//! query names only sweeps and binding keys that exist.
 
 #[macro_use]
 mod harness;
@@ -14,4 +15,5 @@ mod fuzz;
 mod group_commit;
 pub mod grpc;
 mod intake;
+mod names;
 mod sweep;

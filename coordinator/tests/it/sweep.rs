@@ -58,7 +58,8 @@ fn foxes_example_plans_24_cells_with_bindings() {
         b,
         [
             ("alt1", "misty forest"),
-            ("animal", "{snowy|barn} owl"),
+            // The wildcard line `{snowy|barn} owl` binds the text it produced.
+            ("animal", "barn owl"),
             ("animal.alt1", "barn"),
             ("cfg", "1.5"),
             ("light", "golden hour light"),
@@ -66,6 +67,15 @@ fn foxes_example_plans_24_cells_with_bindings() {
     );
     // Deterministic: the same input plans the same cells.
     assert_eq!(p, plan(&src, &PlanLimits::default(), 99).unwrap());
+    // Bindings are no part of a cell's identity: the same renders written without the
+    // wildcard are the same cells, in the same order.
+    let mut plain = src.clone();
+    plain.text = plain
+        .text
+        .replace("__animal__", "{red fox|snowy owl|barn owl}");
+    let q = plan(&plain, &PlanLimits::default(), 0).unwrap();
+    assert_eq!(keys(&q), keys(&p));
+    assert_ne!(q.cells[0].bindings, p.cells[0].bindings);
 }
 
 #[test]
@@ -168,6 +178,7 @@ async fn a_planned_sweep_is_accepted_by_the_queue() {
             spec: src.text.clone(),
             cells: SubmittedCells::File(src.clone()),
             owner: None,
+            unique_name: false,
         })
         .await
         .unwrap();

@@ -4,10 +4,9 @@
 //! writes them; and files a worker must refuse (a pickle, an SDXL checkpoint) discarded with
 //! their reason while the worker goes on rendering.
 
-use std::process::{Command, Stdio};
 
 use crate::spawn;
-use crate::util::{Worker, fixtures, json_rows, kiln, max_pixel_diff};
+use crate::util::{fixtures, json_rows, kiln, max_pixel_diff, spawn_worker};
 
 fn rows(addr: &str, filter: &str) -> Vec<serde_json::Value> {
     json_rows(&kiln(addr, &["query", filter, "--format", "json"]))
@@ -23,26 +22,7 @@ async fn single_files_prompt_loras_and_refusals_through_a_farm() {
     std::fs::create_dir(&bad).unwrap();
     std::fs::write(bad.join("old.ckpt"), b"PK\x03\x04 a torch zip").unwrap();
     let out_dir = dir.path().join("out");
-    let mut worker = Worker(
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args([
-                "worker",
-                "--coordinator",
-                &format!("http://{}", c.addr),
-                "--idle-poll-ms",
-                "50",
-            ])
-            .arg("--storage")
-            .arg(format!("file://{}", out_dir.display()))
-            .arg("--models")
-            .arg(fixtures())
-            .arg("--models")
-            .arg(&bad)
-            .env("KILN_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut worker = spawn_worker(&c.addr, &out_dir, &[&fixtures(), &bad]);
 
     // Files a worker refuses: discarded with the reason, nothing else stops.
     let refused = dir.path().join("refused.toml");

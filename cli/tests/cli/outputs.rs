@@ -4,23 +4,9 @@
 //! axis with the axes there are.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use crate::spawn;
-use crate::util::{Worker, fixtures, kiln};
-
-/// `kiln ARGS` against `addr`, which must fail; its stderr.
-fn kiln_fails(addr: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("KILN_COORDINATOR", format!("http://{addr}"))
-        .env("KILN_LOG", "warn")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "kiln {args:?} succeeded: {err}");
-    err
-}
+use crate::util::{fixtures, kiln, kiln_fails, spawn_worker};
 
 /// Every file under `dir`, as `/`-joined paths relative to it, sorted.
 fn files(dir: &Path) -> Vec<String> {
@@ -56,24 +42,7 @@ async fn fetch_names_and_grid_counts() {
     let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
     let c = spawn(&db, dir.path());
     let store = dir.path().join("store");
-    let _worker = Worker(
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args([
-                "worker",
-                "--coordinator",
-                &format!("http://{}", c.addr),
-                "--idle-poll-ms",
-                "50",
-            ])
-            .arg("--storage")
-            .arg(format!("file://{}", store.display()))
-            .arg("--models")
-            .arg(fixtures())
-            .env("KILN_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _worker = spawn_worker(&c.addr, &store, &[&fixtures()]);
     // A sweep name with a character Windows refuses, a non-ASCII prompt, two seeds per
     // (alt1, cfg): 8 cells, 2 on each of 4 (alt1, cfg) positions.
     let file = dir.path().join("night.toml");

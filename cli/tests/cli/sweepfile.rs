@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::spawn;
-use crate::util::{Worker, fixtures, json_rows, kiln};
+use crate::util::{fixtures, json_rows, kiln, spawn_worker};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -36,24 +36,7 @@ async fn plan_submit_watch_query_extend_fetch() {
     let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
     let c = spawn(&db, dir.path());
     let out_dir = dir.path().join("out");
-    let worker = Worker(
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args([
-                "worker",
-                "--coordinator",
-                &format!("http://{}", c.addr),
-                "--idle-poll-ms",
-                "50",
-            ])
-            .arg("--storage")
-            .arg(format!("file://{}", out_dir.display()))
-            .arg("--models")
-            .arg(fixtures())
-            .env("KILN_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let worker = spawn_worker(&c.addr, &out_dir, &[&fixtures()]);
 
     let file = dir.path().join("foxes.toml");
     std::fs::write(&file, sweep_file(2)).unwrap();

@@ -2,7 +2,7 @@
 //! output, a worker process killed when the test ends, and comparing images.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use kiln_worker::engine::image::RgbImage;
 
@@ -26,6 +26,38 @@ pub fn kiln(addr: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// Runs `kiln ARGS` against the coordinator at `addr`, which must fail; its stderr.
+pub fn kiln_fails(addr: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_COORDINATOR", format!("http://{addr}"))
+        .env("KILN_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "kiln {args:?} succeeded: {err}");
+    err
+}
+
+/// A `kiln worker` process for the coordinator at `addr`, polling every 50 ms, writing to the
+/// folder `storage` and reading models from `models`.
+pub fn spawn_worker(addr: &str, storage: &Path, models: &[&Path]) -> Worker {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.args(["worker", "--coordinator", &format!("http://{addr}")])
+        .args(["--idle-poll-ms", "50"])
+        .arg("--storage")
+        .arg(format!("file://{}", storage.display()));
+    for m in models {
+        c.arg("--models").arg(m);
+    }
+    Worker(
+        c.env("KILN_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// The rows of `kiln query … --format json` output.

@@ -63,7 +63,10 @@ impl SweepApi {
 
     async fn progress(&self, id: SweepId) -> Result<pb::SweepProgress> {
         let sweep = self.queue.sweep(id).await?;
-        let rate = self.queue.sweep_rate(id).await?;
+        let rate = self
+            .queue
+            .sweep_rate(id, crate::clock::Millis(sweep.created_at))
+            .await?;
         let running = self.queue.running(Some(id), None).await?;
         let c = &sweep.counts;
         let remaining = c.available + c.scheduled + c.running + c.retryable + c.held;

@@ -284,13 +284,18 @@ impl Queue {
         self.store.sweep_list(limit, before, owner).await
     }
 
-    /// Cells finished per second over the last minute.
-    pub async fn sweep_rate(&self, id: SweepId) -> Result<f64> {
+    /// Cells finished per second over the last minute ([`RATE_WINDOW_MS`]), or over the
+    /// sweep's life (`created_at` on) when that is shorter.
+    pub async fn sweep_rate(&self, id: SweepId, created_at: Millis) -> Result<f64> {
+        // Over the last minute, or over the sweep's life when it is younger: a sweep that ends
+        // in 3 s shows its real rate, not a sixtieth of it.
+        let now = self.now();
+        let window_ms = (now.0 - created_at.0).clamp(1_000, RATE_WINDOW_MS);
         let n = self
             .store
-            .sweep_finished_since(id, self.now().plus(-60_000))
+            .sweep_finished_since(id, now.plus(-window_ms))
             .await?;
-        Ok(n as f64 / 60.0)
+        Ok(n as f64 * 1000.0 / window_ms as f64)
     }
 
     /// Cancels a sweep: queued cells at once, running ones via heartbeat.
@@ -486,6 +491,9 @@ impl Queue {
         self.store.worker_list(self.now().plus(-60_000)).await
     }
 }
+
+/// The longest window [`Queue::sweep_rate`] averages over.
+pub const RATE_WINDOW_MS: i64 = 60_000;
 
 /// The seed for a sweep's `random = N` seeds: the first 8 bytes of sha256(idempotency key).
 pub fn random_seed_for(key: &str) -> u64 {

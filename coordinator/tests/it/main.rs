@@ -16,4 +16,5 @@ mod group_commit;
 pub mod grpc;
 mod intake;
 mod names;
+mod rate;
 mod sweep;

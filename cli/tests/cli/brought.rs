@@ -4,7 +4,6 @@
 //! writes them; and files a worker must refuse (a pickle, an SDXL checkpoint) discarded with
 //! their reason while the worker goes on rendering.
 
-
 use crate::spawn;
 use crate::util::{fixtures, json_rows, kiln, max_pixel_diff, spawn_worker};
 

@@ -253,8 +253,9 @@ async fn large_referenced_files_are_sent_or_refused_by_name() {
     );
 }
 
-/// Ctrl-C on `kiln run` always ends it within seconds, once while rendering and twice in a row,
-/// and the next run finishes the sweep with every cell rendered.
+/// Ctrl-C (SIGINT) and SIGTERM on `kiln run` end it within 10 s at five moments (during submit,
+/// while rendering, while uploading, while the embedded coordinator stops, twice in a row), and
+/// the next run finishes the sweep with every cell completed exactly once.
 #[cfg(unix)]
 #[test]
 fn kiln_run_stops_within_seconds_on_ctrl_c_and_resumes() {
@@ -281,9 +282,9 @@ fn kiln_run_stops_within_seconds_on_ctrl_c_and_resumes() {
             .spawn()
             .unwrap()
     };
-    let interrupt = |pid: u32| {
+    let signal = |pid: u32, sig: &str| {
         Command::new("kill")
-            .args(["-INT", &pid.to_string()])
+            .args([sig, &pid.to_string()])
             .status()
             .unwrap();
     };
@@ -302,25 +303,64 @@ fn kiln_run_stops_within_seconds_on_ctrl_c_and_resumes() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    // Once, while it renders.
-    let first = run();
-    std::thread::sleep(Duration::from_millis(1500));
-    let stopped_at = Instant::now();
-    interrupt(first.id());
-    let (_, err) = wait(first, Duration::from_secs(10));
-    assert!(
-        err.contains("interrupted") || err.contains("stopped"),
-        "{err}"
-    );
-    assert!(stopped_at.elapsed() < Duration::from_secs(10));
-    // Twice in a row.
-    let second = run();
-    std::thread::sleep(Duration::from_millis(1500));
-    interrupt(second.id());
-    std::thread::sleep(Duration::from_millis(100));
-    interrupt(second.id());
-    let (status, err) = wait(second, Duration::from_secs(10));
-    assert!(!status.success() || err.contains("interrupted"), "{err}");
+    let pngs = |dir: &Path| -> usize {
+        walk(dir)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "png"))
+            .count()
+    };
+    // Five moments, SIGINT and SIGTERM: each run ends within 10 s of its first signal.
+    type Moment<'a> = (&'a str, &'a dyn Fn(u32));
+    let after = |ms: u64, sig: &'static str| {
+        move |pid: u32| {
+            std::thread::sleep(Duration::from_millis(ms));
+            signal(pid, sig);
+        }
+    };
+    let during_submit = after(30, "-INT");
+    let while_rendering = after(1500, "-TERM");
+    let while_uploading = |pid: u32| {
+        // The moment an image lands: its upload is done, its Complete is on the way.
+        let before = pngs(&out);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while pngs(&out) == before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        signal(pid, "-INT");
+    };
+    let while_coordinator_stops = |pid: u32| {
+        // The embedded coordinator begins to stop on the first signal; the second comes while
+        // it does, and the worker must not wait on it.
+        std::thread::sleep(Duration::from_millis(1500));
+        signal(pid, "-TERM");
+        std::thread::sleep(Duration::from_millis(30));
+        signal(pid, "-TERM");
+    };
+    let twice = |pid: u32| {
+        std::thread::sleep(Duration::from_millis(1500));
+        signal(pid, "-INT");
+        std::thread::sleep(Duration::from_millis(100));
+        signal(pid, "-INT");
+    };
+    let moments: [Moment; 5] = [
+        ("during submit", &during_submit),
+        ("while rendering", &while_rendering),
+        ("while uploading", &while_uploading),
+        ("while the coordinator stops", &while_coordinator_stops),
+        ("twice in a row", &twice),
+    ];
+    for (moment, stop) in moments {
+        let child = run();
+        let pid = child.id();
+        stop(pid);
+        let stopped_at = Instant::now();
+        let (status, err) = wait(child, Duration::from_secs(10));
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(10),
+            "{moment}: {err}"
+        );
+        eprintln!("{moment}: stopped in {:?} ({status})", stopped_at.elapsed());
+    }
     // Then to the end: every cell rendered.
     let (status, err) = wait(run(), Duration::from_secs(300));
     assert!(status.success(), "{err}");
@@ -335,4 +375,15 @@ fn kiln_run_stops_within_seconds_on_ctrl_c_and_resumes() {
         })
         .count();
     assert_eq!(cells_with_an_image, 4);
+    // Exactly once: each cell completed once, by one attempt whose image is there.
+    let c = spawn(&db, dir.path());
+    let rows = json_rows(&kiln(&c.addr, &["query", "sweep = 1", "--format", "json"]));
+    assert_eq!(rows.len(), 4);
+    let mut keys = std::collections::HashSet::new();
+    for r in &rows {
+        assert_eq!(r["state"], "completed", "{r}");
+        let key = r["object_key"].as_str().unwrap();
+        assert!(out.join(key).is_file(), "{key}");
+        assert!(keys.insert(key.to_owned()), "{key} twice");
+    }
 }

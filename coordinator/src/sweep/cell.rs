@@ -105,10 +105,13 @@ impl CellSpec {
     /// Checks every field against the limits a worker can render; the error names the field.
     pub fn validate(&self) -> Result<()> {
         check_ref("model", &self.model)?;
-        if self.loras.len() > MAX_LORAS {
+        // `<lora:…>` tags in the prompt merge too: they count against the same limit.
+        let in_prompt = self.prompt_loras().len();
+        if self.loras.len() + in_prompt > MAX_LORAS {
             return Err(Error::invalid(format!(
-                "loras: {} LoRAs, at most {MAX_LORAS}",
-                self.loras.len()
+                "loras: {} LoRAs ({in_prompt} of them <lora:…> tags in the prompt), at most \
+                 {MAX_LORAS}",
+                self.loras.len() + in_prompt
             )));
         }
         for (i, l) in self.loras.iter().enumerate() {

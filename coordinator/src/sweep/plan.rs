@@ -609,10 +609,15 @@ cfg = [1, 2]
 
     #[test]
     fn a_prompt_a1111_cannot_read_is_refused_with_its_column() {
+        let many = "<lora:x:1> ".repeat(17);
         for (prompt, says) in [
             ("a (fox", "`(` at column 3 is never closed"),
             ("a fox)", "`)` at column 6 closes nothing"),
             ("a <lora:x:abc>", "lora"),
+            (
+                many.as_str(),
+                "17 LoRAs (17 of them <lora:…> tags in the prompt), at most 16",
+            ),
         ] {
             let src = SweepSource::new(
                 "s.toml",

@@ -9,6 +9,8 @@
 #   (Debian/Ubuntu: apt install postgresql; macOS: brew install postgresql).
 # - S3: the real S3-compatible test server `s3s-fs` is installed once with cargo into
 #   target/tools/ when it is neither on PATH nor in ~/.cargo/bin.
+# - Chromium: the web UI's browser tests need `chromium` and `chromedriver` on PATH (Debian:
+#   apt install chromium chromium-driver; .ci/run installs them).
 # - Then: cargo test --workspace --locked.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -82,6 +82,7 @@ async fn farm() -> (tempfile::TempDir, Farm) {
             listener,
             &cfg.security,
             cfg.maintenance_interval,
+            None,
             std::future::pending(),
         )
         .await

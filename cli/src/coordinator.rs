@@ -5,9 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use kiln_coordinator::config::Settings;
+use kiln_coordinator::server::Coordinator;
 
 pub const EXAMPLES: &str = "Examples:
   kiln coordinator                                   # sqlite://kiln.db on 127.0.0.1:7450
+  kiln coordinator --images file:///srv/kiln-out     # web UI at http://127.0.0.1:7450/
   kiln cert --out certs --host farm.lan              # once: a CA and a server certificate
   kiln token create --owner me --scope admin         # once: a token (printed once)
   kiln coordinator --listen 0.0.0.0:7450 --require-tokens \\
@@ -20,7 +22,7 @@ pub const EXAMPLES: &str = "Examples:
 pub struct Args {
     /// TOML config file (keys: listen, db, lease_ttl_secs, heartbeat_secs, max_attempts,
     /// max_cells_per_sweep, maintenance_interval_ms, pg_max_connections, retry_base_ms,
-    /// require_tokens, tls_cert, tls_key, tls_client_ca, insecure_lan).
+    /// require_tokens, tls_cert, tls_key, tls_client_ca, insecure_lan, web, images, thumbs_dir).
     #[arg(long, env = "KILN_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:7450]; port 0 picks a free port.
@@ -57,6 +59,24 @@ pub struct Args {
     /// Write the bound address to this file once listening (for scripts using port 0).
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// Storage the web UI reads images from, as the workers write them: file://DIR or
+    /// s3://BUCKET/PREFIX (repeatable; the S3 flags below apply).
+    #[arg(
+        long = "images",
+        env = "KILN_IMAGES",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    images: Vec<String>,
+    /// Folder of the web UI's thumbnail cache [default: beside a SQLite database, else the
+    /// temporary folder].
+    #[arg(long, env = "KILN_THUMBS_DIR")]
+    thumbs_dir: Option<String>,
+    /// Don't serve the web UI (the gRPC API only).
+    #[arg(long, env = "KILN_NO_WEB")]
+    no_web: bool,
+    #[command(flatten)]
+    s3: crate::client::S3Args,
 }
 
 /// The settings of a config file, if one is given.
@@ -84,6 +104,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         tls_key: args.tls_key,
         tls_client_ca: args.tls_client_ca,
         insecure_lan: args.insecure_lan.then_some(true),
+        web: args.no_web.then_some(false),
+        images: Some(args.images).filter(|i| !i.is_empty()),
+        thumbs_dir: args.thumbs_dir,
         ..Default::default()
     };
     let cfg = file.merge(flags).validate()?;
@@ -100,7 +123,54 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             std::fs::write(path, addr.to_string())
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        kiln_coordinator::server::run(&cfg, listener, crate::signal::shutdown()).await?;
+        let web = web_options(&cfg.web, &args.s3.options()).await?;
+        if web.is_some() {
+            let scheme = if cfg.security.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            eprintln!("web UI: {scheme}://{addr}/");
+        }
+        Coordinator::open(&cfg)
+            .await?
+            .with_web(web)
+            .serve(listener, crate::signal::shutdown())
+            .await?;
         anyhow::Ok(())
     })
+}
+
+/// The web UI's options from `web`, its image storages opened; `None` when it is off.
+pub async fn web_options(
+    web: &kiln_coordinator::config::WebConfig,
+    s3: &kiln_worker::upload::S3Options,
+) -> anyhow::Result<Option<kiln_coordinator::web::WebOptions>> {
+    use std::sync::Arc;
+
+    use kiln_coordinator::web::{ImageSource, NoImages, Thumbs, WebOptions};
+    use kiln_worker::upload::StorageUrl;
+
+    if !web.enabled {
+        return Ok(None);
+    }
+    let urls = web
+        .images
+        .iter()
+        .map(|u| {
+            u.parse::<StorageUrl>()
+                .with_context(|| format!("--images {u}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let images: Arc<dyn ImageSource> = if urls.is_empty() {
+        Arc::new(NoImages)
+    } else {
+        Arc::new(crate::images::StorageImages::open(&urls, s3).await?)
+    };
+    let thumbs = Thumbs::new(web.thumbs_dir.clone())
+        .with_context(|| format!("thumbnail cache {}", web.thumbs_dir.display()))?;
+    Ok(Some(WebOptions {
+        images,
+        thumbs: Arc::new(thumbs),
+    }))
 }

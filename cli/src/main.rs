@@ -4,8 +4,8 @@
 //! - `kiln coordinator`: the gRPC coordinator (SQLite by default, Postgres for scale).
 //! - `kiln worker`: a render worker (one per PC).
 //! - `kiln run FILE`: everything on one machine (embedded coordinator + local worker).
-//! - `kiln submit | plan | extend | query | fetch | grid | sweeps | status | watch | cancel | pause |
-//!   resume | retry | workers`: talk to a coordinator (`--coordinator URL` or
+//! - `kiln submit | plan | extend | query | fetch | grid | star | sweeps | status | watch | cancel |
+//!   pause | resume | retry | workers`: talk to a coordinator (`--coordinator URL` or
 //!   `KILN_COORDINATOR`).
 //! - `kiln render`: one local image from a model file or folder.
 //! - `kiln devices`: what this build can compute on here (CPU, CUDA cards, Metal).
@@ -21,10 +21,12 @@ mod coordinator;
 mod devices;
 mod fetch;
 mod grid;
+mod images;
 mod query;
 mod render;
 mod run;
 mod signal;
+mod star;
 mod submit;
 mod sweeps;
 mod table;
@@ -197,6 +199,21 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         limit: u32,
     },
+    /// Mark cells as keepers (or not) and rate them; find them with `kiln query 'starred'`.
+    #[command(after_help = star::EXAMPLES)]
+    Star {
+        #[command(flatten)]
+        conn: client::Conn,
+        /// Cell ids (the CELL column of `kiln query`).
+        #[arg(required = true, value_name = "CELL")]
+        cells: Vec<u64>,
+        /// Take the star away instead.
+        #[arg(long)]
+        unstar: bool,
+        /// Stars, 1 to 5; 0 clears the rating.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=5))]
+        rating: Option<u32>,
+    },
     /// List sweeps, newest first.
     #[command(after_help = "Example:\n  kiln sweeps --limit 20")]
     Sweeps {
@@ -300,6 +317,12 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 sweeps::change(&conn, sweep, sweeps::Change::RetryFailed).await
             }
             Command::Workers { conn } => sweeps::workers(&conn).await,
+            Command::Star {
+                conn,
+                cells,
+                unstar,
+                rating,
+            } => star::star(&conn, &cells, unstar, rating).await,
             Command::Submit {
                 conn,
                 file,
@@ -421,5 +444,37 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["kiln", "query", "--sort", "-cfg,seed"]).unwrap();
         assert!(matches!(cli.command, Command::Query { sort: Some(s), .. } if s == "-cfg,seed"));
+    }
+
+    /// `kiln star` takes one or more cells, and a rating of 0 to 5 only.
+    #[test]
+    fn star_takes_cells_and_a_bounded_rating() {
+        let cli = Cli::try_parse_from(["kiln", "star", "3", "7", "--rating", "5"]).unwrap();
+        let Command::Star {
+            cells,
+            unstar,
+            rating,
+            ..
+        } = cli.command
+        else {
+            panic!("not a star");
+        };
+        assert_eq!((cells, unstar, rating), (vec![3, 7], false, Some(5)));
+        let cli = Cli::try_parse_from(["kiln", "star", "--unstar", "3"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Star {
+                unstar: true,
+                rating: None,
+                ..
+            }
+        ));
+        for bad in [
+            &["kiln", "star"][..],
+            &["kiln", "star", "3", "--rating", "6"],
+            &["kiln", "star", "x"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} parsed");
+        }
     }
 }

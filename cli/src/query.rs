@@ -33,12 +33,15 @@ pub fn help() -> String {
          tests    = != < <= > >=   ~ !~ (contains)   between A and B   in (A, B)\n  \
          logic    not, and, or, ( )\n  \
          values   \"text\" or 'text', numbers; dates for finished (\"2026-11-26\")\n  \
+         keepers  starred alone is a test (not starred, starred = false); rating is 0 to 5 \
+         (kiln star)\n  \
          --sort   fields, comma-separated, - before one for descending: --sort -seed,cfg\n\
          A name that is neither a column nor a binding of the sweeps queried is an error listing both.\n\n\
          Examples:\n  \
          kiln query 'sweep = \"foxes\" and animal = \"barn owl\" and cfg >= 1.5'\n  \
          kiln query 'sweep = \"foxes\" and seed between 1000 and 1001 and prompt ~ \"forest\"'\n  \
          kiln query 'state = \"discarded\"' --format json\n  \
+         kiln query 'sweep = \"foxes\" and starred and rating >= 4' --sort -rating\n  \
          kiln query 'sweep = \"foxes\"' --sort -seed --format csv > foxes.csv"
     )
 }
@@ -154,6 +157,7 @@ fn record_json(r: &pb::CellRecord) -> serde_json::Value {
         "bindings": c.bindings, "attempt": r.attempt, "worker": r.worker_id,
         "object_key": res.object_key, "storage": res.storage, "sha256": res.sha256,
         "finished_at_ms": r.finished_at_ms,
+        "starred": r.starred, "rating": r.rating,
         "error": last_error(r).unwrap_or_default(),
         "errors": r.errors.iter().map(|e| serde_json::json!({
             "attempt": e.attempt, "worker": e.worker_id, "class": class_name(e.class),
@@ -200,6 +204,8 @@ pub fn render(rows: &[pb::CellRecord], format: Format) -> String {
                 "sha256",
                 "finished_at_ms",
                 "error",
+                "starred",
+                "rating",
             ];
             let mut out = cols.join(",") + "\n";
             for r in rows {
@@ -225,8 +231,8 @@ pub fn render(rows: &[pb::CellRecord], format: Format) -> String {
                 .iter()
                 .any(|r| !r.errors.is_empty() && r.result.is_none());
             let mut cols = vec![
-                "CELL", "SWEEP", "#", "STATE", "SEED", "CFG", "STEPS", "PROMPT", "BINDINGS",
-                "OBJECT",
+                "CELL", "SWEEP", "#", "STATE", "KEEP", "SEED", "CFG", "STEPS", "PROMPT",
+                "BINDINGS", "OBJECT",
             ];
             if failed {
                 cols.push("LAST ERROR");
@@ -244,6 +250,7 @@ pub fn render(rows: &[pb::CellRecord], format: Format) -> String {
                     r.sweep_id.to_string(),
                     r.number.to_string(),
                     state_name(r.state).into(),
+                    crate::star::keeper_text(r),
                     c.seed.to_string(),
                     format!("{}", c.cfg),
                     c.steps.to_string(),
@@ -295,4 +302,44 @@ pub async fn open_storage(
     let s = Storage::open(&parsed, s3).await?;
     opened.push((url.to_string(), s.clone()));
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keeper state shows in every format: `★ 4/5` in the table, fields in JSON and CSV.
+    #[test]
+    fn keeper_state_in_every_format() {
+        let rows = [
+            pb::CellRecord {
+                cell_id: 7,
+                starred: true,
+                rating: 4,
+                ..Default::default()
+            },
+            pb::CellRecord {
+                cell_id: 8,
+                ..Default::default()
+            },
+        ];
+        let table = render(&rows, Format::Table);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("STATE  KEEP "), "{table}");
+        assert!(lines[1].contains(" ★ 4/5 "), "{table}");
+        assert!(!lines[2].contains('★'), "{table}");
+        let json: serde_json::Value = serde_json::from_str(&render(&rows, Format::Json)).unwrap();
+        assert_eq!(json[0]["starred"], true);
+        assert_eq!(json[0]["rating"], 4);
+        assert_eq!(json[1]["starred"], false);
+        let csv = render(&rows, Format::Csv);
+        assert!(
+            csv.lines()
+                .next()
+                .unwrap()
+                .ends_with(",error,starred,rating"),
+            "{csv}"
+        );
+        assert!(csv.lines().nth(1).unwrap().ends_with(",true,4"), "{csv}");
+    }
 }

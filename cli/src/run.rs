@@ -51,6 +51,9 @@ pub struct Args {
     /// Render up to N alike cells as one UNet batch (see `kiln worker --batch`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     batch: u32,
+    /// Don't serve the web UI (by default it is at the printed http://127.0.0.1:PORT/).
+    #[arg(long, env = "KILN_NO_WEB")]
+    no_web: bool,
     #[command(flatten)]
     s3: S3Args,
 }
@@ -63,6 +66,8 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let cfg = Settings {
         db: Some(args.db.clone()),
         listen: Some("127.0.0.1:0".into()),
+        images: Some(vec![args.storage.clone()]),
+        web: args.no_web.then_some(false),
         ..Default::default()
     }
     .validate()?;
@@ -96,7 +101,15 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let server = tokio::spawn(coordinator.serve(listener, stopped(server_rx)));
+        let web = crate::coordinator::web_options(&cfg.web, &args.s3.options()).await?;
+        if web.is_some() {
+            eprintln!("watch and browse: http://{addr}/");
+        }
+        let server = tokio::spawn(
+            coordinator
+                .with_web(web)
+                .serve(listener, stopped(server_rx)),
+        );
         let conn = Conn {
             coordinator: format!("http://{addr}"),
             access: Default::default(),

@@ -2,7 +2,10 @@
 //! through `Queue::submit`, then finished in bulk by `Store::sweep_complete_all_unfenced`, a
 //! bench/test-only method) plus one sweep of 10,000 queued cells, then `Store::analyze` (as the
 //! maintenance loop does at start and hourly); then the time to the first page (100 rows) of
-//! typical `kiln query` filters, on SQLite and on Postgres.
+//! typical `kiln query` filters, on SQLite and on Postgres. Then the web gallery over the same
+//! cells (issue 17): `GET /gallery?q=…` and `GET /gallery/count?q=…` through the router the
+//! server merges (`tower::ServiceExt::oneshot`: status and the whole body), the server's time
+//! for a page of 100 tiles; images are not read for it (the page only links `/thumbs/{cell}`).
 //!
 //! Run: `cargo bench -p kiln-coordinator --bench query --profile dev [-- sqlite|postgres]`
 //! (Postgres from KILN_TEST_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/test; a
@@ -19,6 +22,8 @@ use kiln_coordinator::queue::{Queue, QueueConfig, Submission};
 use kiln_coordinator::result::RenderResult;
 use kiln_coordinator::store::{CellQuery, DatabaseUrl, Store, StoreOptions};
 use kiln_coordinator::sweep::{CellSpec, LoraSpec, Sampler};
+use kiln_coordinator::web::{self, NoImages, Thumbs, WebOptions};
+use tower::ServiceExt;
 
 const SWEEPS: usize = 10;
 const CELLS_PER_SWEEP: u64 = 100_000;
@@ -100,6 +105,44 @@ const QUERIES: &[(&str, &str, &str)] = &[
         "-finished",
     ),
     ("binding, by -finished", r#"animal = "bear""#, "-finished"),
+];
+
+/// The gallery pages timed: (label, filter, sort, page).
+const GALLERY: &[(&str, &str, &str, u32)] = &[
+    (
+        "sweep + binding",
+        r#"sweep = "sweep-3" and animal = "fox""#,
+        "",
+        1,
+    ),
+    (
+        "sweep + binding, page 50",
+        r#"sweep = "sweep-3" and animal = "fox""#,
+        "",
+        50,
+    ),
+    (
+        "sweep + binding, by -seed",
+        r#"sweep = "sweep-3" and animal = "fox""#,
+        "-seed",
+        1,
+    ),
+    ("binding, all sweeps", r#"animal = "bear""#, "", 1),
+    ("binding, all sweeps, page 50", r#"animal = "bear""#, "", 50),
+    (
+        "binding, all sweeps, by -finished",
+        r#"animal = "bear""#,
+        "-finished",
+        1,
+    ),
+    ("no filter", "", "", 1),
+];
+
+/// The match counts timed (`/gallery/count`, fetched by the page after it paints).
+const COUNTS: &[&str] = &[
+    r#"sweep = "sweep-3" and animal = "fox""#,
+    r#"animal = "bear""#,
+    "",
 ];
 
 fn cell(i: u64) -> CellSpec {
@@ -230,7 +273,87 @@ async fn bench(name: &str, url: DatabaseUrl) {
             ms(times[RUNS - 1]),
         );
     }
+    gallery(name, &queue).await;
     store.close().await;
+}
+
+/// Median and max of [`RUNS`] runs of `f` after one warm-up, and what the warm-up returned.
+async fn timed<T, F, Fut>(mut f: F) -> (Duration, Duration, T)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let first = f().await;
+    let mut times: Vec<Duration> = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        std::hint::black_box(f().await);
+        times.push(t.elapsed());
+    }
+    times.sort();
+    (times[RUNS / 2], times[RUNS - 1], first)
+}
+
+/// The web gallery's pages and counts over the bench's cells, as the browser asks for them.
+async fn gallery(name: &str, queue: &Queue) {
+    let thumbs = Arc::new(Thumbs::temporary().unwrap());
+    let options = WebOptions {
+        images: Arc::new(NoImages),
+        thumbs,
+    };
+    let (_stop, stopping) = tokio::sync::watch::channel(false);
+    let app = web::router(queue.clone(), options, false, false, stopping);
+    // GET `path`: the whole body of its answer, which must be a 200.
+    let get = |path: String| {
+        let app = app.clone();
+        async move {
+            let request = axum::http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let (parts, body) = app.oneshot(request).await.unwrap().into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            assert_eq!(parts.status, 200, "{}", String::from_utf8_lossy(&body));
+            body
+        }
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("{name}: web gallery, median and max of {RUNS} requests after one warm-up");
+    for (label, filter, sort, page) in GALLERY {
+        let path = format!(
+            "/gallery?{}",
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("q", filter)
+                .append_pair("sort", sort)
+                .append_pair("page", &page.to_string())
+                .finish()
+        );
+        let (median, max, body) = timed(|| get(path.clone())).await;
+        let tiles = String::from_utf8_lossy(&body)
+            .matches("src=\"/thumbs/")
+            .count();
+        assert_eq!(tiles, 100, "{path}: a full page");
+        println!(
+            "{name:8} {:>8.1} ms (max {:>7.1})  {tiles} tiles, {:>3} KB  GET /gallery {label}: {filter} sort {sort:?} page {page}",
+            ms(median),
+            ms(max),
+            body.len() / 1000,
+        );
+    }
+    for filter in COUNTS {
+        let path = format!(
+            "/gallery/count?{}",
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("q", filter)
+                .finish()
+        );
+        let (median, max, body) = timed(|| get(path.clone())).await;
+        println!(
+            "{name:8} {:>8.1} ms (max {:>7.1})  {}  GET /gallery/count: {filter}",
+            ms(median),
+            ms(max),
+            String::from_utf8_lossy(&body),
+        );
+    }
 }
 
 #[tokio::main(flavor = "multi_thread")]

@@ -47,6 +47,28 @@ impl FromStr for DatabaseUrl {
     }
 }
 
+impl DatabaseUrl {
+    /// Where the web UI caches thumbnails by default: `<file>.thumbs` beside a SQLite file
+    /// (`kiln.db.thumbs`), else `kiln-thumbs` under the system's temporary folder.
+    pub fn thumbs_dir(&self) -> std::path::PathBuf {
+        match self {
+            DatabaseUrl::Sqlite(s) => {
+                let path = s
+                    .strip_prefix("sqlite://")
+                    .or_else(|| s.strip_prefix("sqlite:"))
+                    .unwrap_or(s);
+                let path = path.split('?').next().unwrap_or(path);
+                if path.is_empty() || path.starts_with(':') {
+                    std::env::temp_dir().join("kiln-thumbs")
+                } else {
+                    std::path::PathBuf::from(format!("{path}.thumbs"))
+                }
+            }
+            DatabaseUrl::Postgres(_) => std::env::temp_dir().join("kiln-thumbs"),
+        }
+    }
+}
+
 impl fmt::Debug for DatabaseUrl {
     // Never print a password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -110,6 +132,13 @@ pub struct Settings {
     pub tls_client_ca: Option<String>,
     /// Listen on a non-loopback address without TLS and tokens anyway.
     pub insecure_lan: Option<bool>,
+    /// Serve the web UI on the listen port (default: on).
+    pub web: Option<bool>,
+    /// Storages the web UI reads result images from (`file://DIR`, `s3://BUCKET/PREFIX`): the
+    /// ones the workers write to.
+    pub images: Option<Vec<String>>,
+    /// Folder of the web UI's thumbnail cache.
+    pub thumbs_dir: Option<String>,
 }
 
 /// Validated configuration.
@@ -127,6 +156,19 @@ pub struct Config {
     pub maintenance_interval: Duration,
     /// Who may call, and over what.
     pub security: Security,
+    /// The web UI.
+    pub web: WebConfig,
+}
+
+/// The web UI's settings.
+#[derive(Clone, Debug)]
+pub struct WebConfig {
+    /// Whether it is served.
+    pub enabled: bool,
+    /// Storage URLs it reads images from (checked by whoever opens them).
+    pub images: Vec<String>,
+    /// The thumbnail cache.
+    pub thumbs_dir: std::path::PathBuf,
 }
 
 /// Who may call the coordinator, and over what.
@@ -193,6 +235,9 @@ impl Settings {
             tls_key: over.tls_key.or(self.tls_key),
             tls_client_ca: over.tls_client_ca.or(self.tls_client_ca),
             insecure_lan: over.insecure_lan.or(self.insecure_lan),
+            web: over.web.or(self.web),
+            images: over.images.or(self.images),
+            thumbs_dir: over.thumbs_dir.or(self.thumbs_dir),
         }
     }
 
@@ -281,6 +326,23 @@ impl Settings {
                  pool safely\"), or --insecure-lan on a network you trust"
             )));
         }
+        let images = self.images.unwrap_or_default();
+        if images.len() > 16 || images.iter().any(|u| u.is_empty() || u.len() > 1024) {
+            return Err(Error::Config(
+                "images: at most 16 storage URLs of 1..=1024 bytes".into(),
+            ));
+        }
+        let web = WebConfig {
+            enabled: self.web.unwrap_or(true),
+            images,
+            thumbs_dir: match self.thumbs_dir {
+                Some(d) if d.is_empty() => {
+                    return Err(Error::Config("thumbs_dir: empty".into()));
+                }
+                Some(d) => d.into(),
+                None => db.thumbs_dir(),
+            },
+        };
         Ok(Config {
             listen,
             db,
@@ -288,6 +350,7 @@ impl Settings {
             queue,
             maintenance_interval,
             security,
+            web,
         })
     }
 }

@@ -14,10 +14,14 @@
 //!   no SQL.
 //! - [`store`]: the only SQL — one seam ([`store::Store`]) with SQLite and Postgres backends.
 //! - [`result`]: the stored form of a Result (what the winning attempt produced).
+//! - [`grid`]: the X/Y contact sheet (`kiln grid`, the web UI's X/Y view): which cell goes on
+//!   which tile along one or two axes, and the labelled sheet drawn as a PNG.
 //! - [`events`]: in-process progress notifications for watchers.
 //! - [`api`]: tonic adapters for `kiln.v1`; the only place that knows `tonic::Status`.
 //! - [`config`]: settings (defaults → file → env → flags) validated into [`config::Config`].
-//! - [`server`]: runs the gRPC server, health service and maintenance until shutdown.
+//! - [`web`]: the web UI (farm overview, sweep pages, gallery, X/Y view, keepers), served on
+//!   the gRPC port.
+//! - [`server`]: runs the gRPC server, health service, web UI and maintenance until shutdown.
 #![warn(missing_docs)]
 
 pub mod api;
@@ -26,11 +30,13 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod grid;
 pub mod query;
 pub mod queue;
 pub mod result;
 pub mod server;
 pub mod store;
 pub mod sweep;
+pub mod web;
 
 pub use error::{Error, Result};

@@ -1,5 +1,6 @@
-//! Runs the coordinator: gRPC services (sweeps, workers, standard health) on a listener, and
-//! the maintenance loop, until the shutdown future resolves; then stops both gracefully.
+//! Runs the coordinator: gRPC services (sweeps, workers, standard health) and the web UI on one
+//! listener (HTTP/2 for gRPC, HTTP/1.1 too for browsers), and the maintenance loop, until the
+//! shutdown future resolves; then stops both gracefully.
 
 use std::future::Future;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use crate::clock::SystemClock;
 use crate::config::{Config, Security};
 use crate::queue::{Queue, maintenance};
 use crate::store::Store;
+use crate::web::WebOptions;
 use crate::{Error, Result};
 
 /// A coordinator ready to serve: its database connected and migrated, its queue built. The one
@@ -25,6 +27,7 @@ pub struct Coordinator {
     queue: Queue,
     maintenance_interval: Duration,
     security: Security,
+    web: Option<WebOptions>,
 }
 
 impl Coordinator {
@@ -42,7 +45,14 @@ impl Coordinator {
             queue,
             maintenance_interval: cfg.maintenance_interval,
             security: cfg.security.clone(),
+            web: None,
         })
+    }
+
+    /// Serves the web UI too, on the same port (`None`: gRPC only).
+    pub fn with_web(mut self, web: Option<WebOptions>) -> Self {
+        self.web = web;
+        self
     }
 
     /// The queue, for what a caller does before serving (e.g. requeueing interrupted cells).
@@ -61,6 +71,7 @@ impl Coordinator {
             listener,
             &self.security,
             self.maintenance_interval,
+            self.web,
             shutdown,
         )
         .await;
@@ -82,13 +93,14 @@ pub async fn run(
         .await
 }
 
-/// Serves `queue` on `listener` as `security` says, with maintenance every
-/// `maintenance_interval`, until `shutdown` resolves.
+/// Serves `queue` on `listener` as `security` says (and the web UI when `web` is given), with
+/// maintenance every `maintenance_interval`, until `shutdown` resolves.
 pub async fn serve(
     queue: Queue,
     listener: TcpListener,
     security: &Security,
     maintenance_interval: Duration,
+    web: Option<WebOptions>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let mut builder = tonic::transport::Server::builder();
@@ -139,13 +151,28 @@ pub async fn serve(
     }
     let sweeps = SweepServiceServer::new(SweepApi::new(queue.clone()))
         .max_decoding_message_size(MAX_SWEEP_MESSAGE_BYTES);
-    let workers = WorkerServiceServer::new(WorkerApi::new(queue))
+    let workers = WorkerServiceServer::new(WorkerApi::new(queue.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let result = builder
-        .layer(auth)
+    let mut routes = tonic::service::Routes::builder();
+    routes
         .add_service(health_service)
         .add_service(sweeps)
-        .add_service(workers)
+        .add_service(workers);
+    let mut routes = routes.routes();
+    if let Some(web) = web {
+        let tls = security.tls.is_some();
+        let ui = crate::web::router(queue, web, security.require_tokens, tls, stop_rx.clone());
+        routes = tonic::service::Routes::from(
+            routes
+                .into_axum_router()
+                .merge(ui)
+                .fallback(crate::web::fallback),
+        );
+    }
+    let result = builder
+        .accept_http1(true)
+        .layer(auth)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx))
         .await
         .map_err(|e| Error::Config(format!("gRPC server: {e}")));

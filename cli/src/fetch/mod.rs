@@ -27,7 +27,8 @@ pub const EXAMPLES: &str = "\
 Names (--name PATTERN): text with {field} or {field:N} in it; `/` makes folders; .png is added
 when the pattern does not end in it.
   fields: sweep (its name), sweep_id, cell (its id), number (in its sweep), seed, prompt,
-          negative, model, cfg, steps, sampler, width, height, attempt, b.NAME (a binding)
+          negative, model, cfg, steps, sampler, width, height, attempt, rating (0-5, from
+          kiln star), b.NAME (a binding)
   {prompt:40}: the first 40 characters; {number:6}: whole numbers zero-padded to 6 digits
   {{ and }}: literal braces; A1111's [seed]-[prompt] is {seed}-{prompt} here
 Every name works on Windows, macOS and Linux: / \\ : * ? \" < > | and control characters in a

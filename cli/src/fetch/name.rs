@@ -36,7 +36,7 @@ const EXT: &str = ".png";
 
 /// The fields, as the help text and error messages list them.
 pub const FIELDS: &str = "sweep, sweep_id, cell, number, seed, prompt, negative, model, cfg, \
-                          steps, sampler, width, height, attempt, b.NAME (a binding)";
+                          steps, sampler, width, height, attempt, rating, b.NAME (a binding)";
 
 #[derive(Debug, Clone, PartialEq)]
 enum Field {
@@ -54,6 +54,7 @@ enum Field {
     Width,
     Height,
     Attempt,
+    Rating,
     Binding(String),
 }
 
@@ -74,6 +75,7 @@ impl Field {
             "width" => Field::Width,
             "height" => Field::Height,
             "attempt" => Field::Attempt,
+            "rating" => Field::Rating,
             _ => Field::Binding(s.strip_prefix("b.").filter(|k| !k.is_empty())?.to_string()),
         })
     }
@@ -277,6 +279,7 @@ fn value(field: &Field, width: Option<usize>, src: &Source) -> String {
         Field::Width => return number(c.width.into()),
         Field::Height => return number(c.height.into()),
         Field::Attempt => return number(r.attempt.into()),
+        Field::Rating => return number(r.rating.into()),
         Field::Sweep if src.sweep_name.is_empty() => r.sweep_id.to_string(),
         Field::Sweep => src.sweep_name.to_string(),
         Field::Prompt => c.prompt,
@@ -441,6 +444,13 @@ mod tests {
             ),
             "foxes/3-412-17-42-a red fox-blurry-dream-v2-1.5-4-euler_a-512x768-2-fox-0.8.png"
         );
+        // A keeper's stars (0: not rated).
+        let rated = pb::CellRecord {
+            rating: 4,
+            ..r.clone()
+        };
+        assert_eq!(name("{rating}/{seed}", &rated), "4/42.png");
+        assert_eq!(name("{rating}-{seed}", &r), "0-42.png");
         // Aliases A1111 and the filter language use.
         assert_eq!(
             name("{model_name}-{negative_prompt}", &r),

@@ -6,27 +6,21 @@
 //!
 //! Several matches can fall on one tile (a grid of cfg × animal over three seeds): the tile
 //! shows the first of them in query order (lowest cell number), and the command says how many
-//! matches were not shown. A tile no match falls on is grey. `sheet` draws the pixels, `font`
-//! the labels; this module owns choosing what goes where and talking to the coordinator.
+//! matches were not shown. A tile no match falls on is grey. Choosing what goes where and
+//! drawing the sheet are [`kiln_coordinator::grid`]'s (the web UI's X/Y view draws the same
+//! sheet); this module reads a cell's axis values, talks to the coordinator and storage, and
+//! writes the file.
 
-mod font;
-mod sheet;
-
-use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::Context;
+use kiln_coordinator::grid::{self, Labels, Layout, RgbImage};
 use kiln_proto::v1 as pb;
-use kiln_worker::engine::image::{decode_png, encode_png};
+use kiln_worker::engine::image::{self as worker_image, decode_png, encode_png};
 use kiln_worker::upload::{S3Options, Storage};
 
 use crate::client::Conn;
 use crate::query::{fetch_rows, open_storage, sampler_name};
-
-/// Render parameters usable as an axis, beside the bindings.
-const PARAMS: [&str; 10] = [
-    "seed", "cfg", "steps", "sampler", "model", "prompt", "negative", "width", "height", "size",
-];
 
 /// The value of `key` for a cell, as text; `None` when it is a binding the cell lacks.
 fn value(r: &pb::CellRecord, key: &str) -> Option<String> {
@@ -46,128 +40,42 @@ fn value(r: &pb::CellRecord, key: &str) -> Option<String> {
     })
 }
 
-/// Distinct values in numeric order when all parse as numbers, else text order.
-fn ordered(mut values: Vec<String>) -> Vec<String> {
-    values.sort();
-    values.dedup();
-    if values.iter().all(|v| v.parse::<f64>().is_ok()) {
-        values.sort_by(|a, b| {
-            let (a, b) = (
-                a.parse::<f64>().unwrap_or(0.0),
-                b.parse::<f64>().unwrap_or(0.0),
-            );
-            a.total_cmp(&b)
-        });
-    }
-    values
+/// A cell's binding keys.
+fn bindings(r: &pb::CellRecord) -> Vec<String> {
+    r.cell
+        .as_ref()
+        .map(|c| c.bindings.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
-/// `name (N values)` when a key varies over `rows`, else just `name`.
-fn described(rows: &[pb::CellRecord], key: &str) -> String {
-    let n = ordered(rows.iter().filter_map(|r| value(r, key)).collect()).len();
-    if n > 1 {
-        format!("{key} ({n} values)")
-    } else {
-        key.to_string()
-    }
-}
-
-/// Refuses an axis that is neither a render parameter nor a binding of some matched cell,
-/// listing the axes the matched cells have (those that vary say how many values they take).
-fn check_axis(rows: &[pb::CellRecord], key: &str) -> anyhow::Result<()> {
-    let is_param = PARAMS.contains(&key) || key == "negative_prompt";
-    let bound = |k: &str| {
-        rows.iter()
-            .any(|r| r.cell.as_ref().is_some_and(|c| c.bindings.contains_key(k)))
-    };
-    if is_param || bound(key) {
-        return Ok(());
-    }
-    let mut bindings: Vec<&String> = rows
-        .iter()
-        .filter_map(|r| r.cell.as_ref())
-        .flat_map(|c| c.bindings.keys())
-        .collect();
-    bindings.sort();
-    bindings.dedup();
-    let list = |keys: Vec<String>| {
-        if keys.is_empty() {
-            "none".to_string()
-        } else {
-            keys.join(", ")
-        }
-    };
-    anyhow::bail!(
-        "unknown axis {key:?}: none of the {} matched cells has it\n  bindings: {}\n  parameters: {}",
-        rows.len(),
-        list(bindings.iter().map(|k| described(rows, k)).collect()),
-        list(PARAMS.iter().map(|k| described(rows, k)).collect()),
-    )
-}
-
-/// What goes where: the values along each axis and, per tile, the index of the row it shows.
-#[derive(Debug)]
-struct Layout {
-    xs: Vec<String>,
-    ys: Vec<String>,
-    /// `(x, y)` → index into the rows: the first row (query order) that falls on the tile.
-    tiles: BTreeMap<(usize, usize), usize>,
-    /// Rows considered.
-    matches: usize,
-}
-
-/// Lays `rows` (in query order) out along `x_key` and `y_key`; the label of a binding a
-/// cell lacks is `-`.
+/// Lays `rows` (in query order) out along `x_key` and `y_key`, refusing an axis no row has;
+/// the label of a binding a cell lacks is `-`.
 fn lay_out(rows: &[pb::CellRecord], x_key: &str, y_key: Option<&str>) -> anyhow::Result<Layout> {
-    check_axis(rows, x_key)?;
-    if let Some(y) = y_key {
-        check_axis(rows, y)?;
+    for key in std::iter::once(x_key).chain(y_key) {
+        grid::check_axis(rows, key, value, bindings).map_err(anyhow::Error::msg)?;
     }
-    let label = |r: &pb::CellRecord, k: &str| value(r, k).unwrap_or_else(|| "-".into());
-    let xs = ordered(rows.iter().map(|r| label(r, x_key)).collect());
-    let ys = match y_key {
-        Some(k) => ordered(rows.iter().map(|r| label(r, k)).collect()),
-        None => vec![String::new()],
-    };
-    let index = |values: &[String], v: String| values.iter().position(|x| *x == v).unwrap_or(0);
-    let mut tiles = BTreeMap::new();
-    for (n, r) in rows.iter().enumerate() {
-        let i = index(&xs, label(r, x_key));
-        let j = y_key.map_or(0, |k| index(&ys, label(r, k)));
-        tiles.entry((i, j)).or_insert(n);
-    }
-    Ok(Layout {
-        xs,
-        ys,
-        tiles,
-        matches: rows.len(),
-    })
+    Ok(grid::layout(rows, x_key, y_key, value))
 }
 
-impl Layout {
-    /// The one-line account of the sheet: its size, how many images it shows out of how many
-    /// matches, and why the rest are not shown.
-    fn summary(&self) -> String {
-        let (cols, rows) = (self.xs.len(), self.ys.len());
-        let shown = self.tiles.len();
-        let mut s = format!(
-            "{cols}x{rows} grid ({shown} images) from {} matches",
-            self.matches
+/// The one-line account of the sheet: its size, how many images it shows out of how many
+/// matches, and why the rest are not shown.
+fn summary(layout: &Layout, matches: usize) -> String {
+    let (cols, rows) = (layout.xs.len(), layout.ys.len());
+    let shown = layout.shown();
+    let mut s = format!("{cols}x{rows} grid ({shown} images) from {matches} matches");
+    if layout.hidden > 0 {
+        s += &format!(
+            ": {} not shown (several per tile, each tile shows the first by cell \
+             number; narrow the filter or add --x/--y)",
+            layout.hidden
         );
-        let hidden = self.matches - shown;
-        if hidden > 0 {
-            s += &format!(
-                ": {hidden} not shown (several per tile, each tile shows the first by cell \
-                 number; narrow the filter or add --x/--y)"
-            );
-        }
-        let empty = cols * rows - shown;
-        if empty > 0 {
-            let plural = if empty == 1 { "" } else { "s" };
-            s += &format!("; {empty} empty (grey) tile{plural}");
-        }
-        s
     }
+    let empty = layout.empty();
+    if empty > 0 {
+        let plural = if empty == 1 { "" } else { "s" };
+        s += &format!("; {empty} empty (grey) tile{plural}");
+    }
+    s
 }
 
 /// `kiln grid`.
@@ -189,32 +97,43 @@ pub async fn grid(
     anyhow::ensure!(!rows.is_empty(), "no completed cells match {filter}");
     let layout = lay_out(&rows, x_key, y_key)?;
     let mut stores: Vec<(String, Storage)> = Vec::new();
-    let mut images = HashMap::new();
-    for (&pos, &n) in &layout.tiles {
-        let r = &rows[n];
-        let Some(res) = &r.result else { continue };
+    let mut images = Vec::new();
+    for &tile in layout.tiles.iter().flatten() {
+        let r = tile.map(|n| &rows[n]);
+        let Some((r, res)) = r.and_then(|r| Some((r, r.result.as_ref()?))) else {
+            images.push(None);
+            continue;
+        };
         let storage = open_storage(&mut stores, &res.storage, s3).await?;
         let bytes = storage
             .get(&res.object_key)
             .await
             .with_context(|| format!("cell {}: {}", r.cell_id, res.object_key))?;
-        let png = decode_png(&bytes).with_context(|| format!("cell {}: decoding", r.cell_id))?;
-        images.insert(pos, png.image);
+        let img = decode_png(&bytes)
+            .with_context(|| format!("cell {}: decoding", r.cell_id))?
+            .image;
+        // Never `None`: decode_png gives width · height · 3 bytes, all that `from_raw` checks.
+        images.push(RgbImage::from_raw(img.width, img.height, img.pixels));
     }
-    let labels = sheet::Labels {
+    let labels = Labels {
         x_key,
         y_key,
         xs: &layout.xs,
         ys: &layout.ys,
     };
-    let sheet = sheet::compose(&labels, &images)?;
+    let sheet = grid::compose(&labels, &images);
+    let sheet = worker_image::RgbImage {
+        width: sheet.width(),
+        height: sheet.height(),
+        pixels: sheet.into_raw(),
+    };
     let about = format!(
         "kiln grid of {filter}: x = {x_key}, y = {}",
         y_key.unwrap_or("-")
     );
     let png = encode_png(&sheet, &[("kiln-grid", &about)])?;
     std::fs::write(out, png).with_context(|| format!("writing {}", out.display()))?;
-    println!("{}", layout.summary());
+    println!("{}", summary(&layout, rows.len()));
     if rows.len() as u32 >= limit {
         println!("(stopped at --limit {limit}: more cells may match)");
     }
@@ -224,6 +143,8 @@ pub async fn grid(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn row(number: u32, seed: u64, cfg: f32, animal: Option<&str>) -> pb::CellRecord {
@@ -246,14 +167,6 @@ mod tests {
     }
 
     #[test]
-    fn numbers_sort_as_numbers() {
-        let v = ordered(vec!["10".into(), "2".into(), "1.5".into(), "2".into()]);
-        assert_eq!(v, vec!["1.5", "2", "10"]);
-        let v = ordered(vec!["fox".into(), "cat".into()]);
-        assert_eq!(v, vec!["cat", "fox"]);
-    }
-
-    #[test]
     fn every_match_is_counted_and_each_tile_shows_the_first() {
         // 3 cfg × 2 animals × 8 seeds = 48 matches on 6 tiles.
         let mut rows = Vec::new();
@@ -266,26 +179,24 @@ mod tests {
             }
         }
         let l = lay_out(&rows, "cfg", Some("animal")).unwrap();
-        assert_eq!(
-            (l.xs.len(), l.ys.len(), l.tiles.len(), l.matches),
-            (3, 2, 6, 48)
-        );
+        assert_eq!((l.xs.len(), l.ys.len(), l.shown(), l.hidden), (3, 2, 6, 42));
         assert!(
             l.tiles
-                .values()
-                .all(|&n| rows[n].cell.as_ref().unwrap().seed == 1)
+                .iter()
+                .flatten()
+                .all(|&n| rows[n.unwrap()].cell.as_ref().unwrap().seed == 1)
         );
         assert_eq!(
-            l.summary(),
+            summary(&l, rows.len()),
             "3x2 grid (6 images) from 48 matches: 42 not shown (several per tile, each tile \
              shows the first by cell number; narrow the filter or add --x/--y)"
         );
         // One seed: one match per tile, nothing hidden; one fewer: a grey tile.
         let l = lay_out(&rows[..6], "cfg", Some("animal")).unwrap();
-        assert_eq!(l.summary(), "3x2 grid (6 images) from 6 matches");
+        assert_eq!(summary(&l, 6), "3x2 grid (6 images) from 6 matches");
         let l = lay_out(&rows[..5], "cfg", Some("animal")).unwrap();
         assert_eq!(
-            l.summary(),
+            summary(&l, 5),
             "3x2 grid (5 images) from 5 matches; 1 empty (grey) tile"
         );
     }

@@ -1,11 +1,12 @@
 //! The client commands (`sweeps`, `status`, `pause`, `resume`, `cancel`, `retry --failed`,
-//! `workers`, `watch`) as processes against a real coordinator process.
+//! `workers`, `watch`, `star`) as processes against a real coordinator process.
 
 use std::process::Command;
 
 use kiln_proto::v1 as pb;
 
-use crate::{cell, clients, spawn};
+use crate::util::json_rows;
+use crate::{cell, clients, spawn, submit_cells};
 
 fn kiln(addr: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -120,4 +121,85 @@ async fn client_commands_drive_a_sweep() {
             && err.contains("start one with `kiln coordinator`"),
         "{err}"
     );
+}
+
+/// `kiln star` marks keepers that `kiln query 'starred'` (and `rating`, `--sort -rating`) then
+/// finds, and the table shows; `--unstar` takes the star back; bad cells and ratings are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn star_then_query_starred() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
+    let c = spawn(&db, dir.path());
+    let (mut sweeps, _, _) = clients(&c.addr).await;
+    submit_cells(&mut sweeps, "foxes-1", (0..4).map(cell).collect()).await;
+    let ids: Vec<String> = sweeps
+        .query_results(pb::QueryResultsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cells
+        .iter()
+        .map(|r| r.cell_id.to_string())
+        .collect();
+    let query = |filter: &str, sort: &str| {
+        let (ok, out, err) = kiln(
+            &c.addr,
+            &["query", filter, "--sort", sort, "--format", "json"],
+        );
+        assert!(ok, "{err}");
+        json_rows(&out)
+            .iter()
+            .map(|r| {
+                (
+                    r["cell"].to_string(),
+                    r["starred"].clone(),
+                    r["rating"].clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(query("starred", "").is_empty());
+
+    let (ok, out, err) = kiln(&c.addr, &["star", &ids[1], &ids[2]]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("cell {} (sweep 1 #1): ★", ids[1])),
+        "{out}"
+    );
+    let (ok, out, err) = kiln(&c.addr, &["star", &ids[2], "--rating", "5"]);
+    assert!(ok && out.contains("★ 5/5"), "{out}{err}");
+    let t = serde_json::Value::Bool(true);
+    let n = |v: u64| serde_json::Value::from(v);
+    assert_eq!(
+        query("starred", "-rating"),
+        [
+            (ids[2].clone(), t.clone(), n(5)),
+            (ids[1].clone(), t.clone(), n(0))
+        ]
+    );
+    assert_eq!(query("rating >= 4", "").len(), 1);
+    assert_eq!(query("not starred", "").len(), 2);
+    let (ok, table, _) = kiln(&c.addr, &["query", "starred"]);
+    assert!(
+        ok && table.lines().next().unwrap().contains(" KEEP "),
+        "{table}"
+    );
+    assert!(table.contains("★ 5/5"), "{table}");
+
+    // Unstarred, it keeps its rating and drops out of `starred`.
+    let (ok, out, err) = kiln(&c.addr, &["star", "--unstar", &ids[2]]);
+    assert!(
+        ok && out.contains("5/5") && !out.contains('★'),
+        "{out}{err}"
+    );
+    let f = serde_json::Value::Bool(false);
+    assert_eq!(query("starred", ""), [(ids[1].clone(), t, n(0))]);
+    assert_eq!(query("rating = 5", ""), [(ids[2].clone(), f, n(5))]);
+
+    // Refused, with why: an unknown cell, a rating past 5.
+    let (ok, _, err) = kiln(&c.addr, &["star", "99999"]);
+    assert!(!ok && err.contains("cell 99999 not found"), "{err}");
+    let (ok, _, err) = kiln(&c.addr, &["star", &ids[0], "--rating", "6"]);
+    assert!(!ok && err.contains("6 is not in 0..=5"), "{err}");
+    assert_eq!(query("not starred and rating = 0", "").len(), 2);
 }

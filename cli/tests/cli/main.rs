@@ -16,6 +16,7 @@ mod s3server;
 mod secure;
 mod sweepfile;
 mod util;
+mod web;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -101,6 +102,11 @@ fn submit_messages(
 }
 
 fn spawn(db: &str, dir: &Path) -> Coordinator {
+    spawn_with(db, dir, &[])
+}
+
+/// A coordinator as [`spawn`] starts it, with `extra` flags.
+fn spawn_with(db: &str, dir: &Path, extra: &[&str]) -> Coordinator {
     let addr_file = dir.join(format!("addr-{}", rand::random::<u32>()));
     let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args([
@@ -110,6 +116,7 @@ fn spawn(db: &str, dir: &Path) -> Coordinator {
             "--maintenance-interval-ms",
             "100",
         ])
+        .args(extra)
         .arg("--addr-file")
         .arg(&addr_file)
         // Configuration through the environment, as a service manager would set it.

@@ -3,7 +3,9 @@
 //! to the handlers in the request's extensions; handlers then check scope and owner
 //! ([`principal`]). On a coordinator that requires no tokens every caller is
 //! [`Principal::open`]. The health service answers without a token (it says nothing but
-//! "serving"). A worker's session credential travels as [`SESSION_HEADER`].
+//! "serving"). A worker's session credential travels as [`SESSION_HEADER`]. Paths outside the
+//! gRPC services (the web UI's) pass through untouched: the web UI resolves its callers from
+//! the same tokens itself, and a gRPC handler never runs without a principal (it fails closed).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -95,11 +97,16 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tokens = self.tokens.clone();
         Box::pin(async move {
+            let path = request.uri().path();
+            let health = path.starts_with("/grpc.health.");
+            // The web UI's paths resolve their caller themselves, from the same tokens
+            // (`web::auth`); only gRPC paths are answered with a gRPC status here.
+            if !path.starts_with("/kiln.") && !path.starts_with("/grpc.") {
+                return inner.call(request).await;
+            }
             let caller = match tokens {
                 None => Ok(Principal::open()),
-                Some(_) if request.uri().path().starts_with("/grpc.health.") => {
-                    Ok(Principal::open())
-                }
+                Some(_) if health => Ok(Principal::open()),
                 Some(queue) => match bearer(&request) {
                     Some(token) => queue.principal(token).await,
                     None => Err(Error::Unauthenticated(

@@ -6,7 +6,9 @@ use kiln_proto::v1 as pb;
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 
 use crate::domain::lease::Fence;
-use crate::domain::rows::{CellRow, ProgressRow, StateCounts, SweepRow, WorkerRegistration};
+use crate::domain::rows::{
+    CellRow, MAX_RATING, ProgressRow, StateCounts, SweepRow, WorkerRegistration,
+};
 use crate::domain::state::{CellState, DeviceKind, FailureClass, SweepState};
 use crate::result::RenderResult;
 use crate::sweep::{CellSpec, LoraSpec, Sampler};
@@ -18,6 +20,26 @@ pub(super) fn sweep_id(v: u64) -> Result<SweepId> {
 
 pub(super) fn worker_id(v: u64) -> Result<WorkerId> {
     WorkerId::from_wire(v).ok_or_else(|| Error::invalid("worker_id: must be a positive id"))
+}
+
+/// What a `SetKeeper` asks: the cell, its star and its rating (`None`: left as it is).
+pub(super) fn keeper_from_wire(
+    r: &pb::SetKeeperRequest,
+) -> Result<(CellId, Option<bool>, Option<u8>)> {
+    let cell = CellId::from_wire(r.cell_id)
+        .ok_or_else(|| Error::invalid("cell_id: must be a positive id"))?;
+    let rating = match r.rating {
+        None => None,
+        Some(v) => Some(
+            u8::try_from(v)
+                .ok()
+                .filter(|v| *v <= MAX_RATING)
+                .ok_or_else(|| {
+                    Error::invalid(format!("rating {v}: 0 (not rated) to {MAX_RATING}"))
+                })?,
+        ),
+    };
+    Ok((cell, r.starred, rating))
 }
 
 pub(super) fn attempt_ref(a: Option<&pb::AttemptRef>) -> Result<(CellId, Attempt)> {
@@ -265,6 +287,8 @@ pub(super) fn cell_record_to_wire(c: CellRow) -> Result<pb::CellRecord> {
         result,
         worker_id: c.worker.map_or(0, |w| w.0 as u64),
         finished_at_ms: c.finalized_at.unwrap_or(0),
+        starred: c.starred,
+        rating: u32::from(c.rating),
         errors: errors
             .into_iter()
             .map(|e| pb::AttemptError {

@@ -418,6 +418,18 @@ impl SweepService for SweepApi {
         }))
     }
 
+    async fn set_keeper(
+        &self,
+        request: Request<pb::SetKeeperRequest>,
+    ) -> Result<Response<pb::CellRecord>, Status> {
+        let who = caller(&request, Scope::Submit)?;
+        let (id, starred, rating) = convert::keeper_from_wire(request.get_ref())?;
+        let sweep = self.queue.cell(id).await?.sweep_id;
+        self.owned(&who, sweep).await?;
+        let row = self.queue.set_keeper(id, starred, rating).await?;
+        Ok(Response::new(convert::cell_record_to_wire(row)?))
+    }
+
     async fn list_workers(
         &self,
         request: Request<pb::ListWorkersRequest>,

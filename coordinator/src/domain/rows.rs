@@ -87,6 +87,9 @@ pub struct SweepRow {
     pub counts: StateCounts,
 }
 
+/// The most stars a cell's rating has (`CellRow::rating`; the schema's CHECK says the same).
+pub const MAX_RATING: u8 = 5;
+
 /// A cell with its outcome.
 #[derive(Clone, Debug)]
 pub struct CellRow {
@@ -114,6 +117,10 @@ pub struct CellRow {
     pub worker: Option<WorkerId>,
     /// When it reached a terminal state.
     pub finalized_at: Option<i64>,
+    /// Marked as a keeper by a user.
+    pub starred: bool,
+    /// A user's rating, 1 to [`MAX_RATING`] stars; 0 when not rated.
+    pub rating: u8,
 }
 
 /// Per-step progress of a running attempt.
@@ -237,4 +244,17 @@ pub struct SweepInserted {
     pub cell_count: u64,
     /// True when the key named an existing sweep and nothing was inserted.
     pub duplicate: bool,
+}
+
+/// A cell of a sweep with failed attempts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CellFailures {
+    /// The cell.
+    pub cell: CellId,
+    /// Its number in the sweep.
+    pub number: i64,
+    /// Where it is now (completed after a retry, discarded, waiting to retry, …).
+    pub state: CellState,
+    /// Its failed attempts, oldest first.
+    pub errors: Vec<crate::domain::failure::ErrorEntry>,
 }

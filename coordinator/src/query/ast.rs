@@ -161,6 +161,8 @@ pub enum ColumnKind {
     Time,
     /// An id (number) or a name (string) of another table.
     IdOrName,
+    /// `true` or `false` (stored as 1 or 0); written alone, the field means `= true`.
+    Bool,
 }
 
 macro_rules! columns {
@@ -239,6 +241,10 @@ columns! {
     Sha256 = "sha256", Text;
     /// Storage key of the result PNG (completed cells).
     ObjectKey = "object_key", Text;
+    /// Marked as a keeper (`kiln star`).
+    Starred = "starred", Bool;
+    /// A user's rating: 1 to 5 stars, 0 when not rated.
+    Rating = "rating", Int;
 }
 
 impl Column {

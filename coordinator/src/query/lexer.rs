@@ -314,3 +314,34 @@ fn number(cur: &mut Cursor<'_>) -> Result<Tok, FilterError> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Tok, tokenize};
+
+    fn toks(s: &str) -> Vec<Tok> {
+        tokenize(s).unwrap().into_iter().map(|t| t.tok).collect()
+    }
+
+    #[test]
+    fn keeper_fields_and_truth_values_are_names() {
+        let name = |s: &str| Tok::Ident(s.into());
+        assert_eq!(
+            toks("not starred and rating>=4"),
+            [
+                name("not"),
+                name("starred"),
+                name("and"),
+                name("rating"),
+                Tok::Op(">="),
+                Tok::Int(4),
+                Tok::End
+            ]
+        );
+        assert_eq!(
+            toks("starred=TRUE"),
+            [name("starred"), Tok::Op("="), name("TRUE"), Tok::End]
+        );
+        assert_eq!(toks("`starred`"), [Tok::Quoted("starred".into()), Tok::End]);
+    }
+}

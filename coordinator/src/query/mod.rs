@@ -14,8 +14,10 @@
 //!            | field "~" string | field "!~" string          (literal substring, case-sensitive)
 //!            | field ["not"] "between" value "and" value     (inclusive)
 //!            | field ["not"] "in" "(" value ("," value)* ")"
+//!            | bool_field                                   (alone: `starred` is `starred = true`)
 //! field      = name | `backtick key` | "binding" "(" string ")"
-//! value      = string | number
+//! bool_field = "starred"
+//! value      = string | number | "true" | "false"          (true/false: for `starred` only)
 //! string     = "…" | '…'   with escapes \\ \" \' \` \n \r \t \u{1F98A} (no NUL)
 //! number     = -?digits(.digits)?([eE][+-]?digits)?
 //! ```
@@ -26,10 +28,13 @@
 //! A name that is one of the [`Column`]s below means that column; any other name is a
 //! **binding** key (which alternative, wildcard or axis value made the cell). A binding whose
 //! key is also a column name, or is not a bare name, is written `` `key` `` or
-//! `binding("key")`. Bare names are letters, digits, `_`, `.` and `-`, starting with a letter
-//! or `_`.
+//! `binding("key")` — so is one named `starred` or `rating` (columns since issue 17; an
+//! older sweep's binding of that name is written in backticks now). Bare names are letters,
+//! digits, `_`, `.` and `-`, starting with a letter or `_`.
 //!
 //! # Types
+//! - `starred` takes `true` or `false` (`=`, `!=`, `in`), or stands alone as a test;
+//!   `rating` (0 to 5, 0: not rated) is an integer column like `seed`.
 //! - Integer columns take integers; `cfg` takes any number; text columns take strings;
 //!   `state` takes one of the cell states; `finished` takes unix milliseconds or a UTC date
 //!   (`"2026-11-26"`, `"2026-11-26T10:30:00Z"`).

@@ -74,6 +74,8 @@ enum Lit {
     Str(String),
     Int(i64),
     Float(f64),
+    /// `true` or `false`, read only where the field is a [`ColumnKind::Bool`] column.
+    Bool(bool),
 }
 
 impl Lit {
@@ -82,8 +84,14 @@ impl Lit {
             Lit::Str(s) => format!("the string {s:?}"),
             Lit::Int(n) => format!("the number {n}"),
             Lit::Float(n) => format!("the number {n}"),
+            Lit::Bool(b) => format!("{b}"),
         }
     }
+}
+
+/// Whether `field` is a true-or-false column (`starred`).
+fn is_bool(field: &Field) -> bool {
+    matches!(field, Field::Column(c) if c.kind() == ColumnKind::Bool)
 }
 
 /// What an operator needs of its value.
@@ -126,6 +134,15 @@ impl Parser {
             true
         } else {
             false
+        }
+    }
+
+    /// Whether the next token ends a test: `and`, `or`, `)` or the end of the filter.
+    fn at_term_end(&self) -> bool {
+        match &self.peek().tok {
+            Tok::End | Tok::RParen => true,
+            Tok::Ident(s) => s.eq_ignore_ascii_case("and") || s.eq_ignore_ascii_case("or"),
+            _ => false,
         }
     }
 
@@ -261,6 +278,13 @@ impl Parser {
             ));
         }
         let (field, label) = self.field()?;
+        if is_bool(&field) && self.at_term_end() {
+            // `starred` alone: `starred = true`.
+            return Ok(Filter::Pred(Predicate {
+                field,
+                test: Test::Cmp(CmpOp::Eq, Value::Int(1)),
+            }));
+        }
         let op = self.peek().clone();
         let negated = match &op.tok {
             Tok::Ident(s) if s.eq_ignore_ascii_case("not") => {
@@ -311,9 +335,14 @@ impl Parser {
                     ),
                 };
                 if !text_field {
+                    let is = if is_bool(&field) {
+                        "true or false"
+                    } else {
+                        "a number"
+                    };
                     return Err(FilterError::at(
                         op.pos,
-                        format!("'{o}' tests text, but {label} is a number"),
+                        format!("'{o}' tests text, but {label} is {is}"),
                     ));
                 }
                 let t = self.bump();
@@ -446,6 +475,8 @@ impl Parser {
             Tok::Str(s) => Lit::Str(s),
             Tok::Int(n) => Lit::Int(n),
             Tok::Float(f) => Lit::Float(f),
+            Tok::Ident(s) if is_bool(field) && s.eq_ignore_ascii_case("true") => Lit::Bool(true),
+            Tok::Ident(s) if is_bool(field) && s.eq_ignore_ascii_case("false") => Lit::Bool(false),
             _ => {
                 return Err(FilterError::at(
                     t.pos,
@@ -480,11 +511,21 @@ fn typed(field: &Field, label: &str, used: Use, lit: Lit) -> Result<Value, Strin
                 Lit::Float(f) => Ok(Value::Number(f)),
                 Lit::Str(s) if used == Use::Order => Err(order_text(&s)),
                 Lit::Str(s) => Ok(Value::Text(s)),
+                Lit::Bool(b) => Err(format!("{label} is not true or false, found {b}")),
             };
         }
         Field::Column(c) => c.kind(),
     };
     match (kind, lit) {
+        (ColumnKind::Bool, Lit::Bool(b)) if used == Use::Equal => Ok(Value::Int(i64::from(b))),
+        (ColumnKind::Bool, lit) if used == Use::Equal => Err(format!(
+            "{label} is true or false, found {}",
+            lit.describe()
+        )),
+        (ColumnKind::Bool, _) => Err(format!(
+            "{label} is true or false: write it alone, or compare it with =, != or in"
+        )),
+        (_, Lit::Bool(b)) => Err(format!("{label} is not true or false, found {b}")),
         (ColumnKind::Int | ColumnKind::IdOrName | ColumnKind::Time, Lit::Int(n)) => {
             Ok(Value::Int(n))
         }
@@ -863,6 +904,96 @@ mod tests {
         assert_eq!(err("cfg = 1e999"), "1:7: number 1e999 is out of range");
         assert_eq!(err("`` = 1"), "1:1: empty binding key ``");
         assert_eq!(err("binding('') = 1"), "1:9: empty binding key");
+    }
+
+    #[test]
+    fn starred_alone_is_a_test_and_rating_a_number() {
+        let starred = |v| col(Column::Starred, Test::Cmp(CmpOp::Eq, Value::Int(v)));
+        let not = |f| Filter::Not(Box::new(f));
+        assert_eq!(p("starred"), starred(1));
+        assert_eq!(p("(starred)"), starred(1));
+        assert_eq!(p("not starred"), not(starred(1)));
+        assert_eq!(p("starred = true"), starred(1));
+        assert_eq!(p("starred = FALSE"), starred(0));
+        assert_eq!(p("starred != false"), not(starred(0)));
+        assert_eq!(
+            p("starred in (true, false)"),
+            col(
+                Column::Starred,
+                Test::In(vec![Value::Int(1), Value::Int(0)])
+            )
+        );
+        let rating = |op, v| col(Column::Rating, Test::Cmp(op, Value::Int(v)));
+        assert_eq!(
+            p("sweep = 'foxes' and starred and rating >= 4"),
+            Filter::And(vec![
+                col(Column::Sweep, Test::Cmp(CmpOp::Eq, text("foxes"))),
+                starred(1),
+                rating(CmpOp::Ge, 4),
+            ])
+        );
+        assert_eq!(
+            p("starred or rating = 0"),
+            Filter::Or(vec![starred(1), rating(CmpOp::Eq, 0)])
+        );
+        assert_eq!(
+            p("rating between 1 and 3"),
+            col(Column::Rating, Test::Between(Value::Int(1), Value::Int(3)))
+        );
+        // Bindings of those names are written in backticks; `true` is a value only for
+        // `starred`.
+        assert_eq!(
+            p("`starred` = 'yes'"),
+            bind("starred", Test::Cmp(CmpOp::Eq, text("yes")))
+        );
+        assert_eq!(
+            p("`rating` >= 4"),
+            bind("rating", Test::Cmp(CmpOp::Ge, Value::Number(4.0)))
+        );
+        assert_eq!(
+            p("true = 'x'"),
+            bind("true", Test::Cmp(CmpOp::Eq, text("x")))
+        );
+    }
+
+    #[test]
+    fn starred_and_rating_type_errors() {
+        assert_eq!(
+            err("starred = 1"),
+            "1:11: starred is true or false, found the number 1"
+        );
+        assert_eq!(
+            err("starred = 'yes'"),
+            "1:11: starred is true or false, found the string \"yes\""
+        );
+        assert_eq!(
+            err("starred > false"),
+            "1:11: starred is true or false: write it alone, or compare it with =, != or in"
+        );
+        assert_eq!(
+            err("starred ~ 'x'"),
+            "1:9: '~' tests text, but starred is true or false"
+        );
+        assert_eq!(
+            err("starred seed = 1"),
+            "1:9: expected an operator (=, !=, <, <=, >, >=, ~, !~, between, in) after starred \
+             at 1:1, found 'seed'"
+        );
+        assert_eq!(err("seed = true"), "1:8: expected a value after '='");
+        assert_eq!(err("animal = true"), "1:10: expected a value after '='");
+        assert_eq!(
+            err("rating = 4.5"),
+            "1:10: rating is a whole number, found 4.5 (or the number is out of range)"
+        );
+        assert_eq!(
+            err("rating ~ '5'"),
+            "1:8: '~' tests text, but rating is a number"
+        );
+        assert_eq!(
+            err("rating"),
+            "1:7: expected an operator (=, !=, <, <=, >, >=, ~, !~, between, in) after rating \
+             at 1:1, found the end of the filter"
+        );
     }
 
     #[test]

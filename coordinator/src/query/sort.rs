@@ -176,6 +176,14 @@ mod tests {
                 key(Field::Binding("a,b".into()), false),
             ]
         );
+        assert_eq!(
+            parse_sort("-rating, starred desc, `rating`").unwrap(),
+            vec![
+                key(Field::Column(Column::Rating), true),
+                key(Field::Column(Column::Starred), true),
+                key(Field::Binding("rating".into()), false),
+            ]
+        );
         assert_eq!(parse_sort("  ").unwrap(), vec![]);
         assert_eq!(
             parse_sort("-狐").unwrap(),

@@ -183,7 +183,29 @@ pub struct Queue {
     /// Taken by each intake chunk's move, so overlapping passes take turns.
     moving: Arc<tokio::sync::Mutex<()>>,
     events: Events,
+    /// The last failures workers reported, newest last (for the web overview).
+    recent_failures: Arc<Mutex<std::collections::VecDeque<RecentFailure>>>,
 }
+
+/// A failed attempt as a worker reported it, kept in memory for the farm overview.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecentFailure {
+    /// The worker.
+    pub worker: WorkerId,
+    /// The cell and attempt.
+    pub cell: CellId,
+    /// Which attempt.
+    pub attempt: Attempt,
+    /// How the worker classed it.
+    pub class: FailureClass,
+    /// Its message (at most 4096 characters).
+    pub message: String,
+    /// When, unix ms.
+    pub at: i64,
+}
+
+/// How many failures [`Queue::recent_failures`] remembers.
+pub const RECENT_FAILURES: usize = 200;
 
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -212,6 +234,7 @@ impl Queue {
             mover: Default::default(),
             moving: Default::default(),
             events: Events::default(),
+            recent_failures: Default::default(),
         }
     }
 
@@ -228,6 +251,15 @@ impl Queue {
     /// Change notifications.
     pub fn events(&self) -> &Events {
         &self.events
+    }
+
+    /// The last [`RECENT_FAILURES`] failures workers reported to this process, oldest first.
+    pub fn recent_failures(&self) -> Vec<RecentFailure> {
+        let recent = self
+            .recent_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        recent.iter().cloned().collect()
     }
 
     /// Now, by the injected clock.
@@ -416,6 +448,21 @@ impl Queue {
             .cell_fail(f, class, &message, self.now(), &decide)
             .await?;
         self.requeued();
+        let mut recent = self
+            .recent_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_FAILURES {
+            recent.pop_front();
+        }
+        recent.push_back(RecentFailure {
+            worker: f.worker,
+            cell: f.cell,
+            attempt: f.attempt,
+            class,
+            message,
+            at: self.now().0,
+        });
         Ok(d)
     }
 
@@ -472,9 +519,25 @@ impl Queue {
         self.store.cell_get(id).await
     }
 
+    /// Marks a cell as a keeper or not and rates it (0 to 5 stars, 0: not rated); `None`
+    /// leaves that one as it is (`Store::cell_set_keeper`).
+    pub async fn set_keeper(
+        &self,
+        id: CellId,
+        starred: Option<bool>,
+        rating: Option<u8>,
+    ) -> Result<CellRow> {
+        self.store.cell_set_keeper(id, starred, rating).await
+    }
+
     /// Cells matching structured filters.
     pub async fn query(&self, q: &CellQuery) -> Result<Vec<CellRow>> {
         self.store.cell_query(q).await
+    }
+
+    /// How many cells match `q`'s filters, ignoring its sort and page.
+    pub async fn count(&self, q: &CellQuery) -> Result<u64> {
+        self.store.cell_count(q).await
     }
 
     /// Progress of running cells of a sweep or a worker.

@@ -13,7 +13,7 @@ use crate::domain::failure::{Decision, ErrorEntry, FailContext};
 use crate::domain::lease::{
     AvailableCell, Caps, Completion, Fence, HeartbeatStatus, LeasePick, LeasedCell, QueuePos,
 };
-use crate::domain::rows::{CellRow, ProgressRow};
+use crate::domain::rows::{CellRow, MAX_RATING, ProgressRow};
 use crate::domain::state::{CellState, FailureClass};
 use crate::{Error, Result};
 
@@ -352,6 +352,33 @@ impl Store {
             .fetch_optional(self.db.reader())
             .await?
             .ok_or(Error::CellNotFound(id))?;
+        rows::cell(&row)
+    }
+
+    /// Marks cell `id` as a keeper or not (`starred`) and rates it (`rating`: 1 to 5 stars, 0
+    /// to clear); `None` leaves that one as it is. Any state: a user may star a cell before it
+    /// renders. Returns the cell as it is now.
+    pub async fn cell_set_keeper(
+        &self,
+        id: CellId,
+        starred: Option<bool>,
+        rating: Option<u8>,
+    ) -> Result<CellRow> {
+        if let Some(r) = rating.filter(|r| *r > MAX_RATING) {
+            return Err(Error::invalid(format!(
+                "rating {r}: 0 (not rated) to {MAX_RATING}"
+            )));
+        }
+        let row = Stmt::new(format!(
+            "UPDATE cells SET starred = COALESCE($1, starred), rating = COALESCE($2, rating) \
+             WHERE id = $3 RETURNING {CELL_COLUMNS}"
+        ))
+        .bind(starred.map(i64::from))
+        .bind(rating.map(i64::from))
+        .bind(id.0)
+        .fetch_optional(self.db.writer())
+        .await?
+        .ok_or(Error::CellNotFound(id))?;
         rows::cell(&row)
     }
 

@@ -71,6 +71,49 @@ where
     String: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
 {
     let mut qb = QueryBuilder::<DB>::new(format!("SELECT {CELL_COLUMNS} FROM cells WHERE TRUE"));
+    push_where(&mut qb, q);
+    qb.push(" ORDER BY ");
+    if q.sorts.is_empty() {
+        let dir = if q.descending { "DESC" } else { "ASC" };
+        qb.push(match q.sort {
+            CellSort::Number => format!("sweep_id {dir}, number {dir}"),
+            CellSort::Seed => format!("seed {dir}, id {dir}"),
+            CellSort::Cfg => format!("cfg {dir}, id {dir}"),
+            CellSort::FinishedAt => format!("finalized_at {dir}, id {dir}"),
+        });
+    } else {
+        push_order(&mut qb, &q.sorts);
+    }
+    qb.push(" LIMIT ")
+        .push_bind(q.limit)
+        .push(" OFFSET ")
+        .push_bind(q.offset);
+    qb
+}
+
+/// Builds `SELECT COUNT(*) AS n FROM cells WHERE …`: how many cells [`build`] pages through
+/// (its sort, limit and offset play no part).
+pub(super) fn build_count<DB>(q: &CellQuery) -> QueryBuilder<DB>
+where
+    DB: Dialect,
+    <DB as Database>::Arguments: Default,
+    i64: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
+    f64: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
+    String: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
+{
+    let mut qb = QueryBuilder::<DB>::new("SELECT COUNT(*) AS n FROM cells WHERE TRUE");
+    push_where(&mut qb, q);
+    qb
+}
+
+/// Appends ` AND …` for every filter of `q`: the `WHERE` of [`build`] and [`build_count`].
+fn push_where<DB>(qb: &mut QueryBuilder<DB>, q: &CellQuery)
+where
+    DB: Dialect,
+    i64: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
+    f64: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
+    String: for<'e> sqlx::Encode<'e, DB> + sqlx::Type<DB>,
+{
     if let Some(s) = q.sweep {
         qb.push(" AND sweep_id = ").push_bind(s.0);
     }
@@ -89,7 +132,7 @@ where
     }
     if let Some(p) = &q.prompt_contains {
         qb.push(" AND ");
-        DB::push_contains(&mut qb, p.clone());
+        DB::push_contains(qb, p.clone());
     }
     if let Some(m) = &q.model {
         qb.push(" AND model = ").push_bind(m.clone());
@@ -115,29 +158,12 @@ where
     }
     for (k, v) in &q.bindings {
         qb.push(" AND ");
-        DB::push_binding_eq(&mut qb, k.clone(), v.clone());
+        DB::push_binding_eq(qb, k.clone(), v.clone());
     }
     if let Some(f) = &q.filter {
         qb.push(" AND ");
-        push_filter(&mut qb, f);
+        push_filter(qb, f);
     }
-    qb.push(" ORDER BY ");
-    if q.sorts.is_empty() {
-        let dir = if q.descending { "DESC" } else { "ASC" };
-        qb.push(match q.sort {
-            CellSort::Number => format!("sweep_id {dir}, number {dir}"),
-            CellSort::Seed => format!("seed {dir}, id {dir}"),
-            CellSort::Cfg => format!("cfg {dir}, id {dir}"),
-            CellSort::FinishedAt => format!("finalized_at {dir}, id {dir}"),
-        });
-    } else {
-        push_order(&mut qb, &q.sorts);
-    }
-    qb.push(" LIMIT ")
-        .push_bind(q.limit)
-        .push(" OFFSET ")
-        .push_bind(q.offset);
-    qb
 }
 
 /// True when the test's values are text (lists are of one kind; see `Test`).
@@ -170,6 +196,12 @@ fn push_predicate<DB: Dialect>(qb: &mut QueryBuilder<DB>, p: &Predicate) {
             push_test(qb, &Expr::Sql("name"), &p.test);
             qb.push(")");
         }
+        // Literal, not bound: the planner can then match `cells_starred`, the partial index
+        // `WHERE starred = 1` (a parameter could be any value). Fixed text, never input.
+        Field::Column(Column::Starred) if matches!(p.test, Test::Cmp(CmpOp::Eq, Value::Int(_))) => {
+            let on = p.test == Test::Cmp(CmpOp::Eq, Value::Int(1));
+            qb.push(if on { "starred = 1" } else { "starred = 0" });
+        }
         Field::Column(c) => push_test(qb, &Expr::Sql(column_sql::<DB>(*c)), &p.test),
     }
 }
@@ -196,6 +228,8 @@ fn column_sql<DB: Dialect>(c: Column) -> &'static str {
         Column::Device => DB::RESULT_DEVICE,
         Column::Sha256 => DB::RESULT_SHA256,
         Column::ObjectKey => DB::RESULT_OBJECT_KEY,
+        Column::Starred => "starred",
+        Column::Rating => "rating",
     }
 }
 

@@ -28,6 +28,7 @@ const SQLITE: &[Migration] = migrations!("sqlite":
     2 "query_indexes" "0002_query_indexes.sql",
     3 "intake" "0003_intake.sql",
     4 "auth" "0004_auth.sql",
+    5 "keepers" "0005_keepers.sql",
 );
 
 const POSTGRES: &[Migration] = migrations!("postgres":
@@ -35,6 +36,7 @@ const POSTGRES: &[Migration] = migrations!("postgres":
     2 "query_indexes" "0002_query_indexes.sql",
     3 "intake" "0003_intake.sql",
     4 "auth" "0004_auth.sql",
+    5 "keepers" "0005_keepers.sql",
 );
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS kiln_migrations (

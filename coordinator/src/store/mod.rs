@@ -21,6 +21,7 @@
 mod cells;
 mod db;
 mod deadlock;
+mod failures;
 mod filter;
 mod intake;
 mod known;
@@ -33,7 +34,7 @@ mod sweeps;
 mod tokens;
 mod workers;
 
-pub use crate::domain::rows::{IntakeChunk, IntakeRow, SweepInsert, SweepInserted};
+pub use crate::domain::rows::{CellFailures, IntakeChunk, IntakeRow, SweepInsert, SweepInserted};
 pub use query::{CellQuery, CellSort, KeyScope};
 
 pub use crate::config::{DatabaseUrl, StoreOptions};
@@ -80,6 +81,15 @@ impl Store {
         match &self.db {
             Db::Sqlite { reader, .. } => sqlite::cell_query(reader, q).await,
             Db::Postgres(pool) => postgres::cell_query(pool, q).await,
+        }
+    }
+
+    /// How many cells match `q`'s filters (its sort, limit and offset play no part): the
+    /// number of cells [`Store::cell_query`] pages through.
+    pub async fn cell_count(&self, q: &CellQuery) -> Result<u64> {
+        match &self.db {
+            Db::Sqlite { reader, .. } => sqlite::cell_count(reader, q).await,
+            Db::Postgres(pool) => postgres::cell_count(pool, q).await,
         }
     }
 

@@ -19,7 +19,8 @@ pub(super) const LEASED_COLUMNS: &str =
 
 /// The columns every cell read returns, in `CellRow` order.
 pub(super) const CELL_COLUMNS: &str = "id, sweep_id, number, cell_key, spec, state, attempt, \
-    max_attempts, errors, result, COALESCE(lease_owner, result_worker) AS worker, finalized_at";
+    max_attempts, errors, result, COALESCE(lease_owner, result_worker) AS worker, finalized_at, \
+    starred, rating";
 
 pub(super) fn narrow(col: &str, v: i64) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Corrupt(format!("{col}: {v} out of range")))
@@ -108,6 +109,9 @@ pub(super) fn cell(r: &Row) -> Result<CellRow> {
         result_json: r.opt_text("result")?,
         worker: r.opt_int("worker")?.map(WorkerId),
         finalized_at: r.opt_int("finalized_at")?,
+        starred: r.int("starred")? != 0,
+        rating: u8::try_from(r.int("rating")?)
+            .map_err(|_| Error::Corrupt("cells.rating out of range".into()))?,
     })
 }
 

@@ -5,6 +5,7 @@
 //! `synchronous = NORMAL`: a committed transaction survives the process being killed (it is in
 //! the WAL); a power cut may lose the last few.
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -147,21 +148,37 @@ pub(super) async fn lease_many(
     Ok(out)
 }
 
-/// Cells matching `q`, read on `reader`.
-pub(super) async fn cell_query(reader: &SqlitePool, q: &CellQuery) -> Result<Vec<CellRow>> {
-    let resolved;
-    let q = match filter::sweep_lookup::<Sqlite>(q) {
+/// `q` with its sweep names resolved to ids (`filter::with_sweep_ids`), read on `reader`.
+async fn resolved<'q>(reader: &SqlitePool, q: &'q CellQuery) -> Result<Cow<'q, CellQuery>> {
+    Ok(match filter::sweep_lookup::<Sqlite>(q) {
         Some(mut lookup) => {
             let found = lookup.build().fetch_all(reader).await?;
             let found: Vec<Row> = found.into_iter().map(Row::Sqlite).collect();
-            resolved = filter::with_sweep_ids(q, &rows::sweep_names(&found)?);
-            &resolved
+            Cow::Owned(filter::with_sweep_ids(q, &rows::sweep_names(&found)?))
         }
-        None => q,
-    };
-    let found = filter::build::<Sqlite>(q).build().fetch_all(reader).await?;
+        None => Cow::Borrowed(q),
+    })
+}
+
+/// Cells matching `q`, read on `reader`.
+pub(super) async fn cell_query(reader: &SqlitePool, q: &CellQuery) -> Result<Vec<CellRow>> {
+    let q = resolved(reader, q).await?;
+    let found = filter::build::<Sqlite>(&q)
+        .build()
+        .fetch_all(reader)
+        .await?;
     found
         .into_iter()
         .map(|r| rows::cell(&Row::Sqlite(r)))
         .collect()
+}
+
+/// How many cells match `q`, read on `reader`.
+pub(super) async fn cell_count(reader: &SqlitePool, q: &CellQuery) -> Result<u64> {
+    let q = resolved(reader, q).await?;
+    let found = filter::build_count::<Sqlite>(&q)
+        .build()
+        .fetch_one(reader)
+        .await?;
+    Ok(rows::to_u64(Row::Sqlite(found).int("n")?))
 }

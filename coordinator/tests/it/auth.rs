@@ -472,3 +472,83 @@ async fn a_token_owner_runs_one_plan_or_submit_at_a_time() {
     assert!(fx.queue.owner_turn(Some("alice")).unwrap().is_some());
     fx.finish().await;
 }
+
+/// `SetKeeper` changes a cell: it needs a token that may submit, of the sweep's owner (or
+/// admin), and checks the rating and the cell before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_keeper_needs_submit_and_the_sweeps_owner() {
+    let farm = Farm::start().await;
+    let (_, admin) = farm.token("root", Scope::Admin).await;
+    let (_, alice) = farm.token("alice", Scope::Submit).await;
+    let (_, bob) = farm.token("bob", Scope::Submit).await;
+    let (_, reader) = farm.token("alice", Scope::Read).await;
+    farm.sweeps(As::token(&alice))
+        .submit_sweep(tokio_stream::iter(submission("alice-1")))
+        .await
+        .unwrap();
+    let cells = || async {
+        farm.sweeps(As::token(&alice))
+            .query_results(pb::QueryResultsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .cells
+    };
+    let cell = cells().await[0].cell_id;
+    let star = |cell_id, rating| pb::SetKeeperRequest {
+        cell_id,
+        starred: Some(true),
+        rating,
+    };
+
+    // Refused: a read token (even alice's), another owner, a rating past 5, no cell, an
+    // unknown cell. None of them changed anything.
+    for (who, req, want) in [
+        (&reader, star(cell, None), Code::PermissionDenied),
+        (&bob, star(cell, Some(3)), Code::PermissionDenied),
+        (&alice, star(cell, Some(6)), Code::InvalidArgument),
+        (&alice, star(0, None), Code::InvalidArgument),
+        (&alice, star(cell + 1000, None), Code::NotFound),
+    ] {
+        let got = code(farm.sweeps(As::token(who)).set_keeper(req).await);
+        assert_eq!(got, want, "{req:?}");
+    }
+    assert!(cells().await.iter().all(|c| !c.starred && c.rating == 0));
+
+    // The owner stars and rates; a field left out keeps its value; admin may too.
+    let r = farm
+        .sweeps(As::token(&alice))
+        .set_keeper(star(cell, Some(4)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.cell_id, r.starred, r.rating), (cell, true, 4));
+    let r = farm
+        .sweeps(As::token(&admin))
+        .set_keeper(pb::SetKeeperRequest {
+            cell_id: cell,
+            starred: None,
+            rating: Some(5),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.starred, r.rating), (true, 5));
+
+    // QueryResults shows it, and the filter language finds it.
+    let found = farm
+        .sweeps(As::token(&reader))
+        .query_results(pb::QueryResultsRequest {
+            filter: "starred and rating = 5".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cells;
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].cell_id, found[0].starred, found[0].rating),
+        (cell, true, 5)
+    );
+}

@@ -217,7 +217,7 @@ impl Served {
             let stopped = async {
                 let _ = stopped.await;
             };
-            kiln_coordinator::server::serve(queue, listener, &security, maintenance, stopped)
+            kiln_coordinator::server::serve(queue, listener, &security, maintenance, None, stopped)
                 .await
                 .unwrap();
         });

@@ -2,7 +2,7 @@
 //! the filter language on both backends, the gRPC API against a real server on port 0, and
 //! sweep planning from the example files. `group_commit` is the batched writing of completes and leases, and
 //! `intake` the staged insert of large submissions, on both backends; `names` the check that a
-//! query names only sweeps and binding keys that exist.
+//! query names only sweeps and binding keys that exist; `keeper` starred and rated cells.
 
 #[macro_use]
 mod harness;
@@ -15,6 +15,8 @@ mod fuzz;
 mod group_commit;
 pub mod grpc;
 mod intake;
+mod keeper;
 mod names;
 mod rate;
 mod sweep;
+mod web_images;

@@ -110,6 +110,23 @@ pub fn object_key(sweep: SweepId, cell: CellId, attempt: Attempt) -> String {
     format!("sweeps/{sweep}/{cell}/{attempt}.png")
 }
 
+/// Refuses a key that is not `/`-separated plain names: empty, absolute, with `.`, `..` or
+/// empty parts, backslashes or control characters.
+pub fn check_key(key: &str) -> Result<(), UploadError> {
+    let plain = |part: &str| {
+        !part.is_empty()
+            && part != "."
+            && part != ".."
+            && !part.chars().any(|c| c == '\\' || c.is_control())
+    };
+    if key.len() > 1024 || !key.split('/').all(plain) {
+        return Err(UploadError::Config(format!(
+            "object key {key:?} is not a relative path"
+        )));
+    }
+    Ok(())
+}
+
 /// How puts are retried.
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
@@ -192,8 +209,11 @@ impl Storage {
         }
     }
 
-    /// Reads the object at `key`.
+    /// Reads the object at `key`, which must be a plain relative key (keys come from results,
+    /// which workers write: a key that climbs out of the storage's folder or prefix is refused
+    /// before anything is read).
     pub async fn get(&self, key: &str) -> Result<Vec<u8>, UploadError> {
+        check_key(key)?;
         match self {
             Storage::File(f) => f.get(key).await,
             Storage::S3(s) => s.get(key).await,
@@ -228,5 +248,52 @@ mod tests {
             object_key(SweepId(1), CellId(22), Attempt(3)),
             "sweeps/1/22/3.png"
         );
+    }
+
+    #[tokio::test]
+    async fn gets_refuse_keys_that_climb_out() {
+        let bad = [
+            "../escape.png",
+            "sweeps/../../x.png",
+            "/abs.png",
+            "",
+            "sweeps//1.png",
+            "./a.png",
+            "a\\..\\b.png",
+            "a\nb",
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let file = Storage::open(
+            &StorageUrl::File(dir.path().join("s")),
+            &S3Options::default(),
+        )
+        .await
+        .unwrap();
+        // No server listens on port 9: a key that got past the check would fail differently.
+        let s3 = Storage::open(
+            &"s3://b/p".parse().unwrap(),
+            &S3Options {
+                endpoint: Some("http://127.0.0.1:9".into()),
+                access_key: Some("a".into()),
+                secret_key: Some("s".into()),
+                path_style: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        for storage in [&file, &s3] {
+            for key in bad {
+                assert!(
+                    matches!(storage.get(key).await, Err(UploadError::Config(_))),
+                    "{storage:?} {key:?}"
+                );
+            }
+        }
+        assert!(check_key("sweeps/1/22/3.png").is_ok());
+        assert!(matches!(
+            file.get("sweeps/1/22/3.png").await,
+            Err(UploadError::NotFound(_))
+        ));
     }
 }

@@ -6,6 +6,7 @@
 
 pub(super) mod copy;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -156,20 +157,8 @@ pub(super) async fn complete_many(pool: &PgPool, done: &[Completion<'_>]) -> Res
 /// connection (see [`connect`]).
 pub(super) async fn cell_query(pool: &PgPool, q: &CellQuery) -> Result<Vec<CellRow>> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL plan_cache_mode = auto")
-        .execute(&mut *tx)
-        .await?;
-    let resolved;
-    let q = match filter::sweep_lookup::<Postgres>(q) {
-        Some(mut lookup) => {
-            let found = lookup.build().fetch_all(&mut *tx).await?;
-            let found: Vec<Row> = found.into_iter().map(Row::Postgres).collect();
-            resolved = filter::with_sweep_ids(q, &rows::sweep_names(&found)?);
-            &resolved
-        }
-        None => q,
-    };
-    let found = filter::build::<Postgres>(q)
+    let q = resolved(&mut tx, q).await?;
+    let found = filter::build::<Postgres>(&q)
         .build()
         .fetch_all(&mut *tx)
         .await?;
@@ -178,4 +167,35 @@ pub(super) async fn cell_query(pool: &PgPool, q: &CellQuery) -> Result<Vec<CellR
         .into_iter()
         .map(|r| rows::cell(&Row::Postgres(r)))
         .collect()
+}
+
+/// How many cells match `q` (planned on each execution, as [`cell_query`] is).
+pub(super) async fn cell_count(pool: &PgPool, q: &CellQuery) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    let q = resolved(&mut tx, q).await?;
+    let found = filter::build_count::<Postgres>(&q)
+        .build()
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(rows::to_u64(Row::Postgres(found).int("n")?))
+}
+
+/// Asks for plans per execution in `tx`, then returns `q` with its sweep names resolved to ids
+/// (`filter::with_sweep_ids`).
+async fn resolved<'q>(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    q: &'q CellQuery,
+) -> Result<Cow<'q, CellQuery>> {
+    sqlx::query("SET LOCAL plan_cache_mode = auto")
+        .execute(&mut **tx)
+        .await?;
+    Ok(match filter::sweep_lookup::<Postgres>(q) {
+        Some(mut lookup) => {
+            let found = lookup.build().fetch_all(&mut **tx).await?;
+            let found: Vec<Row> = found.into_iter().map(Row::Postgres).collect();
+            Cow::Owned(filter::with_sweep_ids(q, &rows::sweep_names(&found)?))
+        }
+        None => Cow::Borrowed(q),
+    })
 }

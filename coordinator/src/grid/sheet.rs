@@ -2,11 +2,11 @@
 //! column of y values and the axis names in the corner (`cfg →` over `animal ↓`). Label size
 //! follows the tile size (14 px text for 64 px tiles, up to 48 px for 1024 px ones, as A1111's
 //! X/Y plot scales its font), and a label too long for its column ends in `…`. A tile with no
-//! image is grey. Knows nothing of queries or storage.
+//! image is grey. Knows nothing of queries or storage: it gets decoded images and gives back
+//! pixels ([`compose`]) or PNG bytes ([`sheet_png`]).
 
-use std::collections::HashMap;
-
-use kiln_worker::engine::image::RgbImage;
+/// The image type of tiles and sheets: 8-bit RGB (the `image` crate's).
+pub use image::RgbImage;
 
 use super::font::Face;
 
@@ -17,9 +17,13 @@ const PAPER: u8 = 255;
 
 /// What the sheet says: the axis names and the values along each axis.
 pub struct Labels<'a> {
+    /// Name of the x axis.
     pub x_key: &'a str,
+    /// Name of the y axis; `None` for a single row of tiles.
     pub y_key: Option<&'a str>,
+    /// Values along the x axis (one column each).
     pub xs: &'a [String],
+    /// Values along the y axis (one row each; `[""]` without a y axis).
     pub ys: &'a [String],
 }
 
@@ -48,10 +52,11 @@ impl Canvas {
     }
 
     fn blit(&mut self, x0: usize, y0: usize, img: &RgbImage) {
-        let (iw, ih) = (img.width as usize, img.height as usize);
+        let (iw, ih) = (img.width() as usize, img.height() as usize);
+        let pixels = img.as_raw();
         let cols = iw.min(self.w.saturating_sub(x0));
         for y in 0..ih.min(self.h.saturating_sub(y0)) {
-            let src = &img.pixels[y * iw * 3..(y * iw + cols) * 3];
+            let src = &pixels[y * iw * 3..(y * iw + cols) * 3];
             let i = ((y0 + y) * self.w + x0) * 3;
             self.px[i..i + src.len()].copy_from_slice(src);
         }
@@ -78,21 +83,21 @@ fn label_px(w: usize, h: usize) -> f32 {
     ((w + h) / 25).clamp(14, 48) as f32
 }
 
-/// Builds the sheet from images already decoded; `images[(x, y)]` is one tile.
-pub fn compose(
-    labels: &Labels,
-    images: &HashMap<(usize, usize), RgbImage>,
-) -> anyhow::Result<RgbImage> {
+/// Builds the sheet from images already decoded, one per tile in rows of `xs.len()`:
+/// `images[yi * xs.len() + xi]` is the tile at (`xi`, `yi`); `None` (or a missing entry) is a
+/// grey tile. Tiles are as large as the largest image (64 px when there is none).
+pub fn compose(labels: &Labels, images: &[Option<RgbImage>]) -> RgbImage {
     let Labels {
         x_key,
         y_key,
         xs,
         ys,
     } = *labels;
-    let size = |f: fn(&RgbImage) -> u32| images.values().map(|i| f(i) as usize).max();
-    let tile_w = size(|i| i.width).unwrap_or(64);
-    let tile_h = size(|i| i.height).unwrap_or(64);
-    let face = Face::new(label_px(tile_w, tile_h))?;
+    let tile = |i: usize, j: usize| images.get(j * xs.len() + i).and_then(Option::as_ref);
+    let size = |f: fn(&RgbImage) -> u32| images.iter().flatten().map(|i| f(i) as usize).max();
+    let tile_w = size(RgbImage::width).unwrap_or(64);
+    let tile_h = size(RgbImage::height).unwrap_or(64);
+    let face = Face::new(label_px(tile_w, tile_h));
     let line = face.line_height();
     let pad = (line / 4).max(4);
 
@@ -139,17 +144,14 @@ pub fn compose(
         }
         for i in 0..xs.len() {
             let x0 = left + i * (tile_w + pad);
-            match images.get(&(i, j)) {
+            match tile(i, j) {
                 Some(img) => c.blit(x0, top, img),
                 None => c.fill(x0, top, tile_w, tile_h, EMPTY),
             }
         }
     }
-    Ok(RgbImage {
-        width: w as u32,
-        height: h as u32,
-        pixels: c.px,
-    })
+    // The canvas holds exactly w · h · 3 bytes, which is all `from_raw` checks.
+    RgbImage::from_raw(w as u32, h as u32, c.px).expect("the canvas is w × h RGB")
 }
 
 #[cfg(test)]
@@ -160,23 +162,19 @@ mod tests {
     const GREEN: [u8; 3] = [10, 200, 30];
 
     fn tile(side: u32) -> RgbImage {
-        RgbImage {
-            width: side,
-            height: side,
-            pixels: GREEN.repeat((side * side) as usize),
-        }
+        RgbImage::from_raw(side, side, GREEN.repeat((side * side) as usize)).unwrap()
     }
 
     /// Rows of the sheet that hold some dark (label) pixel left of `x_end`.
     fn inked_rows(g: &RgbImage, x_end: usize, rows: std::ops::Range<usize>) -> usize {
-        let w = g.width as usize;
-        rows.filter(|&y| (0..x_end).any(|x| g.pixels[(y * w + x) * 3] < 128))
+        let w = g.width() as usize;
+        rows.filter(|&y| (0..x_end).any(|x| g.as_raw()[(y * w + x) * 3] < 128))
             .count()
     }
 
     #[test]
     fn tiles_empty_tiles_and_labels_are_laid_out() {
-        let images: HashMap<_, _> = [((0, 0), tile(4)), ((1, 1), tile(4))].into();
+        let images = [Some(tile(4)), None, None, Some(tile(4))];
         let xs = vec!["1".to_string(), "1.5".to_string()];
         let ys = vec!["cat".to_string(), "fox".to_string()];
         let labels = Labels {
@@ -185,21 +183,21 @@ mod tests {
             xs: &xs,
             ys: &ys,
         };
-        let g = compose(&labels, &images).unwrap();
-        assert_eq!(g.pixels.len(), (g.width * g.height * 3) as usize);
+        let g = compose(&labels, &images);
+        assert_eq!(g.as_raw().len(), (g.width() * g.height() * 3) as usize);
         // Two green tiles, two grey placeholders, dark label ink.
-        let px = |c: [u8; 3]| g.pixels.chunks(3).filter(|p| *p == c).count();
+        let px = |c: [u8; 3]| g.as_raw().chunks(3).filter(|p| *p == c).count();
         assert_eq!(px(GREEN), 2 * 16);
         // (Anti-aliased ink may hold that grey too.)
         assert!(px([EMPTY; 3]) >= 2 * 16);
-        assert!(g.pixels.chunks(3).any(|p| p[0] < 64 && p[0] == p[1]));
+        assert!(g.as_raw().chunks(3).any(|p| p[0] < 64 && p[0] == p[1]));
     }
 
     #[test]
     fn labels_grow_with_tiles_and_long_ones_stay_in_their_column() {
         let long = "a red fox in a snowy forest at dawn, highly detailed, 8k".to_string();
         for side in [64u32, 512] {
-            let images: HashMap<_, _> = [((0, 0), tile(side)), ((1, 0), tile(side))].into();
+            let images = [Some(tile(side)), Some(tile(side))];
             let xs = vec![long.clone(), "狐 fox".to_string()];
             let labels = Labels {
                 x_key: "prompt",
@@ -207,12 +205,12 @@ mod tests {
                 xs: &xs,
                 ys: &[String::new()],
             };
-            let g = compose(&labels, &images).unwrap();
+            let g = compose(&labels, &images);
             let px = label_px(side as usize, side as usize);
-            let face = Face::new(px).unwrap();
+            let face = Face::new(px);
             // Text height in the header matches the label size.
             let header = face.line_height() + 2 * (face.line_height() / 4).max(4);
-            let rows = inked_rows(&g, g.width as usize, 0..header);
+            let rows = inked_rows(&g, g.width() as usize, 0..header);
             assert!(rows as f32 >= px * 0.6, "{side}: {rows} inked rows");
             // Two tiles wide plus the left column: the long label did not widen anything.
             let left = face
@@ -220,9 +218,32 @@ mod tests {
                 .min((side as usize).max(10 * face.line_height()));
             let pad = (face.line_height() / 4).max(4);
             assert_eq!(
-                g.width as usize,
+                g.width() as usize,
                 left + 2 * pad + 2 * (side as usize + pad) + pad
             );
         }
+    }
+
+    #[test]
+    fn a_layout_becomes_a_png_of_the_composed_sheet() {
+        let rows = [("1", "fox"), ("2", "fox"), ("1", "cat")];
+        let value =
+            |r: &(&str, &str), k: &str| Some(if k == "cfg" { r.0 } else { r.1 }.to_string());
+        let layout = super::super::layout(&rows, "cfg", Some("animal"), value);
+        // cat: [cell 2, grey]; fox: [cell 0, cell 1].
+        let images = vec![Some(tile(8)), None, Some(tile(8)), Some(tile(8))];
+        let labels = Labels {
+            x_key: "cfg",
+            y_key: Some("animal"),
+            xs: &layout.xs,
+            ys: &layout.ys,
+        };
+        let composed = compose(&labels, &images);
+        let png = super::super::sheet_png(&layout, "cfg", Some("animal"), images).unwrap();
+        assert!(png.starts_with(b"\x89PNG"));
+        let back = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(back, composed);
     }
 }

@@ -1,4 +1,5 @@
-//! Label text for `kiln grid`: DejaVu Sans, rasterised by `ab_glyph` with anti-aliasing.
+//! Label text for the X/Y contact sheet: DejaVu Sans, rasterised by `ab_glyph` with
+//! anti-aliasing.
 //!
 //! The font's bytes come from the `dejavu` crate (DejaVu 2.37, which ships upstream's LICENSE:
 //! Bitstream Vera licence for the original glyphs, Arev licence for the Arev ones, DejaVu's own
@@ -26,13 +27,15 @@ pub struct Face {
 
 impl Face {
     /// The face at `px` pixels per em.
-    pub fn new(px: f32) -> anyhow::Result<Self> {
+    pub fn new(px: f32) -> Self {
+        // The font's bytes are built into the binary and every test here parses them: parsing
+        // cannot fail at run time.
         let font = FontRef::try_from_slice(dejavu::sans::regular())
-            .map_err(|e| anyhow::anyhow!("the embedded DejaVu Sans font: {e}"))?;
-        Ok(Self {
+            .expect("the embedded DejaVu Sans font parses");
+        Self {
             font,
             scale: PxScale::from(px),
-        })
+        }
     }
 
     /// Height of one line (ascent + descent), whole pixels.
@@ -133,7 +136,7 @@ mod tests {
 
     #[test]
     fn text_is_measured_and_drawn_within_its_box() {
-        let face = Face::new(20.0).unwrap();
+        let face = Face::new(20.0);
         let (w, h) = (face.width("cfg 1.5"), face.line_height());
         assert!((40..100).contains(&w), "{w}");
         assert!((20..30).contains(&h), "{h}");
@@ -146,7 +149,7 @@ mod tests {
 
     #[test]
     fn long_labels_are_cut_with_an_ellipsis_at_grapheme_boundaries() {
-        let face = Face::new(14.0).unwrap();
+        let face = Face::new(14.0);
         assert_eq!(face.fit("fox", 100), "fox");
         let long = "a red fox in a snowy forest at dawn, highly detailed";
         let cut = face.fit(long, 100);
@@ -162,7 +165,7 @@ mod tests {
 
     #[test]
     fn non_ascii_is_drawn_and_missing_glyphs_are_replaced() {
-        let face = Face::new(20.0).unwrap();
+        let face = Face::new(20.0);
         // Greek, Cyrillic, accented Latin: real glyphs, not the replacement.
         for s in ["é", "λ", "ж", "ß"] {
             assert_ne!(

@@ -328,6 +328,37 @@ async fn web_ui_in_a_real_browser() {
         200
     );
 
+    // The zip of everything a query matches holds its images, under their default names.
+    let names = b
+        .execute_async(
+            "const [q, done] = arguments;
+             fetch('/download.zip?q=' + encodeURIComponent(q)).then(r => r.arrayBuffer()).then(buf => {
+               const u = new Uint8Array(buf), names = [];
+               for (let i = 0; i + 30 < u.length; i++) {
+                 if (u[i] === 0x50 && u[i+1] === 0x4b && u[i+2] === 3 && u[i+3] === 4) {
+                   const n = u[i+26] | (u[i+27] << 8);
+                   names.push(new TextDecoder().decode(u.slice(i + 30, i + 30 + n)));
+                 }
+               }
+               done(names);
+             });",
+            vec![json!("alt1 = \"arctic\"")],
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = serde_json::from_value(names).unwrap();
+    let expected: Vec<String> = all
+        .iter()
+        .map(|r| {
+            format!(
+                "1-{:06}-{}.png",
+                r["number"].as_u64().unwrap(),
+                r["seed"].as_u64().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(names, expected);
+
     // 6. Nothing in a prompt became markup or ran: the hostile text is text everywhere.
     for page in [
         "/",
@@ -580,6 +611,40 @@ async fn web_ui_uses_the_coordinators_tokens() {
         &reader,
         &["query", "starred", "--format", "json"],
     ));
+
+    // The sweep buttons: pause holds the sweep's cells, resume releases them; the row follows
+    // live.
+    let state =
+        "return document.querySelector('#sweeps-body tr[data-sweep=\"1\"] .state').textContent";
+    b.goto(&format!("{base}/")).await.unwrap();
+    until(
+        &b,
+        "return !!document.querySelector('button[data-action=pause]:not([disabled])')",
+        Duration::from_secs(10),
+        "pause button",
+    )
+    .await;
+    // The rows are re-rendered by every event: click by script, not by a held element.
+    js(&b, "document.querySelector('button[data-action=pause]').click(); return true").await;
+    until(
+        &b,
+        &format!("{state} === 'paused'"),
+        Duration::from_secs(10),
+        "paused",
+    )
+    .await;
+    let status_text = kiln_as(&c.addr, &reader, &["status", "1"]);
+    assert!(status_text.contains(" 6 held"), "{status_text}");
+    screenshot(&b, "overview-paused").await;
+    // The rows are re-rendered by every event: click by script, not by a held element.
+    js(&b, "document.querySelector('button[data-action=resume]').click(); return true").await;
+    until(
+        &b,
+        &format!("{state} === 'active'"),
+        Duration::from_secs(10),
+        "resumed",
+    )
+    .await;
     assert_eq!(starred.len(), 1);
     assert_eq!(starred[0]["cell"], json!(1));
     b.close().await.unwrap();

@@ -625,7 +625,11 @@ async fn web_ui_uses_the_coordinators_tokens() {
     )
     .await;
     // The rows are re-rendered by every event: click by script, not by a held element.
-    js(&b, "document.querySelector('button[data-action=pause]').click(); return true").await;
+    js(
+        &b,
+        "document.querySelector('button[data-action=pause]').click(); return true",
+    )
+    .await;
     until(
         &b,
         &format!("{state} === 'paused'"),
@@ -637,7 +641,11 @@ async fn web_ui_uses_the_coordinators_tokens() {
     assert!(status_text.contains(" 6 held"), "{status_text}");
     screenshot(&b, "overview-paused").await;
     // The rows are re-rendered by every event: click by script, not by a held element.
-    js(&b, "document.querySelector('button[data-action=resume]').click(); return true").await;
+    js(
+        &b,
+        "document.querySelector('button[data-action=resume]').click(); return true",
+    )
+    .await;
     until(
         &b,
         &format!("{state} === 'active'"),

@@ -235,6 +235,20 @@ async fn web_ui_in_a_real_browser() {
     )
     .await;
     screenshot(&b, "gallery").await;
+    // The query box offers binding keys as one types.
+    js(
+        &b,
+        "const q = document.getElementById('q'); q.value = 'sweep = 1 and al';
+         q.dispatchEvent(new Event('input')); return true",
+    )
+    .await;
+    until(
+        &b,
+        "return [...document.querySelectorAll('#q-keys option')].some(o => o.value === 'sweep = 1 and alt1')",
+        Duration::from_secs(10),
+        "binding keys offered",
+    )
+    .await;
 
     // 3. An image's page shows its seed and infotext.
     b.find(Locator::Css("#grid .tile"))

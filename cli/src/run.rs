@@ -188,6 +188,12 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             Some(result) => {
                 result?;
                 eprintln!("done: images under {url}/sweeps/{sweep_id}/");
+                if !args.no_web {
+                    eprintln!(
+                        "browse them: kiln coordinator --db {} --images {url}  (web UI at http://127.0.0.1:7450/)",
+                        args.db
+                    );
+                }
             }
             None => eprintln!("interrupted: run the same command again to resume"),
         }

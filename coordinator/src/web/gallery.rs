@@ -20,6 +20,7 @@ use super::sweep::urlencode;
 use crate::domain::auth::Principal;
 use crate::domain::rows::CellRow;
 use crate::domain::state::CellState;
+use crate::query::parse_sort;
 use crate::result::RenderResult;
 use crate::store::{CellQuery, KeyScope};
 use crate::sweep::CellSpec;
@@ -69,6 +70,16 @@ pub(super) async fn completed(
 ) -> WebResult<CellQuery> {
     let mut query = web.cell_query(who, q, sort, limit, offset).await?;
     query.states = vec![CellState::Completed];
+    // Without a sort: a sweep's images in plan order, the farm's newest first (both served by
+    // an index; plan order across every sweep is not: see BENCHMARKS.md, "Web gallery").
+    let one_sweep = query
+        .filter
+        .as_ref()
+        .and_then(crate::query::sweep_scope)
+        .is_some();
+    if sort.trim().is_empty() && !one_sweep {
+        query.sorts = parse_sort("-finished").map_err(crate::Error::from)?;
+    }
     Ok(query)
 }
 

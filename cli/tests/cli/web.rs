@@ -226,7 +226,11 @@ async fn web_ui_in_a_real_browser() {
         .await,
     )
     .unwrap();
-    assert_eq!(shown, ids);
+    // Across sweeps, newest first: the same cells as `kiln query`, in another order.
+    let (mut shown_sorted, mut ids_sorted) = (shown.clone(), ids.clone());
+    shown_sorted.sort();
+    ids_sorted.sort();
+    assert_eq!(shown_sorted, ids_sorted);
     until(
         &b,
         "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)",
@@ -264,8 +268,11 @@ async fn web_ui_in_a_real_browser() {
         "detail",
     )
     .await;
-    let cell = ids[0];
-    let row = &all[0];
+    let cell = shown[0];
+    let row = all
+        .iter()
+        .find(|r| r["cell"].as_u64() == Some(cell))
+        .unwrap();
     let seed = row["seed"].as_u64().unwrap();
     assert_eq!(
         js(&b, "return document.getElementById('seed').textContent").await,
@@ -371,6 +378,9 @@ async fn web_ui_in_a_real_browser() {
             )
         })
         .collect();
+    let (mut names, mut expected) = (names, expected);
+    names.sort();
+    expected.sort();
     assert_eq!(names, expected);
 
     // 6. Nothing in a prompt became markup or ran: the hostile text is text everywhere.

@@ -396,6 +396,7 @@ impl SweepService for SweepApi {
                 Err(_) => return Err(Error::invalid("sort: unknown sort key").into()),
             },
             descending: r.descending,
+            finished_before: None,
             limit,
             offset,
         };

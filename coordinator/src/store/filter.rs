@@ -117,6 +117,15 @@ where
     if let Some(s) = q.sweep {
         qb.push(" AND sweep_id = ").push_bind(s.0);
     }
+    if let Some((at, id)) = q.finished_before {
+        qb.push(" AND (finalized_at < ")
+            .push_bind(at)
+            .push(" OR (finalized_at = ")
+            .push_bind(at)
+            .push(" AND id < ")
+            .push_bind(id)
+            .push("))");
+    }
     if let Some(o) = &q.owner {
         qb.push(" AND sweep_id IN (SELECT id FROM sweeps WHERE owner = ")
             .push_bind(o.clone())

@@ -56,6 +56,10 @@ pub struct CellQuery {
     pub descending: bool,
     /// Sort keys from `--sort`; when non-empty they replace `sort` and `descending`.
     pub sorts: Vec<SortKey>,
+    /// Only cells finished before this position in newest-first order (`finalized_at`, then
+    /// id): paging by the last row seen, for `CellSort::FinishedAt` descending. Unlike an
+    /// offset it stays on the index however deep the page.
+    pub finished_before: Option<(i64, i64)>,
     /// Page size.
     pub limit: i64,
     /// Rows to skip.

@@ -20,9 +20,8 @@ use super::sweep::urlencode;
 use crate::domain::auth::Principal;
 use crate::domain::rows::CellRow;
 use crate::domain::state::CellState;
-use crate::query::parse_sort;
 use crate::result::RenderResult;
-use crate::store::{CellQuery, KeyScope};
+use crate::store::{CellQuery, CellSort, KeyScope};
 use crate::sweep::CellSpec;
 
 /// Thumbnails per page.
@@ -57,6 +56,8 @@ pub(super) struct GalleryParams {
     pub page: Option<u32>,
     /// Only the tiles (for infinite scroll).
     pub fragment: Option<u8>,
+    /// Newest-first pages: start after this `FINISHED.ID` (the last tile of the page before).
+    pub before: Option<String>,
 }
 
 /// The query for completed cells matching `q`, sorted by `sort`.
@@ -78,9 +79,22 @@ pub(super) async fn completed(
         .and_then(crate::query::sweep_scope)
         .is_some();
     if sort.trim().is_empty() && !one_sweep {
-        query.sorts = parse_sort("-finished").map_err(crate::Error::from)?;
+        query.sort = CellSort::FinishedAt;
+        query.descending = true;
     }
     Ok(query)
+}
+
+/// Whether `q` pages newest first, where the next page starts after the last row seen
+/// (`before=FINISHED.ID`) rather than at an offset: deep pages stay on the index.
+fn newest_first(q: &CellQuery) -> bool {
+    q.sorts.is_empty() && q.sort == CellSort::FinishedAt && q.descending
+}
+
+/// `before=FINISHED.ID` as given by a "more" link; anything else is ignored.
+fn position(s: Option<&str>) -> Option<(i64, i64)> {
+    let (at, id) = s?.split_once('.')?;
+    Some((at.parse().ok()?, id.parse().ok()?))
 }
 
 /// The page of the gallery; a bad query is shown in place, with the parser's words.
@@ -91,13 +105,21 @@ async fn gallery(
 ) -> Response {
     let page = p.page.unwrap_or(1).clamp(1, 100_000);
     let offset = i64::from(page - 1) * PER_PAGE;
+    let mut keyset = false;
     let rows = match completed(&web, &who, &p.q, &p.sort, PER_PAGE, offset).await {
-        Ok(q) => web.queue.query(&q).await.map_err(WebError::from),
+        Ok(mut q) => {
+            keyset = newest_first(&q);
+            if keyset && let Some(at) = position(p.before.as_deref()) {
+                q.finished_before = Some(at);
+                q.offset = 0;
+            }
+            web.queue.query(&q).await.map_err(WebError::from)
+        }
         Err(e) => Err(e),
     };
     if p.fragment == Some(1) {
         return match rows {
-            Ok(rows) => tiles(&rows, &p, page).into_response(),
+            Ok(rows) => tiles(&rows, &p, page, keyset).into_response(),
             Err(e) => e.into_response(),
         };
     }
@@ -107,7 +129,7 @@ async fn gallery(
             html! {
                 p #count.count data-src={"/gallery/count?q=" (urlencode(&p.q))} { "counting…" }
                 @if rows.is_empty() { p.dim { "Nothing completed matches." } }
-                div #grid.grid { (tiles(&rows, &p, page)) }
+                div #grid.grid { (tiles(&rows, &p, page, keyset)) }
             },
         ),
         Err(WebError::BadRequest(m)) => (
@@ -143,8 +165,14 @@ async fn gallery(
         .into_response()
 }
 
-/// The tiles of one page, and the link to the next when there may be one.
-fn tiles(rows: &[CellRow], p: &GalleryParams, page: u32) -> Markup {
+/// The tiles of one page, and the link to the next when there may be one: after the last
+/// row's position when `keyset`, else the next page number.
+fn tiles(rows: &[CellRow], p: &GalleryParams, page: u32, keyset: bool) -> Markup {
+    let base = format!("/gallery?q={}&sort={}", urlencode(&p.q), urlencode(&p.sort));
+    let next = match rows.last() {
+        Some(c) if keyset => format!("{base}&before={}.{}", c.finalized_at.unwrap_or(0), c.id.0),
+        _ => format!("{base}&page={}", page + 1),
+    };
     html! {
         @for c in rows {
             @let spec = serde_json::from_str::<CellSpec>(&c.spec_json).ok();
@@ -161,7 +189,7 @@ fn tiles(rows: &[CellRow], p: &GalleryParams, page: u32) -> Markup {
             }
         }
         @if rows.len() as i64 == PER_PAGE {
-            a #more href={"/gallery?q=" (urlencode(&p.q)) "&sort=" (urlencode(&p.sort)) "&page=" (page + 1)} {
+            a #more href=(next) {
                 "more"
             }
         }

@@ -529,3 +529,63 @@ async fn a_stopping_coordinator_ends_downloads() {
     assert!(got < 300 * (100 << 10), "{got} bytes came before the end");
     farm.fx.finish().await;
 }
+
+/// The tiles' cell ids of a gallery page and its "more" link, read from the HTML.
+fn gallery_page(html: &str) -> (Vec<i64>, Option<String>) {
+    let cells = html
+        .split("data-cell=\"")
+        .skip(1)
+        .map(|s| s[..s.find('"').unwrap()].parse().unwrap())
+        .collect();
+    let more = html
+        .split("id=\"more\" href=\"")
+        .nth(1)
+        .map(|s| s[..s.find('"').unwrap()].replace("&amp;", "&"));
+    (cells, more)
+}
+
+#[tokio::test]
+async fn farm_wide_gallery_pages_newest_first_by_the_last_row_seen() {
+    // 250 cells finished at the same millisecond (the fixture's clock): the position after a
+    // page is (finished, id), so ties neither repeat nor drop a cell.
+    let n = 250;
+    let farm = Farm::start(
+        n,
+        |seed, key| Some(result(key, &seed.to_le_bytes(), STORAGE)),
+        |seed| vec![seed.to_le_bytes().to_vec()],
+    )
+    .await;
+    let mut by_position = Vec::new();
+    let mut next = Some("/gallery?q=".to_string());
+    let mut pages = 0;
+    while let Some(path) = next {
+        let (status, _, body) = farm.get(&path, Some(&farm.alice)).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        let (cells, more) = gallery_page(&text(&body));
+        if pages > 0 {
+            assert!(path.contains("&before="), "{path}");
+        }
+        by_position.extend(cells);
+        next = more;
+        pages += 1;
+        assert!(pages <= 4, "the links never end");
+    }
+    assert_eq!(pages, 3);
+    // The same order as offsets with an explicit newest-first sort, every cell once.
+    let mut by_offset = Vec::new();
+    for page in 1..=3 {
+        let path = format!("/gallery?q=&sort=-finished&page={page}");
+        let (_, _, body) = farm.get(&path, Some(&farm.alice)).await;
+        let (cells, more) = gallery_page(&text(&body));
+        assert_eq!(more.is_some(), page < 3, "{path}");
+        if let Some(m) = more {
+            assert!(m.contains("&page="), "{m}");
+        }
+        by_offset.extend(cells);
+    }
+    assert_eq!(by_position, by_offset);
+    let mut all: Vec<i64> = farm.cells.iter().map(|c| c.0).collect();
+    all.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(by_position, all, "newest first, ties by id");
+    farm.fx.finish().await;
+}

@@ -20,8 +20,9 @@ use super::sweep::urlencode;
 use crate::domain::auth::Principal;
 use crate::domain::rows::CellRow;
 use crate::domain::state::CellState;
+use crate::query::{Column, Field, parse_sort};
 use crate::result::RenderResult;
-use crate::store::{CellQuery, CellSort, KeyScope};
+use crate::store::{CellQuery, KeyScope};
 use crate::sweep::CellSpec;
 
 /// Thumbnails per page.
@@ -79,16 +80,15 @@ pub(super) async fn completed(
         .and_then(crate::query::sweep_scope)
         .is_some();
     if sort.trim().is_empty() && !one_sweep {
-        query.sort = CellSort::FinishedAt;
-        query.descending = true;
+        query.sorts = parse_sort("-finished").map_err(crate::Error::from)?;
     }
     Ok(query)
 }
 
-/// Whether `q` pages newest first, where the next page starts after the last row seen
-/// (`before=FINISHED.ID`) rather than at an offset: deep pages stay on the index.
+/// Whether `q` pages newest first (`-finished`), where the next page starts after the last
+/// row seen (`before=FINISHED.ID`) rather than at an offset: deep pages stay on the index.
 fn newest_first(q: &CellQuery) -> bool {
-    q.sorts.is_empty() && q.sort == CellSort::FinishedAt && q.descending
+    matches!(q.sorts.as_slice(), [k] if k.descending && k.field == Field::Column(Column::Finished))
 }
 
 /// `before=FINISHED.ID` as given by a "more" link; anything else is ignored.

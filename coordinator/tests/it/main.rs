@@ -20,3 +20,4 @@ mod names;
 mod rate;
 mod sweep;
 mod web_images;
+mod web_pages;

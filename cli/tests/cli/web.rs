@@ -501,12 +501,21 @@ async fn sign_in(b: &Client, base: &str, token: &str) {
         .send_keys(token)
         .await
         .unwrap();
+    // A marker in the sign-in page: gone once the browser has loaded the page the form leads to.
+    js(b, "window.__signing = 1; return true").await;
     b.find(Locator::Css("form[action='/login'] button"))
         .await
         .unwrap()
         .click()
         .await
         .unwrap();
+    until(
+        b,
+        "return window.__signing === undefined && document.readyState === 'complete'",
+        Duration::from_secs(20),
+        "the page after signing in",
+    )
+    .await;
 }
 
 /// With `--require-tokens` the web UI is behind the same tokens as the gRPC API: a sign-in

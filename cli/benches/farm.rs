@@ -21,7 +21,7 @@ use kiln_coordinator::store::Store;
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::sweep_service_client::SweepServiceClient;
 use kiln_worker::agent::{self, AgentConfig};
-use kiln_worker::engine::{Device, LoraSpec, Pipeline, RenderRequest, SamplerKind};
+use kiln_worker::engine::{Device, LoraSpec, Pipeline, RenderRequest, SamplerName};
 use kiln_worker::upload::{RetryPolicy, Storage, StorageUrl};
 
 /// How often the bench asks whether the sweep is done: the end time is late by at most this
@@ -40,10 +40,11 @@ fn request(seed: u64) -> RenderRequest {
         seed,
         steps: 4,
         cfg_scale: 1.0,
-        sampler: SamplerKind::Lcm,
+        sampler: SamplerName::LCM,
         width: 64,
         height: 64,
         clip_skip: 1,
+        ..RenderRequest::default()
     }
 }
 

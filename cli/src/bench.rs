@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use kiln_worker::engine::device::MemoryWatch;
-use kiln_worker::engine::{Device, LoraSpec, Pipeline, RenderRequest, SamplerKind};
+use kiln_worker::engine::{Device, LoraSpec, Pipeline, RenderRequest, SamplerName};
 
 pub const EXAMPLES: &str = "Examples:
   kiln bench --model ./sd15 --lora lcm-lora-sdv1-5.safetensors --device cuda:0 --batch 1,8
@@ -108,10 +108,11 @@ pub fn main(args: Args) -> anyhow::Result<()> {
                 seed,
                 steps: args.steps,
                 cfg_scale: args.cfg,
-                sampler: SamplerKind::Lcm,
+                sampler: SamplerName::LCM,
                 width: args.size,
                 height: args.size,
                 clip_skip: 1,
+                ..RenderRequest::default()
             })
             .collect();
         let mut walls = Vec::new();

@@ -2,6 +2,7 @@
 //! with it: reading matching cells page by page, opening the storages their results name. The
 //! filter text goes to the coordinator as data; it never becomes SQL on this side or the other.
 
+use kiln_proto::sampler::SamplerName;
 use kiln_proto::v1 as pb;
 use kiln_worker::upload::{S3Options, Storage, StorageUrl};
 
@@ -102,12 +103,10 @@ fn state_name(v: i32) -> &'static str {
     }
 }
 
-/// A sampler as the sweep file and filter spell it: `lcm`, `euler_a`.
-pub fn sampler_name(v: i32) -> &'static str {
-    match pb::Sampler::try_from(v) {
-        Ok(pb::Sampler::EulerA) => "euler_a",
-        _ => "lcm",
-    }
+/// A cell's sampler as the sweep file and filter spell it: `lcm`, `dpmpp_2m_karras`; `?` for
+/// one this build does not know (a newer coordinator's).
+pub fn sampler_name(c: &pb::RenderCell) -> String {
+    SamplerName::from_proto(c.sampler, c.schedule).map_or_else(|_| "?".into(), |s| s.as_str())
 }
 
 fn bindings_text(c: &pb::RenderCell) -> String {
@@ -151,7 +150,7 @@ fn record_json(r: &pb::CellRecord) -> serde_json::Value {
         "cell": r.cell_id, "sweep": r.sweep_id, "number": r.number, "state": state_name(r.state),
         "model": c.model, "prompt": c.prompt, "negative_prompt": c.negative_prompt,
         "seed": c.seed, "steps": c.steps, "cfg": c.cfg,
-        "sampler": sampler_name(c.sampler),
+        "sampler": sampler_name(&c),
         "width": c.width, "height": c.height, "vae": c.vae, "clip_skip": c.clip_skip.max(1),
         "loras": c.loras.iter().map(|l| serde_json::json!({"name": l.name, "strength": l.strength})).collect::<Vec<_>>(),
         "bindings": c.bindings, "attempt": r.attempt, "worker": r.worker_id,

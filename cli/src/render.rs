@@ -11,15 +11,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_proto::prompt::ParsedPrompt;
 use kiln_worker::agent::resolve;
 use kiln_worker::engine::{
-    BaseModel, Device, InversionDb, LoraSpec, Pipeline, RenderRequest, SamplerKind,
+    BaseModel, Device, InversionDb, LoraSpec, Pipeline, RenderRequest, RngKind, SamplerName,
 };
 
 /// Examples shown by `kiln render --help`.
 pub const EXAMPLES: &str = "Examples:
   kiln render --model ./stable-diffusion-v1-5 --lora lcm-lora-sdv1-5.safetensors:1 \\
       --prompt 'a lighthouse at dusk' --seed 42 --steps 4 --cfg 1 -o lighthouse.png
-  kiln render --model ./sd15 --prompt 'a red car' --negative 'blurry' --sampler euler_a \\
-      --steps 25 --cfg 7.5 --seed 7 --width 512 --height 768 -o car.png";
+  kiln render --model ./sd15 --prompt 'a red car' --negative 'blurry' \\
+      --sampler 'DPM++ 2M Karras' --steps 25 --cfg 7.5 --seed 7 --width 512 --height 768 \\
+      --subseed 99 --subseed-strength 0.2 --rng nv -o car.png";
 
 /// Render one image locally.
 #[derive(Debug, clap::Args)]
@@ -52,18 +53,34 @@ pub struct Args {
     /// The negative prompt (used only when --cfg is above 1).
     #[arg(long, default_value = "")]
     negative: String,
-    /// Seed of the PyTorch-compatible CPU noise generator.
+    /// Seed of the PyTorch-compatible noise generator (see --rng).
     #[arg(long)]
     seed: u64,
+    /// A1111's variation seed, blended in by --subseed-strength.
+    #[arg(long, default_value_t = 0)]
+    subseed: u64,
+    /// How much of the variation seed's noise to blend in, 0..=1 (0: none).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_strength)]
+    subseed_strength: f32,
+    /// A1111's "Resize seed from": draw the noise for this size and centre it, so a seed keeps
+    /// its composition at another size.
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    seed_resize_from: Option<(u32, u32)>,
+    /// Noise generator: cpu (PyTorch's CPU generator, as diffusers on the CPU) or nv (its CUDA
+    /// generator computed on any device, A1111's "NV").
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "nv"])]
+    rng: String,
     /// Sampling steps.
     #[arg(long, default_value_t = 4)]
     steps: usize,
     /// Classifier-free guidance scale; 1 or less runs one UNet pass per step.
     #[arg(long, default_value_t = 1.0)]
     cfg: f32,
-    /// Sampler: lcm or euler_a.
-    #[arg(long, default_value = "lcm", value_parser = ["lcm", "euler_a"])]
-    sampler: String,
+    /// Sampler, by kiln's name (lcm, euler, euler_a, heun, dpmpp_2m, dpmpp_2s_a, each
+    /// k-diffusion one also with _karras, e.g. dpmpp_2m_karras; euler_a_diffusers) or A1111's
+    /// ("DPM++ 2M Karras", "Euler a"). The schedule is part of the name.
+    #[arg(long, default_value = "lcm", value_parser = parse_sampler)]
+    sampler: SamplerName,
     /// Width in pixels (a multiple of 8).
     #[arg(long, default_value_t = 512)]
     width: u32,
@@ -142,6 +159,28 @@ fn load_inversions(dirs: &[PathBuf]) -> anyhow::Result<InversionDb> {
     Ok(db)
 }
 
+fn parse_sampler(value: &str) -> Result<SamplerName, String> {
+    value
+        .parse()
+        .map_err(|e: kiln_proto::sampler::UnknownSampler| e.to_string())
+}
+
+fn parse_strength(value: &str) -> Result<f32, String> {
+    match value.parse::<f32>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{value} is not a number in 0..=1")),
+    }
+}
+
+/// `WxH` (`512x768`), as a sweep file writes sizes.
+fn parse_size(value: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("`{value}` is not WIDTHxHEIGHT, e.g. 512x768");
+    let (w, h) = value.split_once(['x', 'X', '×']).ok_or_else(bad)?;
+    let w = w.trim().parse().map_err(|_| bad())?;
+    let h = h.trim().parse().map_err(|_| bad())?;
+    Ok((w, h))
+}
+
 fn parse_device(value: &str) -> Result<Device, String> {
     value
         .parse()
@@ -150,7 +189,7 @@ fn parse_device(value: &str) -> Result<Device, String> {
 
 /// Runs `kiln render`.
 pub fn main(args: Args) -> anyhow::Result<()> {
-    let sampler: SamplerKind = args.sampler.parse()?;
+    let sampler = args.sampler;
     let request = RenderRequest {
         prompt: args.prompt,
         negative_prompt: args.negative,
@@ -161,6 +200,15 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         width: args.width,
         height: args.height,
         clip_skip: usize::from(args.clip_skip),
+        rng: if args.rng == "nv" {
+            RngKind::Nv
+        } else {
+            RngKind::Cpu
+        },
+        subseed: args.subseed,
+        subseed_strength: args.subseed_strength,
+        seed_resize_from: args.seed_resize_from,
+        ..RenderRequest::default()
     };
     // Reject a bad size before spending seconds loading weights.
     request.check()?;

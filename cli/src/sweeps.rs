@@ -294,6 +294,7 @@ pub async fn workers(conn: &Conn) -> anyhow::Result<()> {
         "ID",
         "NAME",
         "DEVICE",
+        "LEVEL",
         "STATE",
         "RUNNING",
         "IMG/S",
@@ -324,6 +325,8 @@ pub async fn workers(conn: &Conn) -> anyhow::Result<()> {
                     format!("{kind} {}", info.device_model)
                 }
             },
+            // The render features it understands: 0 for workers older than levels.
+            info.render_level.to_string(),
             if w.drained {
                 "drained".into()
             } else if w.online {

@@ -21,8 +21,9 @@ use kiln_coordinator::query::{Filter, parse_sort};
 use kiln_coordinator::queue::{Queue, QueueConfig, Submission};
 use kiln_coordinator::result::RenderResult;
 use kiln_coordinator::store::{CellQuery, DatabaseUrl, Store, StoreOptions};
-use kiln_coordinator::sweep::{CellSpec, LoraSpec, Sampler};
+use kiln_coordinator::sweep::{CellSpec, LoraSpec};
 use kiln_coordinator::web::{self, NoImages, Thumbs, WebOptions};
+use kiln_proto::sampler::SamplerName;
 use tower::ServiceExt;
 
 const SWEEPS: usize = 10;
@@ -165,7 +166,7 @@ fn cell(i: u64) -> CellSpec {
         seed: i,
         steps: 4,
         cfg: CFGS[(i % 4) as usize],
-        sampler: Sampler::Lcm,
+        sampler: SamplerName::LCM,
         width: 512,
         height: 512,
         rng: "cpu".into(),
@@ -182,6 +183,9 @@ fn cell(i: u64) -> CellSpec {
         min_memory_mib: 0,
         vae: String::new(),
         clip_skip: 1,
+        subseed: 0,
+        subseed_strength: 0.0,
+        seed_resize_from: None,
     }
 }
 

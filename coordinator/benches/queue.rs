@@ -20,7 +20,8 @@ use kiln_coordinator::domain::rows::WorkerRegistration;
 use kiln_coordinator::domain::state::DeviceKind;
 use kiln_coordinator::queue::{Queue, QueueConfig, Submission};
 use kiln_coordinator::store::{DatabaseUrl, Store, StoreOptions};
-use kiln_coordinator::sweep::{CellSpec, LoraSpec, Sampler};
+use kiln_coordinator::sweep::{CellSpec, LoraSpec};
+use kiln_proto::sampler::SamplerName;
 
 const SUBMIT_CELLS: u64 = 100_000;
 const CYCLE_CELLS: u64 = 20_000;
@@ -61,7 +62,7 @@ fn cell(seed: u64) -> CellSpec {
         seed,
         steps: 4,
         cfg: 1.0,
-        sampler: Sampler::Lcm,
+        sampler: SamplerName::LCM,
         width: 512,
         height: 512,
         rng: "cpu".into(),
@@ -73,6 +74,9 @@ fn cell(seed: u64) -> CellSpec {
         min_memory_mib: 0,
         vae: String::new(),
         clip_skip: 1,
+        subseed: 0,
+        subseed_strength: 0.0,
+        seed_resize_from: None,
     }
 }
 
@@ -86,6 +90,7 @@ fn registration() -> WorkerRegistration {
         loaded: vec![],
         version: "bench".into(),
         storage: "file:///tmp/kiln-test".into(),
+        render_level: kiln_proto::sampler::RENDER_LEVEL,
     }
 }
 

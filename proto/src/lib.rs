@@ -8,10 +8,14 @@
 //! - [`prompt`]: A1111 prompt syntax (extra networks such as `<lora:name:0.7>`, emphasis,
 //!   `BREAK`), parsed as A1111 parses it, so the coordinator can refuse a bad prompt at submit
 //!   time and the worker encodes exactly what A1111 would.
+//! - [`sampler`] and [`hires`]: sampler and hires-upscaler names in kiln's, A1111's and
+//!   ComfyUI's spellings, so a name the coordinator accepts is one every worker renders.
 #![warn(missing_docs)]
 
+pub mod hires;
 pub mod ids;
 pub mod prompt;
+pub mod sampler;
 
 /// Generated code for package `kiln.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

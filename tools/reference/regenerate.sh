@@ -14,6 +14,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$PY" gen_rng.py
 "$PY" gen_rng.py --scalar
 "$PY" check_rng_model.py
+"$PY" gen_variation.py
 "$PY" gen_tokenizer.py
 "$PY" gen_schedulers.py
 # models, LoRA, end-to-end references (order matters: each step reads the previous files)
@@ -25,7 +26,13 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$PY" gen_lcm_distilled.py
 "$PY" gen_lora_ldm.py
 "$PY" gen_vae.py
+"$PY" gen_vae_encoder.py
 "$PY" gen_inversion.py
+"$PY" gen_ksamplers.py
+"$PY" gen_hires.py
+"$PY" gen_img2img.py
+"$PY" gen_diffusers_samplers.py
+"$PY" gen_lanczos.py   # reads vae_encoder_{a,b}.png
 chmod 644 ../../worker/tests/fixtures/reference/*.* ../../worker/tests/fixtures/reference/tiny-sd15/*/* \
   ../../worker/tests/fixtures/reference/tiny-sd15/*.json \
   ../../worker/tests/fixtures/reference/tiny-lcm-unet/* \

@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use kiln_worker::engine::{
-    BaseModel, Device, LoraSpec, Model, Pipeline, RenderRequest, SamplerKind,
+    BaseModel, Device, LoraSpec, Model, Pipeline, RenderRequest, SamplerName,
 };
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -58,10 +58,11 @@ impl Setup {
             seed,
             steps: 4,
             cfg_scale: cfg,
-            sampler: SamplerKind::Lcm,
+            sampler: SamplerName::LCM,
             width: self.size,
             height: self.size,
             clip_skip: 1,
+            ..RenderRequest::default()
         }
     }
 }

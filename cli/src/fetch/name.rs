@@ -286,7 +286,7 @@ fn value(field: &Field, width: Option<usize>, src: &Source) -> String {
         Field::Negative => c.negative_prompt,
         Field::Model => model_name(&c.model).to_string(),
         Field::Cfg => format!("{}", c.cfg),
-        Field::Sampler => sampler_name(c.sampler).to_string(),
+        Field::Sampler => sampler_name(&c),
         Field::Binding(k) => c.bindings.get(k).cloned().unwrap_or_default(),
     };
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");

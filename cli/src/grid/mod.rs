@@ -29,7 +29,7 @@ fn value(r: &pb::CellRecord, key: &str) -> Option<String> {
         "seed" => c.seed.to_string(),
         "cfg" => format!("{}", c.cfg),
         "steps" => c.steps.to_string(),
-        "sampler" => sampler_name(c.sampler).into(),
+        "sampler" => sampler_name(&c),
         "model" => c.model,
         "prompt" => c.prompt,
         "negative" | "negative_prompt" => c.negative_prompt,

@@ -2,6 +2,7 @@
 //! be wrong (zero ids, unknown enum numbers, missing fields) become `Error::Invalid` naming the
 //! field.
 
+use kiln_proto::sampler::SamplerName;
 use kiln_proto::v1 as pb;
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 
@@ -11,7 +12,7 @@ use crate::domain::rows::{
 };
 use crate::domain::state::{CellState, DeviceKind, FailureClass, SweepState};
 use crate::result::RenderResult;
-use crate::sweep::{CellSpec, LoraSpec, Sampler};
+use crate::sweep::{CellSpec, LoraSpec};
 use crate::{Error, Result};
 
 pub(super) fn sweep_id(v: u64) -> Result<SweepId> {
@@ -69,19 +70,16 @@ pub(super) fn attempt_to_wire(cell: CellId, attempt: Attempt) -> pb::AttemptRef 
 }
 
 pub(super) fn cell_from_wire(c: pb::RenderCell) -> Result<CellSpec> {
-    let sampler = match pb::Sampler::try_from(c.sampler) {
-        Ok(pb::Sampler::Lcm) => Sampler::Lcm,
-        Ok(pb::Sampler::EulerA) => Sampler::EulerA,
-        _ => {
-            return Err(Error::invalid(format!(
-                "sampler: {} is not SAMPLER_LCM or SAMPLER_EULER_A",
-                c.sampler
-            )));
-        }
-    };
+    let sampler = SamplerName::from_proto(c.sampler, c.schedule)
+        .map_err(|e| Error::invalid(e.to_string()))?;
     let rng = match pb::RngSource::try_from(c.rng) {
         Ok(pb::RngSource::Unspecified | pb::RngSource::Cpu) => "cpu",
+        Ok(pb::RngSource::Nv) => "nv",
         Err(_) => return Err(Error::invalid(format!("rng: {} is unknown", c.rng))),
+    };
+    let seed_resize_from = match (c.seed_resize_from_width, c.seed_resize_from_height) {
+        (0, 0) => None,
+        (w, h) => Some((w, h)),
     };
     Ok(CellSpec {
         model: c.model,
@@ -107,10 +105,14 @@ pub(super) fn cell_from_wire(c: pb::RenderCell) -> Result<CellSpec> {
         min_memory_mib: c.min_memory_mib,
         vae: c.vae,
         clip_skip: c.clip_skip.max(1),
+        subseed: c.subseed,
+        subseed_strength: c.subseed_strength,
+        seed_resize_from,
     })
 }
 
 pub(super) fn cell_to_wire(s: CellSpec) -> pb::RenderCell {
+    let (sampler, schedule) = s.sampler.to_proto();
     pb::RenderCell {
         model: s.model,
         loras: s
@@ -127,17 +129,23 @@ pub(super) fn cell_to_wire(s: CellSpec) -> pb::RenderCell {
         seed: s.seed,
         steps: s.steps,
         cfg: s.cfg,
-        sampler: match s.sampler {
-            Sampler::Lcm => pb::Sampler::Lcm,
-            Sampler::EulerA => pb::Sampler::EulerA,
-        } as i32,
+        sampler: sampler as i32,
+        schedule: schedule as i32,
         width: s.width,
         height: s.height,
-        rng: pb::RngSource::Cpu as i32,
+        rng: if s.rng == "nv" {
+            pb::RngSource::Nv
+        } else {
+            pb::RngSource::Cpu
+        } as i32,
         bindings: s.bindings.into_iter().collect(),
         min_memory_mib: s.min_memory_mib,
         vae: s.vae,
         clip_skip: s.clip_skip,
+        subseed: s.subseed,
+        subseed_strength: s.subseed_strength,
+        seed_resize_from_width: s.seed_resize_from.map_or(0, |(w, _)| w),
+        seed_resize_from_height: s.seed_resize_from.map_or(0, |(_, h)| h),
     }
 }
 
@@ -327,6 +335,7 @@ pub(super) fn registration_from_wire(info: Option<pb::WorkerInfo>) -> Result<Wor
         loaded: info.loaded,
         version: info.version,
         storage: info.storage,
+        render_level: info.render_level,
     })
 }
 
@@ -345,5 +354,80 @@ pub(super) fn registration_to_wire(r: WorkerRegistration) -> pb::WorkerInfo {
         loaded: r.loaded,
         version: r.version,
         storage: r.storage,
+        render_level: r.render_level,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire() -> pb::RenderCell {
+        pb::RenderCell {
+            model: "m".into(),
+            prompt: "a fox".into(),
+            seed: 1,
+            steps: 20,
+            cfg: 7.0,
+            sampler: pb::Sampler::Dpmpp2m as i32,
+            schedule: pb::Schedule::Karras as i32,
+            width: 512,
+            height: 512,
+            rng: pb::RngSource::Nv as i32,
+            subseed: 5,
+            subseed_strength: 0.5,
+            seed_resize_from_width: 640,
+            seed_resize_from_height: 448,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn new_cell_fields_round_trip() {
+        let spec = cell_from_wire(wire()).unwrap();
+        assert_eq!(spec.sampler.as_str(), "dpmpp_2m_karras");
+        assert_eq!(spec.rng, "nv");
+        assert_eq!(
+            (spec.subseed, spec.subseed_strength, spec.seed_resize_from),
+            (5, 0.5, Some((640, 448)))
+        );
+        let back = cell_to_wire(spec);
+        let w = wire();
+        assert_eq!(
+            (back.sampler, back.schedule, back.rng, back.subseed),
+            (w.sampler, w.schedule, w.rng, w.subseed)
+        );
+        assert_eq!(
+            (back.seed_resize_from_width, back.seed_resize_from_height),
+            (640, 448)
+        );
+        // An older client's cell: value 2 is diffusers' Euler a, no schedule, CPU noise.
+        let old = pb::RenderCell {
+            sampler: 2,
+            schedule: 0,
+            rng: 0,
+            subseed: 0,
+            subseed_strength: 0.0,
+            seed_resize_from_width: 0,
+            seed_resize_from_height: 0,
+            ..wire()
+        };
+        let spec = cell_from_wire(old).unwrap();
+        assert_eq!(spec.sampler, SamplerName::EULER_A_DIFFUSERS);
+        assert_eq!((spec.rng.as_str(), spec.seed_resize_from), ("cpu", None));
+        assert_eq!(spec.render_level(), 0);
+    }
+
+    #[test]
+    fn bad_wire_samplers_name_the_field() {
+        for (sampler, schedule, want) in [(0, 0, "sampler"), (99, 0, "sampler"), (1, 2, "Karras")] {
+            let c = pb::RenderCell {
+                sampler,
+                schedule,
+                ..wire()
+            };
+            let e = cell_from_wire(c).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

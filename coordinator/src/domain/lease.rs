@@ -27,12 +27,16 @@ pub struct Caps {
     pub max_pixels: i64,
     /// Device memory, MiB.
     pub memory_mib: i64,
+    /// The render features it understands (`kiln_proto::sampler::RENDER_LEVEL`).
+    pub render_level: i64,
 }
 
 impl Caps {
     /// Whether a worker with these capabilities can render `c`.
     pub fn allows(&self, c: &AvailableCell) -> bool {
-        c.pixels <= self.max_pixels && c.min_memory_mib <= self.memory_mib
+        c.pixels <= self.max_pixels
+            && c.min_memory_mib <= self.memory_mib
+            && c.render_level <= self.render_level
     }
 }
 
@@ -45,6 +49,8 @@ pub struct AvailableCell {
     pub pixels: i64,
     /// Least device memory it needs, MiB.
     pub min_memory_mib: i64,
+    /// Least worker render level that renders it.
+    pub render_level: i64,
     /// What affinity needs of it.
     pub candidate: Candidate,
 }
@@ -60,6 +66,8 @@ pub struct LeasePick {
     pub head: Option<i64>,
     /// Lease length, ms.
     pub lease_ttl_ms: i64,
+    /// The worker's render level: the store leases no picked cell that needs more.
+    pub render_level: i64,
 }
 
 impl LeasePick {

@@ -159,6 +159,9 @@ pub struct WorkerRegistration {
     pub version: String,
     /// Where it stores images: the only storage its results may name.
     pub storage: String,
+    /// The render features it understands (`kiln_proto::sampler::RENDER_LEVEL`; 0 from
+    /// workers older than levels).
+    pub render_level: u32,
 }
 
 /// A registered worker.

@@ -160,7 +160,7 @@ pub fn spec_value(spec: &CellSpec, key: &str) -> Option<String> {
         "seed" => spec.seed.to_string(),
         "cfg" => format!("{}", spec.cfg),
         "steps" => spec.steps.to_string(),
-        "sampler" => spec.sampler.as_str().into(),
+        "sampler" => spec.sampler.as_str(),
         "model" => spec.model.clone(),
         "prompt" => spec.prompt.clone(),
         "negative" | "negative_prompt" => spec.negative_prompt.clone(),
@@ -198,7 +198,6 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::sweep::Sampler;
 
     fn spec(seed: u64, cfg: f32, animal: Option<&str>) -> CellSpec {
         let mut bindings = BTreeMap::new();
@@ -213,7 +212,7 @@ mod tests {
             seed,
             steps: 4,
             cfg,
-            sampler: Sampler::EulerA,
+            sampler: "Euler a".parse().unwrap(),
             width: 512,
             height: 768,
             rng: "cpu".into(),
@@ -221,6 +220,9 @@ mod tests {
             min_memory_mib: 0,
             vae: String::new(),
             clip_skip: 1,
+            subseed: 0,
+            subseed_strength: 0.0,
+            seed_resize_from: None,
         }
     }
 

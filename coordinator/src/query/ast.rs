@@ -223,7 +223,7 @@ columns! {
     Steps = "steps", Int;
     /// Guidance scale, rounded to 4 decimals.
     Cfg = "cfg", Float;
-    /// Sampler (`lcm`, `euler_a`).
+    /// Sampler, by kiln's name (`lcm`, `euler_a`, `dpmpp_2m_karras`, `euler_a_diffusers`).
     Sampler = "sampler", Text;
     /// Width in pixels.
     Width = "width", Int;

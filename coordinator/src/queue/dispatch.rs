@@ -259,6 +259,7 @@ mod tests {
                 loaded: vec![],
                 version: "test".into(),
                 storage: "file:///tmp/kiln-test".into(),
+                render_level: 0,
             })
             .await
             .unwrap()

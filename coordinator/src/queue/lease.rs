@@ -33,7 +33,9 @@ impl Queue {
                 self.leased(worker, &[]);
                 return Ok(Vec::new());
             }
-            let out = self.write_lease(self.lease_pick(worker, &pick), now).await;
+            let out = self
+                .write_lease(self.lease_pick(worker, &w, &pick), now)
+                .await;
             pick.settle(out.is_ok());
             let leased = out?;
             if !leased.is_empty() {
@@ -114,6 +116,7 @@ impl Queue {
             caps: Caps {
                 max_pixels: w.max_pixels,
                 memory_mib: w.memory_mib,
+                render_level: w.render_level,
             },
             loaded: &w.loaded,
         };
@@ -125,12 +128,13 @@ impl Queue {
             .await
     }
 
-    pub(super) fn lease_pick(&self, worker: WorkerId, pick: &Pick) -> LeasePick {
+    pub(super) fn lease_pick(&self, worker: WorkerId, w: &KnownWorker, pick: &Pick) -> LeasePick {
         LeasePick {
             worker,
             ids: pick.ids.clone(),
             head: pick.head,
             lease_ttl_ms: self.cfg.lease_ttl_ms,
+            render_level: w.render_level,
         }
     }
 
@@ -166,6 +170,7 @@ impl Queue {
         let k = KnownWorker {
             max_pixels: row.info.max_pixels,
             memory_mib: row.info.memory_mib,
+            render_level: i64::from(row.info.render_level),
             loaded: row.info.loaded.into_iter().collect(),
             written_at: now,
         };

@@ -147,6 +147,7 @@ const HEAVY_AT_ONCE: usize = 2;
 struct KnownWorker {
     max_pixels: i64,
     memory_mib: i64,
+    render_level: i64,
     loaded: HashSet<String>,
     written_at: Millis,
 }
@@ -379,6 +380,7 @@ impl Queue {
             KnownWorker {
                 max_pixels: row.info.max_pixels,
                 memory_mib: row.info.memory_mib,
+                render_level: i64::from(row.info.render_level),
                 loaded: row.info.loaded.into_iter().collect(),
                 written_at: now,
             },

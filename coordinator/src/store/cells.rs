@@ -53,22 +53,26 @@ impl Store {
         let caps = caps.unwrap_or(Caps {
             max_pixels: i64::MAX,
             memory_mib: i64::MAX,
+            render_level: i64::MAX,
         });
         // Two statements rather than one with `$n IS NULL OR …`, so that the row-value bound
         // starts the `cells_fetch` scan at `after` (and Postgres's generic plan does too).
         let after_sql = match after {
             None => "",
-            Some(_) => "AND (priority, scheduled_at, id) > ($4, $5, $6) ",
+            Some(_) => "AND (priority, scheduled_at, id) > ($5, $6, $7) ",
         };
+        // The caps are a filter on the rows `cells_fetch` walks in queue order.
         let mut stmt = Stmt::new(format!(
-            "SELECT id, priority, scheduled_at, pixels, min_memory_mib, affinity_key, \
-             last_failed_worker FROM {} WHERE state = 'available' AND pixels <= $1 \
-             AND min_memory_mib <= $2 {after_sql}ORDER BY priority, scheduled_at, id LIMIT $3",
+            "SELECT id, priority, scheduled_at, pixels, min_memory_mib, render_level, \
+             affinity_key, last_failed_worker FROM {} WHERE state = 'available' \
+             AND pixels <= $1 AND min_memory_mib <= $2 AND render_level <= $4 \
+             {after_sql}ORDER BY priority, scheduled_at, id LIMIT $3",
             self.db.queue_scan()
         ))
         .bind(caps.max_pixels)
         .bind(caps.memory_mib)
-        .bind(limit as i64);
+        .bind(limit as i64)
+        .bind(caps.render_level);
         if let Some(pos) = after {
             stmt = stmt.bind(pos.priority).bind(pos.scheduled_at).bind(pos.id);
         }

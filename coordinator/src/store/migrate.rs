@@ -29,6 +29,7 @@ const SQLITE: &[Migration] = migrations!("sqlite":
     3 "intake" "0003_intake.sql",
     4 "auth" "0004_auth.sql",
     5 "keepers" "0005_keepers.sql",
+    6 "render_level" "0006_render_level.sql",
 );
 
 const POSTGRES: &[Migration] = migrations!("postgres":
@@ -37,6 +38,7 @@ const POSTGRES: &[Migration] = migrations!("postgres":
     3 "intake" "0003_intake.sql",
     4 "auth" "0004_auth.sql",
     5 "keepers" "0005_keepers.sql",
+    6 "render_level" "0006_render_level.sql",
 );
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS kiln_migrations (

@@ -87,6 +87,7 @@ pub(super) fn available(r: &Row) -> Result<AvailableCell> {
         },
         pixels: r.int("pixels")?,
         min_memory_mib: r.int("min_memory_mib")?,
+        render_level: r.int("render_level")?,
         candidate: Candidate {
             id,
             affinity_key: r.text("affinity_key")?,
@@ -138,6 +139,8 @@ pub(super) fn worker(r: &Row) -> Result<WorkerRow> {
             loaded: parse_loaded(&r.text("loaded")?)?,
             version: r.text("version")?,
             storage: r.text("storage")?,
+            render_level: u32::try_from(r.int("render_level")?)
+                .map_err(|_| Error::Corrupt("workers.render_level out of range".into()))?,
         },
         drained: r.text("state")? == "drained",
         registered_at: r.int("registered_at")?,

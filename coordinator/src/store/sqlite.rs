@@ -26,7 +26,7 @@ use crate::domain::rows::CellRow;
 use crate::sweep::NewCell;
 use crate::{Error, Result};
 
-/// Rows per multi-row INSERT (24 columns each stays far below SQLite's variable limit).
+/// Rows per multi-row INSERT (25 columns each stays far below SQLite's variable limit).
 const INSERT_BATCH: usize = 400;
 
 /// Opens (creating) the database file at `url`.
@@ -69,8 +69,8 @@ pub(super) async fn insert_cells(
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO cells (sweep_id, number, cell_key, spec, affinity_key, priority, \
              pixels, min_memory_mib, model, prompt, negative_prompt, seed, steps, cfg, \
-             sampler, width, height, bindings, state, attempt, max_attempts, errors, \
-             scheduled_at, created_at) ",
+             sampler, width, height, bindings, render_level, state, attempt, max_attempts, \
+             errors, scheduled_at, created_at) ",
         );
         qb.push_values(chunk, |mut q, c| {
             let s = &c.spec;
@@ -92,6 +92,7 @@ pub(super) async fn insert_cells(
                 .push_bind(i64::from(s.width))
                 .push_bind(i64::from(s.height))
                 .push_bind(c.bindings_json.clone())
+                .push_bind(i64::from(s.render_level()))
                 .push_bind(b.state.to_string())
                 .push_bind(0i64)
                 .push_bind(b.max_attempts)
@@ -113,6 +114,8 @@ pub(super) async fn lease(
 ) -> Result<Vec<LeasedCell>> {
     let expires = now.plus(p.lease_ttl_ms);
     let ids_json = serde_json::to_string(&p.ids).map_err(|e| Error::Corrupt(e.to_string()))?;
+    // The render level is the store's word, not only the dispatcher's: a cell a worker cannot
+    // render stays available for another, whatever was picked.
     // `+state`: the state test must not use an index. Without statistics SQLite otherwise
     // walks every available cell through `cells_state_finished` (state = ?) and tests each id
     // against the list, instead of looking the few ids up by rowid: O(queue) per lease.
@@ -121,12 +124,13 @@ pub(super) async fn lease(
          lease_owner = $2, lease_expires_at = $3, heartbeat_at = $1, progress_step = NULL, \
          progress_total = NULL \
          WHERE id IN (SELECT value FROM json_each($4)) AND +state = 'available' \
-         RETURNING {LEASED_COLUMNS}"
+         AND render_level <= $5 RETURNING {LEASED_COLUMNS}"
     ))
     .bind(now.0)
     .bind(p.worker.0)
     .bind(expires.0)
     .bind(ids_json)
+    .bind(p.render_level)
     .fetch_all(super::db::On::Sqlite(conn))
     .await?;
     rows.iter()

@@ -11,7 +11,7 @@ use crate::{Error, Result};
 
 /// The columns of a [`WorkerRow`] but its recent completions.
 const WORKER_COLUMNS: &str = "id, name, device_kind, device_model, memory_mib, max_pixels, \
-     loaded, version, storage, state, registered_at, last_seen_at";
+     loaded, version, storage, state, registered_at, last_seen_at, render_level";
 
 fn to_json(loaded: &[String]) -> Result<String> {
     serde_json::to_string(loaded).map_err(|e| Error::Corrupt(e.to_string()))
@@ -27,8 +27,9 @@ impl Store {
     ) -> Result<WorkerId> {
         let id = Stmt::new(
             "INSERT INTO workers (name, device_kind, device_model, memory_mib, max_pixels, \
-             loaded, version, storage, session_hash, state, registered_at, last_seen_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10, 'active', $8, $8) RETURNING id",
+             loaded, version, storage, session_hash, state, registered_at, last_seen_at, \
+             render_level) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $10, 'active', $8, $8, $11) RETURNING id",
         )
         .bind(&r.name)
         .bind(r.device_kind.as_str())
@@ -40,6 +41,7 @@ impl Store {
         .bind(now.0)
         .bind(&r.storage)
         .bind(session_hash)
+        .bind(i64::from(r.render_level))
         .fetch_one(self.db.writer())
         .await?
         .int(0)?;

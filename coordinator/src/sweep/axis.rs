@@ -3,7 +3,9 @@
 
 use toml::Spanned;
 
-use super::cell::{CellSpec, MAX_REF_BYTES, Sampler};
+use kiln_proto::sampler::SamplerName;
+
+use super::cell::{CellSpec, MAX_REF_BYTES, MAX_SUBSEED_STRENGTH, RNG_SOURCES};
 use super::error::{PlanError, PlanErrorKind};
 use super::resolver::{PromptText, Resolver, quote_key};
 use super::spec::SweepFile;
@@ -13,7 +15,7 @@ use super::spec::SweepFile;
 pub(crate) enum Setter {
     Cfg(f32),
     Steps(u32),
-    Sampler(Sampler),
+    Sampler(SamplerName),
     Model(String),
     Vae(String),
     ClipSkip(u32),
@@ -25,6 +27,12 @@ pub(crate) enum Setter {
     Prompt(usize),
     /// (index into the LoRA stack, strength)
     LoraStrength(usize, f32),
+    Subseed(u64),
+    SubseedStrength(f32),
+    /// (width, height)
+    SeedResizeFrom(u32, u32),
+    /// One of [`RNG_SOURCES`].
+    Rng(&'static str),
 }
 
 impl Setter {
@@ -47,6 +55,10 @@ impl Setter {
                     l.strength = *s;
                 }
             }
+            Setter::Subseed(v) => cell.subseed = *v,
+            Setter::SubseedStrength(v) => cell.subseed_strength = *v,
+            Setter::SeedResizeFrom(w, h) => cell.seed_resize_from = Some((*w, *h)),
+            Setter::Rng(v) => (*v).clone_into(&mut cell.rng),
         }
     }
 }
@@ -81,6 +93,10 @@ const AXES: &[&str] = &[
     "height",
     "negative_prompt",
     "prompt",
+    "subseed",
+    "subseed_strength",
+    "seed_resize_from",
+    "rng",
 ];
 
 impl Resolver<'_> {
@@ -105,6 +121,10 @@ impl Resolver<'_> {
                 "vae" => &[("vae", f.vae.is_some())],
                 "clip_skip" => &[("clip_skip", f.clip_skip.is_some())],
                 "negative_prompt" => &[("negative_prompt", f.negative_prompt.is_some())],
+                "subseed" => &[("subseed", f.subseed.is_some())],
+                "subseed_strength" => &[("subseed_strength", f.subseed_strength.is_some())],
+                "seed_resize_from" => &[("seed_resize_from", f.seed_resize_from.is_some())],
+                "rng" => &[("rng", f.rng.is_some())],
                 "prompt" => &[
                     ("prompt", f.prompt.is_some()),
                     ("prompts", f.prompts.is_some()),
@@ -183,6 +203,24 @@ impl Resolver<'_> {
                             Setter::Model(m.to_string())
                         }
                     }
+                    ("subseed", _) => Setter::Subseed(self.val(
+                        span.clone(),
+                        &vpath,
+                        integer(value).and_then(subseed),
+                    )?),
+                    ("subseed_strength", _) => Setter::SubseedStrength(self.val(
+                        span.clone(),
+                        &vpath,
+                        number(value).and_then(subseed_strength),
+                    )?),
+                    ("seed_resize_from", _) => {
+                        let (w, h) =
+                            self.val(span.clone(), &vpath, string(value).and_then(size))?;
+                        Setter::SeedResizeFrom(w, h)
+                    }
+                    ("rng", _) => {
+                        Setter::Rng(self.val(span.clone(), &vpath, string(value).and_then(rng))?)
+                    }
                     ("clip_skip", _) => Setter::ClipSkip(self.val(
                         span.clone(),
                         &vpath,
@@ -204,7 +242,12 @@ impl Resolver<'_> {
                 };
                 out.push(AxisValue {
                     binding: match &set {
-                        Setter::Cfg(v) | Setter::LoraStrength(_, v) => format!("{v:?}"),
+                        Setter::Cfg(v)
+                        | Setter::LoraStrength(_, v)
+                        | Setter::SubseedStrength(v) => format!("{v:?}"),
+                        Setter::Subseed(v) => v.to_string(),
+                        Setter::SeedResizeFrom(w, h) => format!("{w}x{h}"),
+                        Setter::Rng(v) => (*v).to_string(),
                         Setter::Steps(v)
                         | Setter::Width(v)
                         | Setter::Height(v)
@@ -320,13 +363,32 @@ pub(super) fn string(v: &toml::Value) -> Result<&str, String> {
     }
 }
 
-pub(super) fn sampler(s: &str) -> Result<Sampler, String> {
-    match s {
-        "lcm" => Ok(Sampler::Lcm),
-        "euler_a" => Ok(Sampler::EulerA),
-        other => Err(format!(
-            "unknown sampler `{other}` (samplers: lcm, euler_a)"
-        )),
+/// Any spelling [`SamplerName`] parses (`dpmpp_2m_karras`, "DPM++ 2M Karras"); the error
+/// lists kiln's names.
+pub(super) fn sampler(s: &str) -> Result<SamplerName, String> {
+    s.parse()
+        .map_err(|e: kiln_proto::sampler::UnknownSampler| e.to_string())
+}
+
+/// A noise source: one of [`RNG_SOURCES`].
+pub(super) fn rng(s: &str) -> Result<&'static str, String> {
+    RNG_SOURCES
+        .into_iter()
+        .find(|r| *r == s)
+        .ok_or_else(|| format!("unknown noise source `{s}` (rng: cpu, nv)"))
+}
+
+/// A variation seed: 0..=2^63-1 (TOML integers stop there).
+pub(super) fn subseed(v: i64) -> Result<u64, String> {
+    u64::try_from(v).map_err(|_| format!("{v} is outside 0..=2^63-1"))
+}
+
+/// A variation strength, 0..=1.
+pub(super) fn subseed_strength(v: f64) -> Result<f32, String> {
+    if v.is_finite() && (0.0..=f64::from(MAX_SUBSEED_STRENGTH)).contains(&v) {
+        Ok(v as f32)
+    } else {
+        Err(format!("{v} is outside 0..=1"))
     }
 }
 

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use kiln_proto::prompt::{LoraRef, ParsedPrompt};
+use kiln_proto::sampler::{Method, SamplerName, Schedule};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -19,23 +20,26 @@ pub const MAX_BINDINGS: usize = 64;
 /// Longest model/LoRA reference or binding key/value, in bytes.
 pub const MAX_REF_BYTES: usize = 1024;
 
-/// The sampler a cell runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Sampler {
-    /// diffusers' LCMScheduler.
-    Lcm,
-    /// Euler ancestral.
-    EulerA,
-}
+/// The noise sources a cell may name: PyTorch's CPU generator, and its CUDA generator
+/// computed on any device (A1111's "NV").
+pub const RNG_SOURCES: [&str; 2] = ["cpu", "nv"];
 
-impl Sampler {
-    /// The stored spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Sampler::Lcm => "lcm",
-            Sampler::EulerA => "euler_a",
-        }
+/// A variation seed's highest strength (A1111's "Variation strength" 1: all variation seed).
+pub const MAX_SUBSEED_STRENGTH: f32 = 1.0;
+
+/// [`SamplerName`] in `cells.spec` as its kiln name (`dpmpp_2m_karras`); any spelling
+/// [`SamplerName`] parses reads back.
+mod sampler_serde {
+    use kiln_proto::sampler::SamplerName;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(s: &SamplerName, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(&s.as_str())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SamplerName, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -70,13 +74,15 @@ pub struct CellSpec {
     pub steps: u32,
     /// Guidance scale.
     pub cfg: f32,
-    /// Sampler.
-    pub sampler: Sampler,
+    /// Sampler: method and schedule, stored as the kiln name (`dpmpp_2m_karras`).
+    #[serde(with = "sampler_serde")]
+    pub sampler: SamplerName,
     /// Width in pixels.
     pub width: u32,
     /// Height in pixels.
     pub height: u32,
-    /// Noise source; only `"cpu"` (PyTorch's CPU generator) exists today.
+    /// Noise source: `"cpu"` (PyTorch's CPU generator) or `"nv"` (its CUDA generator, on any
+    /// device); see [`RNG_SOURCES`].
     pub rng: String,
     /// Which alternative / wildcard / axis value produced the cell.
     #[serde(default)]
@@ -90,6 +96,25 @@ pub struct CellSpec {
     /// CLIP layers skipped from the end (A1111's "Clip skip"), 1..=4; 1 is the last layer.
     #[serde(default = "last_layer", skip_serializing_if = "is_last_layer")]
     pub clip_skip: u32,
+    /// Variation seed (A1111's "Variation seed"), at most `i64::MAX`; 0 when unset.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub subseed: u64,
+    /// How much of the variation seed's noise is blended in, 0..=1; 0: none.
+    #[serde(default, skip_serializing_if = "is_zero_f32")]
+    pub subseed_strength: f32,
+    /// A1111's "Resize seed from": (width, height) the noise is drawn for; `None`: the cell's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_resize_from: Option<(u32, u32)>,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero_f32(n: &f32) -> bool {
+    *n == 0.0
 }
 
 fn last_layer() -> u32 {
@@ -186,11 +211,34 @@ impl CellSpec {
                 )));
             }
         }
-        if self.rng != "cpu" {
+        if !RNG_SOURCES.contains(&self.rng.as_str()) {
             return Err(Error::invalid(format!(
-                "rng: {:?} is not a known noise source (\"cpu\")",
+                "rng: {:?} is not a known noise source (\"cpu\", \"nv\")",
                 self.rng
             )));
+        }
+        if i64::try_from(self.subseed).is_err() {
+            return Err(Error::invalid(format!(
+                "subseed: {} is past 2^63-1",
+                self.subseed
+            )));
+        }
+        if !self.subseed_strength.is_finite()
+            || !(0.0..=MAX_SUBSEED_STRENGTH).contains(&self.subseed_strength)
+        {
+            return Err(Error::invalid(format!(
+                "subseed_strength: {} is outside 0..=1",
+                self.subseed_strength
+            )));
+        }
+        if let Some((w, h)) = self.seed_resize_from {
+            for (field, v) in [("width", w), ("height", h)] {
+                if !(64..=4096).contains(&v) || v % 8 != 0 {
+                    return Err(Error::invalid(format!(
+                        "seed_resize_from: {field} {v} must be a multiple of 8 in 64..=4096"
+                    )));
+                }
+            }
         }
         if self.bindings.len() > MAX_BINDINGS {
             return Err(Error::invalid(format!(
@@ -235,14 +283,36 @@ impl CellSpec {
         field(&mut h, &self.seed.to_le_bytes());
         field(&mut h, &self.steps.to_le_bytes());
         field(&mut h, &self.cfg.to_bits().to_le_bytes());
-        field(&mut h, self.sampler.as_str().as_bytes());
+        field(&mut h, key_sampler(self.sampler).as_bytes());
         field(&mut h, self.rng.as_bytes());
         // Fields added later hash only when set, so earlier cells keep their identity.
         if self.clip_skip != 1 {
             field(&mut h, b"clip_skip");
             field(&mut h, &self.clip_skip.to_le_bytes());
         }
+        if self.subseed != 0 {
+            field(&mut h, b"subseed");
+            field(&mut h, &self.subseed.to_le_bytes());
+        }
+        if self.subseed_strength != 0.0 {
+            field(&mut h, b"subseed_strength");
+            field(&mut h, &self.subseed_strength.to_bits().to_le_bytes());
+        }
+        if let Some((w, h_px)) = self.seed_resize_from {
+            field(&mut h, b"seed_resize_from");
+            field(&mut h, &w.to_le_bytes());
+            field(&mut h, &h_px.to_le_bytes());
+        }
         h.finalize().into()
+    }
+
+    /// The lowest worker render level ([`kiln_proto::sampler::RENDER_LEVEL`]) that renders
+    /// this cell: its sampler's, and 1 for NV noise, a variation seed or a resized seed.
+    pub fn render_level(&self) -> u32 {
+        let noise = u32::from(
+            self.rng == "nv" || self.subseed_strength > 0.0 || self.seed_resize_from.is_some(),
+        );
+        self.sampler.render_level().max(noise)
     }
 
     /// What a worker must have loaded to reuse a pipeline: model, LoRA stack with strengths,
@@ -283,6 +353,18 @@ impl CellSpec {
             field(h, b"vae");
             field(h, self.vae.as_bytes());
         }
+    }
+}
+
+/// The sampler's word in the identity hash. Cells made before the k-diffusion samplers
+/// hashed their stored name, `lcm` or `euler_a` (which then meant diffusers' Euler a); those
+/// keep exactly that, and every later sampler hashes under a `k-diffusion/` prefix, so
+/// k-diffusion's `euler_a` never takes an old diffusers cell's identity.
+fn key_sampler(s: SamplerName) -> String {
+    match (s.method, s.schedule) {
+        (Method::Lcm, Schedule::Normal) => "lcm".into(),
+        (Method::EulerADiffusers, Schedule::Normal) => "euler_a".into(),
+        _ => format!("k-diffusion/{}", s.as_str()),
     }
 }
 
@@ -413,7 +495,7 @@ pub(crate) mod tests {
             seed,
             steps: 4,
             cfg: 1.0,
-            sampler: Sampler::Lcm,
+            sampler: SamplerName::LCM,
             width: 512,
             height: 512,
             rng: "cpu".into(),
@@ -421,7 +503,113 @@ pub(crate) mod tests {
             min_memory_mib: 0,
             vae: String::new(),
             clip_skip: 1,
+            subseed: 0,
+            subseed_strength: 0.0,
+            seed_resize_from: None,
         }
+    }
+
+    /// Keys of cells made before the k-diffusion samplers and variation seeds, computed by
+    /// the code of that time: a plain cell's identity must not move.
+    #[test]
+    fn keys_of_earlier_cells_are_unchanged() {
+        let mut old = Sha256::new();
+        old.update(b"kiln.cell.v1\0");
+        let s = spec(7);
+        s.hash_pipeline(&mut old);
+        for part in [s.prompt.as_bytes(), s.negative_prompt.as_bytes()] {
+            field(&mut old, part);
+        }
+        field(&mut old, &7u64.to_le_bytes());
+        field(&mut old, &4u32.to_le_bytes());
+        field(&mut old, &1.0f32.to_bits().to_le_bytes());
+        field(&mut old, b"euler_a");
+        field(&mut old, b"cpu");
+        let old = hex::encode(old.finalize());
+        let mut diffusers = spec(7);
+        diffusers.sampler = SamplerName::EULER_A_DIFFUSERS;
+        assert_eq!(
+            diffusers.cell_key(),
+            old,
+            "diffusers' Euler a keeps its old key"
+        );
+        let mut k = diffusers.clone();
+        k.sampler = "euler_a".parse().unwrap();
+        assert_ne!(k.cell_key(), old, "k-diffusion's Euler a is another render");
+        // Unset new fields leave the key alone; set ones change it.
+        let plain = spec(7).cell_key();
+        let mut with = spec(7);
+        with.subseed = 3;
+        assert_ne!(with.cell_key(), plain);
+        let mut with = spec(7);
+        with.subseed_strength = 0.5;
+        assert_ne!(with.cell_key(), plain);
+        let mut with = spec(7);
+        with.seed_resize_from = Some((512, 768));
+        assert_ne!(with.cell_key(), plain);
+        let mut with = spec(7);
+        with.rng = "nv".into();
+        assert_ne!(with.cell_key(), plain);
+    }
+
+    #[test]
+    fn old_specs_read_back_and_new_fields_stay_out_of_plain_ones() {
+        let json = serde_json::to_string(&spec(1)).unwrap();
+        assert!(json.contains(r#""sampler":"lcm""#), "{json}");
+        for absent in ["subseed", "seed_resize_from"] {
+            assert!(!json.contains(absent), "{json}");
+        }
+        let back: CellSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, spec(1));
+        let mut s = spec(1);
+        s.sampler = "DPM++ 2S a Karras".parse().unwrap();
+        s.seed_resize_from = Some((640, 512));
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#""sampler":"dpmpp_2s_a_karras""#), "{json}");
+        assert_eq!(serde_json::from_str::<CellSpec>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn render_levels() {
+        assert_eq!(spec(1).render_level(), 0);
+        let mut s = spec(1);
+        s.sampler = SamplerName::EULER_A_DIFFUSERS;
+        assert_eq!(s.render_level(), 0);
+        s.sampler = "heun".parse().unwrap();
+        assert_eq!(s.render_level(), 1);
+        let mut s = spec(1);
+        s.rng = "nv".into();
+        assert_eq!(s.render_level(), 1);
+        let mut s = spec(1);
+        s.subseed = 9;
+        assert_eq!(
+            s.render_level(),
+            0,
+            "a subseed at strength 0 changes nothing"
+        );
+        s.subseed_strength = 0.25;
+        assert_eq!(s.render_level(), 1);
+        let mut s = spec(1);
+        s.seed_resize_from = Some((512, 512));
+        assert_eq!(s.render_level(), 1);
+    }
+
+    #[test]
+    fn new_fields_are_checked() {
+        let mut s = spec(1);
+        s.subseed_strength = 1.5;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("subseed_strength: 1.5"), "{e}");
+        let mut s = spec(1);
+        s.seed_resize_from = Some((100, 512));
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("seed_resize_from: width 100"), "{e}");
+        let mut s = spec(1);
+        s.rng = "gpu".into();
+        assert!(s.validate().unwrap_err().to_string().contains("rng"));
+        let mut s = spec(1);
+        s.subseed = u64::MAX;
+        assert!(s.validate().unwrap_err().to_string().contains("subseed"));
     }
 
     #[test]

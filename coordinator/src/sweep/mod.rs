@@ -26,7 +26,7 @@ pub mod spec;
 pub mod template;
 pub mod wildcard;
 
-pub use cell::{CellSpec, LoraSpec, NewCell, PlannedCell, Sampler};
+pub use cell::{CellSpec, LoraSpec, NewCell, PlannedCell, RNG_SOURCES};
 pub use error::{Place, PlanError, PlanErrorKind};
 pub use plan::{CellSink, Plan, PlanLimits, PlanSummary, plan, plan_into, referenced_files};
 pub use source::SweepSource;

@@ -374,7 +374,7 @@ fn bind(bindings: &mut BTreeMap<String, String>, key: &str, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::cell::Sampler;
+    use kiln_proto::sampler::SamplerName;
 
     fn run(src: &SweepSource) -> Result<Plan, PlanError> {
         plan(src, &PlanLimits::default(), 7)
@@ -437,17 +437,18 @@ cfg = [1, 2]
         assert_eq!(p.cells.len(), 2 * 3 * 2);
         let got: Vec<_> = p.cells[..6]
             .iter()
-            .map(|c| (c.prompt.as_str(), c.sampler))
+            .map(|c| (c.prompt.as_str(), c.sampler.to_string()))
             .collect();
+        let got: Vec<(&str, &str)> = got.iter().map(|(p, s)| (*p, s.as_str())).collect();
         assert_eq!(
             got,
             [
-                ("x 1", Sampler::Lcm),
-                ("x 2", Sampler::Lcm),
-                ("x 1", Sampler::EulerA),
-                ("x 2", Sampler::EulerA),
-                ("y", Sampler::Lcm),
-                ("y", Sampler::EulerA)
+                ("x 1", "lcm"),
+                ("x 2", "lcm"),
+                ("x 1", "euler_a"),
+                ("x 2", "euler_a"),
+                ("y", "lcm"),
+                ("y", "euler_a")
             ]
         );
         assert_eq!(p.cells[4].bindings["prompt.index"], "2");
@@ -626,6 +627,97 @@ cfg = [1, 2]
             let e = run(&src).unwrap_err().to_string();
             assert!(e.contains(says), "{prompt}: {e}");
         }
+    }
+
+    /// A sampler axis in A1111's and ComfyUI's spellings plans kiln's names, records them in
+    /// the bindings, and the new noise settings work as axes.
+    #[test]
+    fn a1111_samplers_and_variation_seeds_as_axes() {
+        let src = SweepSource::new(
+            "s.toml",
+            r#"
+model = "m"
+prompt = "p"
+seeds = [1]
+subseed = 9
+[axes]
+sampler = ["DPM++ 2S a Karras", "Euler a", "dpmpp_2m_karras", "euler_a_diffusers"]
+subseed_strength = [0, 0.5]
+seed_resize_from = ["512x768"]
+rng = ["cpu", "nv"]
+"#,
+        );
+        let p = run(&src).unwrap();
+        assert_eq!(p.cells.len(), 4 * 2 * 2);
+        let samplers: Vec<_> = p.cells.iter().step_by(4).map(|c| c.sampler).collect();
+        let names: Vec<_> = samplers.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "dpmpp_2s_a_karras",
+                "euler_a",
+                "dpmpp_2m_karras",
+                "euler_a_diffusers"
+            ]
+        );
+        assert_eq!(samplers[3], SamplerName::EULER_A_DIFFUSERS);
+        let c = &p.cells[3];
+        assert_eq!(
+            b(c),
+            [
+                ("rng", "nv"),
+                ("sampler", "dpmpp_2s_a_karras"),
+                ("seed_resize_from", "512x768"),
+                ("subseed_strength", "0.5"),
+            ]
+        );
+        assert_eq!(
+            (
+                c.subseed,
+                c.subseed_strength,
+                c.seed_resize_from,
+                c.rng.as_str()
+            ),
+            (9, 0.5, Some((512, 768)), "nv")
+        );
+        assert_eq!(p.cells[0].render_level(), 1);
+
+        let bad = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nprompt = \"p\"\nseeds = [1]\n[axes]\nsampler = [\"lcm\", \"DDIM\"]\n",
+        );
+        let e = run(&bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with("s.toml:5:19: axes.sampler[1]: unknown sampler `DDIM` (samplers: lcm, "),
+            "{e}"
+        );
+        assert!(e.contains("dpmpp_2s_a_karras"), "{e}");
+    }
+
+    /// A sweep that sets none of the new settings plans the cells (and keys) it did before.
+    #[test]
+    fn plain_sweeps_keep_their_cells() {
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nprompt = \"p\"\nseeds = [1]\nsampler = \"euler_a_diffusers\"\n",
+        );
+        let p = run(&src).unwrap();
+        let c = &p.cells[0];
+        assert_eq!(
+            (
+                c.subseed,
+                c.subseed_strength,
+                c.seed_resize_from,
+                c.rng.as_str()
+            ),
+            (0, 0.0, None, "cpu")
+        );
+        assert_eq!(c.render_level(), 0);
+        let mut explicit = c.spec.clone();
+        explicit.subseed = 0;
+        explicit.subseed_strength = 0.0;
+        explicit.seed_resize_from = None;
+        assert_eq!(explicit.cell_key(), c.cell_key);
     }
 
     #[test]

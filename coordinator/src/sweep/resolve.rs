@@ -8,8 +8,12 @@ use std::ops::Range;
 
 use toml::Spanned;
 
-use super::axis::{Axis, cfg, clip_skip, dimension, sampler, size, steps, strength};
-use super::cell::{CellSpec, LoraSpec, MAX_REF_BYTES, Sampler};
+use kiln_proto::sampler::SamplerName;
+
+use super::axis::{
+    Axis, cfg, clip_skip, dimension, rng, sampler, size, steps, strength, subseed, subseed_strength,
+};
+use super::cell::{CellSpec, LoraSpec, MAX_REF_BYTES};
 use super::error::{Place, PlanError, PlanErrorKind};
 use super::resolver::{PromptText, Resolver, quote_key};
 use super::source::{Origin, SweepSource, list_lines};
@@ -78,7 +82,7 @@ impl Resolver<'_> {
             seed: 0,
             steps: DEFAULT_STEPS,
             cfg: DEFAULT_CFG,
-            sampler: Sampler::Lcm,
+            sampler: SamplerName::LCM,
             width: DEFAULT_SIZE,
             height: DEFAULT_SIZE,
             rng: "cpu".into(),
@@ -86,6 +90,9 @@ impl Resolver<'_> {
             min_memory_mib: f.min_memory_mib.as_ref().map_or(0, |m| *m.get_ref()),
             vae: String::new(),
             clip_skip: 1,
+            subseed: 0,
+            subseed_strength: 0.0,
+            seed_resize_from: None,
         };
         if let Some(m) = &f.model {
             self.check_text("model", m, MAX_REF_BYTES)?;
@@ -100,6 +107,22 @@ impl Resolver<'_> {
         }
         if let Some(s) = &f.sampler {
             base.sampler = self.val(s.span(), "sampler", sampler(s.get_ref()))?;
+        }
+        if let Some(s) = &f.subseed {
+            base.subseed = self.val(s.span(), "subseed", subseed(*s.get_ref()))?;
+        }
+        if let Some(s) = &f.subseed_strength {
+            base.subseed_strength =
+                self.val(s.span(), "subseed_strength", subseed_strength(*s.get_ref()))?;
+        }
+        if let Some(s) = &f.seed_resize_from {
+            base.seed_resize_from =
+                Some(self.val(s.span(), "seed_resize_from", size(s.get_ref()))?);
+        }
+        if let Some(r) = &f.rng {
+            rng(r.get_ref())
+                .map(|r| r.clone_into(&mut base.rng))
+                .map_err(|m| self.invalid(r.span(), "rng", &m))?;
         }
         if let Some(s) = &f.steps {
             base.steps = self.val(s.span(), "steps", steps(*s.get_ref()))?;
@@ -428,7 +451,7 @@ mod tests {
         assert_eq!((s.base.width, s.base.height), (512, 768));
         assert_eq!(
             (s.base.sampler, s.base.steps, s.base.cfg),
-            (Sampler::EulerA, 20, 7.0)
+            ("euler_a".parse::<SamplerName>().unwrap(), 20, 7.0)
         );
     }
 
@@ -466,7 +489,7 @@ mod tests {
     fn errors_name_their_place() {
         assert_eq!(
             err(&format!("{BASE}colour = 1\n")),
-            "s.toml:4:1: unknown field `colour`, expected one of `name`, `model`, `loras`, `sampler`, `steps`, `cfg`, `width`, `height`, `size`, `negative_prompt`, `prompt`, `prompts`, `seeds`, `wildcards`, `axes`, `min_memory_mib`, `vae`, `clip_skip`"
+            "s.toml:4:1: unknown field `colour`, expected one of `name`, `model`, `loras`, `sampler`, `steps`, `cfg`, `width`, `height`, `size`, `negative_prompt`, `prompt`, `prompts`, `seeds`, `wildcards`, `axes`, `min_memory_mib`, `vae`, `clip_skip`, `subseed`, `subseed_strength`, `seed_resize_from`, `rng`"
         );
         assert_eq!(
             err(&format!("{BASE}steps = \"4\"\n")),
@@ -535,6 +558,58 @@ mod tests {
         assert!(
             err(&format!("{BASE}[[loras]]\nstrength = 1\n"))
                 .contains("missing: loras[0].name (or loras[0].path)")
+        );
+    }
+
+    #[test]
+    fn samplers_and_variation_seeds() {
+        let s = settings(&format!(
+            "{BASE}sampler = \"DPM++ 2S a Karras\"\nsubseed = 77\nsubseed_strength = 0.25\nseed_resize_from = \"512x768\"\nrng = \"nv\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.base.sampler.as_str(), "dpmpp_2s_a_karras");
+        assert_eq!(
+            (
+                s.base.subseed,
+                s.base.subseed_strength,
+                s.base.seed_resize_from
+            ),
+            (77, 0.25, Some((512, 768)))
+        );
+        assert_eq!(s.base.rng, "nv");
+        let e = err(&format!("{BASE}sampler = \"ddim\"\n"));
+        assert!(
+            e.starts_with("s.toml:4:11: sampler: unknown sampler `ddim` (samplers: lcm, "),
+            "{e}"
+        );
+        assert!(e.contains("dpmpp_2m_karras"), "{e}");
+        assert_eq!(
+            err(&format!("{BASE}subseed_strength = 1.5\n")),
+            "s.toml:4:20: subseed_strength: 1.5 is outside 0..=1"
+        );
+        assert_eq!(
+            err(&format!("{BASE}[axes]\nsubseed_strength = [0.5, -0.1]\n")),
+            "s.toml:5:26: axes.subseed_strength[1]: -0.1 is outside 0..=1"
+        );
+        assert_eq!(
+            err(&format!("{BASE}seed_resize_from = \"500x512\"\n")),
+            "s.toml:4:20: seed_resize_from: 500 must be a multiple of 8 in 64..=4096"
+        );
+        assert!(
+            err(&format!("{BASE}seed_resize_from = \"big\"\n"))
+                .starts_with("s.toml:4:20: seed_resize_from: `big` is not WIDTHxHEIGHT")
+        );
+        assert_eq!(
+            err(&format!("{BASE}rng = \"gpu\"\n")),
+            "s.toml:4:7: rng: unknown noise source `gpu` (rng: cpu, nv)"
+        );
+        assert_eq!(
+            err(&format!("{BASE}subseed = -1\n")),
+            "s.toml:4:11: subseed: -1 is outside 0..=2^63-1"
+        );
+        assert!(
+            err(&format!("{BASE}rng = \"cpu\"\n[axes]\nrng = [\"nv\"]\n"))
+                .contains("`axes.rng` conflicts with `rng`")
         );
     }
 

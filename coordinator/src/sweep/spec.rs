@@ -5,7 +5,9 @@
 //! ```toml
 //! name = "foxes"                          # default: the file's stem
 //! model = "dreamshaper_8.safetensors"
-//! sampler = "lcm"                         # lcm (default) | euler_a
+//! sampler = "lcm"                         # lcm (default), euler, euler_a, heun, dpmpp_2m,
+//!                                         # dpmpp_2s_a (each also `_karras`: dpmpp_2m_karras),
+//!                                         # euler_a_diffusers; or A1111's "DPM++ 2M Karras"
 //! steps = 4                               # default 4
 //! cfg = 1.0                               # default 1.0
 //! size = "512x512"                        # or width = 512, height = 512 (default 512x512)
@@ -14,6 +16,10 @@
 //! clip_skip = 2                           # 1 (default, the last layer) ..= 4
 //! prompt = "a {red|arctic} __animal__"    # or prompts = "prompts.txt", or axes.prompt
 //! seeds = [1, 2]                          # or { from = 1000, count = 8 } or { random = 8 }
+//! subseed = 77                            # A1111's variation seed, 0..=2^63-1 (default 0)
+//! subseed_strength = 0.3                  # 0 (default: off) ..= 1
+//! seed_resize_from = "512x768"            # draw the noise for this size (default: the cell's)
+//! rng = "cpu"                             # cpu (default) | nv (A1111's "NV": CUDA's generator)
 //!
 //! [[loras]]
 //! name = "lcm-lora-sdv1-5.safetensors"    # or path = "…"
@@ -30,7 +36,8 @@
 //! ```
 //!
 //! Axes: `cfg`, `steps`, `sampler`, `model`, `vae`, `clip_skip`, `size`, `width`, `height`,
-//! `negative_prompt`, `prompt` (a list of templates) and `lora.<id>.strength`. A parameter is set in one place:
+//! `negative_prompt`, `prompt` (a list of templates), `subseed`, `subseed_strength`,
+//! `seed_resize_from`, `rng` and `lora.<id>.strength`. A parameter is set in one place:
 //! at the top level *or* as an axis (`size` counts as both `width` and `height`).
 //! `min_memory_mib` (default 0) asks for workers with at least that much device memory.
 
@@ -69,6 +76,10 @@ pub(crate) struct SweepFile {
     pub(super) min_memory_mib: Option<Spanned<u64>>,
     pub(super) vae: Option<Spanned<String>>,
     pub(super) clip_skip: Option<Spanned<i64>>,
+    pub(super) subseed: Option<Spanned<i64>>,
+    pub(super) subseed_strength: Option<Spanned<f64>>,
+    pub(super) seed_resize_from: Option<Spanned<String>>,
+    pub(super) rng: Option<Spanned<String>>,
 }
 
 impl SweepFile {

@@ -100,6 +100,7 @@ async fn leases_lock_in_id_order_whatever_the_pick_order() {
             ids: vec![second, first],
             head: None,
             lease_ttl_ms: 60_000,
+            render_level: 0,
         };
         let now = fx.queue.now();
         let lease = tokio::spawn(async move {

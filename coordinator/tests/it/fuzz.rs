@@ -105,14 +105,19 @@ impl Gen {
             seed: self.u64(),
             steps: self.u32(),
             cfg: self.f32(),
-            sampler: self.0.random_range(-1..4),
+            sampler: self.0.random_range(-1..9),
             width: self.u32(),
             height: self.u32(),
-            rng: self.0.random_range(-1..3),
+            rng: self.0.random_range(-1..4),
             bindings: self.map(),
             min_memory_mib: self.u64(),
             vae: self.text(),
             clip_skip: self.u32(),
+            schedule: self.0.random_range(-1..4),
+            subseed: self.u64(),
+            subseed_strength: self.f32(),
+            seed_resize_from_width: self.u32(),
+            seed_resize_from_height: self.u32(),
         }
     }
 
@@ -325,6 +330,7 @@ async fn fuzz(backend: Backend, seed: u64) {
             loaded: (0..g.0.random_range(0..300)).map(|_| g.text()).collect(),
             version: g.text(),
             storage: g.text(),
+            render_level: g.u32(),
         };
         // Registering changes no session: the fuzz worker keeps its own.
         let mut stranger: Workers =

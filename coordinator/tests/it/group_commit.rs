@@ -214,6 +214,7 @@ async fn one_batch_answers_each_lease_alone(b: Backend) {
         ids: idx.iter().map(|&i| ids[i].0).collect(),
         head: head.map(|i| ids[i].0),
         lease_ttl_ms: 1_000,
+        render_level: 0,
     };
     let (at_a, at_b) = (Millis(T0 + 10), Millis(T0 + 20));
     let picks = [

@@ -84,6 +84,7 @@ fn render_cell(seed: u64) -> pb::RenderCell {
         min_memory_mib: 0,
         vae: String::new(),
         clip_skip: 0,
+        ..Default::default()
     }
 }
 
@@ -128,6 +129,7 @@ async fn register(s: &mut Server) -> u64 {
                 loaded: vec![],
                 version: "test".into(),
                 storage: "file:///tmp/kiln".into(),
+                render_level: kiln_proto::sampler::RENDER_LEVEL,
             }),
         })
         .await

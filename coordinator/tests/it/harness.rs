@@ -9,8 +9,9 @@ use kiln_coordinator::domain::rows::WorkerRegistration;
 use kiln_coordinator::domain::state::DeviceKind;
 use kiln_coordinator::queue::{Queue, QueueConfig, Submission};
 use kiln_coordinator::store::{DatabaseUrl, Store, StoreOptions};
-use kiln_coordinator::sweep::{CellSpec, LoraSpec, Sampler};
+use kiln_coordinator::sweep::{CellSpec, LoraSpec};
 use kiln_proto::WorkerId;
+use kiln_proto::sampler::SamplerName;
 
 /// Declares each named `async fn(Backend)` as two tests, `sqlite::name` and `postgres::name`.
 macro_rules! conformance {
@@ -152,6 +153,7 @@ pub fn registration(name: &str) -> WorkerRegistration {
         loaded: vec![],
         version: "test".into(),
         storage: "file:///tmp/kiln-test".into(),
+        render_level: kiln_proto::sampler::RENDER_LEVEL,
     }
 }
 
@@ -168,7 +170,7 @@ pub fn cell(seed: u64) -> CellSpec {
         seed,
         steps: 4,
         cfg: 1.0,
-        sampler: Sampler::Lcm,
+        sampler: SamplerName::LCM,
         width: 512,
         height: 512,
         rng: "cpu".into(),
@@ -176,6 +178,9 @@ pub fn cell(seed: u64) -> CellSpec {
         min_memory_mib: 0,
         vae: String::new(),
         clip_skip: 1,
+        subseed: 0,
+        subseed_strength: 0.0,
+        seed_resize_from: None,
     }
 }
 

@@ -2,7 +2,8 @@
 //! the filter language on both backends, the gRPC API against a real server on port 0, and
 //! sweep planning from the example files. `group_commit` is the batched writing of completes and leases, and
 //! `intake` the staged insert of large submissions, on both backends; `names` the check that a
-//! query names only sweeps and binding keys that exist; `keeper` starred and rated cells.
+//! query names only sweeps and binding keys that exist; `keeper` starred and rated cells;
+//! `render_level` which workers may lease which cells, and sampler names in the store.
 
 #[macro_use]
 mod harness;
@@ -18,6 +19,7 @@ mod intake;
 mod keeper;
 mod names;
 mod rate;
+mod render_level;
 mod sweep;
 mod web_images;
 mod web_pages;

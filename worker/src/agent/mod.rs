@@ -44,7 +44,7 @@ use self::link::Link;
 use self::renderer::{Item, RenderFailure, Renderer};
 use self::tracked::Tracked;
 use crate::cache::PipelineKey;
-use crate::engine::{Device, LoraSpec, RenderRequest, SamplerKind};
+use crate::engine::{Device, LoraSpec, RenderRequest, RngKind, SamplerName};
 use crate::upload::{RetryPolicy, Storage};
 
 /// Agent settings, checked once by [`AgentConfig::validate`] when the agent starts.
@@ -151,6 +151,7 @@ pub async fn run(
         loaded: vec![],
         version: env!("CARGO_PKG_VERSION").into(),
         storage: storage.url().to_string(),
+        render_level: kiln_proto::sampler::RENDER_LEVEL,
     };
     let link = tokio::select! {
         l = Link::connect(&cfg.coordinator, &cfg.access, info) => l?,
@@ -326,16 +327,20 @@ async fn report(link: &Link, held: &Held, class: pb::FailureClass, msg: String) 
 /// Resolves a leased cell's files and settings (bad input when they cannot be).
 fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
     let cell = task.cell.as_ref().ok_or("leased task has no cell")?;
-    // A sampler this worker does not know is never rendered as another one.
-    let sampler = match pb::Sampler::try_from(cell.sampler) {
-        Ok(pb::Sampler::Lcm) => SamplerKind::Lcm,
-        Ok(pb::Sampler::EulerA) => SamplerKind::EulerAncestral,
-        _ => {
-            return Err(format!(
-                "sampler {} is not one this worker renders (LCM, Euler a)",
-                cell.sampler
-            ));
+    // A sampler (or noise) this worker does not know is never rendered as another one.
+    let sampler = SamplerName::from_proto(cell.sampler, cell.schedule)
+        .map_err(|e| format!("{e}: not a sampler this worker renders"))?;
+    let rng = match pb::RngSource::try_from(cell.rng) {
+        Ok(pb::RngSource::Unspecified | pb::RngSource::Cpu) => RngKind::Cpu,
+        Ok(pb::RngSource::Nv) => RngKind::Nv,
+        Err(_) => return Err(format!("rng: unknown value {}", cell.rng)),
+    };
+    let seed_resize_from = match (cell.seed_resize_from_width, cell.seed_resize_from_height) {
+        (0, 0) => None,
+        (0, _) | (_, 0) => {
+            return Err("seed_resize_from: give both width and height, or neither".into());
         }
+        (w, h) => Some((w, h)),
     };
     let request = RenderRequest {
         prompt: cell.prompt.clone(),
@@ -346,8 +351,12 @@ fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
         sampler,
         width: cell.width,
         height: cell.height,
-        // The wire has no clip skip yet: every cell renders at A1111's default.
         clip_skip: cell.clip_skip.max(1) as usize,
+        rng,
+        subseed: cell.subseed,
+        subseed_strength: cell.subseed_strength,
+        seed_resize_from,
+        ..RenderRequest::default()
     };
     Ok((pipeline_key(cfg, cell)?, request))
 }
@@ -538,12 +547,61 @@ mod tests {
         let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference");
         let cfg = config(fixtures);
         let (_, lcm) = plan(&cfg, &task(pb::Sampler::Lcm as i32)).expect("lcm");
-        assert_eq!(lcm.sampler, SamplerKind::Lcm);
-        let (_, euler) = plan(&cfg, &task(pb::Sampler::EulerA as i32)).expect("euler a");
-        assert_eq!(euler.sampler, SamplerKind::EulerAncestral);
+        assert_eq!(lcm.sampler, SamplerName::LCM);
+        // Value 2, what older coordinators call SAMPLER_EULER_A: diffusers' Euler a.
+        let (_, euler) = plan(&cfg, &task(2)).expect("euler a");
+        assert_eq!(euler.sampler, SamplerName::EULER_A_DIFFUSERS);
         for unknown in [pb::Sampler::Unspecified as i32, 99] {
             let e = plan(&cfg, &task(unknown)).unwrap_err();
-            assert!(e.contains("not one this worker renders"), "{unknown}: {e}");
+            assert!(
+                e.contains("not a sampler this worker renders"),
+                "{unknown}: {e}"
+            );
         }
+        let mut karras_lcm = task(pb::Sampler::Lcm as i32);
+        karras_lcm.cell.as_mut().unwrap().schedule = pb::Schedule::Karras as i32;
+        assert!(plan(&cfg, &karras_lcm).unwrap_err().contains("Karras"));
+        let mut bad = task(pb::Sampler::Lcm as i32);
+        bad.cell.as_mut().unwrap().schedule = 9;
+        assert!(plan(&cfg, &bad).unwrap_err().contains("schedule"));
+        let mut bad = task(pb::Sampler::Lcm as i32);
+        bad.cell.as_mut().unwrap().rng = 9;
+        assert!(plan(&cfg, &bad).unwrap_err().contains("rng"));
+        let mut bad = task(pb::Sampler::Lcm as i32);
+        bad.cell.as_mut().unwrap().seed_resize_from_width = 512;
+        assert!(plan(&cfg, &bad).unwrap_err().contains("seed_resize_from"));
+    }
+
+    #[test]
+    fn a_cell_with_k_diffusion_and_variation_seeds_maps_to_the_request() {
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference");
+        let cfg = config(fixtures);
+        let mut t = task(pb::Sampler::Dpmpp2sA as i32);
+        let c = t.cell.as_mut().unwrap();
+        c.schedule = pb::Schedule::Karras as i32;
+        c.rng = pb::RngSource::Nv as i32;
+        c.subseed = 77;
+        c.subseed_strength = 0.3;
+        c.seed_resize_from_width = 640;
+        c.seed_resize_from_height = 512;
+        let (_, r) = plan(&cfg, &t).expect("plan");
+        assert_eq!(r.sampler.as_str(), "dpmpp_2s_a_karras");
+        assert_eq!(r.rng, RngKind::Nv);
+        assert_eq!(
+            (r.subseed, r.subseed_strength, r.seed_resize_from),
+            (77, 0.3, Some((640, 512)))
+        );
+        // Unset, they are the defaults: CPU noise, no variation, the cell's own size.
+        let (_, plain) = plan(&cfg, &task(pb::Sampler::Euler as i32)).expect("plan");
+        assert_eq!(plain.sampler, "euler".parse().unwrap());
+        assert_eq!(plain.rng, RngKind::Cpu);
+        assert_eq!(
+            (
+                plain.subseed,
+                plain.subseed_strength,
+                plain.seed_resize_from
+            ),
+            (0, 0.0, None)
+        );
     }
 }

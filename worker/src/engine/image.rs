@@ -1,13 +1,15 @@
-//! Turning decoded VAE output into 8-bit RGB and PNG files with A1111-style metadata.
+//! Turning decoded VAE output into 8-bit RGB and PNG files with A1111-style metadata, and
+//! 8-bit RGB back into VAE encoder input.
 //!
-//! Owns the pixel conversion diffusers uses (`(x/2 + 0.5).clamp(0, 1)`, `·255`, numpy's
-//! round-half-to-even), the A1111 "infotext" that A1111's PNG Info and Civitai parse
-//! (`parameters` text chunk), and PNG encoding/decoding. It knows nothing of models or
-//! sampling beyond the values it prints.
+//! Owns the pixel conversions diffusers uses (`(x/2 + 0.5).clamp(0, 1)`, `·255`, numpy's
+//! round-half-to-even; and back, `x/255·2 − 1`), the A1111 "infotext" that A1111's PNG Info
+//! and Civitai parse (`parameters` text chunk), and PNG encoding/decoding. It knows nothing of
+//! models or sampling beyond the values it prints.
 
 use std::io::Cursor;
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::load::weights::HostTensor;
 use crate::engine::model::{LoadedLora, LoadedVae, UsedInversion};
 
 /// An 8-bit RGB image, rows top to bottom, pixels `[r, g, b]`.
@@ -47,6 +49,31 @@ pub fn to_rgb8(decoded: &[f32], width: u32, height: u32) -> Result<RgbImage> {
     })
 }
 
+/// One image as the VAE encoder takes it (`[1, 3, h, w]`, planar, in [-1, 1]), exactly as
+/// diffusers' `VaeImageProcessor.preprocess` makes it from a PIL image of a size that needs no
+/// resizing (`np.array(img).astype(float32) / 255`, then `2x − 1`) and as A1111's img2img does
+/// (`/ 255.0`, then `image * 2 - 1`). Resizing to a multiple of 8 is the caller's.
+pub fn to_vae_input(image: &RgbImage) -> Result<HostTensor> {
+    let (w, h) = (image.width as usize, image.height as usize);
+    let plane = w * h;
+    if image.pixels.len() != 3 * plane {
+        return Err(EngineError::InvalidRequest(format!(
+            "{} bytes do not make a {w}×{h} RGB image",
+            image.pixels.len()
+        )));
+    }
+    let mut data = vec![0f32; 3 * plane];
+    for (i, px) in image.pixels.chunks_exact(3).enumerate() {
+        for (c, &v) in px.iter().enumerate() {
+            data[c * plane + i] = f32::from(v) / 255.0 * 2.0 - 1.0;
+        }
+    }
+    Ok(HostTensor {
+        shape: vec![1, 3, h, w],
+        data,
+    })
+}
+
 /// The generation parameters written into a PNG, in A1111's vocabulary.
 #[derive(Clone, Debug)]
 pub struct Infotext<'a> {
@@ -83,6 +110,38 @@ pub struct Infotext<'a> {
     /// Whether the prompt's and negative prompt's conditionings were padded to the same number
     /// of chunks (A1111's `pad_cond_uncond` option, printed as `Pad conds: True`).
     pub pad_conds: bool,
+    /// The generator's A1111 name (`CPU`, `NV`).
+    pub rng: &'a str,
+    /// Variation seed and strength, when the strength is above 0.
+    pub variation: Option<(u64, f32)>,
+    /// "Resize seed from" width and height.
+    pub seed_resize_from: Option<(u32, u32)>,
+    /// `Denoising strength` of an img2img render or of the hires pass.
+    pub denoise: Option<f32>,
+    /// The hires fix's settings, when it ran.
+    pub hires: Option<HiresText>,
+}
+
+/// The hires fix as A1111 records it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HiresText {
+    /// `Hires upscale: 2` when given as a scale, else `Hires resize: 1024x768`.
+    pub size: HiresSize,
+    /// `Hires steps`, printed when not 0 (0: the first pass's).
+    pub steps: usize,
+    /// `Hires upscaler`.
+    pub upscaler: &'static str,
+    /// `Hires sampler`, printed when it differs from the first pass's.
+    pub sampler: Option<String>,
+}
+
+/// How the hires fix's size was asked for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum HiresSize {
+    /// A scale of the first pass's size.
+    Scale(f32),
+    /// A width and height.
+    Resize(u32, u32),
 }
 
 /// `name: hash, …` as A1111's `TI hashes` lists embeddings: `:` and `,` stripped from each name,
@@ -124,6 +183,16 @@ impl Infotext<'_> {
             fields.push(("VAE hash", vae.hash.chars().take(10).collect()));
             fields.push(("VAE", vae.name.clone()));
         }
+        if let Some((subseed, strength)) = self.variation {
+            fields.push(("Variation seed", subseed.to_string()));
+            fields.push(("Variation seed strength", strength.to_string()));
+        }
+        if let Some((w, h)) = self.seed_resize_from {
+            fields.push(("Seed resize from", format!("{w}x{h}")));
+        }
+        if let Some(denoise) = self.denoise {
+            fields.push(("Denoising strength", denoise.to_string()));
+        }
         if self.clip_skip > 1 {
             fields.push(("Clip skip", self.clip_skip.to_string()));
         }
@@ -143,8 +212,21 @@ impl Infotext<'_> {
         if !self.inversions.is_empty() {
             fields.push(("TI hashes", name_hashes(self.inversions)));
         }
-        // Torch's CPU generator, which A1111 calls "CPU".
-        fields.push(("RNG", "CPU".to_owned()));
+        // A1111 writes the generator unless it is its default, the GPU's own; kiln's never is.
+        fields.push(("RNG", self.rng.to_owned()));
+        if let Some(hires) = &self.hires {
+            match hires.size {
+                HiresSize::Scale(scale) => fields.push(("Hires upscale", scale.to_string())),
+                HiresSize::Resize(w, h) => fields.push(("Hires resize", format!("{w}x{h}"))),
+            }
+            if hires.steps > 0 {
+                fields.push(("Hires steps", hires.steps.to_string()));
+            }
+            fields.push(("Hires upscaler", hires.upscaler.to_owned()));
+            if let Some(sampler) = &hires.sampler {
+                fields.push(("Hires sampler", sampler.clone()));
+            }
+        }
         // Like `Lora hashes`, one of A1111's extra generation parameters.
         if self.pad_conds {
             fields.push(("Pad conds", "True".to_owned()));
@@ -287,7 +369,37 @@ mod tests {
             inversions: &[],
             clip_skip: 1,
             pad_conds: false,
+            rng: "CPU",
+            variation: None,
+            seed_resize_from: None,
+            denoise: None,
+            hires: None,
         }
+    }
+
+    #[test]
+    fn variation_seeds_and_the_hires_fix_are_recorded_as_a1111_does() {
+        let mut info = sample(&[]);
+        info.sampler = "DPM++ 2S a Karras";
+        info.variation = Some((7, 0.3));
+        info.seed_resize_from = Some((512, 768));
+        info.rng = "NV";
+        info.hires = Some(HiresText {
+            size: HiresSize::Scale(1.5),
+            steps: 4,
+            upscaler: "Latent",
+            sampler: Some("Euler".to_owned()),
+        });
+        info.denoise = Some(0.55);
+        assert_eq!(
+            info.render(),
+            "a photograph of an astronaut riding a horse\n\
+             Steps: 4, Sampler: DPM++ 2S a Karras, CFG scale: 1, Seed: 42, Size: 64x64, \
+             Model hash: 0123456789, Model: tiny-sd15, Variation seed: 7, \
+             Variation seed strength: 0.3, Seed resize from: 512x768, Denoising strength: 0.55, \
+             RNG: NV, Hires upscale: 1.5, Hires steps: 4, Hires upscaler: Latent, \
+             Hires sampler: Euler"
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Owns, by submodule: [`load`] (model files, LoRAs, textual-inversion embedding files),
 //! [`text`] (tokenizer, prompt conditioning, the embedding database), the candle networks (CLIP
-//! text encoder, UNet, VAE decoder, in `nets`), drawing noise ([`rng`]), stepping samplers
+//! text encoder, UNet, VAE decoder, in `nets`), drawing noise ([`rng`], each image's stream in
+//! [`noise`]), stepping samplers
 //! ([`scheduler`]), one model built on a device ([`model`]), the render loop ([`pipeline`]) and
 //! PNG output ([`image`]). candle types never leave this module: the public API speaks
 //! [`HostTensor`], paths and plain numbers. It must never know about leases, gRPC, databases or
@@ -10,24 +11,35 @@
 
 pub mod device;
 pub mod error;
+pub mod hires;
 pub mod image;
+pub mod lanczos;
 pub mod load;
 pub mod model;
 mod nets;
+pub mod noise;
+mod pass;
+pub mod philox;
 pub mod pipeline;
 pub mod profile;
 pub mod rng;
 pub mod scheduler;
 pub mod text;
 pub mod threads;
+pub mod upscale;
 
 pub use device::{Device, DeviceInfo};
 pub use error::{ComputeError, EngineError};
+pub use hires::Hires;
+pub use image::{HiresSize, HiresText};
+pub use kiln_proto::hires::{LatentMode, Upscaler};
+pub use kiln_proto::sampler::{Method, SamplerName, Schedule};
 pub use load::base::{self, BaseModel};
 pub use load::inversion::{Inversion, InversionFormat};
 pub use load::lora::{self, LoraSpec};
-pub use model::{LoadedLora, LoadedVae, Model, UsedInversion};
-pub use pipeline::{PhaseTimes, Pipeline, Progress, RenderOutput, RenderRequest, SamplerKind};
+pub use model::{EncodedLatents, LoadedLora, LoadedVae, Model, UsedInversion};
+pub use noise::{NoiseSpec, RngKind};
+pub use pipeline::{InitImage, PhaseTimes, Pipeline, Progress, RenderOutput, RenderRequest};
 pub use text::embeddings::{self, EmbeddingStats};
 pub use text::inversion::InversionDb;
 pub use text::tokenizer;

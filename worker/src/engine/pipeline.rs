@@ -1,18 +1,19 @@
 //! The render loop: a [`Pipeline`] (model + LoRA stack, loaded once) turns
 //! [`RenderRequest`]s into images, as diffusers' `StableDiffusionPipeline` does.
 //!
-//! Owns request validation, classifier-free guidance (CFG ≤ 1: one UNet pass per step and no
-//! unconditional branch; CFG > 1: one batch of `[uncond, cond]`), the seeded noise (initial
-//! latents first, then whatever the sampler draws, from one [`TorchRng`] stream in diffusers'
-//! order), batching requests that share everything but prompt and seed into one UNet batch
-//! (each with its own noise stream, so each image is its single render), the prompt-embedding
-//! cache and putting each request's conditioning together (A1111 prompt syntax, textual-inversion
-//! embeddings from the database its caller sets, clip skip, the negative prompt padded to the
-//! prompt's chunk count), phase timings, progress reporting, cancellation, decoding and the image
-//! metadata. It does not know where requests come from or where images go.
+//! Owns request validation, the order of a render (first pass; for the hires fix the latent
+//! upscale and the second pass; decoding), each image's seeded noise (initial latents first,
+//! then whatever the sampler draws, from the image's [`ImageNoise`] stream; the hires pass
+//! starts a fresh stream for the same seeds, as A1111 does), batching requests that share
+//! everything but prompt and seed into one UNet batch (each with its own noise stream, so each
+//! image is its single render), the prompt-embedding cache and putting each request's
+//! conditioning together (A1111 prompt syntax, textual-inversion embeddings from the database
+//! its caller sets, clip skip, the negative prompt padded to the prompt's chunk count), phase
+//! timings, cancellation, decoding and the image metadata. Classifier-free guidance and the
+//! model closure samplers call live in the `pass` module. It does not know where requests
+//! come from or where images go.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -22,64 +23,31 @@ use kiln_proto::prompt::{ParsedPrompt, PromptPart};
 
 use crate::engine::device::Device;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::image::{Infotext, RgbImage, encode_png, to_rgb8};
+use crate::engine::hires::{Hires, crop_latents};
+use crate::engine::image::{Infotext, RgbImage, encode_png, to_rgb8, to_vae_input};
 use crate::engine::load::lora::LoraSpec;
 use crate::engine::load::weights::HostTensor;
 use crate::engine::model::{Model, UsedInversion, to_host};
-use crate::engine::rng::TorchRng;
-use crate::engine::scheduler::{EulerAncestralScheduler, LcmScheduler, Sampler};
+use crate::engine::noise::RngKind;
+use crate::engine::noise::{ImageNoise, NoiseSpec};
+use crate::engine::pass::{Pass, StepCount};
+use crate::engine::scheduler::{Img2ImgSteps, KSampler, Sampling};
 use crate::engine::text::conditioning::{self, ContextGroup, Encoded};
 use crate::engine::text::embeddings::{self, EmbeddingCache, EmbeddingStats};
 use crate::engine::text::inversion::InversionDb;
+use crate::engine::upscale::resize_latents;
+use kiln_proto::hires::Upscaler;
+use kiln_proto::sampler::SamplerName;
 
 /// Pixels per latent cell: the VAE upsamples by 8.
 const LATENT_SCALE: u32 = 8;
 
+/// The most steps a hires pass may take (what a sweep allows a first pass).
+pub const MAX_HIRES_STEPS: usize = 150;
+
 /// The largest [`RenderRequest::clip_skip`] (A1111's slider goes to 12; 1–4 is what SD1.5 work
 /// uses).
 pub const MAX_CLIP_SKIP: usize = 4;
-
-/// Which sampler steps the latents.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SamplerKind {
-    /// diffusers' `LCMScheduler`, for LCM-LoRA (4–8 steps, CFG 1–2).
-    #[default]
-    Lcm,
-    /// diffusers' `EulerAncestralDiscreteScheduler` ("Euler a").
-    EulerAncestral,
-}
-
-impl SamplerKind {
-    /// The name A1111 uses in its metadata.
-    pub fn a1111_name(self) -> &'static str {
-        match self {
-            Self::Lcm => "LCM",
-            Self::EulerAncestral => "Euler a",
-        }
-    }
-
-    /// The name kiln uses on the command line and in sweeps.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Lcm => "lcm",
-            Self::EulerAncestral => "euler_a",
-        }
-    }
-}
-
-impl FromStr for SamplerKind {
-    type Err = EngineError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "lcm" => Ok(Self::Lcm),
-            "euler_a" => Ok(Self::EulerAncestral),
-            other => Err(EngineError::InvalidRequest(format!(
-                "unknown sampler {other:?} (expected lcm or euler_a)"
-            ))),
-        }
-    }
-}
 
 /// One image to render.
 #[derive(Clone, Debug, PartialEq)]
@@ -94,8 +62,8 @@ pub struct RenderRequest {
     pub steps: usize,
     /// Classifier-free guidance scale; `<= 1` disables guidance.
     pub cfg_scale: f32,
-    /// The sampler.
-    pub sampler: SamplerKind,
+    /// The sampler: method and schedule.
+    pub sampler: SamplerName,
     /// Image width in pixels, a multiple of 8.
     pub width: u32,
     /// Image height in pixels, a multiple of 8.
@@ -104,6 +72,54 @@ pub struct RenderRequest {
     /// (its output then goes through CLIP's final layer norm). 1, the usual value, is the last
     /// layer; at most [`MAX_CLIP_SKIP`].
     pub clip_skip: usize,
+    /// The noise generator.
+    pub rng: RngKind,
+    /// A1111's "Variation seed": a second seed whose noise is blended in by
+    /// [`subseed_strength`](Self::subseed_strength).
+    pub subseed: u64,
+    /// How much of the variation seed's noise the initial noise holds, `0..=1`: 0 is the plain
+    /// seed's image, 1 the variation seed's.
+    pub subseed_strength: f32,
+    /// A1111's "Resize seed from width/height" in pixels: the noise is drawn at this size and
+    /// placed centred in the image's, so a seed keeps its composition across sizes.
+    pub seed_resize_from: Option<(u32, u32)>,
+    /// A1111's hires fix: a second pass at a larger size.
+    pub hires: Option<Hires>,
+    /// img2img: start from this picture instead of pure noise.
+    pub init_image: Option<InitImage>,
+}
+
+/// The picture an img2img render starts from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InitImage {
+    /// The picture, at the render's size.
+    pub image: RgbImage,
+    /// A1111's "Denoising strength", (0, 1]: how much of it is noised and redrawn (the last
+    /// `int(strength · steps) + 1` steps of the schedule run).
+    pub strength: f32,
+}
+
+impl Default for RenderRequest {
+    /// An LCM render of the empty prompt: 4 steps, CFG 1, 512×512, seed 0.
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            seed: 0,
+            steps: 4,
+            cfg_scale: 1.0,
+            sampler: SamplerName::default(),
+            width: 512,
+            height: 512,
+            clip_skip: 1,
+            rng: RngKind::default(),
+            subseed: 0,
+            subseed_strength: 0.0,
+            seed_resize_from: None,
+            hires: None,
+            init_image: None,
+        }
+    }
 }
 
 impl RenderRequest {
@@ -118,6 +134,21 @@ impl RenderRequest {
                 ));
             }
         }
+        if !(0.0..=1.0).contains(&self.subseed_strength) {
+            return invalid(format!(
+                "variation strength {} is not in 0..=1",
+                self.subseed_strength
+            ));
+        }
+        if let Some((w, h)) = self.seed_resize_from {
+            for (what, value) in [("width", w), ("height", h)] {
+                if value == 0 || !value.is_multiple_of(LATENT_SCALE) {
+                    return invalid(format!(
+                        "resize-seed-from {what} {value} is not a positive multiple of {LATENT_SCALE}"
+                    ));
+                }
+            }
+        }
         if !self.cfg_scale.is_finite() {
             return invalid(format!("CFG scale {} is not finite", self.cfg_scale));
         }
@@ -126,6 +157,33 @@ impl RenderRequest {
                 "clip skip {} is not in 1..={MAX_CLIP_SKIP}",
                 self.clip_skip
             ));
+        }
+        if let Some(hires) = &self.hires {
+            hires.check((self.width, self.height), self.sampler, MAX_HIRES_STEPS)?;
+        }
+        if let Some(init) = &self.init_image {
+            if self.hires.is_some() {
+                return invalid("an img2img render has no hires fix".to_owned());
+            }
+            if (init.image.width, init.image.height) != (self.width, self.height) {
+                return invalid(format!(
+                    "the init image is {}x{} but the render is {}x{}",
+                    init.image.width, init.image.height, self.width, self.height
+                ));
+            }
+            if !(init.strength > 0.0 && init.strength <= 1.0) {
+                return invalid(format!(
+                    "denoising strength {} is not in (0, 1]",
+                    init.strength
+                ));
+            }
+            if !self.sampler.method.is_k_diffusion() {
+                return invalid(format!(
+                    "img2img runs a k-diffusion sampler and `{}` is not one (euler_a, \
+                     dpmpp_2m_karras, ...)",
+                    self.sampler
+                ));
+            }
         }
         self.parse_prompts().map(|_| ())
     }
@@ -146,12 +204,30 @@ impl RenderRequest {
         Ok((prompt, negative))
     }
 
+    /// What decides this image's noise. The resize-from size goes from `(width, height)`
+    /// pixels to `(height, width)` latent cells, floor-divided by 8 as A1111's `ImageRNG` does.
+    pub fn noise_spec(&self) -> NoiseSpec {
+        NoiseSpec {
+            seed: self.seed,
+            rng: self.rng,
+            subseed: self.subseed,
+            subseed_strength: self.subseed_strength,
+            resize_from: self
+                .seed_resize_from
+                .map(|(w, h)| ((h / LATENT_SCALE) as usize, (w / LATENT_SCALE) as usize)),
+        }
+    }
+
     /// Whether `other` can share a UNet batch with this request: same steps, CFG scale,
     /// sampler and size (prompts, clip skip and seeds may differ).
     pub fn batchable_with(&self, other: &RenderRequest) -> bool {
         self.steps == other.steps
             && self.cfg_scale.to_bits() == other.cfg_scale.to_bits()
             && self.sampler == other.sampler
+            && self.rng == other.rng
+            && self.hires == other.hires
+            && self.init_image.as_ref().map(|i| i.strength.to_bits())
+                == other.init_image.as_ref().map(|i| i.strength.to_bits())
             && self.width == other.width
             && self.height == other.height
     }
@@ -180,7 +256,8 @@ pub struct Progress<'a> {
     pub steps: usize,
     /// The timestep just sampled.
     pub timestep: f32,
-    /// This image's latents after this step (`[1, c, h/8, w/8]`, row-major).
+    /// This image's latents after this step (`[1, c, h/8, w/8]`, row-major; during a hires
+    /// pass at the hires size).
     pub latents: &'a [f32],
 }
 
@@ -305,16 +382,25 @@ impl Pipeline {
                 request.clip_skip
             )));
         }
-        self.sampler(request).map(|_| ())
+        self.sampler(request)?;
+        if let Some(hires) = &request.hires {
+            hires.sampling(self.model.schedule(), request.sampler, request.steps)?;
+        }
+        Ok(())
     }
 
-    fn sampler(&self, request: &RenderRequest) -> Result<Box<dyn Sampler>> {
+    fn sampler(&self, request: &RenderRequest) -> Result<Sampling> {
         let schedule = self.model.schedule();
-        Ok(match request.sampler {
-            SamplerKind::Lcm => Box::new(LcmScheduler::new(schedule, request.steps)?),
-            SamplerKind::EulerAncestral => {
-                Box::new(EulerAncestralScheduler::new(schedule, request.steps)?)
-            }
+        Ok(match &request.init_image {
+            Some(init) => Sampling::K(KSampler::img2img(
+                schedule,
+                request.sampler.method,
+                request.sampler.schedule,
+                request.steps,
+                init.strength,
+                Img2ImgSteps::Scaled,
+            )?),
+            None => Sampling::new(schedule, request.sampler, request.steps)?,
         })
     }
 
@@ -382,8 +468,8 @@ impl Pipeline {
     }
 
     /// Renders `request`, calling `on_step` after every step and giving up with
-    /// [`EngineError::Cancelled`] once `cancel` is set (checked before each step and before
-    /// decoding).
+    /// [`EngineError::Cancelled`] once `cancel` is set (checked before each model evaluation
+    /// and before decoding).
     pub fn render(
         &self,
         request: &RenderRequest,
@@ -398,8 +484,9 @@ impl Pipeline {
     /// prompts have different chunk counts). They must share steps, CFG scale, sampler and size
     /// ([`RenderRequest::batchable_with`]); each keeps its own prompt and its own seed's noise
     /// stream, so each image is what [`Pipeline::render`] gives for it alone (up to the last
-    /// bits of float summation order in batched kernels). `on_step` is called
-    /// per image per step; `cancel` is checked before each step and before decoding.
+    /// bits of float summation order in batched kernels). `on_step` is called per image per
+    /// step (the hires pass's steps continue the count); `cancel` is checked before each model
+    /// evaluation and before decoding.
     pub fn render_batch(
         &self,
         requests: &[RenderRequest],
@@ -437,50 +524,85 @@ impl Pipeline {
         let text_encode_ms = ms(started);
 
         let started = Instant::now();
-        let (h, w) = (
+        let (mut h, mut w) = (
             (first.height / LATENT_SCALE) as usize,
             (first.width / LATENT_SCALE) as usize,
         );
         let channels = model.latent_channels();
-        let numel = channels * h * w;
-        let sigma = sampler.init_noise_sigma();
-        let mut rngs: Vec<TorchRng> = requests.iter().map(|r| TorchRng::new(r.seed)).collect();
-        let mut latents: Vec<Vec<f32>> = rngs
-            .iter_mut()
-            .map(|rng| rng.randn(numel).into_iter().map(|z| z * sigma).collect())
+        let pass = Pass {
+            model,
+            groups: &groups,
+            cfg_scale: first.cfg_scale,
+            guided,
+            cancel,
+        };
+        let hires = match &first.hires {
+            Some(hires) => Some((
+                hires,
+                hires.sampling(model.schedule(), first.sampler, first.steps)?,
+            )),
+            None => None,
+        };
+        let total = sampler.steps() + hires.as_ref().map_or(0, |(_, s)| s.steps());
+        let mut noises: Vec<ImageNoise> = requests
+            .iter()
+            .map(|r| ImageNoise::new(&r.noise_spec()))
             .collect();
-        let timesteps = sampler.timesteps().to_vec();
-        for (index, &t) in timesteps.iter().enumerate() {
-            if cancel.is_cancelled() {
-                return Err(EngineError::Cancelled);
-            }
-            let mut eps = vec![0f32; n * numel];
-            for group in &groups {
-                let mut input = Vec::with_capacity(group.images.len() * numel);
-                for &i in &group.images {
-                    input.extend(sampler.scale_model_input(&latents[i], index)?);
+        let sigma = sampler.init_noise_sigma();
+        let mut latents = Vec::with_capacity(n);
+        for (request, noise) in requests.iter().zip(&mut noises) {
+            let z = noise.first([channels, h, w]);
+            // img2img: A1111's `xi = init_latent + noise · sigma_sched[0]`.
+            let start = match &request.init_image {
+                Some(init) => {
+                    let encoded = model.encode_image(&to_vae_input(&init.image)?)?;
+                    let init = encoded.latents().data;
+                    init.iter().zip(&z).map(|(&x, &z)| x + z * sigma).collect()
                 }
-                let input = model.to_device(&HostTensor {
-                    shape: vec![group.images.len(), channels, h, w],
-                    data: input,
-                })?;
-                let out = predict_noise(model, &input, t, &group.context, first.cfg_scale, guided)?;
-                for (j, &i) in group.images.iter().enumerate() {
-                    eps[i * numel..(i + 1) * numel]
-                        .copy_from_slice(&out[j * numel..(j + 1) * numel]);
-                }
+                None => z.into_iter().map(|z| z * sigma).collect(),
+            };
+            latents.push(start);
+        }
+        let count = StepCount { before: 0, total };
+        pass.run(
+            &sampler,
+            &mut latents,
+            &mut noises,
+            [channels, h, w],
+            count,
+            on_step,
+        )?;
+        if let Some((hires, second)) = &hires {
+            // A1111's `sample_hr_pass`: resize the latents, crop to the asked aspect, then an
+            // img2img pass from fresh noise of the same seeds at the new size.
+            let geometry = hires.geometry(first.width, first.height);
+            let Upscaler::Latent(mode) = hires.upscaler;
+            let [uh, uw] = geometry.upscaled;
+            let small = [channels, h, w];
+            [h, w] = geometry.latent();
+            let mut noises: Vec<ImageNoise> = requests
+                .iter()
+                .map(|r| ImageNoise::new(&r.noise_spec()))
+                .collect();
+            let sigma = second.init_noise_sigma();
+            for (l, noise) in latents.iter_mut().zip(&mut noises) {
+                let up = resize_latents(l, small, [uh, uw], mode);
+                let up = crop_latents(&up, [channels, uh, uw], geometry.crop);
+                let z = noise.first([channels, h, w]);
+                *l = up.iter().zip(&z).map(|(&x, &z)| x + z * sigma).collect();
             }
-            for (i, (l, rng)) in latents.iter_mut().zip(&mut rngs).enumerate() {
-                let eps_i = &eps[i * numel..(i + 1) * numel];
-                *l = sampler.step(index, eps_i, l, rng)?.prev_sample;
-                on_step(Progress {
-                    image: i,
-                    step: index + 1,
-                    steps: timesteps.len(),
-                    timestep: t,
-                    latents: l,
-                });
-            }
+            let count = StepCount {
+                before: sampler.steps(),
+                total,
+            };
+            pass.run(
+                second,
+                &mut latents,
+                &mut noises,
+                [channels, h, w],
+                count,
+                on_step,
+            )?;
         }
         if cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
@@ -490,14 +612,15 @@ impl Pipeline {
         // Decoded one at a time: the VAE at full resolution is the largest activation, and a
         // batch of them is what runs a gaming GPU out of memory.
         let started = Instant::now();
+        let (width, height) = (w as u32 * LATENT_SCALE, h as u32 * LATENT_SCALE);
         let mut images = Vec::with_capacity(n);
-        for (request, l) in requests.iter().zip(latents) {
+        for l in latents {
             let final_latents = model.to_device(&HostTensor {
                 shape: vec![1, channels, h, w],
                 data: l,
             })?;
             let decoded = to_host(&model.decode_latents(&final_latents)?)?;
-            images.push(to_rgb8(&decoded.data, request.width, request.height)?);
+            images.push(to_rgb8(&decoded.data, width, height)?);
         }
         let vae_ms = ms(started);
 
@@ -541,7 +664,7 @@ impl Pipeline {
             prompt: &request.prompt,
             negative_prompt: &request.negative_prompt,
             steps: request.steps,
-            sampler: request.sampler.a1111_name(),
+            sampler: &request.sampler.a1111_name(),
             cfg_scale: request.cfg_scale,
             seed: request.seed,
             width: request.width,
@@ -553,6 +676,13 @@ impl Pipeline {
             inversions,
             clip_skip: request.clip_skip,
             pad_conds: padded,
+            rng: request.rng.a1111_name(),
+            variation: (request.subseed_strength > 0.0)
+                .then_some((request.subseed, request.subseed_strength)),
+            seed_resize_from: request.seed_resize_from,
+            denoise: (request.hires.as_ref().map(|h| h.denoise))
+                .or(request.init_image.as_ref().map(|i| i.strength)),
+            hires: request.hires.as_ref().map(|h| h.text(request.sampler)),
         }
         .render();
         RenderOutput {
@@ -567,30 +697,4 @@ impl Pipeline {
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
-}
-
-/// The noise the sampler steps with, for a batch of `b` latents (`[b, c, h, w]`), row-major:
-/// one UNet pass (which an LCM-distilled UNet conditions on `g`), or when `guided` one batch of
-/// `[uncond × b, cond × b]` combined as diffusers does, `u + g·(c − u)` in f32.
-fn predict_noise(
-    model: &Model,
-    input: &Tensor,
-    t: f32,
-    context: &Tensor,
-    g: f32,
-    guided: bool,
-) -> Result<Vec<f32>> {
-    if !guided {
-        return Ok(to_host(&model.unet_forward(input, t, context, g)?)?.data);
-    }
-    let b = input.dim(0)?;
-    let batch = Tensor::cat(&[input, input], 0)?;
-    let out = model.unet_forward(&batch, t, context, g)?;
-    let uncond = to_host(&out.narrow(0, 0, b)?)?.data;
-    let cond = to_host(&out.narrow(0, b, b)?)?.data;
-    Ok(uncond
-        .iter()
-        .zip(&cond)
-        .map(|(&u, &c)| u + g * (c - u))
-        .collect())
 }

@@ -112,6 +112,20 @@ pub enum NormalKernel {
     Scalar,
 }
 
+/// A stream of standard normal float32 values: what samplers draw their noise from.
+///
+/// Successive calls continue one stream, as successive `torch.randn(..., generator=g)` calls do.
+pub trait Randn {
+    /// The next `numel` values, the row-major flattening of any shape with `numel` elements.
+    fn randn(&mut self, numel: usize) -> Vec<f32>;
+}
+
+impl Randn for TorchRng {
+    fn randn(&mut self, numel: usize) -> Vec<f32> {
+        TorchRng::randn(self, numel)
+    }
+}
+
 /// A seeded normal-noise stream identical to a `torch.Generator("cpu")` used with `torch.randn`.
 ///
 /// Successive [`randn`](Self::randn) calls continue one stream, exactly as successive

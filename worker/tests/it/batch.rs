@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 
 use kiln_worker::engine::{
     BaseModel, Device, HostTensor, LoraSpec, Model, Pipeline, RenderOutput, RenderRequest,
-    SamplerKind,
+    SamplerName,
 };
 
 use crate::fixture::path;
@@ -19,7 +19,7 @@ fn lora(strength: f32) -> Vec<LoraSpec> {
     }]
 }
 
-fn request(prompt: &str, seed: u64, cfg: f32, sampler: SamplerKind) -> RenderRequest {
+fn request(prompt: &str, seed: u64, cfg: f32, sampler: SamplerName) -> RenderRequest {
     RenderRequest {
         prompt: prompt.into(),
         negative_prompt: "blurry".into(),
@@ -30,6 +30,7 @@ fn request(prompt: &str, seed: u64, cfg: f32, sampler: SamplerKind) -> RenderReq
         width: 64,
         height: 48,
         clip_skip: 1,
+        ..RenderRequest::default()
     }
 }
 
@@ -56,9 +57,9 @@ fn a_batch_of_four_renders_each_image_as_its_single_render() {
     let never = AtomicBool::new(false);
     let prompts = ["a red fox", "a red fox", "an arctic fox", "a fennec fox"];
     for (cfg, sampler) in [
-        (1.0, SamplerKind::Lcm),
-        (1.5, SamplerKind::Lcm),
-        (7.5, SamplerKind::EulerAncestral),
+        (1.0, SamplerName::LCM),
+        (1.5, SamplerName::LCM),
+        (7.5, SamplerName::EULER_A_DIFFUSERS),
     ] {
         let requests: Vec<RenderRequest> = prompts
             .iter()
@@ -91,7 +92,7 @@ fn a_batch_of_four_renders_each_image_as_its_single_render() {
 #[test]
 fn a_batch_of_unlike_requests_is_refused() {
     let pipeline = Pipeline::load(&path("tiny-sd15"), &[], Device::Cpu).expect("loads");
-    let a = request("a", 1, 1.0, SamplerKind::Lcm);
+    let a = request("a", 1, 1.0, SamplerName::LCM);
     let mut b = a.clone();
     b.steps = 6;
     let err = pipeline
@@ -107,7 +108,7 @@ fn a_seed_sweep_encodes_its_prompt_once_and_renders_the_same_images() {
     let cached = Pipeline::new(model());
     let uncached = Pipeline::with_embedding_cache(model(), 0);
     for seed in 0..4 {
-        let req = request("a lighthouse at dusk", seed, 1.5, SamplerKind::Lcm);
+        let req = request("a lighthouse at dusk", seed, 1.5, SamplerName::LCM);
         let a = cached.render(&req, &mut |_| {}, &never).expect("cached");
         let b = uncached
             .render(&req, &mut |_| {}, &never)

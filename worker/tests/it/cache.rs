@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kiln_worker::agent::renderer::{Item, RenderFailure, Renderer};
 use kiln_worker::cache::{Budget, CacheStats, Found, PipelineCache, PipelineKey};
-use kiln_worker::engine::{Device, LoraSpec, RenderRequest, SamplerKind};
+use kiln_worker::engine::{Device, LoraSpec, RenderRequest, SamplerName};
 use tokio::sync::watch;
 
 use crate::fixture::path;
@@ -87,10 +87,11 @@ fn item(seed: u64) -> (Item, watch::Receiver<(u32, u32)>) {
                 seed,
                 steps: 2,
                 cfg_scale: 1.0,
-                sampler: SamplerKind::Lcm,
+                sampler: SamplerName::LCM,
                 width: 64,
                 height: 64,
                 clip_skip: 1,
+                ..RenderRequest::default()
             },
             cancel: Arc::new(AtomicBool::new(false)),
             progress,

@@ -17,7 +17,7 @@ use kiln_worker::engine::text::conditioning::chunk_prompt_with;
 use kiln_worker::engine::tokenizer::ClipTokenizer;
 use kiln_worker::engine::{
     Device, EngineError, HostTensor, Inversion, InversionDb, InversionFormat, Model, Pipeline,
-    RenderRequest, SamplerKind, read_safetensors,
+    RenderRequest, SamplerName, read_safetensors,
 };
 use safetensors::{Dtype, tensor::TensorView};
 use serde::Deserialize;
@@ -91,10 +91,11 @@ fn request(prompt: &str, negative: &str, cfg: f32) -> RenderRequest {
         seed: 3,
         steps: 2,
         cfg_scale: cfg,
-        sampler: SamplerKind::Lcm,
+        sampler: SamplerName::LCM,
         width: 64,
         height: 64,
         clip_skip: 1,
+        ..RenderRequest::default()
     }
 }
 

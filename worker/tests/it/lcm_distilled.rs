@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use kiln_worker::engine::image::decode_png;
-use kiln_worker::engine::{Device, Pipeline, RenderRequest, SamplerKind, read_safetensors};
+use kiln_worker::engine::{Device, Pipeline, RenderRequest, SamplerName, read_safetensors};
 use serde::Deserialize;
 
 use crate::fixture::{load, path, relative_error};
@@ -55,10 +55,11 @@ fn an_lcm_distilled_unet_matches_diffusers_lcm_pipeline_at_cfg_1_5_and_8() {
             seed: r.seed,
             steps: r.steps,
             cfg_scale: run.guidance_scale,
-            sampler: SamplerKind::Lcm,
+            sampler: SamplerName::LCM,
             width: r.width,
             height: r.height,
             clip_skip: 1,
+            ..RenderRequest::default()
         };
         let mut last = Vec::new();
         let out = pipeline

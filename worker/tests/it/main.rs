@@ -7,10 +7,16 @@
 
 mod batch;
 mod cache;
+mod diffusers_samplers;
 mod fixture;
+mod hires;
+mod img2img;
 mod inversion;
+mod ksampler;
+mod lanczos;
 mod lcm_distilled;
 mod model;
+mod philox;
 mod pipeline;
 mod prompt;
 mod rng;
@@ -19,3 +25,5 @@ mod scheduler;
 mod single_file;
 mod tokenizer;
 mod upload;
+mod vae_encoder;
+mod variation;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use kiln_worker::engine::image::decode_png;
 use kiln_worker::engine::{
-    Device, EngineError, HostTensor, LoraSpec, Pipeline, RenderOutput, RenderRequest, SamplerKind,
+    Device, EngineError, HostTensor, LoraSpec, Pipeline, RenderOutput, RenderRequest, SamplerName,
     read_safetensors,
 };
 use serde::Deserialize;
@@ -56,12 +56,13 @@ fn request(run: &Run) -> RenderRequest {
         steps: run.steps,
         cfg_scale: run.guidance_scale,
         sampler: match run.scheduler.as_str() {
-            "LCMScheduler" => SamplerKind::Lcm,
-            _ => SamplerKind::EulerAncestral,
+            "LCMScheduler" => SamplerName::LCM,
+            _ => SamplerName::EULER_A_DIFFUSERS,
         },
         width: 64,
         height: 64,
         clip_skip: 1,
+        ..RenderRequest::default()
     }
 }
 

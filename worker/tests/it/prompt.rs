@@ -10,7 +10,7 @@ use kiln_proto::prompt::{ParsedPrompt, PromptPart};
 use kiln_worker::engine::text::conditioning::chunk_prompt;
 use kiln_worker::engine::tokenizer::ClipTokenizer;
 use kiln_worker::engine::{
-    Device, EngineError, HostTensor, Model, Pipeline, RenderRequest, SamplerKind, read_safetensors,
+    Device, EngineError, HostTensor, Model, Pipeline, RenderRequest, SamplerName, read_safetensors,
 };
 use serde::Deserialize;
 
@@ -150,10 +150,11 @@ fn request(prompt: &str, negative: &str, seed: u64, cfg: f32) -> RenderRequest {
         seed,
         steps: 2,
         cfg_scale: cfg,
-        sampler: SamplerKind::EulerAncestral,
+        sampler: SamplerName::EULER_A_DIFFUSERS,
         width: 64,
         height: 48,
         clip_skip: 1,
+        ..RenderRequest::default()
     }
 }
 

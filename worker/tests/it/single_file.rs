@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 
 use kiln_worker::engine::image::decode_png;
 use kiln_worker::engine::{
-    BaseModel, Device, EngineError, HostTensor, Pipeline, RenderRequest, SamplerKind,
+    BaseModel, Device, EngineError, HostTensor, Pipeline, RenderRequest, SamplerName,
     read_safetensors,
 };
 use safetensors::tensor::{Dtype, TensorView};
@@ -39,10 +39,11 @@ fn request(r: &Reference) -> RenderRequest {
         seed: r.seed,
         steps: r.steps,
         cfg_scale: r.guidance,
-        sampler: SamplerKind::Lcm,
+        sampler: SamplerName::LCM,
         width: r.width,
         height: r.height,
         clip_skip: 1,
+        ..RenderRequest::default()
     }
 }
 
@@ -367,10 +368,11 @@ fn a_vae_file_replaces_the_models_own_as_a1111s_sd_vae() {
         seed: r.seed,
         steps: 4,
         cfg_scale: 1.0,
-        sampler: SamplerKind::Lcm,
+        sampler: SamplerName::LCM,
         width: 64,
         height: 64,
         clip_skip: 1,
+        ..RenderRequest::default()
     };
     let out = pipeline
         .render(&request, &mut |_| {}, &AtomicBool::new(false))

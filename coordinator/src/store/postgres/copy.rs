@@ -23,7 +23,8 @@ pub(in crate::store) async fn insert_cells(
         .copy_in_raw(
             "COPY cells (sweep_id, number, cell_key, spec, affinity_key, priority, pixels, \
              min_memory_mib, model, prompt, negative_prompt, seed, steps, cfg, sampler, width, \
-             height, bindings, state, attempt, max_attempts, errors, scheduled_at, created_at) \
+             height, bindings, render_level, state, attempt, max_attempts, errors, scheduled_at, \
+             created_at) \
              FROM STDIN",
         )
         .await?;
@@ -84,9 +85,10 @@ fn copy_row(buf: &mut String, sweep: i64, priority: i64, c: &crate::sweep::NewCe
         s.steps,
         s.cfg_decimal()
     );
-    copy_text(buf, s.sampler.as_str());
+    copy_text(buf, &s.sampler.as_str());
     let _ = write!(buf, "\t{}\t{}\t", s.width, s.height);
     copy_text(buf, &c.bindings_json);
+    let _ = write!(buf, "\t{}", s.render_level());
 }
 
 /// Appends `v` as one field of COPY's text format: backslash, tab, newline and carriage return

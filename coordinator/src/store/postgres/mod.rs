@@ -59,12 +59,13 @@ pub(super) async fn lease(pool: &PgPool, p: &LeasePick, now: Millis) -> Result<V
         "UPDATE cells SET state = 'running', attempt = attempt + 1, attempted_at = $2, \
          lease_owner = $3, lease_expires_at = $4, heartbeat_at = $2, progress_step = NULL, \
          progress_total = NULL WHERE id = ANY($1) AND state = 'available' \
-         RETURNING {LEASED_COLUMNS}"
+         AND render_level <= $5 RETURNING {LEASED_COLUMNS}"
     )))
     .bind(ids)
     .bind(now.0)
     .bind(p.worker.0)
     .bind(expires.0)
+    .bind(p.render_level)
     .fetch_all(pool)
     .await?;
     rows.into_iter()
@@ -82,21 +83,30 @@ pub(super) async fn lease_many(
     pool: &PgPool,
     picks: &[(LeasePick, Millis)],
 ) -> Result<Vec<Vec<LeasedCell>>> {
-    let mut rows: Vec<(i64, i64, i64, i64, i64)> = Vec::new();
+    type LeaseRow = (i64, i64, i64, i64, i64, i64);
+    let mut rows: Vec<LeaseRow> = Vec::new();
     for (i, (p, at)) in picks.iter().enumerate() {
         for id in &p.ids {
-            rows.push((*id, i as i64, p.worker.0, at.0, at.plus(p.lease_ttl_ms).0));
+            rows.push((
+                *id,
+                i as i64,
+                p.worker.0,
+                at.0,
+                at.plus(p.lease_ttl_ms).0,
+                p.render_level,
+            ));
         }
     }
     rows.sort_unstable();
-    let column = |f: fn(&(i64, i64, i64, i64, i64)) -> i64| rows.iter().map(f).collect::<Vec<_>>();
+    let column = |f: fn(&LeaseRow) -> i64| rows.iter().map(f).collect::<Vec<_>>();
     let found = sqlx::query(
         "UPDATE cells SET state = 'running', attempt = attempt + 1, attempted_at = d.at, \
          lease_owner = d.worker, lease_expires_at = d.expires, heartbeat_at = d.at, \
          progress_step = NULL, progress_total = NULL \
-         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
-             AS d(id, pick, worker, at, expires) \
+         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], \
+             $6::bigint[]) AS d(id, pick, worker, at, expires, render_level) \
          WHERE cells.id = d.id AND cells.state = 'available' \
+             AND cells.render_level <= d.render_level \
          RETURNING cells.id, cells.sweep_id, cells.number, cells.attempt, cells.cell_key, \
              cells.affinity_key, cells.spec, d.pick, d.expires",
     )
@@ -105,6 +115,7 @@ pub(super) async fn lease_many(
     .bind(column(|r| r.2))
     .bind(column(|r| r.3))
     .bind(column(|r| r.4))
+    .bind(column(|r| r.5))
     .fetch_all(pool)
     .await?;
     let mut out: Vec<Vec<LeasedCell>> = picks.iter().map(|_| Vec::new()).collect();

@@ -1,9 +1,9 @@
 //! The VAE decoder: diffusers' `AutoencoderKL.decode`, built from `vae/config.json`.
 //!
-//! Owns the VAE config (including `scaling_factor`) and the decoder path from latents to
-//! images in about [-1, 1]: `post_quant_conv`, `conv_in`, the mid block (resnet, single-head
-//! spatial attention, resnet), `UpDecoderBlock2D`s and the output head. The encoder is not
-//! built (kiln does no img2img yet); its weights are left unread.
+//! Owns the VAE config (including `scaling_factor`), the mid block both halves share (resnet,
+//! single-head spatial attention, resnet) and the decoder path from latents to images in about
+//! [-1, 1]: `post_quant_conv`, `conv_in`, the mid block, `UpDecoderBlock2D`s and the output
+//! head. The encoder, over the same config and weights file, is [`super::vae_encoder`].
 
 use std::path::Path;
 
@@ -15,22 +15,25 @@ use crate::engine::load::weights::{Conv2d, GroupNorm, Params};
 use crate::engine::nets::layers::{Attention, ResnetBlock, ResnetConfig, Upsample};
 
 /// diffusers hard-codes this epsilon for every VAE norm.
-const VAE_NORM_EPS: f64 = 1e-6;
+pub(super) const VAE_NORM_EPS: f64 = 1e-6;
 
-/// The fields of a diffusers `vae/config.json` the decoder needs. Defaults are diffusers'
-/// `AutoencoderKL` defaults.
+/// The fields of a diffusers `vae/config.json` the encoder and decoder need. Defaults are
+/// diffusers' `AutoencoderKL` defaults.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub(crate) struct VaeConfig {
+    pub(super) in_channels: usize,
     out_channels: usize,
+    down_block_types: Vec<String>,
     up_block_types: Vec<String>,
-    block_out_channels: Vec<usize>,
-    layers_per_block: usize,
+    pub(super) block_out_channels: Vec<usize>,
+    pub(super) layers_per_block: usize,
     act_fn: String,
-    latent_channels: usize,
-    norm_num_groups: usize,
+    pub(super) latent_channels: usize,
+    pub(super) norm_num_groups: usize,
     scaling_factor: f64,
     shift_factor: Option<f64>,
+    pub(super) use_quant_conv: bool,
     use_post_quant_conv: bool,
     mid_block_add_attention: bool,
     force_upcast: bool,
@@ -39,7 +42,9 @@ pub(crate) struct VaeConfig {
 impl Default for VaeConfig {
     fn default() -> Self {
         Self {
+            in_channels: 3,
             out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".to_owned()],
             up_block_types: vec!["UpDecoderBlock2D".to_owned()],
             block_out_channels: vec![64],
             layers_per_block: 1,
@@ -48,6 +53,7 @@ impl Default for VaeConfig {
             norm_num_groups: 32,
             scaling_factor: 0.18215,
             shift_factor: None,
+            use_quant_conv: true,
             use_post_quant_conv: true,
             mid_block_add_attention: true,
             force_upcast: true,
@@ -63,14 +69,23 @@ impl VaeConfig {
             reason,
         };
         let c: Self = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
-        if c.block_out_channels.is_empty() || c.up_block_types.len() != c.block_out_channels.len() {
+        let n = c.block_out_channels.len();
+        if n == 0 || c.up_block_types.len() != n || c.down_block_types.len() != n {
             return Err(bad(
-                "up_block_types and block_out_channels must have the same non-zero length"
+                "down_block_types, up_block_types and block_out_channels must have \
+                 the same non-zero length"
                     .to_owned(),
             ));
         }
         if let Some(t) = c.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
             return Err(bad(format!("unsupported up block type {t}")));
+        }
+        if let Some(t) = c
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
+            return Err(bad(format!("unsupported down block type {t}")));
         }
         if c.act_fn != "silu" {
             return Err(bad(format!("unsupported act_fn {}", c.act_fn)));
@@ -108,13 +123,72 @@ impl VaeConfig {
     }
 }
 
+/// A VAE resnet (no time embedding) from `input` to `output` channels.
+pub(super) fn vae_resnet(c: &VaeConfig, input: usize, output: usize) -> ResnetConfig {
+    ResnetConfig {
+        input,
+        output,
+        temb: None,
+        groups: c.norm_num_groups,
+        eps: VAE_NORM_EPS,
+        output_scale_factor: 1.0,
+    }
+}
+
+/// diffusers' `UNetMidBlock2D` as both VAE halves build it: resnet, single-head spatial
+/// self-attention over all positions (with its residual; absent when
+/// `mid_block_add_attention` is false), resnet.
+#[derive(Debug)]
+pub(super) struct VaeMidBlock {
+    resnets: [ResnetBlock; 2],
+    attention: Option<(GroupNorm, Attention)>,
+}
+
+impl VaeMidBlock {
+    /// The mid block under `p` (`encoder.mid_block` or `decoder.mid_block`).
+    pub(super) fn new(p: &Params, c: &VaeConfig, channels: usize) -> EngineResult<Self> {
+        let attention = if c.mid_block_add_attention {
+            let ap = p.pp("attentions.0");
+            Some((
+                ap.pp("group_norm")
+                    .group_norm(c.norm_num_groups, channels, VAE_NORM_EPS)?,
+                Attention::new(&ap, channels, channels, 1, channels, true)?,
+            ))
+        } else {
+            None
+        };
+        let resnet = vae_resnet(c, channels, channels);
+        Ok(Self {
+            resnets: [
+                ResnetBlock::new(&p.pp("resnets.0"), resnet)?,
+                ResnetBlock::new(&p.pp("resnets.1"), resnet)?,
+            ],
+            attention,
+        })
+    }
+
+    pub(super) fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let mut h = self.resnets[0].forward(h, None)?;
+        if let Some((norm, attention)) = &self.attention {
+            let (b, c, height, width) = h.dims4()?;
+            let tokens = norm
+                .forward(&h)?
+                .reshape((b, c, height * width))?
+                .transpose(1, 2)?;
+            let out = attention.forward(&tokens, None)?;
+            let out = out.transpose(1, 2)?.reshape((b, c, height, width))?;
+            h = (out + h)?;
+        }
+        self.resnets[1].forward(&h, None)
+    }
+}
+
 /// The decoder half of diffusers' `AutoencoderKL`.
 #[derive(Debug)]
 pub(crate) struct VaeDecoder {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_resnets: [ResnetBlock; 2],
-    mid_attention: Option<(GroupNorm, Attention)>,
+    mid: VaeMidBlock,
     up: Vec<(Vec<ResnetBlock>, Option<Upsample>)>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -126,26 +200,8 @@ impl VaeDecoder {
         let ch = &c.block_out_channels;
         let n = ch.len();
         let top = ch[n - 1];
-        let resnet = |input, output| ResnetConfig {
-            input,
-            output,
-            temb: None,
-            groups: c.norm_num_groups,
-            eps: VAE_NORM_EPS,
-            output_scale_factor: 1.0,
-        };
+        let resnet = |input, output| vae_resnet(c, input, output);
         let d = p.pp("decoder");
-        let mid = d.pp("mid_block");
-        let mid_attention = if c.mid_block_add_attention {
-            let ap = mid.pp("attentions.0");
-            Some((
-                ap.pp("group_norm")
-                    .group_norm(c.norm_num_groups, top, VAE_NORM_EPS)?,
-                Attention::new(&ap, top, top, 1, top, true)?,
-            ))
-        } else {
-            None
-        };
         let mut up = Vec::with_capacity(n);
         let mut prev = top;
         for i in 0..n {
@@ -170,11 +226,7 @@ impl VaeDecoder {
                 .then(|| p.pp("post_quant_conv").conv2d(latent, latent, 1, 1, 0))
                 .transpose()?,
             conv_in: d.pp("conv_in").conv2d(latent, top, 3, 1, 1)?,
-            mid_resnets: [
-                ResnetBlock::new(&mid.pp("resnets.0"), resnet(top, top))?,
-                ResnetBlock::new(&mid.pp("resnets.1"), resnet(top, top))?,
-            ],
-            mid_attention,
+            mid: VaeMidBlock::new(&d.pp("mid_block"), c, top)?,
             up,
             norm_out: d
                 .pp("conv_norm_out")
@@ -189,19 +241,7 @@ impl VaeDecoder {
             Some(conv) => conv.forward(z)?,
             None => z.clone(),
         };
-        let mut h = self.conv_in.forward(&z)?;
-        h = self.mid_resnets[0].forward(&h, None)?;
-        if let Some((norm, attention)) = &self.mid_attention {
-            let (b, c, height, width) = h.dims4()?;
-            let tokens = norm
-                .forward(&h)?
-                .reshape((b, c, height * width))?
-                .transpose(1, 2)?;
-            let out = attention.forward(&tokens, None)?;
-            let out = out.transpose(1, 2)?.reshape((b, c, height, width))?;
-            h = (out + h)?;
-        }
-        h = self.mid_resnets[1].forward(&h, None)?;
+        let mut h = self.mid.forward(&self.conv_in.forward(&z)?)?;
         for (resnets, upsample) in &self.up {
             for resnet in resnets {
                 h = resnet.forward(&h, None)?;

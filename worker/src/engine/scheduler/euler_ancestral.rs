@@ -10,7 +10,7 @@ use super::{
     PredictionType, Sampler, ScheduleConfig, SchedulerError, StepOutput, TimestepSpacing,
     alphas_cumprod, check_step,
 };
-use crate::engine::rng::TorchRng;
+use crate::engine::rng::Randn;
 
 const NAME: &str = "Euler ancestral";
 
@@ -107,7 +107,7 @@ impl Sampler for EulerAncestralScheduler {
         index: usize,
         model_output: &[f32],
         sample: &[f32],
-        rng: &mut TorchRng,
+        rng: &mut dyn Randn,
     ) -> Result<StepOutput, SchedulerError> {
         check_step(index, self.timesteps.len(), model_output, sample)?;
         let sigma = self.sigmas[index];
@@ -226,6 +226,7 @@ fn interp(x: f64, ys: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::rng::TorchRng;
 
     fn sd15(spacing: Option<TimestepSpacing>, steps: usize) -> EulerAncestralScheduler {
         let config = ScheduleConfig {

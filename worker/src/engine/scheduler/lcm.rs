@@ -9,7 +9,7 @@
 use super::{
     PredictionType, Sampler, ScheduleConfig, SchedulerError, StepOutput, alphas_cumprod, check_step,
 };
-use crate::engine::rng::TorchRng;
+use crate::engine::rng::Randn;
 
 /// `sigma_data` of the consistency-model parameterization (diffusers hard-codes 0.5).
 const SIGMA_DATA: f32 = 0.5;
@@ -109,7 +109,7 @@ impl Sampler for LcmScheduler {
         index: usize,
         model_output: &[f32],
         sample: &[f32],
-        rng: &mut TorchRng,
+        rng: &mut dyn Randn,
     ) -> Result<StepOutput, SchedulerError> {
         check_step(index, self.timesteps.len(), model_output, sample)?;
         let timestep = self.timesteps[index];
@@ -175,6 +175,7 @@ fn lcm_timesteps(config: &ScheduleConfig, steps: usize) -> Result<Vec<usize>, Sc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::rng::TorchRng;
 
     fn sd15(steps: usize) -> Result<LcmScheduler, SchedulerError> {
         LcmScheduler::new(&ScheduleConfig::default(), steps)

@@ -1,25 +1,41 @@
 //! Diffusion schedulers: the timestep schedule and the update from one latent to the next.
 //!
 //! Owns the noise schedule shared by all samplers ([`ScheduleConfig`], parsed from a diffusers
-//! `scheduler_config.json`, and [`alphas_cumprod`]), the [`Sampler`] seam, and one module per
-//! sampler: [`lcm`] (diffusers' `LCMScheduler`) and [`euler_ancestral`] (diffusers'
-//! `EulerAncestralDiscreteScheduler`). Samplers see latents as flat `f32` slices and never run
-//! the UNet; the candle pipeline wraps them. Arithmetic follows diffusers' float32 tensor maths
+//! `scheduler_config.json`, and [`alphas_cumprod`]), the [`Sampling`] seam the pipeline drives
+//! (one per sampler name: a batch of latents in, the model called through a closure), the
+//! one-evaluation-per-step [`Sampler`] seam of diffusers' schedulers (and its
+//! [`MultistepSampler`] form for samplers that carry history from step to step), and one module
+//! per family: [`lcm`] (diffusers' `LCMScheduler`), [`euler_ancestral`] (diffusers'
+//! `EulerAncestralDiscreteScheduler`), [`ddim`] (`DDIMScheduler`), [`unipc`]
+//! (`UniPCMultistepScheduler`), [`tcd`] (`TCDScheduler`) and [`kdiffusion`] (k-diffusion's
+//! samplers as A1111 runs them). Samplers see latents as flat `f32` slices and never touch candle; the pipeline
+//! supplies the model as a closure. Arithmetic follows diffusers' float32 tensor maths
 //! operation by operation. Timesteps, ᾱ and LCM's `c_skip`/`c_out` come out bit-identical to
 //! diffusers on x86; values that go through a square root (sigmas, the step coefficients) can
 //! differ by one float32 ulp, because torch's x86 `sqrt` is not correctly rounded (about 0.5%
 //! of `torch.sqrt` results differ from IEEE `sqrtf` on the reference machine, 0-dim tensors
 //! included) while Rust's is.
 
+pub mod ddim;
 pub mod euler_ancestral;
+pub mod kdiffusion;
 pub mod lcm;
+pub mod tcd;
+pub mod unipc;
 
+use kiln_proto::sampler::{Method, SamplerName};
 use serde::Deserialize;
 
+pub use ddim::DdimScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
+pub use kdiffusion::{Img2ImgSteps, KDenoiser, KSampler};
 pub use lcm::LcmScheduler;
+pub use tcd::TcdScheduler;
+pub use unipc::{UniPcScheduler, UniPcState};
 
-use crate::engine::rng::TorchRng;
+use crate::engine::error::EngineError;
+
+use crate::engine::rng::Randn;
 
 /// Why a schedule could not be built or a step could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +65,14 @@ pub enum SchedulerError {
         index: usize,
         /// Steps in the schedule.
         steps: usize,
+    },
+    /// A multistep sampler's `step` was called out of order for its run state.
+    #[error("step {index} was called where the run expects step {expected}")]
+    StepOrder {
+        /// Index given.
+        index: usize,
+        /// The index the run state expects next.
+        expected: usize,
     },
     /// The model output and the sample have different lengths.
     #[error("model output has {model_output} values but the sample has {sample}")]
@@ -248,7 +272,7 @@ pub fn alphas_cumprod(config: &ScheduleConfig) -> Vec<f32> {
 }
 
 /// `torch.linspace(start, end, n, dtype=torch.float32)` on CPU (`n >= 2`).
-fn linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
+pub(super) fn linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
     let (start, end) = (start as f32, end as f32);
     // Step counts are at most a few thousand, far below f32's exact-integer range.
     let step = (end - start) / (n - 1) as f32;
@@ -296,8 +320,188 @@ pub trait Sampler {
         index: usize,
         model_output: &[f32],
         sample: &[f32],
-        rng: &mut TorchRng,
+        rng: &mut dyn Randn,
     ) -> Result<StepOutput, SchedulerError>;
+}
+
+/// A [`Sampler`] whose step also reads what earlier steps of the run left behind (UniPC: the
+/// last x₀ predictions and sample). The sampler still holds no per-run state; each image's
+/// history is a [`State`](Self::State) from [`start`](Self::start), passed to every `step` in
+/// index order `0, 1, ...`.
+pub trait MultistepSampler {
+    /// One image's history.
+    type State;
+
+    /// The timestep to give the UNet at each step, first to last.
+    fn timesteps(&self) -> &[f32];
+
+    /// The standard deviation of the initial latent noise.
+    fn init_noise_sigma(&self) -> f32;
+
+    /// The UNet input for step `index`.
+    fn scale_model_input(&self, sample: &[f32], index: usize) -> Result<Vec<f32>, SchedulerError>;
+
+    /// A fresh history for one image.
+    fn start(&self) -> Self::State;
+
+    /// Advances `sample` by step `index` given the model's output for it, reading and updating
+    /// the image's `state` and drawing any noise the step needs from `rng`.
+    fn step(
+        &self,
+        state: &mut Self::State,
+        index: usize,
+        model_output: &[f32],
+        sample: &[f32],
+        rng: &mut dyn Randn,
+    ) -> Result<StepOutput, SchedulerError>;
+}
+
+/// A [`Sampler`] as a [`MultistepSampler`] with no history, so one loop runs both.
+struct Stateless<'a>(&'a dyn Sampler);
+
+impl MultistepSampler for Stateless<'_> {
+    type State = ();
+
+    fn timesteps(&self) -> &[f32] {
+        self.0.timesteps()
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        self.0.init_noise_sigma()
+    }
+
+    fn scale_model_input(&self, sample: &[f32], index: usize) -> Result<Vec<f32>, SchedulerError> {
+        self.0.scale_model_input(sample, index)
+    }
+
+    fn start(&self) {}
+
+    fn step(
+        &self,
+        _state: &mut (),
+        index: usize,
+        model_output: &[f32],
+        sample: &[f32],
+        rng: &mut dyn Randn,
+    ) -> Result<StepOutput, SchedulerError> {
+        self.0.step(index, model_output, sample, rng)
+    }
+}
+
+/// The model as a sampler sees it: the UNet inputs of a batch of images (already scaled for
+/// the model) and one timestep in, the raw model output of each image out (guidance applied).
+pub type ModelFn<'a> = dyn FnMut(&[Vec<f32>], f32) -> Result<Vec<Vec<f32>>, EngineError> + 'a;
+
+/// Called after each finished step with the steps done, that step's (first) timestep and every
+/// image's latents.
+pub type StepFn<'a> = dyn FnMut(usize, f32, &[Vec<f32>]) + 'a;
+
+/// A sampler ready to run: what a [`SamplerName`] means for one model and step count.
+#[derive(Debug)]
+pub enum Sampling {
+    /// diffusers' LCM.
+    Lcm(LcmScheduler),
+    /// diffusers' Euler ancestral.
+    EulerADiffusers(EulerAncestralScheduler),
+    /// diffusers' DDIM.
+    Ddim(DdimScheduler),
+    /// diffusers' UniPC (multistep: each [`sample`](Self::sample) call keeps a history per image).
+    UniPc(UniPcScheduler),
+    /// diffusers' TCD.
+    Tcd(TcdScheduler),
+    /// One of k-diffusion's.
+    K(KSampler),
+}
+
+impl Sampling {
+    /// `name` for `steps` steps of a model trained with `config`.
+    pub fn new(
+        config: &ScheduleConfig,
+        name: SamplerName,
+        steps: usize,
+    ) -> Result<Self, SchedulerError> {
+        Ok(match name.method {
+            Method::Lcm => Sampling::Lcm(LcmScheduler::new(config, steps)?),
+            Method::EulerADiffusers => {
+                Sampling::EulerADiffusers(EulerAncestralScheduler::new(config, steps)?)
+            }
+            method => Sampling::K(KSampler::new(config, method, name.schedule, steps)?),
+        })
+    }
+
+    /// The standard deviation the initial unit noise is scaled to.
+    pub fn init_noise_sigma(&self) -> f32 {
+        match self {
+            Sampling::Lcm(s) => s.init_noise_sigma(),
+            Sampling::EulerADiffusers(s) => s.init_noise_sigma(),
+            Sampling::Ddim(s) => s.init_noise_sigma(),
+            Sampling::UniPc(s) => s.init_noise_sigma(),
+            Sampling::Tcd(s) => s.init_noise_sigma(),
+            Sampling::K(s) => s.init_noise_sigma(),
+        }
+    }
+
+    /// The number of steps.
+    pub fn steps(&self) -> usize {
+        match self {
+            Sampling::Lcm(s) => s.timesteps().len(),
+            Sampling::EulerADiffusers(s) => s.timesteps().len(),
+            Sampling::Ddim(s) => s.timesteps().len(),
+            Sampling::UniPc(s) => s.timesteps().len(),
+            Sampling::Tcd(s) => s.timesteps().len(),
+            Sampling::K(s) => s.timesteps().len(),
+        }
+    }
+
+    /// Samples every latent of `xs` in place (initial noise already scaled by
+    /// [`init_noise_sigma`](Self::init_noise_sigma)), image `i` drawing its noise from
+    /// `noise[i]`.
+    pub fn sample(
+        &self,
+        xs: &mut [Vec<f32>],
+        noise: &mut [&mut dyn Randn],
+        model: &mut ModelFn<'_>,
+        on_step: &mut StepFn<'_>,
+    ) -> Result<(), EngineError> {
+        match self {
+            Sampling::Lcm(s) => stepwise(&Stateless(s), xs, noise, model, on_step),
+            Sampling::EulerADiffusers(s) => stepwise(&Stateless(s), xs, noise, model, on_step),
+            Sampling::Ddim(s) => stepwise(&Stateless(s), xs, noise, model, on_step),
+            Sampling::UniPc(s) => stepwise(s, xs, noise, model, on_step),
+            Sampling::Tcd(s) => stepwise(&Stateless(s), xs, noise, model, on_step),
+            Sampling::K(s) => s.sample(xs, noise, model, on_step),
+        }
+    }
+}
+
+/// Runs a one-evaluation-per-step sampler over a batch, one history per image.
+fn stepwise<S: MultistepSampler>(
+    sampler: &S,
+    xs: &mut [Vec<f32>],
+    noise: &mut [&mut dyn Randn],
+    model: &mut ModelFn<'_>,
+    on_step: &mut StepFn<'_>,
+) -> Result<(), EngineError> {
+    let mut states: Vec<S::State> = xs.iter().map(|_| sampler.start()).collect();
+    for (index, &t) in sampler.timesteps().iter().enumerate() {
+        let inputs = xs
+            .iter()
+            .map(|x| sampler.scale_model_input(x, index))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = model(&inputs, t)?;
+        for (((x, out), stream), state) in xs
+            .iter_mut()
+            .zip(&outputs)
+            .zip(noise.iter_mut())
+            .zip(&mut states)
+        {
+            *x = sampler
+                .step(state, index, out, x, &mut **stream)?
+                .prev_sample;
+        }
+        on_step(index + 1, t, xs);
+    }
+    Ok(())
 }
 
 /// Checks `index` against a schedule of `steps` and the two buffers against each other.

@@ -331,7 +331,9 @@ pub(crate) fn read(
         "use_linear_projection": o.linear_projection,
     });
     let vae = json!({
+        "in_channels": 3,
         "out_channels": 3,
+        "down_block_types": vec!["DownEncoderBlock2D"; o.vae_channels.len()],
         "up_block_types": vec!["UpDecoderBlock2D"; o.vae_channels.len()],
         "block_out_channels": o.vae_channels,
         "layers_per_block": o.vae_layers,

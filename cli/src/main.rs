@@ -22,6 +22,7 @@ mod devices;
 mod fetch;
 mod grid;
 mod images;
+mod init_image;
 mod query;
 mod render;
 mod run;

@@ -109,6 +109,23 @@ pub fn sampler_name(c: &pb::RenderCell) -> String {
     SamplerName::from_proto(c.sampler, c.schedule).map_or_else(|_| "?".into(), |s| s.as_str())
 }
 
+/// The cell's hires fix as JSON (`null` when off): the settings as the cell holds them (a
+/// scale of 0 means the width and height were asked for; steps 0, the first pass's; no
+/// sampler, the first pass's).
+fn hires_json(c: &pb::RenderCell) -> serde_json::Value {
+    if c.hires_denoise == 0.0 {
+        return serde_json::Value::Null;
+    }
+    let sampler = (c.hires_sampler != 0)
+        .then(|| SamplerName::from_proto(c.hires_sampler, c.hires_schedule))
+        .map(|s| s.map_or_else(|_| "?".into(), |s| s.as_str()));
+    serde_json::json!({
+        "scale": c.hires_scale, "width": c.hires_width, "height": c.hires_height,
+        "upscaler": if c.hires_upscaler.is_empty() { "latent" } else { &c.hires_upscaler },
+        "steps": c.hires_steps, "denoise": c.hires_denoise, "sampler": sampler,
+    })
+}
+
 fn bindings_text(c: &pb::RenderCell) -> String {
     let mut b: Vec<String> = c.bindings.iter().map(|(k, v)| format!("{k}={v}")).collect();
     b.sort();
@@ -153,6 +170,7 @@ fn record_json(r: &pb::CellRecord) -> serde_json::Value {
         "sampler": sampler_name(&c),
         "width": c.width, "height": c.height, "vae": c.vae, "clip_skip": c.clip_skip.max(1),
         "loras": c.loras.iter().map(|l| serde_json::json!({"name": l.name, "strength": l.strength})).collect::<Vec<_>>(),
+        "hires": hires_json(&c),
         "bindings": c.bindings, "attempt": r.attempt, "worker": r.worker_id,
         "object_key": res.object_key, "storage": res.storage, "sha256": res.sha256,
         "finished_at_ms": r.finished_at_ms,

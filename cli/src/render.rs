@@ -11,8 +11,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_proto::prompt::ParsedPrompt;
 use kiln_worker::agent::resolve;
 use kiln_worker::engine::{
-    BaseModel, Device, InversionDb, LoraSpec, Pipeline, RenderRequest, RngKind, SamplerName,
+    BaseModel, Device, Hires, HiresSize, InitImage, InversionDb, LoraSpec, Pipeline, RenderRequest,
+    RngKind, SamplerName, Upscaler,
 };
+
+use crate::init_image;
 
 /// Examples shown by `kiln render --help`.
 pub const EXAMPLES: &str = "Examples:
@@ -20,7 +23,11 @@ pub const EXAMPLES: &str = "Examples:
       --prompt 'a lighthouse at dusk' --seed 42 --steps 4 --cfg 1 -o lighthouse.png
   kiln render --model ./sd15 --prompt 'a red car' --negative 'blurry' \\
       --sampler 'DPM++ 2M Karras' --steps 25 --cfg 7.5 --seed 7 --width 512 --height 768 \\
-      --subseed 99 --subseed-strength 0.2 --rng nv -o car.png";
+      --subseed 99 --subseed-strength 0.2 --rng nv -o car.png
+  kiln render --model ./sd15 --prompt 'a castle' --sampler 'DPM++ 2M Karras' --steps 20 \\
+      --cfg 7 --seed 3 --hires-scale 2 --hires-denoise 0.5 -o castle-1024.png
+  kiln render --model ./sd15 --prompt 'an oil painting of a fox' --sampler 'Euler a' \\
+      --steps 20 --cfg 7 --seed 5 --init sketch.png --strength 0.6 -o fox.png";
 
 /// Render one image locally.
 #[derive(Debug, clap::Args)]
@@ -87,6 +94,38 @@ pub struct Args {
     /// Height in pixels (a multiple of 8).
     #[arg(long, default_value_t = 512)]
     height: u32,
+    /// Hires fix (A1111's "Hires. fix"): render at --width x --height, upscale by this, 1..=4,
+    /// and denoise again at the larger size. Turns the hires fix on (or --hires-size).
+    #[arg(long, value_name = "SCALE", value_parser = parse_hires_scale, conflicts_with = "hires_size")]
+    hires_scale: Option<f32>,
+    /// Hires fix to this size instead of a scale (A1111's "Resize width/height to"); another
+    /// aspect ratio is filled and cropped. Turns the hires fix on.
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    hires_size: Option<(u32, u32)>,
+    /// How the hires fix enlarges the first pass: latent (default), latent_nearest,
+    /// latent_nearest_exact, lanczos, or A1111's names ("Latent (nearest)").
+    #[arg(long, value_name = "UPSCALER", value_parser = parse_upscaler)]
+    hires_upscaler: Option<Upscaler>,
+    /// Hires pass steps; 0 (default) runs as many as --steps.
+    #[arg(long, value_name = "N")]
+    hires_steps: Option<usize>,
+    /// Hires pass denoising strength, above 0 and at most 1 (default 0.7, A1111's).
+    #[arg(long, value_name = "STRENGTH", value_parser = parse_denoise)]
+    hires_denoise: Option<f32>,
+    /// Hires pass sampler, a k-diffusion one (any --sampler spelling); default: --sampler's,
+    /// which must then be a k-diffusion sampler.
+    #[arg(long, value_name = "SAMPLER", value_parser = parse_sampler)]
+    hires_sampler: Option<SamplerName>,
+    /// img2img: start from this picture (PNG, JPEG or WebP, at most 64 MiB and 8192 pixels a
+    /// side) instead of noise. A picture of another size is resized to --width x --height with
+    /// a Lanczos filter, stretching it if the aspect differs (A1111's "Just resize"). Runs
+    /// k-diffusion samplers only.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["hires_scale", "hires_size"])]
+    init: Option<PathBuf>,
+    /// How much of the --init picture is noised and redrawn, above 0 and at most 1 (A1111's
+    /// "Denoising strength"; default 0.75, its img2img default).
+    #[arg(long, value_name = "STRENGTH", default_value_t = 0.75, value_parser = parse_denoise, requires = "init")]
+    strength: f32,
     /// Compute device: cpu, cuda:N or metal:N (GPUs need a build with that feature).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
@@ -165,6 +204,54 @@ fn parse_sampler(value: &str) -> Result<SamplerName, String> {
         .map_err(|e: kiln_proto::sampler::UnknownSampler| e.to_string())
 }
 
+fn parse_upscaler(value: &str) -> Result<Upscaler, String> {
+    value
+        .parse()
+        .map_err(|e: kiln_proto::hires::UnknownUpscaler| e.to_string())
+}
+
+fn parse_hires_scale(value: &str) -> Result<f32, String> {
+    match value.parse::<f32>() {
+        Ok(v) if (1.0..=4.0).contains(&v) => Ok(v),
+        _ => Err(format!("{value} is not a number in 1..=4")),
+    }
+}
+
+/// A denoising strength: above 0, at most 1.
+fn parse_denoise(value: &str) -> Result<f32, String> {
+    match value.parse::<f32>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("{value} is not a number above 0 and at most 1")),
+    }
+}
+
+/// The hires fix the flags ask for: on with --hires-scale or --hires-size.
+fn hires(args: &Args) -> anyhow::Result<Option<Hires>> {
+    let size = match (args.hires_scale, args.hires_size) {
+        (Some(scale), _) => HiresSize::Scale(scale),
+        (None, Some((w, h))) => HiresSize::Resize(w, h),
+        (None, None) => {
+            let set = [
+                ("--hires-upscaler", args.hires_upscaler.is_some()),
+                ("--hires-steps", args.hires_steps.is_some()),
+                ("--hires-denoise", args.hires_denoise.is_some()),
+                ("--hires-sampler", args.hires_sampler.is_some()),
+            ];
+            if let Some((flag, _)) = set.iter().find(|(_, on)| *on) {
+                anyhow::bail!("{flag} needs --hires-scale or --hires-size (the hires fix is off)");
+            }
+            return Ok(None);
+        }
+    };
+    Ok(Some(Hires {
+        size,
+        upscaler: args.hires_upscaler.unwrap_or_default(),
+        steps: args.hires_steps.unwrap_or(0),
+        denoise: args.hires_denoise.unwrap_or(0.7),
+        sampler: args.hires_sampler,
+    }))
+}
+
 fn parse_strength(value: &str) -> Result<f32, String> {
     match value.parse::<f32>() {
         Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
@@ -190,7 +277,8 @@ fn parse_device(value: &str) -> Result<Device, String> {
 /// Runs `kiln render`.
 pub fn main(args: Args) -> anyhow::Result<()> {
     let sampler = args.sampler;
-    let request = RenderRequest {
+    let hires = hires(&args)?;
+    let mut request = RenderRequest {
         prompt: args.prompt,
         negative_prompt: args.negative,
         seed: args.seed,
@@ -208,10 +296,18 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         subseed: args.subseed,
         subseed_strength: args.subseed_strength,
         seed_resize_from: args.seed_resize_from,
+        hires,
         ..RenderRequest::default()
     };
-    // Reject a bad size before spending seconds loading weights.
+    // Reject a bad size before spending seconds reading a picture or loading weights.
     request.check()?;
+    if let Some(path) = &args.init {
+        request.init_image = Some(InitImage {
+            image: init_image::read(path, request.width, request.height)?,
+            strength: args.strength,
+        });
+        request.check()?;
+    }
     let inversions = load_inversions(&args.embeddings)?;
 
     let loading = ProgressBar::new_spinner().with_message(format!(
@@ -239,7 +335,14 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     );
     bar.set_message(format!("{} seed {}", sampler.a1111_name(), request.seed));
     let never = AtomicBool::new(false);
-    let output = pipeline.render(&request, &mut |p| bar.set_position(p.step as u64), &never)?;
+    let output = pipeline.render(
+        &request,
+        &mut |p| {
+            bar.set_length(p.steps as u64);
+            bar.set_position(p.step as u64)
+        },
+        &never,
+    )?;
     bar.finish_and_clear();
 
     for note in &output.notes {
@@ -248,11 +351,13 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let png = output.to_png()?;
     std::fs::write(&args.output, png)
         .with_context(|| format!("writing {}", args.output.display()))?;
+    let (width, height) = match &request.hires {
+        Some(h) => h.geometry(request.width, request.height).pixels(),
+        None => (request.width, request.height),
+    };
     eprintln!(
-        "wrote {} ({}x{}, {} steps, seed {})",
+        "wrote {} ({width}x{height}, {} steps, seed {})",
         args.output.display(),
-        request.width,
-        request.height,
         request.steps,
         request.seed
     );

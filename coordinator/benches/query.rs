@@ -186,6 +186,7 @@ fn cell(i: u64) -> CellSpec {
         subseed: 0,
         subseed_strength: 0.0,
         seed_resize_from: None,
+        hires: None,
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! A1111's hires fix renders small, upscales, then denoises again at the larger size. The
 //! upscaler decides how the small result is enlarged; the latent ones resize the latents
-//! directly (no VAE round trip), as A1111's "Latent" family does with `torch`'s `interpolate`.
+//! directly (no VAE round trip), as A1111's "Latent" family does with `torch`'s `interpolate`;
+//! "Lanczos" decodes the small picture, resizes it as Pillow does and encodes it again.
 
 use std::fmt;
 use std::str::FromStr;
@@ -23,6 +24,8 @@ pub enum LatentMode {
 pub enum Upscaler {
     /// Resize the latents.
     Latent(LatentMode),
+    /// Decode, resize the picture with Pillow's Lanczos filter (A1111 "Lanczos"), encode again.
+    Lanczos,
 }
 
 impl Default for Upscaler {
@@ -33,15 +36,18 @@ impl Default for Upscaler {
 
 /// An upscaler name nobody knows.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown hires upscaler `{0}` (upscalers: latent, latent_nearest, latent_nearest_exact)")]
+#[error(
+    "unknown hires upscaler `{0}` (upscalers: latent, latent_nearest, latent_nearest_exact, lanczos)"
+)]
 pub struct UnknownUpscaler(pub String);
 
 impl Upscaler {
     /// Every upscaler.
-    pub const ALL: [Upscaler; 3] = [
+    pub const ALL: [Upscaler; 4] = [
         Upscaler::Latent(LatentMode::Bilinear),
         Upscaler::Latent(LatentMode::Nearest),
         Upscaler::Latent(LatentMode::NearestExact),
+        Upscaler::Lanczos,
     ];
 
     /// kiln's name.
@@ -50,6 +56,7 @@ impl Upscaler {
             Upscaler::Latent(LatentMode::Bilinear) => "latent",
             Upscaler::Latent(LatentMode::Nearest) => "latent_nearest",
             Upscaler::Latent(LatentMode::NearestExact) => "latent_nearest_exact",
+            Upscaler::Lanczos => "lanczos",
         }
     }
 
@@ -59,6 +66,7 @@ impl Upscaler {
             Upscaler::Latent(LatentMode::Bilinear) => "Latent",
             Upscaler::Latent(LatentMode::Nearest) => "Latent (nearest)",
             Upscaler::Latent(LatentMode::NearestExact) => "Latent (nearest-exact)",
+            Upscaler::Lanczos => "Lanczos",
         }
     }
 }

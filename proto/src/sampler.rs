@@ -16,7 +16,8 @@ use crate::v1 as pb;
 /// The render features this build understands, as one number: a worker sends it when it
 /// registers and the coordinator never leases it a cell that needs more (see
 /// [`SamplerName::render_level`]). Level 0: LCM and diffusers' Euler ancestral, CPU noise.
-/// Level 1: the k-diffusion samplers, the Karras schedule, variation seeds and NV noise.
+/// Level 1: the k-diffusion samplers, the Karras schedule, diffusers' DDIM, UniPC and TCD, the
+/// sampler's eta, variation seeds, NV noise and the hires fix.
 pub const RENDER_LEVEL: u32 = 1;
 
 /// How a sampler walks from noise to image.
@@ -37,17 +38,30 @@ pub enum Method {
     Dpmpp2m,
     /// k-diffusion's `sample_dpmpp_2s_ancestral` (A1111 "DPM++ 2S a"): two passes a step.
     Dpmpp2sA,
+    /// k-diffusion's `sample_dpmpp_sde` (A1111 "DPM++ SDE"): two passes a step, noise from a
+    /// Brownian tree seeded by the image's seed.
+    DpmppSde,
+    /// diffusers' `DDIMScheduler` (A1111 "DDIM"); stochastic with eta > 0.
+    Ddim,
+    /// diffusers' `UniPCMultistepScheduler`, 2nd order, bh2 (A1111 "UniPC").
+    UniPc,
+    /// diffusers' `TCDScheduler`, for TCD-LoRA; its gamma (eta) defaults to 0.3.
+    Tcd,
 }
 
 impl Method {
     /// Every method, in the order help texts list them.
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 11] = [
         Method::Lcm,
         Method::Euler,
         Method::EulerA,
         Method::Heun,
         Method::Dpmpp2m,
         Method::Dpmpp2sA,
+        Method::DpmppSde,
+        Method::Ddim,
+        Method::UniPc,
+        Method::Tcd,
         Method::EulerADiffusers,
     ];
 
@@ -61,6 +75,10 @@ impl Method {
             Method::Heun => "heun",
             Method::Dpmpp2m => "dpmpp_2m",
             Method::Dpmpp2sA => "dpmpp_2s_a",
+            Method::DpmppSde => "dpmpp_sde",
+            Method::Ddim => "ddim",
+            Method::UniPc => "unipc",
+            Method::Tcd => "tcd",
         }
     }
 
@@ -74,20 +92,32 @@ impl Method {
             Method::Heun => "Heun",
             Method::Dpmpp2m => "DPM++ 2M",
             Method::Dpmpp2sA => "DPM++ 2S a",
+            Method::DpmppSde => "DPM++ SDE",
+            Method::Ddim => "DDIM",
+            Method::UniPc => "UniPC",
+            Method::Tcd => "TCD",
         }
     }
 
     /// Whether the method is one of k-diffusion's, which step over a sigma schedule that can
     /// be [`Schedule::Karras`].
     pub fn is_k_diffusion(self) -> bool {
-        !matches!(self, Method::Lcm | Method::EulerADiffusers)
+        !matches!(
+            self,
+            Method::Lcm | Method::EulerADiffusers | Method::Ddim | Method::UniPc | Method::Tcd
+        )
     }
 
     /// Whether the method draws fresh noise during sampling.
     pub fn is_ancestral(self) -> bool {
         matches!(
             self,
-            Method::EulerADiffusers | Method::EulerA | Method::Dpmpp2sA | Method::Lcm
+            Method::EulerADiffusers
+                | Method::EulerA
+                | Method::Dpmpp2sA
+                | Method::DpmppSde
+                | Method::Lcm
+                | Method::Tcd
         )
     }
 
@@ -95,7 +125,7 @@ impl Method {
     /// last step of Heun and DPM++ 2S a takes one.
     pub fn passes_per_step(self) -> usize {
         match self {
-            Method::Heun | Method::Dpmpp2sA => 2,
+            Method::Heun | Method::Dpmpp2sA | Method::DpmppSde => 2,
             _ => 1,
         }
     }
@@ -211,6 +241,10 @@ impl SamplerName {
             Method::Heun => pb::Sampler::Heun,
             Method::Dpmpp2m => pb::Sampler::Dpmpp2m,
             Method::Dpmpp2sA => pb::Sampler::Dpmpp2sA,
+            Method::DpmppSde => pb::Sampler::DpmppSde,
+            Method::Ddim => pb::Sampler::Ddim,
+            Method::UniPc => pb::Sampler::Unipc,
+            Method::Tcd => pb::Sampler::Tcd,
         };
         let schedule = match self.schedule {
             Schedule::Normal => pb::Schedule::Unspecified,
@@ -229,6 +263,10 @@ impl SamplerName {
             Ok(pb::Sampler::Heun) => Method::Heun,
             Ok(pb::Sampler::Dpmpp2m) => Method::Dpmpp2m,
             Ok(pb::Sampler::Dpmpp2sA) => Method::Dpmpp2sA,
+            Ok(pb::Sampler::DpmppSde) => Method::DpmppSde,
+            Ok(pb::Sampler::Ddim) => Method::Ddim,
+            Ok(pb::Sampler::Unipc) => Method::UniPc,
+            Ok(pb::Sampler::Tcd) => Method::Tcd,
             Ok(pb::Sampler::Unspecified) | Err(_) => return Err(BadWireSampler::Sampler(sampler)),
         };
         let schedule = match pb::Schedule::try_from(schedule) {
@@ -280,6 +318,10 @@ impl FromStr for SamplerName {
             "heun" => Method::Heun,
             "dpmpp_2m" | "dpm++ 2m" => Method::Dpmpp2m,
             "dpmpp_2s_a" | "dpm++ 2s a" | "dpmpp_2s_ancestral" => Method::Dpmpp2sA,
+            "dpmpp_sde" | "dpm++ sde" => Method::DpmppSde,
+            "ddim" => Method::Ddim,
+            "unipc" | "uni_pc" => Method::UniPc,
+            "tcd" => Method::Tcd,
             _ => return Err(unknown()),
         };
         if schedule == Schedule::Karras && !method.is_k_diffusion() {

@@ -32,6 +32,8 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$PY" gen_hires.py
 "$PY" gen_img2img.py
 "$PY" gen_diffusers_samplers.py
+"$PY" gen_dpmpp_sde.py
+"$PY" gen_dpmpp_sde_renders.py   # imports gen_ksamplers.py, gen_dpmpp_sde.py
 "$PY" gen_lanczos.py   # reads vae_encoder_{a,b}.png
 chmod 644 ../../worker/tests/fixtures/reference/*.* ../../worker/tests/fixtures/reference/tiny-sd15/*/* \
   ../../worker/tests/fixtures/reference/tiny-sd15/*.json \

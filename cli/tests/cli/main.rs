@@ -7,6 +7,7 @@ mod commands;
 mod devices;
 mod drain;
 mod farm;
+mod farm_recipe;
 mod outputs;
 mod paths;
 mod querydoc;

@@ -275,3 +275,161 @@ fn render_finds_prompt_embeddings_in_embeddings_folders() {
         "{stderr}"
     );
 }
+
+/// `kiln render` at 64×64 with `extra` flags (no LoRA), by default with the k-diffusion
+/// Euler a.
+fn kiln_render_k(extra: &[&str], out: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("render")
+        .arg("--model")
+        .arg(fixture("tiny-sd15"))
+        .args(["--prompt", "a photograph of an astronaut riding a horse"])
+        .args(["--steps", "4", "--seed", "3"])
+        .args(if extra.contains(&"--sampler") {
+            &[][..]
+        } else {
+            &["--sampler", "Euler a"][..]
+        })
+        .args(["--width", "64", "--height", "64"])
+        .args(extra)
+        .arg("-o")
+        .arg(out)
+        .env("KILN_LOG", "warn")
+        .output()
+        .expect("run kiln render")
+}
+
+/// The output's size and `parameters` text, after asserting the command succeeded.
+fn rendered(result: &Output, png: &Path) -> ((u32, u32), String) {
+    assert!(
+        result.status.success(),
+        "kiln render failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let got = decode_png(&std::fs::read(png).expect("output png")).expect("decode");
+    let parameters = got
+        .text
+        .into_iter()
+        .find(|(k, _)| k == "parameters")
+        .expect("parameters chunk")
+        .1;
+    ((got.image.width, got.image.height), parameters)
+}
+
+#[test]
+fn render_img2img_from_a_picture_of_any_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let init = fixture("vae_encoder_a.png");
+    let out = dir.path().join("img2img.png");
+    let result = kiln_render_k(
+        &["--init", init.to_str().unwrap(), "--strength", "0.5"],
+        &out,
+    );
+    let (size, parameters) = rendered(&result, &out);
+    assert_eq!(size, (64, 64));
+    assert!(
+        parameters.contains("Denoising strength: 0.5"),
+        "{parameters}"
+    );
+    assert!(parameters.contains("Sampler: Euler a"), "{parameters}");
+
+    // A 32×32 picture is resized to the render size (A1111's "Just resize"); the default
+    // strength is A1111's 0.75.
+    let small = dir.path().join("small.png");
+    image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([(x * 8) as u8, (y * 8) as u8, 128])
+    })
+    .save(&small)
+    .unwrap();
+    let out = dir.path().join("from-small.png");
+    let result = kiln_render_k(&["--init", small.to_str().unwrap()], &out);
+    let (size, parameters) = rendered(&result, &out);
+    assert_eq!(size, (64, 64));
+    assert!(
+        parameters.contains("Denoising strength: 0.75"),
+        "{parameters}"
+    );
+}
+
+#[test]
+fn render_img2img_says_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("x.png");
+    let not_a_picture = dir.path().join("notes.png");
+    std::fs::write(&not_a_picture, "these are words, not pixels\n").unwrap();
+    let init = fixture("vae_encoder_a.png");
+    let init = init.to_str().unwrap();
+    for (extra, says) in [
+        (
+            vec!["--init", not_a_picture.to_str().unwrap()],
+            "notes.png: not a PNG, JPEG or WebP picture",
+        ),
+        (
+            vec!["--init", "no-such-picture.png"],
+            "--init no-such-picture.png",
+        ),
+        (
+            vec!["--init", init, "--strength", "1.5"],
+            "1.5 is not a number above 0 and at most 1",
+        ),
+        (
+            vec!["--init", init, "--strength", "0"],
+            "0 is not a number above 0 and at most 1",
+        ),
+        (vec!["--strength", "0.5"], "--init"),
+        (
+            vec!["--init", init, "--hires-scale", "2"],
+            "cannot be used with",
+        ),
+    ] {
+        let result = kiln_render_k(&extra, &out);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{extra:?} succeeded");
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+        assert!(stderr.len() < 2000, "{extra:?}: a short message: {stderr}");
+    }
+    assert!(!out.exists());
+}
+
+#[test]
+fn render_hires_fix_writes_the_larger_picture() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("hires.png");
+    let result = kiln_render_k(
+        &[
+            "--hires-scale",
+            "1.5",
+            "--hires-denoise",
+            "0.5",
+            "--hires-upscaler",
+            "Latent (nearest)",
+        ],
+        &out,
+    );
+    let (size, parameters) = rendered(&result, &out);
+    assert_eq!(size, (96, 96));
+    for says in [
+        "Hires upscale: 1.5",
+        "Hires upscaler: Latent (nearest)",
+        "Denoising strength: 0.5",
+    ] {
+        assert!(parameters.contains(says), "{says}: {parameters}");
+    }
+    // LCM cannot run the hires pass; a hires option alone turns nothing on.
+    for (extra, says) in [
+        (
+            vec!["--hires-scale", "2", "--sampler", "lcm"],
+            "k-diffusion",
+        ),
+        (
+            vec!["--hires-denoise", "0.5"],
+            "--hires-denoise needs --hires-scale or --hires-size",
+        ),
+        (vec!["--hires-scale", "5"], "5 is not a number in 1..=4"),
+    ] {
+        let result = kiln_render_k(&extra, &out);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{extra:?} succeeded");
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+    }
+}

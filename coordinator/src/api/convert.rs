@@ -2,6 +2,7 @@
 //! be wrong (zero ids, unknown enum numbers, missing fields) become `Error::Invalid` naming the
 //! field.
 
+use kiln_proto::hires::{UnknownUpscaler, Upscaler};
 use kiln_proto::sampler::SamplerName;
 use kiln_proto::v1 as pb;
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
@@ -12,7 +13,7 @@ use crate::domain::rows::{
 };
 use crate::domain::state::{CellState, DeviceKind, FailureClass, SweepState};
 use crate::result::RenderResult;
-use crate::sweep::{CellSpec, LoraSpec};
+use crate::sweep::{CellSpec, HiresSpec, LoraSpec};
 use crate::{Error, Result};
 
 pub(super) fn sweep_id(v: u64) -> Result<SweepId> {
@@ -81,6 +82,7 @@ pub(super) fn cell_from_wire(c: pb::RenderCell) -> Result<CellSpec> {
         (0, 0) => None,
         (w, h) => Some((w, h)),
     };
+    let hires = hires_from_wire(&c)?;
     Ok(CellSpec {
         model: c.model,
         loras: c
@@ -108,11 +110,51 @@ pub(super) fn cell_from_wire(c: pb::RenderCell) -> Result<CellSpec> {
         subseed: c.subseed,
         subseed_strength: c.subseed_strength,
         seed_resize_from,
+        hires,
     })
+}
+
+/// The hires fix of a wire cell: off when `hires_denoise` is 0. What the values may be is
+/// [`CellSpec::validate`]'s to say.
+fn hires_from_wire(c: &pb::RenderCell) -> Result<Option<HiresSpec>> {
+    if c.hires_denoise == 0.0 {
+        return Ok(None);
+    }
+    let upscaler = match c.hires_upscaler.as_str() {
+        "" => Upscaler::default(),
+        name => name
+            .parse()
+            .map_err(|e: UnknownUpscaler| Error::invalid(format!("hires_upscaler: {e}")))?,
+    };
+    let sampler = match c.hires_sampler {
+        0 => None,
+        _ => Some(
+            SamplerName::from_proto(c.hires_sampler, c.hires_schedule)
+                .map_err(|e| Error::invalid(format!("hires_sampler: {e}")))?,
+        ),
+    };
+    let size = match (c.hires_scale, c.hires_width, c.hires_height) {
+        (s, _, _) if s != 0.0 => None,
+        (_, w, h) => Some((w, h)),
+    };
+    Ok(Some(HiresSpec {
+        scale: c.hires_scale,
+        size,
+        upscaler,
+        steps: c.hires_steps,
+        denoise: c.hires_denoise,
+        sampler,
+    }))
 }
 
 pub(super) fn cell_to_wire(s: CellSpec) -> pb::RenderCell {
     let (sampler, schedule) = s.sampler.to_proto();
+    let hires = s.hires;
+    let (hires_sampler, hires_schedule) = hires.and_then(|h| h.sampler).map_or((0, 0), |n| {
+        let (m, s) = n.to_proto();
+        (m as i32, s as i32)
+    });
+    let (hires_width, hires_height) = hires.and_then(|h| h.size).unwrap_or((0, 0));
     pb::RenderCell {
         model: s.model,
         loras: s
@@ -146,6 +188,14 @@ pub(super) fn cell_to_wire(s: CellSpec) -> pb::RenderCell {
         subseed_strength: s.subseed_strength,
         seed_resize_from_width: s.seed_resize_from.map_or(0, |(w, _)| w),
         seed_resize_from_height: s.seed_resize_from.map_or(0, |(_, h)| h),
+        hires_scale: hires.map_or(0.0, |h| h.scale),
+        hires_width,
+        hires_height,
+        hires_upscaler: hires.map_or(String::new(), |h| h.upscaler.as_str().to_owned()),
+        hires_steps: hires.map_or(0, |h| h.steps),
+        hires_denoise: hires.map_or(0.0, |h| h.denoise),
+        hires_sampler,
+        hires_schedule,
     }
 }
 

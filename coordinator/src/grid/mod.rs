@@ -223,6 +223,7 @@ mod tests {
             subseed: 0,
             subseed_strength: 0.0,
             seed_resize_from: None,
+            hires: None,
         }
     }
 

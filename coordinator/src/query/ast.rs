@@ -245,6 +245,19 @@ columns! {
     Starred = "starred", Bool;
     /// A user's rating: 1 to 5 stars, 0 when not rated.
     Rating = "rating", Int;
+    /// The hires fix's scale, rounded to 4 decimals (missing without a hires fix, or when a
+    /// `hires_size` was given).
+    HiresScale = "hires_scale", Float;
+    /// The final width of a hires cell in pixels (missing without a hires fix).
+    HiresWidth = "hires_width", Int;
+    /// The final height of a hires cell in pixels (missing without a hires fix).
+    HiresHeight = "hires_height", Int;
+    /// The hires upscaler, by kiln's name (`latent`, `latent_nearest`, `lanczos`, …).
+    HiresUpscaler = "hires_upscaler", Text;
+    /// Hires steps as written; 0: as many as the first pass.
+    HiresSteps = "hires_steps", Int;
+    /// The hires fix's denoising strength, rounded to 4 decimals.
+    HiresDenoise = "hires_denoise", Float;
 }
 
 impl Column {
@@ -252,7 +265,17 @@ impl Column {
     pub fn nullable(self) -> bool {
         matches!(
             self,
-            Column::Worker | Column::Finished | Column::Device | Column::Sha256 | Column::ObjectKey
+            Column::Worker
+                | Column::Finished
+                | Column::Device
+                | Column::Sha256
+                | Column::ObjectKey
+                | Column::HiresScale
+                | Column::HiresWidth
+                | Column::HiresHeight
+                | Column::HiresUpscaler
+                | Column::HiresSteps
+                | Column::HiresDenoise
         )
     }
 }

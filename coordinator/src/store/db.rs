@@ -296,6 +296,39 @@ impl Row {
     }
 }
 
+/// A cell's `hires_*` columns (migration 0007), all `None` without a hires fix: what both
+/// bulk inserts write.
+pub(super) struct HiresColumns {
+    /// The scale asked for (4 decimals); `None` when a size was.
+    pub scale: Option<f64>,
+    /// The final width in pixels.
+    pub width: Option<i64>,
+    /// The final height in pixels.
+    pub height: Option<i64>,
+    /// The upscaler's kiln name.
+    pub upscaler: Option<&'static str>,
+    /// Second-pass steps as written (0: the first pass's).
+    pub steps: Option<i64>,
+    /// Denoising strength (4 decimals).
+    pub denoise: Option<f64>,
+}
+
+impl HiresColumns {
+    /// The columns of `s`.
+    pub(super) fn of(s: &crate::sweep::CellSpec) -> Self {
+        let on = s.hires.as_ref();
+        let (w, h) = s.final_size();
+        Self {
+            scale: s.hires_scale_decimal(),
+            width: on.map(|_| i64::from(w)),
+            height: on.map(|_| i64::from(h)),
+            upscaler: on.map(|h| h.upscaler.as_str()),
+            steps: on.map(|h| i64::from(h.steps)),
+            denoise: s.hires_denoise_decimal(),
+        }
+    }
+}
+
 /// What every cell of one bulk insert shares (`sqlite::insert_cells`, `postgres::copy`).
 pub(super) struct BulkInsert<'a> {
     /// The sweep.

@@ -239,6 +239,12 @@ fn column_sql<DB: Dialect>(c: Column) -> &'static str {
         Column::ObjectKey => DB::RESULT_OBJECT_KEY,
         Column::Starred => "starred",
         Column::Rating => "rating",
+        Column::HiresScale => "hires_scale",
+        Column::HiresWidth => "hires_width",
+        Column::HiresHeight => "hires_height",
+        Column::HiresUpscaler => "hires_upscaler",
+        Column::HiresSteps => "hires_steps",
+        Column::HiresDenoise => "hires_denoise",
     }
 }
 

@@ -30,6 +30,7 @@ const SQLITE: &[Migration] = migrations!("sqlite":
     4 "auth" "0004_auth.sql",
     5 "keepers" "0005_keepers.sql",
     6 "render_level" "0006_render_level.sql",
+    7 "hires" "0007_hires.sql",
 );
 
 const POSTGRES: &[Migration] = migrations!("postgres":
@@ -39,6 +40,7 @@ const POSTGRES: &[Migration] = migrations!("postgres":
     4 "auth" "0004_auth.sql",
     5 "keepers" "0005_keepers.sql",
     6 "render_level" "0006_render_level.sql",
+    7 "hires" "0007_hires.sql",
 );
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS kiln_migrations (

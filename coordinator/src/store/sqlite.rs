@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Sqlite};
 
-use super::db::BulkInsert;
+use super::db::{BulkInsert, HiresColumns};
 use super::db::{Db, Row, Stmt};
 use super::filter;
 use super::query::CellQuery;
@@ -26,7 +26,7 @@ use crate::domain::rows::CellRow;
 use crate::sweep::NewCell;
 use crate::{Error, Result};
 
-/// Rows per multi-row INSERT (25 columns each stays far below SQLite's variable limit).
+/// Rows per multi-row INSERT (31 columns each stays far below SQLite's variable limit).
 const INSERT_BATCH: usize = 400;
 
 /// Opens (creating) the database file at `url`.
@@ -69,11 +69,13 @@ pub(super) async fn insert_cells(
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO cells (sweep_id, number, cell_key, spec, affinity_key, priority, \
              pixels, min_memory_mib, model, prompt, negative_prompt, seed, steps, cfg, \
-             sampler, width, height, bindings, render_level, state, attempt, max_attempts, \
-             errors, scheduled_at, created_at) ",
+             sampler, width, height, bindings, render_level, hires_scale, hires_width, \
+             hires_height, hires_upscaler, hires_steps, hires_denoise, state, attempt, \
+             max_attempts, errors, scheduled_at, created_at) ",
         );
         qb.push_values(chunk, |mut q, c| {
             let s = &c.spec;
+            let hires = HiresColumns::of(s);
             q.push_bind(b.sweep)
                 .push_bind(i64::from(c.number))
                 .push_bind(c.cell_key.clone())
@@ -93,6 +95,12 @@ pub(super) async fn insert_cells(
                 .push_bind(i64::from(s.height))
                 .push_bind(c.bindings_json.clone())
                 .push_bind(i64::from(s.render_level()))
+                .push_bind(hires.scale)
+                .push_bind(hires.width)
+                .push_bind(hires.height)
+                .push_bind(hires.upscaler)
+                .push_bind(hires.steps)
+                .push_bind(hires.denoise)
                 .push_bind(b.state.to_string())
                 .push_bind(0i64)
                 .push_bind(b.max_attempts)

@@ -3,9 +3,12 @@
 
 use toml::Spanned;
 
+use kiln_proto::hires::Upscaler;
 use kiln_proto::sampler::SamplerName;
 
-use super::cell::{CellSpec, MAX_REF_BYTES, MAX_SUBSEED_STRENGTH, RNG_SOURCES};
+use super::cell::{
+    CellSpec, MAX_HIRES_SCALE, MAX_HIRES_STEPS, MAX_REF_BYTES, MAX_SUBSEED_STRENGTH, RNG_SOURCES,
+};
 use super::error::{PlanError, PlanErrorKind};
 use super::resolver::{PromptText, Resolver, quote_key};
 use super::spec::SweepFile;
@@ -33,6 +36,13 @@ pub(crate) enum Setter {
     SeedResizeFrom(u32, u32),
     /// One of [`RNG_SOURCES`].
     Rng(&'static str),
+    HiresScale(f32),
+    /// (width, height)
+    HiresSize(u32, u32),
+    HiresUpscaler(Upscaler),
+    HiresSteps(u32),
+    HiresDenoise(f32),
+    HiresSampler(SamplerName),
 }
 
 impl Setter {
@@ -59,6 +69,38 @@ impl Setter {
             Setter::SubseedStrength(v) => cell.subseed_strength = *v,
             Setter::SeedResizeFrom(w, h) => cell.seed_resize_from = Some((*w, *h)),
             Setter::Rng(v) => (*v).clone_into(&mut cell.rng),
+            // The resolver turns the hires fix on in the base cell whenever a hires key is
+            // allowed, so every cell an axis sets has one.
+            Setter::HiresScale(v) => {
+                if let Some(h) = cell.hires.as_mut() {
+                    (h.scale, h.size) = (*v, None);
+                }
+            }
+            Setter::HiresSize(w, hp) => {
+                if let Some(h) = cell.hires.as_mut() {
+                    (h.scale, h.size) = (0.0, Some((*w, *hp)));
+                }
+            }
+            Setter::HiresUpscaler(v) => {
+                if let Some(h) = cell.hires.as_mut() {
+                    h.upscaler = *v;
+                }
+            }
+            Setter::HiresSteps(v) => {
+                if let Some(h) = cell.hires.as_mut() {
+                    h.steps = *v;
+                }
+            }
+            Setter::HiresDenoise(v) => {
+                if let Some(h) = cell.hires.as_mut() {
+                    h.denoise = *v;
+                }
+            }
+            Setter::HiresSampler(v) => {
+                if let Some(h) = cell.hires.as_mut() {
+                    h.sampler = Some(*v);
+                }
+            }
         }
     }
 }
@@ -97,6 +139,12 @@ const AXES: &[&str] = &[
     "subseed_strength",
     "seed_resize_from",
     "rng",
+    "hires_scale",
+    "hires_size",
+    "hires_upscaler",
+    "hires_steps",
+    "hires_denoise",
+    "hires_sampler",
 ];
 
 impl Resolver<'_> {
@@ -125,6 +173,14 @@ impl Resolver<'_> {
                 "subseed_strength" => &[("subseed_strength", f.subseed_strength.is_some())],
                 "seed_resize_from" => &[("seed_resize_from", f.seed_resize_from.is_some())],
                 "rng" => &[("rng", f.rng.is_some())],
+                "hires_scale" | "hires_size" => &[
+                    ("hires_scale", f.hires_scale.is_some()),
+                    ("hires_size", f.hires_size.is_some()),
+                ],
+                "hires_upscaler" => &[("hires_upscaler", f.hires_upscaler.is_some())],
+                "hires_steps" => &[("hires_steps", f.hires_steps.is_some())],
+                "hires_denoise" => &[("hires_denoise", f.hires_denoise.is_some())],
+                "hires_sampler" => &[("hires_sampler", f.hires_sampler.is_some())],
                 "prompt" => &[
                     ("prompt", f.prompt.is_some()),
                     ("prompts", f.prompts.is_some()),
@@ -141,10 +197,10 @@ impl Resolver<'_> {
             if let Some((other, _)) = top_level.iter().find(|(_, set)| *set) {
                 return Err(self.conflict(key.span(), &path, other));
             }
-            if let Some(other) = names
-                .iter()
-                .find(|n| name == "size" && matches!(**n, "width" | "height"))
-            {
+            if let Some(other) = names.iter().find(|n| {
+                (name == "size" && matches!(**n, "width" | "height"))
+                    || (name == "hires_size" && **n == "hires_scale")
+            }) {
                 return Err(self.conflict(key.span(), &path, &format!("axes.{other}")));
             }
             let lora = self.lora_axis(key, &path, f, lora_ids)?;
@@ -221,6 +277,36 @@ impl Resolver<'_> {
                     ("rng", _) => {
                         Setter::Rng(self.val(span.clone(), &vpath, string(value).and_then(rng))?)
                     }
+                    ("hires_scale", _) => Setter::HiresScale(self.val(
+                        span.clone(),
+                        &vpath,
+                        number(value).and_then(hires_scale),
+                    )?),
+                    ("hires_size", _) => {
+                        let (w, h) =
+                            self.val(span.clone(), &vpath, string(value).and_then(size))?;
+                        Setter::HiresSize(w, h)
+                    }
+                    ("hires_upscaler", _) => Setter::HiresUpscaler(self.val(
+                        span.clone(),
+                        &vpath,
+                        string(value).and_then(upscaler),
+                    )?),
+                    ("hires_steps", _) => Setter::HiresSteps(self.val(
+                        span.clone(),
+                        &vpath,
+                        integer(value).and_then(hires_steps),
+                    )?),
+                    ("hires_denoise", _) => Setter::HiresDenoise(self.val(
+                        span.clone(),
+                        &vpath,
+                        number(value).and_then(hires_denoise),
+                    )?),
+                    ("hires_sampler", _) => Setter::HiresSampler(self.val(
+                        span.clone(),
+                        &vpath,
+                        string(value).and_then(hires_sampler),
+                    )?),
                     ("clip_skip", _) => Setter::ClipSkip(self.val(
                         span.clone(),
                         &vpath,
@@ -244,7 +330,13 @@ impl Resolver<'_> {
                     binding: match &set {
                         Setter::Cfg(v)
                         | Setter::LoraStrength(_, v)
-                        | Setter::SubseedStrength(v) => format!("{v:?}"),
+                        | Setter::SubseedStrength(v)
+                        | Setter::HiresScale(v)
+                        | Setter::HiresDenoise(v) => format!("{v:?}"),
+                        Setter::HiresSize(w, h) => format!("{w}x{h}"),
+                        Setter::HiresUpscaler(u) => u.as_str().to_string(),
+                        Setter::HiresSteps(v) => v.to_string(),
+                        Setter::HiresSampler(s) => s.as_str().to_string(),
                         Setter::Subseed(v) => v.to_string(),
                         Setter::SeedResizeFrom(w, h) => format!("{w}x{h}"),
                         Setter::Rng(v) => (*v).to_string(),
@@ -389,6 +481,53 @@ pub(super) fn subseed_strength(v: f64) -> Result<f32, String> {
         Ok(v as f32)
     } else {
         Err(format!("{v} is outside 0..=1"))
+    }
+}
+
+/// A hires scale, 1..=4.
+pub(super) fn hires_scale(v: f64) -> Result<f32, String> {
+    if v.is_finite() && (1.0..=f64::from(MAX_HIRES_SCALE)).contains(&v) {
+        Ok(v as f32)
+    } else {
+        Err(format!("{v} is outside 1..={MAX_HIRES_SCALE}"))
+    }
+}
+
+/// A hires upscaler: kiln's names or A1111's.
+pub(super) fn upscaler(s: &str) -> Result<Upscaler, String> {
+    s.parse()
+        .map_err(|e: kiln_proto::hires::UnknownUpscaler| e.to_string())
+}
+
+/// Hires steps, 0..=150 (0: the first pass's).
+pub(super) fn hires_steps(v: i64) -> Result<u32, String> {
+    match u32::try_from(v) {
+        Ok(s) if s <= MAX_HIRES_STEPS => Ok(s),
+        _ => Err(format!(
+            "{v} is outside 0..={MAX_HIRES_STEPS} (0: as many as the first pass)"
+        )),
+    }
+}
+
+/// A hires denoising strength, above 0 and at most 1.
+pub(super) fn hires_denoise(v: f64) -> Result<f32, String> {
+    if v.is_finite() && v > 0.0 && v <= 1.0 {
+        Ok(v as f32)
+    } else {
+        Err(format!("{v} is outside (0, 1] (above 0, at most 1)"))
+    }
+}
+
+/// A hires sampler: any spelling of a k-diffusion sampler (the hires pass runs only those).
+pub(super) fn hires_sampler(s: &str) -> Result<SamplerName, String> {
+    let name = sampler(s)?;
+    if name.method.is_k_diffusion() {
+        Ok(name)
+    } else {
+        Err(format!(
+            "`{name}` is not a k-diffusion sampler; the hires pass runs only those (euler, \
+             euler_a, heun, dpmpp_2m, dpmpp_2s_a, each also _karras)"
+        ))
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use kiln_proto::hires::Upscaler;
 use kiln_proto::prompt::{LoraRef, ParsedPrompt};
 use kiln_proto::sampler::{Method, SamplerName, Schedule};
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,19 @@ pub const RNG_SOURCES: [&str; 2] = ["cpu", "nv"];
 /// A variation seed's highest strength (A1111's "Variation strength" 1: all variation seed).
 pub const MAX_SUBSEED_STRENGTH: f32 = 1.0;
 
+/// The largest hires scale (A1111's slider stops at 4; the engine's limit too).
+pub const MAX_HIRES_SCALE: f32 = 4.0;
+
+/// The hires denoising strength when a sweep names none: A1111's default (its txt2img
+/// "Denoising strength" slider starts at 0.7).
+pub const DEFAULT_HIRES_DENOISE: f32 = 0.7;
+
+/// The most steps a hires pass may take (what a first pass may take).
+pub const MAX_HIRES_STEPS: u32 = 150;
+
+/// The largest final width or height of a hires cell, in pixels.
+pub const MAX_HIRES_SIZE: u32 = 4096;
+
 /// [`SamplerName`] in `cells.spec` as its kiln name (`dpmpp_2m_karras`); any spelling
 /// [`SamplerName`] parses reads back.
 mod sampler_serde {
@@ -40,6 +54,132 @@ mod sampler_serde {
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SamplerName, D::Error> {
         let text = String::deserialize(d)?;
         text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An optional [`SamplerName`] (the hires pass's), stored like [`sampler_serde`].
+mod opt_sampler_serde {
+    use kiln_proto::sampler::SamplerName;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[allow(clippy::ref_option)] // serde's `with` passes a reference
+    pub(super) fn serialize<S: Serializer>(
+        s: &Option<SamplerName>,
+        ser: S,
+    ) -> Result<S::Ok, S::Error> {
+        match s {
+            Some(s) => ser.serialize_some(&s.as_str()),
+            None => ser.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SamplerName>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| t.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// [`Upscaler`] in `cells.spec` as its kiln name (`latent`); A1111's names read back too.
+mod upscaler_serde {
+    use kiln_proto::hires::Upscaler;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `with` passes a reference
+    pub(super) fn serialize<S: Serializer>(u: &Upscaler, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(u.as_str())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Upscaler, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A cell's hires fix (A1111's "Hires. fix"): render at the cell's size, upscale, denoise
+/// again at the larger size. The final picture has [`CellSpec::final_size`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HiresSpec {
+    /// Scale of the first pass's size, 1..=4 (A1111's "Upscale by"); 0 when
+    /// [`size`](Self::size) gives the size.
+    #[serde(default, skip_serializing_if = "is_zero_f32")]
+    pub scale: f32,
+    /// (width, height) asked for (A1111's "Resize width/height to"); a different aspect ratio
+    /// than the first pass's is filled and cropped, as A1111 does. `None` when scaled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<(u32, u32)>,
+    /// How the first pass's result is enlarged.
+    #[serde(with = "upscaler_serde")]
+    pub upscaler: Upscaler,
+    /// Second-pass steps, 0..=150; 0: as many as the first pass.
+    #[serde(default)]
+    pub steps: u32,
+    /// How much of the upscaled picture is noised and redrawn, (0, 1].
+    pub denoise: f32,
+    /// The second pass's sampler (a k-diffusion one); `None`: the first pass's.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_sampler_serde"
+    )]
+    pub sampler: Option<SamplerName>,
+}
+
+impl HiresSpec {
+    /// A hires fix at `scale` with the defaults: the `latent` upscaler, the first pass's steps
+    /// and sampler, denoising strength [`DEFAULT_HIRES_DENOISE`].
+    pub fn scaled(scale: f32) -> Self {
+        Self {
+            scale,
+            size: None,
+            upscaler: Upscaler::default(),
+            steps: 0,
+            denoise: DEFAULT_HIRES_DENOISE,
+            sampler: None,
+        }
+    }
+
+    /// The final picture's (width, height) after a first pass of `width` × `height`: A1111's
+    /// arithmetic as the worker's engine does it (`Hires::geometry(..).pixels()`): the target
+    /// rounded down to whole latent cells (8 pixels), a resize to another aspect ratio filled
+    /// then cropped.
+    pub fn final_size(&self, width: u32, height: u32) -> (u32, u32) {
+        const CELL: u32 = 8;
+        let (w, h) = (u64::from(width.max(1)), u64::from(height.max(1)));
+        let (to_x, to_y, cut_x, cut_y) = match self.size {
+            None => {
+                // `int(width * hr_scale)` in Python's doubles, of the decimal the user wrote.
+                let scale: f64 = self.scale.to_string().parse().unwrap_or(0.0);
+                let to_x = (w as f64 * scale) as u64;
+                let to_y = (h as f64 * scale) as u64;
+                (to_x, to_y, 0, 0)
+            }
+            Some((rx, ry)) => {
+                let (rx, ry) = (u64::from(rx), u64::from(ry));
+                // Fill the box keeping the first pass's aspect (w/h < rx/ry in integers).
+                let (to_x, to_y) = if w * ry < rx * h {
+                    (rx, rx * h / w)
+                } else {
+                    (ry * w / h, ry)
+                };
+                let cell = u64::from(CELL);
+                (
+                    to_x,
+                    to_y,
+                    to_x.saturating_sub(rx) / cell,
+                    to_y.saturating_sub(ry) / cell,
+                )
+            }
+        };
+        let cell = u64::from(CELL);
+        let side = |to: u64, cut: u64| {
+            let cells = (to / cell).saturating_sub(cut);
+            u32::try_from(cells * cell).unwrap_or(u32::MAX)
+        };
+        (side(to_x, cut_x), side(to_y, cut_y))
     }
 }
 
@@ -105,6 +245,9 @@ pub struct CellSpec {
     /// A1111's "Resize seed from": (width, height) the noise is drawn for; `None`: the cell's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_resize_from: Option<(u32, u32)>,
+    /// A1111's hires fix; `None`: off (one pass at the cell's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires: Option<HiresSpec>,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
@@ -240,6 +383,9 @@ impl CellSpec {
                 }
             }
         }
+        if let Some(hires) = &self.hires {
+            self.validate_hires(hires)?;
+        }
         if self.bindings.len() > MAX_BINDINGS {
             return Err(Error::invalid(format!(
                 "bindings: {} entries, at most {MAX_BINDINGS}",
@@ -256,15 +402,99 @@ impl CellSpec {
         Ok(())
     }
 
-    /// Width × height.
+    fn validate_hires(&self, h: &HiresSpec) -> Result<()> {
+        match h.size {
+            None => {
+                if !h.scale.is_finite() || !(1.0..=MAX_HIRES_SCALE).contains(&h.scale) {
+                    return Err(Error::invalid(format!(
+                        "hires_scale: {} is outside 1..={MAX_HIRES_SCALE}",
+                        h.scale
+                    )));
+                }
+            }
+            Some((w, h_px)) => {
+                if h.scale != 0.0 {
+                    return Err(Error::invalid(
+                        "hires: give hires_scale or hires_size, not both",
+                    ));
+                }
+                for (field, v, first) in [("width", w, self.width), ("height", h_px, self.height)] {
+                    if !(64..=MAX_HIRES_SIZE).contains(&v) || v % 8 != 0 || v > first * 4 {
+                        return Err(Error::invalid(format!(
+                            "hires_size: {field} {v} must be a multiple of 8 in \
+                             64..={MAX_HIRES_SIZE}, at most 4× the cell's {first}"
+                        )));
+                    }
+                }
+            }
+        }
+        let (fw, fh) = self.final_size();
+        if fw < 64 || fh < 64 || fw > MAX_HIRES_SIZE || fh > MAX_HIRES_SIZE {
+            return Err(Error::invalid(format!(
+                "hires: the final size {fw}x{fh} is outside 64..={MAX_HIRES_SIZE} a side"
+            )));
+        }
+        if !h.denoise.is_finite() || !(h.denoise > 0.0 && h.denoise <= 1.0) {
+            return Err(Error::invalid(format!(
+                "hires_denoise: {} is outside (0, 1] (above 0, at most 1)",
+                h.denoise
+            )));
+        }
+        if h.steps > MAX_HIRES_STEPS {
+            return Err(Error::invalid(format!(
+                "hires_steps: {} is outside 0..={MAX_HIRES_STEPS} (0: the first pass's)",
+                h.steps
+            )));
+        }
+        match h.sampler {
+            Some(s) if !s.method.is_k_diffusion() => Err(Error::invalid(format!(
+                "hires_sampler: `{s}` is not a k-diffusion sampler; the hires pass runs only \
+                 those (euler, euler_a, heun, dpmpp_2m, dpmpp_2s_a, each also _karras)"
+            ))),
+            None if !self.sampler.method.is_k_diffusion() => Err(Error::invalid(format!(
+                "hires_sampler: needed, because the sampler `{}` is not a k-diffusion sampler \
+                 and the hires pass runs only those (e.g. hires_sampler = \"euler_a\")",
+                self.sampler
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The final picture's (width, height): the hires pass's when there is one
+    /// ([`HiresSpec::final_size`]), else the cell's.
+    pub fn final_size(&self) -> (u32, u32) {
+        match &self.hires {
+            Some(h) => h.final_size(self.width, self.height),
+            None => (self.width, self.height),
+        }
+    }
+
+    /// Width × height of the final picture (the hires pass's when there is one): what a
+    /// worker's `--max-pixels` is compared with, since the largest pass sets the memory a
+    /// render needs.
     pub fn pixels(&self) -> u64 {
-        u64::from(self.width) * u64::from(self.height)
+        let (w, h) = self.final_size();
+        u64::from(w) * u64::from(h)
+    }
+
+    /// The hires denoising strength rounded to 4 decimals, as stored for queries (like
+    /// [`Self::cfg_decimal`]); `None` without a hires fix.
+    pub fn hires_denoise_decimal(&self) -> Option<f64> {
+        self.hires.map(|h| decimal4(h.denoise))
+    }
+
+    /// The hires scale rounded to 4 decimals, as stored for queries; `None` without a hires
+    /// fix or when a size was given.
+    pub fn hires_scale_decimal(&self) -> Option<f64> {
+        self.hires
+            .filter(|h| h.size.is_none())
+            .map(|h| decimal4(h.scale))
     }
 
     /// The guidance scale rounded to 4 decimals, as stored for queries (so `cfg = 1.2` finds a
     /// cell whose f32 CFG is 1.2000000476837158).
     pub fn cfg_decimal(&self) -> f64 {
-        (f64::from(self.cfg) * 1e4).round() / 1e4
+        decimal4(self.cfg)
     }
 
     /// Identity of the render: sha256 over the canonical render parameters (bindings and
@@ -303,14 +533,36 @@ impl CellSpec {
             field(&mut h, &w.to_le_bytes());
             field(&mut h, &h_px.to_le_bytes());
         }
+        if let Some(hires) = &self.hires {
+            field(&mut h, b"hires");
+            field(&mut h, &hires.scale.to_bits().to_le_bytes());
+            let (w, h_px) = hires.size.unwrap_or((0, 0));
+            field(&mut h, &w.to_le_bytes());
+            field(&mut h, &h_px.to_le_bytes());
+            field(&mut h, hires.upscaler.as_str().as_bytes());
+            field(&mut h, &hires.steps.to_le_bytes());
+            field(&mut h, &hires.denoise.to_bits().to_le_bytes());
+            field(
+                &mut h,
+                hires
+                    .sampler
+                    .map(key_sampler)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
+        }
         h.finalize().into()
     }
 
     /// The lowest worker render level ([`kiln_proto::sampler::RENDER_LEVEL`]) that renders
-    /// this cell: its sampler's, and 1 for NV noise, a variation seed or a resized seed.
+    /// this cell: its sampler's, and 1 for NV noise, a variation seed, a resized seed or a
+    /// hires fix.
     pub fn render_level(&self) -> u32 {
         let noise = u32::from(
-            self.rng == "nv" || self.subseed_strength > 0.0 || self.seed_resize_from.is_some(),
+            self.rng == "nv"
+                || self.subseed_strength > 0.0
+                || self.seed_resize_from.is_some()
+                || self.hires.is_some(),
         );
         self.sampler.render_level().max(noise)
     }
@@ -366,6 +618,11 @@ fn key_sampler(s: SamplerName) -> String {
         (Method::EulerADiffusers, Schedule::Normal) => "euler_a".into(),
         _ => format!("k-diffusion/{}", s.as_str()),
     }
+}
+
+/// `v` rounded to 4 decimals, so that `= 0.3` finds the f32 0.30000001192092896.
+fn decimal4(v: f32) -> f64 {
+    (f64::from(v) * 1e4).round() / 1e4
 }
 
 /// Length-prefixed so that ("ab","c") and ("a","bc") hash differently.
@@ -506,6 +763,7 @@ pub(crate) mod tests {
             subseed: 0,
             subseed_strength: 0.0,
             seed_resize_from: None,
+            hires: None,
         }
     }
 
@@ -610,6 +868,118 @@ pub(crate) mod tests {
         let mut s = spec(1);
         s.subseed = u64::MAX;
         assert!(s.validate().unwrap_err().to_string().contains("subseed"));
+    }
+
+    fn hires_spec(scale: f32) -> CellSpec {
+        let mut s = spec(1);
+        s.sampler = "DPM++ 2S a Karras".parse().unwrap();
+        s.hires = Some(HiresSpec::scaled(scale));
+        s
+    }
+
+    #[test]
+    fn a_hires_cell_counts_its_final_size_and_needs_level_1() {
+        let s = hires_spec(1.5);
+        s.validate().unwrap();
+        assert_eq!(s.final_size(), (768, 768));
+        assert_eq!(
+            s.pixels(),
+            768 * 768,
+            "the lease filter sees the hires size"
+        );
+        assert_eq!(s.render_level(), 1);
+        // A1111's arithmetic, as the engine's `Hires::geometry`: int(512 × 1.3) = 665 → 664.
+        assert_eq!(hires_spec(1.3).final_size(), (664, 664));
+        assert_eq!(HiresSpec::scaled(1.5).final_size(64, 64), (96, 96));
+        // A resize to another aspect ratio fills the box, then crops to it.
+        let mut r = spec(1);
+        (r.width, r.height) = (512, 768);
+        let h = HiresSpec {
+            size: Some((1024, 1024)),
+            ..HiresSpec::scaled(0.0)
+        };
+        assert_eq!(h.final_size(512, 768), (1024, 1024));
+        let h = HiresSpec {
+            size: Some((1000, 1500)),
+            ..HiresSpec::scaled(0.0)
+        };
+        assert_eq!(h.final_size(512, 768), (1000, 1496));
+        assert_eq!(
+            (s.hires_denoise_decimal(), s.hires_scale_decimal()),
+            (Some(0.7), Some(1.5))
+        );
+        let mut d = s.clone();
+        d.hires.as_mut().unwrap().denoise = 0.3;
+        assert_eq!(d.hires_denoise_decimal(), Some(0.3));
+        assert_eq!(spec(1).hires_denoise_decimal(), None);
+    }
+
+    #[test]
+    fn hires_settings_change_the_key_and_round_trip() {
+        let plain = spec(7);
+        let mut on = plain.clone();
+        on.hires = Some(HiresSpec::scaled(1.5));
+        assert_ne!(on.cell_key(), plain.cell_key());
+        assert_eq!(
+            on.affinity_key(),
+            plain.affinity_key(),
+            "same first-pass pipeline"
+        );
+        let variants: [fn(&mut HiresSpec); 5] = [
+            |h| h.denoise = 0.5,
+            |h| h.steps = 3,
+            |h| h.upscaler = "lanczos".parse().unwrap(),
+            |h| h.sampler = Some("euler".parse().unwrap()),
+            |h| (h.scale, h.size) = (0.0, Some((768, 768))),
+        ];
+        for change in variants {
+            let mut other = on.clone();
+            change(other.hires.as_mut().unwrap());
+            assert_ne!(other.cell_key(), on.cell_key(), "{:?}", other.hires);
+            let json = serde_json::to_string(&other).unwrap();
+            assert_eq!(serde_json::from_str::<CellSpec>(&json).unwrap(), other);
+        }
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("hires"), "{json}");
+        let json = serde_json::to_string(&on).unwrap();
+        assert!(
+            json.contains(r#""hires":{"scale":1.5,"upscaler":"latent","steps":0,"denoise":0.7}"#),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn hires_settings_are_checked() {
+        let check = |change: fn(&mut CellSpec)| {
+            let mut s = hires_spec(2.0);
+            change(&mut s);
+            s.validate().unwrap_err().to_string()
+        };
+        let e = check(|s| s.hires.as_mut().unwrap().scale = 4.5);
+        assert!(e.contains("hires_scale: 4.5 is outside 1..=4"), "{e}");
+        let e = check(|s| s.hires.as_mut().unwrap().denoise = 0.0);
+        assert!(e.contains("hires_denoise: 0 is outside (0, 1]"), "{e}");
+        let e = check(|s| s.hires.as_mut().unwrap().steps = 151);
+        assert!(e.contains("hires_steps: 151"), "{e}");
+        let e = check(|s| s.sampler = SamplerName::LCM);
+        assert!(
+            e.contains("hires_sampler: needed") && e.contains("`lcm`"),
+            "{e}"
+        );
+        let e = check(|s| s.hires.as_mut().unwrap().sampler = Some(SamplerName::LCM));
+        assert!(e.contains("not a k-diffusion sampler"), "{e}");
+        let e = check(|s| (s.width, s.height) = (4096, 4096));
+        assert!(e.contains("final size 8192x8192"), "{e}");
+        let e = check(|s| {
+            let h = s.hires.as_mut().unwrap();
+            (h.scale, h.size) = (0.0, Some((4096, 512)));
+        });
+        assert!(e.contains("hires_size: width 4096"), "{e}");
+        // The first pass may be LCM when the hires pass names a k-diffusion sampler.
+        let mut s = hires_spec(2.0);
+        s.sampler = SamplerName::LCM;
+        s.hires.as_mut().unwrap().sampler = Some("euler_a".parse().unwrap());
+        s.validate().unwrap();
     }
 
     #[test]

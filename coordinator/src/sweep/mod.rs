@@ -6,7 +6,7 @@
 //!   references, sent by the client) and `line:col` mapping.
 //! - [`spec`]: the TOML schema (serde, spans, unknown keys rejected).
 //! - [`resolve`]: the schema resolved into settings: values checked, defaults, conflicts,
-//!   referenced files looked up; [`axis`] for `[axes]`.
+//!   referenced files looked up; [`axis`] for `[axes]`; `hires` for the `hires_*` keys.
 //! - [`template`]: `{a|b}` alternatives and `__name__` wildcards, and their expansion;
 //!   [`wildcard`] for the declared wildcard lists (cycles, depth, counts).
 //! - [`seeds`]: seed lists, ranges and random seeds drawn once.
@@ -17,6 +17,7 @@
 pub mod axis;
 pub mod cell;
 pub mod error;
+mod hires;
 pub mod plan;
 pub mod resolve;
 mod resolver;
@@ -26,7 +27,7 @@ pub mod spec;
 pub mod template;
 pub mod wildcard;
 
-pub use cell::{CellSpec, LoraSpec, NewCell, PlannedCell, RNG_SOURCES};
+pub use cell::{CellSpec, HiresSpec, LoraSpec, NewCell, PlannedCell, RNG_SOURCES};
 pub use error::{Place, PlanError, PlanErrorKind};
 pub use plan::{CellSink, Plan, PlanLimits, PlanSummary, plan, plan_into, referenced_files};
 pub use source::SweepSource;

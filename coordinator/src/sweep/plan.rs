@@ -720,6 +720,96 @@ rng = ["cpu", "nv"]
         assert_eq!(explicit.cell_key(), c.cell_key);
     }
 
+    /// The hires fix as top-level keys and as axes: on when a scale or size is set, A1111's
+    /// defaults, bindings recorded, and the errors a user can make.
+    #[test]
+    fn hires_keys_and_axes() {
+        let src = SweepSource::new(
+            "s.toml",
+            r#"
+model = "m"
+prompt = "p"
+seeds = [1]
+size = "64x64"
+sampler = "DPM++ 2S a Karras"
+hires_scale = 1.5
+hires_upscaler = "Latent (nearest)"
+[axes]
+hires_denoise = [0.3, 0.5]
+hires_steps = [0, 2]
+"#,
+        );
+        let p = run(&src).unwrap();
+        assert_eq!(p.cells.len(), 4);
+        let c = &p.cells[1];
+        let h = c.hires.unwrap();
+        assert_eq!(
+            (h.scale, h.upscaler.as_str(), h.steps, h.denoise),
+            (1.5, "latent_nearest", 2, 0.3)
+        );
+        assert_eq!(b(c), [("hires_denoise", "0.3"), ("hires_steps", "2")]);
+        assert_eq!((c.final_size(), c.render_level()), ((96, 96), 1));
+
+        let src = SweepSource::new(
+            "s.toml",
+            "model = \"m\"\nprompt = \"p\"\nseeds = [1]\nsampler = \"euler\"\n[axes]\nhires_size = [\"768x768\", \"1024x512\"]\nhires_sampler = [\"Euler a\"]\n",
+        );
+        let p = run(&src).unwrap();
+        let h = p.cells[0].hires.unwrap();
+        assert_eq!(
+            (h.size, h.denoise, h.upscaler.as_str()),
+            (Some((768, 768)), 0.7, "latent")
+        );
+        assert_eq!(p.cells[1].final_size(), (1024, 512));
+        assert_eq!(
+            b(&p.cells[1]),
+            [("hires_sampler", "euler_a"), ("hires_size", "1024x512")]
+        );
+
+        let err = |body: &str| {
+            let src = SweepSource::new(
+                "s.toml",
+                format!("model = \"m\"\nprompt = \"p\"\nseeds = [1]\n{body}"),
+            );
+            run(&src).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err("hires_denoise = 0.5\n"),
+            "s.toml:4:17: hires_denoise: needs hires_scale or hires_size (the hires fix is on only when one of them is set)"
+        );
+        assert!(
+            err("[axes]\nhires_steps = [1]\n")
+                .starts_with("s.toml:5:1: axes.hires_steps: needs hires_scale")
+        );
+        assert!(err("hires_scale = 5\n").contains("hires_scale: 5 is outside 1..=4"));
+        assert!(
+            err("hires_scale = 2\nhires_denoise = 0\n")
+                .contains("hires_denoise: 0 is outside (0, 1]")
+        );
+        assert!(
+            err("hires_scale = 2\nhires_upscaler = \"ESRGAN\"\n")
+                .contains("unknown hires upscaler `ESRGAN`")
+        );
+        assert!(
+            err("hires_scale = 2\nhires_size = \"768x768\"\n")
+                .contains("conflicts with `hires_scale`")
+        );
+        assert!(
+            err("hires_scale = 2\n[axes]\nhires_size = [\"768x768\"]\n")
+                .contains("conflicts with `hires_scale`")
+        );
+        assert!(
+            err("hires_scale = 2\nhires_sampler = \"lcm\"\n")
+                .contains("hires_sampler: `lcm` is not a k-diffusion sampler")
+        );
+        // LCM's first pass needs a hires sampler: the cell says so at submit time.
+        let e = err("hires_scale = 2\n");
+        assert!(
+            e.starts_with("cell 0: ") && e.contains("hires_sampler: needed"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn invalid_cells_are_numbered() {
         let src = SweepSource::new(

@@ -93,7 +93,9 @@ impl Resolver<'_> {
             subseed: 0,
             subseed_strength: 0.0,
             seed_resize_from: None,
+            hires: None,
         };
+        base.hires = self.hires(&f)?;
         if let Some(m) = &f.model {
             self.check_text("model", m, MAX_REF_BYTES)?;
             base.model.clone_from(m.get_ref());
@@ -489,7 +491,7 @@ mod tests {
     fn errors_name_their_place() {
         assert_eq!(
             err(&format!("{BASE}colour = 1\n")),
-            "s.toml:4:1: unknown field `colour`, expected one of `name`, `model`, `loras`, `sampler`, `steps`, `cfg`, `width`, `height`, `size`, `negative_prompt`, `prompt`, `prompts`, `seeds`, `wildcards`, `axes`, `min_memory_mib`, `vae`, `clip_skip`, `subseed`, `subseed_strength`, `seed_resize_from`, `rng`"
+            "s.toml:4:1: unknown field `colour`, expected one of `name`, `model`, `loras`, `sampler`, `steps`, `cfg`, `width`, `height`, `size`, `negative_prompt`, `prompt`, `prompts`, `seeds`, `wildcards`, `axes`, `min_memory_mib`, `vae`, `clip_skip`, `subseed`, `subseed_strength`, `seed_resize_from`, `rng`, `hires_scale`, `hires_size`, `hires_upscaler`, `hires_steps`, `hires_denoise`, `hires_sampler`"
         );
         assert_eq!(
             err(&format!("{BASE}steps = \"4\"\n")),

@@ -20,6 +20,13 @@
 //! subseed_strength = 0.3                  # 0 (default: off) ..= 1
 //! seed_resize_from = "512x768"            # draw the noise for this size (default: the cell's)
 //! rng = "cpu"                             # cpu (default) | nv (A1111's "NV": CUDA's generator)
+//! hires_scale = 2.0                       # hires fix on: 1..=4 × the size (or hires_size = "WxH")
+//! hires_upscaler = "latent"               # latent (default), latent_nearest,
+//!                                         # latent_nearest_exact, lanczos; or A1111's names
+//! hires_steps = 0                         # 0 (default: the first pass's) ..= 150
+//! hires_denoise = 0.7                     # (0, 1]; default 0.7 (A1111's)
+//! hires_sampler = "euler_a"               # a k-diffusion sampler (default: the first pass's;
+//!                                         # needed when that is lcm or euler_a_diffusers)
 //!
 //! [[loras]]
 //! name = "lcm-lora-sdv1-5.safetensors"    # or path = "…"
@@ -37,8 +44,11 @@
 //!
 //! Axes: `cfg`, `steps`, `sampler`, `model`, `vae`, `clip_skip`, `size`, `width`, `height`,
 //! `negative_prompt`, `prompt` (a list of templates), `subseed`, `subseed_strength`,
-//! `seed_resize_from`, `rng` and `lora.<id>.strength`. A parameter is set in one place:
-//! at the top level *or* as an axis (`size` counts as both `width` and `height`).
+//! `seed_resize_from`, `rng`, `hires_scale`, `hires_size`, `hires_upscaler`, `hires_steps`,
+//! `hires_denoise`, `hires_sampler` and `lora.<id>.strength`. A parameter is set in one place:
+//! at the top level *or* as an axis (`size` counts as both `width` and `height`; `hires_scale`
+//! and `hires_size` are one parameter). The hires fix is on when `hires_scale` or `hires_size`
+//! is set; the other `hires_*` keys need one of them.
 //! `min_memory_mib` (default 0) asks for workers with at least that much device memory.
 
 use std::collections::BTreeMap;
@@ -80,6 +90,12 @@ pub(crate) struct SweepFile {
     pub(super) subseed_strength: Option<Spanned<f64>>,
     pub(super) seed_resize_from: Option<Spanned<String>>,
     pub(super) rng: Option<Spanned<String>>,
+    pub(super) hires_scale: Option<Spanned<f64>>,
+    pub(super) hires_size: Option<Spanned<String>>,
+    pub(super) hires_upscaler: Option<Spanned<String>>,
+    pub(super) hires_steps: Option<Spanned<i64>>,
+    pub(super) hires_denoise: Option<Spanned<f64>>,
+    pub(super) hires_sampler: Option<Spanned<String>>,
 }
 
 impl SweepFile {

@@ -118,6 +118,14 @@ impl Gen {
             subseed_strength: self.f32(),
             seed_resize_from_width: self.u32(),
             seed_resize_from_height: self.u32(),
+            hires_scale: self.f32(),
+            hires_width: self.u32(),
+            hires_height: self.u32(),
+            hires_upscaler: self.text(),
+            hires_steps: self.u32(),
+            hires_denoise: self.f32(),
+            hires_sampler: self.0.random_range(-1..12),
+            hires_schedule: self.0.random_range(-1..4),
         }
     }
 

@@ -3,7 +3,8 @@
 //! sweep planning from the example files. `group_commit` is the batched writing of completes and leases, and
 //! `intake` the staged insert of large submissions, on both backends; `names` the check that a
 //! query names only sweeps and binding keys that exist; `keeper` starred and rated cells;
-//! `render_level` which workers may lease which cells, and sampler names in the store.
+//! `render_level` which workers may lease which cells, and sampler names in the store; `hires`
+//! the hires columns and the lease filter at a hires cell's final size.
 
 #[macro_use]
 mod harness;
@@ -15,6 +16,7 @@ mod filter;
 mod fuzz;
 mod group_commit;
 pub mod grpc;
+mod hires;
 mod intake;
 mod keeper;
 mod names;

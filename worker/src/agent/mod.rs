@@ -44,7 +44,10 @@ use self::link::Link;
 use self::renderer::{Item, RenderFailure, Renderer};
 use self::tracked::Tracked;
 use crate::cache::PipelineKey;
-use crate::engine::{Device, LoraSpec, RenderRequest, RngKind, SamplerName};
+use crate::engine::pipeline::MAX_HIRES_STEPS;
+use crate::engine::{
+    Device, Hires, HiresSize, LoraSpec, RenderRequest, RngKind, SamplerName, Upscaler,
+};
 use crate::upload::{RetryPolicy, Storage};
 
 /// Agent settings, checked once by [`AgentConfig::validate`] when the agent starts.
@@ -342,6 +345,24 @@ fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
         }
         (w, h) => Some((w, h)),
     };
+    // The largest pass sets what a render needs: the hires pass's size when there is one.
+    let (width, height) = (cell.width, cell.height);
+    if u64::from(width) * u64::from(height) > cfg.max_pixels {
+        return Err(format!(
+            "{width}x{height} is past this worker's max pixels {}",
+            cfg.max_pixels
+        ));
+    }
+    let hires = hires(cell, sampler)?;
+    if let Some(h) = &hires {
+        let (w, h) = h.geometry(width, height).pixels();
+        if u64::from(w) * u64::from(h) > cfg.max_pixels {
+            return Err(format!(
+                "the hires size {w}x{h} is past this worker's max pixels {}",
+                cfg.max_pixels
+            ));
+        }
+    }
     let request = RenderRequest {
         prompt: cell.prompt.clone(),
         negative_prompt: cell.negative_prompt.clone(),
@@ -356,9 +377,50 @@ fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
         subseed: cell.subseed,
         subseed_strength: cell.subseed_strength,
         seed_resize_from,
+        hires,
         ..RenderRequest::default()
     };
     Ok((pipeline_key(cfg, cell)?, request))
+}
+
+/// A cell's hires fix (off when `hires_denoise` is 0), checked against its first pass before
+/// any size is worked out from it.
+fn hires(cell: &pb::RenderCell, sampler: SamplerName) -> Result<Option<Hires>, String> {
+    if cell.hires_denoise == 0.0 {
+        return Ok(None);
+    }
+    let upscaler = match cell.hires_upscaler.as_str() {
+        "" => Upscaler::default(),
+        name => name
+            .parse()
+            .map_err(|e| format!("hires_upscaler: {e}: not an upscaler this worker has"))?,
+    };
+    let hires_sampler = match cell.hires_sampler {
+        0 => None,
+        _ => Some(
+            SamplerName::from_proto(cell.hires_sampler, cell.hires_schedule)
+                .map_err(|e| format!("hires_sampler: {e}: not a sampler this worker renders"))?,
+        ),
+    };
+    let size = if cell.hires_scale != 0.0 {
+        HiresSize::Scale(cell.hires_scale)
+    } else {
+        HiresSize::Resize(cell.hires_width, cell.hires_height)
+    };
+    let hires = Hires {
+        size,
+        upscaler,
+        steps: cell.hires_steps as usize,
+        denoise: cell.hires_denoise,
+        sampler: hires_sampler,
+    };
+    if cell.width == 0 || cell.height == 0 {
+        return Err(format!("{}x{} is not a size", cell.width, cell.height));
+    }
+    hires
+        .check((cell.width, cell.height), sampler, MAX_HIRES_STEPS)
+        .map_err(|e| e.to_string())?;
+    Ok(Some(hires))
 }
 
 fn pipeline_key(cfg: &AgentConfig, cell: &pb::RenderCell) -> Result<PipelineKey, String> {
@@ -382,12 +444,6 @@ fn pipeline_key(cfg: &AgentConfig, cell: &pb::RenderCell) -> Result<PipelineKey,
             strength: lora.unet,
             text_encoder_strength: (lora.te != lora.unet).then_some(lora.te),
         });
-    }
-    if u64::from(cell.width) * u64::from(cell.height) > cfg.max_pixels {
-        return Err(format!(
-            "{}x{} is past this worker's max pixels {}",
-            cell.width, cell.height, cfg.max_pixels
-        ));
     }
     let vae = if cell.vae.is_empty() {
         None
@@ -603,5 +659,57 @@ mod tests {
             ),
             (0, 0.0, None)
         );
+    }
+
+    #[test]
+    fn a_hires_cell_maps_to_the_request_and_is_checked_at_its_final_size() {
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference");
+        let mut cfg = config(fixtures);
+        let mut t = task(pb::Sampler::Dpmpp2sA as i32);
+        let c = t.cell.as_mut().unwrap();
+        c.hires_scale = 1.5;
+        c.hires_upscaler = "latent_nearest".into();
+        c.hires_steps = 3;
+        c.hires_denoise = 0.5;
+        c.hires_sampler = pb::Sampler::Euler as i32;
+        c.hires_schedule = pb::Schedule::Karras as i32;
+        let (_, r) = plan(&cfg, &t).expect("plan");
+        let h = r.hires.expect("hires");
+        assert_eq!(h.size, HiresSize::Scale(1.5));
+        assert_eq!(h.upscaler.as_str(), "latent_nearest");
+        assert_eq!((h.steps, h.denoise), (3, 0.5));
+        assert_eq!(
+            h.sampler.map(|s| s.as_str()).as_deref(),
+            Some("euler_karras")
+        );
+        assert_eq!(h.geometry(64, 64).pixels(), (96, 96));
+        // Off when the denoising strength is 0, whatever else is set.
+        t.cell.as_mut().unwrap().hires_denoise = 0.0;
+        assert_eq!(plan(&cfg, &t).unwrap().1.hires, None);
+
+        // The final size is what --max-pixels limits; bad values are bad input.
+        let mut t = task(pb::Sampler::Euler as i32);
+        let c = t.cell.as_mut().unwrap();
+        (c.hires_width, c.hires_height, c.hires_denoise) = (128, 128, 0.7);
+        let (_, r) = plan(&cfg, &t).expect("plan");
+        assert_eq!(r.hires.unwrap().size, HiresSize::Resize(128, 128));
+        cfg.max_pixels = 100 * 100;
+        let e = plan(&cfg, &t).unwrap_err();
+        assert!(e.contains("hires size 128x128 is past"), "{e}");
+        cfg.max_pixels = 1 << 20;
+        for (what, set) in [
+            (
+                "upscaler",
+                (|c: &mut pb::RenderCell| c.hires_upscaler = "esrgan".into()) as fn(&mut _),
+            ),
+            ("denoising", |c| c.hires_denoise = 1.5),
+            ("k-diffusion", |c| c.sampler = pb::Sampler::Lcm as i32),
+            ("hires_sampler", |c| c.hires_sampler = 99),
+        ] {
+            let mut bad = t.clone();
+            set(bad.cell.as_mut().unwrap());
+            let e = plan(&cfg, &bad).unwrap_err();
+            assert!(e.contains(what), "{what}: {e}");
+        }
     }
 }

@@ -49,6 +49,31 @@ pub fn to_rgb8(decoded: &[f32], width: u32, height: u32) -> Result<RgbImage> {
     })
 }
 
+/// Like [`to_rgb8`], but as A1111 turns a decoded picture into 8 bits before upscaling it for
+/// the hires fix: `255 · clamp((x + 1) / 2, 0, 1)` in float32, truncated (`astype(np.uint8)`).
+pub fn to_rgb8_truncating(decoded: &[f32], width: u32, height: u32) -> Result<RgbImage> {
+    let plane = width as usize * height as usize;
+    if decoded.len() != 3 * plane {
+        return Err(EngineError::InvalidRequest(format!(
+            "{} values do not make a 3×{height}×{width} image",
+            decoded.len()
+        )));
+    }
+    let mut pixels = Vec::with_capacity(3 * plane);
+    for i in 0..plane {
+        for c in 0..3 {
+            let x = ((decoded[c * plane + i] + 1.0) / 2.0).clamp(0.0, 1.0);
+            // In [0, 255]: the cast truncates and cannot wrap.
+            pixels.push((255.0 * x) as u8);
+        }
+    }
+    Ok(RgbImage {
+        width,
+        height,
+        pixels,
+    })
+}
+
 /// One image as the VAE encoder takes it (`[1, 3, h, w]`, planar, in [-1, 1]), exactly as
 /// diffusers' `VaeImageProcessor.preprocess` makes it from a PIL image of a size that needs no
 /// resizing (`np.array(img).astype(float32) / 255`, then `2x − 1`) and as A1111's img2img does
@@ -112,6 +137,8 @@ pub struct Infotext<'a> {
     pub pad_conds: bool,
     /// The generator's A1111 name (`CPU`, `NV`).
     pub rng: &'a str,
+    /// The sampler's η when set (`Eta DDIM` for DDIM, as A1111 writes it; `Eta` otherwise).
+    pub eta: Option<(&'static str, f32)>,
     /// Variation seed and strength, when the strength is above 0.
     pub variation: Option<(u64, f32)>,
     /// "Resize seed from" width and height.
@@ -189,6 +216,9 @@ impl Infotext<'_> {
         }
         if let Some((w, h)) = self.seed_resize_from {
             fields.push(("Seed resize from", format!("{w}x{h}")));
+        }
+        if let Some((key, eta)) = self.eta {
+            fields.push((key, eta.to_string()));
         }
         if let Some(denoise) = self.denoise {
             fields.push(("Denoising strength", denoise.to_string()));
@@ -370,6 +400,7 @@ mod tests {
             clip_skip: 1,
             pad_conds: false,
             rng: "CPU",
+            eta: None,
             variation: None,
             seed_resize_from: None,
             denoise: None,

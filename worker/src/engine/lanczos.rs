@@ -1,17 +1,18 @@
 //! Resizing 8-bit RGB pictures exactly as PIL's `Image.resize(size, resample=Image.LANCZOS)`
 //! does, for A1111's "Lanczos" hires-fix upscaler.
 //!
-//! Owns [`resize_lanczos`]: Pillow's separable convolution (`src/libImaging/Resample.c`) with
-//! its defaults in `Image.resize` (the whole image as the box, `reducing_gap=None`): per output
-//! pixel, taps over `center ± 3·max(in/out, 1)` source pixels, weighted by
-//! `sinc(x)·sinc(x/3)` in f64 and normalised to sum 1, then rounded to fixed point with
-//! 22 fractional bits; one pass per axis into an 8-bit intermediate (rounded and clipped),
-//! horizontal first unless the height shrinks by more than twice as many pixels as the width
-//! (Pillow 13's order, which changes the bytes). Neither `image` 0.25 (`imageops::resize`, `Lanczos3`: f32 intermediate, no
-//! rounding between passes) nor `fast_image_resize` 6 (another fixed-point precision) gives
-//! PIL's bytes on `tests/fixtures/reference/lanczos.json`'s cases: off by 1 on up to 20% of the
-//! bytes of smooth pictures, and by up to 32 and 43 levels on the high-contrast pattern. It
-//! knows nothing of models or latents.
+//! Owns [`resize_lanczos`]: Pillow 13's separable convolution (`src/libImaging/Resample.c`)
+//! with `Image.resize`'s defaults (the whole image as the box, `reducing_gap=None`): per output
+//! pixel, taps over `center ± 3·max(in/out, 1)` source pixels, weighted by `sinc(x)·sinc(x/3)`
+//! in f64 and normalised to sum 1, then rounded to fixed point with 22 fractional bits; one
+//! pass per axis into an 8-bit intermediate (rounded and clipped), horizontal first unless the
+//! height shrinks by more than twice as many pixels as the width.
+//!
+//! Hand-written because no crate gives PIL's bytes on `tests/fixtures/reference/lanczos.json`:
+//! `image` 0.25 (`imageops::resize`, `Lanczos3`; f32 intermediate, no rounding between passes)
+//! is off by 1 on up to 20% of the bytes of smooth pictures and by up to 32 levels on a
+//! high-contrast pattern; `fast_image_resize` 6.1 (another fixed-point precision) by up to 43.
+//! It knows nothing of models or latents.
 
 use std::f64::consts::PI;
 
@@ -184,16 +185,17 @@ fn horizontal(src: &[u8], in_w: usize, cols: &Taps, rows: std::ops::Range<usize>
 fn vertical(src: &[u8], width: usize, rows: &Taps, row0: usize) -> Vec<u8> {
     let stride = width * 3;
     let mut out = Vec::with_capacity(rows.bounds.len() * stride);
+    let mut acc = vec![HALF; stride];
     for yy in 0..rows.bounds.len() {
         let (start, k) = rows.of(yy);
-        let taps = &src[(start - row0) * stride..];
-        for x in 0..stride {
-            let mut acc = HALF;
-            for (line, &w) in taps.chunks(stride).zip(k) {
-                acc += i32::from(line[x]) * w;
+        acc.fill(HALF);
+        // Whole rows at a time: integer sums, so the order of the terms cannot matter.
+        for (line, &w) in src[(start - row0) * stride..].chunks(stride).zip(k) {
+            for (a, &v) in acc.iter_mut().zip(line) {
+                *a += i32::from(v) * w;
             }
-            out.push(clip8(acc));
         }
+        out.extend(acc.iter().map(|&a| clip8(a)));
     }
     out
 }

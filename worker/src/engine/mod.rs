@@ -9,6 +9,7 @@
 //! [`HostTensor`], paths and plain numbers. It must never know about leases, gRPC, databases or
 //! object storage.
 
+pub mod brownian;
 pub mod device;
 pub mod error;
 pub mod hires;

@@ -26,6 +26,7 @@
 //!
 //! Not reproduced: A1111's "Eta noise seed delta" setting, which re-seeds the later draws.
 
+use crate::engine::brownian::BrownianTree;
 use crate::engine::philox::PhiloxRng;
 use crate::engine::rng::{Randn, TorchRng};
 
@@ -146,6 +147,19 @@ impl Randn for ImageNoise {
     /// The image generator's next draw (A1111's `ImageRNG.next()` after the first).
     fn randn(&mut self, numel: usize) -> Vec<f32> {
         self.generator.randn(numel)
+    }
+
+    /// A1111's `BrownianTreeNoiseSampler` for this image's seed. Its nodes draw from torch's
+    /// CPU generator, or with NV noise from the CUDA generator (what A1111 on an NVIDIA card
+    /// uses for these trees whatever its RNG source says).
+    fn brownian_tree(&self, numel: usize, sigma_min: f32, sigma_max: f32) -> Option<BrownianTree> {
+        let seed = self.spec.seed;
+        Some(match self.spec.rng {
+            RngKind::Cpu => BrownianTree::new(seed, numel, sigma_min, sigma_max),
+            RngKind::Nv => BrownianTree::with_source(seed, numel, sigma_min, sigma_max, |s, n| {
+                PhiloxRng::new(s).randn(n)
+            }),
+        })
     }
 }
 

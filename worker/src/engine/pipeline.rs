@@ -24,7 +24,10 @@ use kiln_proto::prompt::{ParsedPrompt, PromptPart};
 use crate::engine::device::Device;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::hires::{Hires, crop_latents};
-use crate::engine::image::{Infotext, RgbImage, encode_png, to_rgb8, to_vae_input};
+use crate::engine::image::{
+    Infotext, RgbImage, encode_png, to_rgb8, to_rgb8_truncating, to_vae_input,
+};
+use crate::engine::lanczos::resize_lanczos;
 use crate::engine::load::lora::LoraSpec;
 use crate::engine::load::weights::HostTensor;
 use crate::engine::model::{Model, UsedInversion, to_host};
@@ -37,7 +40,7 @@ use crate::engine::text::embeddings::{self, EmbeddingCache, EmbeddingStats};
 use crate::engine::text::inversion::InversionDb;
 use crate::engine::upscale::resize_latents;
 use kiln_proto::hires::Upscaler;
-use kiln_proto::sampler::SamplerName;
+use kiln_proto::sampler::{Method, SamplerName};
 
 /// Pixels per latent cell: the VAE upsamples by 8.
 const LATENT_SCALE: u32 = 8;
@@ -87,6 +90,9 @@ pub struct RenderRequest {
     pub hires: Option<Hires>,
     /// img2img: start from this picture instead of pure noise.
     pub init_image: Option<InitImage>,
+    /// The sampler's stochasticity where it has one: DDIM's η (default 0), TCD's γ (default
+    /// 0.3); `None` keeps the default.
+    pub eta: Option<f32>,
 }
 
 /// The picture an img2img render starts from.
@@ -118,6 +124,7 @@ impl Default for RenderRequest {
             seed_resize_from: None,
             hires: None,
             init_image: None,
+            eta: None,
         }
     }
 }
@@ -225,6 +232,7 @@ impl RenderRequest {
             && self.cfg_scale.to_bits() == other.cfg_scale.to_bits()
             && self.sampler == other.sampler
             && self.rng == other.rng
+            && self.eta.map(f32::to_bits) == other.eta.map(f32::to_bits)
             && self.hires == other.hires
             && self.init_image.as_ref().map(|i| i.strength.to_bits())
                 == other.init_image.as_ref().map(|i| i.strength.to_bits())
@@ -400,7 +408,13 @@ impl Pipeline {
                 init.strength,
                 Img2ImgSteps::Scaled,
             )?),
-            None => Sampling::new(schedule, request.sampler, request.steps)?,
+            None => {
+                let sampling = Sampling::new(schedule, request.sampler, request.steps)?;
+                match request.eta {
+                    Some(eta) => sampling.with_eta(eta)?,
+                    None => sampling,
+                }
+            }
         })
     }
 
@@ -576,7 +590,6 @@ impl Pipeline {
             // A1111's `sample_hr_pass`: resize the latents, crop to the asked aspect, then an
             // img2img pass from fresh noise of the same seeds at the new size.
             let geometry = hires.geometry(first.width, first.height);
-            let Upscaler::Latent(mode) = hires.upscaler;
             let [uh, uw] = geometry.upscaled;
             let small = [channels, h, w];
             [h, w] = geometry.latent();
@@ -586,7 +599,10 @@ impl Pipeline {
                 .collect();
             let sigma = second.init_noise_sigma();
             for (l, noise) in latents.iter_mut().zip(&mut noises) {
-                let up = resize_latents(l, small, [uh, uw], mode);
+                let up = match hires.upscaler {
+                    Upscaler::Latent(mode) => resize_latents(l, small, [uh, uw], mode),
+                    Upscaler::Lanczos => self.lanczos_upscale(l, small, [uh, uw])?,
+                };
                 let up = crop_latents(&up, [channels, uh, uw], geometry.crop);
                 let z = noise.first([channels, h, w]);
                 *l = up.iter().zip(&z).map(|(&x, &z)| x + z * sigma).collect();
@@ -641,6 +657,30 @@ impl Pipeline {
             .collect())
     }
 
+    /// A1111's "Lanczos" hires upscaler for one image's latents (`[c, h, w]`): decode, to 8-bit
+    /// as A1111 does (truncating), resize with Pillow's Lanczos to `[uh, uw]` latent cells'
+    /// worth of pixels, encode (the posterior mean) again. A1111 resizes to `int(W · scale)`
+    /// exactly (in up to three Pillow calls) and encodes that; kiln's encoder takes multiples of
+    /// 8, so when `int(W · scale)` is not one kiln resizes once, straight to the multiple of 8
+    /// below it. Scales that land on multiples of 8 (1.25, 1.5, 2 of 512) are A1111's exactly.
+    fn lanczos_upscale(
+        &self,
+        latents: &[f32],
+        [channels, h, w]: [usize; 3],
+        [uh, uw]: [usize; 2],
+    ) -> Result<Vec<f32>> {
+        let model = &self.model;
+        let small = model.to_device(&HostTensor {
+            shape: vec![1, channels, h, w],
+            data: latents.to_vec(),
+        })?;
+        let decoded = to_host(&model.decode_latents(&small)?)?;
+        let scale = LATENT_SCALE as usize;
+        let picture = to_rgb8_truncating(&decoded.data, (w * scale) as u32, (h * scale) as u32)?;
+        let large = resize_lanczos(&picture, (uw * scale) as u32, (uh * scale) as u32);
+        Ok(model.encode_image(&to_vae_input(&large)?)?.latents().data)
+    }
+
     /// The image with its metadata; `padded` says the prompt's and negative prompt's
     /// conditionings were padded to the same length (A1111's `Pad conds`), `inversions` are the
     /// embeddings they used.
@@ -677,6 +717,10 @@ impl Pipeline {
             clip_skip: request.clip_skip,
             pad_conds: padded,
             rng: request.rng.a1111_name(),
+            eta: request.eta.map(|eta| match request.sampler.method {
+                Method::Ddim => ("Eta DDIM", eta),
+                _ => ("Eta", eta),
+            }),
             variation: (request.subseed_strength > 0.0)
                 .then_some((request.subseed, request.subseed_strength)),
             seed_resize_from: request.seed_resize_from,

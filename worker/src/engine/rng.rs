@@ -118,6 +118,17 @@ pub enum NormalKernel {
 pub trait Randn {
     /// The next `numel` values, the row-major flattening of any shape with `numel` elements.
     fn randn(&mut self, numel: usize) -> Vec<f32>;
+
+    /// The image's Brownian motion over `[sigma_min, sigma_max]` for DPM++ SDE (A1111 seeds it
+    /// from the image's seed, not from this stream); `None` for a bare stream with no seed.
+    fn brownian_tree(
+        &self,
+        _numel: usize,
+        _sigma_min: f32,
+        _sigma_max: f32,
+    ) -> Option<crate::engine::brownian::BrownianTree> {
+        None
+    }
 }
 
 impl Randn for TorchRng {

@@ -288,3 +288,50 @@ fn the_fixture_covers_each_method_with_and_without_noise() {
         assert_eq!(run.noise_draws.len(), draws, "{}", run.method);
     }
 }
+
+#[test]
+fn full_renders_match_diffusers_step_by_step_and_pixel_for_pixel() {
+    use kiln_worker::engine::image::decode_png;
+    use kiln_worker::engine::{Device, Pipeline, Progress, RenderRequest};
+    use std::sync::atomic::AtomicBool;
+
+    let fixture: Fixture = load("diffusers_samplers.json");
+    let tensors = read_safetensors(&path("diffusers_samplers.safetensors")).expect("tensors");
+    let pipeline = Pipeline::load(&path("tiny-sd15"), &[], Device::Cpu).expect("pipeline loads");
+    let never = AtomicBool::new(false);
+    for (name, run) in &fixture.runs {
+        let request = RenderRequest {
+            prompt: run.prompt.clone(),
+            negative_prompt: run.negative_prompt.clone(),
+            seed: run.seed,
+            steps: run.steps,
+            cfg_scale: run.cfg,
+            sampler: run.method.parse().expect("sampler name"),
+            width: 64,
+            height: 64,
+            eta: run.eta.or(run.gamma).map(|v| v as f32),
+            ..RenderRequest::default()
+        };
+        let mut worst = 0f64;
+        let mut on_step = |p: Progress<'_>| {
+            let want = tensor(&tensors, &format!("run/{name}/step{}/latents", p.step - 1));
+            let err = relative_error(p.latents, want);
+            worst = worst.max(err);
+            assert!(err <= 1e-4, "{name} step {}: {err:e}", p.step);
+        };
+        let out = pipeline
+            .render(&request, &mut on_step, &never)
+            .expect("render");
+        let want = decode_png(&std::fs::read(path(&run.png)).expect("png")).expect("png");
+        let max = out
+            .image
+            .pixels
+            .iter()
+            .zip(&want.image.pixels)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap_or(0);
+        eprintln!("{name}: worst latent error {worst:.3e}, max pixel diff {max}/255");
+        assert!(max <= 1, "{name}: a pixel is {max}/255 off");
+    }
+}

@@ -1,7 +1,7 @@
 //! Sweep inserts by `COPY … FROM STDIN`: the text-format encoder of cell rows.
 
 use crate::Result;
-use crate::store::db::BulkInsert;
+use crate::store::db::{BulkInsert, HiresColumns};
 
 /// Cells per chunk of the COPY stream of a sweep insert.
 const COPY_CHUNK: usize = 2_000;
@@ -23,8 +23,9 @@ pub(in crate::store) async fn insert_cells(
         .copy_in_raw(
             "COPY cells (sweep_id, number, cell_key, spec, affinity_key, priority, pixels, \
              min_memory_mib, model, prompt, negative_prompt, seed, steps, cfg, sampler, width, \
-             height, bindings, render_level, state, attempt, max_attempts, errors, scheduled_at, \
-             created_at) \
+             height, bindings, render_level, hires_scale, hires_width, hires_height, \
+             hires_upscaler, hires_steps, hires_denoise, state, attempt, max_attempts, errors, \
+             scheduled_at, created_at) \
              FROM STDIN",
         )
         .await?;
@@ -89,10 +90,25 @@ fn copy_row(buf: &mut String, sweep: i64, priority: i64, c: &crate::sweep::NewCe
     let _ = write!(buf, "\t{}\t{}\t", s.width, s.height);
     copy_text(buf, &c.bindings_json);
     let _ = write!(buf, "\t{}", s.render_level());
+    // `\N` is COPY's NULL: the hires columns of a cell without a hires fix.
+    let hires = HiresColumns::of(s);
+    let mut opt = |v: Option<String>| {
+        buf.push('\t');
+        match v {
+            Some(v) => copy_text(buf, &v),
+            None => buf.push_str("\\N"),
+        }
+    };
+    opt(hires.scale.map(|v| v.to_string()));
+    opt(hires.width.map(|v| v.to_string()));
+    opt(hires.height.map(|v| v.to_string()));
+    opt(hires.upscaler.map(str::to_owned));
+    opt(hires.steps.map(|v| v.to_string()));
+    opt(hires.denoise.map(|v| v.to_string()));
 }
 
 /// Appends `v` as one field of COPY's text format: backslash, tab, newline and carriage return
-/// are escaped (no field is NULL, so `\N` never arises).
+/// are escaped (a NULL is written as `\N` by the caller, never through here).
 fn copy_text(buf: &mut String, v: &str) {
     if !v.contains(['\\', '\t', '\n', '\r']) {
         buf.push_str(v);

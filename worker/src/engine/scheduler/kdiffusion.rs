@@ -13,6 +13,7 @@
 
 use kiln_proto::sampler::{Method, Schedule};
 
+use super::dpmpp_sde::sample_dpmpp_sde;
 use super::{
     ModelFn, PredictionType, ScheduleConfig, SchedulerError, StepFn, alphas_cumprod, linspace_f32,
 };
@@ -179,6 +180,9 @@ pub struct KSampler {
     sigmas: Vec<f32>,
     /// The UNet timestep of each step's first evaluation.
     timesteps: Vec<f32>,
+    /// DPM++ SDE's Brownian interval: the smallest non-zero and the largest sigma of the whole
+    /// schedule (of an img2img run too: A1111 builds it before cutting).
+    tree_range: (f32, f32),
 }
 
 impl KSampler {
@@ -191,7 +195,8 @@ impl KSampler {
     ) -> Result<Self, SchedulerError> {
         let denoiser = Self::check(config, method, steps)?;
         let sigmas = denoiser.schedule(schedule, steps);
-        Ok(Self::from_sigmas(method, denoiser, sigmas))
+        let range = tree_range(&sigmas);
+        Ok(Self::from_sigmas(method, denoiser, sigmas, range))
     }
 
     /// An img2img run that starts part-way down the schedule, as A1111's `setup_img2img_steps`
@@ -220,7 +225,12 @@ impl KSampler {
         let full = denoiser.schedule(schedule, total);
         // `sigma_sched = sigmas[steps - t_enc - 1:]`: t_enc + 1 steps are run.
         let sigmas = full[total - t_enc - 1..].to_vec();
-        Ok(Self::from_sigmas(method, denoiser, sigmas))
+        Ok(Self::from_sigmas(
+            method,
+            denoiser,
+            sigmas,
+            tree_range(&full),
+        ))
     }
 
     /// The denoiser, once `method`, the model's parameterization and `steps` are known good.
@@ -253,7 +263,12 @@ impl KSampler {
         KDenoiser::new(config)
     }
 
-    fn from_sigmas(method: Method, denoiser: KDenoiser, sigmas: Vec<f32>) -> Self {
+    fn from_sigmas(
+        method: Method,
+        denoiser: KDenoiser,
+        sigmas: Vec<f32>,
+        tree_range: (f32, f32),
+    ) -> Self {
         let steps = sigmas.len() - 1;
         let timesteps = sigmas[..steps]
             .iter()
@@ -264,6 +279,7 @@ impl KSampler {
             denoiser,
             sigmas,
             timesteps,
+            tree_range,
         }
     }
 
@@ -313,6 +329,9 @@ impl KSampler {
         on_step: &mut StepFn<'_>,
     ) -> Result<(), EngineError> {
         let steps = self.sigmas.len() - 1;
+        if self.method == Method::DpmppSde {
+            return self.sample_sde(xs, noise, model, on_step);
+        }
         let mut old_denoised: Option<Vec<Vec<f32>>> = None;
         for i in 0..steps {
             let (sigma, next) = (self.sigmas[i], self.sigmas[i + 1]);
@@ -411,7 +430,12 @@ impl KSampler {
                     }
                     add_noise(xs, noise, next, up);
                 }
-                Method::Lcm | Method::EulerADiffusers => {
+                Method::DpmppSde => unreachable!("handled by sample_sde"),
+                Method::Lcm
+                | Method::EulerADiffusers
+                | Method::Ddim
+                | Method::UniPc
+                | Method::Tcd => {
                     unreachable!("KSampler::new accepts only k-diffusion methods")
                 }
             }
@@ -422,6 +446,46 @@ impl KSampler {
         }
         Ok(())
     }
+}
+
+impl KSampler {
+    /// DPM++ SDE: each image's noise comes from its Brownian tree over the schedule's range.
+    fn sample_sde(
+        &self,
+        xs: &mut [Vec<f32>],
+        noise: &mut [&mut dyn Randn],
+        model: &mut ModelFn<'_>,
+        on_step: &mut StepFn<'_>,
+    ) -> Result<(), EngineError> {
+        let (lo, hi) = self.tree_range;
+        let mut trees = Vec::with_capacity(xs.len());
+        for (x, stream) in xs.iter().zip(noise.iter()) {
+            let tree = stream.brownian_tree(x.len(), lo, hi).ok_or_else(|| {
+                EngineError::InvalidRequest("DPM++ SDE needs each image's seed".to_owned())
+            })?;
+            trees.push(tree);
+        }
+        let mut denoise = |xs: &[Vec<f32>], sigma: f32| self.denoise(model, xs, sigma);
+        let timesteps = &self.timesteps;
+        sample_dpmpp_sde(
+            &self.sigmas,
+            xs,
+            &mut trees,
+            &mut denoise,
+            &mut |done, xs| on_step(done, timesteps[done - 1], xs),
+        )
+    }
+}
+
+/// The smallest non-zero and the largest of `sigmas` (A1111's `create_noise_sampler`).
+fn tree_range(sigmas: &[f32]) -> (f32, f32) {
+    let lo = sigmas
+        .iter()
+        .copied()
+        .filter(|&s| s > 0.0)
+        .fold(f32::INFINITY, f32::min);
+    let hi = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (lo, hi)
 }
 
 /// `to_d`: the ODE derivative `(x − denoised) / σ`.

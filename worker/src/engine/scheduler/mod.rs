@@ -17,19 +17,21 @@
 //! included) while Rust's is.
 
 pub mod ddim;
+pub mod dpmpp_sde;
 pub mod euler_ancestral;
 pub mod kdiffusion;
 pub mod lcm;
+mod sampling;
 pub mod tcd;
 pub mod unipc;
 
-use kiln_proto::sampler::{Method, SamplerName};
 use serde::Deserialize;
 
 pub use ddim::DdimScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
 pub use kdiffusion::{Img2ImgSteps, KDenoiser, KSampler};
 pub use lcm::LcmScheduler;
+pub use sampling::Sampling;
 pub use tcd::TcdScheduler;
 pub use unipc::{UniPcScheduler, UniPcState};
 
@@ -356,38 +358,6 @@ pub trait MultistepSampler {
     ) -> Result<StepOutput, SchedulerError>;
 }
 
-/// A [`Sampler`] as a [`MultistepSampler`] with no history, so one loop runs both.
-struct Stateless<'a>(&'a dyn Sampler);
-
-impl MultistepSampler for Stateless<'_> {
-    type State = ();
-
-    fn timesteps(&self) -> &[f32] {
-        self.0.timesteps()
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        self.0.init_noise_sigma()
-    }
-
-    fn scale_model_input(&self, sample: &[f32], index: usize) -> Result<Vec<f32>, SchedulerError> {
-        self.0.scale_model_input(sample, index)
-    }
-
-    fn start(&self) {}
-
-    fn step(
-        &self,
-        _state: &mut (),
-        index: usize,
-        model_output: &[f32],
-        sample: &[f32],
-        rng: &mut dyn Randn,
-    ) -> Result<StepOutput, SchedulerError> {
-        self.0.step(index, model_output, sample, rng)
-    }
-}
-
 /// The model as a sampler sees it: the UNet inputs of a batch of images (already scaled for
 /// the model) and one timestep in, the raw model output of each image out (guidance applied).
 pub type ModelFn<'a> = dyn FnMut(&[Vec<f32>], f32) -> Result<Vec<Vec<f32>>, EngineError> + 'a;
@@ -395,114 +365,6 @@ pub type ModelFn<'a> = dyn FnMut(&[Vec<f32>], f32) -> Result<Vec<Vec<f32>>, Engi
 /// Called after each finished step with the steps done, that step's (first) timestep and every
 /// image's latents.
 pub type StepFn<'a> = dyn FnMut(usize, f32, &[Vec<f32>]) + 'a;
-
-/// A sampler ready to run: what a [`SamplerName`] means for one model and step count.
-#[derive(Debug)]
-pub enum Sampling {
-    /// diffusers' LCM.
-    Lcm(LcmScheduler),
-    /// diffusers' Euler ancestral.
-    EulerADiffusers(EulerAncestralScheduler),
-    /// diffusers' DDIM.
-    Ddim(DdimScheduler),
-    /// diffusers' UniPC (multistep: each [`sample`](Self::sample) call keeps a history per image).
-    UniPc(UniPcScheduler),
-    /// diffusers' TCD.
-    Tcd(TcdScheduler),
-    /// One of k-diffusion's.
-    K(KSampler),
-}
-
-impl Sampling {
-    /// `name` for `steps` steps of a model trained with `config`.
-    pub fn new(
-        config: &ScheduleConfig,
-        name: SamplerName,
-        steps: usize,
-    ) -> Result<Self, SchedulerError> {
-        Ok(match name.method {
-            Method::Lcm => Sampling::Lcm(LcmScheduler::new(config, steps)?),
-            Method::EulerADiffusers => {
-                Sampling::EulerADiffusers(EulerAncestralScheduler::new(config, steps)?)
-            }
-            method => Sampling::K(KSampler::new(config, method, name.schedule, steps)?),
-        })
-    }
-
-    /// The standard deviation the initial unit noise is scaled to.
-    pub fn init_noise_sigma(&self) -> f32 {
-        match self {
-            Sampling::Lcm(s) => s.init_noise_sigma(),
-            Sampling::EulerADiffusers(s) => s.init_noise_sigma(),
-            Sampling::Ddim(s) => s.init_noise_sigma(),
-            Sampling::UniPc(s) => s.init_noise_sigma(),
-            Sampling::Tcd(s) => s.init_noise_sigma(),
-            Sampling::K(s) => s.init_noise_sigma(),
-        }
-    }
-
-    /// The number of steps.
-    pub fn steps(&self) -> usize {
-        match self {
-            Sampling::Lcm(s) => s.timesteps().len(),
-            Sampling::EulerADiffusers(s) => s.timesteps().len(),
-            Sampling::Ddim(s) => s.timesteps().len(),
-            Sampling::UniPc(s) => s.timesteps().len(),
-            Sampling::Tcd(s) => s.timesteps().len(),
-            Sampling::K(s) => s.timesteps().len(),
-        }
-    }
-
-    /// Samples every latent of `xs` in place (initial noise already scaled by
-    /// [`init_noise_sigma`](Self::init_noise_sigma)), image `i` drawing its noise from
-    /// `noise[i]`.
-    pub fn sample(
-        &self,
-        xs: &mut [Vec<f32>],
-        noise: &mut [&mut dyn Randn],
-        model: &mut ModelFn<'_>,
-        on_step: &mut StepFn<'_>,
-    ) -> Result<(), EngineError> {
-        match self {
-            Sampling::Lcm(s) => stepwise(&Stateless(s), xs, noise, model, on_step),
-            Sampling::EulerADiffusers(s) => stepwise(&Stateless(s), xs, noise, model, on_step),
-            Sampling::Ddim(s) => stepwise(&Stateless(s), xs, noise, model, on_step),
-            Sampling::UniPc(s) => stepwise(s, xs, noise, model, on_step),
-            Sampling::Tcd(s) => stepwise(&Stateless(s), xs, noise, model, on_step),
-            Sampling::K(s) => s.sample(xs, noise, model, on_step),
-        }
-    }
-}
-
-/// Runs a one-evaluation-per-step sampler over a batch, one history per image.
-fn stepwise<S: MultistepSampler>(
-    sampler: &S,
-    xs: &mut [Vec<f32>],
-    noise: &mut [&mut dyn Randn],
-    model: &mut ModelFn<'_>,
-    on_step: &mut StepFn<'_>,
-) -> Result<(), EngineError> {
-    let mut states: Vec<S::State> = xs.iter().map(|_| sampler.start()).collect();
-    for (index, &t) in sampler.timesteps().iter().enumerate() {
-        let inputs = xs
-            .iter()
-            .map(|x| sampler.scale_model_input(x, index))
-            .collect::<Result<Vec<_>, _>>()?;
-        let outputs = model(&inputs, t)?;
-        for (((x, out), stream), state) in xs
-            .iter_mut()
-            .zip(&outputs)
-            .zip(noise.iter_mut())
-            .zip(&mut states)
-        {
-            *x = sampler
-                .step(state, index, out, x, &mut **stream)?
-                .prev_sample;
-        }
-        on_step(index + 1, t, xs);
-    }
-    Ok(())
-}
 
 /// Checks `index` against a schedule of `steps` and the two buffers against each other.
 fn check_step(

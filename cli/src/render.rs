@@ -69,6 +69,10 @@ pub struct Args {
     /// How much of the variation seed's noise to blend in, 0..=1 (0: none).
     #[arg(long, default_value_t = 0.0, value_parser = parse_strength)]
     subseed_strength: f32,
+    /// The sampler's stochasticity where it has one: DDIM's η (default 0) or TCD's γ (default
+    /// 0.3), 0..=1.
+    #[arg(long, value_parser = parse_strength)]
+    eta: Option<f32>,
     /// A1111's "Resize seed from": draw the noise for this size and centre it, so a seed keeps
     /// its composition at another size.
     #[arg(long, value_name = "WxH", value_parser = parse_size)]
@@ -297,6 +301,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         subseed_strength: args.subseed_strength,
         seed_resize_from: args.seed_resize_from,
         hires,
+        eta: args.eta,
         ..RenderRequest::default()
     };
     // Reject a bad size before spending seconds reading a picture or loading weights.

@@ -187,6 +187,7 @@ fn cell(i: u64) -> CellSpec {
         subseed_strength: 0.0,
         seed_resize_from: None,
         hires: None,
+        eta: None,
     }
 }
 

@@ -78,6 +78,7 @@ fn cell(seed: u64) -> CellSpec {
         subseed_strength: 0.0,
         seed_resize_from: None,
         hires: None,
+        eta: None,
     }
 }
 

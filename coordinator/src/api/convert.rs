@@ -111,6 +111,7 @@ pub(super) fn cell_from_wire(c: pb::RenderCell) -> Result<CellSpec> {
         subseed_strength: c.subseed_strength,
         seed_resize_from,
         hires,
+        eta: c.eta,
     })
 }
 
@@ -196,6 +197,7 @@ pub(super) fn cell_to_wire(s: CellSpec) -> pb::RenderCell {
         hires_denoise: hires.map_or(0.0, |h| h.denoise),
         hires_sampler,
         hires_schedule,
+        eta: s.eta,
     }
 }
 

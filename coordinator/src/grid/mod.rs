@@ -224,6 +224,7 @@ mod tests {
             subseed_strength: 0.0,
             seed_resize_from: None,
             hires: None,
+            eta: None,
         }
     }
 

@@ -32,6 +32,7 @@ pub(crate) enum Setter {
     LoraStrength(usize, f32),
     Subseed(u64),
     SubseedStrength(f32),
+    Eta(f32),
     /// (width, height)
     SeedResizeFrom(u32, u32),
     /// One of [`RNG_SOURCES`].
@@ -67,6 +68,7 @@ impl Setter {
             }
             Setter::Subseed(v) => cell.subseed = *v,
             Setter::SubseedStrength(v) => cell.subseed_strength = *v,
+            Setter::Eta(v) => cell.eta = Some(*v),
             Setter::SeedResizeFrom(w, h) => cell.seed_resize_from = Some((*w, *h)),
             Setter::Rng(v) => (*v).clone_into(&mut cell.rng),
             // The resolver turns the hires fix on in the base cell whenever a hires key is
@@ -137,6 +139,7 @@ const AXES: &[&str] = &[
     "prompt",
     "subseed",
     "subseed_strength",
+    "eta",
     "seed_resize_from",
     "rng",
     "hires_scale",
@@ -171,6 +174,7 @@ impl Resolver<'_> {
                 "negative_prompt" => &[("negative_prompt", f.negative_prompt.is_some())],
                 "subseed" => &[("subseed", f.subseed.is_some())],
                 "subseed_strength" => &[("subseed_strength", f.subseed_strength.is_some())],
+                "eta" => &[("eta", f.eta.is_some())],
                 "seed_resize_from" => &[("seed_resize_from", f.seed_resize_from.is_some())],
                 "rng" => &[("rng", f.rng.is_some())],
                 "hires_scale" | "hires_size" => &[
@@ -269,6 +273,9 @@ impl Resolver<'_> {
                         &vpath,
                         number(value).and_then(subseed_strength),
                     )?),
+                    ("eta", _) => {
+                        Setter::Eta(self.val(span.clone(), &vpath, number(value).and_then(eta))?)
+                    }
                     ("seed_resize_from", _) => {
                         let (w, h) =
                             self.val(span.clone(), &vpath, string(value).and_then(size))?;
@@ -331,6 +338,7 @@ impl Resolver<'_> {
                         Setter::Cfg(v)
                         | Setter::LoraStrength(_, v)
                         | Setter::SubseedStrength(v)
+                        | Setter::Eta(v)
                         | Setter::HiresScale(v)
                         | Setter::HiresDenoise(v) => format!("{v:?}"),
                         Setter::HiresSize(w, h) => format!("{w}x{h}"),
@@ -478,6 +486,15 @@ pub(super) fn subseed(v: i64) -> Result<u64, String> {
 /// A variation strength, 0..=1.
 pub(super) fn subseed_strength(v: f64) -> Result<f32, String> {
     if v.is_finite() && (0.0..=f64::from(MAX_SUBSEED_STRENGTH)).contains(&v) {
+        Ok(v as f32)
+    } else {
+        Err(format!("{v} is outside 0..=1"))
+    }
+}
+
+/// A sampler's eta (DDIM's η, TCD's γ), 0..=1.
+pub(super) fn eta(v: f64) -> Result<f32, String> {
+    if v.is_finite() && (0.0..=1.0).contains(&v) {
         Ok(v as f32)
     } else {
         Err(format!("{v} is outside 0..=1"))

@@ -18,6 +18,7 @@ pub mod axis;
 pub mod cell;
 pub mod error;
 mod hires;
+mod hires_spec;
 pub mod plan;
 pub mod resolve;
 mod resolver;

@@ -684,11 +684,11 @@ rng = ["cpu", "nv"]
 
         let bad = SweepSource::new(
             "s.toml",
-            "model = \"m\"\nprompt = \"p\"\nseeds = [1]\n[axes]\nsampler = [\"lcm\", \"DDIM\"]\n",
+            "model = \"m\"\nprompt = \"p\"\nseeds = [1]\n[axes]\nsampler = [\"lcm\", \"PLMS\"]\n",
         );
         let e = run(&bad).unwrap_err().to_string();
         assert!(
-            e.starts_with("s.toml:5:19: axes.sampler[1]: unknown sampler `DDIM` (samplers: lcm, "),
+            e.starts_with("s.toml:5:19: axes.sampler[1]: unknown sampler `PLMS` (samplers: lcm, "),
             "{e}"
         );
         assert!(e.contains("dpmpp_2s_a_karras"), "{e}");

@@ -11,7 +11,8 @@ use toml::Spanned;
 use kiln_proto::sampler::SamplerName;
 
 use super::axis::{
-    Axis, cfg, clip_skip, dimension, rng, sampler, size, steps, strength, subseed, subseed_strength,
+    Axis, cfg, clip_skip, dimension, eta, rng, sampler, size, steps, strength, subseed,
+    subseed_strength,
 };
 use super::cell::{CellSpec, LoraSpec, MAX_REF_BYTES};
 use super::error::{Place, PlanError, PlanErrorKind};
@@ -94,6 +95,7 @@ impl Resolver<'_> {
             subseed_strength: 0.0,
             seed_resize_from: None,
             hires: None,
+            eta: None,
         };
         base.hires = self.hires(&f)?;
         if let Some(m) = &f.model {
@@ -116,6 +118,9 @@ impl Resolver<'_> {
         if let Some(s) = &f.subseed_strength {
             base.subseed_strength =
                 self.val(s.span(), "subseed_strength", subseed_strength(*s.get_ref()))?;
+        }
+        if let Some(s) = &f.eta {
+            base.eta = Some(self.val(s.span(), "eta", eta(*s.get_ref()))?);
         }
         if let Some(s) = &f.seed_resize_from {
             base.seed_resize_from =
@@ -491,7 +496,7 @@ mod tests {
     fn errors_name_their_place() {
         assert_eq!(
             err(&format!("{BASE}colour = 1\n")),
-            "s.toml:4:1: unknown field `colour`, expected one of `name`, `model`, `loras`, `sampler`, `steps`, `cfg`, `width`, `height`, `size`, `negative_prompt`, `prompt`, `prompts`, `seeds`, `wildcards`, `axes`, `min_memory_mib`, `vae`, `clip_skip`, `subseed`, `subseed_strength`, `seed_resize_from`, `rng`, `hires_scale`, `hires_size`, `hires_upscaler`, `hires_steps`, `hires_denoise`, `hires_sampler`"
+            "s.toml:4:1: unknown field `colour`, expected one of `name`, `model`, `loras`, `sampler`, `steps`, `cfg`, `width`, `height`, `size`, `negative_prompt`, `prompt`, `prompts`, `seeds`, `wildcards`, `axes`, `min_memory_mib`, `vae`, `clip_skip`, `subseed`, `subseed_strength`, `seed_resize_from`, `rng`, `hires_scale`, `hires_size`, `hires_upscaler`, `hires_steps`, `hires_denoise`, `hires_sampler`, `eta`"
         );
         assert_eq!(
             err(&format!("{BASE}steps = \"4\"\n")),
@@ -579,9 +584,9 @@ mod tests {
             (77, 0.25, Some((512, 768)))
         );
         assert_eq!(s.base.rng, "nv");
-        let e = err(&format!("{BASE}sampler = \"ddim\"\n"));
+        let e = err(&format!("{BASE}sampler = \"plms\"\n"));
         assert!(
-            e.starts_with("s.toml:4:11: sampler: unknown sampler `ddim` (samplers: lcm, "),
+            e.starts_with("s.toml:4:11: sampler: unknown sampler `plms` (samplers: lcm, "),
             "{e}"
         );
         assert!(e.contains("dpmpp_2m_karras"), "{e}");

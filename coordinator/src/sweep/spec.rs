@@ -6,8 +6,10 @@
 //! name = "foxes"                          # default: the file's stem
 //! model = "dreamshaper_8.safetensors"
 //! sampler = "lcm"                         # lcm (default), euler, euler_a, heun, dpmpp_2m,
-//!                                         # dpmpp_2s_a (each also `_karras`: dpmpp_2m_karras),
+//!                                         # dpmpp_2s_a, dpmpp_sde (each also `_karras`:
+//!                                         # dpmpp_2m_karras), ddim, unipc, tcd,
 //!                                         # euler_a_diffusers; or A1111's "DPM++ 2M Karras"
+//! eta = 0.3                               # ddim's η (default 0) or tcd's γ (default 0.3)
 //! steps = 4                               # default 4
 //! cfg = 1.0                               # default 1.0
 //! size = "512x512"                        # or width = 512, height = 512 (default 512x512)
@@ -43,7 +45,7 @@
 //! ```
 //!
 //! Axes: `cfg`, `steps`, `sampler`, `model`, `vae`, `clip_skip`, `size`, `width`, `height`,
-//! `negative_prompt`, `prompt` (a list of templates), `subseed`, `subseed_strength`,
+//! `negative_prompt`, `prompt` (a list of templates), `eta`, `subseed`, `subseed_strength`,
 //! `seed_resize_from`, `rng`, `hires_scale`, `hires_size`, `hires_upscaler`, `hires_steps`,
 //! `hires_denoise`, `hires_sampler` and `lora.<id>.strength`. A parameter is set in one place:
 //! at the top level *or* as an axis (`size` counts as both `width` and `height`; `hires_scale`
@@ -96,6 +98,7 @@ pub(crate) struct SweepFile {
     pub(super) hires_steps: Option<Spanned<i64>>,
     pub(super) hires_denoise: Option<Spanned<f64>>,
     pub(super) hires_sampler: Option<Spanned<String>>,
+    pub(super) eta: Option<Spanned<f64>>,
 }
 
 impl SweepFile {

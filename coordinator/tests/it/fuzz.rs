@@ -126,6 +126,7 @@ impl Gen {
             hires_denoise: self.f32(),
             hires_sampler: self.0.random_range(-1..12),
             hires_schedule: self.0.random_range(-1..4),
+            eta: None,
         }
     }
 

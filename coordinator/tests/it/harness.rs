@@ -182,6 +182,7 @@ pub fn cell(seed: u64) -> CellSpec {
         subseed_strength: 0.0,
         seed_resize_from: None,
         hires: None,
+        eta: None,
     }
 }
 

@@ -378,6 +378,7 @@ fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
         subseed_strength: cell.subseed_strength,
         seed_resize_from,
         hires,
+        eta: cell.eta,
         ..RenderRequest::default()
     };
     Ok((pipeline_key(cfg, cell)?, request))

@@ -2,9 +2,12 @@
 //!
 //! Owns, by submodule: [`load`] (model files, LoRAs, textual-inversion embedding files),
 //! [`text`] (tokenizer, prompt conditioning, the embedding database), the candle networks (CLIP
-//! text encoder, UNet, VAE decoder, in `nets`), drawing noise ([`rng`], each image's stream in
-//! [`noise`]), stepping samplers
-//! ([`scheduler`]), one model built on a device ([`model`]), the render loop ([`pipeline`]) and
+//! text encoder, UNet, VAE decoder and encoder, in `nets`), drawing noise ([`rng`]: torch's CPU
+//! generator; [`philox`]: its CUDA one; [`brownian`]: torchsde's Brownian tree for DPM++ SDE;
+//! each image's stream with variation seeds in [`noise`]), stepping samplers ([`scheduler`]),
+//! one model built on a device ([`model`]), what a render is asked to be ([`request`]), the
+//! render loop ([`pipeline`]) with the hires fix ([`hires`], latent resizing in [`upscale`],
+//! Pillow's Lanczos in [`lanczos`]) and img2img, and
 //! PNG output ([`image`]). candle types never leave this module: the public API speaks
 //! [`HostTensor`], paths and plain numbers. It must never know about leases, gRPC, databases or
 //! object storage.
@@ -23,6 +26,7 @@ mod pass;
 pub mod philox;
 pub mod pipeline;
 pub mod profile;
+pub mod request;
 pub mod rng;
 pub mod scheduler;
 pub mod text;

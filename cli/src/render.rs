@@ -87,9 +87,10 @@ pub struct Args {
     /// Classifier-free guidance scale; 1 or less runs one UNet pass per step.
     #[arg(long, default_value_t = 1.0)]
     cfg: f32,
-    /// Sampler, by kiln's name (lcm, euler, euler_a, heun, dpmpp_2m, dpmpp_2s_a, each
-    /// k-diffusion one also with _karras, e.g. dpmpp_2m_karras; euler_a_diffusers) or A1111's
-    /// ("DPM++ 2M Karras", "Euler a"). The schedule is part of the name.
+    /// Sampler, by kiln's name (lcm, euler, euler_a, heun, dpmpp_2m, dpmpp_2s_a, dpmpp_sde,
+    /// each k-diffusion one also with _karras, e.g. dpmpp_2m_karras; ddim, unipc, tcd,
+    /// euler_a_diffusers) or A1111's ("DPM++ 2M Karras", "Euler a"). The schedule is part of
+    /// the name.
     #[arg(long, default_value = "lcm", value_parser = parse_sampler)]
     sampler: SamplerName,
     /// Width in pixels (a multiple of 8).

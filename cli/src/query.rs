@@ -171,6 +171,9 @@ fn record_json(r: &pb::CellRecord) -> serde_json::Value {
         "width": c.width, "height": c.height, "vae": c.vae, "clip_skip": c.clip_skip.max(1),
         "loras": c.loras.iter().map(|l| serde_json::json!({"name": l.name, "strength": l.strength})).collect::<Vec<_>>(),
         "hires": hires_json(&c),
+        "init": (!c.init_image_sha256.is_empty()).then(|| serde_json::json!({
+            "image": c.init_image_name, "sha256": c.init_image_sha256, "strength": c.strength,
+        })),
         "bindings": c.bindings, "attempt": r.attempt, "worker": r.worker_id,
         "object_key": res.object_key, "storage": res.storage, "sha256": res.sha256,
         "finished_at_ms": r.finished_at_ms,

@@ -1,14 +1,15 @@
 //! `kiln submit`, `kiln plan` and `kiln extend`: read a sweep file and every file it
 //! references (the coordinator never reads the client's disk), send them, print the answer.
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use kiln_proto::v1 as pb;
 use sha2::{Digest, Sha256};
 
 use crate::client::{Conn, status_error};
+use crate::init_image;
 use crate::table::Table;
 
 /// A sweep file and the files it references, read from disk.
@@ -19,6 +20,11 @@ pub struct SweepFile {
     pub text: String,
     /// Referenced files, keyed as the sweep file spells them.
     pub files: HashMap<String, String>,
+    /// Referenced pictures (`init_image`), keyed as the sweep file spells them: the sha256
+    /// each is uploaded and named under.
+    pub images: HashMap<String, String>,
+    /// Where each picture is on disk, by sha256, read again when it is uploaded.
+    pub pictures: BTreeMap<String, PathBuf>,
 }
 
 impl SweepFile {
@@ -69,11 +75,62 @@ impl SweepFile {
             })?;
             files.insert(name, body);
         }
+        let mut images = HashMap::new();
+        let mut pictures = BTreeMap::new();
+        let named = kiln_coordinator::sweep::referenced_images(&shown, &text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(
+            named.len() <= kiln_coordinator::api::MAX_SWEEP_IMAGES,
+            "{shown}: {} init pictures, at most {}",
+            named.len(),
+            kiln_coordinator::api::MAX_SWEEP_IMAGES
+        );
+        for name in named {
+            let full = dir.join(&name);
+            let what = format!(
+                "{shown}: init_image {name:?} (looked at {})",
+                full.display()
+            );
+            let sha = init_image::check(&full, &what)?;
+            pictures.insert(sha.clone(), full);
+            images.insert(name, sha);
+        }
         Ok(SweepFile {
             path: shown,
             text,
             files,
+            images,
+            pictures,
         })
+    }
+
+    /// Uploads every picture the sweep file names (the coordinator stores each once), checking
+    /// that none changed on disk since [`SweepFile::read`].
+    pub async fn upload_pictures(&self, conn: &Conn) -> anyhow::Result<()> {
+        for (sha, path) in &self.pictures {
+            let shown = format!("{}: init_image {}", self.path, path.display());
+            let bytes = init_image::read_bytes(path, &shown)?;
+            anyhow::ensure!(
+                hex::encode(Sha256::digest(&bytes)) == *sha,
+                "{shown}: the file changed while the sweep was being submitted"
+            );
+            let chunks: Vec<pb::ImageChunk> = bytes
+                .chunks(kiln_coordinator::api::IMAGE_CHUNK_BYTES)
+                .map(|c| pb::ImageChunk { data: c.to_vec() })
+                .collect();
+            let mut c = conn.sweeps().await?;
+            let stored = c
+                .put_image(tokio_stream::iter(chunks))
+                .await
+                .map_err(|s| anyhow::anyhow!("{shown}: {}", status_error(s)))?
+                .into_inner();
+            anyhow::ensure!(
+                stored.sha256 == *sha,
+                "{shown}: the coordinator stored it as sha256 {}, not {sha}",
+                stored.sha256
+            );
+        }
+        Ok(())
     }
 
     /// The default idempotency key: a hash of the contents, so submitting the same file again
@@ -89,6 +146,14 @@ impl SweepFile {
             h.update([0]);
             h.update(self.files[n].as_bytes());
         }
+        let mut names: Vec<&String> = self.images.keys().collect();
+        names.sort();
+        for n in names {
+            h.update([1]);
+            h.update(n.as_bytes());
+            h.update([0]);
+            h.update(self.images[n].as_bytes());
+        }
         format!("sha256:{}", hex::encode(h.finalize()))
     }
 
@@ -103,6 +168,7 @@ impl SweepFile {
             spec_path: self.path.clone(),
             files: self.files.clone(),
             unique_name,
+            images: self.images.clone(),
         }
     }
 }
@@ -116,6 +182,7 @@ pub async fn submit_file(
     priority: i32,
     unique_name: bool,
 ) -> anyhow::Result<Result<pb::SubmitSweepResponse, tonic::Status>> {
+    file.upload_pictures(conn).await?;
     let mut c = conn.sweeps().await?;
     let msgs = vec![pb::SubmitSweepRequest {
         part: Some(pb::submit_sweep_request::Part::Header(file.header(
@@ -192,6 +259,7 @@ pub async fn plan(conn: &Conn, path: &Path, show: u32, remote: bool) -> anyhow::
             files: file.files.clone(),
             idempotency_key: file.content_key(),
             preview: show,
+            images: file.images.clone(),
         })
         .await
         .map_err(status_error)?
@@ -237,6 +305,7 @@ fn plan_here(file: &SweepFile, show: usize) -> anyhow::Result<pb::PlanSweepRespo
         path: file.path.clone(),
         text: file.text.clone(),
         files: file.files.clone().into_iter().collect(),
+        images: file.images.clone().into_iter().collect(),
     };
     let seed = kiln_coordinator::queue::random_seed_for(&file.content_key());
     let mut cells = Vec::new();
@@ -287,12 +356,14 @@ async fn extend_file(
     sweep: u64,
     file: &SweepFile,
 ) -> anyhow::Result<pb::ExtendSweepResponse> {
+    file.upload_pictures(conn).await?;
     let mut c = conn.sweeps().await?;
     Ok(c.extend_sweep(pb::ExtendSweepRequest {
         sweep_id: sweep,
         spec_path: file.path.clone(),
         spec: file.text.clone(),
         files: file.files.clone(),
+        images: file.images.clone(),
     })
     .await
     .map_err(status_error)?

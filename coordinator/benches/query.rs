@@ -188,6 +188,7 @@ fn cell(i: u64) -> CellSpec {
         seed_resize_from: None,
         hires: None,
         eta: None,
+        init: None,
     }
 }
 

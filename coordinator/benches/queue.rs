@@ -79,6 +79,7 @@ fn cell(seed: u64) -> CellSpec {
         seed_resize_from: None,
         hires: None,
         eta: None,
+        init: None,
     }
 }
 

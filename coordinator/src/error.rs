@@ -18,6 +18,9 @@ pub enum Error {
     /// No worker with this id.
     #[error("worker {0} not found")]
     WorkerNotFound(WorkerId),
+    /// No stored img2img picture has this sha256.
+    #[error("no picture with sha256 {0} is stored (upload it with PutImage first)")]
+    ImageNotFound(String),
     /// The attempt is no longer held by this worker: its lease expired and the cell was
     /// re-queued, another attempt superseded it, or the cell was finalized. The write was
     /// rejected and nothing changed.

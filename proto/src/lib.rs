@@ -10,10 +10,13 @@
 //!   time and the worker encodes exactly what A1111 would.
 //! - [`sampler`] and [`hires`]: sampler and hires-upscaler names in kiln's, A1111's and
 //!   ComfyUI's spellings, so a name the coordinator accepts is one every worker renders.
+//! - [`picture`]: the img2img pictures the CLI uploads, the coordinator stores and the worker
+//!   renders from, accepted by all three under the same limits.
 #![warn(missing_docs)]
 
 pub mod hires;
 pub mod ids;
+pub mod picture;
 pub mod prompt;
 pub mod sampler;
 

@@ -17,8 +17,9 @@ use crate::v1 as pb;
 /// registers and the coordinator never leases it a cell that needs more (see
 /// [`SamplerName::render_level`]). Level 0: LCM and diffusers' Euler ancestral, CPU noise.
 /// Level 1: the k-diffusion samplers, the Karras schedule, diffusers' DDIM, UniPC and TCD, the
-/// sampler's eta, variation seeds, NV noise and the hires fix.
-pub const RENDER_LEVEL: u32 = 1;
+/// sampler's eta, variation seeds, NV noise and the hires fix. Level 2: img2img (a cell's init
+/// picture, fetched from the coordinator).
+pub const RENDER_LEVEL: u32 = 2;
 
 /// How a sampler walks from noise to image.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

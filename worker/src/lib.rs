@@ -13,9 +13,11 @@
 //!   or `file://DIR` — with retries and attempt-scoped keys.
 //! - [`agent`]: lease → resolve → render (on a dedicated thread) → upload → complete, with
 //!   heartbeats, progress, failure classes, reconnection and drain.
+//! - [`picture`]: img2img start pictures decoded and resized as A1111 resizes them.
 #![warn(missing_docs)]
 
 pub mod agent;
 pub mod cache;
 pub mod engine;
+pub mod picture;
 pub mod upload;

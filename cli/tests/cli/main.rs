@@ -7,6 +7,7 @@ mod commands;
 mod devices;
 mod drain;
 mod farm;
+mod farm_img2img;
 mod farm_recipe;
 mod outputs;
 mod paths;

@@ -13,7 +13,7 @@ use crate::domain::rows::{
 };
 use crate::domain::state::{CellState, DeviceKind, FailureClass, SweepState};
 use crate::result::RenderResult;
-use crate::sweep::{CellSpec, HiresSpec, LoraSpec};
+use crate::sweep::{CellSpec, DEFAULT_INIT_STRENGTH, HiresSpec, InitSpec, LoraSpec};
 use crate::{Error, Result};
 
 pub(super) fn sweep_id(v: u64) -> Result<SweepId> {
@@ -83,6 +83,7 @@ pub(super) fn cell_from_wire(c: pb::RenderCell) -> Result<CellSpec> {
         (w, h) => Some((w, h)),
     };
     let hires = hires_from_wire(&c)?;
+    let init = init_from_wire(&c)?;
     Ok(CellSpec {
         model: c.model,
         loras: c
@@ -112,7 +113,34 @@ pub(super) fn cell_from_wire(c: pb::RenderCell) -> Result<CellSpec> {
         seed_resize_from,
         hires,
         eta: c.eta,
+        init,
     })
+}
+
+/// img2img of a wire cell: off when `init_image_sha256` is empty. A cell sent without a name
+/// for its picture is named by its hash.
+fn init_from_wire(c: &pb::RenderCell) -> Result<Option<InitSpec>> {
+    if c.init_image_sha256.is_empty() {
+        if c.strength != 0.0 || !c.init_image_name.is_empty() {
+            return Err(Error::invalid(
+                "strength/init_image_name: need init_image_sha256 (img2img's picture)",
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(InitSpec {
+        name: if c.init_image_name.is_empty() {
+            format!("sha256:{}", c.init_image_sha256)
+        } else {
+            c.init_image_name.clone()
+        },
+        sha256: c.init_image_sha256.clone(),
+        strength: if c.strength == 0.0 {
+            DEFAULT_INIT_STRENGTH
+        } else {
+            c.strength
+        },
+    }))
 }
 
 /// The hires fix of a wire cell: off when `hires_denoise` is 0. What the values may be is
@@ -198,6 +226,9 @@ pub(super) fn cell_to_wire(s: CellSpec) -> pb::RenderCell {
         hires_sampler,
         hires_schedule,
         eta: s.eta,
+        init_image_sha256: s.init.as_ref().map_or(String::new(), |i| i.sha256.clone()),
+        init_image_name: s.init.as_ref().map_or(String::new(), |i| i.name.clone()),
+        strength: s.init.as_ref().map_or(0.0, |i| i.strength),
     }
 }
 

@@ -3,11 +3,13 @@
 
 mod auth;
 mod convert;
+mod pictures;
 mod status;
 mod sweeps;
 mod workers;
 
 pub use auth::{Auth, AuthLayer, SESSION_HEADER};
+pub use pictures::{IMAGE_CHUNK_BYTES, MAX_SWEEP_IMAGES};
 pub use sweeps::SweepApi;
 pub use workers::WorkerApi;
 

@@ -8,9 +8,10 @@ use crate::Error;
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         match &e {
-            Error::SweepNotFound(_) | Error::CellNotFound(_) | Error::WorkerNotFound(_) => {
-                Status::not_found(e.to_string())
-            }
+            Error::SweepNotFound(_)
+            | Error::CellNotFound(_)
+            | Error::WorkerNotFound(_)
+            | Error::ImageNotFound(_) => Status::not_found(e.to_string()),
             // A distinct, documented answer: the worker must abort and never retry the write.
             Error::LeaseLost { .. } => Status::new(Code::FailedPrecondition, e.to_string()),
             Error::Invalid(_) => Status::invalid_argument(e.to_string()),

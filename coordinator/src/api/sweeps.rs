@@ -1,6 +1,7 @@
 //! `kiln.v1.SweepService`: the client-facing adapter. Each handler converts the request,
 //! calls [`Queue`], and converts the answer; no business rules live here.
 
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::principal;
 use super::convert::{self, sweep_id};
+use super::pictures::{IMAGE_CHUNK_BYTES, MAX_SWEEP_IMAGES};
 use crate::domain::auth::Principal;
 use crate::domain::rows::SweepRow;
 use crate::domain::state::Scope;
@@ -88,6 +90,20 @@ impl SweepApi {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::SweepProgress, Status>> + Send>>;
 
+/// The distinct hashes of a request's `images` map, refused past [`MAX_SWEEP_IMAGES`].
+fn images_of(images: &HashMap<String, String>) -> Result<BTreeSet<String>> {
+    if images.len() > MAX_SWEEP_IMAGES {
+        return Err(too_many_images());
+    }
+    Ok(images.values().cloned().collect())
+}
+
+fn too_many_images() -> Error {
+    Error::TooLarge(format!(
+        "images: a sweep may name at most {MAX_SWEEP_IMAGES} pictures"
+    ))
+}
+
 #[tonic::async_trait]
 impl SweepService for SweepApi {
     async fn submit_sweep(
@@ -109,6 +125,11 @@ impl SweepService for SweepApi {
         // Cells are taken in message by message, so a stream is never held whole.
         let mut builder = self.queue.intake_builder();
         let mut sent = 0;
+        let mut pictures = images_of(&header.images)?;
+        {
+            let named: Vec<&str> = pictures.iter().map(String::as_str).collect();
+            self.queue.require_images(&named).await?;
+        }
         while let Some(msg) = stream.next().await {
             match msg?.part {
                 Some(pb::submit_sweep_request::Part::Cells(chunk)) => {
@@ -121,6 +142,18 @@ impl SweepService for SweepApi {
                                 .map_err(|e| Error::invalid(format!("cell {}: {e}", sent + i)))
                         })
                         .collect::<Result<Vec<_>>>()?;
+                    // Pictures are checked as their first cell arrives, before it is taken.
+                    let mut new: Vec<&str> = Vec::new();
+                    for init in specs.iter().filter_map(|s| s.init.as_ref()) {
+                        if !pictures.contains(&init.sha256) && !new.contains(&&*init.sha256) {
+                            new.push(&init.sha256);
+                        }
+                    }
+                    if pictures.len() + new.len() > MAX_SWEEP_IMAGES {
+                        return Err(too_many_images().into());
+                    }
+                    self.queue.require_images(&new).await?;
+                    pictures.extend(new.into_iter().map(str::to_owned));
                     let n = specs.len();
                     builder = self.queue.take_cells(builder, specs, sent).await?;
                     sent += n;
@@ -136,6 +169,7 @@ impl SweepService for SweepApi {
                 path: header.spec_path,
                 text: spec,
                 files: header.files.into_iter().collect(),
+                images: header.images.into_iter().collect(),
             };
             spec = stored_source(&src);
             cells = SubmittedCells::File(src);
@@ -171,10 +205,12 @@ impl SweepService for SweepApi {
         let who = caller(&request, Scope::Submit)?;
         let _turn = self.queue.owner_turn(who.owner.as_deref())?;
         let r = request.into_inner();
+        images_of(&r.images)?;
         let src = SweepSource {
             path: r.spec_path,
             text: r.spec,
             files: r.files.into_iter().collect(),
+            images: r.images.into_iter().collect(),
         };
         let preview = r.preview.min(1000) as usize;
         let plan = self.queue.plan(src, &r.idempotency_key, preview).await?;
@@ -201,10 +237,14 @@ impl SweepService for SweepApi {
         let _turn = self.queue.owner_turn(who.owner.as_deref())?;
         let r = request.into_inner();
         self.owned(&who, sweep_id(r.sweep_id)?).await?;
+        let pictures = images_of(&r.images)?;
+        let pictures: Vec<&str> = pictures.iter().map(String::as_str).collect();
+        self.queue.require_images(&pictures).await?;
         let src = SweepSource {
             path: r.spec_path,
             text: r.spec,
             files: r.files.into_iter().collect(),
+            images: r.images.into_iter().collect(),
         };
         let (added, cell_count) = self.queue.extend(sweep_id(r.sweep_id)?, src).await?;
         Ok(Response::new(pb::ExtendSweepResponse { added, cell_count }))
@@ -429,6 +469,40 @@ impl SweepService for SweepApi {
         self.owned(&who, sweep).await?;
         let row = self.queue.set_keeper(id, starred, rating).await?;
         Ok(Response::new(convert::cell_record_to_wire(row)?))
+    }
+
+    async fn put_image(
+        &self,
+        request: Request<Streaming<pb::ImageChunk>>,
+    ) -> Result<Response<pb::ImageInfo>, Status> {
+        let owner = caller(&request, Scope::Submit)?.owner;
+        let _turn = self.queue.owner_turn(owner.as_deref())?;
+        let mut stream = request.into_inner();
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?.data;
+            if chunk.len() > IMAGE_CHUNK_BYTES {
+                return Err(Error::invalid(format!(
+                    "PutImage: chunks of at most {IMAGE_CHUNK_BYTES} bytes"
+                ))
+                .into());
+            }
+            if data.len() + chunk.len() > kiln_proto::picture::MAX_FILE_BYTES {
+                let e = kiln_proto::picture::PictureError::FileTooLarge {
+                    bytes: data.len() + chunk.len(),
+                };
+                return Err(Error::TooLarge(format!("picture: {e}")).into());
+            }
+            data.extend_from_slice(&chunk);
+        }
+        let row = self.queue.put_image(data).await?;
+        Ok(Response::new(pb::ImageInfo {
+            sha256: row.sha256,
+            format: row.format,
+            width: row.width,
+            height: row.height,
+            bytes: row.bytes,
+        }))
     }
 
     async fn list_workers(

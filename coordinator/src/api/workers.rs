@@ -2,12 +2,16 @@
 //! queue fences it on (cell, attempt, worker); a stale write answers FAILED_PRECONDITION
 //! "lease lost".
 
+use std::pin::Pin;
+
+use futures::Stream;
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::worker_service_server::WorkerService;
 use tonic::{Request, Response, Status};
 
 use super::auth::{principal, session};
 use super::convert::{self, attempt_to_wire, fence, worker_id};
+use super::pictures::IMAGE_CHUNK_BYTES;
 use crate::domain::failure::Decision;
 use crate::domain::lease::Fence;
 use crate::domain::lease::{HeartbeatStatus, LeasedCell};
@@ -15,6 +19,9 @@ use crate::domain::state::Scope;
 use crate::queue::Queue;
 use crate::{Error, Result};
 use kiln_proto::WorkerId;
+
+/// A picture's bytes in chunks of at most [`IMAGE_CHUNK_BYTES`].
+type ImageStream = Pin<Box<dyn Stream<Item = Result<pb::ImageChunk, Status>> + Send>>;
 
 /// The worker service.
 #[derive(Clone, Debug)]
@@ -205,6 +212,21 @@ impl WorkerService for WorkerApi {
             state: state as i32,
             retry_at_ms,
         }))
+    }
+
+    type GetImageStream = ImageStream;
+
+    async fn get_image(
+        &self,
+        request: Request<pb::GetImageRequest>,
+    ) -> Result<Response<ImageStream>, Status> {
+        self.worker(&request, request.get_ref().worker_id).await?;
+        let data = self.queue.image(&request.get_ref().sha256).await?;
+        let chunks: Vec<Result<pb::ImageChunk, Status>> = data
+            .chunks(IMAGE_CHUNK_BYTES)
+            .map(|c| Ok(pb::ImageChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
     async fn release(

@@ -261,3 +261,18 @@ pub struct CellFailures {
     /// Its failed attempts, oldest first.
     pub errors: Vec<crate::domain::failure::ErrorEntry>,
 }
+
+/// An img2img picture as stored (`images`), without its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRow {
+    /// sha256 of the bytes, 64 lowercase hex digits.
+    pub sha256: String,
+    /// `png`, `jpeg` or `webp`.
+    pub format: String,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// File size.
+    pub bytes: u64,
+}

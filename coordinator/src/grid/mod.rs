@@ -225,6 +225,7 @@ mod tests {
             seed_resize_from: None,
             hires: None,
             eta: None,
+            init: None,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod affinity;
 mod auth;
 pub mod dispatch;
 mod group;
+mod images;
 mod intake;
 mod lease;
 pub mod maintenance;
@@ -569,8 +570,13 @@ pub fn random_seed_for(key: &str) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// How a sweep file is stored in `sweeps.spec`: JSON with the file, its name and every file it
-/// references, so its plan can be re-derived and audited later.
+/// How a sweep file is stored in `sweeps.spec`: JSON with the file, its name, every file it
+/// references and the hashes of the pictures it names, so its plan can be re-derived and
+/// audited later.
 pub fn stored_source(src: &SweepSource) -> String {
-    serde_json::json!({ "path": src.path, "text": src.text, "files": src.files }).to_string()
+    let mut json = serde_json::json!({ "path": src.path, "text": src.text, "files": src.files });
+    if !src.images.is_empty() {
+        json["images"] = serde_json::json!(src.images);
+    }
+    json.to_string()
 }

@@ -42,7 +42,7 @@ pub struct Preview {
 }
 
 /// Runs `work` on a blocking thread; a panic there is re-raised here.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     match tokio::task::spawn_blocking(work).await {
@@ -258,7 +258,7 @@ impl Queue {
     }
 
     /// A turn of the heavy work (`HEAVY_AT_ONCE` at a time).
-    async fn heavy_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+    pub(super) async fn heavy_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
         self.heavy
             .acquire()
             .await

@@ -31,6 +31,7 @@ const SQLITE: &[Migration] = migrations!("sqlite":
     5 "keepers" "0005_keepers.sql",
     6 "render_level" "0006_render_level.sql",
     7 "hires" "0007_hires.sql",
+    8 "images" "0008_images.sql",
 );
 
 const POSTGRES: &[Migration] = migrations!("postgres":
@@ -41,6 +42,7 @@ const POSTGRES: &[Migration] = migrations!("postgres":
     5 "keepers" "0005_keepers.sql",
     6 "render_level" "0006_render_level.sql",
     7 "hires" "0007_hires.sql",
+    8 "images" "0008_images.sql",
 );
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS kiln_migrations (

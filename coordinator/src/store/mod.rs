@@ -9,7 +9,7 @@
 //! inserts, leases by a list of ids, batched completes, the filter language's JSON functions)
 //! lives in `sqlite.rs`, `postgres.rs` and `query.rs`'s `Dialect`. Sweeps are in `sweeps.rs`,
 //! the cell lifecycle in `cells.rs`, workers in `workers.rs`, the intake in `intake.rs`, what a
-//! query may name (sweeps, binding keys) in `known.rs`.
+//! query may name (sweeps, binding keys) in `known.rs`, img2img pictures in `images.rs`.
 //!
 //! Every worker write is fenced on `(cell, attempt, worker)` and only applies while the cell is
 //! `running` under that lease, so a stale attempt can never complete, fail or overwrite a newer
@@ -23,6 +23,7 @@ mod db;
 mod deadlock;
 mod failures;
 mod filter;
+mod images;
 mod intake;
 mod known;
 mod migrate;
@@ -34,7 +35,9 @@ mod sweeps;
 mod tokens;
 mod workers;
 
-pub use crate::domain::rows::{CellFailures, IntakeChunk, IntakeRow, SweepInsert, SweepInserted};
+pub use crate::domain::rows::{
+    CellFailures, ImageRow, IntakeChunk, IntakeRow, SweepInsert, SweepInserted,
+};
 pub use query::{CellQuery, CellSort, KeyScope};
 
 pub use crate::config::{DatabaseUrl, StoreOptions};

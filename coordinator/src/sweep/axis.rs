@@ -10,6 +10,7 @@ use super::cell::{
     CellSpec, MAX_HIRES_SCALE, MAX_HIRES_STEPS, MAX_REF_BYTES, MAX_SUBSEED_STRENGTH, RNG_SOURCES,
 };
 use super::error::{PlanError, PlanErrorKind};
+use super::init::init_strength;
 use super::resolver::{PromptText, Resolver, quote_key};
 use super::spec::SweepFile;
 
@@ -44,6 +45,10 @@ pub(crate) enum Setter {
     HiresSteps(u32),
     HiresDenoise(f32),
     HiresSampler(SamplerName),
+    /// img2img's picture: (name as written, sha256 it was uploaded under).
+    InitImage(String, String),
+    /// img2img's denoising strength.
+    InitStrength(f32),
 }
 
 impl Setter {
@@ -103,6 +108,17 @@ impl Setter {
                     h.sampler = Some(*v);
                 }
             }
+            // As for the hires fix, the base cell has img2img on whenever these are allowed.
+            Setter::InitImage(name, sha256) => {
+                if let Some(i) = cell.init.as_mut() {
+                    (i.name, i.sha256) = (name.clone(), sha256.clone());
+                }
+            }
+            Setter::InitStrength(v) => {
+                if let Some(i) = cell.init.as_mut() {
+                    i.strength = *v;
+                }
+            }
         }
     }
 }
@@ -148,6 +164,8 @@ const AXES: &[&str] = &[
     "hires_steps",
     "hires_denoise",
     "hires_sampler",
+    "init_image",
+    "strength",
 ];
 
 impl Resolver<'_> {
@@ -185,6 +203,8 @@ impl Resolver<'_> {
                 "hires_steps" => &[("hires_steps", f.hires_steps.is_some())],
                 "hires_denoise" => &[("hires_denoise", f.hires_denoise.is_some())],
                 "hires_sampler" => &[("hires_sampler", f.hires_sampler.is_some())],
+                "init_image" => &[("init_image", f.init_image.is_some())],
+                "strength" => &[("strength", f.strength.is_some())],
                 "prompt" => &[
                     ("prompt", f.prompt.is_some()),
                     ("prompts", f.prompts.is_some()),
@@ -314,6 +334,18 @@ impl Resolver<'_> {
                         &vpath,
                         string(value).and_then(hires_sampler),
                     )?),
+                    ("init_image", _) => {
+                        let n = self.val(span.clone(), &vpath, string(value))?;
+                        if n.trim().is_empty() || n.len() > MAX_REF_BYTES {
+                            return Err(self.invalid(span, &vpath, "must be 1..=1024 bytes"));
+                        }
+                        Setter::InitImage(n.to_string(), self.image(n, span)?)
+                    }
+                    ("strength", _) => Setter::InitStrength(self.val(
+                        span.clone(),
+                        &vpath,
+                        number(value).and_then(init_strength),
+                    )?),
                     ("clip_skip", _) => Setter::ClipSkip(self.val(
                         span.clone(),
                         &vpath,
@@ -340,7 +372,9 @@ impl Resolver<'_> {
                         | Setter::SubseedStrength(v)
                         | Setter::Eta(v)
                         | Setter::HiresScale(v)
-                        | Setter::HiresDenoise(v) => format!("{v:?}"),
+                        | Setter::HiresDenoise(v)
+                        | Setter::InitStrength(v) => format!("{v:?}"),
+                        Setter::InitImage(name, _) => name.clone(),
                         Setter::HiresSize(w, h) => format!("{w}x{h}"),
                         Setter::HiresUpscaler(u) => u.as_str().to_string(),
                         Setter::HiresSteps(v) => v.to_string(),

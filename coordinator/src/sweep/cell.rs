@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use kiln_proto::picture::is_sha256_hex;
 use kiln_proto::prompt::{LoraRef, ParsedPrompt};
 use kiln_proto::sampler::{Method, SamplerName, Schedule};
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,10 @@ pub const RNG_SOURCES: [&str; 2] = ["cpu", "nv"];
 
 /// A variation seed's highest strength (A1111's "Variation strength" 1: all variation seed).
 pub const MAX_SUBSEED_STRENGTH: f32 = 1.0;
+
+/// img2img's denoising strength when a sweep gives an init picture but no `strength`:
+/// A1111's default.
+pub const DEFAULT_INIT_STRENGTH: f32 = 0.75;
 
 /// [`SamplerName`] in `cells.spec` as its kiln name (`dpmpp_2m_karras`); any spelling
 /// [`SamplerName`] parses reads back.
@@ -56,6 +61,17 @@ pub struct LoraSpec {
     /// Optional sha256 (hex) of the file.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
+}
+
+/// img2img: the picture a cell starts from and how much of it is redrawn.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InitSpec {
+    /// The name the sweep file gave the picture (`photos/cat.png`): shown, never opened.
+    pub name: String,
+    /// sha256 of the picture file's bytes, 64 lowercase hex digits, as it was uploaded.
+    pub sha256: String,
+    /// A1111's "Denoising strength", (0, 1].
+    pub strength: f32,
 }
 
 /// A fully resolved render, as stored in `cells.spec`.
@@ -115,6 +131,9 @@ pub struct CellSpec {
     /// sampler's default (DDIM 0, TCD 0.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<f32>,
+    /// img2img's start picture; `None`: text-to-image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitSpec>,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
@@ -263,6 +282,33 @@ impl CellSpec {
         }
         if let Some(hires) = &self.hires {
             self.validate_hires(hires)?;
+        }
+        if let Some(init) = &self.init {
+            check_ref("init_image", &init.name)?;
+            if !is_sha256_hex(&init.sha256) {
+                return Err(Error::invalid(
+                    "init_image: its sha256 is not 64 lowercase hex digits",
+                ));
+            }
+            if !(init.strength > 0.0 && init.strength <= 1.0) {
+                return Err(Error::invalid(format!(
+                    "strength: {} is outside (0, 1] (above 0, at most 1)",
+                    init.strength
+                )));
+            }
+            if !self.sampler.method.is_k_diffusion() {
+                return Err(Error::invalid(format!(
+                    "init_image: img2img runs a k-diffusion sampler (euler, euler_a, heun, \
+                     dpmpp_2m, dpmpp_2s_a, dpmpp_sde, each also _karras), not `{}`",
+                    self.sampler
+                )));
+            }
+            if self.hires.is_some() {
+                return Err(Error::invalid(
+                    "init_image: img2img has no hires fix (as in A1111); drop the hires_* keys \
+                     or the init picture",
+                ));
+            }
         }
         if self.bindings.len() > MAX_BINDINGS {
             return Err(Error::invalid(format!(
@@ -415,6 +461,12 @@ impl CellSpec {
             field(&mut h, b"eta");
             field(&mut h, &eta.to_bits().to_le_bytes());
         }
+        if let Some(init) = &self.init {
+            // The picture by content: the same file under another name renders the same.
+            field(&mut h, b"init");
+            field(&mut h, init.sha256.as_bytes());
+            field(&mut h, &init.strength.to_bits().to_le_bytes());
+        }
         if let Some(hires) = &self.hires {
             field(&mut h, b"hires");
             field(&mut h, &hires.scale.to_bits().to_le_bytes());
@@ -437,8 +489,8 @@ impl CellSpec {
     }
 
     /// The lowest worker render level ([`kiln_proto::sampler::RENDER_LEVEL`]) that renders
-    /// this cell: its sampler's, and 1 for NV noise, a variation seed, a resized seed or a
-    /// hires fix.
+    /// this cell: its sampler's, 1 for NV noise, a variation seed, a resized seed or a hires
+    /// fix, and 2 for img2img.
     pub fn render_level(&self) -> u32 {
         let noise = u32::from(
             self.rng == "nv"
@@ -446,7 +498,8 @@ impl CellSpec {
                 || self.seed_resize_from.is_some()
                 || self.hires.is_some(),
         );
-        self.sampler.render_level().max(noise)
+        let init = if self.init.is_some() { 2 } else { 0 };
+        self.sampler.render_level().max(noise).max(init)
     }
 
     /// What a worker must have loaded to reuse a pipeline: model, LoRA stack with strengths,
@@ -647,6 +700,7 @@ pub(crate) mod tests {
             seed_resize_from: None,
             hires: None,
             eta: None,
+            init: None,
         }
     }
 

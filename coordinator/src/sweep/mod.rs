@@ -6,7 +6,8 @@
 //!   references, sent by the client) and `line:col` mapping.
 //! - [`spec`]: the TOML schema (serde, spans, unknown keys rejected).
 //! - [`resolve`]: the schema resolved into settings: values checked, defaults, conflicts,
-//!   referenced files looked up; [`axis`] for `[axes]`; `hires` for the `hires_*` keys.
+//!   referenced files looked up; [`axis`] for `[axes]`; `hires` for the `hires_*` keys; `init`
+//!   for img2img's `init_image` and `strength`.
 //! - [`template`]: `{a|b}` alternatives and `__name__` wildcards, and their expansion;
 //!   [`wildcard`] for the declared wildcard lists (cycles, depth, counts).
 //! - [`seeds`]: seed lists, ranges and random seeds drawn once.
@@ -19,6 +20,7 @@ pub mod cell;
 pub mod error;
 mod hires;
 mod hires_spec;
+mod init;
 pub mod plan;
 pub mod resolve;
 mod resolver;
@@ -28,7 +30,12 @@ pub mod spec;
 pub mod template;
 pub mod wildcard;
 
-pub use cell::{CellSpec, HiresSpec, LoraSpec, NewCell, PlannedCell, RNG_SOURCES};
+pub use cell::{
+    CellSpec, DEFAULT_INIT_STRENGTH, HiresSpec, InitSpec, LoraSpec, NewCell, PlannedCell,
+    RNG_SOURCES,
+};
 pub use error::{Place, PlanError, PlanErrorKind};
-pub use plan::{CellSink, Plan, PlanLimits, PlanSummary, plan, plan_into, referenced_files};
+pub use plan::{
+    CellSink, Plan, PlanLimits, PlanSummary, plan, plan_into, referenced_files, referenced_images,
+};
 pub use source::SweepSource;

@@ -171,6 +171,14 @@ pub fn referenced_files(path: &str, text: &str) -> Result<Vec<String>, PlanError
     Ok(file.referenced_files())
 }
 
+/// The pictures a sweep file references (`init_image`, top level and axis values), as
+/// written; the client uploads each one and sends its sha256 along with the sweep.
+pub fn referenced_images(path: &str, text: &str) -> Result<Vec<String>, PlanError> {
+    let src = SweepSource::new(path, text);
+    let file = spec::parse_file(&src)?;
+    Ok(file.referenced_images())
+}
+
 fn settings(src: &SweepSource, limits: &PlanLimits) -> Result<Settings, PlanError> {
     if src.text.len() > limits.max_sweep_bytes {
         return Err(PlanError::new(

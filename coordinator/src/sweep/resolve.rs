@@ -96,8 +96,10 @@ impl Resolver<'_> {
             seed_resize_from: None,
             hires: None,
             eta: None,
+            init: None,
         };
         base.hires = self.hires(&f)?;
+        base.init = self.init(&f)?;
         if let Some(m) = &f.model {
             self.check_text("model", m, MAX_REF_BYTES)?;
             base.model.clone_from(m.get_ref());

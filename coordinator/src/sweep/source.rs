@@ -18,6 +18,9 @@ pub struct SweepSource {
     /// Referenced files (wildcard lists, prompt files), keyed exactly as the sweep file spells
     /// them (`wildcards/animal.txt`); the client resolves them relative to the sweep file.
     pub files: BTreeMap<String, String>,
+    /// Referenced pictures (`init_image`), keyed as the sweep file spells them, each the
+    /// sha256 (hex) the client uploaded its bytes under: the planner needs only the hash.
+    pub images: BTreeMap<String, String>,
 }
 
 impl SweepSource {
@@ -27,12 +30,19 @@ impl SweepSource {
             path: path.into(),
             text: text.into(),
             files: BTreeMap::new(),
+            images: BTreeMap::new(),
         }
     }
 
     /// Adds a referenced file.
     pub fn with_file(mut self, name: impl Into<String>, text: impl Into<String>) -> Self {
         self.files.insert(name.into(), text.into());
+        self
+    }
+
+    /// Adds a referenced picture by the sha256 it was uploaded under.
+    pub fn with_image(mut self, name: impl Into<String>, sha256: impl Into<String>) -> Self {
+        self.images.insert(name.into(), sha256.into());
         self
     }
 

@@ -29,6 +29,9 @@
 //! hires_denoise = 0.7                     # (0, 1]; default 0.7 (A1111's)
 //! hires_sampler = "euler_a"               # a k-diffusion sampler (default: the first pass's;
 //!                                         # needed when that is lcm or euler_a_diffusers)
+//! init_image = "photos/cat.png"           # img2img from this PNG, JPEG or WebP (sent along,
+//!                                         # resized to the cell's size as A1111 does)
+//! strength = 0.75                         # img2img's denoising strength, (0, 1] (default 0.75)
 //!
 //! [[loras]]
 //! name = "lcm-lora-sdv1-5.safetensors"    # or path = "…"
@@ -47,7 +50,7 @@
 //! Axes: `cfg`, `steps`, `sampler`, `model`, `vae`, `clip_skip`, `size`, `width`, `height`,
 //! `negative_prompt`, `prompt` (a list of templates), `eta`, `subseed`, `subseed_strength`,
 //! `seed_resize_from`, `rng`, `hires_scale`, `hires_size`, `hires_upscaler`, `hires_steps`,
-//! `hires_denoise`, `hires_sampler` and `lora.<id>.strength`. A parameter is set in one place:
+//! `hires_denoise`, `hires_sampler`, `init_image`, `strength` and `lora.<id>.strength`. A parameter is set in one place:
 //! at the top level *or* as an axis (`size` counts as both `width` and `height`; `hires_scale`
 //! and `hires_size` are one parameter). The hires fix is on when `hires_scale` or `hires_size`
 //! is set; the other `hires_*` keys need one of them.
@@ -99,6 +102,8 @@ pub(crate) struct SweepFile {
     pub(super) hires_denoise: Option<Spanned<f64>>,
     pub(super) hires_sampler: Option<Spanned<String>>,
     pub(super) eta: Option<Spanned<f64>>,
+    pub(super) init_image: Option<Spanned<String>>,
+    pub(super) strength: Option<Spanned<f64>>,
 }
 
 impl SweepFile {
@@ -113,6 +118,25 @@ impl SweepFile {
         for f in files.chain(self.prompts.as_ref().map(Spanned::get_ref)) {
             if !out.contains(f) {
                 out.push(f.clone());
+            }
+        }
+        out
+    }
+
+    /// The pictures this sweep file references (`init_image`, at the top level and as axis
+    /// values), as written, each once.
+    pub(crate) fn referenced_images(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let top = self.init_image.iter().map(|s| s.get_ref().as_str());
+        let axis = self
+            .axis_list()
+            .into_iter()
+            .filter(|a| a.name.get_ref() == "init_image")
+            .flat_map(|a| a.values.get_ref().iter())
+            .filter_map(|v| v.get_ref().as_str());
+        for name in top.chain(axis) {
+            if !out.iter().any(|o| o == name) {
+                out.push(name.to_string());
             }
         }
         out

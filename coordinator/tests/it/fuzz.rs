@@ -127,6 +127,13 @@ impl Gen {
             hires_sampler: self.0.random_range(-1..12),
             hires_schedule: self.0.random_range(-1..4),
             eta: None,
+            init_image_sha256: match self.0.random_range(0..3) {
+                0 => String::new(),
+                1 => "a".repeat(64),
+                _ => self.text(),
+            },
+            init_image_name: self.text(),
+            strength: self.f32(),
         }
     }
 
@@ -233,6 +240,7 @@ async fn fuzz(backend: Backend, seed: u64) {
             spec_path: g.text(),
             files: g.map(),
             unique_name: g.0.random(),
+            images: g.map(),
         };
         let mut msgs = vec![pb::SubmitSweepRequest {
             part: Some(pb::submit_sweep_request::Part::Header(header)),
@@ -260,6 +268,7 @@ async fn fuzz(backend: Backend, seed: u64) {
             files: g.map(),
             idempotency_key: g.text(),
             preview: g.u32(),
+            images: g.map(),
         };
         check("PlanSweep", seed, sweeps.plan_sweep(plan).await);
         let extend = pb::ExtendSweepRequest {
@@ -267,8 +276,19 @@ async fn fuzz(backend: Backend, seed: u64) {
             spec_path: g.text(),
             spec: g.text(),
             files: g.map(),
+            images: g.map(),
         };
         check("ExtendSweep", seed, sweeps.extend_sweep(extend).await);
+        let image: Vec<pb::ImageChunk> = (0..g.0.random_range(0..3))
+            .map(|_| pb::ImageChunk {
+                data: g.text().into_bytes(),
+            })
+            .collect();
+        check(
+            "PutImage",
+            seed,
+            sweeps.put_image(tokio_stream::iter(image)).await,
+        );
         let id = if g.0.random() {
             g.0.random_range(1..4)
         } else {
@@ -382,6 +402,23 @@ async fn fuzz(backend: Backend, seed: u64) {
             loaded: vec![g.text()],
         };
         check("Heartbeat", seed, workers.heartbeat(hb).await);
+        let get = pb::GetImageRequest {
+            sha256: if g.0.random() {
+                "a".repeat(64)
+            } else {
+                g.text()
+            },
+            worker_id: worker(&mut g),
+        };
+        match workers.get_image(get).await {
+            Ok(r) => {
+                let mut s = r.into_inner();
+                if let Ok(m) = tokio::time::timeout(Duration::from_secs(1), s.message()).await {
+                    check("GetImage message", seed, m.map(tonic::Response::new));
+                }
+            }
+            Err(e) => check::<()>("GetImage", seed, Err(e)),
+        }
         let progress = pb::ProgressRequest {
             worker_id: worker(&mut g),
             attempt: Some(pick(&mut g)).filter(|_| g.0.random_range(0..5) > 0),

@@ -33,9 +33,9 @@ impl tonic::service::Interceptor for Session {
     }
 }
 
-struct Server {
-    sweeps: SweepServiceClient<Channel>,
-    workers: WorkerServiceClient<InterceptedService<Channel, Session>>,
+pub(crate) struct Server {
+    pub(crate) sweeps: SweepServiceClient<Channel>,
+    pub(crate) workers: WorkerServiceClient<InterceptedService<Channel, Session>>,
     session: Session,
     channel: Channel,
     served: Served,
@@ -43,7 +43,7 @@ struct Server {
 }
 
 impl Server {
-    async fn start() -> Server {
+    pub(crate) async fn start() -> Server {
         let db = TestDb::new(Backend::Sqlite).await;
         let served = Served::start(&db, Default::default()).await;
         let session = Session::default();
@@ -58,12 +58,12 @@ impl Server {
         }
     }
 
-    async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         self.served.stop().await;
     }
 }
 
-fn render_cell(seed: u64) -> pb::RenderCell {
+pub(crate) fn render_cell(seed: u64) -> pb::RenderCell {
     pb::RenderCell {
         model: "tiny-sd15".into(),
         loras: vec![pb::LoraRef {
@@ -88,7 +88,10 @@ fn render_cell(seed: u64) -> pb::RenderCell {
     }
 }
 
-fn submit_stream(key: &str, chunks: Vec<Vec<pb::RenderCell>>) -> Vec<pb::SubmitSweepRequest> {
+pub(crate) fn submit_stream(
+    key: &str,
+    chunks: Vec<Vec<pb::RenderCell>>,
+) -> Vec<pb::SubmitSweepRequest> {
     let mut msgs = vec![pb::SubmitSweepRequest {
         part: Some(pb::submit_sweep_request::Part::Header(pb::SweepHeader {
             name: key.into(),
@@ -116,7 +119,7 @@ async fn submit(s: &mut Server, key: &str, n: u64) -> pb::SubmitSweepResponse {
         .into_inner()
 }
 
-async fn register(s: &mut Server) -> u64 {
+pub(crate) async fn register(s: &mut Server) -> u64 {
     let r = s
         .workers
         .register(pb::RegisterRequest {
@@ -140,7 +143,7 @@ async fn register(s: &mut Server) -> u64 {
 }
 
 /// Leases exactly one cell for `worker`.
-async fn lease_one(s: &mut Server, worker: u64) -> pb::LeasedTask {
+pub(crate) async fn lease_one(s: &mut Server, worker: u64) -> pb::LeasedTask {
     s.workers
         .lease(pb::LeaseRequest {
             worker_id: worker,

@@ -183,6 +183,7 @@ pub fn cell(seed: u64) -> CellSpec {
         seed_resize_from: None,
         hires: None,
         eta: None,
+        init: None,
     }
 }
 

@@ -251,6 +251,7 @@ async fn a_damaged_chunk_stays_put_and_the_rest_move(b: Backend) {
                        seeds = { from = 1, count = 2 }\n"
                     .into(),
                 files: Default::default(),
+                images: Default::default(),
             },
         )
         .await

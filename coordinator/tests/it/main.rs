@@ -17,6 +17,7 @@ mod fuzz;
 mod group_commit;
 pub mod grpc;
 mod hires;
+mod images;
 mod intake;
 mod keeper;
 mod names;

@@ -137,6 +137,34 @@ impl Link {
         }
     }
 
+    /// The bytes of the picture stored under `sha256` (a leased cell's img2img start),
+    /// refused past [`kiln_proto::picture::MAX_FILE_BYTES`]. `Err(status)` when the
+    /// coordinator has no such picture or the stream broke.
+    pub async fn get_image(&self, sha256: &str) -> Result<Vec<u8>, tonic::Status> {
+        let mut stream = self
+            .retry("get image", |mut c, id| {
+                let sha256 = sha256.to_owned();
+                async move {
+                    c.get_image(pb::GetImageRequest {
+                        sha256,
+                        worker_id: id,
+                    })
+                    .await
+                }
+            })
+            .await?;
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            if data.len() + chunk.data.len() > kiln_proto::picture::MAX_FILE_BYTES {
+                return Err(tonic::Status::out_of_range(
+                    "the picture is larger than a picture may be",
+                ));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        Ok(data)
+    }
+
     /// Leases up to `n` cells.
     pub async fn lease(&self, n: u32, loaded: Vec<String>) -> Vec<pb::LeasedTask> {
         let r = self

@@ -26,6 +26,7 @@ mod backlog;
 mod finish;
 pub mod inversions;
 pub mod link;
+mod pictures;
 pub mod renderer;
 pub mod resolve;
 pub mod tracked;
@@ -41,12 +42,13 @@ use tokio::sync::watch;
 use self::backlog::{Backlog, Held, Leaser, Plan};
 use self::finish::Finisher;
 use self::link::Link;
+use self::pictures::{PictureFailure, Pictures};
 use self::renderer::{Item, RenderFailure, Renderer};
 use self::tracked::Tracked;
 use crate::cache::PipelineKey;
 use crate::engine::pipeline::MAX_HIRES_STEPS;
 use crate::engine::{
-    Device, Hires, HiresSize, LoraSpec, RenderRequest, RngKind, SamplerName, Upscaler,
+    Device, Hires, HiresSize, InitImage, LoraSpec, RenderRequest, RngKind, SamplerName, Upscaler,
 };
 use crate::upload::{RetryPolicy, Storage};
 
@@ -165,6 +167,7 @@ pub async fn run(
         device_bytes: cfg.device_cache_bytes,
     };
     let renderer = Renderer::spawn_with_inversions(budget, cfg.inversion_dirs());
+    let pictures = Pictures::default();
     let batch = cfg.batch.max(1) as usize;
     let backlog = Arc::new(Backlog::new(batch, cfg.prefetch as usize));
     // Every attempt held, for the heartbeat task; uploads finish in the background.
@@ -199,7 +202,7 @@ pub async fn run(
             continue;
         }
         let rendered = {
-            let rendering = render_group(&link, &renderer, &group);
+            let rendering = render_group(&link, &renderer, &pictures, &group);
             tokio::pin!(rendering);
             tokio::select! {
                 r = &mut rendering => r,
@@ -254,6 +257,7 @@ pub async fn run(
 async fn render_group(
     link: &Link,
     renderer: &Renderer,
+    pictures: &Pictures,
     group: &[Held],
 ) -> Vec<Option<renderer::Rendered>> {
     let mut out: Vec<Option<renderer::Rendered>> = group.iter().map(|_| None).collect();
@@ -265,6 +269,33 @@ async fn render_group(
         match &held.plan {
             Err(msg) => report(link, held, pb::FailureClass::BadInput, msg.clone()).await,
             Ok((k, request)) => {
+                let mut request = request.clone();
+                if let Some(cell) = held
+                    .task
+                    .cell
+                    .as_ref()
+                    .filter(|c| !c.init_image_sha256.is_empty())
+                {
+                    let picture = pictures
+                        .get(link, &cell.init_image_sha256, request.width, request.height)
+                        .await;
+                    match picture {
+                        Ok(p) => {
+                            request.init_image = Some(InitImage {
+                                image: (*p).clone(),
+                                strength: cell.strength,
+                            });
+                        }
+                        Err(PictureFailure::BadInput(m)) => {
+                            report(link, held, pb::FailureClass::BadInput, m).await;
+                            continue;
+                        }
+                        Err(PictureFailure::Transient(m)) => {
+                            report(link, held, pb::FailureClass::Transient, m).await;
+                            continue;
+                        }
+                    }
+                }
                 key.get_or_insert_with(|| k.clone());
                 let (progress, progress_rx) = watch::channel((0u32, request.steps as u32));
                 reporters.push(link.spawn_progress(
@@ -273,7 +304,7 @@ async fn render_group(
                     held.flags.cancel.clone(),
                 ));
                 items.push(Item {
-                    request: request.clone(),
+                    request,
                     cancel: held.flags.cancel.clone(),
                     progress,
                 });
@@ -354,6 +385,7 @@ fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
         ));
     }
     let hires = hires(cell, sampler)?;
+    check_init(cell, sampler, hires.is_some())?;
     if let Some(h) = &hires {
         let (w, h) = h.geometry(width, height).pixels();
         if u64::from(w) * u64::from(h) > cfg.max_pixels {
@@ -382,6 +414,32 @@ fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
         ..RenderRequest::default()
     };
     Ok((pipeline_key(cfg, cell)?, request))
+}
+
+/// A cell's img2img settings, checked before its picture is fetched (the picture is fetched
+/// and put into the request when the cell renders).
+fn check_init(cell: &pb::RenderCell, sampler: SamplerName, hires: bool) -> Result<(), String> {
+    if cell.init_image_sha256.is_empty() {
+        if cell.strength != 0.0 {
+            return Err("strength: set without an init image".into());
+        }
+        return Ok(());
+    }
+    if !kiln_proto::picture::is_sha256_hex(&cell.init_image_sha256) {
+        return Err("init_image_sha256: not 64 lowercase hex digits".into());
+    }
+    if !(cell.strength > 0.0 && cell.strength <= 1.0) {
+        return Err(format!("strength: {} is outside (0, 1]", cell.strength));
+    }
+    if hires {
+        return Err("img2img has no hires fix".into());
+    }
+    if !sampler.method.is_k_diffusion() {
+        return Err(format!(
+            "img2img runs a k-diffusion sampler and `{sampler}` is not one"
+        ));
+    }
+    Ok(())
 }
 
 /// A cell's hires fix (off when `hires_denoise` is 0), checked against its first pass before

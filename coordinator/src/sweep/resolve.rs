@@ -498,7 +498,7 @@ mod tests {
     fn errors_name_their_place() {
         assert_eq!(
             err(&format!("{BASE}colour = 1\n")),
-            "s.toml:4:1: unknown field `colour`, expected one of `name`, `model`, `loras`, `sampler`, `steps`, `cfg`, `width`, `height`, `size`, `negative_prompt`, `prompt`, `prompts`, `seeds`, `wildcards`, `axes`, `min_memory_mib`, `vae`, `clip_skip`, `subseed`, `subseed_strength`, `seed_resize_from`, `rng`, `hires_scale`, `hires_size`, `hires_upscaler`, `hires_steps`, `hires_denoise`, `hires_sampler`, `eta`"
+            "s.toml:4:1: unknown field `colour`, expected one of `name`, `model`, `loras`, `sampler`, `steps`, `cfg`, `width`, `height`, `size`, `negative_prompt`, `prompt`, `prompts`, `seeds`, `wildcards`, `axes`, `min_memory_mib`, `vae`, `clip_skip`, `subseed`, `subseed_strength`, `seed_resize_from`, `rng`, `hires_scale`, `hires_size`, `hires_upscaler`, `hires_steps`, `hires_denoise`, `hires_sampler`, `eta`, `init_image`, `strength`"
         );
         assert_eq!(
             err(&format!("{BASE}steps = \"4\"\n")),

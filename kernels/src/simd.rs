@@ -75,7 +75,7 @@ pub(crate) fn exp(x: f32) -> f32 {
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // n ∈ [−126, 127], so n + 127 is a normal float's biased exponent.
     let n_int = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
-    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
+    let scale = f32::from_bits((n_int.wrapping_add(127) as u32) << 23);
     let y = p * scale;
     if x < EXP_LO {
         0.0

@@ -19,7 +19,7 @@ const GEGLU_TASK: usize = 1 << 16;
 /// `0.5·x·(1 + erf(x/√2))`, as PyTorch and candle write it, loses its relative accuracy from
 /// x ≈ −3 on; the absolute difference between the two is under about 1e-7·|x|.
 pub fn geglu(x: &[f32], inner: usize, out: &mut [f32]) -> Result<(), KernelError> {
-    if inner == 0 || out.len() % inner != 0 {
+    if inner == 0 || !out.len().is_multiple_of(inner) {
         return Err(KernelError::Shape(format!(
             "{} outputs are not rows of {inner}",
             out.len()
@@ -79,7 +79,7 @@ pub fn group_norm(
         spatial,
         groups,
     } = shape;
-    if groups == 0 || channels % groups != 0 || spatial == 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) || spatial == 0 {
         return Err(KernelError::Shape(format!(
             "{shape:?}: channels must split into groups, spatial must not be empty"
         )));

@@ -13,6 +13,9 @@
 
 use kiln_worker::engine::bench::OpCase;
 
+/// A case's name and how to build its inputs.
+type Case = (&'static str, fn() -> OpCase);
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -35,7 +38,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let cases: [(&str, fn() -> OpCase); 7] = [
+    let cases: [Case; 7] = [
         ("self-attention 512² (8×4096 tokens, d 40)", || {
             OpCase::attention(8, 4096, 4096, 40).unwrap()
         }),

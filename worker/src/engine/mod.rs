@@ -12,6 +12,8 @@
 //! [`HostTensor`], paths and plain numbers. It must never know about leases, gRPC, databases or
 //! object storage.
 
+#[cfg(feature = "testing")]
+pub mod bench;
 pub mod brownian;
 pub mod device;
 pub mod error;

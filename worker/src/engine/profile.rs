@@ -18,7 +18,8 @@ pub enum OpKind {
     Linear,
     /// The GEGLU gate (`hidden · gelu(gate)`).
     Geglu,
-    /// Group and layer norms.
+    /// Group and layer norms (on the CPU in f32, with the SiLU that follows a resnet's group
+    /// norm fused in).
     Norm,
 }
 

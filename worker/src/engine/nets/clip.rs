@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::engine::error::{EngineError, Result as EngineResult};
 use crate::engine::load::weights::{LayerNorm, Linear, Params};
-use crate::engine::nets::layers::scaled_dot_product_attention;
+use crate::engine::nets::attention::scaled_dot_product_attention;
 
 /// The activation between the two MLP layers (`hidden_act`).
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]

@@ -5,19 +5,21 @@
 //! GEGLU feed-forward, the 2× down/upsamplers and the sinusoidal timestep embedding. Tensors
 //! are NCHW as in PyTorch; weight names follow diffusers so LoRA keys map onto them.
 
-use candle_core::{D, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 
 use crate::engine::error::Result as EngineResult;
 use crate::engine::load::weights::{Conv2d, GroupNorm, LayerNorm, Linear, Params};
+use crate::engine::nets::attention::scaled_dot_product_attention;
+use crate::engine::nets::fused::{self, GroupNormSilu};
 use crate::engine::profile::{OpKind, timed};
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"` and SiLU.
 #[derive(Debug)]
 pub(crate) struct ResnetBlock {
-    norm1: GroupNorm,
+    norm1: GroupNormSilu,
     conv1: Conv2d,
     time_emb_proj: Option<Linear>,
-    norm2: GroupNorm,
+    norm2: GroupNormSilu,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
@@ -38,13 +40,13 @@ pub(crate) struct ResnetConfig {
 impl ResnetBlock {
     pub(crate) fn new(p: &Params, c: ResnetConfig) -> EngineResult<Self> {
         Ok(Self {
-            norm1: p.pp("norm1").group_norm(c.groups, c.input, c.eps)?,
+            norm1: GroupNormSilu::new(&p.pp("norm1"), c.groups, c.input, c.eps)?,
             conv1: p.pp("conv1").conv2d(c.input, c.output, 3, 1, 1)?,
             time_emb_proj: c
                 .temb
                 .map(|t| p.pp("time_emb_proj").linear(t, c.output, true))
                 .transpose()?,
-            norm2: p.pp("norm2").group_norm(c.groups, c.output, c.eps)?,
+            norm2: GroupNormSilu::new(&p.pp("norm2"), c.groups, c.output, c.eps)?,
             conv2: p.pp("conv2").conv2d(c.output, c.output, 3, 1, 1)?,
             conv_shortcut: (c.input != c.output)
                 .then(|| p.pp("conv_shortcut").conv2d(c.input, c.output, 1, 1, 0))
@@ -54,12 +56,12 @@ impl ResnetBlock {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward(x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?)?;
         let x = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
@@ -130,76 +132,6 @@ impl Attention {
     }
 }
 
-/// Largest score matrix one attention call builds, bytes. Self-attention at the UNet's first
-/// level is `batch × heads × n²` scores with `n = (w/8)·(h/8)`: in f32, 512 MiB for one 512²
-/// image and 2.5 GiB at 768², and CFG and `--batch` multiply it, which is what runs a GPU out
-/// of memory.
-/// Past this bound the queries are taken in slices (rows of a softmax are independent, so
-/// the result is the same); below it nothing changes.
-const MAX_SCORES_BYTES: usize = 512 << 20;
-
-/// `softmax(q·kᵀ/sqrt(d) + mask)·v` over `[b, heads, n, d]`, in query slices whose scores stay
-/// under [`MAX_SCORES_BYTES`].
-pub(crate) fn scaled_dot_product_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-) -> Result<Tensor> {
-    timed(OpKind::Attention, || {
-        sliced_attention(q, k, v, mask, MAX_SCORES_BYTES)
-    })
-}
-
-/// [`attention_core`] over slices of the queries whose scores take at most `max_bytes`.
-fn sliced_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    max_bytes: usize,
-) -> Result<Tensor> {
-    let (b, heads, n, _) = q.dims4()?;
-    let keys = k.dim(2)?;
-    let row_bytes = (b * heads * keys * q.dtype().size_in_bytes()).max(1);
-    let rows = (max_bytes / row_bytes).max(1);
-    // A mask broadcast over the queries is sliced with them; one of a single row is shared.
-    let sliceable = mask.is_some_and(|m| m.rank() >= 2 && m.dim(D::Minus2).ok() == Some(n));
-    if rows >= n {
-        return attention_core(q, k, v, mask);
-    }
-    let mut out = Vec::with_capacity(n.div_ceil(rows));
-    let mut start = 0;
-    while start < n {
-        let len = rows.min(n - start);
-        let q_part = q.narrow(2, start, len)?;
-        let mask_part = match mask {
-            Some(m) if sliceable => Some(m.narrow(m.rank() - 2, start, len)?),
-            other => other.cloned(),
-        };
-        out.push(attention_core(&q_part, k, v, mask_part.as_ref())?);
-        start += len;
-    }
-    Tensor::cat(&out, 2)
-}
-
-fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    // Scores in the inputs' dtype: f32 on the CPU; f16 on a GPU, as diffusers' fp16 SDPA keeps
-    // them for SD1.5 (`upcast_attention = false`), with candle's softmax summing f16 rows in
-    // f32.
-    let head_dim = q.dim(D::Minus1)?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    // Scaling q (tokens × head_dim) instead of the scores (tokens × tokens) saves a full pass
-    // over the largest tensor of the step; the rounding difference is far below 1e-6.
-    let q = (q * scale)?;
-    let mut scores = q.matmul(&k.t()?)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.matmul(&v.contiguous()?)
-}
-
 /// `GEGLU` + `Linear`: diffusers' `FeedForward(activation_fn="geglu")`, with the exact erf
 /// GELU of `F.gelu`.
 #[derive(Debug)]
@@ -219,10 +151,7 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let projected = self.proj.forward(x)?;
-        let half = projected.dim(D::Minus1)? / 2;
-        let hidden = projected.narrow(D::Minus1, 0, half)?;
-        let gate = projected.narrow(D::Minus1, half, half)?;
-        let gated = timed(OpKind::Geglu, || hidden * gate.gelu_erf()?)?;
+        let gated = timed(OpKind::Geglu, || fused::geglu(&projected))?;
         self.out.forward(&gated)
     }
 }
@@ -429,66 +358,4 @@ pub(crate) fn guidance_embedding(
     row.extend(args.iter().map(|a| a.cos()));
     row.resize(dim, 0.0);
     Tensor::from_vec(row, (1, dim), device)?.repeat((batch, 1))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.flatten_all())
-            .and_then(|d| d.max(0))
-            .and_then(|d| d.to_scalar::<f32>())
-            .unwrap()
-    }
-
-    fn randn(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
-        let mut rng = crate::engine::rng::TorchRng::new(seed);
-        let n = shape.0 * shape.1 * shape.2 * shape.3;
-        Tensor::from_vec(rng.randn(n), shape, &Device::Cpu).unwrap()
-    }
-
-    #[test]
-    fn sliced_attention_equals_the_whole_and_bounds_the_scores() {
-        let (q, k, v) = (
-            randn((2, 3, 37, 8), 1),
-            randn((2, 3, 37, 8), 2),
-            randn((2, 3, 37, 8), 3),
-        );
-        let whole = attention_core(&q, &k, &v, None).unwrap();
-        // Rows of 2·3·37 f32 scores; a bound of 5 rows gives 8 slices, the last of 2 rows.
-        let row = 2 * 3 * 37 * 4;
-        for rows in [1, 5, 36, 37, 1000] {
-            let sliced = sliced_attention(&q, &k, &v, None, rows * row).unwrap();
-            assert_eq!(sliced.dims(), whole.dims());
-            let diff = max_diff(&sliced, &whole);
-            assert!(diff <= 1e-6, "{rows} rows a slice: max diff {diff}");
-        }
-    }
-
-    #[test]
-    fn a_per_query_mask_is_sliced_with_the_queries() {
-        let (q, k, v) = (
-            randn((1, 2, 9, 4), 4),
-            randn((1, 2, 9, 4), 5),
-            randn((1, 2, 9, 4), 6),
-        );
-        // Causal, as CLIP's: row i sees keys 0..=i.
-        let mask: Vec<f32> = (0..81)
-            .map(|i| {
-                if i % 9 > i / 9 {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (9, 9), &Device::Cpu).unwrap();
-        let whole = attention_core(&q, &k, &v, Some(&mask)).unwrap();
-        let sliced = sliced_attention(&q, &k, &v, Some(&mask), 2 * 2 * 9 * 4).unwrap();
-        let diff = max_diff(&sliced, &whole);
-        assert!(diff <= 1e-6, "max diff {diff}");
-    }
 }

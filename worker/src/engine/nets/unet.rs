@@ -13,7 +13,8 @@ use candle_core::{Module, Result, Tensor};
 use serde::Deserialize;
 
 use crate::engine::error::{EngineError, Result as EngineResult};
-use crate::engine::load::weights::{Conv2d, GroupNorm, Linear, Params};
+use crate::engine::load::weights::{Conv2d, Linear, Params};
+use crate::engine::nets::fused::GroupNormSilu;
 use crate::engine::nets::layers::{
     Downsample, ResnetBlock, ResnetConfig, Transformer2D, TransformerConfig, Upsample,
     guidance_embedding, timestep_embedding,
@@ -298,7 +299,7 @@ pub(crate) struct UNet {
     mid_first: ResnetBlock,
     mid: Block,
     up: Vec<(Block, Option<Upsample>)>,
-    norm_out: GroupNorm,
+    norm_out: GroupNormSilu,
     conv_out: Conv2d,
     /// LCM-distilled UNets: projects the guidance-scale embedding (`time_cond_proj_dim`
     /// wide) onto the timestep embedding.
@@ -424,9 +425,12 @@ impl UNet {
             mid_first,
             mid,
             up,
-            norm_out: p
-                .pp("conv_norm_out")
-                .group_norm(c.norm_num_groups, ch[0], c.norm_eps)?,
+            norm_out: GroupNormSilu::new(
+                &p.pp("conv_norm_out"),
+                c.norm_num_groups,
+                ch[0],
+                c.norm_eps,
+            )?,
             conv_out: p
                 .pp("conv_out")
                 .conv2d(ch[0], c.out_channels, k_out, 1, (k_out - 1) / 2)?,
@@ -517,7 +521,7 @@ impl UNet {
             }
         }
 
-        let h = self.norm_out.forward(&h)?.silu()?;
+        let h = self.norm_out.forward(&h)?;
         self.conv_out.forward(&h)
     }
 }

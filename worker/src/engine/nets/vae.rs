@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::engine::error::{EngineError, Result as EngineResult};
 use crate::engine::load::weights::{Conv2d, GroupNorm, Params};
+use crate::engine::nets::fused::GroupNormSilu;
 use crate::engine::nets::layers::{Attention, ResnetBlock, ResnetConfig, Upsample};
 
 /// diffusers hard-codes this epsilon for every VAE norm.
@@ -190,7 +191,7 @@ pub(crate) struct VaeDecoder {
     conv_in: Conv2d,
     mid: VaeMidBlock,
     up: Vec<(Vec<ResnetBlock>, Option<Upsample>)>,
-    norm_out: GroupNorm,
+    norm_out: GroupNormSilu,
     conv_out: Conv2d,
 }
 
@@ -228,9 +229,12 @@ impl VaeDecoder {
             conv_in: d.pp("conv_in").conv2d(latent, top, 3, 1, 1)?,
             mid: VaeMidBlock::new(&d.pp("mid_block"), c, top)?,
             up,
-            norm_out: d
-                .pp("conv_norm_out")
-                .group_norm(c.norm_num_groups, ch[0], VAE_NORM_EPS)?,
+            norm_out: GroupNormSilu::new(
+                &d.pp("conv_norm_out"),
+                c.norm_num_groups,
+                ch[0],
+                VAE_NORM_EPS,
+            )?,
             conv_out: d.pp("conv_out").conv2d(ch[0], c.out_channels, 3, 1, 1)?,
         })
     }
@@ -250,7 +254,7 @@ impl VaeDecoder {
                 h = up.forward(&h, None)?;
             }
         }
-        let h = self.norm_out.forward(&h)?.silu()?;
+        let h = self.norm_out.forward(&h)?;
         self.conv_out.forward(&h)
     }
 }

@@ -11,7 +11,8 @@
 use candle_core::{Module, Result, Tensor};
 
 use crate::engine::error::Result as EngineResult;
-use crate::engine::load::weights::{Conv2d, GroupNorm, Params};
+use crate::engine::load::weights::{Conv2d, Params};
+use crate::engine::nets::fused::GroupNormSilu;
 use crate::engine::nets::layers::{Downsample, ResnetBlock};
 use crate::engine::nets::vae::{VAE_NORM_EPS, VaeConfig, VaeMidBlock, vae_resnet};
 
@@ -26,7 +27,7 @@ pub(crate) struct VaeEncoder {
     conv_in: Conv2d,
     down: Vec<(Vec<ResnetBlock>, Option<Downsample>)>,
     mid: VaeMidBlock,
-    norm_out: GroupNorm,
+    norm_out: GroupNormSilu,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
 }
@@ -62,9 +63,12 @@ impl VaeEncoder {
             conv_in: e.pp("conv_in").conv2d(c.in_channels, ch[0], 3, 1, 1)?,
             down,
             mid: VaeMidBlock::new(&e.pp("mid_block"), c, top)?,
-            norm_out: e
-                .pp("conv_norm_out")
-                .group_norm(c.norm_num_groups, top, VAE_NORM_EPS)?,
+            norm_out: GroupNormSilu::new(
+                &e.pp("conv_norm_out"),
+                c.norm_num_groups,
+                top,
+                VAE_NORM_EPS,
+            )?,
             conv_out: e.pp("conv_out").conv2d(top, moments, 3, 1, 1)?,
             quant_conv: c
                 .use_quant_conv
@@ -91,7 +95,7 @@ impl VaeEncoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        let h = self.norm_out.forward(&h)?.silu()?;
+        let h = self.norm_out.forward(&h)?;
         let mut moments = self.conv_out.forward(&h)?;
         if let Some(conv) = &self.quant_conv {
             moments = conv.forward(&moments)?;

@@ -1,17 +1,22 @@
-//! kiln's CPU f32 kernels: blocked ("flash") attention and fused elementwise passes, over
-//! plain slices.
+//! kiln's CPU f32 kernels: blocked ("flash") attention, fused elementwise passes and a 2-D
+//! convolution, over plain slices.
 //!
 //! Owns the arithmetic only: [`attention`] (`softmax(q·kᵀ/√d + mask)·v` without the full score
 //! matrix), [`elementwise`] (the GEGLU gate and group norm + SiLU in one pass each) and the
-//! vectorised math they share (`simd`: a fast `exp`, `erfc`, per-CPU code paths). It knows
-//! nothing of tensors, devices or models: the worker's engine checks shapes and dtypes, hands
-//! contiguous `f32` slices here, and keeps its own (candle) path for GPUs and other dtypes.
+//! vectorised math they share (`simd`: a fast `exp`, `erfc`, per-CPU code paths), and
+//! [`conv`] (a 2-D convolution as im2col tiles into `gemm`, bias and NCHW output in the same
+//! pass; 1.2–3× candle's on SD1.5's shapes in `worker/benches/conv.rs`, but **not yet the
+//! engine's**: with it one hires-fix parity fixture flips a pixel at an 8-bit truncation edge,
+//! see issue 19's notes). It knows nothing of tensors, devices or models: the worker's engine
+//! checks shapes and dtypes, hands contiguous `f32` slices here, and keeps its own (candle)
+//! path for GPUs and other dtypes.
 //!
 //! Work is spread over rayon's global pool, whose size the worker fixes through
 //! `RAYON_NUM_THREADS` (`kiln_worker::engine::threads`). This crate is built optimised even
 //! in dev and test builds (`[profile.dev.package.kiln-kernels]` in the workspace manifest).
 
 pub mod attention;
+pub mod conv;
 pub mod elementwise;
 mod simd;
 

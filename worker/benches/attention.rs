@@ -11,21 +11,13 @@
 //! RAYON_NUM_THREADS=2 cargo bench -p kiln-worker --bench attention --profile dev [-- FILTER]
 //! ```
 
+mod shared;
+
 use kiln_worker::engine::bench::OpCase;
+use shared::{loadavg, median};
 
 /// A case's name and how to build its inputs.
 type Case = (&'static str, fn() -> OpCase);
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".to_owned())
-}
 
 fn main() {
     // SAFETY: first thing in main, before any thread is started (as `kiln` does).

@@ -5,11 +5,9 @@
 //! matrix), [`elementwise`] (the GEGLU gate and group norm + SiLU in one pass each) and the
 //! vectorised math they share (`simd`: a fast `exp`, `erfc`, per-CPU code paths), and
 //! [`conv`] (a 2-D convolution as im2col tiles into `gemm`, bias and NCHW output in the same
-//! pass; 1.2–3× candle's on SD1.5's shapes in `worker/benches/conv.rs`, but **not yet the
-//! engine's**: with it one hires-fix parity fixture flips a pixel at an 8-bit truncation edge,
-//! see issue 19's notes). It knows nothing of tensors, devices or models: the worker's engine
-//! checks shapes and dtypes, hands contiguous `f32` slices here, and keeps its own (candle)
-//! path for GPUs and other dtypes.
+//! pass; 1.2–3× candle's on SD1.5's shapes in `worker/benches/conv.rs`). It knows nothing of
+//! tensors, devices or models: the worker's engine checks shapes and dtypes, hands contiguous
+//! `f32` slices here, and keeps its own (candle) path for GPUs and other dtypes.
 //!
 //! Work is spread over rayon's global pool, whose size the worker fixes through
 //! `RAYON_NUM_THREADS` (`kiln_worker::engine::threads`). This crate is built optimised even

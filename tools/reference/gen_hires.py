@@ -90,7 +90,10 @@ CASES = {
     "latent_hires_sampler": dict(method="dpmpp_2m", schedule="karras", steps=5, cfg=2.5, seed=7,
                                  negative_prompt=NEGATIVE, hr_scale=1.25, upscaler="latent", hr_steps=4,
                                  denoise=0.45, hr_method="euler", hr_schedule="normal"),
-    "lanczos": dict(method="euler_a", schedule="normal", steps=4, cfg=1.0, seed=42, negative_prompt="",
+    # Seed 89: of seeds 40..99 the one whose first-pass picture keeps every value that is not clamped
+    # farthest from an 8-bit truncation edge (2.1e-4 of a level; seed 42 had one at 1.5e-5), so a
+    # summation-order change of ~1e-6 in the latents (another convolution) cannot flip a pixel.
+    "lanczos": dict(method="euler_a", schedule="normal", steps=4, cfg=1.0, seed=89, negative_prompt="",
                     hr_scale=1.5, upscaler="lanczos", hr_steps=3, denoise=0.5),
 }
 WIDTH = HEIGHT = 64

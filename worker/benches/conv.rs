@@ -1,5 +1,6 @@
-//! CPU f32 convolutions: candle's `conv2d` + bias (the engine's path) against
-//! `kiln_kernels::conv::conv2d` (not yet wired into the engine) on SD1.5's UNet and VAE shapes.
+//! CPU f32 convolutions: candle's `conv2d` + bias (the engine's path before, and still on GPUs)
+//! against `kiln_kernels::conv::conv2d` (the engine's CPU f32 path now) on SD1.5's UNet and VAE
+//! shapes.
 //!
 //! Each round times candle then kiln on the same tensors, so both see the same machine load;
 //! prints the median of the rounds per side, GFLOP/s, the speed-up, the largest difference

@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::Conv2dConfig;
 
 use crate::engine::error::{EngineError, Result};
+pub(crate) use crate::engine::nets::conv::Conv2d;
 use crate::engine::profile::{OpKind, timed};
 
 /// A dense f32 array on the host: the engine's tensor type at its public boundary.
@@ -218,12 +218,7 @@ impl<'a> Params<'a> {
     ) -> Result<Conv2d> {
         let weight = self.tensor("weight", &[output, input, kernel, kernel])?;
         let bias = self.tensor("bias", &[output])?;
-        let config = Conv2dConfig {
-            padding,
-            stride,
-            ..Conv2dConfig::default()
-        };
-        Ok(Conv2d(candle_nn::Conv2d::new(weight, Some(bias), config)))
+        Conv2d::new(weight, bias, stride, padding)
     }
 
     /// `nn.GroupNorm(groups, channels, eps)` with affine parameters.
@@ -259,11 +254,6 @@ macro_rules! profiled_layer {
     };
 }
 
-profiled_layer!(
-    /// `nn.Conv2d`.
-    Conv2d,
-    OpKind::Convolution
-);
 profiled_layer!(
     /// `nn.Linear`.
     Linear,

@@ -231,7 +231,7 @@ fn both_endpoints_count_a_sweep_as_its_cells_complete() {
         &c.addr,
         &["query", r#"sweep = "metered""#, "--format", "json"],
     ));
-    let sweep = rows[0]["sweep_id"].as_i64().unwrap();
+    let sweep = rows[0]["sweep"].as_i64().unwrap();
     let mut states: HashMap<String, f64> = HashMap::new();
     for r in &rows {
         *states

@@ -36,7 +36,7 @@ use crate::domain::lease::{Fence, HeartbeatStatus};
 use crate::domain::rows::{CellRow, ProgressRow, SweepRow, WorkerRow};
 use crate::domain::state::FailureClass;
 use crate::events::Events;
-use crate::metrics::Counters;
+use crate::metrics::counters::Counters;
 use crate::store::{CellQuery, Store};
 use crate::sweep::{CellSpec, SweepSource};
 use crate::{Error, Result};

@@ -109,6 +109,7 @@ async fn farm() -> (tempfile::TempDir, Farm) {
         upload_retry: RetryPolicy::default(),
         idle_poll: Duration::from_millis(50),
         drain_timeout: Duration::from_secs(60),
+        metrics_addr: None,
     };
     let client = SweepServiceClient::connect(format!("http://{addr}"))
         .await

@@ -10,6 +10,7 @@ use kiln_coordinator::server::Coordinator;
 pub const EXAMPLES: &str = "Examples:
   kiln coordinator                                   # sqlite://kiln.db on 127.0.0.1:7450
   kiln coordinator --images file:///srv/kiln-out     # web UI at http://127.0.0.1:7450/
+  curl http://127.0.0.1:7450/metrics                 # Prometheus metrics (README: Metrics and logs)
   kiln cert --out certs --host farm.lan              # once: a CA and a server certificate
   kiln token create --owner me --scope admin         # once: a token (printed once)
   kiln coordinator --listen 0.0.0.0:7450 --require-tokens \\
@@ -72,7 +73,7 @@ pub struct Args {
     /// temporary folder].
     #[arg(long, env = "KILN_THUMBS_DIR")]
     thumbs_dir: Option<String>,
-    /// Don't serve the web UI (the gRPC API only).
+    /// Don't serve the web UI (the gRPC API and Prometheus's `/metrics` only).
     #[arg(long, env = "KILN_NO_WEB")]
     no_web: bool,
     #[command(flatten)]

@@ -50,8 +50,21 @@ struct Cli {
     /// for `kiln run`, whose progress bar it would interrupt].
     #[arg(long, global = true, env = "KILN_LOG")]
     log: Option<String>,
+    /// How log lines are written to stderr: `text` for people, `json` (one JSON object per
+    /// line: timestamp, level, target, fields, span) for a log collector.
+    #[arg(long, global = true, env = "KILN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The format of log lines (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -396,10 +409,13 @@ fn main() -> std::process::ExitCode {
         .ok()
         .or_else(|| cli.log.clone())
         .unwrap_or_else(|| if quiet { "warn" } else { "info" }.into());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let result = match cli.command {
         Command::Coordinator(args) => coordinator::main(args),
         Command::Worker(args) => worker::main(args),

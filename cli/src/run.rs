@@ -149,6 +149,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             upload_retry: RetryPolicy::default(),
             idle_poll: Duration::from_millis(100),
             drain_timeout: WORKER_GRACE,
+            metrics_addr: None,
         };
         let mut worker = tokio::spawn(agent::run(agent_cfg, storage, stopped(worker_rx)));
 

@@ -90,6 +90,11 @@ pub struct Args {
     #[arg(long, env = "KILN_DRAIN_TIMEOUT_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     drain_timeout_secs: u64,
+    /// Serve Prometheus metrics (`GET /metrics`: images, phase times, pipeline cache, device
+    /// memory, draining) on this address, e.g. 127.0.0.1:9451 [default: not served]. Anyone
+    /// who can reach it may read them: keep it on loopback or a trusted network.
+    #[arg(long, env = "KILN_METRICS_ADDR", value_name = "HOST:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn env_either(a: &str, b: &str) -> Option<String> {
@@ -153,6 +158,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         },
         idle_poll: Duration::from_millis(args.idle_poll_ms.max(10)),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        metrics_addr: args.metrics_addr,
     };
     cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()

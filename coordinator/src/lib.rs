@@ -17,6 +17,7 @@
 //! - [`grid`]: the X/Y contact sheet (`kiln grid`, the web UI's X/Y view): which cell goes on
 //!   which tile along one or two axes, and the labelled sheet drawn as a PNG.
 //! - [`events`]: in-process progress notifications for watchers.
+//! - [`metrics`]: Prometheus counters and gauges, served as `GET /metrics` on the same port.
 //! - [`api`]: tonic adapters for `kiln.v1`; the only place that knows `tonic::Status`.
 //! - [`config`]: settings (defaults → file → env → flags) validated into [`config::Config`].
 //! - [`web`]: the web UI (farm overview, sweep pages, gallery, X/Y view, keepers), served on
@@ -31,6 +32,7 @@ pub mod domain;
 pub mod error;
 pub mod events;
 pub mod grid;
+pub mod metrics;
 pub mod query;
 pub mod queue;
 pub mod result;

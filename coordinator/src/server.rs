@@ -1,6 +1,7 @@
-//! Runs the coordinator: gRPC services (sweeps, workers, standard health) and the web UI on one
-//! listener (HTTP/2 for gRPC, HTTP/1.1 too for browsers), and the maintenance loop, until the
-//! shutdown future resolves; then stops both gracefully.
+//! Runs the coordinator: gRPC services (sweeps, workers, standard health), the web UI and the
+//! Prometheus `/metrics` on one listener (HTTP/2 for gRPC, HTTP/1.1 too for browsers and
+//! scrapers), and the maintenance loop, until the shutdown future resolves; then stops both
+//! gracefully. `/metrics` is served whether or not the web UI is.
 
 use std::future::Future;
 use std::time::Duration;
@@ -158,17 +159,14 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(sweeps)
         .add_service(workers);
-    let mut routes = routes.routes();
+    let metrics = crate::metrics::router(queue.clone(), security.require_tokens);
+    let mut router = routes.routes().into_axum_router().merge(metrics);
     if let Some(web) = web {
         let tls = security.tls.is_some();
         let ui = crate::web::router(queue, web, security.require_tokens, tls, stop_rx.clone());
-        routes = tonic::service::Routes::from(
-            routes
-                .into_axum_router()
-                .merge(ui)
-                .fallback(crate::web::fallback),
-        );
+        router = router.merge(ui).fallback(crate::web::fallback);
     }
+    let routes = tonic::service::Routes::from(router);
     let result = builder
         .accept_http1(true)
         .layer(auth)

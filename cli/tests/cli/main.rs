@@ -9,6 +9,7 @@ mod drain;
 mod farm;
 mod farm_img2img;
 mod farm_recipe;
+mod metrics;
 mod outputs;
 mod paths;
 mod querydoc;

@@ -44,6 +44,17 @@ pub fn kiln_fails(addr: &str, args: &[&str]) -> String {
 /// A `kiln worker` process for the coordinator at `addr`, polling every 50 ms, writing to the
 /// folder `storage` and reading models from `models`.
 pub fn spawn_worker(addr: &str, storage: &Path, models: &[&Path]) -> Worker {
+    Worker(
+        worker_command(addr, storage, models)
+            .env("KILN_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The command [`spawn_worker`] runs, for a test to add to.
+pub fn worker_command(addr: &str, storage: &Path, models: &[&Path]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
     c.args(["worker", "--coordinator", &format!("http://{addr}")])
         .args(["--idle-poll-ms", "50"])
@@ -52,12 +63,7 @@ pub fn spawn_worker(addr: &str, storage: &Path, models: &[&Path]) -> Worker {
     for m in models {
         c.arg("--models").arg(m);
     }
-    Worker(
-        c.env("KILN_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    c
 }
 
 /// The rows of `kiln query … --format json` output.

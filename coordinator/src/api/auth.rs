@@ -107,7 +107,7 @@ where
             let caller = match tokens {
                 None => Ok(Principal::open()),
                 Some(_) if health => Ok(Principal::open()),
-                Some(queue) => match bearer(&request) {
+                Some(queue) => match bearer(request.headers()) {
                     Some(token) => queue.principal(token).await,
                     None => Err(Error::Unauthenticated(
                         "this coordinator requires a token (authorization: Bearer …; \
@@ -127,9 +127,9 @@ where
     }
 }
 
-/// The token of an `authorization: Bearer …` header.
-fn bearer<B>(request: &http::Request<B>) -> Option<&str> {
-    let value = request.headers().get("authorization")?.to_str().ok()?;
+/// The token of an `authorization: Bearer …` header (also read by `/metrics`).
+pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get("authorization")?.to_str().ok()?;
     let token = value.strip_prefix("Bearer ")?.trim();
     (!token.is_empty()).then_some(token)
 }

@@ -8,6 +8,7 @@ mod status;
 mod sweeps;
 mod workers;
 
+pub(crate) use auth::bearer;
 pub use auth::{Auth, AuthLayer, SESSION_HEADER};
 pub use pictures::{IMAGE_CHUNK_BYTES, MAX_SWEEP_IMAGES};
 pub use sweeps::SweepApi;

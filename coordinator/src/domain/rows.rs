@@ -62,6 +62,20 @@ impl StateCounts {
         };
         *slot += n;
     }
+
+    /// The cells in `state`.
+    pub fn get(&self, state: CellState) -> u64 {
+        match state {
+            CellState::Available => self.available,
+            CellState::Scheduled => self.scheduled,
+            CellState::Running => self.running,
+            CellState::Retryable => self.retryable,
+            CellState::Held => self.held,
+            CellState::Completed => self.completed,
+            CellState::Cancelled => self.cancelled,
+            CellState::Discarded => self.discarded,
+        }
+    }
 }
 
 /// A sweep with its cell counts.
@@ -275,4 +289,39 @@ pub struct ImageRow {
     pub height: u32,
     /// File size.
     pub bytes: u64,
+}
+
+/// A sweep's cells per state, for the metrics scrape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SweepCounts {
+    /// The sweep.
+    pub id: SweepId,
+    /// Its name.
+    pub name: String,
+    /// Its cells per state (intake included, as the state it will enter).
+    pub counts: StateCounts,
+}
+
+/// Workers per state: online (seen within a lease time-to-live), offline (not seen since),
+/// drained (stopped taking work). As the web overview shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerCounts {
+    /// Seen lately, taking work.
+    pub online: u64,
+    /// Not drained, but not seen within a lease time-to-live.
+    pub offline: u64,
+    /// Drained.
+    pub drained: u64,
+}
+
+/// What a metrics scrape reads from the store ([`crate::store::Store::farm_snapshot`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FarmSnapshot {
+    /// The newest sweeps' counts, oldest first.
+    pub sweeps: Vec<SweepCounts>,
+    /// Workers per state.
+    pub workers: WorkerCounts,
+    /// When the oldest available cell became available (its `scheduled_at`); `None` when no
+    /// cell is available.
+    pub oldest_available_at: Option<Millis>,
 }

@@ -140,6 +140,7 @@ impl Queue {
 
     /// Bookkeeping after a lease: the affinity skip counter and change events.
     pub(super) fn leased(&self, worker: WorkerId, leased: &[LeasedCell]) {
+        self.counters.leased(leased.len());
         self.affinity.record(
             worker.0,
             leased.is_empty() || leased.iter().any(|c| c.was_head),

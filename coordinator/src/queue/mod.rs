@@ -36,6 +36,7 @@ use crate::domain::lease::{Fence, HeartbeatStatus};
 use crate::domain::rows::{CellRow, ProgressRow, SweepRow, WorkerRow};
 use crate::domain::state::FailureClass;
 use crate::events::Events;
+use crate::metrics::counters::Counters;
 use crate::store::{CellQuery, Store};
 use crate::sweep::{CellSpec, SweepSource};
 use crate::{Error, Result};
@@ -187,6 +188,8 @@ pub struct Queue {
     events: Events,
     /// The last failures workers reported, newest last (for the web overview).
     recent_failures: Arc<Mutex<std::collections::VecDeque<RecentFailure>>>,
+    /// Events counted for `/metrics`.
+    counters: Counters,
 }
 
 /// A failed attempt as a worker reported it, kept in memory for the farm overview.
@@ -237,6 +240,7 @@ impl Queue {
             moving: Default::default(),
             events: Events::default(),
             recent_failures: Default::default(),
+            counters: Counters::default(),
         }
     }
 
@@ -253,6 +257,11 @@ impl Queue {
     /// Change notifications.
     pub fn events(&self) -> &Events {
         &self.events
+    }
+
+    /// The event counters of `/metrics`.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// The last [`RECENT_FAILURES`] failures workers reported to this process, oldest first.
@@ -426,6 +435,7 @@ impl Queue {
             .get_or_init(|| Group::start(self.store.clone()))
             .call(complete)
             .await?;
+        self.counters.completed();
         self.events.changed();
         Ok(())
     }
@@ -450,6 +460,7 @@ impl Queue {
             .store
             .cell_fail(f, class, &message, self.now(), &decide)
             .await?;
+        self.counters.failed(class, 1);
         self.requeued();
         let mut recent = self
             .recent_failures
@@ -501,6 +512,8 @@ impl Queue {
                 break;
             }
         }
+        self.counters
+            .failed(FailureClass::LeaseExpired, report.rescued);
         report.promoted = self.store.cell_promote_due(now).await?;
         if report != MaintenanceReport::default() {
             self.requeued();

@@ -22,6 +22,7 @@ mod cells;
 mod db;
 mod deadlock;
 mod failures;
+mod farm;
 mod filter;
 mod images;
 mod intake;

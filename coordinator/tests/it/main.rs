@@ -20,6 +20,7 @@ mod hires;
 mod images;
 mod intake;
 mod keeper;
+mod metrics;
 mod names;
 mod rate;
 mod render_level;

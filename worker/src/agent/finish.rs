@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::backlog::{Held, Leaser};
+use super::metrics::Metrics;
 use super::renderer;
 use crate::engine::Device;
 use crate::upload::{RetryPolicy, Storage};
@@ -33,6 +34,7 @@ impl Finisher {
         storage: Storage,
         retry: RetryPolicy,
         device: Device,
+        metrics: Metrics,
     ) -> Self {
         // One image may wait while MAX_FINISHING are in flight; then the render loop waits.
         let (inbox, mut rx) = mpsc::channel::<(Held, renderer::Rendered)>(1);
@@ -46,9 +48,13 @@ impl Finisher {
                     next = rx.recv() => {
                         let Some((held, rendered)) = next else { break };
                         let (leaser, storage, retry) = (leaser.clone(), storage.clone(), retry.clone());
+                        let metrics = metrics.clone();
                         running.spawn(async move {
                             let a = held.attempt();
                             let r = finish(&leaser, &storage, &retry, device, &held, rendered).await;
+                            if let Ok(phases) = &r {
+                                metrics.rendered(phases);
+                            }
                             if let Err(e) = r {
                                 tracing::warn!(cell = a.cell_id, error = %e, "attempt ended without a report");
                             }
@@ -87,8 +93,12 @@ impl Finisher {
     }
 }
 
+/// Phase times of a completed image, milliseconds.
+type Phases = Vec<(&'static str, f64)>;
+
 /// Uploads a rendered image under its attempt's own key, then completes the attempt (or
-/// fails it as transient when storage stays down). Never completes without the object.
+/// fails it as transient when storage stays down). Never completes without the object. The
+/// phase times of an image whose complete was accepted; empty when it was not completed.
 async fn finish(
     leaser: &Leaser,
     storage: &Storage,
@@ -96,30 +106,39 @@ async fn finish(
     device: Device,
     held: &Held,
     rendered: renderer::Rendered,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Phases> {
     let link = &leaser.link;
     let attempt = held.attempt();
     let Some(okey) = held.object_key() else {
         let msg = "the coordinator leased a task with malformed ids".to_string();
-        return link.fail(attempt, pb::FailureClass::BadInput, msg).await;
+        link.fail(attempt, pb::FailureClass::BadInput, msg).await?;
+        return Ok(Vec::new());
     };
     let sha256 = hex::encode(Sha256::digest(&rendered.png));
     let bytes = rendered.png.len() as u64;
     let t = Instant::now();
     if let Err(e) = storage.put_with_retry(&okey, rendered.png, retry).await {
-        return link
-            .fail(
-                attempt,
-                pb::FailureClass::Transient,
-                format!("upload failed: {e}"),
-            )
-            .await;
+        link.fail(
+            attempt,
+            pb::FailureClass::Transient,
+            format!("upload failed: {e}"),
+        )
+        .await?;
+        return Ok(Vec::new());
     }
     let upload_ms = t.elapsed().as_secs_f64() * 1000.0;
     if held.is_lost() {
         // The object stays under this attempt's own key; it can never be a result.
-        return Ok(());
+        return Ok(Vec::new());
     }
+    let phases: Phases = vec![
+        ("load", rendered.load_ms),
+        ("text_encode", rendered.times.text_encode_ms),
+        ("unet", rendered.times.unet_ms),
+        ("vae", rendered.times.vae_ms),
+        ("encode", rendered.encode_ms),
+        ("upload", upload_ms),
+    ];
     let result = pb::RenderResult {
         object_key: okey,
         storage: storage.url().to_string(),
@@ -128,18 +147,11 @@ async fn finish(
         width: rendered.width,
         height: rendered.height,
         device: device.to_string(),
-        timings_ms: [
-            ("load", rendered.load_ms),
-            ("text_encode", rendered.times.text_encode_ms),
-            ("unet", rendered.times.unet_ms),
-            ("vae", rendered.times.vae_ms),
-            ("encode", rendered.encode_ms),
-            ("upload", upload_ms),
-        ]
-        .into_iter()
-        .map(|(phase, ms)| (phase.to_string(), ms.round() as u64))
-        .chain([("batch".to_string(), rendered.times.batch as u64)])
-        .collect(),
+        timings_ms: phases
+            .iter()
+            .map(|&(phase, ms)| (phase.to_string(), ms.round() as u64))
+            .chain([("batch".to_string(), rendered.times.batch as u64)])
+            .collect(),
         parameters: rendered.parameters,
         notes: rendered.notes,
     };
@@ -152,7 +164,7 @@ async fn finish(
         Vec::new()
     };
     let (tasks, outcome) = match link.complete(attempt, result, want as u32, loaded).await {
-        Ok(tasks) => (tasks, Ok(())),
+        Ok(tasks) => (tasks, Ok(phases)),
         Err(e) => (Vec::new(), Err(e)),
     };
     leaser.admit(tasks);

@@ -26,6 +26,7 @@ mod backlog;
 mod finish;
 pub mod inversions;
 pub mod link;
+pub mod metrics;
 mod pictures;
 pub mod renderer;
 pub mod resolve;
@@ -93,6 +94,8 @@ pub struct AgentConfig {
     /// storage or the coordinator does not answer; then they are given up (their leases
     /// expire and the cells run again, so nothing is lost).
     pub drain_timeout: Duration,
+    /// Where `GET /metrics` (Prometheus) is served; `None`: not served.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -167,6 +170,15 @@ pub async fn run(
         device_bytes: cfg.device_cache_bytes,
     };
     let renderer = Renderer::spawn_with_inversions(budget, cfg.inversion_dirs());
+    let metrics = metrics::Metrics::new(cfg.memory_mib << 20);
+    let serving = match cfg.metrics_addr {
+        Some(addr) => Some(
+            metrics::serve(addr, metrics.clone(), renderer.clone())
+                .await?
+                .1,
+        ),
+        None => None,
+    };
     let pictures = Pictures::default();
     let batch = cfg.batch.max(1) as usize;
     let backlog = Arc::new(Backlog::new(batch, cfg.prefetch as usize));
@@ -190,6 +202,7 @@ pub async fn run(
         storage,
         cfg.upload_retry.clone(),
         cfg.device,
+        metrics.clone(),
     );
     let mut draining = false;
     while !draining {
@@ -228,6 +241,7 @@ pub async fn run(
             tracked.remove(a);
         }
     }
+    metrics.draining();
     backlog.stop();
     let _ = stop_leasing.send(true);
     // A lease call in flight lands in the backlog; a coordinator that is down cannot hold
@@ -248,6 +262,9 @@ pub async fn run(
     let rest: Vec<pb::AttemptRef> = backlog.drain().iter().map(Held::attempt).collect();
     link.release(rest, true).await;
     heartbeats.abort();
+    if let Some(serving) = serving {
+        serving.abort();
+    }
     tracing::info!("drained");
     Ok(())
 }
@@ -539,6 +556,7 @@ mod tests {
             upload_retry: RetryPolicy::default(),
             idle_poll: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(60),
+            metrics_addr: None,
         }
     }
 

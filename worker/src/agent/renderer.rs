@@ -19,7 +19,7 @@ use std::time::Instant;
 use tokio::sync::{oneshot, watch};
 
 use super::inversions::Inversions;
-use crate::cache::{Budget, Found, PipelineCache, PipelineKey};
+use crate::cache::{Budget, CacheStats, Found, PipelineCache, PipelineKey};
 use crate::engine::pipeline::Cancel;
 use crate::engine::{BaseModel, EngineError, InversionDb, PhaseTimes, Pipeline, RenderRequest};
 
@@ -94,11 +94,30 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// What the render thread's pipeline cache holds and has done, as of its last job or
+/// prepared pipeline (for the worker's metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheReport {
+    /// Its counters.
+    pub stats: CacheStats,
+    /// Host bytes it holds.
+    pub host_bytes: u64,
+    /// Device bytes it holds (GPU pipelines).
+    pub device_bytes: u64,
+}
+
+/// What the render thread publishes for the async side to read without asking it.
+#[derive(Default)]
+struct Published {
+    loaded: Vec<PipelineKey>,
+    cache: CacheReport,
+}
+
 /// Handle to the render thread.
 #[derive(Clone)]
 pub struct Renderer {
     tx: Sender<Msg>,
-    loaded: Arc<Mutex<Vec<PipelineKey>>>,
+    published: Arc<Mutex<Published>>,
     _stop: Arc<StopOnDrop>,
 }
 
@@ -113,8 +132,8 @@ impl Renderer {
     /// `inversion_dirs` (and again whenever they change).
     pub fn spawn_with_inversions(budget: Budget, inversion_dirs: Vec<PathBuf>) -> Renderer {
         let (tx, rx) = std::sync::mpsc::channel::<Msg>();
-        let loaded = Arc::new(Mutex::new(Vec::new()));
-        let shared = loaded.clone();
+        let published = Arc::new(Mutex::new(Published::default()));
+        let shared = published.clone();
         let back = tx.clone();
         std::thread::Builder::new()
             .name("kiln-render".into())
@@ -125,7 +144,7 @@ impl Renderer {
             .expect("spawning the render thread");
         Renderer {
             tx: tx.clone(),
-            loaded,
+            published,
             _stop: Arc::new(StopOnDrop(tx)),
         }
     }
@@ -158,10 +177,17 @@ impl Renderer {
 
     /// Pipelines loaded now.
     pub fn loaded(&self) -> Vec<PipelineKey> {
-        self.loaded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.published().loaded.clone()
+    }
+
+    /// The pipeline cache's counters and bytes.
+    pub fn cache_report(&self) -> CacheReport {
+        self.published().cache
+    }
+
+    fn published(&self) -> std::sync::MutexGuard<'_, Published> {
+        // Replaced whole by the render thread: a poisoned value is still a valid one.
+        self.published.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -174,7 +200,7 @@ struct RenderThread {
     back: Sender<Msg>,
     /// Work for the preparing thread: a key and the cached base, if any.
     prepare: Option<Sender<(PipelineKey, Option<Arc<BaseModel>>)>>,
-    loaded: Arc<Mutex<Vec<PipelineKey>>>,
+    published: Arc<Mutex<Published>>,
     inversions: Inversions,
 }
 
@@ -182,7 +208,7 @@ impl RenderThread {
     fn new(
         budget: Budget,
         back: Sender<Msg>,
-        loaded: Arc<Mutex<Vec<PipelineKey>>>,
+        published: Arc<Mutex<Published>>,
         inversions: Inversions,
     ) -> Self {
         Self {
@@ -190,7 +216,7 @@ impl RenderThread {
             pending: Vec::new(),
             back,
             prepare: None,
-            loaded,
+            published,
             inversions,
         }
     }
@@ -245,8 +271,15 @@ impl RenderThread {
     }
 
     fn publish(&self) {
-        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) =
-            self.cache.keys().cloned().collect();
+        let published = Published {
+            loaded: self.cache.keys().cloned().collect(),
+            cache: CacheReport {
+                stats: self.cache.stats,
+                host_bytes: self.cache.used_bytes() - self.cache.used_device_bytes(),
+                device_bytes: self.cache.used_device_bytes(),
+            },
+        };
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = published;
     }
 
     fn render(&mut self, job: Job) {

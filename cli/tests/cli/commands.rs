@@ -80,6 +80,7 @@ async fn client_commands_drive_a_sweep() {
             worker_id: worker,
             max_tasks: 1,
             loaded: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -248,6 +248,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
             worker_id: worker,
             max_tasks: 5,
             loaded: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -341,6 +342,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
                 worker_id: worker,
                 max_tasks: 16,
                 loaded: vec![],
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -229,6 +229,10 @@ pub(super) fn cell_to_wire(s: CellSpec) -> pb::RenderCell {
         init_image_sha256: s.init.as_ref().map_or(String::new(), |i| i.sha256.clone()),
         init_image_name: s.init.as_ref().map_or(String::new(), |i| i.name.clone()),
         strength: s.init.as_ref().map_or(0.0, |i| i.strength),
+        // Pinned registry models (issue 20): filled in when the registry lands.
+        model_sha256: String::new(),
+        vae_sha256: String::new(),
+        embedding_sha256: Default::default(),
     }
 }
 
@@ -324,6 +328,7 @@ pub(super) fn progress_to_wire(p: &ProgressRow) -> pb::CellProgress {
         worker_id: p.worker.0 as u64,
         step: p.step as u32,
         total_steps: p.total as u32,
+        activity: String::new(),
     }
 }
 

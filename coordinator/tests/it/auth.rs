@@ -348,6 +348,7 @@ async fn tokens_scopes_owners_and_worker_sessions_over_tls() {
         worker_id,
         max_tasks: 1,
         loaded: vec![],
+        ..Default::default()
     };
     // Without a session, or with another worker's, nothing works.
     assert_eq!(

@@ -149,6 +149,7 @@ pub(crate) async fn lease_one(s: &mut Server, worker: u64) -> pb::LeasedTask {
             worker_id: worker,
             max_tasks: 1,
             loaded: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -196,6 +197,7 @@ async fn register_lease_heartbeat_complete_and_query() {
             worker_id: worker,
             max_tasks: 2,
             loaded: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -227,6 +229,7 @@ async fn register_lease_heartbeat_complete_and_query() {
             attempt: Some(a),
             step: 2,
             total_steps: 4,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -345,6 +348,7 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
             worker_id: 424242,
             max_tasks: 1,
             loaded: vec![],
+            ..Default::default()
         })
         .await;
     assert_eq!(r.unwrap_err().code(), Code::NotFound);
@@ -354,6 +358,7 @@ async fn bad_requests_get_the_right_codes_and_the_server_stays_up() {
             worker_id: worker,
             max_tasks: 0,
             loaded: vec![],
+            ..Default::default()
         })
         .await;
     assert_eq!(r.unwrap_err().code(), Code::InvalidArgument);
@@ -566,6 +571,7 @@ async fn watch_streams_progress_and_cancel_reaches_the_worker() {
             worker_id: worker,
             max_tasks: 2,
             loaded: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -175,6 +175,7 @@ impl Link {
                         worker_id: id,
                         max_tasks: n.max(1),
                         loaded,
+                        cached_models: Vec::new(),
                     })
                     .await
                 }
@@ -347,6 +348,7 @@ impl Link {
                         attempt: Some(a),
                         step,
                         total_steps: total,
+                        activity: String::new(),
                     })
                     .await;
                 if let Ok(r) = r

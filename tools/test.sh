@@ -11,6 +11,9 @@
 #   target/tools/ when it is neither on PATH nor in ~/.cargo/bin.
 # - Chromium: the web UI's browser tests need `chromium` and `chromedriver` on PATH (Debian:
 #   apt install chromium chromium-driver; .ci/run installs them).
+# - Windows: when rustup's x86_64-pc-windows-gnu target, mingw-w64 (x86_64-w64-mingw32-gcc) and
+#   Wine are installed, builds kiln.exe and sets KILN_TEST_WINDOWS_EXE for the Wine tests
+#   (cli/tests/cli/wine.rs; KILN_TEST_WINDOWS=0 skips the build). .ci/run installs all three.
 # - Then: cargo test --workspace --locked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +35,15 @@ if [ -z "${KILN_TEST_S3S_FS:-}" ]; then
     fi
 fi
 export KILN_TEST_S3S_FS
+
+# --- The Windows build, for the Wine tests -----------------------------------------------------
+if [ -z "${KILN_TEST_WINDOWS_EXE:-}" ] && [ "${KILN_TEST_WINDOWS:-1}" != 0 ] \
+    && command -v wine >/dev/null 2>&1 && command -v x86_64-w64-mingw32-gcc >/dev/null 2>&1 \
+    && rustup target list --installed 2>/dev/null | grep -qx x86_64-pc-windows-gnu; then
+    log "building kiln.exe (x86_64-pc-windows-gnu) for the Wine tests"
+    cargo build --locked --target x86_64-pc-windows-gnu -p kiln-cli
+    export KILN_TEST_WINDOWS_EXE="$PWD/target/x86_64-pc-windows-gnu/debug/kiln.exe"
+fi
 
 # --- Postgres ---------------------------------------------------------------------------------
 url="${KILN_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"

@@ -189,7 +189,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     // SAFETY: first thing in main, before any thread is started (as `kiln` does).
-    unsafe { kiln_worker::engine::threads::fix_thread_count() };
+    unsafe { kiln_worker::engine::threads::fix_thread_count(None) };
     let n: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())

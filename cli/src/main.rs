@@ -54,6 +54,12 @@ struct Cli {
     /// line: timestamp, level, target, fields, span) for a log collector.
     #[arg(long, global = true, env = "KILN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// CPU threads the engine computes with (rendering on the CPU, and the CPU parts of a GPU
+    /// render) [default: RAYON_NUM_THREADS when set, else the physical core count]. Leave
+    /// cores free for the PC's owner with fewer.
+    #[arg(long, global = true, env = "KILN_THREADS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -401,9 +407,10 @@ fn run_client(command: Command) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    // SAFETY: first thing in main, before any thread is started.
-    unsafe { kiln_worker::engine::threads::fix_thread_count() };
+    // Parsing the flags starts no thread.
     let cli = Cli::parse();
+    // SAFETY: before any thread is started.
+    unsafe { kiln_worker::engine::threads::fix_thread_count(cli.threads.map(usize::from)) };
     let quiet = matches!(cli.command, Command::Run(_));
     let filter = std::env::var("RUST_LOG")
         .ok()

@@ -21,7 +21,7 @@ type Case = (&'static str, fn() -> OpCase);
 
 fn main() {
     // SAFETY: first thing in main, before any thread is started (as `kiln` does).
-    let threads = unsafe { kiln_worker::engine::threads::fix_thread_count() };
+    let threads = unsafe { kiln_worker::engine::threads::fix_thread_count(None) };
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

@@ -102,7 +102,7 @@ where
 
 fn main() {
     // SAFETY: first thing in main, before any thread is started (as `kiln` does).
-    unsafe { kiln_worker::engine::threads::fix_thread_count() };
+    unsafe { kiln_worker::engine::threads::fix_thread_count(None) };
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

@@ -35,6 +35,39 @@ fn devices_lists_the_cpu_and_says_how_to_get_cuda() {
     }
 }
 
+/// The engine's thread count follows `--threads` / `KILN_THREADS` over `RAYON_NUM_THREADS`,
+/// which applies when neither is given; 0 is refused.
+#[test]
+fn the_thread_count_follows_the_configuration() {
+    let threads = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .env("KILN_LOG", "warn")
+            .env_remove("KILN_THREADS")
+            .env_remove("CANDLE_NUM_THREADS")
+            .envs(env.iter().copied())
+            .output()
+            .expect("run kiln");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        let first = stdout.lines().next().unwrap_or_default().to_owned();
+        first
+            .split(", ")
+            .find_map(|part| part.strip_suffix(" threads"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("no thread count in {first:?}"))
+    };
+    assert_eq!(threads(&["--threads", "3", "devices"], &[]), 3);
+    assert_eq!(threads(&["devices"], &[("KILN_THREADS", "5")]), 5);
+    assert_eq!(
+        threads(&["devices", "--threads", "3"], &[("RAYON_NUM_THREADS", "7")]),
+        3
+    );
+    assert_eq!(threads(&["devices"], &[("RAYON_NUM_THREADS", "7")]), 7);
+    let zero = kiln(&["--threads", "0", "devices"]);
+    assert!(!zero.status.success());
+}
+
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn a_worker_asked_for_cuda_on_a_cpu_build_stops_at_start() {

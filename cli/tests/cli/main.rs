@@ -4,6 +4,7 @@
 mod batch;
 mod brought;
 mod commands;
+mod deploy;
 mod devices;
 mod drain;
 mod farm;
@@ -20,6 +21,8 @@ mod secure;
 mod sweepfile;
 mod util;
 mod web;
+#[cfg(unix)]
+mod wine;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -7,20 +7,31 @@
 //! bare render loop's were in those reads. Setting the variable once, to the same number candle
 //! would pick (physical cores), turns each lookup into an environment read.
 
-/// Sets `RAYON_NUM_THREADS` to the physical core count when neither it nor
-/// `CANDLE_NUM_THREADS` is set; returns the thread count in force.
+/// Fixes the engine's CPU thread count for the process: `configured` (a worker's `--threads`
+/// / `KILN_THREADS`) when given, else `CANDLE_NUM_THREADS` or `RAYON_NUM_THREADS` when set,
+/// else the physical core count. Sets `RAYON_NUM_THREADS` (read by candle, its matrix products
+/// and our kernels' rayon pool) and clears `CANDLE_NUM_THREADS` when `configured` overrides it;
+/// returns the thread count in force.
 ///
 /// # Safety
 ///
 /// Changes the process environment: call it at the top of `main`, before any other thread
 /// exists (see [`std::env::set_var`]).
-pub unsafe fn fix_thread_count() -> usize {
+pub unsafe fn fix_thread_count(configured: Option<usize>) -> usize {
     let set = |name: &str| {
         std::env::var(name)
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&n| n > 0)
     };
+    if let Some(n) = configured.filter(|&n| n > 0) {
+        // SAFETY: the caller guarantees no other thread is running.
+        unsafe {
+            std::env::remove_var("CANDLE_NUM_THREADS");
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+        return n;
+    }
     if let Some(n) = set("CANDLE_NUM_THREADS").or_else(|| set("RAYON_NUM_THREADS")) {
         return n;
     }

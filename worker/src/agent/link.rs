@@ -33,6 +33,8 @@ pub struct Link {
     info: pb::WorkerInfo,
     worker_id: Arc<AtomicU64>,
     heartbeat: Duration,
+    /// sha256 of the models this machine holds, sent with each lease.
+    cached_models: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 fn retryable(s: &tonic::Status) -> bool {
@@ -63,6 +65,7 @@ impl Link {
             info,
             worker_id: Arc::new(AtomicU64::new(0)),
             heartbeat: Duration::from_secs(5),
+            cached_models: Arc::default(),
         };
         let mut backoff = Duration::from_millis(200);
         let mut link = link;
@@ -165,17 +168,27 @@ impl Link {
         Ok(data)
     }
 
+    /// Replaces the sha256s of the models this machine holds, told with each lease.
+    pub fn set_cached_models(&self, held: Vec<String>) {
+        *self.cached_models.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    }
+
     /// Leases up to `n` cells.
     pub async fn lease(&self, n: u32, loaded: Vec<String>) -> Vec<pb::LeasedTask> {
+        let cached_models = self
+            .cached_models
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let r = self
             .retry("lease", |mut c, id| {
-                let loaded = loaded.clone();
+                let (loaded, cached_models) = (loaded.clone(), cached_models.clone());
                 async move {
                     c.lease(pb::LeaseRequest {
                         worker_id: id,
                         max_tasks: n.max(1),
                         loaded,
-                        cached_models: Vec::new(),
+                        cached_models,
                     })
                     .await
                 }
@@ -319,6 +332,35 @@ impl Link {
                         flags.mark_cancelled();
                     }
                 }
+            }
+        })
+    }
+
+    /// Forwards what the worker is doing before the first step (a download) as the activity
+    /// of `attempts`, at most every 250 ms, until aborted.
+    pub fn spawn_activity(
+        &self,
+        attempts: Vec<pb::AttemptRef>,
+        mut rx: watch::Receiver<String>,
+    ) -> tokio::task::JoinHandle<()> {
+        let link = self.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let activity = rx.borrow_and_update().clone();
+                for &a in &attempts {
+                    let _ = link
+                        .client
+                        .clone()
+                        .report_progress(pb::ProgressRequest {
+                            worker_id: link.id(),
+                            attempt: Some(a),
+                            step: 0,
+                            total_steps: 0,
+                            activity: activity.clone(),
+                        })
+                        .await;
+                }
+                tokio::time::sleep(PROGRESS_EVERY).await;
             }
         })
     }

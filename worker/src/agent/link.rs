@@ -336,6 +336,28 @@ impl Link {
         })
     }
 
+    /// Reports (step, steps) and `activity` of `a` once; whether the user cancelled it (false
+    /// when the call failed: the next report or heartbeat tells).
+    async fn progress(
+        &self,
+        a: pb::AttemptRef,
+        (step, total_steps): (u32, u32),
+        activity: String,
+    ) -> bool {
+        let r = self
+            .client
+            .clone()
+            .report_progress(pb::ProgressRequest {
+                worker_id: self.id(),
+                attempt: Some(a),
+                step,
+                total_steps,
+                activity,
+            })
+            .await;
+        r.is_ok_and(|r| r.into_inner().cancel_requested)
+    }
+
     /// Forwards what the worker is doing before the first step (a download) as the activity
     /// of `attempts`, at most every 250 ms, until aborted.
     pub fn spawn_activity(
@@ -348,17 +370,7 @@ impl Link {
             while rx.changed().await.is_ok() {
                 let activity = rx.borrow_and_update().clone();
                 for &a in &attempts {
-                    let _ = link
-                        .client
-                        .clone()
-                        .report_progress(pb::ProgressRequest {
-                            worker_id: link.id(),
-                            attempt: Some(a),
-                            step: 0,
-                            total_steps: 0,
-                            activity: activity.clone(),
-                        })
-                        .await;
+                    link.progress(a, (0, 0), activity.clone()).await;
                 }
                 tokio::time::sleep(PROGRESS_EVERY).await;
             }
@@ -381,21 +393,8 @@ impl Link {
                 if rx.changed().await.is_err() {
                     return;
                 }
-                let (step, total) = *rx.borrow_and_update();
-                let r = link
-                    .client
-                    .clone()
-                    .report_progress(pb::ProgressRequest {
-                        worker_id: link.id(),
-                        attempt: Some(a),
-                        step,
-                        total_steps: total,
-                        activity: String::new(),
-                    })
-                    .await;
-                if let Ok(r) = r
-                    && r.into_inner().cancel_requested
-                {
+                let steps = *rx.borrow_and_update();
+                if link.progress(a, steps, String::new()).await {
                     cancel.store(true, Ordering::SeqCst);
                 }
             }

@@ -92,7 +92,7 @@ async fn a_download_is_verified_before_it_exists_and_then_a_hit() {
     let stats = cache.stats();
     assert_eq!((stats.downloads, stats.hits), (1, 0));
     assert_eq!(stats.downloaded_bytes, bytes.len() as u64);
-    assert_eq!(cache.held(), [hex.clone()]);
+    assert_eq!(cache.held(), std::slice::from_ref(&hex));
     drop(blob);
     // Again under another name: no bytes move.
     let again = cache

@@ -253,5 +253,18 @@ mod tests {
         }
         m.draining();
         assert!(m.render(&cache).contains("\nkiln_worker_draining 1\n"));
+        // The disk model cache's counters, once the agent hands it over.
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskCache::open(dir.path().to_path_buf(), 1 << 30).unwrap();
+        let text = m.with_model_cache(disk).render(&cache);
+        for line in [
+            "kiln_worker_model_cache_hits_total 0",
+            "kiln_worker_model_downloads_total 0",
+            "kiln_worker_model_download_bytes_total 0",
+            "kiln_worker_model_download_seconds_total 0.0",
+            "kiln_worker_model_cache_evictions_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kiln_worker::agent::pinned::ModelCacheConfig;
 use kiln_worker::agent::resolve::PathPolicy;
 use kiln_worker::agent::{self, AgentConfig};
 use kiln_worker::upload::{RetryPolicy, S3Options, Storage, StorageUrl};
@@ -95,6 +96,24 @@ pub struct Args {
     /// who can reach it may read them: keep it on loopback or a trusted network.
     #[arg(long, env = "KILN_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Folder of the disk model cache: models pinned by sha256 (registry entries) that this
+    /// machine lacks are downloaded there, once per machine however many workers share it
+    /// [default: the OS cache folder's kiln/models, e.g. ~/.cache/kiln/models].
+    #[arg(long, env = "KILN_MODEL_CACHE", value_name = "DIR")]
+    model_cache: Option<PathBuf>,
+    /// Most bytes the model cache keeps (e.g. 40GB, 500MiB); the least recently used files
+    /// go first, never one a worker is using.
+    #[arg(
+        long,
+        env = "KILN_MODEL_CACHE_SIZE",
+        default_value = "50GB",
+        value_name = "SIZE"
+    )]
+    model_cache_size: bytesize::ByteSize,
+    /// Where models pinned by sha256 are downloaded from (`models/sha256/HEX` under it):
+    /// s3://BUCKET/PREFIX or file://DIR [default: --storage]. The S3 settings are --storage's.
+    #[arg(long, env = "KILN_MODEL_STORAGE", value_name = "URL")]
+    model_storage: Option<String>,
 }
 
 fn env_either(a: &str, b: &str) -> Option<String> {
@@ -114,6 +133,13 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     )?;
     tracing::info!(device = %crate::devices::describe(&opened.info), "device opened");
     let url: StorageUrl = args.storage.parse()?;
+    let model_url: Option<StorageUrl> = match &args.model_storage {
+        Some(u) => Some(
+            u.parse()
+                .map_err(|e| anyhow::anyhow!("--model-storage: {e}"))?,
+        ),
+        None => None,
+    };
     let s3 = S3Options {
         endpoint: args.s3_endpoint,
         region: args.s3_region,
@@ -159,6 +185,11 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         idle_poll: Duration::from_millis(args.idle_poll_ms.max(10)),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         metrics_addr: args.metrics_addr,
+        model_cache: ModelCacheConfig {
+            dir: args.model_cache,
+            budget_bytes: args.model_cache_size.as_u64(),
+            storage: None,
+        },
     };
     cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -167,6 +198,10 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let storage = Storage::open(&url, &s3).await?;
+        let mut cfg = cfg;
+        if let Some(model_url) = &model_url {
+            cfg.model_cache.storage = Some(Storage::open(model_url, &s3).await?);
+        }
         tracing::info!(storage = %url, device = %cfg.device, "worker starting");
         agent::run(cfg, storage, crate::signal::shutdown()).await
     })

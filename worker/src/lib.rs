@@ -8,7 +8,8 @@
 //!   the candle networks (CLIP text encoder, UNet, VAE decoder), the render loop
 //!   ([`engine::pipeline`]) and PNG output with A1111 metadata ([`engine::image`]).
 //!   The engine never learns about gRPC, databases or storage.
-//! - [`cache`]: loaded pipelines by (model, LoRA stack, device) under a memory budget (LRU).
+//! - [`cache`]: loaded pipelines by (model, LoRA stack, device) under a memory budget (LRU),
+//!   and on disk the models fetched by sha256 from the pool's model storage ([`cache::disk`]).
 //! - [`upload`]: where images go — `s3://bucket/prefix` (aws-sdk-s3, any S3-compatible server)
 //!   or `file://DIR` — with retries and attempt-scoped keys.
 //! - [`agent`]: lease → resolve → render (on a dedicated thread) → upload → complete, with

@@ -33,6 +33,8 @@ pub struct Link {
     info: pb::WorkerInfo,
     worker_id: Arc<AtomicU64>,
     heartbeat: Duration,
+    /// sha256 of the models this machine holds, sent with each lease.
+    cached_models: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 fn retryable(s: &tonic::Status) -> bool {
@@ -63,6 +65,7 @@ impl Link {
             info,
             worker_id: Arc::new(AtomicU64::new(0)),
             heartbeat: Duration::from_secs(5),
+            cached_models: Arc::default(),
         };
         let mut backoff = Duration::from_millis(200);
         let mut link = link;
@@ -165,17 +168,27 @@ impl Link {
         Ok(data)
     }
 
+    /// Replaces the sha256s of the models this machine holds, told with each lease.
+    pub fn set_cached_models(&self, held: Vec<String>) {
+        *self.cached_models.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    }
+
     /// Leases up to `n` cells.
     pub async fn lease(&self, n: u32, loaded: Vec<String>) -> Vec<pb::LeasedTask> {
+        let cached_models = self
+            .cached_models
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let r = self
             .retry("lease", |mut c, id| {
-                let loaded = loaded.clone();
+                let (loaded, cached_models) = (loaded.clone(), cached_models.clone());
                 async move {
                     c.lease(pb::LeaseRequest {
                         worker_id: id,
                         max_tasks: n.max(1),
                         loaded,
-                        cached_models: Vec::new(),
+                        cached_models,
                     })
                     .await
                 }
@@ -323,6 +336,47 @@ impl Link {
         })
     }
 
+    /// Reports (step, steps) and `activity` of `a` once; whether the user cancelled it (false
+    /// when the call failed: the next report or heartbeat tells).
+    async fn progress(
+        &self,
+        a: pb::AttemptRef,
+        (step, total_steps): (u32, u32),
+        activity: String,
+    ) -> bool {
+        let r = self
+            .client
+            .clone()
+            .report_progress(pb::ProgressRequest {
+                worker_id: self.id(),
+                attempt: Some(a),
+                step,
+                total_steps,
+                activity,
+            })
+            .await;
+        r.is_ok_and(|r| r.into_inner().cancel_requested)
+    }
+
+    /// Forwards what the worker is doing before the first step (a download) as the activity
+    /// of `attempts`, at most every 250 ms, until aborted.
+    pub fn spawn_activity(
+        &self,
+        attempts: Vec<pb::AttemptRef>,
+        mut rx: watch::Receiver<String>,
+    ) -> tokio::task::JoinHandle<()> {
+        let link = self.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let activity = rx.borrow_and_update().clone();
+                for &a in &attempts {
+                    link.progress(a, (0, 0), activity.clone()).await;
+                }
+                tokio::time::sleep(PROGRESS_EVERY).await;
+            }
+        })
+    }
+
     /// Forwards per-step progress until aborted: the first report after 250 ms, then at most
     /// every 250 ms. A render shorter than that sends none (its complete says it all), so fast
     /// models cost the coordinator no extra call per image.
@@ -339,21 +393,8 @@ impl Link {
                 if rx.changed().await.is_err() {
                     return;
                 }
-                let (step, total) = *rx.borrow_and_update();
-                let r = link
-                    .client
-                    .clone()
-                    .report_progress(pb::ProgressRequest {
-                        worker_id: link.id(),
-                        attempt: Some(a),
-                        step,
-                        total_steps: total,
-                        activity: String::new(),
-                    })
-                    .await;
-                if let Ok(r) = r
-                    && r.into_inner().cancel_requested
-                {
+                let steps = *rx.borrow_and_update();
+                if link.progress(a, steps, String::new()).await {
                     cancel.store(true, Ordering::SeqCst);
                 }
             }

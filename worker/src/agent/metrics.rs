@@ -1,7 +1,8 @@
 //! The worker's Prometheus metrics, served as `GET /metrics` (OpenMetrics text, through the
 //! `prometheus-client` crate) on `--metrics-addr` when it is given: images rendered, the time
 //! of each render phase as histograms in seconds, the pipeline cache's hits, misses and bytes,
-//! the device memory the worker declared, and whether it is draining.
+//! the device memory the worker declared, whether it is draining, and the disk model cache's
+//! downloads (bytes, seconds), hits, corrupt files and evictions.
 //!
 //! The numbers are counted where they happen: an image when its complete is accepted (with its
 //! phase times, the ones it reports to the coordinator in `timings_ms`), the cache's counters
@@ -26,6 +27,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use super::renderer::{CacheReport, Renderer};
+use crate::cache::disk::{DiskCache, DiskStats};
 
 /// The content type of the OpenMetrics text format.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -53,6 +55,7 @@ pub struct Metrics {
     phases: Family<PhaseLabel, Histogram, fn() -> Histogram>,
     draining: Gauge,
     device_memory_bytes: i64,
+    model_cache: Option<DiskCache>,
 }
 
 impl Metrics {
@@ -63,7 +66,14 @@ impl Metrics {
             phases: Family::new_with_constructor(phase_histogram),
             draining: Gauge::default(),
             device_memory_bytes: i64::try_from(device_memory_bytes).unwrap_or(i64::MAX),
+            model_cache: None,
         }
+    }
+
+    /// Also reports the counters of the disk model cache `disk`.
+    pub fn with_model_cache(mut self, disk: DiskCache) -> Self {
+        self.model_cache = Some(disk);
+        self
     }
 
     /// An image was rendered, stored and completed; `phases_ms` are its phase times (this
@@ -131,6 +141,9 @@ impl Metrics {
             Unit::Bytes,
             ConstGauge::new(self.device_memory_bytes),
         );
+        if let Some(disk) = &self.model_cache {
+            register_model_cache(&mut r, disk.stats());
+        }
         r.register(
             "draining",
             "1 while the worker drains (SIGTERM or Ctrl-C: finishes what it holds)",
@@ -141,6 +154,41 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         out
     }
+}
+
+fn register_model_cache(r: &mut Registry, s: DiskStats) {
+    r.register(
+        "model_cache_hits",
+        "Pinned model files found in the disk model cache, complete and verified",
+        ConstCounter::new(s.hits),
+    );
+    r.register(
+        "model_downloads",
+        "Model files downloaded into the disk model cache",
+        ConstCounter::new(s.downloads),
+    );
+    r.register_with_unit(
+        "model_download",
+        "Bytes received downloading model files",
+        Unit::Bytes,
+        ConstCounter::new(s.downloaded_bytes),
+    );
+    r.register_with_unit(
+        "model_download",
+        "Time spent downloading model files",
+        Unit::Seconds,
+        ConstCounter::new(s.download_ms as f64 / 1000.0),
+    );
+    r.register(
+        "model_cache_corrupt",
+        "Cached model files that no longer matched their sha256 (deleted and fetched again)",
+        ConstCounter::new(s.corrupt),
+    );
+    r.register(
+        "model_cache_evictions",
+        "Model files evicted from the disk model cache",
+        ConstCounter::new(s.evictions),
+    );
 }
 
 #[derive(Clone)]
@@ -205,5 +253,18 @@ mod tests {
         }
         m.draining();
         assert!(m.render(&cache).contains("\nkiln_worker_draining 1\n"));
+        // The disk model cache's counters, once the agent hands it over.
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskCache::open(dir.path().to_path_buf(), 1 << 30).unwrap();
+        let text = m.with_model_cache(disk).render(&cache);
+        for line in [
+            "kiln_worker_model_cache_hits_total 0",
+            "kiln_worker_model_downloads_total 0",
+            "kiln_worker_model_download_bytes_total 0",
+            "kiln_worker_model_download_seconds_total 0.0",
+            "kiln_worker_model_cache_evictions_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 }

@@ -19,7 +19,11 @@
 //!   leased-but-unstarted cells;
 //! - textual-inversion embeddings come from each models folder's `embeddings/` and the
 //!   `--embeddings` folders, read on the render thread at start and again when they change
-//!   ([`inversions`]).
+//!   ([`inversions`]);
+//! - a model, VAE or LoRA pinned by sha256 renders with exactly that content: a matching
+//!   `--models` file or the disk model cache's, downloaded just before the render when this
+//!   machine lacks it (the download is the cell's load time and activity), and the lease
+//!   calls tell the coordinator which models this machine holds ([`pinned`]).
 
 pub mod access;
 mod backlog;
@@ -28,6 +32,7 @@ pub mod inversions;
 pub mod link;
 pub mod metrics;
 mod pictures;
+pub mod pinned;
 pub mod renderer;
 pub mod resolve;
 pub mod tracked;
@@ -96,6 +101,8 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Where `GET /metrics` (Prometheus) is served; `None`: not served.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The disk model cache for models pinned by sha256, and where they are fetched from.
+    pub model_cache: pinned::ModelCacheConfig,
 }
 
 impl AgentConfig {
@@ -161,16 +168,26 @@ pub async fn run(
         storage: storage.url().to_string(),
         render_level: kiln_proto::sampler::RENDER_LEVEL,
     };
+    let pinned = pinned::Pinned::open(
+        &cfg.model_cache,
+        &storage,
+        cfg.models.clone(),
+        cfg.paths,
+        cfg.inversion_dirs(),
+    )
+    .map_err(|e| anyhow::anyhow!("--model-cache: {e}"))?;
     let link = tokio::select! {
         l = Link::connect(&cfg.coordinator, &cfg.access, info) => l?,
         _ = &mut shutdown => return Ok(()),
     };
+    link.set_cached_models(pinned.held().await);
     let budget = crate::cache::Budget {
         host_bytes: cfg.cache_bytes,
         device_bytes: cfg.device_cache_bytes,
     };
     let renderer = Renderer::spawn_with_inversions(budget, cfg.inversion_dirs());
-    let metrics = metrics::Metrics::new(cfg.memory_mib << 20);
+    let metrics =
+        metrics::Metrics::new(cfg.memory_mib << 20).with_model_cache(pinned.disk().clone());
     let serving = match cfg.metrics_addr {
         Some(addr) => Some(
             metrics::serve(addr, metrics.clone(), renderer.clone())
@@ -205,6 +222,8 @@ pub async fn run(
         metrics.clone(),
     );
     let mut draining = false;
+    // Cached model files in use by loaded pipelines (see `pinned`).
+    let mut in_use = Vec::new();
     while !draining {
         let group = backlog.take(batch);
         if group.is_empty() {
@@ -215,7 +234,16 @@ pub async fn run(
             continue;
         }
         let rendered = {
-            let rendering = render_group(&link, &renderer, &pictures, &group);
+            let rendering = render_group(
+                Stage {
+                    link: &link,
+                    renderer: &renderer,
+                    pictures: &pictures,
+                    pinned: &pinned,
+                },
+                &group,
+                &mut in_use,
+            );
             tokio::pin!(rendering);
             tokio::select! {
                 r = &mut rendering => r,
@@ -269,14 +297,28 @@ pub async fn run(
     Ok(())
 }
 
+/// What rendering a group needs.
+struct Stage<'a> {
+    link: &'a Link,
+    renderer: &'a Renderer,
+    pictures: &'a Pictures,
+    pinned: &'a pinned::Pinned,
+}
+
 /// Renders a group of alike attempts as one batch. Failures are reported here; `None` means
-/// there is nothing to upload for that attempt (failed, cancelled or lost).
+/// there is nothing to upload for that attempt (failed, cancelled or lost). `in_use` holds
+/// the cached model files of loaded pipelines, and is updated.
 async fn render_group(
-    link: &Link,
-    renderer: &Renderer,
-    pictures: &Pictures,
+    stage: Stage<'_>,
     group: &[Held],
+    in_use: &mut Vec<crate::cache::disk::Blob>,
 ) -> Vec<Option<renderer::Rendered>> {
+    let Stage {
+        link,
+        renderer,
+        pictures,
+        pinned,
+    } = stage;
     let mut out: Vec<Option<renderer::Rendered>> = group.iter().map(|_| None).collect();
     let mut members = Vec::with_capacity(group.len());
     let mut items = Vec::with_capacity(group.len());
@@ -329,13 +371,48 @@ async fn render_group(
             }
         }
     }
-    let Some(key) = key else {
+    let Some(mut key) = key else {
         return out;
     };
-    let results = renderer.render(key, items).await;
+    let attempts: Vec<pb::AttemptRef> = members.iter().map(|&i| group[i].attempt()).collect();
+    let cells: Vec<&pb::RenderCell> = members
+        .iter()
+        .filter_map(|&i| group[i].task.cell.as_ref())
+        .collect();
+    let fetched = pinned
+        .fetch_reporting(link, &cells, &mut key, attempts)
+        .await;
+    let (fetched, fetch_ms) = match fetched {
+        Ok(f) => f,
+        Err(failure) => {
+            for r in reporters {
+                r.abort();
+            }
+            let (class, msg) = match failure {
+                pinned::FetchFailure::BadInput(m) => (pb::FailureClass::BadInput, m),
+                pinned::FetchFailure::Transient(m) => (pb::FailureClass::Transient, m),
+                pinned::FetchFailure::Resource(m) => (pb::FailureClass::Resource, m),
+            };
+            for &i in &members {
+                report(link, &group[i], class, msg.clone()).await;
+            }
+            return out;
+        }
+    };
+    let results = renderer
+        .render_with_embeddings(key, items, fetched.embeddings)
+        .await;
     for r in reporters {
         r.abort();
     }
+    // Keep the files of loaded pipelines (and what this render fetched, if still loaded).
+    in_use.extend(fetched.blobs);
+    let loaded = renderer.loaded();
+    in_use.retain(|b| loaded.iter().any(|k| pinned::uses(k, b.path())));
+    if fetch_ms > 0.0 {
+        link.set_cached_models(pinned.held().await);
+    }
+    let share = fetch_ms / members.len().max(1) as f64;
     for (i, result) in members.into_iter().zip(results) {
         let held = &group[i];
         if held.is_lost() {
@@ -347,7 +424,10 @@ async fn render_group(
             continue;
         }
         match result {
-            Ok(r) => out[i] = Some(r),
+            Ok(mut r) => {
+                r.load_ms += share;
+                out[i] = Some(r);
+            }
             Err(RenderFailure::Cancelled) => {
                 report(
                     link,
@@ -499,14 +579,24 @@ fn hires(cell: &pb::RenderCell, sampler: SamplerName) -> Result<Option<Hires>, S
     Ok(Some(hires))
 }
 
+/// Where a reference is found: in the `--models` folders, or, pinned by `sha256`, where the
+/// model cache keeps it (made true before the render, [`pinned`]).
+fn locate(cfg: &AgentConfig, reference: &str, sha256: &str, what: &str) -> Result<PathBuf, String> {
+    if sha256.is_empty() {
+        resolve::resolve(reference, &cfg.models, what, cfg.paths)
+    } else {
+        pinned::planned_path(&cfg.model_cache.dir(), reference, sha256)
+    }
+}
+
 fn pipeline_key(cfg: &AgentConfig, cell: &pb::RenderCell) -> Result<PipelineKey, String> {
-    let model = resolve::resolve(&cell.model, &cfg.models, "model", cfg.paths)?;
+    let model = locate(cfg, &cell.model, &cell.model_sha256, "model")?;
     let mut loras = cell
         .loras
         .iter()
         .map(|l| {
             Ok(LoraSpec {
-                path: resolve::resolve(&l.name, &cfg.models, "LoRA", cfg.paths)?,
+                path: locate(cfg, &l.name, &l.sha256, "LoRA")?,
                 strength: l.strength,
                 text_encoder_strength: None,
             })
@@ -524,7 +614,7 @@ fn pipeline_key(cfg: &AgentConfig, cell: &pb::RenderCell) -> Result<PipelineKey,
     let vae = if cell.vae.is_empty() {
         None
     } else {
-        Some(resolve::resolve(&cell.vae, &cfg.models, "VAE", cfg.paths)?)
+        Some(locate(cfg, &cell.vae, &cell.vae_sha256, "VAE")?)
     };
     Ok(PipelineKey {
         model,
@@ -538,7 +628,7 @@ fn pipeline_key(cfg: &AgentConfig, cell: &pb::RenderCell) -> Result<PipelineKey,
 mod tests {
     use super::*;
 
-    fn config(models: PathBuf) -> AgentConfig {
+    pub(super) fn config(models: PathBuf) -> AgentConfig {
         AgentConfig {
             coordinator: "http://127.0.0.1:7450".into(),
             access: Default::default(),
@@ -557,6 +647,7 @@ mod tests {
             idle_poll: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(60),
             metrics_addr: None,
+            model_cache: Default::default(),
         }
     }
 

@@ -74,6 +74,8 @@ pub struct Item {
 struct Job {
     key: PipelineKey,
     items: Vec<Item>,
+    /// Embedding files the cells pin by content, over the worker's own.
+    embeddings: Vec<PathBuf>,
     reply: oneshot::Sender<Vec<Result<Rendered, RenderFailure>>>,
 }
 
@@ -160,12 +162,28 @@ impl Renderer {
         key: PipelineKey,
         items: Vec<Item>,
     ) -> Vec<Result<Rendered, RenderFailure>> {
+        self.render_with_embeddings(key, items, Vec::new()).await
+    }
+
+    /// [`Self::render`] with the textual-inversion embedding files `embeddings` over the
+    /// worker's own (each named after its file's stem).
+    pub async fn render_with_embeddings(
+        &self,
+        key: PipelineKey,
+        items: Vec<Item>,
+        embeddings: Vec<PathBuf>,
+    ) -> Vec<Result<Rendered, RenderFailure>> {
         let n = items.len();
         let (reply, answer) = oneshot::channel();
         let failed = |why: &str| failed_all(n, RenderFailure::Resource(why.into()));
         if self
             .tx
-            .send(Msg::Render(Job { key, items, reply }))
+            .send(Msg::Render(Job {
+                key,
+                items,
+                embeddings,
+                reply,
+            }))
             .is_err()
         {
             return failed("the render thread has stopped");
@@ -283,7 +301,13 @@ impl RenderThread {
     }
 
     fn render(&mut self, job: Job) {
-        let inversions = self.inversions.current();
+        let mut inversions = self.inversions.current();
+        if !job.embeddings.is_empty() {
+            match inversions.with_files(&job.embeddings) {
+                Ok(db) => inversions = Arc::new(db),
+                Err(e) => tracing::warn!(error = %e, "pinned embeddings not loaded"),
+            }
+        }
         let out = run_job(&mut self.cache, &job.key, &job.items, inversions);
         if out
             .iter()

@@ -17,6 +17,12 @@
 //! next render rebuilds from host memory without reading the files again.
 //!
 //! [`Model::resident_bytes`]: crate::engine::Model::resident_bytes
+//!
+//! On disk: [`disk`], model files fetched by sha256 from the pool's model storage, and
+//! [`hashes`], the remembered sha256 of local model files.
+
+pub mod disk;
+pub mod hashes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

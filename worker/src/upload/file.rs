@@ -28,7 +28,7 @@ impl FileStore {
     }
 
     /// The file of `key`; keys are `/`-separated and may not climb out of the root.
-    fn path(&self, key: &str) -> Result<PathBuf, UploadError> {
+    pub(super) fn path(&self, key: &str) -> Result<PathBuf, UploadError> {
         let rel = Path::new(key);
         if key.is_empty() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
             return Err(UploadError::Config(format!(

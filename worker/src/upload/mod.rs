@@ -3,7 +3,9 @@
 //! Keys are `sweeps/{sweep}/{cell}/{attempt}.png` under the prefix, so a zombie attempt can
 //! never overwrite the winner. Puts are retried with exponential backoff; a put that keeps
 //! failing is an error the agent reports as a transient failure, never a completed cell.
+//! Workers also read models from a storage, streamed from an offset ([`fetch`]).
 
+mod fetch;
 mod file;
 mod s3;
 
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use kiln_proto::{Attempt, CellId, SweepId};
 
+pub use fetch::ObjectReader;
 pub use file::FileStore;
 pub use s3::{S3Options, S3Store};
 

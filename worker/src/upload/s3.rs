@@ -29,8 +29,8 @@ pub struct S3Options {
 /// A bucket and key prefix.
 #[derive(Clone, Debug)]
 pub struct S3Store {
-    client: Client,
-    bucket: String,
+    pub(super) client: Client,
+    pub(super) bucket: String,
     prefix: String,
 }
 
@@ -71,7 +71,7 @@ impl S3Store {
         }
     }
 
-    fn full_key(&self, key: &str) -> String {
+    pub(super) fn full_key(&self, key: &str) -> String {
         if self.prefix.is_empty() {
             key.to_string()
         } else {

@@ -8,6 +8,7 @@
 mod batch;
 mod cache;
 mod diffusers_samplers;
+mod disk;
 mod dpmpp_sde;
 mod fixture;
 mod hires;

@@ -77,7 +77,6 @@ impl InversionDb {
     /// Reads every embedding file under `dirs`, in order (a later folder wins a name). A
     /// folder that does not exist holds nothing; it is looked at again by [`Self::changed`].
     pub fn load(dirs: &[PathBuf]) -> Result<Self> {
-        let tokenizer = ClipTokenizer::shared()?;
         let seen = scan(dirs);
         let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
         for (path, _, _) in &seen {
@@ -94,6 +93,31 @@ impl InversionDb {
                 entries.insert(name, entry);
             }
         }
+        Self::index(dirs.to_vec(), entries, seen)
+    }
+
+    /// This database with the embedding files `files` over it, each named after its file's
+    /// stem and winning that name: the embeddings a cell pins by content. Its folders (and so
+    /// [`Self::changed`]) stay this database's.
+    pub fn with_files(&self, files: &[PathBuf]) -> Result<Self> {
+        let mut entries = self.entries.clone();
+        for path in files {
+            let entry = match Inversion::read(path) {
+                Ok(inversion) => Entry::Ready(Arc::new(inversion)),
+                Err(e) => Entry::Refused(Arc::new(e)),
+            };
+            entries.insert(stem(path), entry);
+        }
+        Self::index(self.dirs.clone(), entries, self.seen.clone())
+    }
+
+    /// Indexes `entries` by their names' tokens.
+    fn index(
+        dirs: Vec<PathBuf>,
+        entries: BTreeMap<String, Entry>,
+        seen: Vec<Seen>,
+    ) -> Result<Self> {
+        let tokenizer = ClipTokenizer::shared()?;
         let mut lookup: HashMap<u32, Vec<(Vec<u32>, String)>> = HashMap::new();
         for name in entries.keys() {
             let ids = tokenizer.tokenize(name);
@@ -106,7 +130,7 @@ impl InversionDb {
             candidates.sort_by_key(|(ids, _)| std::cmp::Reverse(ids.len()));
         }
         Ok(Self {
-            dirs: dirs.to_vec(),
+            dirs,
             fingerprint: fingerprint(&entries),
             entries,
             lookup,

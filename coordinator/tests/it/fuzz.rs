@@ -134,6 +134,15 @@ impl Gen {
             },
             init_image_name: self.text(),
             strength: self.f32(),
+            model_sha256: match self.0.random_range(0..3) {
+                0 => String::new(),
+                1 => "b".repeat(64),
+                _ => self.text(),
+            },
+            vae_sha256: self.text(),
+            embedding_sha256: (0..self.0.random_range(0..3))
+                .map(|_| (self.text(), self.text()))
+                .collect(),
         }
     }
 
@@ -375,6 +384,7 @@ async fn fuzz(backend: Backend, seed: u64) {
             worker_id: worker(&mut g),
             max_tasks: g.u32() % 80,
             loaded: (0..g.0.random_range(0..5)).map(|_| g.text()).collect(),
+            cached_models: (0..g.0.random_range(0..5)).map(|_| g.text()).collect(),
         };
         let leased = workers.lease(lease).await;
         let real: Vec<pb::AttemptRef> = match &leased {
@@ -424,6 +434,7 @@ async fn fuzz(backend: Backend, seed: u64) {
             attempt: Some(pick(&mut g)).filter(|_| g.0.random_range(0..5) > 0),
             step: g.u32(),
             total_steps: g.u32(),
+            activity: g.text(),
         };
         check(
             "ReportProgress",

@@ -5,6 +5,7 @@
 //! failing is an error the agent reports as a transient failure, never a completed cell.
 
 mod file;
+mod multipart;
 mod s3;
 
 use std::fmt;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use kiln_proto::{Attempt, CellId, SweepId};
 
 pub use file::FileStore;
+pub use multipart::{MIN_PART_BYTES, Uploaded, part_bytes};
 pub use s3::{S3Options, S3Store};
 
 /// What can go wrong storing an image.

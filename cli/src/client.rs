@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use kiln_proto::v1::model_service_client::ModelServiceClient;
 use kiln_proto::v1::sweep_service_client::SweepServiceClient;
 use kiln_worker::agent::access::{self, Access, Credentials};
 use tonic::service::interceptor::InterceptedService;
@@ -74,6 +75,20 @@ impl Conn {
         )
     }
 }
+
+impl Conn {
+    /// The model registry client.
+    pub async fn models(&self) -> anyhow::Result<ModelClient> {
+        let credentials = Credentials::new(&self.access.access())?;
+        Ok(ModelServiceClient::with_interceptor(
+            self.channel().await?,
+            credentials,
+        ))
+    }
+}
+
+/// The model registry client, every call carrying the token.
+pub type ModelClient = ModelServiceClient<InterceptedService<Channel, Credentials>>;
 
 /// The sweep `given` names: an id, or a name (the newest sweep of that name).
 pub async fn sweep_id(conn: &Conn, given: &str) -> anyhow::Result<u64> {

@@ -23,7 +23,8 @@ pub const EXAMPLES: &str = "Examples:
 pub struct Args {
     /// TOML config file (keys: listen, db, lease_ttl_secs, heartbeat_secs, max_attempts,
     /// max_cells_per_sweep, maintenance_interval_ms, pg_max_connections, retry_base_ms,
-    /// require_tokens, tls_cert, tls_key, tls_client_ca, insecure_lan, web, images, thumbs_dir).
+    /// require_tokens, tls_cert, tls_key, tls_client_ca, insecure_lan, web, images, thumbs_dir,
+    /// model_storage).
     #[arg(long, env = "KILN_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:7450]; port 0 picks a free port.
@@ -73,6 +74,11 @@ pub struct Args {
     /// temporary folder].
     #[arg(long, env = "KILN_THUMBS_DIR")]
     thumbs_dir: Option<String>,
+    /// The pool's model storage, told to `kiln model add`: file:///DIR or s3://BUCKET/PREFIX
+    /// (no credentials; each client and worker uses its own). Workers read registry models
+    /// from it (their --model-storage).
+    #[arg(long, env = "KILN_MODEL_STORAGE", value_name = "URL")]
+    model_storage: Option<String>,
     /// Don't serve the web UI (the gRPC API and Prometheus's `/metrics` only).
     #[arg(long, env = "KILN_NO_WEB")]
     no_web: bool,
@@ -108,6 +114,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         web: args.no_web.then_some(false),
         images: Some(args.images).filter(|i| !i.is_empty()),
         thumbs_dir: args.thumbs_dir,
+        model_storage: args.model_storage,
         ..Default::default()
     };
     let cfg = file.merge(flags).validate()?;

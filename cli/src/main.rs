@@ -23,6 +23,7 @@ mod fetch;
 mod grid;
 mod images;
 mod init_image;
+mod model;
 mod query;
 mod render;
 mod run;
@@ -296,6 +297,15 @@ enum Command {
         /// Sweep id or name (the newest sweep of that name).
         sweep: String,
     },
+    /// The model registry: upload a model file once to the pool and name it (`add`), `list`,
+    /// `rm`; sweeps then name it as `model = "NAME"` or `"sha256:…"`.
+    #[command(after_help = model::EXAMPLES)]
+    Model {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(subcommand)]
+        action: model::Action,
+    },
     /// Connected workers: device, state, current task, images/s.
     #[command(after_help = "Example:\n  kiln workers")]
     Workers {
@@ -337,6 +347,7 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 sweeps::change(&conn, sweep, sweeps::Change::RetryFailed).await
             }
             Command::Workers { conn } => sweeps::workers(&conn).await,
+            Command::Model { conn, action } => model::main(&conn, action).await,
             Command::Star {
                 conn,
                 cells,

@@ -306,6 +306,7 @@ fn plan_here(file: &SweepFile, show: usize) -> anyhow::Result<pb::PlanSweepRespo
         text: file.text.clone(),
         files: file.files.clone().into_iter().collect(),
         images: file.images.clone().into_iter().collect(),
+        models: Default::default(),
     };
     let seed = kiln_coordinator::queue::random_seed_for(&file.content_key());
     let mut cells = Vec::new();

@@ -311,7 +311,11 @@ pub async fn workers(conn: &Conn) -> anyhow::Result<()> {
         let running: Vec<String> = w
             .running
             .iter()
-            .map(|p| format!("cell {} step {}/{}", p.cell_id, p.step, p.total_steps))
+            .map(|p| match p.activity.as_str() {
+                // What the worker does before sampling, e.g. downloading a model.
+                "" => format!("cell {} step {}/{}", p.cell_id, p.step, p.total_steps),
+                doing => format!("cell {} {doing}", p.cell_id),
+            })
             .collect();
         t.row(vec![
             w.worker_id.to_string(),

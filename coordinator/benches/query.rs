@@ -189,6 +189,8 @@ fn cell(i: u64) -> CellSpec {
         hires: None,
         eta: None,
         init: None,
+        model_sha256: String::new(),
+        vae_sha256: String::new(),
     }
 }
 

@@ -80,6 +80,8 @@ fn cell(seed: u64) -> CellSpec {
         hires: None,
         eta: None,
         init: None,
+        model_sha256: String::new(),
+        vae_sha256: String::new(),
     }
 }
 

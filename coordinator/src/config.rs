@@ -139,6 +139,9 @@ pub struct Settings {
     pub images: Option<Vec<String>>,
     /// Folder of the web UI's thumbnail cache.
     pub thumbs_dir: Option<String>,
+    /// The pool's model storage (`file:///DIR` or `s3://BUCKET/PREFIX`, no credentials), where
+    /// `kiln model add` uploads registry models and workers fetch them.
+    pub model_storage: Option<String>,
 }
 
 /// Validated configuration.
@@ -200,6 +203,28 @@ impl std::fmt::Debug for Tls {
     }
 }
 
+/// A `model_storage` URL: `file:///DIR` or `s3://BUCKET[/PREFIX]`, at most 1024 bytes, no
+/// credentials (`user@`, a query): every client may read it, and each uploads with its own.
+fn check_model_storage(url: String) -> Result<String> {
+    let rest = url
+        .strip_prefix("file://")
+        .or_else(|| url.strip_prefix("s3://"));
+    match rest {
+        Some(r)
+            if !r.is_empty()
+                && url.len() <= 1024
+                && !url.contains(['@', '?', '#'])
+                && !url.chars().any(char::is_control) =>
+        {
+            Ok(url)
+        }
+        _ => Err(Error::Config(format!(
+            "model_storage {url:?}: must be file:///DIR or s3://BUCKET[/PREFIX] (1..=1024 bytes, \
+             no credentials)"
+        ))),
+    }
+}
+
 /// The contents of the PEM file `path`, named `setting` in errors.
 fn read_pem(setting: &str, path: &str) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).map_err(|e| Error::Config(format!("{setting} {path}: {e}")))?;
@@ -238,6 +263,7 @@ impl Settings {
             web: over.web.or(self.web),
             images: over.images.or(self.images),
             thumbs_dir: over.thumbs_dir.or(self.thumbs_dir),
+            model_storage: over.model_storage.or(self.model_storage),
         }
     }
 
@@ -282,6 +308,9 @@ impl Settings {
                 ));
             }
             queue.max_cells_per_sweep = n;
+        }
+        if let Some(url) = self.model_storage {
+            queue.model_storage = Some(check_model_storage(url)?);
         }
         if let Some(ms) = self.retry_base_ms {
             queue.retry.base_ms = ms as i64;
@@ -358,6 +387,38 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_storage_is_a_url_without_credentials() {
+        let file = Settings::from_toml("model_storage = \"file:///srv/models\"", "f").unwrap();
+        let flags = Settings {
+            model_storage: Some("s3://models/pool".into()),
+            ..Default::default()
+        };
+        let cfg = file.clone().merge(flags).validate().unwrap();
+        assert_eq!(cfg.queue.model_storage.as_deref(), Some("s3://models/pool"));
+        let cfg = file.validate().unwrap();
+        assert_eq!(
+            cfg.queue.model_storage.as_deref(),
+            Some("file:///srv/models")
+        );
+        for bad in [
+            "",
+            "s3://",
+            "ftp://x",
+            "s3://key:secret@host/b",
+            "file:///x?y",
+            "dir",
+        ] {
+            let e = Settings {
+                model_storage: Some(bad.into()),
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(e.to_string().contains("model_storage"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn later_layers_win_and_validation_names_the_setting() {

@@ -21,6 +21,9 @@ pub enum Error {
     /// No stored img2img picture has this sha256.
     #[error("no picture with sha256 {0} is stored (upload it with PutImage first)")]
     ImageNotFound(String),
+    /// No model registry entry has this name, or no registered model this `sha256:` hash.
+    #[error("no registered model {0} (kiln model list shows the registry)")]
+    ModelNotFound(String),
     /// The attempt is no longer held by this worker: its lease expired and the cell was
     /// re-queued, another attempt superseded it, or the cell was finalized. The write was
     /// rejected and nothing changed.

@@ -1,11 +1,12 @@
-//! Runs the coordinator: gRPC services (sweeps, workers, standard health), the web UI and the
-//! Prometheus `/metrics` on one listener (HTTP/2 for gRPC, HTTP/1.1 too for browsers and
+//! Runs the coordinator: gRPC services (sweeps, workers, models, standard health), the web UI
+//! and the Prometheus `/metrics` on one listener (HTTP/2 for gRPC, HTTP/1.1 too for browsers and
 //! scrapers), and the maintenance loop, until the shutdown future resolves; then stops both
 //! gracefully. `/metrics` is served whether or not the web UI is.
 
 use std::future::Future;
 use std::time::Duration;
 
+use kiln_proto::v1::model_service_server::ModelServiceServer;
 use kiln_proto::v1::sweep_service_server::SweepServiceServer;
 use kiln_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
@@ -13,7 +14,9 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::api::{AuthLayer, MAX_MESSAGE_BYTES, MAX_SWEEP_MESSAGE_BYTES, SweepApi, WorkerApi};
+use crate::api::{
+    AuthLayer, MAX_MESSAGE_BYTES, MAX_SWEEP_MESSAGE_BYTES, ModelApi, SweepApi, WorkerApi,
+};
 use crate::clock::SystemClock;
 use crate::config::{Config, Security};
 use crate::queue::{Queue, maintenance};
@@ -132,6 +135,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SweepServiceServer<SweepApi>>().await;
     health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    health.set_serving::<ModelServiceServer<ModelApi>>().await;
 
     let addr = listener.local_addr().ok();
     let auth = if security.require_tokens {
@@ -154,11 +158,15 @@ pub async fn serve(
         .max_decoding_message_size(MAX_SWEEP_MESSAGE_BYTES);
     let workers = WorkerServiceServer::new(WorkerApi::new(queue.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    // Registry requests are a name and a hash: 64 KiB is plenty.
+    let models =
+        ModelServiceServer::new(ModelApi::new(queue.clone())).max_decoding_message_size(64 << 10);
     let mut routes = tonic::service::Routes::builder();
     routes
         .add_service(health_service)
         .add_service(sweeps)
-        .add_service(workers);
+        .add_service(workers)
+        .add_service(models);
     let metrics = crate::metrics::router(queue.clone(), security.require_tokens);
     let mut router = routes.routes().into_axum_router().merge(metrics);
     if let Some(web) = web {

@@ -11,6 +11,7 @@ mod farm;
 mod farm_img2img;
 mod farm_recipe;
 mod metrics;
+mod model;
 mod outputs;
 mod paths;
 mod querydoc;

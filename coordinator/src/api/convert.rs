@@ -114,6 +114,9 @@ pub(super) fn cell_from_wire(c: pb::RenderCell) -> Result<CellSpec> {
         hires,
         eta: c.eta,
         init,
+        // A client that plans itself may pin by content; `validate` checks the form.
+        model_sha256: c.model_sha256,
+        vae_sha256: c.vae_sha256,
     })
 }
 
@@ -229,9 +232,10 @@ pub(super) fn cell_to_wire(s: CellSpec) -> pb::RenderCell {
         init_image_sha256: s.init.as_ref().map_or(String::new(), |i| i.sha256.clone()),
         init_image_name: s.init.as_ref().map_or(String::new(), |i| i.name.clone()),
         strength: s.init.as_ref().map_or(0.0, |i| i.strength),
-        // Pinned registry models (issue 20): filled in when the registry lands.
-        model_sha256: String::new(),
-        vae_sha256: String::new(),
+        // Pinned at submit (`sweep::pins`). Embeddings are not pinned yet: a prompt's
+        // embeddings are the worker's files.
+        model_sha256: s.model_sha256,
+        vae_sha256: s.vae_sha256,
         embedding_sha256: Default::default(),
     }
 }
@@ -328,7 +332,7 @@ pub(super) fn progress_to_wire(p: &ProgressRow) -> pb::CellProgress {
         worker_id: p.worker.0 as u64,
         step: p.step as u32,
         total_steps: p.total as u32,
-        activity: String::new(),
+        activity: p.activity.clone(),
     }
 }
 

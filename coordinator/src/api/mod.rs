@@ -1,8 +1,10 @@
-//! tonic adapters for `kiln.v1`: [`SweepApi`] for clients and [`WorkerApi`] for workers. The
-//! only module that knows `tonic::Status` (mapped from [`crate::Error`] in `status`).
+//! tonic adapters for `kiln.v1`: [`SweepApi`] for clients, [`WorkerApi`] for workers and
+//! [`ModelApi`] for the model registry. The only module that knows `tonic::Status` (mapped
+//! from [`crate::Error`] in `status`).
 
 mod auth;
 mod convert;
+mod models;
 mod pictures;
 mod status;
 mod sweeps;
@@ -10,6 +12,7 @@ mod workers;
 
 pub(crate) use auth::bearer;
 pub use auth::{Auth, AuthLayer, SESSION_HEADER};
+pub use models::{MODEL_KEY_PREFIX, ModelApi};
 pub use pictures::{IMAGE_CHUNK_BYTES, MAX_SWEEP_IMAGES};
 pub use sweeps::SweepApi;
 pub use workers::WorkerApi;

@@ -11,7 +11,8 @@ impl From<Error> for Status {
             Error::SweepNotFound(_)
             | Error::CellNotFound(_)
             | Error::WorkerNotFound(_)
-            | Error::ImageNotFound(_) => Status::not_found(e.to_string()),
+            | Error::ImageNotFound(_)
+            | Error::ModelNotFound(_) => Status::not_found(e.to_string()),
             // A distinct, documented answer: the worker must abort and never retry the write.
             Error::LeaseLost { .. } => Status::new(Code::FailedPrecondition, e.to_string()),
             Error::Invalid(_) => Status::invalid_argument(e.to_string()),

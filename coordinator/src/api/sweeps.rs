@@ -1,7 +1,7 @@
 //! `kiln.v1.SweepService`: the client-facing adapter. Each handler converts the request,
 //! calls [`Queue`], and converts the answer; no business rules live here.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -126,6 +126,8 @@ impl SweepService for SweepApi {
         let mut builder = self.queue.intake_builder();
         let mut sent = 0;
         let mut pictures = images_of(&header.images)?;
+        // Registry references of sent cells, looked up once per submission.
+        let mut pins = BTreeMap::new();
         {
             let named: Vec<&str> = pictures.iter().map(String::as_str).collect();
             self.queue.require_images(&named).await?;
@@ -133,7 +135,7 @@ impl SweepService for SweepApi {
         while let Some(msg) = stream.next().await {
             match msg?.part {
                 Some(pb::submit_sweep_request::Part::Cells(chunk)) => {
-                    let specs = chunk
+                    let mut specs = chunk
                         .cells
                         .into_iter()
                         .enumerate()
@@ -154,6 +156,7 @@ impl SweepService for SweepApi {
                     }
                     self.queue.require_images(&new).await?;
                     pictures.extend(new.into_iter().map(str::to_owned));
+                    self.queue.pin_cells(&mut specs, &mut pins).await?;
                     let n = specs.len();
                     builder = self.queue.take_cells(builder, specs, sent).await?;
                     sent += n;
@@ -165,12 +168,14 @@ impl SweepService for SweepApi {
         let mut cells = SubmittedCells::Taken(builder);
         if sent == 0 && !spec.is_empty() {
             // A sweep file: planned here, cell by cell, before anything is stored.
-            let src = SweepSource {
+            let mut src = SweepSource {
                 path: header.spec_path,
                 text: spec,
                 files: header.files.into_iter().collect(),
                 images: header.images.into_iter().collect(),
+                models: Default::default(),
             };
+            self.queue.pin_models(&mut src, &Default::default()).await?;
             spec = stored_source(&src);
             cells = SubmittedCells::File(src);
         }
@@ -206,12 +211,14 @@ impl SweepService for SweepApi {
         let _turn = self.queue.owner_turn(who.owner.as_deref())?;
         let r = request.into_inner();
         images_of(&r.images)?;
-        let src = SweepSource {
+        let mut src = SweepSource {
             path: r.spec_path,
             text: r.spec,
             files: r.files.into_iter().collect(),
             images: r.images.into_iter().collect(),
+            models: Default::default(),
         };
+        self.queue.pin_models(&mut src, &Default::default()).await?;
         let preview = r.preview.min(1000) as usize;
         let plan = self.queue.plan(src, &r.idempotency_key, preview).await?;
         let s = plan.summary;
@@ -245,6 +252,7 @@ impl SweepService for SweepApi {
             text: r.spec,
             files: r.files.into_iter().collect(),
             images: r.images.into_iter().collect(),
+            models: Default::default(),
         };
         let (added, cell_count) = self.queue.extend(sweep_id(r.sweep_id)?, src).await?;
         Ok(Response::new(pb::ExtendSweepResponse { added, cell_count }))

@@ -109,6 +109,7 @@ impl WorkerService for WorkerApi {
         let worker = self.worker(&request, request.get_ref().worker_id).await?;
         let r = request.into_inner();
         let loaded = loaded(r.loaded);
+        self.queue.report_cached_models(worker, &r.cached_models)?;
         let leased = self
             .queue
             .lease(worker, r.max_tasks as usize, loaded.as_deref())
@@ -163,6 +164,8 @@ impl WorkerService for WorkerApi {
             .fence(&request, r.worker_id, r.attempt.as_ref())
             .await?;
         let r = request.into_inner();
+        // Checked (and kept) first; shown only with the attempt it names.
+        self.queue.report_activity(f, &r.activity)?;
         let cancel_requested = self.queue.progress(f, r.step, r.total_steps).await?;
         Ok(Response::new(pb::ProgressResponse { cancel_requested }))
     }

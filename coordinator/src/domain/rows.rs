@@ -8,7 +8,7 @@ use kiln_proto::{CellId, SweepId, WorkerId};
 use crate::clock::Millis;
 use crate::sweep::NewCell;
 
-use crate::domain::state::{CellState, DeviceKind, SweepState};
+use crate::domain::state::{CellState, DeviceKind, ModelKind, SweepState};
 
 /// Cells of a sweep per state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -152,6 +152,9 @@ pub struct ProgressRow {
     pub step: i64,
     /// Steps in all.
     pub total: i64,
+    /// What the worker last said it is doing besides sampling ("downloading …"), if anything;
+    /// kept in memory by the queue, not stored.
+    pub activity: String,
 }
 
 /// What a worker declares at registration.
@@ -289,6 +292,23 @@ pub struct ImageRow {
     pub height: u32,
     /// File size.
     pub bytes: u64,
+}
+
+/// A model registry entry (`models` joined with its `model_blobs` row).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelRow {
+    /// The registry name (`kiln model add --name`).
+    pub name: String,
+    /// sha256 of the file, 64 lowercase hex digits: its key in the pool's model storage.
+    pub sha256: String,
+    /// File size.
+    pub bytes: u64,
+    /// What it is.
+    pub kind: ModelKind,
+    /// When the name was first added, ms.
+    pub created_at: i64,
+    /// When the name was last (re-)pointed, ms.
+    pub updated_at: i64,
 }
 
 /// A sweep's cells per state, for the metrics scrape.

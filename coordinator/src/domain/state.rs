@@ -149,6 +149,20 @@ text_enum!(
     }
 );
 
+text_enum!(
+    /// What a registry model is (`kiln model add --kind`), stored in `models.kind`.
+    ModelKind {
+        /// A full Stable Diffusion checkpoint (`model`).
+        Checkpoint = "checkpoint",
+        /// A LoRA (`[[loras]]`).
+        Lora = "lora",
+        /// A textual-inversion embedding.
+        Embedding = "embedding",
+        /// A VAE (`vae`).
+        Vae = "vae",
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

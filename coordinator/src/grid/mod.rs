@@ -226,6 +226,8 @@ mod tests {
             hires: None,
             eta: None,
             init: None,
+            model_sha256: String::new(),
+            vae_sha256: String::new(),
         }
     }
 

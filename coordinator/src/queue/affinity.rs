@@ -1,6 +1,9 @@
 //! Which of the next available cells a worker gets. Among the first `lookahead` cells it can
 //! render (queue order: sweep priority, then age), it prefers those whose pipeline it has
-//! loaded (tier 0), then any (tier 1), and last those that just failed on it (tier 2). The head
+//! loaded (tier 0), then those whose pinned registry models it holds on disk (or that pin
+//! none; tier 1), then those it must download a model for that no other worker holds (tier 2),
+//! then those needing a model another worker holds (tier 3: better rendered there), and last
+//! those that just failed on it (tier 4). [`Warmth`] is `holdings`'. The head
 //! of that window — the cell plain FIFO would hand out — may be passed over at most
 //! `max_skips` times in a row by one worker; then it is taken first, so affinity can never
 //! starve a cold cell.
@@ -11,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
+pub use super::holdings::Warmth;
 pub use crate::domain::candidate::Candidate;
 
 /// Per-worker count of how often the window head was passed over.
@@ -49,22 +53,28 @@ impl AffinityState {
 
 /// Picks up to `n` of `candidates` (in queue order) for `worker`; returns the ids in the order
 /// chosen and whether the head (`candidates[0]`) is among them.
+/// `warmth` says how far the worker is from a candidate's pinned models.
 pub fn choose(
     worker: i64,
     loaded: &HashSet<String>,
     candidates: &[&Candidate],
     n: usize,
     force_head: bool,
+    warmth: impl Fn(&Candidate) -> Warmth,
 ) -> (Vec<i64>, bool) {
     let tier = |i: usize, c: &&Candidate| -> i8 {
         if force_head && i == 0 {
             -1
         } else if c.last_failed_worker == Some(worker) {
-            2
+            4
         } else if loaded.contains(&c.affinity_key) {
             0
         } else {
-            1
+            match warmth(*c) {
+                Warmth::Holds => 1,
+                Warmth::Fetch => 2,
+                Warmth::HeldElsewhere => 3,
+            }
         }
     };
     let mut order: Vec<(i8, usize)> = candidates
@@ -85,6 +95,10 @@ pub fn choose(
 mod tests {
     use super::*;
 
+    fn cold(_: &Candidate) -> Warmth {
+        Warmth::Holds
+    }
+
     fn c(id: i64, key: &str) -> Candidate {
         Candidate {
             id,
@@ -98,8 +112,14 @@ mod tests {
         let loaded: HashSet<String> = ["b".to_string()].into();
         let cands = [c(1, "a"), c(2, "b"), c(3, "a"), c(4, "b")];
         let cands: Vec<&Candidate> = cands.iter().collect();
-        assert_eq!(choose(7, &loaded, &cands, 3, false), (vec![2, 4, 1], true));
-        assert_eq!(choose(7, &loaded, &cands, 2, false), (vec![2, 4], false));
+        assert_eq!(
+            choose(7, &loaded, &cands, 3, false, cold),
+            (vec![2, 4, 1], true)
+        );
+        assert_eq!(
+            choose(7, &loaded, &cands, 2, false, cold),
+            (vec![2, 4], false)
+        );
     }
 
     #[test]
@@ -108,8 +128,37 @@ mod tests {
         first.last_failed_worker = Some(7);
         let cands = [first, c(2, "a")];
         let cands: Vec<&Candidate> = cands.iter().collect();
-        assert_eq!(choose(7, &HashSet::new(), &cands, 2, false).0, vec![2, 1]);
-        assert_eq!(choose(8, &HashSet::new(), &cands, 2, false).0, vec![1, 2]);
+        assert_eq!(
+            choose(7, &HashSet::new(), &cands, 2, false, cold).0,
+            vec![2, 1]
+        );
+        assert_eq!(
+            choose(8, &HashSet::new(), &cands, 2, false, cold).0,
+            vec![1, 2]
+        );
+    }
+
+    #[test]
+    fn held_models_before_downloads_and_downloads_others_hold_last() {
+        let cands = [
+            c(1, "elsewhere"),
+            c(2, "fetch"),
+            c(3, "holds"),
+            c(4, "fetch"),
+        ];
+        let cands: Vec<&Candidate> = cands.iter().collect();
+        let warmth = |c: &Candidate| match c.affinity_key.as_str() {
+            "holds" => Warmth::Holds,
+            "fetch" => Warmth::Fetch,
+            _ => Warmth::HeldElsewhere,
+        };
+        let got = choose(7, &HashSet::new(), &cands, 4, false, warmth);
+        assert_eq!(got, (vec![3, 2, 4, 1], true), "never a refusal: all four");
+        // The starvation guard still takes the head first.
+        assert_eq!(
+            choose(7, &HashSet::new(), &cands, 1, true, warmth).0,
+            vec![1]
+        );
     }
 
     #[test]
@@ -120,7 +169,7 @@ mod tests {
         let cands: Vec<&Candidate> = cands.iter().collect();
         let mut got = Vec::new();
         for _ in 0..5 {
-            let (ids, head) = choose(7, &loaded, &cands, 1, s.force_head(7, 3));
+            let (ids, head) = choose(7, &loaded, &cands, 1, s.force_head(7, 3), cold);
             s.record(7, head);
             got.push(ids[0]);
         }

@@ -22,6 +22,7 @@ use std::sync::{Mutex as SyncMutex, MutexGuard};
 use tokio::sync::Mutex;
 
 use super::affinity::{self, Candidate};
+use super::holdings::Holdings;
 use crate::Result;
 use crate::clock::Millis;
 use crate::domain::lease::{AvailableCell, Caps, QueuePos};
@@ -44,6 +45,8 @@ pub struct Leaser<'a> {
     pub caps: Caps,
     /// Affinity keys of its loaded pipelines.
     pub loaded: &'a HashSet<String>,
+    /// The registry models workers hold and pipelines need.
+    pub holdings: &'a Holdings,
 }
 
 /// Cells chosen for one lease, in the order chosen. Until [`Pick::settle`] is called they
@@ -198,7 +201,8 @@ impl Dispatch {
             .chain(past.iter().map(|c| &c.candidate))
             .collect();
         let head = window.first().map(|c| c.id);
-        let (ids, _) = affinity::choose(who.worker, who.loaded, &window, max, force_head);
+        let warmth = |c: &Candidate| who.holdings.warmth(who.worker, &c.affinity_key);
+        let (ids, _) = affinity::choose(who.worker, who.loaded, &window, max, force_head, warmth);
         let picked: HashSet<i64> = ids.iter().copied().collect();
         ahead.cells.retain(|c| !picked.contains(&c.pos.id));
         self.in_flight().extend(&picked);

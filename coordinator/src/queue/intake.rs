@@ -10,7 +10,7 @@
 //! size prepended). Moving it re-derives each cell with [`NewCell::new`] from its JSON and its
 //! number, so its keys and columns are exactly those a direct insert writes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use kiln_proto::SweepId;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
+use super::holdings::MAX_PIPELINES;
 use crate::clock::SharedClock;
 use crate::store::{IntakeChunk, IntakeRow, Store};
 use crate::sweep::{CellSpec, NewCell};
@@ -41,6 +42,9 @@ pub struct Builder {
     pending: Vec<NewCell>,
     chunks: Vec<IntakeChunk>,
     count: u32,
+    /// Pipelines (affinity keys) whose cells pin registry models, and those models: what the
+    /// lease preference needs to know (`queue::holdings`), at most [`MAX_PIPELINES`] per build.
+    pins: HashMap<String, Vec<String>>,
 }
 
 impl Builder {
@@ -52,6 +56,7 @@ impl Builder {
             pending: Vec::new(),
             chunks: Vec::new(),
             count: 0,
+            pins: HashMap::new(),
         }
     }
 
@@ -75,6 +80,12 @@ impl Builder {
                 return Ok(());
             }
         }
+        if self.pins.len() < MAX_PIPELINES && !self.pins.contains_key(&cell.affinity_key) {
+            let pinned = cell.spec.pinned_models();
+            if !pinned.is_empty() {
+                self.pins.insert(cell.affinity_key.clone(), pinned);
+            }
+        }
         cell.number = self.count;
         self.count = self
             .count
@@ -90,6 +101,11 @@ impl Builder {
             }
         }
         Ok(())
+    }
+
+    /// The pinned models of the pipelines seen so far (taken out).
+    pub(super) fn take_pins(&mut self) -> HashMap<String, Vec<String>> {
+        std::mem::take(&mut self.pins)
     }
 
     /// The cells inserted with the sweep, and the intake chunks of the rest.

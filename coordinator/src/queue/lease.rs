@@ -119,6 +119,7 @@ impl Queue {
                 render_level: w.render_level,
             },
             loaded: &w.loaded,
+            holdings: &self.holdings,
         };
         let force_head = self
             .affinity

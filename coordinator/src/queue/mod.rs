@@ -8,14 +8,17 @@
 //! discarded) plus `held` for paused sweeps. The attempt number grows at lease; a lease has a
 //! deadline renewed by heartbeats; every worker write is fenced on (cell, attempt, worker).
 
+mod activity;
 pub mod affinity;
 mod auth;
 pub mod dispatch;
 mod group;
+mod holdings;
 mod images;
 mod intake;
 mod lease;
 pub mod maintenance;
+mod models;
 mod names;
 pub mod retry;
 pub mod submit;
@@ -25,11 +28,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 
+pub use self::activity::MAX_ACTIVITY_BYTES;
 use self::affinity::AffinityState;
 use self::dispatch::Dispatch;
 use self::group::{Complete, Completes, Group, Leases};
+pub use self::holdings::MAX_CACHED_MODELS;
 pub use self::intake::Builder;
 use self::intake::Mover;
+pub use self::models::{MAX_MODEL_BYTES, MAX_MODELS, MAX_SWEEP_MODEL_REFS, stored_pins};
 use self::retry::{Decision, RetryPolicy};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::lease::{Fence, HeartbeatStatus};
@@ -66,6 +72,9 @@ pub struct QueueConfig {
     pub move_intake: bool,
     /// Retry and poison rules.
     pub retry: RetryPolicy,
+    /// The pool's model storage (`file:///DIR` or `s3://bucket/prefix`, no credentials) that
+    /// `ModelService` tells `kiln model add` to upload to; `None`: not configured.
+    pub model_storage: Option<String>,
 }
 
 impl Default for QueueConfig {
@@ -81,6 +90,7 @@ impl Default for QueueConfig {
             intake_chunk: 1_000,
             move_intake: true,
             retry: RetryPolicy::default(),
+            model_storage: None,
         }
     }
 }
@@ -190,6 +200,10 @@ pub struct Queue {
     recent_failures: Arc<Mutex<std::collections::VecDeque<RecentFailure>>>,
     /// Events counted for `/metrics`.
     counters: Counters,
+    /// The registry models workers hold and pipelines need (lease preference).
+    holdings: Arc<holdings::Holdings>,
+    /// Running attempts' activities (`ReportProgress.activity`).
+    activities: Arc<activity::Activities>,
 }
 
 /// A failed attempt as a worker reported it, kept in memory for the farm overview.
@@ -241,6 +255,8 @@ impl Queue {
             events: Events::default(),
             recent_failures: Default::default(),
             counters: Counters::default(),
+            holdings: Default::default(),
+            activities: Default::default(),
         }
     }
 
@@ -493,6 +509,7 @@ impl Queue {
         if draining {
             self.store.worker_drain(worker, now).await?;
             self.affinity.forget(worker.0);
+            self.holdings.forget(worker.0);
             self.known_lock().remove(&worker);
         }
         self.requeued();
@@ -562,7 +579,8 @@ impl Queue {
         sweep: Option<SweepId>,
         worker: Option<WorkerId>,
     ) -> Result<Vec<ProgressRow>> {
-        self.store.cell_running(sweep, worker).await
+        let rows = self.store.cell_running(sweep, worker).await?;
+        Ok(self.with_activity(rows))
     }
 
     /// Every worker, with completions over the last minute.
@@ -584,12 +602,15 @@ pub fn random_seed_for(key: &str) -> u64 {
 }
 
 /// How a sweep file is stored in `sweeps.spec`: JSON with the file, its name, every file it
-/// references and the hashes of the pictures it names, so its plan can be re-derived and
-/// audited later.
+/// references, the hashes of the pictures it names and of the registry models it was pinned
+/// to, so its plan can be re-derived and audited later.
 pub fn stored_source(src: &SweepSource) -> String {
     let mut json = serde_json::json!({ "path": src.path, "text": src.text, "files": src.files });
     if !src.images.is_empty() {
         json["images"] = serde_json::json!(src.images);
+    }
+    if !src.models.is_empty() {
+        json["models"] = serde_json::json!(src.models);
     }
     json.to_string()
 }

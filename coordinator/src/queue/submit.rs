@@ -7,7 +7,7 @@
 use kiln_proto::SweepId;
 
 use super::intake::Builder;
-use super::{Queue, Submission, SubmittedCells, random_seed_for, stored_source};
+use super::{Queue, Submission, SubmittedCells, random_seed_for, stored_pins, stored_source};
 use crate::store::{SweepInsert, SweepInserted};
 use crate::sweep::cell::check_text;
 use crate::sweep::{
@@ -99,6 +99,8 @@ impl Queue {
             Some(n) if s.name.is_empty() => n,
             _ => s.name,
         };
+        let mut builder = builder;
+        let pins = builder.take_pins();
         let (cells, chunks) = blocking(move || Ok(builder.finish())).await?;
         let insert = SweepInsert {
             name: &name,
@@ -112,6 +114,7 @@ impl Queue {
             intake: &chunks,
         };
         let out = self.store.sweep_insert(&insert, self.now()).await?;
+        self.holdings.need(pins);
         self.requeued();
         if !out.duplicate && !chunks.is_empty() {
             self.wake_intake();
@@ -193,8 +196,11 @@ impl Queue {
     }
 
     /// Adds the cells of a grown sweep file that the sweep lacks. Returns (added, cells now).
-    pub async fn extend(&self, id: SweepId, src: SweepSource) -> Result<(u64, u64)> {
+    pub async fn extend(&self, id: SweepId, mut src: SweepSource) -> Result<(u64, u64)> {
         let sweep = self.store.sweep_get(id).await?;
+        // Names the sweep was planned with keep their pins, even if re-pointed since.
+        let kept = stored_pins(&self.store.sweep_spec(id).await?);
+        self.pin_models(&mut src, &kept).await?;
         // The new cells are told from the old by their keys: every old cell must be in `cells`.
         self.take_in(Some(id)).await?;
         let stored = stored_source(&src);
@@ -210,10 +216,16 @@ impl Queue {
                 .collect::<Result<Vec<_>>>()
         })
         .await?;
+        let pins = cells
+            .iter()
+            .map(|c| (c.affinity_key.clone(), c.spec.pinned_models()))
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
         let out = self
             .store
             .sweep_extend(id, &cells, &stored, self.now())
             .await?;
+        self.holdings.need(pins);
         self.requeued();
         Ok(out)
     }

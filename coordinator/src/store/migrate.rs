@@ -32,6 +32,7 @@ const SQLITE: &[Migration] = migrations!("sqlite":
     6 "render_level" "0006_render_level.sql",
     7 "hires" "0007_hires.sql",
     8 "images" "0008_images.sql",
+    9 "models" "0009_models.sql",
 );
 
 const POSTGRES: &[Migration] = migrations!("postgres":
@@ -43,6 +44,7 @@ const POSTGRES: &[Migration] = migrations!("postgres":
     6 "render_level" "0006_render_level.sql",
     7 "hires" "0007_hires.sql",
     8 "images" "0008_images.sql",
+    9 "models" "0009_models.sql",
 );
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS kiln_migrations (

@@ -9,7 +9,8 @@
 //! inserts, leases by a list of ids, batched completes, the filter language's JSON functions)
 //! lives in `sqlite.rs`, `postgres.rs` and `query.rs`'s `Dialect`. Sweeps are in `sweeps.rs`,
 //! the cell lifecycle in `cells.rs`, workers in `workers.rs`, the intake in `intake.rs`, what a
-//! query may name (sweeps, binding keys) in `known.rs`, img2img pictures in `images.rs`.
+//! query may name (sweeps, binding keys) in `known.rs`, img2img pictures in `images.rs`, the
+//! model registry in `models.rs`.
 //!
 //! Every worker write is fenced on `(cell, attempt, worker)` and only applies while the cell is
 //! `running` under that lease, so a stale attempt can never complete, fail or overwrite a newer
@@ -28,6 +29,7 @@ mod images;
 mod intake;
 mod known;
 mod migrate;
+mod models;
 mod postgres;
 mod query;
 mod rows;
@@ -37,7 +39,7 @@ mod tokens;
 mod workers;
 
 pub use crate::domain::rows::{
-    CellFailures, ImageRow, IntakeChunk, IntakeRow, SweepInsert, SweepInserted,
+    CellFailures, ImageRow, IntakeChunk, IntakeRow, ModelRow, SweepInsert, SweepInserted,
 };
 pub use query::{CellQuery, CellSort, KeyScope};
 

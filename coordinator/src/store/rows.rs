@@ -124,6 +124,7 @@ pub(super) fn progress(r: &Row) -> Result<ProgressRow> {
         worker: WorkerId(r.int("lease_owner")?),
         step: r.opt_int("progress_step")?.unwrap_or(0),
         total: r.opt_int("progress_total")?.unwrap_or(0),
+        activity: String::new(),
     })
 }
 

@@ -58,7 +58,8 @@ pub struct LoraSpec {
     pub name: String,
     /// Merge strength.
     pub strength: f32,
-    /// Optional sha256 (hex) of the file.
+    /// The LoRA's content (hex): written in the sweep file, or pinned at submit when `name`
+    /// is a model registry entry; empty: whatever file `name` finds on the worker.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
 }
@@ -134,6 +135,13 @@ pub struct CellSpec {
     /// img2img's start picture; `None`: text-to-image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<InitSpec>,
+    /// The content `model` was pinned to at submit (a model registry name or `sha256:HEX`),
+    /// 64 lowercase hex digits; empty: `model` is a worker-local file.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model_sha256: String,
+    /// The content `vae` was pinned to, as for [`Self::model_sha256`]; empty: unpinned.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vae_sha256: String,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
@@ -159,6 +167,19 @@ impl CellSpec {
     /// Checks every field against the limits a worker can render; the error names the field.
     pub fn validate(&self) -> Result<()> {
         check_ref("model", &self.model)?;
+        for (field, sha) in [
+            ("model_sha256", &self.model_sha256),
+            ("vae_sha256", &self.vae_sha256),
+        ] {
+            if !sha.is_empty() && !is_sha256_hex(sha) {
+                return Err(Error::invalid(format!(
+                    "{field}: not 64 lowercase hex digits"
+                )));
+            }
+        }
+        if !self.vae_sha256.is_empty() && self.vae.is_empty() {
+            return Err(Error::invalid("vae_sha256: needs vae"));
+        }
         // `<lora:…>` tags in the prompt merge too: they count against the same limit.
         let in_prompt = self.prompt_loras().len();
         if self.loras.len() + in_prompt > MAX_LORAS {
@@ -520,7 +541,14 @@ impl CellSpec {
     }
 
     fn hash_pipeline(&self, h: &mut Sha256) {
-        field(h, self.model.as_bytes());
+        // A pinned model by content only: `sha256:X` and a name pointing at X render the same,
+        // and a name re-pointed later is a different render.
+        if self.model_sha256.is_empty() {
+            field(h, self.model.as_bytes());
+        } else {
+            field(h, b"model-sha256");
+            field(h, self.model_sha256.as_bytes());
+        }
         field(h, &(self.loras.len() as u64).to_le_bytes());
         for l in &self.loras {
             field(h, l.name.as_bytes());
@@ -536,7 +564,10 @@ impl CellSpec {
         }
         field(h, &self.width.to_le_bytes());
         field(h, &self.height.to_le_bytes());
-        if !self.vae.is_empty() {
+        if !self.vae_sha256.is_empty() {
+            field(h, b"vae-sha256");
+            field(h, self.vae_sha256.as_bytes());
+        } else if !self.vae.is_empty() {
             field(h, b"vae");
             field(h, self.vae.as_bytes());
         }
@@ -701,6 +732,8 @@ pub(crate) mod tests {
             hires: None,
             eta: None,
             init: None,
+            model_sha256: String::new(),
+            vae_sha256: String::new(),
         }
     }
 

@@ -7,7 +7,8 @@
 //! - [`spec`]: the TOML schema (serde, spans, unknown keys rejected).
 //! - [`resolve`]: the schema resolved into settings: values checked, defaults, conflicts,
 //!   referenced files looked up; [`axis`] for `[axes]`; `hires` for the `hires_*` keys; `init`
-//!   for img2img's `init_image` and `strength`.
+//!   for img2img's `init_image` and `strength`; `pins` for references pinned to the model
+//!   registry.
 //! - [`template`]: `{a|b}` alternatives and `__name__` wildcards, and their expansion;
 //!   [`wildcard`] for the declared wildcard lists (cycles, depth, counts).
 //! - [`seeds`]: seed lists, ranges and random seeds drawn once.
@@ -21,6 +22,7 @@ pub mod error;
 mod hires;
 mod hires_spec;
 mod init;
+mod pins;
 pub mod plan;
 pub mod resolve;
 mod resolver;
@@ -35,7 +37,9 @@ pub use cell::{
     RNG_SOURCES,
 };
 pub use error::{Place, PlanError, PlanErrorKind};
+pub use pins::{MAX_MODEL_NAME_BYTES, SHA256_REF, check_model_name, pin, sha256_ref};
 pub use plan::{
     CellSink, Plan, PlanLimits, PlanSummary, plan, plan_into, referenced_files, referenced_images,
+    referenced_models,
 };
 pub use source::SweepSource;

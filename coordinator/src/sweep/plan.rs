@@ -143,6 +143,7 @@ pub fn plan_into(
     check_count(&settings, &templates, &wildcards, seeds.len(), src, limits)?;
     let mut cells = Cells {
         sink,
+        models: &src.models,
         count: 0,
         seen: HashSet::new(),
         duplicates: 0,
@@ -169,6 +170,14 @@ pub fn referenced_files(path: &str, text: &str) -> Result<Vec<String>, PlanError
     let src = SweepSource::new(path, text);
     let file = spec::parse_file(&src)?;
     Ok(file.referenced_files())
+}
+
+/// The references a sweep file may pin to the model registry (`model`, `vae`, `[[loras]]`
+/// names, `model`/`vae` axis values), as written; the coordinator looks each one up at submit.
+pub fn referenced_models(path: &str, text: &str) -> Result<Vec<String>, PlanError> {
+    let src = SweepSource::new(path, text);
+    let file = spec::parse_file(&src)?;
+    Ok(file.referenced_models())
 }
 
 /// The pictures a sweep file references (`init_image`, top level and axis values), as
@@ -341,6 +350,8 @@ impl Expansion<'_> {
 /// The planned cells on their way to the sink, identical renders dropped as they come.
 struct Cells<'a> {
     sink: CellSink<'a>,
+    /// Registry references and the hashes they are pinned to.
+    models: &'a BTreeMap<String, String>,
     count: u64,
     /// Identity digests of the cells so far.
     seen: HashSet<[u8; 32]>,
@@ -348,7 +359,8 @@ struct Cells<'a> {
 }
 
 impl Cells<'_> {
-    fn push(&mut self, cell: CellSpec) -> Result<(), PlanError> {
+    fn push(&mut self, mut cell: CellSpec) -> Result<(), PlanError> {
+        super::pins::pin(&mut cell, self.models);
         let digest = cell.cell_digest();
         if !self.seen.insert(digest) {
             self.duplicates += 1;

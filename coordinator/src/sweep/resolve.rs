@@ -97,6 +97,8 @@ impl Resolver<'_> {
             hires: None,
             eta: None,
             init: None,
+            model_sha256: String::new(),
+            vae_sha256: String::new(),
         };
         base.hires = self.hires(&f)?;
         base.init = self.init(&f)?;

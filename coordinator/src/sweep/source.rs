@@ -21,6 +21,11 @@ pub struct SweepSource {
     /// Referenced pictures (`init_image`), keyed as the sweep file spells them, each the
     /// sha256 (hex) the client uploaded its bytes under: the planner needs only the hash.
     pub images: BTreeMap<String, String>,
+    /// Model registry references (`model`, `vae`, `[[loras]]` names, and `sha256:HEX`), keyed
+    /// as the sweep file spells them, each the sha256 it was pinned to at submit. Filled by the
+    /// coordinator from its registry (never taken from a client) and stored with the sweep; a
+    /// reference not in it is a worker-local file name.
+    pub models: BTreeMap<String, String>,
 }
 
 impl SweepSource {
@@ -31,6 +36,7 @@ impl SweepSource {
             text: text.into(),
             files: BTreeMap::new(),
             images: BTreeMap::new(),
+            models: BTreeMap::new(),
         }
     }
 
@@ -43,6 +49,12 @@ impl SweepSource {
     /// Adds a referenced picture by the sha256 it was uploaded under.
     pub fn with_image(mut self, name: impl Into<String>, sha256: impl Into<String>) -> Self {
         self.images.insert(name.into(), sha256.into());
+        self
+    }
+
+    /// Pins a model reference to the sha256 the registry gave it.
+    pub fn with_model(mut self, reference: impl Into<String>, sha256: impl Into<String>) -> Self {
+        self.models.insert(reference.into(), sha256.into());
         self
     }
 

@@ -134,9 +134,15 @@ impl Gen {
             },
             init_image_name: self.text(),
             strength: self.f32(),
-            model_sha256: self.text(),
+            model_sha256: match self.0.random_range(0..3) {
+                0 => String::new(),
+                1 => "b".repeat(64),
+                _ => self.text(),
+            },
             vae_sha256: self.text(),
-            embedding_sha256: self.map(),
+            embedding_sha256: (0..self.0.random_range(0..3))
+                .map(|_| (self.text(), self.text()))
+                .collect(),
         }
     }
 

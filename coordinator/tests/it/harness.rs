@@ -184,6 +184,8 @@ pub fn cell(seed: u64) -> CellSpec {
         hires: None,
         eta: None,
         init: None,
+        model_sha256: String::new(),
+        vae_sha256: String::new(),
     }
 }
 
@@ -212,10 +214,19 @@ pub struct Served {
 impl Served {
     /// Serves a queue on `db` with default settings.
     pub async fn start(db: &TestDb, security: kiln_coordinator::config::Security) -> Served {
+        Self::start_with(db, security, QueueConfig::default()).await
+    }
+
+    /// Serves a queue on `db` with `cfg`.
+    pub async fn start_with(
+        db: &TestDb,
+        security: kiln_coordinator::config::Security,
+        cfg: QueueConfig,
+    ) -> Served {
         let queue = Queue::new(
             db.store().await,
             std::sync::Arc::new(kiln_coordinator::clock::SystemClock),
-            QueueConfig::default(),
+            cfg,
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

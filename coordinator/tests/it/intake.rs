@@ -252,6 +252,7 @@ async fn a_damaged_chunk_stays_put_and_the_rest_move(b: Backend) {
                     .into(),
                 files: Default::default(),
                 images: Default::default(),
+                models: Default::default(),
             },
         )
         .await

@@ -4,7 +4,8 @@
 //! `intake` the staged insert of large submissions, on both backends; `names` the check that a
 //! query names only sweeps and binding keys that exist; `keeper` starred and rated cells;
 //! `render_level` which workers may lease which cells, and sampler names in the store; `hires`
-//! the hires columns and the lease filter at a hires cell's final size.
+//! the hires columns and the lease filter at a hires cell's final size; `models` the model
+//! registry, pinning and the lease preference for workers that hold a cell's models.
 
 #[macro_use]
 mod harness;
@@ -21,6 +22,7 @@ mod images;
 mod intake;
 mod keeper;
 mod metrics;
+mod models;
 mod names;
 mod rate;
 mod render_level;

@@ -7,6 +7,7 @@
 
 mod fetch;
 mod file;
+mod multipart;
 mod s3;
 
 use std::fmt;
@@ -17,6 +18,7 @@ use kiln_proto::{Attempt, CellId, SweepId};
 
 pub use fetch::ObjectReader;
 pub use file::FileStore;
+pub use multipart::{MIN_PART_BYTES, Uploaded, part_bytes};
 pub use s3::{S3Options, S3Store};
 
 /// What can go wrong storing an image.

@@ -71,6 +71,11 @@ impl S3Store {
         }
     }
 
+    /// The client, the bucket and `key` under the prefix (for `multipart`).
+    pub(super) fn at(&self, key: &str) -> (&Client, &str, String) {
+        (&self.client, &self.bucket, self.full_key(key))
+    }
+
     pub(super) fn full_key(&self, key: &str) -> String {
         if self.prefix.is_empty() {
             key.to_string()

@@ -11,6 +11,8 @@ mod diffusers_samplers;
 mod dpmpp_sde;
 mod fixture;
 mod hires;
+mod hub;
+mod hubserver;
 mod img2img;
 mod inversion;
 mod ksampler;

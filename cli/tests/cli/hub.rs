@@ -13,6 +13,7 @@ use kiln_proto::v1 as pb;
 use kiln_worker::engine::image::decode_png;
 
 use crate::hubserver::{COMMIT, HubServer};
+use crate::paths::cell;
 use crate::util::{Worker, fixtures, worker_command};
 use crate::{clients, finished_cells, spawn, submit_cells};
 
@@ -89,6 +90,12 @@ fn ok(out: &Output) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The stderr of a run that must have failed.
+fn fails(out: &Output) -> String {
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn pixels(png: &Path) -> Vec<u8> {
@@ -213,23 +220,19 @@ fn hf_references_render_as_the_local_files_fetching_only_what_is_needed_once() {
 
     // Without a cached copy, offline or unreachable: an error naming the reference.
     let empty = dir.path().join("empty-hf");
-    let out = render(
+    let err = fails(&render(
         MODEL,
         LORA,
         &offline,
         &server.endpoint,
         &empty,
         &[("KILN_OFFLINE", "1")],
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    ));
     assert!(
         err.contains(MODEL) && err.contains("is not cached") && err.contains("offline"),
         "{err}"
     );
-    let out = render(MODEL, LORA, &offline, dead, &empty, &[]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails(&render(MODEL, LORA, &offline, dead, &empty, &[]));
     assert!(
         err.contains(MODEL) && err.contains("is not cached") && err.contains("cannot be reached"),
         "{err}"
@@ -262,25 +265,6 @@ fn references_that_could_leave_the_cache_are_refused() {
     assert_eq!(server.seen().len(), 0);
 }
 
-fn url_cell(seed: u64, lora: &str) -> pb::RenderCell {
-    pb::RenderCell {
-        model: "tiny-sd15".into(),
-        loras: vec![pb::LoraRef {
-            name: lora.into(),
-            strength: 1.0,
-            sha256: String::new(),
-        }],
-        prompt: format!("a fox {seed}"),
-        seed,
-        steps: 2,
-        cfg: 1.0,
-        sampler: pb::Sampler::Lcm as i32,
-        width: 64,
-        height: 64,
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_farm_worker_fetches_a_url_a_cell_names_only_when_its_owner_allows() {
     let server = hub_server();
@@ -307,7 +291,12 @@ async fn a_farm_worker_fetches_a_url_a_cell_names_only_when_its_owner_allows() {
     };
 
     let refusing = worker(false);
-    let sweep = submit_cells(&mut sweeps, "url-refused", vec![url_cell(1, &url)]).await;
+    let sweep = submit_cells(
+        &mut sweeps,
+        "url-refused",
+        vec![cell(1, "tiny-sd15", Some(&url))],
+    )
+    .await;
     let rows = finished_cells(&mut sweeps, sweep, Duration::from_secs(120)).await;
     assert_eq!(rows[0].state, pb::CellState::Discarded as i32);
     let e = &rows[0].errors[0];
@@ -321,7 +310,12 @@ async fn a_farm_worker_fetches_a_url_a_cell_names_only_when_its_owner_allows() {
     drop(refusing);
 
     let _allowing = worker(true);
-    let sweep = submit_cells(&mut sweeps, "url-allowed", vec![url_cell(2, &url)]).await;
+    let sweep = submit_cells(
+        &mut sweeps,
+        "url-allowed",
+        vec![cell(2, "tiny-sd15", Some(&url))],
+    )
+    .await;
     let rows = finished_cells(&mut sweeps, sweep, Duration::from_secs(120)).await;
     assert_eq!(
         rows[0].state,

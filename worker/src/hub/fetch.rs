@@ -75,6 +75,13 @@ impl FetchError {
     }
 }
 
+fn network(url: &str) -> impl FnOnce(reqwest::Error) -> FetchError + '_ {
+    move |source| FetchError::Network {
+        url: url.to_owned(),
+        source,
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
     move |source| FetchError::Io {
         path: path.to_owned(),
@@ -123,10 +130,7 @@ impl Client {
             .read_timeout(Duration::from_secs(60))
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|source| FetchError::Network {
-                url: endpoint.to_owned(),
-                source,
-            })?;
+            .map_err(network(endpoint))?;
         Ok(Self {
             http,
             endpoint: endpoint.trim_end_matches('/').to_owned(),
@@ -140,13 +144,7 @@ impl Client {
         let url = format!("{}/api/models/{repo}/revision/{revision}", self.endpoint);
         let response = self.get(&url, None, true).await?;
         let response = self.follow(response, &url, None).await?;
-        let body = response
-            .bytes()
-            .await
-            .map_err(|source| FetchError::Network {
-                url: url.clone(),
-                source,
-            })?;
+        let body = response.bytes().await.map_err(network(&url))?;
         if body.len() > MAX_INFO_BYTES {
             return Err(FetchError::Protocol {
                 url,
@@ -235,10 +233,7 @@ impl Client {
         if let Some(from) = from {
             request = request.header(header::RANGE, format!("bytes={from}-"));
         }
-        request.send().await.map_err(|source| FetchError::Network {
-            url: url.to_owned(),
-            source,
-        })
+        request.send().await.map_err(network(url))
     }
 
     /// Follows redirects from `response` (asking for bytes `from..` again each time, and
@@ -305,13 +300,7 @@ impl Client {
             .map_err(io(&partial))?;
         let mut written = if resumed { have } else { 0 };
         loop {
-            let chunk = response
-                .chunk()
-                .await
-                .map_err(|source| FetchError::Network {
-                    url: url.to_owned(),
-                    source,
-                })?;
+            let chunk = response.chunk().await.map_err(network(url))?;
             let Some(chunk) = chunk else { break };
             written += chunk.len() as u64;
             if let Err(e) = self.check_size(url, written) {

@@ -139,6 +139,7 @@ impl Hub {
     /// submits every reference). Blocks: runs its own runtime on its own thread, so it may be
     /// called from anywhere, async code included (it tells Tokio it blocks).
     pub fn resolve_blocking(&self, reference: &str, allow_urls: bool) -> Result<PathBuf, HubError> {
+        self.check(reference, allow_urls)?;
         if let Some(path) = self.remembered(reference) {
             return Ok(path);
         }
@@ -173,32 +174,36 @@ impl Hub {
 
     /// [`Hub::resolve_blocking`] for async callers (`kiln model add`).
     pub async fn resolve(&self, reference: &str, allow_urls: bool) -> Result<PathBuf, HubError> {
+        let parsed = self.check(reference, allow_urls)?;
         if let Some(path) = self.remembered(reference) {
             return Ok(path);
         }
-        let refused = |reason: String| HubError::Refused {
-            reference: reference.to_owned(),
-            reason,
-        };
-        let parsed = Reference::parse(reference).map_err(refused)?;
         let path = match parsed {
             Reference::Hub(hub) => self.hub(reference, &hub).await?,
-            Reference::Url(url) => {
-                if !(allow_urls || self.config.allow_urls) {
-                    return Err(refused(
-                        "this worker does not fetch URLs named by cells (its owner allows it \
-                         with --allow-url-models)"
-                            .into(),
-                    ));
-                }
-                self.url(reference, &url).await?
-            }
+            Reference::Url(url) => self.url(reference, &url).await?,
         };
         self.resolved
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(self.memo_key(reference), (path.clone(), Instant::now()));
         Ok(path)
+    }
+
+    /// `reference` parsed, if it is well formed and allowed.
+    fn check(&self, reference: &str, allow_urls: bool) -> Result<Reference, HubError> {
+        let refused = |reason: String| HubError::Refused {
+            reference: reference.to_owned(),
+            reason,
+        };
+        let parsed = Reference::parse(reference).map_err(refused)?;
+        if matches!(parsed, Reference::Url(_)) && !(allow_urls || self.config.allow_urls) {
+            return Err(refused(
+                "this worker does not fetch URLs named by cells (its owner allows it with \
+                 --allow-url-models)"
+                    .into(),
+            ));
+        }
+        Ok(parsed)
     }
 
     fn memo_key(&self, reference: &str) -> String {

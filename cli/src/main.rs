@@ -21,6 +21,7 @@ mod coordinator;
 mod devices;
 mod fetch;
 mod grid;
+mod hub;
 mod images;
 mod init_image;
 mod model;

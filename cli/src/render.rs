@@ -3,7 +3,7 @@
 //! Parses the flags into an engine [`RenderRequest`], loads the pipeline once, shows a
 //! per-step progress bar on stderr and writes a PNG with A1111-style metadata.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
@@ -33,10 +33,13 @@ pub const EXAMPLES: &str = "Examples:
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// An SD1.5 model: a single-file checkpoint (.safetensors, CompVis/LDM layout, with its
-    /// .yaml beside it if it has one) or a diffusers folder (unet/, vae/, text_encoder/, …).
+    /// .yaml beside it if it has one) or a diffusers folder (unet/, vae/, text_encoder/, …);
+    /// or `hf:OWNER/REPO[@REVISION][/FILE]` or an `https://` URL, fetched once into the
+    /// Hugging Face cache (HF_ENDPOINT, HF_TOKEN, HF_HOME; KILN_OFFLINE=1: cached only).
     #[arg(long)]
     model: PathBuf,
-    /// A LoRA to merge, as FILE or FILE:STRENGTH (default strength 1); repeat to stack.
+    /// A LoRA to merge, as FILE or FILE:STRENGTH (default strength 1); repeat to stack. FILE
+    /// may be an `hf:` reference or a URL too.
     #[arg(long = "lora", value_name = "FILE[:STRENGTH]", value_parser = parse_lora)]
     loras: Vec<LoraSpec>,
     /// Where `<lora:name:weight>` in the prompt finds `name.safetensors` (subfolders too);
@@ -166,6 +169,17 @@ pub(crate) fn parse_lora(value: &str) -> Result<LoraSpec, String> {
     })
 }
 
+/// A `--model`, `--lora` or `--vae` value: a path as it is, or an `hf:` or URL reference
+/// fetched (or found in the cache) by the hub client.
+fn local(path: &Path, what: &str) -> anyhow::Result<PathBuf> {
+    match path.to_str() {
+        Some(text) if kiln_worker::hub::is_reference(text) => {
+            kiln_worker::hub::resolve(text, what, true).map_err(anyhow::Error::msg)
+        }
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
 /// The `<lora:name:te:unet>` tags of `prompt`, each found by name in `dirs` (default: the
 /// current folder), merged after the `--lora` stack as a worker merges them.
 fn prompt_loras(prompt: &str, dirs: &[PathBuf]) -> anyhow::Result<Vec<LoraSpec>> {
@@ -280,7 +294,8 @@ fn parse_device(value: &str) -> Result<Device, String> {
 }
 
 /// Runs `kiln render`.
-pub fn main(args: Args) -> anyhow::Result<()> {
+pub fn main(mut args: Args) -> anyhow::Result<()> {
+    crate::hub::install(args.device != Device::Cpu, true)?;
     let sampler = args.sampler;
     let hires = hires(&args)?;
     let mut request = RenderRequest {
@@ -315,6 +330,13 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         request.check()?;
     }
     let inversions = load_inversions(&args.embeddings)?;
+    args.model = local(&args.model, "model")?;
+    for lora in &mut args.loras {
+        lora.path = local(&lora.path, "LoRA")?;
+    }
+    if let Some(vae) = &args.vae {
+        args.vae = Some(local(vae, "VAE")?);
+    }
 
     let loading = ProgressBar::new_spinner().with_message(format!(
         "loading {} ({} LoRA)",

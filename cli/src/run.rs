@@ -62,6 +62,8 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     let file = SweepFile::read(&args.file)?;
     let cache_bytes = (args.cache_gb.max(0.0) * (1u64 << 30) as f64) as u64;
     let opened = crate::devices::open(&args.device, None, None, cache_bytes)?;
+    // The sweep file is the user's own: its URLs are fetched too.
+    crate::hub::install(opened.device != kiln_worker::engine::Device::Cpu, true)?;
     let url: StorageUrl = args.storage.parse()?;
     let cfg = Settings {
         db: Some(args.db.clone()),

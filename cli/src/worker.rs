@@ -44,6 +44,11 @@ pub struct Args {
     /// anyone who can submit could then make this worker open any file it can read).
     #[arg(long, env = "KILN_ALLOW_ANY_PATH")]
     allow_any_path: bool,
+    /// Also fetch `https://…` model, LoRA and VAE files that cells name (`hf:` references are
+    /// fetched from HF_ENDPOINT in any case). Anyone who can submit could then make this worker
+    /// download from any server it reaches.
+    #[arg(long, env = "KILN_ALLOW_URL_MODELS")]
+    allow_url_models: bool,
     /// Host memory budget for loaded models and CPU pipelines, GiB.
     #[arg(long, env = "KILN_CACHE_GB", default_value_t = 8.0)]
     cache_gb: f64,
@@ -132,6 +137,10 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         cache_bytes,
     )?;
     tracing::info!(device = %crate::devices::describe(&opened.info), "device opened");
+    crate::hub::install(
+        opened.device != kiln_worker::engine::Device::Cpu,
+        args.allow_url_models,
+    )?;
     let url: StorageUrl = args.storage.parse()?;
     let model_url: Option<StorageUrl> = match &args.model_storage {
         Some(u) => Some(

@@ -14,11 +14,14 @@
 //!   or `file://DIR` — with retries and attempt-scoped keys.
 //! - [`agent`]: lease → resolve → render (on a dedicated thread) → upload → complete, with
 //!   heartbeats, progress, failure classes, reconnection and drain.
+//! - [`hub`]: references a user can paste — `hf:OWNER/REPO[@REV][/FILE]` and `https://…` —
+//!   fetched into the Hugging Face cache (or kiln's) on demand, and found there offline.
 //! - [`picture`]: img2img start pictures decoded and resized as A1111 resizes them.
 #![warn(missing_docs)]
 
 pub mod agent;
 pub mod cache;
 pub mod engine;
+pub mod hub;
 pub mod picture;
 pub mod upload;

@@ -10,6 +10,9 @@ mod drain;
 mod farm;
 mod farm_img2img;
 mod farm_recipe;
+mod hub;
+#[path = "../../../worker/tests/it/hubserver.rs"]
+mod hubserver;
 mod metrics;
 mod model;
 mod outputs;

@@ -20,7 +20,8 @@ impl Drop for Worker {
     }
 }
 
-fn cell(seed: u64, model: &str, lora: Option<&str>) -> pb::RenderCell {
+/// A 64x64 two-step LCM cell of `model`, with `lora` at strength 1 if given.
+pub(crate) fn cell(seed: u64, model: &str, lora: Option<&str>) -> pb::RenderCell {
     pb::RenderCell {
         model: model.into(),
         loras: lora

@@ -28,6 +28,10 @@ pub fn resolve(
     what: &str,
     policy: PathPolicy,
 ) -> Result<PathBuf, String> {
+    // `hf:OWNER/REPO…` and `https://…`: fetched (or found offline) by the hub module.
+    if crate::hub::is_reference(reference) {
+        return crate::hub::resolve(reference, what, policy == PathPolicy::AnyPath);
+    }
     if reference.is_empty() || reference.contains('\0') {
         return Err(format!("{what} name {reference:?} is empty or not text"));
     }

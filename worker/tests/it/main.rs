@@ -12,6 +12,8 @@ mod disk;
 mod dpmpp_sde;
 mod fixture;
 mod hires;
+mod hub;
+mod hubserver;
 mod img2img;
 mod inversion;
 mod ksampler;

@@ -18,7 +18,9 @@ use crate::table::Table;
 pub const EXAMPLES: &str = "Examples:
   kiln model add dreamshaper_8.safetensors --name dreamshaper
   kiln model add detail.safetensors --kind lora
+  kiln model add hf:latent-consistency/lcm-lora-sdv1-5 --kind lora
   kiln model list
+  kiln model pull dreamshaper --model-cache D:\\kiln-cache
   kiln model rm dreamshaper
 A sweep names a registered model by its name (model = \"dreamshaper\") or by its content
 (model = \"sha256:…\"); each cell is pinned to the hash at submit, so re-pointing a name with
@@ -52,6 +54,22 @@ pub enum Action {
     },
     /// The registry: name, kind, size, sha256.
     List,
+    /// Fetch registered models into this PC's model cache now, as a worker does when a cell
+    /// needs them (resumed, verified, one download per machine): warm a PC before a night's
+    /// sweep. Prints where each file is and how fast it came.
+    Pull {
+        /// Registry names or `sha256:HEX`.
+        #[arg(required = true)]
+        models: Vec<String>,
+        /// The model cache [default: the OS cache folder, as `kiln worker`'s].
+        #[arg(long, env = "KILN_MODEL_CACHE", value_name = "DIR")]
+        model_cache: Option<PathBuf>,
+        /// The model storage to read from [default: the coordinator's].
+        #[arg(long, env = "KILN_MODEL_STORAGE", value_name = "URL")]
+        model_storage: Option<String>,
+        #[command(flatten)]
+        s3: client::S3Args,
+    },
     /// Remove a name (an admin token). The file stays in the model storage.
     Rm {
         /// Registry name.
@@ -66,9 +84,63 @@ pub async fn main(conn: &Conn, action: Action) -> anyhow::Result<()> {
             name,
             kind,
             s3,
-        } => add(conn, &file, name, kind, &s3).await,
+        } => {
+            // `hf:OWNER/REPO[/FILE]` and `https://…` references are fetched here first (into
+            // the Hugging Face / kiln cache), then added as the file they name.
+            let text = file.to_str().unwrap_or_default();
+            if kiln_worker::hub::is_reference(text) {
+                let hub = kiln_worker::hub::Hub::new(crate::hub::config_from_env(false, true)?);
+                let local = hub.resolve(text, true).await?;
+                anyhow::ensure!(
+                    local.is_file(),
+                    "{text} is a diffusers folder: the registry holds single files; name one \
+                     file (hf:OWNER/REPO/FILE) or a single-file checkpoint"
+                );
+                let name = name.or_else(|| reference_name(text));
+                add(conn, &local, name, kind, &s3).await
+            } else {
+                add(conn, &file, name, kind, &s3).await
+            }
+        }
         Action::List => list(conn).await,
+        Action::Pull {
+            models,
+            model_cache,
+            model_storage,
+            s3,
+        } => pull(conn, &models, model_cache, model_storage, &s3).await,
         Action::Rm { name } => rm(conn, &name).await,
+    }
+}
+
+/// The default registry name of a reference: the repository's name for `hf:OWNER/REPO…`
+/// (`lcm-lora-sdv1-5`), the file's stem for a URL.
+fn reference_name(reference: &str) -> Option<String> {
+    let name = match reference.strip_prefix("hf:") {
+        Some(rest) => rest.split('/').nth(1)?.split('@').next()?,
+        None => {
+            let file = reference.split(['?', '#']).next()?.rsplit('/').next()?;
+            file.rsplit_once('.').map_or(file, |(stem, _)| stem)
+        }
+    };
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reference_name;
+
+    #[test]
+    fn references_are_named_after_their_repository_or_file() {
+        for (r, want) in [
+            ("hf:latent-consistency/lcm-lora-sdv1-5", Some("lcm-lora-sdv1-5")),
+            ("hf:o/repo@v2/unet/x.safetensors", Some("repo")),
+            ("https://h.example/a/dreamshaper_8.safetensors?download=1", Some("dreamshaper_8")),
+            ("https://h.example/models/detail", Some("detail")),
+            ("https://h.example/", None),
+        ] {
+            assert_eq!(reference_name(r).as_deref(), want, "{r}");
+        }
     }
 }
 
@@ -209,6 +281,76 @@ async fn list(conn: &Conn) -> anyhow::Result<()> {
         t.row(vec![m.name, kind.into(), m.size.to_string(), m.sha256]);
     }
     print!("{}", t.render());
+    Ok(())
+}
+
+async fn pull(
+    conn: &Conn,
+    wanted: &[String],
+    cache_dir: Option<PathBuf>,
+    model_storage: Option<String>,
+    s3: &client::S3Args,
+) -> anyhow::Result<()> {
+    use kiln_worker::cache::disk::{DEFAULT_BUDGET, DiskCache};
+    let mut models = conn.models().await?;
+    let registry = models
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .models;
+    let url = match model_storage {
+        Some(url) => url,
+        None => {
+            models
+                .model_storage(pb::ModelStorageRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .url
+        }
+    };
+    anyhow::ensure!(
+        !url.is_empty(),
+        "no model storage: the coordinator names none; give --model-storage URL"
+    );
+    let url: StorageUrl = url.parse().with_context(|| format!("model storage {url:?}"))?;
+    let storage = Storage::open(&url, &s3.options())
+        .await
+        .with_context(|| format!("opening {url}"))?;
+    let dir = cache_dir
+        .or_else(DiskCache::default_dir)
+        .context("no cache folder for this OS user: give --model-cache DIR")?;
+    let cache = DiskCache::open(dir, DEFAULT_BUDGET)?;
+    for want in wanted {
+        let entry = registry
+            .iter()
+            .find(|m| &m.name == want || want.strip_prefix("sha256:") == Some(m.sha256.as_str()))
+            .with_context(|| format!("{want:?} is not in the registry (kiln model list)"))?;
+        let bar = bar(entry.size, "download")?;
+        let before = cache.stats().downloaded_bytes;
+        let start = std::time::Instant::now();
+        let blob = cache
+            .ensure(&entry.sha256, &format!("{}.safetensors", entry.name), &storage, &|n, _| {
+                bar.set_position(n)
+            })
+            .await
+            .with_context(|| format!("fetching {}", entry.name))?;
+        bar.finish_and_clear();
+        let got = cache.stats().downloaded_bytes - before;
+        let secs = start.elapsed().as_secs_f64();
+        if got == 0 {
+            println!("{}: cached at {}", entry.name, blob.path().display());
+        } else {
+            println!(
+                "{}: {} bytes in {secs:.2} s ({:.1} MB/s), at {}",
+                entry.name,
+                got,
+                got as f64 / secs.max(1e-9) / 1e6,
+                blob.path().display()
+            );
+        }
+    }
     Ok(())
 }
 

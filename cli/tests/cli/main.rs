@@ -9,6 +9,7 @@ mod devices;
 mod drain;
 mod farm;
 mod farm_img2img;
+mod farm_models;
 mod farm_recipe;
 mod hub;
 #[path = "../../../worker/tests/it/hubserver.rs"]

@@ -110,6 +110,7 @@ async fn farm() -> (tempfile::TempDir, Farm) {
         idle_poll: Duration::from_millis(50),
         drain_timeout: Duration::from_secs(60),
         metrics_addr: None,
+        yielding: Default::default(),
     };
     let client = SweepServiceClient::connect(format!("http://{addr}"))
         .await

@@ -150,6 +150,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             idle_poll: Duration::from_millis(100),
             drain_timeout: WORKER_GRACE,
             metrics_addr: None,
+            yielding: Default::default(),
         };
         let mut worker = tokio::spawn(agent::run(agent_cfg, storage, stopped(worker_rx)));
 

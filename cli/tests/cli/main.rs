@@ -20,6 +20,7 @@ mod secure;
 mod sweepfile;
 mod util;
 mod web;
+mod yielding;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -309,6 +310,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
             worker_id: worker,
             attempts: refs[3..].to_vec(),
             loaded: vec![],
+            paused_reason: String::new(),
         })
         .await
         .unwrap()

@@ -10,6 +10,7 @@
 
 pub mod affinity;
 mod auth;
+mod control;
 pub mod dispatch;
 mod group;
 mod images;
@@ -17,6 +18,7 @@ mod intake;
 mod lease;
 pub mod maintenance;
 mod names;
+pub mod pauses;
 pub mod retry;
 pub mod submit;
 
@@ -190,6 +192,8 @@ pub struct Queue {
     recent_failures: Arc<Mutex<std::collections::VecDeque<RecentFailure>>>,
     /// Events counted for `/metrics`.
     counters: Counters,
+    /// Why workers yield to their owners, and the admin's orders.
+    pauses: Arc<pauses::Pauses>,
 }
 
 /// A failed attempt as a worker reported it, kept in memory for the farm overview.
@@ -241,6 +245,7 @@ impl Queue {
             events: Events::default(),
             recent_failures: Default::default(),
             counters: Counters::default(),
+            pauses: Default::default(),
         }
     }
 

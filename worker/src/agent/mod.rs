@@ -17,6 +17,10 @@
 //!   render as one UNet batch, each with its own seed's noise;
 //! - a drain (SIGTERM) finishes the current render and its upload, and releases
 //!   leased-but-unstarted cells;
+//! - the worker yields to its PC's owner ([`yielding`], [`pause`]): while a listed game runs,
+//!   another process uses the GPU, outside the allowed hours or when the admin pauses it, it
+//!   stops leasing, finishes or hands back its render within a grace, hands back its backlog
+//!   and frees device memory, and resumes by itself; the reason rides on the heartbeat;
 //! - textual-inversion embeddings come from each models folder's `embeddings/` and the
 //!   `--embeddings` folders, read on the render thread at start and again when they change
 //!   ([`inversions`]).
@@ -27,10 +31,12 @@ mod finish;
 pub mod inversions;
 pub mod link;
 pub mod metrics;
+mod pause;
 mod pictures;
 pub mod renderer;
 pub mod resolve;
 pub mod tracked;
+pub mod yielding;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,6 +102,8 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Where `GET /metrics` (Prometheus) is served; `None`: not served.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// When to yield to the PC's owner.
+    pub yielding: yielding::YieldConfig,
 }
 
 impl AgentConfig {
@@ -127,7 +135,7 @@ impl AgentConfig {
             self.upload_retry.attempts >= 1,
             "upload tries must be at least 1"
         );
-        Ok(())
+        self.yielding.validate()
     }
 
     /// Where textual-inversion embeddings are looked for: each models folder's `embeddings/`
@@ -145,6 +153,17 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
+    // The admin's orders (heartbeat replies): a drain ends the agent as a SIGTERM does.
+    let (orders, orders_rx) = watch::channel(yielding::Order::None);
+    let mut drain_order = orders_rx.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = drain_order.wait_for(|o| *o == yielding::Order::Drain) => {
+                tracing::info!("drain asked by the coordinator's admin");
+            }
+        }
+    };
     tokio::pin!(shutdown);
     let info = pb::WorkerInfo {
         name: cfg.name.clone(),
@@ -184,7 +203,9 @@ pub async fn run(
     let backlog = Arc::new(Backlog::new(batch, cfg.prefetch as usize));
     // Every attempt held, for the heartbeat task; uploads finish in the background.
     let tracked = Tracked::default();
-    let heartbeats = link.spawn_heartbeats(tracked.clone());
+    let y = &cfg.yielding;
+    let mut yield_rx = yielding::spawn_monitor(y.sources(orders_rx), y.clock(), y.poll).await;
+    let heartbeats = link.spawn_heartbeats(tracked.clone(), yield_rx.clone(), orders);
     let (stop_leasing, stop_rx) = watch::channel(false);
     let planner = cfg.clone();
     let leaser = Arc::new(Leaser {
@@ -204,12 +225,25 @@ pub async fn run(
         cfg.device,
         metrics.clone(),
     );
+    let hold = pause::Hold {
+        link: &link,
+        backlog: &backlog,
+        tracked: &tracked,
+        renderer: &renderer,
+    };
     let mut draining = false;
     while !draining {
+        if yield_rx.borrow_and_update().is_some() {
+            draining = hold.hold(&mut yield_rx, &mut shutdown).await;
+            continue;
+        }
+        // A reason that came and went during a render's grace stopped leasing.
+        backlog.set_paused(false);
         let group = backlog.take(batch);
         if group.is_empty() {
             tokio::select! {
                 _ = backlog.arrived.notified() => {}
+                _ = pause::reason(yield_rx.clone()) => {}
                 _ = &mut shutdown => draining = true,
             }
             continue;
@@ -223,6 +257,10 @@ pub async fn run(
                     // Finish the render in flight, then drain.
                     draining = true;
                     rendering.await
+                }
+                _ = pause::reason(yield_rx.clone()) => {
+                    backlog.set_paused(true);
+                    pause::within_grace(rendering, &group, cfg.yielding.grace).await
                 }
             }
         };
@@ -260,8 +298,10 @@ pub async fn run(
         );
     }
     let rest: Vec<pb::AttemptRef> = backlog.drain().iter().map(Held::attempt).collect();
-    link.release(rest, true).await;
+    // No heartbeat after the release marks the worker drained (a beat marks it active).
     heartbeats.abort();
+    let _ = heartbeats.await;
+    link.release(rest, true).await;
     if let Some(serving) = serving {
         serving.abort();
     }
@@ -348,6 +388,9 @@ async fn render_group(
         }
         match result {
             Ok(r) => out[i] = Some(r),
+            Err(RenderFailure::Cancelled) if held.flags.is_yielded() => {
+                pause::hand_back(link, held).await
+            }
             Err(RenderFailure::Cancelled) => {
                 report(
                     link,
@@ -557,6 +600,7 @@ mod tests {
             idle_poll: Duration::from_millis(100),
             drain_timeout: Duration::from_secs(60),
             metrics_addr: None,
+            yielding: Default::default(),
         }
     }
 

@@ -111,6 +111,7 @@ async fn farm() -> (tempfile::TempDir, Farm) {
         drain_timeout: Duration::from_secs(60),
         metrics_addr: None,
         model_cache: Default::default(),
+        yielding: Default::default(),
     };
     let client = SweepServiceClient::connect(format!("http://{addr}"))
         .await

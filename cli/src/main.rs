@@ -67,6 +67,14 @@ struct Cli {
 }
 
 /// The format of log lines (`--log-format`).
+/// What `kiln workers ORDER ID` asks of a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum WorkerOrder {
+    Pause,
+    Resume,
+    Drain,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     /// Human-readable lines.
@@ -307,11 +315,21 @@ enum Command {
         #[command(subcommand)]
         action: model::Action,
     },
-    /// Connected workers: device, state, current task, images/s.
-    #[command(after_help = "Example:\n  kiln workers")]
+    /// Connected workers: device, state (with why a worker yields to its PC's owner), current
+    /// task, images/s; with an order and a worker ID, pauses, resumes or drains that worker
+    /// (admin token).
+    #[command(
+        after_help = "Examples:\n  kiln workers\n  kiln workers pause 3\n  kiln workers resume 3\n  kiln workers drain 3"
+    )]
     Workers {
         #[command(flatten)]
         conn: client::Conn,
+        /// pause: yield as to the owner until resumed; resume: undo pause or drain; drain:
+        /// finish the render in flight, hand back the rest and exit.
+        #[arg(value_enum, requires = "worker")]
+        order: Option<WorkerOrder>,
+        /// The worker's ID (first column of `kiln workers`).
+        worker: Option<u64>,
     },
 }
 
@@ -347,7 +365,22 @@ fn run_client(command: Command) -> anyhow::Result<()> {
                 let sweep = client::sweep_id(&conn, &sweep).await?;
                 sweeps::change(&conn, sweep, sweeps::Change::RetryFailed).await
             }
-            Command::Workers { conn } => sweeps::workers(&conn).await,
+            Command::Workers {
+                conn, order: None, ..
+            } => sweeps::workers(&conn).await,
+            Command::Workers {
+                conn,
+                order: Some(order),
+                worker,
+            } => {
+                let worker = worker.expect("clap requires the worker with an order");
+                let control = match order {
+                    WorkerOrder::Pause => kiln_proto::v1::WorkerControl::Pause,
+                    WorkerOrder::Resume => kiln_proto::v1::WorkerControl::Resume,
+                    WorkerOrder::Drain => kiln_proto::v1::WorkerControl::Drain,
+                };
+                sweeps::control(&conn, worker, control).await
+            }
             Command::Model { conn, action } => model::main(&conn, action).await,
             Command::Star {
                 conn,

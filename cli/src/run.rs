@@ -153,6 +153,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             drain_timeout: WORKER_GRACE,
             metrics_addr: None,
             model_cache: Default::default(),
+            yielding: Default::default(),
         };
         let mut worker = tokio::spawn(agent::run(agent_cfg, storage, stopped(worker_rx)));
 

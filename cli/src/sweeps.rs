@@ -331,13 +331,7 @@ pub async fn workers(conn: &Conn) -> anyhow::Result<()> {
             },
             // The render features it understands: 0 for workers older than levels.
             info.render_level.to_string(),
-            if w.drained {
-                "drained".into()
-            } else if w.online {
-                "online".into()
-            } else {
-                "offline".into()
-            },
+            worker_state(w),
             if running.is_empty() {
                 "-".into()
             } else {
@@ -348,6 +342,45 @@ pub async fn workers(conn: &Conn) -> anyhow::Result<()> {
         ]);
     }
     print!("{}", t.render());
+    Ok(())
+}
+
+/// A worker's STATE: drained, offline, `paused: game.exe running` (why it yields to its
+/// owner), `draining (admin)`, or online.
+fn worker_state(w: &pb::WorkerRecord) -> String {
+    let drain_ordered = w.control == pb::WorkerControl::Drain as i32;
+    if w.drained {
+        "drained".into()
+    } else if !w.online {
+        "offline".into()
+    } else if drain_ordered {
+        "draining (admin)".into()
+    } else if !w.paused_reason.is_empty() {
+        format!("paused: {}", w.paused_reason)
+    } else if w.control == pb::WorkerControl::Pause as i32 {
+        // Ordered, not yet heard back.
+        "pausing (admin)".into()
+    } else {
+        "online".into()
+    }
+}
+
+/// `kiln workers pause|resume|drain ID`: the admin's order, delivered in the worker's next
+/// heartbeat.
+pub async fn control(conn: &Conn, worker: u64, control: pb::WorkerControl) -> anyhow::Result<()> {
+    let mut c = conn.sweeps().await?;
+    c.control_worker(pb::ControlWorkerRequest {
+        worker_id: worker,
+        control: control as i32,
+    })
+    .await
+    .map_err(status_error)?;
+    let what = match control {
+        pb::WorkerControl::Pause => "pause",
+        pb::WorkerControl::Drain => "drain",
+        _ => "resume",
+    };
+    println!("worker {worker}: {what} sent (it acts on its next heartbeat)");
     Ok(())
 }
 

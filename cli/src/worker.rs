@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use kiln_worker::agent::pinned::ModelCacheConfig;
 use kiln_worker::agent::resolve::PathPolicy;
+use kiln_worker::agent::yielding::YieldSettings;
 use kiln_worker::agent::{self, AgentConfig};
 use kiln_worker::upload::{RetryPolicy, S3Options, Storage, StorageUrl};
 
@@ -119,6 +120,92 @@ pub struct Args {
     /// s3://BUCKET/PREFIX or file://DIR [default: --storage]. The S3 settings are --storage's.
     #[arg(long, env = "KILN_MODEL_STORAGE", value_name = "URL")]
     model_storage: Option<String>,
+    /// TOML config file; its `[yield]` table holds processes, hours, weekend_hours, gpu_busy,
+    /// grace_secs and poll_ms, each overridden by its flag or KILN_YIELD_* variable.
+    #[arg(long, env = "KILN_WORKER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    yielding: YieldArgs,
+}
+
+/// When the worker yields to its PC's owner: it stops leasing, finishes or hands back its
+/// render within --yield-grace-secs, frees device memory, and resumes by itself.
+#[derive(Debug, clap::Args)]
+struct YieldArgs {
+    /// Yield while a program of this name runs (repeatable or comma-separated; case-insensitive,
+    /// `.exe` optional), e.g. --yield-process eldenring.exe.
+    #[arg(
+        long = "yield-process",
+        env = "KILN_YIELD_PROCESS",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    processes: Vec<String>,
+    /// Render only within these hours, local time, HH:MM-HH:MM; may cross midnight, e.g.
+    /// 22:00-08:00 [default: any time].
+    #[arg(
+        long = "yield-hours",
+        env = "KILN_YIELD_HOURS",
+        value_name = "HH:MM-HH:MM"
+    )]
+    hours: Option<String>,
+    /// The allowed hours on Saturday and Sunday [default: --yield-hours].
+    #[arg(
+        long = "yield-weekend-hours",
+        env = "KILN_YIELD_WEEKEND_HOURS",
+        value_name = "HH:MM-HH:MM"
+    )]
+    weekend_hours: Option<String>,
+    /// Yield while another process uses the GPU (NVIDIA cards, through the driver's NVML;
+    /// without NVML this is off, and the log says so).
+    #[arg(long = "yield-gpu-busy", env = "KILN_YIELD_GPU_BUSY")]
+    gpu_busy: bool,
+    /// Seconds a render in flight may take to finish once the worker must yield; then it is
+    /// stopped and handed back for another worker [default: 10].
+    #[arg(
+        long = "yield-grace-secs",
+        env = "KILN_YIELD_GRACE_SECS",
+        value_name = "SECS"
+    )]
+    grace_secs: Option<u64>,
+    /// Milliseconds between two looks at the yield signals [default: 2000].
+    #[arg(long = "yield-poll-ms", env = "KILN_YIELD_POLL_MS", value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    poll_ms: Option<u64>,
+}
+
+impl YieldArgs {
+    /// The flags and environment as the top settings layer.
+    fn settings(self) -> YieldSettings {
+        YieldSettings {
+            processes: Some(self.processes).filter(|p| !p.is_empty()),
+            hours: self.hours,
+            weekend_hours: self.weekend_hours,
+            gpu_busy: self.gpu_busy.then_some(true),
+            grace_secs: self.grace_secs,
+            poll_ms: self.poll_ms,
+        }
+    }
+}
+
+/// The worker's config file: only `[yield]` for now.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    #[serde(rename = "yield", default)]
+    yielding: YieldSettings,
+}
+
+/// The `[yield]` settings of a config file, if one is given.
+fn file_settings(config: Option<&PathBuf>) -> anyhow::Result<YieldSettings> {
+    let Some(path) = config else {
+        return Ok(YieldSettings::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+    let file: FileSettings =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+    Ok(file.yielding)
 }
 
 fn env_either(a: &str, b: &str) -> Option<String> {
@@ -141,6 +228,15 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         opened.device != kiln_worker::engine::Device::Cpu,
         args.allow_url_models,
     )?;
+    let gpu_index = match opened.device {
+        kiln_worker::engine::Device::Cuda(i) => i as u32,
+        _ => 0,
+    };
+    let yielding = args
+        .yielding
+        .settings()
+        .over(file_settings(args.config.as_ref())?)
+        .validate(gpu_index)?;
     let url: StorageUrl = args.storage.parse()?;
     let model_url: Option<StorageUrl> = match &args.model_storage {
         Some(u) => Some(
@@ -199,6 +295,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             budget_bytes: args.model_cache_size.as_u64(),
             storage: None,
         },
+        yielding,
     };
     cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()

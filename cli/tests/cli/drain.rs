@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 use crate::{clients, spawn};
 
 /// `n` cells big enough (256², 8 steps) that the worker is mid-render when a signal comes.
-fn slow_cells(n: u64) -> Vec<pb::RenderCell> {
+pub(crate) fn slow_cells(n: u64) -> Vec<pb::RenderCell> {
     (0..n)
         .map(|seed| pb::RenderCell {
             model: "tiny-sd15".into(),

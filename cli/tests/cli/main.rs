@@ -28,6 +28,7 @@ mod util;
 mod web;
 #[cfg(unix)]
 mod wine;
+mod yielding;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -317,6 +318,7 @@ async fn kill_and_restart_loses_nothing(db: &str) {
             worker_id: worker,
             attempts: refs[3..].to_vec(),
             loaded: vec![],
+            paused_reason: String::new(),
         })
         .await
         .unwrap()

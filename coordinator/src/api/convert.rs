@@ -12,6 +12,7 @@ use crate::domain::rows::{
     CellRow, MAX_RATING, ProgressRow, StateCounts, SweepRow, WorkerRegistration,
 };
 use crate::domain::state::{CellState, DeviceKind, FailureClass, SweepState};
+use crate::queue::pauses::Control;
 use crate::result::RenderResult;
 use crate::sweep::{CellSpec, DEFAULT_INIT_STRENGTH, HiresSpec, InitSpec, LoraSpec};
 use crate::{Error, Result};
@@ -521,5 +522,24 @@ mod tests {
             let e = cell_from_wire(c).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
+    }
+}
+
+/// The admin's order for a worker, as the wire's.
+pub fn control_to_wire(c: Control) -> pb::WorkerControl {
+    match c {
+        Control::None => pb::WorkerControl::Unspecified,
+        Control::Pause => pb::WorkerControl::Pause,
+        Control::Drain => pb::WorkerControl::Drain,
+    }
+}
+
+/// The admin's order from the wire (RESUME clears any order).
+pub fn control_from_wire(c: i32) -> Result<Control> {
+    match pb::WorkerControl::try_from(c) {
+        Ok(pb::WorkerControl::Pause) => Ok(Control::Pause),
+        Ok(pb::WorkerControl::Drain) => Ok(Control::Drain),
+        Ok(pb::WorkerControl::Resume) => Ok(Control::None),
+        _ => Err(Error::invalid("control: PAUSE, RESUME or DRAIN")),
     }
 }

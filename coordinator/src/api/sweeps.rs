@@ -536,9 +536,23 @@ impl SweepService for SweepApi {
                     .map(convert::progress_to_wire)
                     .collect(),
                 cells_per_second: w.completed_recently as f64 / 60.0,
+                paused_reason: self.queue.pauses().get(w.id).0,
+                control: convert::control_to_wire(self.queue.pauses().get(w.id).1) as i32,
                 info: Some(convert::registration_to_wire(w.info)),
             })
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn control_worker(
+        &self,
+        request: Request<pb::ControlWorkerRequest>,
+    ) -> Result<Response<pb::ControlWorkerResponse>, Status> {
+        caller(&request, Scope::Admin)?;
+        let r = request.into_inner();
+        let worker = convert::worker_id(r.worker_id)?;
+        let control = convert::control_from_wire(r.control)?;
+        self.queue.control_worker(worker, control).await?;
+        Ok(Response::new(pb::ControlWorkerResponse {}))
     }
 }

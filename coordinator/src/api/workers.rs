@@ -132,6 +132,7 @@ impl WorkerService for WorkerApi {
             .iter()
             .map(|a| convert::attempt_ref(Some(a)))
             .collect::<Result<Vec<_>>>()?;
+        let control = self.queue.pauses().report(worker, &r.paused_reason)?;
         let loaded = loaded(r.loaded);
         let (statuses, expires) = self
             .queue
@@ -139,6 +140,7 @@ impl WorkerService for WorkerApi {
             .await?;
         let mut out = pb::HeartbeatResponse {
             lease_expires_at_ms: expires.0,
+            control: convert::control_to_wire(control) as i32,
             ..Default::default()
         };
         for ((cell, attempt), status) in attempts.into_iter().zip(statuses) {

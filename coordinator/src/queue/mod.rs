@@ -11,6 +11,7 @@
 mod activity;
 pub mod affinity;
 mod auth;
+mod control;
 pub mod dispatch;
 mod group;
 mod holdings;
@@ -20,6 +21,7 @@ mod lease;
 pub mod maintenance;
 mod models;
 mod names;
+pub mod pauses;
 pub mod retry;
 pub mod submit;
 
@@ -204,6 +206,8 @@ pub struct Queue {
     holdings: Arc<holdings::Holdings>,
     /// Running attempts' activities (`ReportProgress.activity`).
     activities: Arc<activity::Activities>,
+    /// Why workers yield to their owners, and the admin's orders.
+    pauses: Arc<pauses::Pauses>,
 }
 
 /// A failed attempt as a worker reported it, kept in memory for the farm overview.
@@ -257,6 +261,7 @@ impl Queue {
             counters: Counters::default(),
             holdings: Default::default(),
             activities: Default::default(),
+            pauses: Default::default(),
         }
     }
 

@@ -407,6 +407,7 @@ async fn tokens_scopes_owners_and_worker_sessions_over_tls() {
                     worker_id: a.worker_id,
                     attempts: vec![attempt],
                     loaded: vec![],
+                    paused_reason: String::new(),
                 })
                 .await
         ),

@@ -410,6 +410,7 @@ async fn fuzz(backend: Backend, seed: u64) {
             worker_id: worker(&mut g),
             attempts: (0..g.0.random_range(0..4)).map(|_| pick(&mut g)).collect(),
             loaded: vec![g.text()],
+            paused_reason: g.text(),
         };
         check("Heartbeat", seed, workers.heartbeat(hb).await);
         let get = pb::GetImageRequest {

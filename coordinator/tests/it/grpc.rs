@@ -216,6 +216,7 @@ async fn register_lease_heartbeat_complete_and_query() {
             worker_id: worker,
             attempts: vec![a],
             loaded: vec![t.affinity_key.clone()],
+            paused_reason: String::new(),
         })
         .await
         .unwrap()
@@ -609,6 +610,7 @@ async fn watch_streams_progress_and_cancel_reaches_the_worker() {
             worker_id: worker,
             attempts: vec![b],
             loaded: vec![],
+            paused_reason: String::new(),
         })
         .await
         .unwrap()

@@ -78,6 +78,8 @@ pub(super) struct Backlog {
     finishing: AtomicUsize,
     /// Set by the drain: claim nothing more.
     stopped: AtomicBool,
+    /// Set while the worker yields to its owner: claim nothing until resumed.
+    paused: AtomicBool,
     /// Signalled when attempts arrive.
     pub(super) arrived: Notify,
     /// Signalled when attempts leave, or a claim or a finish ends.
@@ -93,15 +95,16 @@ impl Backlog {
             claimed: Mutex::new(0),
             finishing: AtomicUsize::new(0),
             stopped: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             arrived: Notify::new(),
             left: Notify::new(),
         }
     }
 
     /// Claims the gap between what is held or asked for and the target; returns its size (0
-    /// once draining).
+    /// once draining, and while paused).
     pub(super) fn claim(&self) -> usize {
-        if self.stopped.load(Ordering::SeqCst) {
+        if self.stopped.load(Ordering::SeqCst) || self.paused.load(Ordering::SeqCst) {
             return 0;
         }
         let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
@@ -122,6 +125,13 @@ impl Backlog {
     pub(super) fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         self.left.notify_one();
+    }
+
+    /// Stops leasing while the worker yields to its owner (`true`), or lets it go on.
+    pub(super) fn set_paused(&self, paused: bool) {
+        if self.paused.swap(paused, Ordering::SeqCst) != paused {
+            self.left.notify_one();
+        }
     }
 
     /// Counts a rendered attempt on its way to the coordinator.

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 use super::access::{Access, Credentials};
 use super::tracked::Tracked;
+use super::yielding::Order;
 
 /// The worker service client, every call carrying the token and the session.
 type Client = WorkerServiceClient<InterceptedService<Channel, Credentials>>;
@@ -291,16 +292,25 @@ impl Link {
     }
 
     /// Heartbeats every attempt in `tracked` (read afresh each beat) until aborted; flags lost
-    /// and cancelled ones.
-    pub fn spawn_heartbeats(&self, tracked: Tracked) -> tokio::task::JoinHandle<()> {
+    /// and cancelled ones. Each beat also carries why the worker yields to its owner (`paused`,
+    /// beating at once when that changes) and brings back the admin's order into `orders`; so
+    /// an idle or yielded worker beats too.
+    pub fn spawn_heartbeats(
+        &self,
+        tracked: Tracked,
+        mut paused: watch::Receiver<Option<String>>,
+        orders: watch::Sender<Order>,
+    ) -> tokio::task::JoinHandle<()> {
         let link = self.clone();
         tokio::spawn(async move {
+            let mut watching = true;
             loop {
-                tokio::time::sleep(link.heartbeat).await;
-                let held = tracked.snapshot();
-                if held.is_empty() {
-                    continue;
+                tokio::select! {
+                    _ = tokio::time::sleep(link.heartbeat) => {}
+                    changed = paused.changed(), if watching => watching = changed.is_ok(),
                 }
+                let paused_reason = paused.borrow_and_update().clone().unwrap_or_default();
+                let held = tracked.snapshot();
                 let attempts: Vec<pb::AttemptRef> = held.iter().map(|h| h.0).collect();
                 let r = link
                     .client
@@ -309,6 +319,7 @@ impl Link {
                         worker_id: link.id(),
                         attempts,
                         loaded: vec![],
+                        paused_reason,
                     })
                     .await;
                 let r = match r {
@@ -319,6 +330,8 @@ impl Link {
                         continue;
                     }
                 };
+                let order = Order::from_wire(r.control);
+                orders.send_if_modified(|o| std::mem::replace(o, order) != order);
                 for (a, flags) in &held {
                     if r.lost.contains(a) {
                         tracing::warn!(

@@ -17,6 +17,10 @@
 //!   render as one UNet batch, each with its own seed's noise;
 //! - a drain (SIGTERM) finishes the current render and its upload, and releases
 //!   leased-but-unstarted cells;
+//! - the worker yields to its PC's owner ([`yielding`], [`pause`]): while a listed game runs,
+//!   another process uses the GPU, outside the allowed hours or when the admin pauses it, it
+//!   stops leasing, finishes or hands back its render within a grace, hands back its backlog
+//!   and frees device memory, and resumes by itself; the reason rides on the heartbeat;
 //! - textual-inversion embeddings come from each models folder's `embeddings/` and the
 //!   `--embeddings` folders, read on the render thread at start and again when they change
 //!   ([`inversions`]);
@@ -31,11 +35,13 @@ mod finish;
 pub mod inversions;
 pub mod link;
 pub mod metrics;
+mod pause;
 mod pictures;
 pub mod pinned;
 pub mod renderer;
 pub mod resolve;
 pub mod tracked;
+pub mod yielding;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -103,6 +109,8 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// The disk model cache for models pinned by sha256, and where they are fetched from.
     pub model_cache: pinned::ModelCacheConfig,
+    /// When to yield to the PC's owner.
+    pub yielding: yielding::YieldConfig,
 }
 
 impl AgentConfig {
@@ -134,7 +142,7 @@ impl AgentConfig {
             self.upload_retry.attempts >= 1,
             "upload tries must be at least 1"
         );
-        Ok(())
+        self.yielding.validate()
     }
 
     /// Where textual-inversion embeddings are looked for: each models folder's `embeddings/`
@@ -152,6 +160,17 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
+    // The admin's orders (heartbeat replies): a drain ends the agent as a SIGTERM does.
+    let (orders, orders_rx) = watch::channel(yielding::Order::None);
+    let mut drain_order = orders_rx.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = drain_order.wait_for(|o| *o == yielding::Order::Drain) => {
+                tracing::info!("drain asked by the coordinator's admin");
+            }
+        }
+    };
     tokio::pin!(shutdown);
     let info = pb::WorkerInfo {
         name: cfg.name.clone(),
@@ -201,7 +220,9 @@ pub async fn run(
     let backlog = Arc::new(Backlog::new(batch, cfg.prefetch as usize));
     // Every attempt held, for the heartbeat task; uploads finish in the background.
     let tracked = Tracked::default();
-    let heartbeats = link.spawn_heartbeats(tracked.clone());
+    let y = &cfg.yielding;
+    let mut yield_rx = yielding::spawn_monitor(y.sources(orders_rx), y.clock(), y.poll).await;
+    let heartbeats = link.spawn_heartbeats(tracked.clone(), yield_rx.clone(), orders);
     let (stop_leasing, stop_rx) = watch::channel(false);
     let planner = cfg.clone();
     let leaser = Arc::new(Leaser {
@@ -221,14 +242,27 @@ pub async fn run(
         cfg.device,
         metrics.clone(),
     );
+    let hold = pause::Hold {
+        link: &link,
+        backlog: &backlog,
+        tracked: &tracked,
+        renderer: &renderer,
+    };
     let mut draining = false;
     // Cached model files in use by loaded pipelines (see `pinned`).
     let mut in_use = Vec::new();
     while !draining {
+        if yield_rx.borrow_and_update().is_some() {
+            draining = hold.hold(&mut yield_rx, &mut shutdown).await;
+            continue;
+        }
+        // A reason that came and went during a render's grace stopped leasing.
+        backlog.set_paused(false);
         let group = backlog.take(batch);
         if group.is_empty() {
             tokio::select! {
                 _ = backlog.arrived.notified() => {}
+                _ = pause::reason(yield_rx.clone()) => {}
                 _ = &mut shutdown => draining = true,
             }
             continue;
@@ -251,6 +285,10 @@ pub async fn run(
                     // Finish the render in flight, then drain.
                     draining = true;
                     rendering.await
+                }
+                _ = pause::reason(yield_rx.clone()) => {
+                    backlog.set_paused(true);
+                    pause::within_grace(rendering, &group, cfg.yielding.grace).await
                 }
             }
         };
@@ -288,8 +326,10 @@ pub async fn run(
         );
     }
     let rest: Vec<pb::AttemptRef> = backlog.drain().iter().map(Held::attempt).collect();
-    link.release(rest, true).await;
+    // No heartbeat after the release marks the worker drained (a beat marks it active).
     heartbeats.abort();
+    let _ = heartbeats.await;
+    link.release(rest, true).await;
     if let Some(serving) = serving {
         serving.abort();
     }
@@ -427,6 +467,9 @@ async fn render_group(
             Ok(mut r) => {
                 r.load_ms += share;
                 out[i] = Some(r);
+            }
+            Err(RenderFailure::Cancelled) if held.flags.is_yielded() => {
+                pause::hand_back(link, held).await
             }
             Err(RenderFailure::Cancelled) => {
                 report(
@@ -648,6 +691,7 @@ mod tests {
             drain_timeout: Duration::from_secs(60),
             metrics_addr: None,
             model_cache: Default::default(),
+            yielding: Default::default(),
         }
     }
 

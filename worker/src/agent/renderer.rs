@@ -84,6 +84,7 @@ enum Msg {
     Prepare(PipelineKey),
     Prepared(PipelineKey, Arc<BaseModel>, Box<Pipeline>),
     PrepareFailed(PipelineKey),
+    FreeDevice,
     Stop,
 }
 
@@ -193,6 +194,12 @@ impl Renderer {
             .unwrap_or_else(|_| failed("the render thread panicked"))
     }
 
+    /// Drops every pipeline held in device memory (the worker yields its GPU to the PC's
+    /// owner); after the render in flight, if any. Host copies of the models stay.
+    pub fn free_device(&self) {
+        let _ = self.tx.send(Msg::FreeDevice);
+    }
+
     /// Pipelines loaded now.
     pub fn loaded(&self) -> Vec<PipelineKey> {
         self.published().loaded.clone()
@@ -284,6 +291,11 @@ impl RenderThread {
             }
             // The render that needs it loads it itself and reports the real error.
             Msg::PrepareFailed(key) => self.pending.retain(|k| k != &key),
+            Msg::FreeDevice => {
+                let dropped = self.cache.clear_device();
+                tracing::info!(dropped, "device memory freed for the owner");
+                self.publish();
+            }
             Msg::Render(_) | Msg::Stop => unreachable!("handled by run"),
         }
     }

@@ -16,6 +16,8 @@ pub struct AttemptFlags {
     pub cancel: Arc<AtomicBool>,
     /// The coordinator no longer holds it for this worker: never complete or fail it.
     lost: AtomicBool,
+    /// Stopped because the worker yields to its PC's owner: hand it back, do not fail it.
+    yielded: AtomicBool,
 }
 
 impl AttemptFlags {
@@ -32,6 +34,17 @@ impl AttemptFlags {
     /// The coordinator gave the lease to someone else: stop, and report nothing.
     pub fn mark_lost(&self) {
         self.lost.store(true, Ordering::SeqCst);
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether it was stopped to yield to the owner.
+    pub fn is_yielded(&self) -> bool {
+        self.yielded.load(Ordering::SeqCst)
+    }
+
+    /// The worker yields to its owner: stop, and hand it back.
+    pub fn mark_yielded(&self) {
+        self.yielded.store(true, Ordering::SeqCst);
         self.cancel.store(true, Ordering::SeqCst);
     }
 

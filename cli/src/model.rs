@@ -133,9 +133,15 @@ mod tests {
     #[test]
     fn references_are_named_after_their_repository_or_file() {
         for (r, want) in [
-            ("hf:latent-consistency/lcm-lora-sdv1-5", Some("lcm-lora-sdv1-5")),
+            (
+                "hf:latent-consistency/lcm-lora-sdv1-5",
+                Some("lcm-lora-sdv1-5"),
+            ),
             ("hf:o/repo@v2/unet/x.safetensors", Some("repo")),
-            ("https://h.example/a/dreamshaper_8.safetensors?download=1", Some("dreamshaper_8")),
+            (
+                "https://h.example/a/dreamshaper_8.safetensors?download=1",
+                Some("dreamshaper_8"),
+            ),
             ("https://h.example/models/detail", Some("detail")),
             ("https://h.example/", None),
         ] {
@@ -314,7 +320,9 @@ async fn pull(
         !url.is_empty(),
         "no model storage: the coordinator names none; give --model-storage URL"
     );
-    let url: StorageUrl = url.parse().with_context(|| format!("model storage {url:?}"))?;
+    let url: StorageUrl = url
+        .parse()
+        .with_context(|| format!("model storage {url:?}"))?;
     let storage = Storage::open(&url, &s3.options())
         .await
         .with_context(|| format!("opening {url}"))?;
@@ -331,9 +339,12 @@ async fn pull(
         let before = cache.stats().downloaded_bytes;
         let start = std::time::Instant::now();
         let blob = cache
-            .ensure(&entry.sha256, &format!("{}.safetensors", entry.name), &storage, &|n, _| {
-                bar.set_position(n)
-            })
+            .ensure(
+                &entry.sha256,
+                &format!("{}.safetensors", entry.name),
+                &storage,
+                &|n, _| bar.set_position(n),
+            )
             .await
             .with_context(|| format!("fetching {}", entry.name))?;
         bar.finish_and_clear();

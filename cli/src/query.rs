@@ -169,7 +169,12 @@ fn record_json(r: &pb::CellRecord) -> serde_json::Value {
         "seed": c.seed, "steps": c.steps, "cfg": c.cfg,
         "sampler": sampler_name(&c),
         "width": c.width, "height": c.height, "vae": c.vae, "clip_skip": c.clip_skip.max(1),
-        "loras": c.loras.iter().map(|l| serde_json::json!({"name": l.name, "strength": l.strength})).collect::<Vec<_>>(),
+        "model_sha256": (!c.model_sha256.is_empty()).then_some(&c.model_sha256),
+        "vae_sha256": (!c.vae_sha256.is_empty()).then_some(&c.vae_sha256),
+        "loras": c.loras.iter().map(|l| serde_json::json!({
+            "name": l.name, "strength": l.strength,
+            "sha256": (!l.sha256.is_empty()).then_some(&l.sha256),
+        })).collect::<Vec<_>>(),
         "hires": hires_json(&c),
         "init": (!c.init_image_sha256.is_empty()).then(|| serde_json::json!({
             "image": c.init_image_name, "sha256": c.init_image_sha256, "strength": c.strength,

@@ -60,7 +60,10 @@ fn the_thread_count_follows_the_configuration() {
     assert_eq!(threads(&["--threads", "3", "devices"], &[]), 3);
     assert_eq!(threads(&["devices"], &[("KILN_THREADS", "5")]), 5);
     assert_eq!(
-        threads(&["devices", "--threads", "3"], &[("RAYON_NUM_THREADS", "7")]),
+        threads(
+            &["devices", "--threads", "3"],
+            &[("RAYON_NUM_THREADS", "7")]
+        ),
         3
     );
     assert_eq!(threads(&["devices"], &[("RAYON_NUM_THREADS", "7")]), 7);

@@ -68,7 +68,7 @@ fn worker(addr: &str, s3: &S3Server, dir: &Path, name: &str, metrics: u16) -> Wo
         Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["worker", "--coordinator", &format!("http://{addr}")])
             .args(["--storage", "s3://pool/renders", "--s3-path-style"])
-            .args(["--model-storage", "s3://pool/models"])
+            .args(["--model-storage", "s3://pool/farm"])
             .args(["--s3-endpoint", &s3.endpoint, "--name", name])
             .args(["--idle-poll-ms", "50"])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
@@ -97,18 +97,49 @@ fn counter(port: u16, name: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
-/// `kiln render` of one cell from the fixture files themselves.
-fn local_render(dir: &Path, seed: u64) -> Vec<u8> {
+/// A kohya LoRA for the tiny single-file checkpoint (whose modules no LoRA fixture fits):
+/// rank 4 on its text encoder's first MLP, values from a fixed sequence, written into `dir`.
+fn tiny_lora(dir: &Path) -> std::path::PathBuf {
+    use safetensors::{Dtype, tensor::TensorView};
+    let mut state = 0x2545_f491_u32;
+    let mut values = |n: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((state >> 8) as f32 / (1u32 << 24) as f32 - 0.5).to_le_bytes()
+            })
+            .collect()
+    };
+    let (down, up, alpha) = (values(4 * 8), values(32 * 4), 4.0f32.to_le_bytes().to_vec());
+    let module = "lora_te_text_model_encoder_layers_0_mlp_fc1";
+    let tensors = vec![
+        (
+            format!("{module}.lora_down.weight"),
+            TensorView::new(Dtype::F32, vec![4, 8], &down).unwrap(),
+        ),
+        (
+            format!("{module}.lora_up.weight"),
+            TensorView::new(Dtype::F32, vec![32, 4], &up).unwrap(),
+        ),
+        (
+            format!("{module}.alpha"),
+            TensorView::new(Dtype::F32, vec![], &alpha).unwrap(),
+        ),
+    ];
+    let path = dir.join("detail.safetensors");
+    safetensors::serialize_to_file(tensors, None, &path).unwrap();
+    path
+}
+
+/// `kiln render` of one cell from the same files.
+fn local_render(dir: &Path, lora: &Path, seed: u64) -> Vec<u8> {
     let out = dir.join(format!("local-{seed}.png"));
     let result = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("render")
         .arg("--model")
         .arg(fixtures().join("tiny-ldm.safetensors"))
         .arg("--lora")
-        .arg(format!(
-            "{}:0.7",
-            fixtures().join("lora_kohya_ldm.safetensors").display()
-        ))
+        .arg(format!("{}:0.7", lora.display()))
         .args(["--prompt", "a photograph of an astronaut riding a horse"])
         .args(["--steps", "4", "--width", "64", "--height", "64"])
         .args(["--seed", &seed.to_string(), "-o"])
@@ -137,10 +168,10 @@ async fn two_workers_with_empty_caches_fetch_registered_models_once_and_render_t
         .await
         .unwrap();
     let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
-    let c = spawn_with(&db, dir.path(), &["--model-storage", "s3://pool/models"]);
+    let c = spawn_with(&db, dir.path(), &["--model-storage", "s3://pool/farm"]);
 
     let ckpt = fixtures().join("tiny-ldm.safetensors");
-    let lora = fixtures().join("lora_kohya_ldm.safetensors");
+    let lora = tiny_lora(dir.path());
     kiln_s3(
         &c.addr,
         &s3,
@@ -181,13 +212,20 @@ async fn two_workers_with_empty_caches_fetch_registered_models_once_and_render_t
     assert_eq!(cells.len(), 8);
     let url: StorageUrl = "s3://pool/renders".parse().unwrap();
     let renders = Storage::open(&url, &s3.options()).await.unwrap();
+    let hash = |p: &Path| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
+    };
     for cell in &cells {
         assert_eq!(cell["state"], "completed", "{cell}");
+        // Pinned to the registered files' content at submit.
+        assert_eq!(cell["model_sha256"], hash(&ckpt).as_str(), "{cell}");
+        assert_eq!(cell["loras"][0]["sha256"], hash(&lora).as_str(), "{cell}");
         let key = cell["object_key"].as_str().unwrap();
         let png = decode_png(&renders.get(key).await.unwrap()).unwrap();
         let seed = cell["seed"].as_u64().unwrap();
         assert!(
-            png.image.pixels == local_render(dir.path(), seed),
+            png.image.pixels == local_render(dir.path(), &lora, seed),
             "seed {seed}: the pooled render differs from kiln render of the same files"
         );
     }

@@ -26,7 +26,11 @@ fn windows_exe() -> Option<PathBuf> {
     match std::env::var_os("KILN_TEST_WINDOWS_EXE") {
         Some(p) => {
             let p = PathBuf::from(p);
-            assert!(p.is_file(), "KILN_TEST_WINDOWS_EXE={} is no file", p.display());
+            assert!(
+                p.is_file(),
+                "KILN_TEST_WINDOWS_EXE={} is no file",
+                p.display()
+            );
             Some(p)
         }
         None if std::env::var_os("CI").is_some() => {
@@ -118,7 +122,11 @@ fn the_windows_render_equals_the_linux_render() {
         .env("KILN_LOG", "warn")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let windows = dir.path().join(ODD).join("out é.png");
     let model = win(&models.join("tiny-sd15"));

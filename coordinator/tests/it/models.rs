@@ -137,8 +137,13 @@ async fn lease_all(fx: &Fixture, n: usize) -> Vec<CellSpec> {
     out
 }
 
-const SWEEP: &str = "model = \"dream\"\nprompt = \"a fox\"\nsteps = 4\ncfg = 1.0\n\
-                     vae = \"local.pt\"\n[[loras]]\nname = \"detail\"\n";
+/// A sweep file of `seeds` (a TOML list): the top-level keys come before the `[[loras]]` table.
+fn sweep(seeds: &str) -> String {
+    format!(
+        "model = \"dream\"\nprompt = \"a fox\"\nsteps = 4\ncfg = 1.0\nvae = \"local.pt\"\n\
+         seeds = {seeds}\n[[loras]]\nname = \"detail\"\n"
+    )
+}
 
 async fn sweeps_pin_names_and_hashes_and_extends_keep_them(backend: Backend) {
     let fx = Fixture::new(backend).await;
@@ -147,7 +152,7 @@ async fn sweeps_pin_names_and_hashes_and_extends_keep_them(backend: Backend) {
         .await
         .unwrap();
     q.add_model("detail", B, 10, ModelKind::Lora).await.unwrap();
-    let id = submit_file(&fx, "pinned", &format!("{SWEEP}seeds = [1]\n")).await;
+    let id = submit_file(&fx, "pinned", &sweep("[1]")).await;
     let cells = lease_all(&fx, 1).await;
     assert_eq!(cells[0].model, "dream");
     assert_eq!(cells[0].model_sha256, A);
@@ -161,13 +166,13 @@ async fn sweeps_pin_names_and_hashes_and_extends_keep_them(backend: Backend) {
     q.add_model("dream", B, 10, ModelKind::Checkpoint)
         .await
         .unwrap();
-    let grown = SweepSource::new("s.toml", format!("{SWEEP}seeds = [1, 2]\n"));
+    let grown = SweepSource::new("s.toml", sweep("[1, 2]"));
     let (added, total) = q.extend(id, grown).await.unwrap();
     assert_eq!((added, total), (1, 2), "the old cell is the same cell");
     let cells = lease_all(&fx, 1).await;
     assert_eq!((cells[0].seed, cells[0].model_sha256.as_str()), (2, A));
     // ... and a new sweep of the same file gets the new one.
-    submit_file(&fx, "after", &format!("{SWEEP}seeds = [1]\n")).await;
+    submit_file(&fx, "after", &sweep("[1]")).await;
     assert_eq!(lease_all(&fx, 1).await[0].model_sha256, B);
 
     // `sha256:` of a registered file pins it; of an unknown one it is refused at submit.

@@ -1,7 +1,8 @@
 //! Putting a big local file (a registry model, gigabytes) at a key once, resumably. On S3 it is
 //! a multipart upload in parts of [`part_bytes`] (fixed by the file's size, so a later run cuts
-//! the same parts): a run first looks for an unfinished upload of the same key
-//! (ListMultipartUploads), keeps the parts it already holds at their full size (ListParts) and
+//! the same parts): a run first looks for an unfinished upload of the same key (the
+//! upload id an earlier run on this machine remembered, else ListMultipartUploads where the
+//! server has it), keeps the parts it already holds at their full size (ListParts) and
 //! sends only the rest, then completes it. On `file://DIR` the file is copied to `<key>.part`
 //! (continued from its length) and renamed into place. Either way nothing is sent when an
 //! object of the file's size is at the key already: keys name content (`models/sha256/…`), so
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use md5::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{S3Store, Storage, UploadError, check_key};
@@ -111,61 +113,59 @@ async fn put_multipart(
     }
     let part = part_bytes(size);
     let parts = size.div_ceil(part).max(1);
-    // An unfinished upload of this key, the newest if several.
-    let listed = client
-        .list_multipart_uploads()
-        .bucket(bucket)
-        .prefix(&full)
-        .send()
-        .await
-        .map_err(|e| s3_error("list uploads", &full, e))?;
-    let unfinished = listed
-        .uploads()
-        .iter()
-        .filter(|u| u.key() == Some(full.as_str()))
-        .max_by_key(|u| u.initiated().map(|t| t.secs()))
-        .and_then(|u| u.upload_id().map(str::to_owned));
-    let upload_id = match unfinished {
-        Some(id) => id,
-        None => client
-            .create_multipart_upload()
+    let record = record_path(bucket, &full);
+    // An unfinished upload of this key: the one an earlier run here remembered, else the
+    // newest the server lists (ListMultipartUploads, where the server has it).
+    let mut resume = None;
+    if let Some(id) = record.as_deref().and_then(read_record) {
+        // Gone (completed, aborted, or another server's): start over.
+        if let Ok(held) = held_parts(client, bucket, &full, &id, part, size).await {
+            resume = Some((id, held));
+        }
+    }
+    if resume.is_none() {
+        let listed = client
+            .list_multipart_uploads()
             .bucket(bucket)
-            .key(&full)
+            .prefix(&full)
             .send()
-            .await
-            .map_err(|e| s3_error("create upload", &full, e))?
-            .upload_id()
-            .map(str::to_owned)
-            .ok_or_else(|| s3_error_text("create upload", &full, "no upload id"))?,
+            .await;
+        let unfinished = match listed {
+            Ok(listed) => listed
+                .uploads()
+                .iter()
+                .filter(|u| u.key() == Some(full.as_str()))
+                .max_by_key(|u| u.initiated().map(|t| t.secs()))
+                .and_then(|u| u.upload_id().map(str::to_owned)),
+            // Servers without the listing (s3s-fs): only the remembered id resumes.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 501) => None,
+            Err(e) => return Err(s3_error("list uploads", &full, e)),
+        };
+        if let Some(id) = unfinished {
+            let held = held_parts(client, bucket, &full, &id, part, size).await?;
+            resume = Some((id, held));
+        }
+    }
+    let (upload_id, mut etags) = match resume {
+        Some(r) => r,
+        None => {
+            let id = client
+                .create_multipart_upload()
+                .bucket(bucket)
+                .key(&full)
+                .send()
+                .await
+                .map_err(|e| s3_error("create upload", &full, e))?
+                .upload_id()
+                .map(str::to_owned)
+                .ok_or_else(|| s3_error_text("create upload", &full, "no upload id"))?;
+            (id, vec![None; parts as usize])
+        }
     };
-    // Parts already held at their full size are kept.
-    let mut etags: Vec<Option<String>> = vec![None; parts as usize];
-    let mut marker: Option<String> = None;
-    loop {
-        let page = client
-            .list_parts()
-            .bucket(bucket)
-            .key(&full)
-            .upload_id(&upload_id)
-            .set_part_number_marker(marker.clone())
-            .send()
-            .await
-            .map_err(|e| s3_error("list parts", &full, e))?;
-        for p in page.parts() {
-            let (Some(n), Some(tag), Some(len)) = (p.part_number(), p.e_tag(), p.size()) else {
-                continue;
-            };
-            let Some(i) = usize::try_from(n).ok().and_then(|n| n.checked_sub(1)) else {
-                continue;
-            };
-            if i < etags.len() && len as u64 == part_len(i as u64, part, size) {
-                etags[i] = Some(tag.to_string());
-            }
-        }
-        match page.next_part_number_marker() {
-            Some(m) if page.is_truncated() == Some(true) => marker = Some(m.to_string()),
-            _ => break,
-        }
+    if let Some(p) = &record {
+        // Best effort: without it, a server without ListMultipartUploads starts over.
+        let _ = p.parent().map(std::fs::create_dir_all);
+        let _ = std::fs::write(p, &upload_id);
     }
     let resumed: u64 = (0..parts)
         .filter(|&i| etags[i as usize].is_some())
@@ -211,6 +211,20 @@ async fn put_multipart(
         done += len;
         progress(done);
     }
+    // Held parts whose ETag the listing left out: S3 defines a part's ETag as the MD5 of its
+    // bytes (quoted hex).
+    for i in 0..parts {
+        if etags[i as usize].as_deref() == Some("") {
+            let len = part_len(i, part, size);
+            let mut buf = vec![0u8; len as usize];
+            file.seek(SeekFrom::Start(i * part))
+                .await
+                .map_err(io_error(path))?;
+            file.read_exact(&mut buf).await.map_err(io_error(path))?;
+            let md5 = md5::Md5::digest(&buf);
+            etags[i as usize] = Some(format!("\"{}\"", hex::encode(md5)));
+        }
+    }
     let completed: Vec<CompletedPart> = etags
         .into_iter()
         .enumerate()
@@ -234,7 +248,68 @@ async fn put_multipart(
         .send()
         .await
         .map_err(|e| s3_error("complete upload", &full, e))?;
+    if let Some(p) = &record {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(Uploaded::Sent { resumed })
+}
+
+/// Where the id of an unfinished upload of `bucket`/`full` is remembered between runs on this
+/// machine (the OS cache folder's `kiln/uploads/`), for servers that cannot list unfinished
+/// uploads.
+fn record_path(bucket: &str, full: &str) -> Option<PathBuf> {
+    use sha2::{Digest, Sha256};
+    let name = hex::encode(Sha256::digest(format!("{bucket}/{full}")));
+    Some(dirs::cache_dir()?.join("kiln").join("uploads").join(name))
+}
+
+fn read_record(path: &Path) -> Option<String> {
+    let id = std::fs::read_to_string(path).ok()?;
+    let id = id.trim();
+    (!id.is_empty() && id.len() <= 1024).then(|| id.to_owned())
+}
+
+/// The ETags of the parts upload `upload_id` holds at their full size, by part index.
+async fn held_parts(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    full: &str,
+    upload_id: &str,
+    part: u64,
+    size: u64,
+) -> Result<Vec<Option<String>>, UploadError> {
+    let parts = size.div_ceil(part).max(1);
+    let mut etags: Vec<Option<String>> = vec![None; parts as usize];
+    let mut marker: Option<String> = None;
+    loop {
+        let page = client
+            .list_parts()
+            .bucket(bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .set_part_number_marker(marker.clone())
+            .send()
+            .await
+            .map_err(|e| s3_error("list parts", full, e))?;
+        for p in page.parts() {
+            let (Some(n), Some(len)) = (p.part_number(), p.size()) else {
+                continue;
+            };
+            let Some(i) = usize::try_from(n).ok().and_then(|n| n.checked_sub(1)) else {
+                continue;
+            };
+            if i < etags.len() && len as u64 == part_len(i as u64, part, size) {
+                // An empty tag: held, but the server did not say its ETag (s3s-fs); it is
+                // computed from the file before completing.
+                etags[i] = Some(p.e_tag().unwrap_or_default().to_string());
+            }
+        }
+        match page.next_part_number_marker() {
+            Some(m) if page.is_truncated() == Some(true) => marker = Some(m.to_string()),
+            _ => break,
+        }
+    }
+    Ok(etags)
 }
 
 fn s3_error_text(op: &'static str, key: &str, message: &str) -> UploadError {

@@ -42,6 +42,10 @@ if [ -z "${KILN_TEST_WINDOWS_EXE:-}" ] && [ "${KILN_TEST_WINDOWS:-1}" != 0 ] \
     && rustup target list --installed 2>/dev/null | grep -qx x86_64-pc-windows-gnu; then
     log "building kiln.exe (x86_64-pc-windows-gnu) for the Wine tests"
     cargo build --locked --target x86_64-pc-windows-gnu -p kiln-cli
+    # Wine 8's missing bcryptprimitives.dll (Rust's randomness on Windows 10+): a stand-in
+    # beside kiln.exe (tools/wine/bcryptprimitives.c).
+    x86_64-w64-mingw32-gcc -shared -O2 -o target/x86_64-pc-windows-gnu/debug/bcryptprimitives.dll \
+        tools/wine/bcryptprimitives.c -lbcrypt
     export KILN_TEST_WINDOWS_EXE="$PWD/target/x86_64-pc-windows-gnu/debug/kiln.exe"
 fi
 

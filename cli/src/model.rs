@@ -126,30 +126,6 @@ fn reference_name(reference: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::reference_name;
-
-    #[test]
-    fn references_are_named_after_their_repository_or_file() {
-        for (r, want) in [
-            (
-                "hf:latent-consistency/lcm-lora-sdv1-5",
-                Some("lcm-lora-sdv1-5"),
-            ),
-            ("hf:o/repo@v2/unet/x.safetensors", Some("repo")),
-            (
-                "https://h.example/a/dreamshaper_8.safetensors?download=1",
-                Some("dreamshaper_8"),
-            ),
-            ("https://h.example/models/detail", Some("detail")),
-            ("https://h.example/", None),
-        ] {
-            assert_eq!(reference_name(r).as_deref(), want, "{r}");
-        }
-    }
-}
-
 fn bar(len: u64, what: &str) -> anyhow::Result<ProgressBar> {
     let bar = ProgressBar::new(len);
     bar.set_style(ProgressStyle::with_template(
@@ -381,4 +357,28 @@ async fn rm(conn: &Conn, name: &str) -> anyhow::Result<()> {
         r.sha256, r.sha256
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reference_name;
+
+    #[test]
+    fn references_are_named_after_their_repository_or_file() {
+        for (r, want) in [
+            (
+                "hf:latent-consistency/lcm-lora-sdv1-5",
+                Some("lcm-lora-sdv1-5"),
+            ),
+            ("hf:o/repo@v2/unet/x.safetensors", Some("repo")),
+            (
+                "https://h.example/a/dreamshaper_8.safetensors?download=1",
+                Some("dreamshaper_8"),
+            ),
+            ("https://h.example/models/detail", Some("detail")),
+            ("https://h.example/", None),
+        ] {
+            assert_eq!(reference_name(r).as_deref(), want, "{r}");
+        }
+    }
 }

@@ -106,7 +106,11 @@ async fn model_add_uploads_once_resumes_lists_and_removes() {
     ));
     assert!(out.contains("stored already: not uploaded again"), "{out}");
     let objects = pool.list().await.unwrap();
-    assert_eq!(objects, [key.clone()], "one object for one content");
+    assert_eq!(
+        objects,
+        std::slice::from_ref(&key),
+        "one object for one content"
+    );
 
     // A file of three parts whose upload stopped after the first part, for real.
     let big = dir.path().join("big.safetensors");

@@ -451,6 +451,25 @@ pub(super) fn registration_to_wire(r: WorkerRegistration) -> pb::WorkerInfo {
     }
 }
 
+/// The admin's order for a worker, as the wire's.
+pub fn control_to_wire(c: Control) -> pb::WorkerControl {
+    match c {
+        Control::None => pb::WorkerControl::Unspecified,
+        Control::Pause => pb::WorkerControl::Pause,
+        Control::Drain => pb::WorkerControl::Drain,
+    }
+}
+
+/// The admin's order from the wire (RESUME clears any order).
+pub fn control_from_wire(c: i32) -> Result<Control> {
+    match pb::WorkerControl::try_from(c) {
+        Ok(pb::WorkerControl::Pause) => Ok(Control::Pause),
+        Ok(pb::WorkerControl::Drain) => Ok(Control::Drain),
+        Ok(pb::WorkerControl::Resume) => Ok(Control::None),
+        _ => Err(Error::invalid("control: PAUSE, RESUME or DRAIN")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,24 +541,5 @@ mod tests {
             let e = cell_from_wire(c).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
-    }
-}
-
-/// The admin's order for a worker, as the wire's.
-pub fn control_to_wire(c: Control) -> pb::WorkerControl {
-    match c {
-        Control::None => pb::WorkerControl::Unspecified,
-        Control::Pause => pb::WorkerControl::Pause,
-        Control::Drain => pb::WorkerControl::Drain,
-    }
-}
-
-/// The admin's order from the wire (RESUME clears any order).
-pub fn control_from_wire(c: i32) -> Result<Control> {
-    match pb::WorkerControl::try_from(c) {
-        Ok(pb::WorkerControl::Pause) => Ok(Control::Pause),
-        Ok(pb::WorkerControl::Drain) => Ok(Control::Drain),
-        Ok(pb::WorkerControl::Resume) => Ok(Control::None),
-        _ => Err(Error::invalid("control: PAUSE, RESUME or DRAIN")),
     }
 }

@@ -4,35 +4,11 @@
 //! Bounded: at most [`MAX_ACTIVITIES`] attempts, an entry dropped when its attempt reports an
 //! empty activity, and entries older than two lease times dropped when the map is full.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
-
-use kiln_proto::CellId;
-
 use super::Queue;
-use crate::clock::Millis;
+use super::activities::{MAX_ACTIVITIES, MAX_ACTIVITY_BYTES};
 use crate::domain::lease::Fence;
 use crate::domain::rows::ProgressRow;
 use crate::{Error, Result};
-
-/// Longest activity, bytes.
-pub const MAX_ACTIVITY_BYTES: usize = 128;
-
-/// Most attempts with an activity at once.
-const MAX_ACTIVITIES: usize = 65_536;
-
-/// Activities by cell: (attempt, text, when).
-#[derive(Debug, Default)]
-pub struct Activities {
-    by_cell: Mutex<HashMap<CellId, (i32, String, Millis)>>,
-}
-
-impl Activities {
-    fn lock(&self) -> MutexGuard<'_, HashMap<CellId, (i32, String, Millis)>> {
-        // Entries are replaced whole; a panic elsewhere leaves the map valid.
-        self.by_cell.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 impl Queue {
     /// Records attempt `f`'s activity; empty clears it. Shown only while `f` is the cell's

@@ -70,20 +70,36 @@ pub fn choose(
         } else if loaded.contains(&c.affinity_key) {
             0
         } else {
-            match warmth(*c) {
+            match warmth(c) {
                 Warmth::Holds => 1,
                 Warmth::Fetch => 2,
                 Warmth::HeldElsewhere => 3,
             }
         }
     };
-    let mut order: Vec<(i8, usize)> = candidates
+    let base: Vec<i8> = candidates
         .iter()
         .enumerate()
-        .map(|(i, c)| (tier(i, c), i))
+        .map(|(i, c)| tier(i, c))
         .collect();
-    order.sort_unstable();
-    let picked: Vec<usize> = order.iter().take(n).map(|&(_, i)| i).collect();
+    // Picked one at a time: once a cell is picked, cells of its pipeline (same affinity key:
+    // model, LoRAs, size) count as loaded, so one lease of several cells takes alike cells
+    // rather than one of each model (each a download for a worker that holds nothing yet).
+    let mut picked: Vec<usize> = Vec::with_capacity(n.min(candidates.len()));
+    let mut keys: HashSet<&str> = HashSet::new();
+    while picked.len() < n {
+        let best = (0..candidates.len())
+            .filter(|i| !picked.contains(i))
+            .min_by_key(|&i| {
+                let t = base[i];
+                let alike =
+                    (1..=3).contains(&t) && keys.contains(candidates[i].affinity_key.as_str());
+                (if alike { 0 } else { t }, i)
+            });
+        let Some(i) = best else { break };
+        keys.insert(candidates[i].affinity_key.as_str());
+        picked.push(i);
+    }
     let head_taken = picked.contains(&0);
     (
         picked.into_iter().map(|i| candidates[i].id).collect(),
@@ -119,6 +135,19 @@ mod tests {
         assert_eq!(
             choose(7, &loaded, &cands, 2, false, cold),
             (vec![2, 4], false)
+        );
+    }
+
+    /// A worker that holds nothing, leasing two: two cells of one model (one download), not
+    /// one of each.
+    #[test]
+    fn one_lease_takes_alike_cells() {
+        let cands = [c(1, "a"), c(2, "b"), c(3, "a"), c(4, "b")];
+        let cands: Vec<&Candidate> = cands.iter().collect();
+        let fetch = |_: &Candidate| Warmth::Fetch;
+        assert_eq!(
+            choose(7, &HashSet::new(), &cands, 2, false, fetch),
+            (vec![1, 3], true)
         );
     }
 

@@ -8,6 +8,7 @@
 //! discarded) plus `held` for paused sweeps. The attempt number grows at lease; a lease has a
 //! deadline renewed by heartbeats; every worker write is fenced on (cell, attempt, worker).
 
+mod activities;
 mod activity;
 pub mod affinity;
 mod auth;
@@ -22,6 +23,7 @@ pub mod maintenance;
 mod models;
 mod names;
 pub mod pauses;
+mod pins;
 pub mod retry;
 pub mod submit;
 
@@ -30,14 +32,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_proto::{Attempt, CellId, SweepId, WorkerId};
 
-pub use self::activity::MAX_ACTIVITY_BYTES;
+pub use self::activities::MAX_ACTIVITY_BYTES;
 use self::affinity::AffinityState;
 use self::dispatch::Dispatch;
 use self::group::{Complete, Completes, Group, Leases};
 pub use self::holdings::MAX_CACHED_MODELS;
 pub use self::intake::Builder;
 use self::intake::Mover;
-pub use self::models::{MAX_MODEL_BYTES, MAX_MODELS, MAX_SWEEP_MODEL_REFS, stored_pins};
+pub use self::pins::{MAX_MODEL_BYTES, MAX_MODELS, MAX_SWEEP_MODEL_REFS, stored_pins};
 use self::retry::{Decision, RetryPolicy};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::lease::{Fence, HeartbeatStatus};
@@ -205,7 +207,7 @@ pub struct Queue {
     /// The registry models workers hold and pipelines need (lease preference).
     holdings: Arc<holdings::Holdings>,
     /// Running attempts' activities (`ReportProgress.activity`).
-    activities: Arc<activity::Activities>,
+    activities: Arc<activities::Activities>,
     /// Why workers yield to their owners, and the admin's orders.
     pauses: Arc<pauses::Pauses>,
 }

@@ -11,19 +11,11 @@ use kiln_proto::picture::is_sha256_hex;
 
 use super::Queue;
 use super::holdings::MAX_CACHED_MODELS;
+use super::pins::{MAX_MODEL_BYTES, MAX_MODELS, MAX_SWEEP_MODEL_REFS};
 use crate::domain::rows::ModelRow;
 use crate::domain::state::ModelKind;
 use crate::sweep::{CellSpec, SweepSource, check_model_name, pin, referenced_models, sha256_ref};
 use crate::{Error, Result};
-
-/// Most names the registry holds (and so rows `ListModels` answers).
-pub const MAX_MODELS: usize = 4096;
-
-/// Most registry references one sweep file may make (`model`, `vae`, `[[loras]]`, axes).
-pub const MAX_SWEEP_MODEL_REFS: usize = 256;
-
-/// Largest registered file, bytes (1 TiB: far past any checkpoint, inside an `i64`).
-pub const MAX_MODEL_BYTES: u64 = 1 << 40;
 
 impl Queue {
     /// Points registry name `name` at the uploaded file `sha256` of `bytes` bytes. Returns the
@@ -172,13 +164,4 @@ fn too_many_refs() -> Error {
     Error::TooLarge(format!(
         "a sweep may name at most {MAX_SWEEP_MODEL_REFS} models, VAEs and LoRAs"
     ))
-}
-
-/// The pins a stored sweep was planned with (`sweeps.spec`'s `models`; none for a sweep sent
-/// as cells or stored before the registry).
-pub fn stored_pins(spec: &str) -> BTreeMap<String, String> {
-    serde_json::from_str::<serde_json::Value>(spec)
-        .ok()
-        .and_then(|v| serde_json::from_value(v.get("models")?.clone()).ok())
-        .unwrap_or_default()
 }

@@ -260,6 +260,11 @@ impl Leaser {
         if tasks.is_empty() {
             return;
         }
+        // The models these cells pin count as this worker's from now on (it is fetching
+        // them), so the next lease, which may come before the downloads end, prefers more cells
+        // of them over cells whose models another worker fetches.
+        self.link
+            .expect_models(tasks.iter().filter_map(|t| t.cell.as_ref()));
         let loaded = self.renderer.loaded();
         for task in tasks {
             let plan = (self.plan)(&task);

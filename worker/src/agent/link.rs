@@ -38,6 +38,9 @@ pub struct Link {
     cached_models: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+/// Most model hashes told with a lease (the coordinator's bound, `LeaseRequest.cached_models`).
+const MAX_EXPECTED: usize = 4096;
+
 fn retryable(s: &tonic::Status) -> bool {
     matches!(
         s.code(),
@@ -172,6 +175,23 @@ impl Link {
     /// Replaces the sha256s of the models this machine holds, told with each lease.
     pub fn set_cached_models(&self, held: Vec<String>) {
         *self.cached_models.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    }
+
+    /// Adds the models `cells` pin to the set told with each lease, until the next
+    /// [`Link::set_cached_models`] (after a download) replaces it with what is on disk.
+    pub fn expect_models<'a>(&self, cells: impl Iterator<Item = &'a pb::RenderCell>) {
+        let mut held = self.cached_models.lock().unwrap_or_else(|e| e.into_inner());
+        for c in cells {
+            let pins = [&c.model_sha256, &c.vae_sha256]
+                .into_iter()
+                .chain(c.loras.iter().map(|l| &l.sha256))
+                .chain(c.embedding_sha256.values());
+            for h in pins {
+                if !h.is_empty() && !held.contains(h) && held.len() < MAX_EXPECTED {
+                    held.push(h.clone());
+                }
+            }
+        }
     }
 
     /// Leases up to `n` cells.

@@ -410,7 +410,7 @@ mod tests {
         assert_eq!(part_bytes(1), MIN_PART_BYTES);
         let big = 200u64 << 30;
         let p = part_bytes(big);
-        assert!(big.div_ceil(p) <= MAX_PARTS && p % (1 << 20) == 0);
+        assert!(big.div_ceil(p) <= MAX_PARTS && p.is_multiple_of(1 << 20));
         let size: u64 = 20 << 20;
         let total: u64 = (0..size.div_ceil(MIN_PART_BYTES))
             .map(|i| part_len(i, MIN_PART_BYTES, size))

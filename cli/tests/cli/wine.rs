@@ -47,11 +47,26 @@ fn windows_exe() -> Option<PathBuf> {
     }
 }
 
-/// A Wine prefix shared by the tests of one run (creating one takes seconds).
+/// A Wine prefix shared by the tests of one run, created once (it takes seconds, and two
+/// tests creating it at the same time could race).
 fn prefix() -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join("wineprefix");
-    std::fs::create_dir_all(&p).unwrap();
-    p
+    static READY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join("wineprefix");
+            std::fs::create_dir_all(&p).unwrap();
+            let status = Command::new("wineboot")
+                .arg("-i")
+                .env("WINEPREFIX", &p)
+                .env("WINEDEBUG", "-all")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("wineboot (Debian: apt install wine64 wine)");
+            assert!(status.success(), "wineboot -i: {status:?}");
+            p
+        })
+        .clone()
 }
 
 /// `wine kiln.exe ARGS`.

@@ -49,9 +49,7 @@ pub fn model_key(hex: &str) -> String {
 }
 
 /// Whether `s` is a sha256 as cells carry it: 64 lower-case hex digits.
-pub fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
+pub use kiln_proto::picture::is_sha256_hex as is_sha256;
 
 /// What can go wrong fetching a model into the cache.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,8 @@
 //! Face hub's URL layout (`HF_ENDPOINT`): `kiln render` of `hf:` model and LoRA repos draws
 //! the image the local files draw, fetching only the files the engine reads, once; offline
 //! (`KILN_OFFLINE`, or the hub unreachable) a cached reference works and a missing one is a
-//! clear error naming it; a farm worker fetches a URL a cell names only when allowed.
+//! clear error naming it; a farm worker fetches a URL a cell names only when allowed, and
+//! fetches just before the render, so a busy hub (503) is a transient failure that is retried.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -324,4 +325,40 @@ async fn a_farm_worker_fetches_a_url_a_cell_names_only_when_its_owner_allows() {
         rows[0].errors
     );
     assert_eq!(server.count("/files/"), 1);
+}
+
+/// A farm worker plans an `hf:` cell without the network and fetches it just before the
+/// render: a hub that answers 503 is a transient failure, retried, not bad input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_farm_worker_retries_a_busy_hub_and_renders() {
+    let server = hub_server();
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("kiln.db").display());
+    let c = spawn(&db, dir.path());
+    let (mut sweeps, _, _) = clients(&c.addr).await;
+    server.busy_for(1);
+    let mut cmd = worker_command(&c.addr, &dir.path().join("out"), &[&fixtures()]);
+    cmd.env("HF_ENDPOINT", &server.endpoint)
+        .env("HF_HOME", dir.path().join("hf"))
+        .env("KILN_CACHE_DIR", dir.path().join("kiln"))
+        .env("KILN_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    let _worker = Worker(cmd.spawn().unwrap());
+    let sweep = submit_cells(&mut sweeps, "busy-hub", vec![cell(3, MODEL, None)]).await;
+    let rows = finished_cells(&mut sweeps, sweep, Duration::from_secs(120)).await;
+    assert_eq!(
+        rows[0].state,
+        pb::CellState::Completed as i32,
+        "{:?}",
+        rows[0].errors
+    );
+    assert_eq!(rows[0].errors.len(), 1, "{:?}", rows[0].errors);
+    let e = &rows[0].errors[0];
+    assert_eq!(e.class, pb::FailureClass::Transient as i32, "{}", e.message);
+    assert!(e.message.contains("503"), "{}", e.message);
+    assert_eq!(
+        server.count("/api/models/"),
+        2,
+        "asked once, then again on the retry"
+    );
 }

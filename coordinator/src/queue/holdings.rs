@@ -67,6 +67,26 @@ impl Holdings {
         }
     }
 
+    /// Counts the models `worker` was just leased cells of as held by it: it is fetching them
+    /// now, and its next report (which names them) comes a lease call later, after another
+    /// worker's lease may have gone for the same model.
+    pub fn leased<'a>(&self, worker: i64, affinity_keys: impl IntoIterator<Item = &'a str>) {
+        let mut inner = self.lock();
+        let Inner {
+            by_worker,
+            holders,
+            needs,
+        } = &mut *inner;
+        let held = by_worker.entry(worker).or_default();
+        for key in affinity_keys {
+            for sha in needs.get(key).into_iter().flatten() {
+                if held.insert(sha.clone()) {
+                    *holders.entry(sha.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+
     /// Forgets a worker (drained or gone).
     pub fn forget(&self, worker: i64) {
         self.report(worker, &[]);
@@ -130,5 +150,25 @@ mod tests {
         assert_eq!(h.warmth(1, "p"), Warmth::Fetch, "2 no longer holds a");
         h.forget(2);
         assert_eq!(h.warmth(1, "q"), Warmth::Fetch);
+    }
+
+    #[test]
+    fn a_lease_counts_as_holding_until_the_next_report() {
+        let h = Holdings::default();
+        h.need(HashMap::from([
+            ("p".to_string(), vec!["a".to_string()]),
+            ("q".to_string(), vec!["b".to_string()]),
+        ]));
+        h.leased(1, ["p", "unknown"]);
+        assert_eq!(h.warmth(1, "p"), Warmth::Holds, "fetching it");
+        assert_eq!(h.warmth(2, "p"), Warmth::HeldElsewhere, "left to worker 1");
+        assert_eq!(h.warmth(2, "q"), Warmth::Fetch);
+        h.leased(1, ["p"]);
+        h.report(1, &[]);
+        assert_eq!(
+            h.warmth(2, "p"),
+            Warmth::Fetch,
+            "counted once, replaced by the report"
+        );
     }
 }

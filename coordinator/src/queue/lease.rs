@@ -139,9 +139,12 @@ impl Queue {
         }
     }
 
-    /// Bookkeeping after a lease: the affinity skip counter and change events.
+    /// Bookkeeping after a lease: the affinity skip counter, the models the worker now
+    /// fetches ([`holdings`](super::holdings)) and change events.
     pub(super) fn leased(&self, worker: WorkerId, leased: &[LeasedCell]) {
         self.counters.leased(leased.len());
+        self.holdings
+            .leased(worker.0, leased.iter().map(|c| c.affinity_key.as_str()));
         self.affinity.record(
             worker.0,
             leased.is_empty() || leased.iter().any(|c| c.was_head),

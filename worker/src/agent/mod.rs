@@ -27,7 +27,9 @@
 //! - a model, VAE or LoRA pinned by sha256 renders with exactly that content: a matching
 //!   `--models` file or the disk model cache's, downloaded just before the render when this
 //!   machine lacks it (the download is the cell's load time and activity), and the lease
-//!   calls tell the coordinator which models this machine holds ([`pinned`]).
+//!   calls tell the coordinator which models this machine holds ([`pinned`]);
+//! - an `hf:` or `https://` reference is planned without the network and fetched just
+//!   before the render, as a pinned download is ([`remote`]).
 
 pub mod access;
 mod backlog;
@@ -38,6 +40,7 @@ pub mod metrics;
 mod pause;
 mod pictures;
 pub mod pinned;
+mod remote;
 pub mod renderer;
 pub mod resolve;
 pub mod tracked;
@@ -626,7 +629,7 @@ fn hires(cell: &pb::RenderCell, sampler: SamplerName) -> Result<Option<Hires>, S
 /// model cache keeps it (made true before the render, [`pinned`]).
 fn locate(cfg: &AgentConfig, reference: &str, sha256: &str, what: &str) -> Result<PathBuf, String> {
     if sha256.is_empty() {
-        resolve::resolve(reference, &cfg.models, what, cfg.paths)
+        resolve::plan(reference, &cfg.models, what, cfg.paths)
     } else {
         pinned::planned_path(&cfg.model_cache.dir(), reference, sha256)
     }
@@ -649,7 +652,7 @@ fn pipeline_key(cfg: &AgentConfig, cell: &pb::RenderCell) -> Result<PipelineKey,
     let prompt = ParsedPrompt::parse(&cell.prompt).map_err(|e| format!("prompt: {e}"))?;
     for lora in prompt.loras() {
         loras.push(LoraSpec {
-            path: resolve::resolve(&lora.name, &cfg.models, "LoRA", cfg.paths)?,
+            path: resolve::plan(&lora.name, &cfg.models, "LoRA", cfg.paths)?,
             strength: lora.unet,
             text_encoder_strength: (lora.te != lora.unet).then_some(lora.te),
         });

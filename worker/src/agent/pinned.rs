@@ -18,6 +18,7 @@ use kiln_proto::v1 as pb;
 use tokio::sync::watch;
 
 use super::link::Link;
+use super::remote;
 use super::resolve::{self, PathPolicy};
 use crate::cache::PipelineKey;
 use crate::cache::disk::{Blob, DiskCache, DiskError, is_sha256};
@@ -268,7 +269,8 @@ impl Pinned {
         Ok(fetched)
     }
 
-    /// Makes the pinned files of the group's key real ([`Self::fetch`]), telling the
+    /// Makes the group's key real: its `hf:`/URL references fetched ([`remote`]) and its
+    /// pinned files had ([`Self::fetch`]), telling the
     /// coordinator about a download as the attempts' activity. The files, held, and the
     /// milliseconds it took (a download, or hashing a local file the first time, is load
     /// time); 0 when the cells pin nothing.
@@ -285,13 +287,17 @@ impl Pinned {
                 || !c.embedding_sha256.is_empty()
                 || c.loras.iter().any(|l| !l.sha256.is_empty())
         };
-        if !cells.iter().any(pins) {
+        if !cells.iter().any(pins) && remote::pending(key) == 0 {
             return Ok((Fetched::default(), 0.0));
         }
         let t = std::time::Instant::now();
         let (activity, activity_rx) = watch::channel(String::new());
         let reporter = link.spawn_activity(attempts, activity_rx);
-        let fetched = self.fetch(cells, key, &activity).await;
+        let allow_urls = self.paths == PathPolicy::AnyPath;
+        let fetched = match remote::fetch(key, allow_urls, &activity).await {
+            Ok(()) => self.fetch(cells, key, &activity).await,
+            Err(e) => Err(e),
+        };
         reporter.abort();
         Ok((fetched?, t.elapsed().as_secs_f64() * 1000.0))
     }

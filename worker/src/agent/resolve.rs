@@ -20,6 +20,22 @@ pub enum PathPolicy {
     AnyPath,
 }
 
+/// [`resolve`] as a lease is planned: the same answers, except that an `hf:` or `https://`
+/// reference not fetched yet gets a placeholder path instead of being fetched here (the agent
+/// fetches it just before the render, [`super::pinned`]), so planning never waits on the
+/// network.
+pub fn plan(
+    reference: &str,
+    dirs: &[PathBuf],
+    what: &str,
+    policy: PathPolicy,
+) -> Result<PathBuf, String> {
+    if crate::hub::is_reference(reference) {
+        return crate::hub::planned(reference, what, policy == PathPolicy::AnyPath);
+    }
+    resolve(reference, dirs, what, policy)
+}
+
 /// Finds `reference` as a name (with or without `.safetensors`) or a relative path in `dirs`,
 /// or, under [`PathPolicy::AnyPath`], as a path of its own.
 pub fn resolve(

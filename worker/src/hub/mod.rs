@@ -90,6 +90,8 @@ pub enum HubError {
         why: String,
         /// Where it was looked for.
         cache: PathBuf,
+        /// Offline by this machine's settings (not only unreachable).
+        offline: bool,
     },
     /// The repo is not a model kiln reads.
     #[error("{reference}: {reason}")]
@@ -117,6 +119,8 @@ pub struct Hub {
     resolved: Mutex<HashMap<String, (PathBuf, Instant)>>,
     /// One fetch at a time, so two cells of one model do not download it twice.
     fetching: tokio::sync::Mutex<()>,
+    /// Paths handed out by [`Hub::planned`] for references still to fetch → the reference.
+    pending: Mutex<HashMap<PathBuf, String>>,
 }
 
 impl Hub {
@@ -126,6 +130,7 @@ impl Hub {
             config,
             resolved: Mutex::default(),
             fetching: tokio::sync::Mutex::const_new(()),
+            pending: Mutex::default(),
         }
     }
 
@@ -170,6 +175,42 @@ impl Hub {
             }
             _ => run(),
         }
+    }
+
+    /// Where `reference` will be, without the network: its path when resolved within the
+    /// last hour or (offline) cached; otherwise a placeholder path that names nothing on disk
+    /// and that [`Hub::pending_reference`] maps back, for the agent to fetch just before the
+    /// render ([`Hub::resolve_blocking`]) rather than while it plans a lease. Errors as
+    /// [`Hub::resolve`] would give them without fetching (refused, offline and not cached).
+    pub fn planned(&self, reference: &str, allow_urls: bool) -> Result<PathBuf, HubError> {
+        let parsed = self.check(reference, allow_urls)?;
+        if let Some(path) = self.remembered(reference) {
+            return Ok(path);
+        }
+        if self.config.offline {
+            if let Reference::Hub(hub) = &parsed {
+                let cache = RepoCache::new(&self.config.hub_cache, &hub.cache_folder());
+                let why = " (offline: KILN_OFFLINE or HF_HUB_OFFLINE)";
+                return self.cached(reference, hub, &cache, why);
+            }
+        }
+        let key = self.memo_key(reference);
+        let path = self
+            .config
+            .kiln_cache
+            .join("pending")
+            .join(hex::encode(Sha256::digest(key.as_bytes())));
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.clone(), reference.to_owned());
+        Ok(path)
+    }
+
+    /// The reference a placeholder path of [`Hub::planned`] stands for.
+    pub fn pending_reference(&self, path: &std::path::Path) -> Option<String> {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.get(path).cloned()
     }
 
     /// [`Hub::resolve_blocking`] for async callers (`kiln model add`).
@@ -307,6 +348,7 @@ impl Hub {
             reference: reference.to_owned(),
             why: why.to_owned(),
             cache: self.config.hub_cache.join(hub.cache_folder()),
+            offline: self.config.offline,
         };
         let commit = cache.commit_of(&hub.revision).ok_or_else(not_cached)?;
         let files = cache.snapshot_files(&commit);
@@ -331,6 +373,7 @@ impl Hub {
                 reference: reference.to_owned(),
                 why: " (offline: KILN_OFFLINE or HF_HUB_OFFLINE)".into(),
                 cache: folder,
+                offline: true,
             });
         }
         let fetch_err = |source| HubError::Fetch {
@@ -346,8 +389,36 @@ impl Hub {
                 reference: reference.to_owned(),
                 why: format!(" and it cannot be reached ({e})"),
                 cache: folder,
+                offline: false,
             }),
             Err(e) => Err(fetch_err(e)),
+        }
+    }
+}
+
+impl HubError {
+    /// Whether trying again later may work: the hub or URL unreachable, a broken transfer,
+    /// or the server busy or failing (HTTP 408, 429, 5xx).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HubError::NotCached { offline, .. } => !offline,
+            HubError::Fetch { source, .. } => match source {
+                FetchError::Network { .. } => true,
+                FetchError::Status { status, .. } => {
+                    status.is_server_error() || matches!(status.as_u16(), 408 | 429)
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Whether this machine, not the reference, is at fault: its offline setting, or its disk.
+    pub fn is_local(&self) -> bool {
+        match self {
+            HubError::NotCached { offline, .. } => *offline,
+            HubError::Fetch { source, .. } => matches!(source, FetchError::Io { .. }),
+            _ => false,
         }
     }
 }
@@ -384,6 +455,16 @@ pub fn install(hub: Hub) {
 /// The installed hub client, if any.
 pub fn installed() -> Option<&'static Hub> {
     INSTALLED.get()
+}
+
+/// [`Hub::planned`] through the installed hub client, as the agent plans a lease: a path, or
+/// an error saying what is wrong and naming `what`.
+pub fn planned(reference: &str, what: &str, allow_urls: bool) -> Result<PathBuf, String> {
+    let hub = installed().ok_or_else(|| {
+        format!("{what} {reference}: hf: and URL references are not enabled in this process")
+    })?;
+    hub.planned(reference, allow_urls)
+        .map_err(|e| format!("{what} {e}"))
 }
 
 /// `reference` (an `hf:` or `https://` reference) through the installed hub client, as the

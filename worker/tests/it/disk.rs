@@ -1,4 +1,5 @@
-//! The disk model cache against a real S3 server (s3s-fs on loopback) and real files: resumed
+//! The disk model cache against a real S3 server (s3s-fs on loopback) and real files: objects
+//! read in order from any offset, resumed
 //! downloads after a real interruption, verification before a blob exists, corruption found
 //! and fetched again, the budget and eviction, and two processes sharing one cache folder
 //! (this test binary run again as a child, see [`child`]).
@@ -124,6 +125,37 @@ async fn a_download_is_verified_before_it_exists_and_then_a_hit() {
         bytes.len() as u64 + 2 * 1000,
         "fetched once more from scratch, then an error"
     );
+}
+
+/// Objects are read as several ranged GETs in flight at once: the chunks still come in order,
+/// from any offset, and end where the object ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_are_read_whole_and_in_order_from_any_offset() {
+    let server = S3Server::start();
+    let storage = bucket(&server.endpoint).await;
+    let (bytes, hex) = content(41 * MB + 3, 7);
+    upload(&storage, &bytes, &hex).await;
+    for offset in [0, 1, 5 * MB + 1, 8 * MB, 41 * MB + 2, 41 * MB + 3] {
+        let mut reader = storage
+            .read_from(&model_key(&hex), offset as u64)
+            .await
+            .unwrap();
+        assert_eq!(reader.size, bytes.len() as u64);
+        let mut got = Vec::new();
+        let mut chunks = 0;
+        while let Some(chunk) = reader.next_chunk().await.unwrap() {
+            got.extend_from_slice(&chunk);
+            chunks += 1;
+        }
+        assert!(
+            got == bytes[offset..],
+            "offset {offset}: {} bytes differ",
+            got.len()
+        );
+        if bytes.len() - offset > 16 * MB {
+            assert!(chunks > 2, "offset {offset}: read in parts, got {chunks}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@
 //!   `Range: bytes=N-`.
 //!
 //! Every request is counted by path and its `Authorization` and `Range` headers recorded, so
-//! tests can assert what was fetched.
+//! tests can assert what was fetched; [`HubServer::busy_for`] makes it answer 503 for a while.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -45,6 +45,8 @@ struct Shared {
     /// `/files/NAME` → bytes.
     files: BTreeMap<String, Vec<u8>>,
     seen: Vec<Seen>,
+    /// Requests still to answer 503 (a hub that is busy for a while).
+    busy: usize,
 }
 
 /// A running server; stops when dropped (with the test's runtime).
@@ -115,6 +117,11 @@ impl HubServer {
         format!("{}/files/{name}", self.endpoint)
     }
 
+    /// Answers the next `n` requests with 503 Service Unavailable, as a hub under load does.
+    pub fn busy_for(&self, n: usize) {
+        self.lock().busy = n;
+    }
+
     /// Every request so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.lock().seen.clone()
@@ -174,6 +181,10 @@ async fn serve(State(shared): State<Arc<Mutex<Shared>>>, uri: Uri, headers: Head
         authorization: text(header::AUTHORIZATION),
         range: text(header::RANGE),
     });
+    if s.busy > 0 {
+        s.busy -= 1;
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match parts.as_slice() {
         ["api", "models", owner, repo, "revision", rev] => {

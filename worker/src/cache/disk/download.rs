@@ -47,7 +47,8 @@ impl DiskCache {
         let cache = self.clone();
         spawn_blocking(move || Ok(cache.evict_to(cache.budget.saturating_sub(size - offset))))
             .await?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
+        // S3 chunks are 8 MiB parts: two queued keep the writer busy without holding more.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(2);
         // Spawned now (not when awaited): it drains the channel while the bytes stream in.
         let writer = {
             let (cache, hex) = (self.clone(), hex.to_string());

@@ -1,9 +1,10 @@
 //! Streaming reads of stored objects from a byte offset: what the worker's model cache
 //! downloads with. An S3 object is read as ranged GETs of [`S3_PART`] bytes, [`S3_PARALLEL`]
 //! of them in flight and handed on in order (as `aws s3 cp` reads; one GET at a time ran at
-//! a third of the speed, see [`S3_PARALLEL`]); a `file://` object by seeking. Either way the bytes arrive in order, in chunks, and are never held whole, so a
-//! 2 GB checkpoint holds `S3_PART × S3_PARALLEL` (64 MiB) in flight at most, and an interrupted
-//! download resumes where its partial file ends.
+//! a third of the speed); a `file://` object by seeking. Either way the bytes arrive in
+//! order, in chunks, and are never held whole, so a 2 GB checkpoint holds
+//! `S3_PART × S3_PARALLEL` (64 MiB) in flight at most, and an interrupted download resumes
+//! where its partial file ends.
 
 use std::collections::VecDeque;
 

@@ -239,7 +239,7 @@ class Service:
         env = self.environment()
         user = env.get("POSTGRES_USER", "postgres")
         db = env.get("POSTGRES_DB", user)
-        if not self.fresh or db == user:
+        if not self.fresh or db == "postgres":  # initdb made `postgres`; the image makes the rest
             return
         conn = ["-h", "127.0.0.1", "-p", str(self.ports[self.name]["5432"]), "-U", user]
         env["PGPASSWORD"] = env["POSTGRES_PASSWORD"]

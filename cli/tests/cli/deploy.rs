@@ -133,7 +133,10 @@ impl Pool {
     /// Every service's log, for a failure message.
     fn logs(&self) -> String {
         let mut out = String::new();
-        for e in std::fs::read_dir(self.state.join("logs")).into_iter().flatten() {
+        for e in std::fs::read_dir(self.state.join("logs"))
+            .into_iter()
+            .flatten()
+        {
             let p = e.unwrap().path();
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(40).collect();
@@ -214,7 +217,10 @@ fn the_compose_services_render_a_sweep_into_garage() {
     let deadline = Instant::now() + Duration::from_secs(240);
     while !ready.exists() {
         if let Some(status) = pool.child.try_wait().unwrap() {
-            panic!("run-local.py exited ({status}) before ready\n{}", pool.logs());
+            panic!(
+                "run-local.py exited ({status}) before ready\n{}",
+                pool.logs()
+            );
         }
         assert!(Instant::now() < deadline, "not ready\n{}", pool.logs());
         std::thread::sleep(Duration::from_millis(200));
@@ -255,14 +261,22 @@ fn the_compose_services_render_a_sweep_into_garage() {
     assert!(workers.contains("compose-cpu"), "{workers}");
     for c in &cells {
         assert!(
-            c["storage"].as_str().unwrap().starts_with("s3://kiln/renders"),
+            c["storage"]
+                .as_str()
+                .unwrap()
+                .starts_with("s3://kiln/renders"),
             "{c}"
         );
     }
 
     let out = dir.path().join("out");
     let fetched = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["fetch", r#"sweep = "deployed""#, "-o", out.to_str().unwrap()])
+        .args([
+            "fetch",
+            r#"sweep = "deployed""#,
+            "-o",
+            out.to_str().unwrap(),
+        ])
         .args(["--s3-endpoint", &s3, "--s3-path-style"])
         .env("KILN_COORDINATOR", format!("http://{addr}"))
         .env("KILN_S3_ACCESS_KEY", &access)

@@ -4,8 +4,10 @@
 //! `kiln worker` has. And the pool of `deploy/compose.yaml` end to end: `deploy/run-local.py`
 //! starts its services (Postgres, Garage creating its bucket and key on first start, the
 //! coordinator, the CPU worker of profile `cpu-worker`) natively from that file and a fresh
-//! `.env`; a sweep of the tiny model is submitted, rendered by that worker into the Garage
-//! bucket and fetched back with `kiln fetch`; then the script stops every service.
+//! `.env`; the tiny checkpoint is added to the pool's model registry (in Garage), sweeps of a
+//! model in the worker's folder and of that registry model are submitted, rendered by that
+//! worker into the Garage bucket and fetched back with `kiln fetch`; then the script stops
+//! every service and no process of theirs is left.
 //!
 //! That test needs the `garage` binary (2.5.0: `cargo install --locked garage@2.5.0`, which
 //! `.ci/run` does), found as `KILN_TEST_GARAGE`, on `PATH` or in `~/.cargo/bin`, and Python
@@ -163,6 +165,20 @@ fn hex(n: usize) -> String {
         .to_string()
 }
 
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Processes still alive whose command line names `needle` (none should be, after a stop).
 fn processes_naming(needle: &str) -> Vec<String> {
     std::fs::read_dir("/proc")
@@ -230,32 +246,66 @@ fn the_compose_services_render_a_sweep_into_garage() {
     let addr = format!("127.0.0.1:{}", ready["ports"]["coordinator"]["7450"]);
     let s3 = format!("http://127.0.0.1:{}", ready["ports"]["garage"]["3900"]);
 
-    let sweep = dir.path().join("deployed.toml");
-    std::fs::write(
-        &sweep,
-        "name = \"deployed\"\nmodel = \"tiny-sd15\"\nprompt = \"a fox in the snow\"\n\
-         size = \"64x64\"\nsteps = 4\nseeds = [1, 2, 3]\n",
-    )
-    .unwrap();
-    let said = kiln(&addr, &["submit", sweep.to_str().unwrap()]);
-    assert!(said.contains("3 cells"), "{said}");
+    // `kiln` with Garage's endpoint and the key from `.env` (for `model add` and `fetch`).
+    let kiln_s3 = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .args(["--s3-endpoint", &s3, "--s3-path-style"])
+            .env("KILN_COORDINATOR", format!("http://{addr}"))
+            .env("KILN_S3_ACCESS_KEY", &access)
+            .env("KILN_S3_SECRET_KEY", &secret)
+            .env("KILN_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kiln {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // One sweep of a model in the worker's models folder, one of a model uploaded to the
+    // pool's registry (Garage, `s3://kiln/models`), which the worker downloads from there.
+    let ckpt = fixtures().join("tiny-ldm.safetensors");
+    kiln_s3(&["model", "add", ckpt.to_str().unwrap(), "--name", "tiny"]);
+    for (name, model, seeds) in [
+        ("deployed", "tiny-sd15", "1, 2, 3"),
+        ("registry", "tiny", "4"),
+    ] {
+        let sweep = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &sweep,
+            format!(
+                "name = \"{name}\"\nmodel = \"{model}\"\nprompt = \"a fox in the snow\"\n\
+                 size = \"64x64\"\nsteps = 4\nseeds = [{seeds}]\n"
+            ),
+        )
+        .unwrap();
+        kiln(&addr, &["submit", sweep.to_str().unwrap()]);
+    }
     let deadline = Instant::now() + Duration::from_secs(300);
     let cells = loop {
         let cells = json_rows(&kiln(
             &addr,
-            &["query", r#"sweep = "deployed""#, "--format", "json"],
+            &[
+                "query",
+                r#"sweep = "deployed" or sweep = "registry""#,
+                "--format",
+                "json",
+            ],
         ));
         if cells.iter().all(|c| c["state"] == "completed") {
             break cells;
         }
         assert!(
             Instant::now() < deadline,
-            "the sweep did not finish: {cells:?}\n{}",
+            "the sweeps did not finish: {cells:?}\n{}",
             pool.logs()
         );
         std::thread::sleep(Duration::from_millis(500));
     };
-    assert_eq!(cells.len(), 3);
+    assert_eq!(cells.len(), 4);
     // Rendered by the compose file's worker, into the bucket Garage made on its first start.
     let workers = kiln(&addr, &["workers"]);
     assert!(workers.contains("compose-cpu"), "{workers}");
@@ -270,34 +320,33 @@ fn the_compose_services_render_a_sweep_into_garage() {
     }
 
     let out = dir.path().join("out");
-    let fetched = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "fetch",
-            r#"sweep = "deployed""#,
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args(["--s3-endpoint", &s3, "--s3-path-style"])
-        .env("KILN_COORDINATOR", format!("http://{addr}"))
-        .env("KILN_S3_ACCESS_KEY", &access)
-        .env("KILN_S3_SECRET_KEY", &secret)
-        .env("KILN_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        fetched.status.success(),
-        "kiln fetch: {}",
-        String::from_utf8_lossy(&fetched.stderr)
-    );
+    kiln_s3(&[
+        "fetch",
+        r#"sweep = "deployed" or sweep = "registry""#,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     let pngs: Vec<PathBuf> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(pngs.len(), 3, "{pngs:?}");
+    assert_eq!(pngs.len(), 4, "{pngs:?}");
     for p in &pngs {
         let png = decode_png(&std::fs::read(p).unwrap()).unwrap();
         assert_eq!((png.image.width, png.image.height), (64, 64), "{p:?}");
     }
+
+    // The registry model came to the worker through Garage, into its cache volume.
+    let size = std::fs::metadata(&ckpt).unwrap().len();
+    let cache = pool.state.join("volumes/worker-cache");
+    assert!(
+        files_under(&cache)
+            .iter()
+            .any(|f| std::fs::metadata(f).unwrap().len() == size),
+        "no {size}-byte file in {}: {:?}",
+        cache.display(),
+        files_under(&cache)
+    );
 
     let status = pool.stop();
     assert!(status.success(), "run-local.py: {status}\n{}", pool.logs());

@@ -266,7 +266,7 @@ fn the_compose_services_render_a_sweep_into_garage() {
     };
 
     // One sweep of a model in the worker's models folder, one of a model uploaded to the
-    // pool's registry (Garage, `s3://kiln/models`), which the worker downloads from there.
+    // pool's registry (Garage, `s3://kiln` under `models/`), which the worker downloads.
     let ckpt = fixtures().join("tiny-ldm.safetensors");
     kiln_s3(&["model", "add", ckpt.to_str().unwrap(), "--name", "tiny"]);
     for (name, model, seeds) in [

@@ -18,8 +18,10 @@ service runs its own command, environment and healthcheck, in `depends_on` order
     `expose` names on a free port (--free-ports: every port free), and `SERVICE:PORT`,
     `0.0.0.0:PORT`, `[::]:PORT` in commands, environments and mounted files rewritten to match.
 It then runs in the foreground until SIGINT/SIGTERM, and stops the services in reverse order
-(their stop signal, SIGINT for Postgres as its image says, else SIGTERM; SIGKILL after 30 s). --ready-file gets, once every service is healthy, a JSON
-object: {"ports": {"SERVICE": {"CONTAINER_PORT": LOCAL_PORT}}, "pids": {"SERVICE": PID}}.
+(with their stop signal: SIGINT for Postgres, as its image says, else SIGTERM; SIGKILL after
+30 s). `restart` is not emulated: when a service exits, the others are stopped and the script
+exits 1. --ready-file gets, once every service is healthy, a JSON object:
+{"ports": {"SERVICE": {"CONTAINER_PORT": LOCAL_PORT}}, "pids": {"SERVICE": PID}}.
 """
 
 import argparse
@@ -261,7 +263,7 @@ class Service:
             env.update(PGHOST="127.0.0.1", PGPORT=str(self.ports[self.name]["5432"]))
         try:
             r = subprocess.run(self.argv(test[1:], progs), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, timeout=30)
+                               stderr=subprocess.DEVNULL, timeout=seconds(check.get("timeout", "30s")))
         except subprocess.TimeoutExpired:
             return False
         return r.returncode == 0

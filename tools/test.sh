@@ -14,6 +14,9 @@
 # - Windows: when rustup's x86_64-pc-windows-gnu target, mingw-w64 (x86_64-w64-mingw32-gcc) and
 #   Wine are installed, builds kiln.exe and sets KILN_TEST_WINDOWS_EXE for the Wine tests
 #   (cli/tests/cli/wine.rs; KILN_TEST_WINDOWS=0 skips the build). .ci/run installs all three.
+# - Deploy: the end-to-end test of deploy/compose.yaml (cli/tests/cli/deploy.rs) needs the
+#   `garage` binary (cargo install --locked garage@2.5.0; .ci/run installs it) and PyYAML, and
+#   fails without them; KILN_TEST_DEPLOY=0 skips it.
 # - Then: cargo test --workspace --locked.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -187,12 +187,10 @@ impl Hub {
         if let Some(path) = self.remembered(reference) {
             return Ok(path);
         }
-        if self.config.offline {
-            if let Reference::Hub(hub) = &parsed {
-                let cache = RepoCache::new(&self.config.hub_cache, &hub.cache_folder());
-                let why = " (offline: KILN_OFFLINE or HF_HUB_OFFLINE)";
-                return self.cached(reference, hub, &cache, why);
-            }
+        if let (true, Reference::Hub(hub)) = (self.config.offline, &parsed) {
+            let cache = RepoCache::new(&self.config.hub_cache, &hub.cache_folder());
+            let why = " (offline: KILN_OFFLINE or HF_HUB_OFFLINE)";
+            return self.cached(reference, hub, &cache, why);
         }
         let key = self.memo_key(reference);
         let path = self

@@ -6,7 +6,9 @@
 //! those that just failed on it (tier 4). [`Warmth`] is `holdings`'. The head
 //! of that window — the cell plain FIFO would hand out — may be passed over at most
 //! `max_skips` times in a row by one worker; then it is taken first, so affinity can never
-//! starve a cold cell.
+//! starve a cold cell. Only passing over the same head counts: a head that other workers keep
+//! taking (each time a new cell, as when two workers split a sweep by model) is not starving,
+//! and forcing it on this worker would only make it load or download that model too.
 //!
 //! [`choose`] applies the tiers to the window the dispatcher (`queue::dispatch`) reads ahead;
 //! the conformance suite checks the rules on both backends.
@@ -17,26 +19,30 @@ use std::sync::Mutex;
 pub use super::holdings::Warmth;
 pub use crate::domain::candidate::Candidate;
 
-/// Per-worker count of how often the window head was passed over.
+/// Per worker: the window head it last passed over, and how many of its leases in a row
+/// passed over that same cell.
 #[derive(Debug, Default)]
 pub struct AffinityState {
-    skips: Mutex<HashMap<i64, u32>>,
+    skips: Mutex<HashMap<i64, (Option<i64>, u32)>>,
 }
 
 impl AffinityState {
     /// Whether this worker's next lease must take the window head first.
     pub fn force_head(&self, worker: i64, max_skips: u32) -> bool {
-        self.lock().get(&worker).copied().unwrap_or(0) >= max_skips
+        self.lock().get(&worker).map_or(0, |s| s.1) >= max_skips
     }
 
-    /// Records whether a lease took the head (or found nothing, which is no skip).
-    pub fn record(&self, worker: i64, head_taken_or_empty: bool) {
+    /// Records whether a lease took the window head `head` (or found nothing, which is no
+    /// skip); passing over a different head than last time starts the count again.
+    pub fn record(&self, worker: i64, head: Option<i64>, head_taken_or_empty: bool) {
         let mut skips = self.lock();
-        let count = skips.entry(worker).or_insert(0);
+        let entry = skips.entry(worker).or_insert((None, 0));
         if head_taken_or_empty {
-            *count = 0;
+            *entry = (None, 0);
+        } else if entry.0 == head {
+            entry.1 += 1;
         } else {
-            *count += 1;
+            *entry = (head, 1);
         }
     }
 
@@ -45,7 +51,7 @@ impl AffinityState {
         self.lock().remove(&worker);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u32>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, (Option<i64>, u32)>> {
         // Counters stay meaningful after a panic elsewhere: each update is one integer.
         self.skips.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -199,9 +205,21 @@ mod tests {
         let mut got = Vec::new();
         for _ in 0..5 {
             let (ids, head) = choose(7, &loaded, &cands, 1, s.force_head(7, 3), cold);
-            s.record(7, head);
+            s.record(7, Some(1), head);
             got.push(ids[0]);
         }
         assert_eq!(got, vec![2, 2, 2, 1, 2]);
+    }
+
+    #[test]
+    fn a_head_that_others_keep_taking_is_not_starving() {
+        let s = AffinityState::default();
+        for head in 1..20 {
+            assert!(!s.force_head(7, 3), "head {head}");
+            s.record(7, Some(head), false);
+        }
+        s.record(7, Some(19), false);
+        s.record(7, Some(19), false);
+        assert!(s.force_head(7, 3), "the same head passed over three times");
     }
 }

@@ -29,8 +29,9 @@ impl Queue {
         // cells wait.
         for _ in 0..4 {
             let pick = self.pick(worker, &w, max, now).await?;
+            let head = pick.head;
             if pick.ids.is_empty() {
-                self.leased(worker, &[]);
+                self.leased(worker, &[], head);
                 return Ok(Vec::new());
             }
             let out = self
@@ -39,11 +40,11 @@ impl Queue {
             pick.settle(out.is_ok());
             let leased = out?;
             if !leased.is_empty() {
-                self.leased(worker, &leased);
+                self.leased(worker, &leased, head);
                 return Ok(leased);
             }
         }
-        self.leased(worker, &[]);
+        self.leased(worker, &[], None);
         Ok(Vec::new())
     }
 
@@ -139,14 +140,15 @@ impl Queue {
         }
     }
 
-    /// Bookkeeping after a lease: the affinity skip counter, the models the worker now
+    /// Bookkeeping after a lease: the skip counter of window head `head`, the models the worker now
     /// fetches ([`holdings`](super::holdings)) and change events.
-    pub(super) fn leased(&self, worker: WorkerId, leased: &[LeasedCell]) {
+    pub(super) fn leased(&self, worker: WorkerId, leased: &[LeasedCell], head: Option<i64>) {
         self.counters.leased(leased.len());
         self.holdings
             .leased(worker.0, leased.iter().map(|c| c.affinity_key.as_str()));
         self.affinity.record(
             worker.0,
+            head,
             leased.is_empty() || leased.iter().any(|c| c.was_head),
         );
         if !leased.is_empty() {

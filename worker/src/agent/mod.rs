@@ -61,6 +61,7 @@ use crate::cache::PipelineKey;
 use crate::engine::pipeline::MAX_HIRES_STEPS;
 use crate::engine::{
     Device, Hires, HiresSize, InitImage, LoraSpec, RenderRequest, RngKind, SamplerName, Upscaler,
+    VaeTiling,
 };
 use crate::upload::{RetryPolicy, Storage};
 
@@ -111,6 +112,8 @@ pub struct AgentConfig {
     pub model_cache: pinned::ModelCacheConfig,
     /// When to yield to the PC's owner.
     pub yielding: yielding::YieldConfig,
+    /// When the VAE decodes in tiles (every render on this worker).
+    pub vae_tiling: VaeTiling,
 }
 
 impl AgentConfig {
@@ -551,6 +554,7 @@ fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
         seed_resize_from,
         hires,
         eta: cell.eta,
+        vae_tiling: cfg.vae_tiling,
         ..RenderRequest::default()
     };
     Ok((pipeline_key(cfg, cell)?, request))
@@ -692,6 +696,7 @@ mod tests {
             metrics_addr: None,
             model_cache: Default::default(),
             yielding: Default::default(),
+            vae_tiling: VaeTiling::Auto,
         }
     }
 

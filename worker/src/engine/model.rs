@@ -359,7 +359,7 @@ impl Model {
         latents: &Tensor,
         tiling: VaeTiling,
     ) -> Result<(HostTensor, bool)> {
-        let (b, c, h, w) = latents.dims4()?;
+        let (b, _, h, w) = latents.dims4()?;
         let grid = self.vae_tiles;
         if !tiling.tiles(&grid, [h, w]) {
             return Ok((to_host(&self.decode_latents(latents)?)?, false));

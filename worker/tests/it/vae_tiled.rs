@@ -3,8 +3,11 @@
 //! (`tools/reference/gen_vae_tiled.py`), and what tiling costs against the whole decode.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 
-use kiln_worker::engine::{Device, HostTensor, Model, VaeTiling, read_safetensors};
+use kiln_worker::engine::{
+    Device, HostTensor, Model, Pipeline, RenderOutput, RenderRequest, VaeTiling, read_safetensors,
+};
 
 use crate::fixture::{assert_tensor, path, relative_error};
 
@@ -77,4 +80,40 @@ fn tiling_differs_from_the_whole_decode_exactly_as_in_diffusers() {
     // Inside the first tile's kept region (up to 48 px from its corner, before any seam) only
     // the tile's own attention and norms differ; the seams are where the grid shows.
     assert!(relative_error(&tiled.data, &whole.data) > TOL);
+}
+
+/// The setting reaches the render's decode: `on` (and `auto`, past 4 × 64² px on this VAE)
+/// decodes in tiles and says so in the image's notes; `off`, and `auto` at 64², do not.
+#[test]
+fn a_render_decodes_in_tiles_as_its_setting_says_and_notes_it() {
+    let pipeline = Pipeline::new(model());
+    let render = |tiling: VaeTiling, (width, height): (u32, u32)| -> RenderOutput {
+        let request = RenderRequest {
+            prompt: "a red fox in a forest".into(),
+            seed: 7,
+            width,
+            height,
+            vae_tiling: tiling,
+            ..RenderRequest::default()
+        };
+        pipeline
+            .render(&request, &mut |_| {}, &AtomicBool::new(false))
+            .expect("render")
+    };
+    let says_tiled = |out: &RenderOutput| {
+        out.notes
+            .iter()
+            .any(|n| n.starts_with("VAE decoded in tiles of 64x64 px"))
+    };
+    let large = (112, 152);
+    let whole = render(VaeTiling::Off, large);
+    let tiled = render(VaeTiling::On, large);
+    let auto = render(VaeTiling::Auto, large);
+    assert!(!says_tiled(&whole), "{:?}", whole.notes);
+    assert!(says_tiled(&tiled), "{:?}", tiled.notes);
+    assert_ne!(whole.image, tiled.image, "tiling changed nothing");
+    assert_eq!(auto.image, tiled.image);
+    let small = render(VaeTiling::Auto, (64, 64));
+    assert!(!says_tiled(&small), "{:?}", small.notes);
+    assert_eq!(small.image, render(VaeTiling::Off, (64, 64)).image);
 }

@@ -52,7 +52,12 @@ pub struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     batch: u32,
     /// When the VAE decodes in tiles (see `kiln worker --vae-tiling`).
-    #[arg(long, env = "KILN_VAE_TILING", default_value = "auto", value_name = "auto|on|off")]
+    #[arg(
+        long,
+        env = "KILN_VAE_TILING",
+        default_value = "auto",
+        value_name = "auto|on|off"
+    )]
     vae_tiling: kiln_worker::engine::VaeTiling,
     /// Don't serve the web UI (by default it is at the printed http://127.0.0.1:PORT/).
     #[arg(long, env = "KILN_NO_WEB")]

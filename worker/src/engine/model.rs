@@ -233,10 +233,13 @@ impl Model {
             vae_encoder,
             vae_dtype,
             vae_scaling_factor: configs.vae.scaling_factor(),
-            vae_tiles: configs.vae.tile_grid().map_err(|reason| EngineError::Config {
-                path: base.path().join("vae/config.json"),
-                reason,
-            })?,
+            vae_tiles: configs
+                .vae
+                .tile_grid()
+                .map_err(|reason| EngineError::Config {
+                    path: base.path().join("vae/config.json"),
+                    reason,
+                })?,
             schedule: configs.schedule.clone(),
             resident_bytes,
         })

@@ -275,10 +275,7 @@ impl TiledImage {
 
     /// Ends the current row of tiles; the next [`Self::push`] starts a row below it.
     pub fn end_row(&mut self) {
-        let kh = self
-            .row
-            .first()
-            .map_or(0, |t| t.h.min(self.grid.row_limit));
+        let kh = self.row.first().map_or(0, |t| t.h.min(self.grid.row_limit));
         self.y += kh;
         self.x = 0;
         self.above = std::mem::take(&mut self.row);

@@ -72,7 +72,10 @@ fn tiling_differs_from_the_whole_decode_exactly_as_in_diffusers() {
     let kiln = max_levels(&tiled.data, &whole.data);
     let diffusers = max_levels(&want["tiled"].data, &want["untiled"].data);
     eprintln!("tiled vs untiled max error: kiln {kiln:.2}/255, diffusers {diffusers:.2}/255");
-    assert!(kiln > 0.0, "a tiled decode that equals the whole one did not tile");
+    assert!(
+        kiln > 0.0,
+        "a tiled decode that equals the whole one did not tile"
+    );
     assert!(
         (kiln - diffusers).abs() <= 0.05,
         "kiln's tiled-vs-whole gap {kiln}/255 is not diffusers' {diffusers}/255"

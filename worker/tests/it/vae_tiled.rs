@@ -58,7 +58,7 @@ fn untiled_decode_of_the_same_latent_matches_diffusers() {
 /// On tiny-sd15's random-weight VAE, whose tiles are 64 px with 16 px seams, kiln's tiled
 /// decode is 153.7/255 from its whole decode at worst (diffusers': the same, in
 /// `vae_tiled.json`), and the test pins that kiln's gap is diffusers' gap. A real SD1.5 VAE
-/// tiles at 512 px (see `worker/benches/vae_tiled.rs` for its measured gap).
+/// tiles at 512 px; `worker/benches/vae_tiled.rs DIR SIZE compare` prints its gap.
 #[test]
 fn tiling_differs_from_the_whole_decode_exactly_as_in_diffusers() {
     let want = fixture();

@@ -112,6 +112,7 @@ async fn farm() -> (tempfile::TempDir, Farm) {
         metrics_addr: None,
         model_cache: Default::default(),
         yielding: Default::default(),
+        vae_tiling: Default::default(),
     };
     let client = SweepServiceClient::connect(format!("http://{addr}"))
         .await

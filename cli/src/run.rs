@@ -51,6 +51,14 @@ pub struct Args {
     /// Render up to N alike cells as one UNet batch (see `kiln worker --batch`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     batch: u32,
+    /// When the VAE decodes in tiles (see `kiln worker --vae-tiling`).
+    #[arg(
+        long,
+        env = "KILN_VAE_TILING",
+        default_value = "auto",
+        value_name = "auto|on|off"
+    )]
+    vae_tiling: kiln_worker::engine::VaeTiling,
     /// Don't serve the web UI (by default it is at the printed http://127.0.0.1:PORT/).
     #[arg(long, env = "KILN_NO_WEB")]
     no_web: bool,
@@ -154,6 +162,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             metrics_addr: None,
             model_cache: Default::default(),
             yielding: Default::default(),
+            vae_tiling: args.vae_tiling,
         };
         let mut worker = tokio::spawn(agent::run(agent_cfg, storage, stopped(worker_rx)));
 

@@ -1,4 +1,5 @@
-//! `kiln worker`: one render worker per PC. Parses flags and environment, opens storage,
+//! `kiln worker`: one render worker per PC. Parses flags, environment and its config file
+//! (defaults, then the file, then `KILN_*` variables, then flags), opens storage,
 //! and runs the agent until SIGTERM or Ctrl-C, then drains (finishes the current render and
 //! gives leased-but-unstarted cells back).
 
@@ -9,6 +10,7 @@ use kiln_worker::agent::pinned::ModelCacheConfig;
 use kiln_worker::agent::resolve::PathPolicy;
 use kiln_worker::agent::yielding::YieldSettings;
 use kiln_worker::agent::{self, AgentConfig};
+use kiln_worker::engine::VaeTiling;
 use kiln_worker::upload::{RetryPolicy, S3Options, Storage, StorageUrl};
 
 pub const EXAMPLES: &str = "Examples:
@@ -120,8 +122,15 @@ pub struct Args {
     /// s3://BUCKET/PREFIX or file://DIR [default: --storage]. The S3 settings are --storage's.
     #[arg(long, env = "KILN_MODEL_STORAGE", value_name = "URL")]
     model_storage: Option<String>,
-    /// TOML config file; its `[yield]` table holds processes, hours, weekend_hours, gpu_busy,
-    /// grace_secs and poll_ms, each overridden by its flag or KILN_YIELD_* variable.
+    /// When the VAE decodes in tiles (diffusers' `enable_tiling()`, A1111's "Tiled VAE"), which
+    /// bounds its memory at large sizes but changes pixels slightly: auto (only images past 4×
+    /// the VAE's native area: above 1024² for SD1.5), on (every image larger than one tile,
+    /// 512² for SD1.5) or off [default: the config file's `vae_tiling`, else auto].
+    #[arg(long, env = "KILN_VAE_TILING", value_name = "auto|on|off")]
+    vae_tiling: Option<VaeTiling>,
+    /// TOML config file: `vae_tiling = "auto"|"on"|"off"`, and a `[yield]` table of processes,
+    /// hours, weekend_hours, gpu_busy, grace_secs and poll_ms; each is overridden by its flag
+    /// or KILN_* variable.
     #[arg(long, env = "KILN_WORKER_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(flatten)]
@@ -188,24 +197,24 @@ impl YieldArgs {
     }
 }
 
-/// The worker's config file: only `[yield]` for now.
+/// The worker's config file: `vae_tiling` and `[yield]`.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSettings {
+    #[serde(default)]
+    vae_tiling: Option<VaeTiling>,
     #[serde(rename = "yield", default)]
     yielding: YieldSettings,
 }
 
-/// The `[yield]` settings of a config file, if one is given.
-fn file_settings(config: Option<&PathBuf>) -> anyhow::Result<YieldSettings> {
+/// The settings of a config file, if one is given (all unset when none is).
+fn file_settings(config: Option<&PathBuf>) -> anyhow::Result<FileSettings> {
     let Some(path) = config else {
-        return Ok(YieldSettings::default());
+        return Ok(FileSettings::default());
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
-    let file: FileSettings =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
-    Ok(file.yielding)
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
 }
 
 fn env_either(a: &str, b: &str) -> Option<String> {
@@ -232,11 +241,14 @@ pub fn main(args: Args) -> anyhow::Result<()> {
         kiln_worker::engine::Device::Cuda(i) => i as u32,
         _ => 0,
     };
+    let file = file_settings(args.config.as_ref())?;
     let yielding = args
         .yielding
         .settings()
-        .over(file_settings(args.config.as_ref())?)
+        .over(file.yielding)
         .validate(gpu_index)?;
+    // Flag, else KILN_VAE_TILING (clap reads both), else the file, else auto.
+    let vae_tiling = args.vae_tiling.or(file.vae_tiling).unwrap_or_default();
     let url: StorageUrl = args.storage.parse()?;
     let model_url: Option<StorageUrl> = match &args.model_storage {
         Some(u) => Some(
@@ -296,6 +308,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
             storage: None,
         },
         yielding,
+        vae_tiling,
     };
     cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()

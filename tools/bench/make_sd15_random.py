@@ -7,6 +7,10 @@ such a model makes are noise; only the arithmetic cost is real. Weights are stor
 (`*.fp16.safetensors`, ~2 GB) and upcast to f32 by both engines when loaded.
 
     /work/venv/bin/python tools/bench/make_sd15_random.py /tmp/kiln-bench/sd15-random
+
+`--vae-only DIR` writes only `DIR/vae/` (~160 MB; its weights come first off seed 0, so they are not a full
+run's): put into a copy of tiny-sd15 it makes a cheap model whose VAE is SD1.5's size, for
+`worker/benches/vae_tiled.rs`.
 """
 
 import json
@@ -49,8 +53,13 @@ def save(module, folder: Path, weights_name: str, config: dict, prefix: str = ""
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def main(out: Path):
+def main(out: Path, vae_only: bool = False):
     torch.manual_seed(0)
+    if vae_only:
+        vae = AutoencoderKL(**VAE)
+        save(vae, out / "vae", "diffusion_pytorch_model.fp16.safetensors", {"_class_name": "AutoencoderKL", **VAE})
+        print(f"wrote {out / 'vae'}")
+        return
     unet = UNet2DConditionModel(**UNET)
     save(unet, out / "unet", "diffusion_pytorch_model.fp16.safetensors", {"_class_name": "UNet2DConditionModel", **UNET})
     del unet
@@ -69,4 +78,5 @@ def main(out: Path):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/kiln-bench/sd15-random"))
+    args = [a for a in sys.argv[1:] if a != "--vae-only"]
+    main(Path(args[0] if args else "/tmp/kiln-bench/sd15-random"), vae_only="--vae-only" in sys.argv[1:])

@@ -27,6 +27,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$PY" gen_lora_ldm.py
 "$PY" gen_vae.py
 "$PY" gen_vae_encoder.py
+"$PY" gen_vae_tiled.py   # reads tiny-sd15/vae
 "$PY" gen_inversion.py
 "$PY" gen_ksamplers.py
 "$PY" gen_hires.py

@@ -64,6 +64,7 @@ use crate::cache::PipelineKey;
 use crate::engine::pipeline::MAX_HIRES_STEPS;
 use crate::engine::{
     Device, Hires, HiresSize, InitImage, LoraSpec, RenderRequest, RngKind, SamplerName, Upscaler,
+    VaeTiling,
 };
 use crate::upload::{RetryPolicy, Storage};
 
@@ -114,6 +115,8 @@ pub struct AgentConfig {
     pub model_cache: pinned::ModelCacheConfig,
     /// When to yield to the PC's owner.
     pub yielding: yielding::YieldConfig,
+    /// When the VAE decodes in tiles (every render on this worker).
+    pub vae_tiling: VaeTiling,
 }
 
 impl AgentConfig {
@@ -554,6 +557,7 @@ fn plan(cfg: &AgentConfig, task: &pb::LeasedTask) -> Plan {
         seed_resize_from,
         hires,
         eta: cell.eta,
+        vae_tiling: cfg.vae_tiling,
         ..RenderRequest::default()
     };
     Ok((pipeline_key(cfg, cell)?, request))
@@ -695,6 +699,7 @@ mod tests {
             metrics_addr: None,
             model_cache: Default::default(),
             yielding: Default::default(),
+            vae_tiling: VaeTiling::Auto,
         }
     }
 

@@ -7,7 +7,7 @@
 //! each image's stream with variation seeds in [`noise`]), stepping samplers ([`scheduler`]),
 //! one model built on a device ([`model`]), what a render is asked to be ([`request`]), the
 //! render loop ([`pipeline`]) with the hires fix ([`hires`], latent resizing in [`upscale`],
-//! Pillow's Lanczos in [`lanczos`]) and img2img, and
+//! Pillow's Lanczos in [`lanczos`]) and img2img, the tiled VAE decode ([`tiling`]), and
 //! PNG output ([`image`]). candle types never leave this module: the public API speaks
 //! [`HostTensor`], paths and plain numbers. It must never know about leases, gRPC, databases or
 //! object storage.
@@ -33,6 +33,7 @@ pub mod rng;
 pub mod scheduler;
 pub mod text;
 pub mod threads;
+pub mod tiling;
 pub mod upscale;
 
 pub use device::{Device, DeviceInfo};
@@ -50,5 +51,6 @@ pub use pipeline::{InitImage, PhaseTimes, Pipeline, Progress, RenderOutput, Rend
 pub use text::embeddings::{self, EmbeddingStats};
 pub use text::inversion::InversionDb;
 pub use text::tokenizer;
+pub use tiling::VaeTiling;
 
 pub use load::weights::{HostTensor, read_safetensors};

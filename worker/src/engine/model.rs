@@ -24,6 +24,7 @@ use crate::engine::scheduler::ScheduleConfig;
 use crate::engine::text::conditioning::{self, Encoded};
 use crate::engine::text::inversion::InversionDb;
 use crate::engine::text::tokenizer::{ClipTokenizer, MAX_LENGTH};
+use crate::engine::tiling::{Tile, TileGrid, TiledImage, VaeTiling};
 
 /// A LoRA as merged into a [`Model`], for the image metadata.
 #[derive(Clone, Debug, PartialEq)]
@@ -132,6 +133,8 @@ pub struct Model {
     /// f32 when the VAE config says `force_upcast` (SD1.5), else the compute dtype.
     vae_dtype: DType,
     vae_scaling_factor: f64,
+    /// The tiles of a tiled decode (diffusers' `tiled_decode` geometry).
+    vae_tiles: TileGrid,
     schedule: ScheduleConfig,
     resident_bytes: u64,
 }
@@ -230,6 +233,13 @@ impl Model {
             vae_encoder,
             vae_dtype,
             vae_scaling_factor: configs.vae.scaling_factor(),
+            vae_tiles: configs
+                .vae
+                .tile_grid()
+                .map_err(|reason| EngineError::Config {
+                    path: base.path().join("vae/config.json"),
+                    reason,
+                })?,
             schedule: configs.schedule.clone(),
             resident_bytes,
         })
@@ -328,9 +338,68 @@ impl Model {
     }
 
     /// The VAE decoder output (about [-1, 1], `[b, 3, 8h, 8w]`) for *scaled* latents; the
-    /// division by the VAE's `scaling_factor` happens here.
+    /// division by the VAE's `scaling_factor` happens here. Never tiled.
     pub fn decode(&self, latents: &HostTensor) -> Result<HostTensor> {
-        to_host(&self.decode_latents(&self.to_device(latents)?)?)
+        self.decode_with(latents, VaeTiling::Off)
+    }
+
+    /// [`Self::decode`], in tiles when `tiling` says so for this size (diffusers'
+    /// `tiled_decode`; see [`crate::engine::tiling`]).
+    pub fn decode_with(&self, latents: &HostTensor, tiling: VaeTiling) -> Result<HostTensor> {
+        Ok(self.decode_to_host(&self.to_device(latents)?, tiling)?.0)
+    }
+
+    /// The tile grid a tiled decode of this model's VAE uses.
+    pub fn vae_tile_grid(&self) -> TileGrid {
+        self.vae_tiles
+    }
+
+    /// Decodes scaled latents `[b, c, h, w]` on the device to host pixels `[b, 3, 8h, 8w]`, in
+    /// tiles when `tiling` says so for `[h, w]`; true when it tiled. Each tile runs the whole
+    /// decoder, `post_quant_conv` included, and only one tile's activations exist at a time.
+    pub(crate) fn decode_to_host(
+        &self,
+        latents: &Tensor,
+        tiling: VaeTiling,
+    ) -> Result<(HostTensor, bool)> {
+        let (b, _, h, w) = latents.dims4()?;
+        let grid = self.vae_tiles;
+        if !tiling.tiles(&grid, [h, w]) {
+            return Ok((to_host(&self.decode_latents(latents)?)?, false));
+        }
+        let z = self.unscaled(latents)?;
+        let mut data = Vec::new();
+        let mut out_channels = 0;
+        for i in 0..b {
+            let z = z.narrow(0, i, 1)?;
+            let mut image: Option<TiledImage> = None;
+            for y in grid.starts(h) {
+                let (y0, y1) = grid.span(y, h);
+                for x in grid.starts(w) {
+                    let (x0, x1) = grid.span(x, w);
+                    let tile = z.narrow(2, y0, y1 - y0)?.narrow(3, x0, x1 - x0)?;
+                    let decoded = to_host(&self.vae.forward(&tile.contiguous()?)?)?;
+                    let &[_, channels, th, tw] = decoded.shape.as_slice() else {
+                        unreachable!("the decoder returns [b, c, h, w]");
+                    };
+                    out_channels = channels;
+                    image
+                        .get_or_insert_with(|| TiledImage::new(grid, channels, [h, w]))
+                        .push(Tile {
+                            data: decoded.data,
+                            channels,
+                            h: th,
+                            w: tw,
+                        })?;
+                }
+                if let Some(image) = &mut image {
+                    image.end_row();
+                }
+            }
+            data.extend(image.expect("a latent has at least one tile").finish()?);
+        }
+        let shape = vec![b, out_channels, h * grid.scale, w * grid.scale];
+        Ok((HostTensor { shape, data }, true))
     }
 
     /// The VAE encoder's distribution for images `[b, 3, h, w]` with values in [-1, 1] (see
@@ -409,9 +478,15 @@ impl Model {
     }
 
     pub(crate) fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
-        let z =
-            (latents.to_dtype(DType::F32)? / self.vae_scaling_factor)?.to_dtype(self.vae_dtype)?;
-        Ok(self.vae.forward(&z)?.to_dtype(DType::F32)?)
+        Ok(self
+            .vae
+            .forward(&self.unscaled(latents)?)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Scaled latents divided by the VAE's `scaling_factor` (in f32), in the VAE's dtype.
+    fn unscaled(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok((latents.to_dtype(DType::F32)? / self.vae_scaling_factor)?.to_dtype(self.vae_dtype)?)
     }
 
     pub(crate) fn to_device(&self, host: &HostTensor) -> Result<Tensor> {

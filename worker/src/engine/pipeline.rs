@@ -9,7 +9,8 @@
 //! image is its single render), the prompt-embedding cache and putting each request's
 //! conditioning together (A1111 prompt syntax, textual-inversion embeddings from the database
 //! its caller sets, clip skip, the negative prompt padded to the prompt's chunk count), phase
-//! timings, cancellation, decoding and the image metadata. Classifier-free guidance and the
+//! timings, cancellation, decoding (whole or in tiles, as each request's `vae_tiling` says) and
+//! the image metadata. Classifier-free guidance and the
 //! model closure samplers call live in the `pass` module. It does not know where requests
 //! come from or where images go.
 
@@ -37,6 +38,7 @@ use crate::engine::scheduler::{Img2ImgSteps, KSampler, Sampling};
 use crate::engine::text::conditioning::{self, ContextGroup, Encoded};
 use crate::engine::text::embeddings::{self, EmbeddingCache, EmbeddingStats};
 use crate::engine::text::inversion::InversionDb;
+use crate::engine::tiling::VaeTiling;
 
 pub use crate::engine::request::{InitImage, MAX_CLIP_SKIP, MAX_HIRES_STEPS, RenderRequest};
 use crate::engine::upscale::resize_latents;
@@ -403,10 +405,12 @@ impl Pipeline {
                 .map(|r| ImageNoise::new(&r.noise_spec()))
                 .collect();
             let sigma = second.init_noise_sigma();
-            for (l, noise) in latents.iter_mut().zip(&mut noises) {
+            for ((l, noise), request) in latents.iter_mut().zip(&mut noises).zip(requests) {
                 let up = match hires.upscaler {
                     Upscaler::Latent(mode) => resize_latents(l, small, [uh, uw], mode),
-                    Upscaler::Lanczos => self.lanczos_upscale(l, small, [uh, uw])?,
+                    Upscaler::Lanczos => {
+                        self.lanczos_upscale(l, small, [uh, uw], request.vae_tiling)?
+                    }
                 };
                 let up = crop_latents(&up, [channels, uh, uw], geometry.crop);
                 let z = noise.first([channels, h, w]);
@@ -435,13 +439,15 @@ impl Pipeline {
         let started = Instant::now();
         let (width, height) = (w as u32 * LATENT_SCALE, h as u32 * LATENT_SCALE);
         let mut images = Vec::with_capacity(n);
-        for l in latents {
+        let mut tiled = Vec::with_capacity(n);
+        for (l, request) in latents.into_iter().zip(requests) {
             let final_latents = model.to_device(&HostTensor {
                 shape: vec![1, channels, h, w],
                 data: l,
             })?;
-            let decoded = to_host(&model.decode_latents(&final_latents)?)?;
+            let (decoded, was_tiled) = model.decode_to_host(&final_latents, request.vae_tiling)?;
             images.push(to_rgb8(&decoded.data, width, height)?);
+            tiled.push(was_tiled);
         }
         let vae_ms = ms(started);
 
@@ -456,8 +462,18 @@ impl Pipeline {
             .iter()
             .zip(images)
             .zip(extras)
-            .map(|((request, image), (padded, inversions))| {
-                self.output(request, image, guided, (padded, &inversions), times)
+            .zip(tiled)
+            .map(|(((request, image), (padded, inversions)), tiled)| {
+                let mut out = self.output(request, image, guided, (padded, &inversions), times);
+                if tiled {
+                    let g = model.vae_tile_grid();
+                    out.notes.push(format!(
+                        "VAE decoded in tiles of {0}x{0} px overlapping by {1} px (VAE tiling \
+                         {2}); seams are blended, so pixels differ slightly from a whole decode",
+                        g.sample_tile, g.blend, request.vae_tiling
+                    ));
+                }
+                out
             })
             .collect())
     }
@@ -473,13 +489,14 @@ impl Pipeline {
         latents: &[f32],
         [channels, h, w]: [usize; 3],
         [uh, uw]: [usize; 2],
+        tiling: VaeTiling,
     ) -> Result<Vec<f32>> {
         let model = &self.model;
         let small = model.to_device(&HostTensor {
             shape: vec![1, channels, h, w],
             data: latents.to_vec(),
         })?;
-        let decoded = to_host(&model.decode_latents(&small)?)?;
+        let (decoded, _) = model.decode_to_host(&small, tiling)?;
         let scale = LATENT_SCALE as usize;
         let picture = to_rgb8_truncating(&decoded.data, (w * scale) as u32, (h * scale) as u32)?;
         let large = resize_lanczos(&picture, (uw * scale) as u32, (uh * scale) as u32);

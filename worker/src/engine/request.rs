@@ -1,5 +1,5 @@
 //! What one image is asked to be: [`RenderRequest`] (prompt, seed, sampler, size, noise,
-//! hires fix, img2img picture) and the checks that need no model, so a caller can refuse a
+//! hires fix, img2img picture, VAE tiling) and the checks that need no model, so a caller can refuse a
 //! bad request before loading anything. [`crate::engine::pipeline::Pipeline::validate`] adds
 //! the checks that need the model.
 
@@ -10,6 +10,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::hires::Hires;
 use crate::engine::image::RgbImage;
 use crate::engine::noise::{NoiseSpec, RngKind};
+use crate::engine::tiling::VaeTiling;
 
 /// Pixels per latent cell: the VAE upsamples by 8.
 const LATENT_SCALE: u32 = 8;
@@ -62,6 +63,9 @@ pub struct RenderRequest {
     /// The sampler's stochasticity where it has one: DDIM's η (default 0), TCD's γ (default
     /// 0.3); `None` keeps the default.
     pub eta: Option<f32>,
+    /// When the VAE decodes in tiles (diffusers' `enable_tiling()`); a worker setting, not part
+    /// of the sweep: [`VaeTiling::Auto`] by default.
+    pub vae_tiling: VaeTiling,
 }
 
 /// The picture an img2img render starts from.
@@ -94,6 +98,7 @@ impl Default for RenderRequest {
             hires: None,
             init_image: None,
             eta: None,
+            vae_tiling: VaeTiling::Auto,
         }
     }
 }

@@ -30,4 +30,5 @@ mod single_file;
 mod tokenizer;
 mod upload;
 mod vae_encoder;
+mod vae_tiled;
 mod variation;

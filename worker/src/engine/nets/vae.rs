@@ -14,12 +14,13 @@ use crate::engine::error::{EngineError, Result as EngineResult};
 use crate::engine::load::weights::{Conv2d, GroupNorm, Params};
 use crate::engine::nets::fused::GroupNormSilu;
 use crate::engine::nets::layers::{Attention, ResnetBlock, ResnetConfig, Upsample};
+use crate::engine::tiling::TileGrid;
 
 /// diffusers hard-codes this epsilon for every VAE norm.
 pub(super) const VAE_NORM_EPS: f64 = 1e-6;
 
-/// The fields of a diffusers `vae/config.json` the encoder and decoder need. Defaults are
-/// diffusers' `AutoencoderKL` defaults.
+/// The fields of a diffusers `vae/config.json` the encoder and decoder (and the tiled decode)
+/// need. Defaults are diffusers' `AutoencoderKL` defaults.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub(crate) struct VaeConfig {
@@ -38,6 +39,16 @@ pub(crate) struct VaeConfig {
     use_post_quant_conv: bool,
     mid_block_add_attention: bool,
     force_upcast: bool,
+    /// The native image size in pixels: a side, or `[h, w]` (diffusers takes the first).
+    sample_size: SampleSize,
+}
+
+/// `sample_size` as diffusers configs write it: one side, or a list whose first entry counts.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum SampleSize {
+    Side(usize),
+    Sides(Vec<usize>),
 }
 
 impl Default for VaeConfig {
@@ -58,6 +69,7 @@ impl Default for VaeConfig {
             use_post_quant_conv: true,
             mid_block_add_attention: true,
             force_upcast: true,
+            sample_size: SampleSize::Side(32),
         }
     }
 }
@@ -104,7 +116,19 @@ impl VaeConfig {
                 c.norm_num_groups
             )));
         }
+        c.tile_grid().map_err(bad)?;
         Ok(c)
+    }
+
+    /// The tiles diffusers' `tiled_decode` cuts a latent into, from `sample_size` and the
+    /// number of levels.
+    pub(crate) fn tile_grid(&self) -> std::result::Result<TileGrid, String> {
+        let side = match &self.sample_size {
+            SampleSize::Side(s) => Some(*s),
+            SampleSize::Sides(s) => s.first().copied(),
+        };
+        let side = side.ok_or("sample_size is an empty list")?;
+        TileGrid::new(side, self.block_out_channels.len())
     }
 
     /// Latents are divided by this before decoding.

@@ -341,6 +341,9 @@ pub(crate) fn read(
         "norm_num_groups": 32,
         "scaling_factor": declared.scale_factor,
         "force_upcast": true,
+        // What diffusers' single-file loader gives an SD1.5 VAE (its `image_size`); it sets
+        // the tiled decode's tile size.
+        "sample_size": 512,
     });
     let text_encoder = clip_config(path, shapes)?;
     let (beta_start, beta_end, timesteps) = declared.schedule;

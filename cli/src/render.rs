@@ -5,11 +5,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_proto::prompt::ParsedPrompt;
 use kiln_worker::agent::resolve;
+use kiln_worker::cache::disk::DiskCache;
+use kiln_worker::cache::hashes::{HashMemo, SharedMemo};
 use kiln_worker::engine::{
     BaseModel, Device, Hires, HiresSize, InitImage, InversionDb, LoraSpec, Pipeline, RenderRequest,
     RngKind, SamplerName, Upscaler,
@@ -278,6 +281,20 @@ fn parse_strength(value: &str) -> Result<f32, String> {
     }
 }
 
+/// Loads take the metadata's file hashes from the model cache folder's memo, shared with
+/// workers on this PC, so a checkpoint is hashed once per version of the file, not per render.
+fn remember_hashes() {
+    let Some(dir) = DiskCache::default_dir() else {
+        return;
+    };
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        tracing::debug!(dir = %dir.display(), error = %e, "no hash memo");
+        return;
+    }
+    let memo = HashMemo::open(dir.join("hashes.json"));
+    kiln_worker::engine::load::hashes::install(Box::new(SharedMemo(Arc::new(Mutex::new(memo)))));
+}
+
 /// `WxH` (`512x768`), as a sweep file writes sizes.
 fn parse_size(value: &str) -> Result<(u32, u32), String> {
     let bad = || format!("`{value}` is not WIDTHxHEIGHT, e.g. 512x768");
@@ -296,6 +313,7 @@ fn parse_device(value: &str) -> Result<Device, String> {
 /// Runs `kiln render`.
 pub fn main(mut args: Args) -> anyhow::Result<()> {
     crate::hub::install(args.device != Device::Cpu, true)?;
+    remember_hashes();
     let sampler = args.sampler;
     let hires = hires(&args)?;
     let mut request = RenderRequest {

@@ -1,6 +1,6 @@
 //! `kiln render` as a process on the tiny reference model: the PNG equals the one diffusers
-//! made for the same seed (every pixel within 1/255) at CFG 1 and 1.5, and bad input is a
-//! clear error with a non-zero exit.
+//! made for the same seed (every pixel within 1/255) at CFG 1 and 1.5, bad input is a clear
+//! error with a non-zero exit, and a checkpoint is hashed once per version of the file.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -432,4 +432,64 @@ fn render_hires_fix_writes_the_larger_picture() {
         assert!(!result.status.success(), "{extra:?} succeeded");
         assert!(stderr.contains(says), "{extra:?}: {stderr}");
     }
+}
+
+/// A checkpoint's hash for the PNG's `Model hash` is computed once per version of the file
+/// and then read from the model cache folder's memo (as A1111's `cache.json`): a planted memo
+/// entry shows in the next render's metadata, and rewriting the file hashes it again.
+#[test]
+fn render_hashes_a_checkpoint_once_per_version_of_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.safetensors");
+    std::fs::copy(fixture("tiny-ldm.safetensors"), &model).unwrap();
+    let real = {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(std::fs::read(&model).unwrap()))
+    };
+    let cache = dir.path().join("cache");
+    let render = |n: u32| {
+        let out = dir.path().join(format!("{n}.png"));
+        let result = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("render")
+            .arg("--model")
+            .arg(&model)
+            .args([
+                "--prompt",
+                "a fox",
+                "--seed",
+                "1",
+                "--steps",
+                "1",
+                "--sampler",
+                "lcm",
+            ])
+            .args(["--width", "64", "--height", "64", "-o"])
+            .arg(&out)
+            .env("XDG_CACHE_HOME", &cache)
+            .env("KILN_LOG", "warn")
+            .output()
+            .unwrap();
+        rendered(&result, &out).1
+    };
+    let memo_file = cache.join("kiln/models/hashes.json");
+    assert!(render(1).contains(&format!("Model hash: {}, ", &real[..10])));
+    let memo: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&memo_file).unwrap()).unwrap();
+    let key = model.canonicalize().unwrap().display().to_string();
+    assert_eq!(memo[&key]["sha256"], real.as_str(), "{memo}");
+
+    let planted = "0123456789".repeat(6) + "abcd";
+    let text = std::fs::read_to_string(&memo_file)
+        .unwrap()
+        .replace(&real, &planted);
+    std::fs::write(&memo_file, text).unwrap();
+    assert!(
+        render(2).contains("Model hash: 0123456789, "),
+        "the memo's hash, not a new one"
+    );
+
+    // The same bytes written again: a new modification time, so hashed again.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&model, std::fs::read(&model).unwrap()).unwrap();
+    assert!(render(3).contains(&format!("Model hash: {}, ", &real[..10])));
 }

@@ -201,6 +201,8 @@ pub async fn run(
         cfg.inversion_dirs(),
     )
     .map_err(|e| anyhow::anyhow!("--model-cache: {e}"))?;
+    // Loads take the metadata's file hashes from the same memo (hashed once per file).
+    crate::engine::load::hashes::install(Box::new(pinned.memo()));
     let link = tokio::select! {
         l = Link::connect(&cfg.coordinator, &cfg.access, info) => l?,
         _ = &mut shutdown => return Ok(()),

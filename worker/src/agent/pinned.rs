@@ -22,7 +22,7 @@ use super::remote;
 use super::resolve::{self, PathPolicy};
 use crate::cache::PipelineKey;
 use crate::cache::disk::{Blob, DiskCache, DiskError, is_sha256};
-use crate::cache::hashes::HashMemo;
+use crate::cache::hashes::{HashMemo, SharedMemo};
 use crate::upload::Storage;
 
 /// Most sha256s a lease call reports (LeaseRequest.cached_models).
@@ -166,6 +166,11 @@ impl Pinned {
     /// The disk cache.
     pub fn disk(&self) -> &DiskCache {
         &self.disk
+    }
+
+    /// The hash memo of the cache folder, shared.
+    pub fn memo(&self) -> SharedMemo {
+        SharedMemo(self.memo.clone())
     }
 
     /// The sha256 of what this machine holds: cached files, then remembered local files (at

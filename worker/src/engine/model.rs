@@ -256,7 +256,9 @@ impl Model {
         &self.name
     }
 
-    /// sha256 of the text encoder, UNet and VAE weight files, in that order, lowercase hex.
+    /// The model's hash, lowercase hex: a single file's sha256 (A1111's); for a diffusers
+    /// folder, the sha256 of its text encoder's, UNet's and VAE's weight-file sha256s (hex, in
+    /// that order).
     pub fn hash(&self) -> &str {
         &self.hash
     }

@@ -31,7 +31,7 @@ use crate::engine::image::{
 use crate::engine::lanczos::resize_lanczos;
 use crate::engine::load::lora::LoraSpec;
 use crate::engine::load::weights::HostTensor;
-use crate::engine::model::{Model, UsedInversion, to_host};
+use crate::engine::model::{Model, UsedInversion};
 use crate::engine::noise::ImageNoise;
 use crate::engine::pass::{Pass, StepCount};
 use crate::engine::scheduler::{Img2ImgSteps, KSampler, Sampling};
@@ -282,6 +282,7 @@ impl Pipeline {
     ) -> Result<(HostTensor, Option<HostTensor>)> {
         let guided = request.cfg_scale > 1.0 && !self.model.embeds_guidance();
         let c = self.conditioning_pair(request, guided)?;
+        use crate::engine::model::to_host;
         Ok((
             to_host(&c.cond)?,
             c.uncond.map(|u| to_host(&u)).transpose()?,

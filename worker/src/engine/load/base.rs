@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::engine::device::Device;
 use crate::engine::error::{EngineError, Result};
+use crate::engine::load::hashes;
 use crate::engine::load::lora::{self, LoraSpec, Targets};
 use crate::engine::load::weights::Weights;
 use crate::engine::model::{LoadedLora, Model};
@@ -109,7 +110,9 @@ fn lora_hash(path: &Path, bytes: &[u8]) -> Result<String> {
             path: path.to_owned(),
             reason: "header length exceeds the file".to_owned(),
         })?;
-    Ok(hex::encode(Sha256::digest(&bytes[start..])))
+    hashes::remembered(hashes::ADDNET, path, || {
+        Ok(hex::encode(Sha256::digest(&bytes[start..])))
+    })
 }
 
 /// The files of a diffusers folder.
@@ -233,8 +236,9 @@ pub(crate) struct HostWeights {
     pub(crate) text_encoder: Weights,
     pub(crate) unet: Weights,
     pub(crate) vae: Weights,
-    /// sha256 over the three weight files in a fixed order: the folder analogue of A1111's
-    /// whole-file checkpoint hash.
+    /// sha256 over the three weight files' sha256s (lowercase hex) in a fixed order: the
+    /// folder analogue of A1111's whole-file checkpoint hash, from per-file hashes so that
+    /// each is remembered between loads ([`hashes`]).
     pub(crate) hash: String,
 }
 
@@ -243,7 +247,10 @@ impl HostWeights {
         let mut hasher = Sha256::new();
         let mut read = |path: &Path| -> Result<Weights> {
             let bytes = read_bytes(path)?;
-            hasher.update(&bytes);
+            let file = hashes::remembered(hashes::FILE_SHA256, path, || {
+                Ok(hex::encode(Sha256::digest(&bytes)))
+            })?;
+            hasher.update(file.as_bytes());
             Weights::from_bytes(path, &bytes)
         };
         let mut text_encoder = read(&parts.text_encoder.weights)?;

@@ -17,6 +17,7 @@ use candle_core::{DType, Device};
 use sha2::{Digest, Sha256};
 
 use super::base::{Configs, HostWeights};
+use super::hashes;
 use super::weights::{Weights, display_name, read_safetensors_bytes};
 use crate::engine::error::{EngineError, Result};
 use keys::Part;
@@ -73,7 +74,9 @@ pub(crate) fn read_vae(path: &Path) -> Result<(Weights, String)> {
         let tensor = load_f32(path, &file, name, &renamed, true)?;
         tensors.insert(renamed, tensor);
     }
-    let hash = hex::encode(Sha256::digest(&bytes));
+    let hash = hashes::remembered(hashes::FILE_SHA256, path, || {
+        Ok(hex::encode(Sha256::digest(&bytes)))
+    })?;
     Ok((
         Weights {
             file: display_name(path),
@@ -163,7 +166,9 @@ pub(crate) fn read(path: &Path) -> Result<(Configs, HostWeights)> {
         };
         parts[slot].insert(renamed, tensor);
     }
-    let hash = hex::encode(Sha256::digest(&bytes));
+    let hash = hashes::remembered(hashes::FILE_SHA256, path, || {
+        Ok(hex::encode(Sha256::digest(&bytes)))
+    })?;
     drop(file);
     drop(bytes);
     let file_name = display_name(path);

@@ -3,6 +3,10 @@ then one LCM render (CFG 1, a single UNet pass per step), on CPU in float32 with
 count. Prints one JSON line: seconds to load, seconds to render, and the process's peak RSS.
 The kiln side of the comparison is `kiln render` (tools/bench/whole_image.sh runs both).
 
+The folder is make_sd15_random.py's (`*.fp16.safetensors`, upcast to float32 as kiln does, and
+no tokenizer): the pipeline is built from its parts, with CLIP's tokenizer from the tiny reference
+model (the same vocabulary every SD1.5 model ships).
+
     /work/venv/bin/python tools/bench/diffusers_image.py DIR --size 512 --steps 4 --threads 2
 """
 
@@ -12,7 +16,10 @@ import resource
 import time
 
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+TOKENIZER = "worker/tests/fixtures/reference/tiny-sd15/tokenizer"
 
 
 def main():
@@ -24,10 +31,18 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, variant="fp16", torch_dtype=torch.float32, safety_checker=None
+    f32 = torch.float32
+    part = dict(variant="fp16", torch_dtype=f32)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(args.model, subfolder="vae", **part),
+        text_encoder=CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", **part),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER),
+        unet=UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", **part),
+        scheduler=LCMScheduler.from_pretrained(args.model, subfolder="scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     loaded = time.perf_counter()
     generator = torch.Generator().manual_seed(1)
     pipe(

@@ -38,10 +38,14 @@ torch_image() {
 }
 for r in $(seq "$rounds"); do
     echo "round $r (load $(cut -d' ' -f1-3 /proc/loadavg)):"
-    echo "  kiln  ${size}² 4 steps: $(kiln_image 4 "$size") s GB"
-    echo "  torch ${size}² 4 steps: $(torch_image 4 "$size") s GB $(cat "$out/stdout")"
-    echo "  kiln  64² 1 step: $(kiln_image 1 64) s GB"
-    echo "  torch 64² 1 step: $(torch_image 1 64) s GB $(cat "$out/stdout")"
+    t=$(kiln_image 4 "$size")
+    echo "  kiln  ${size}² 4 steps: $t s GB"
+    t=$(torch_image 4 "$size")
+    echo "  torch ${size}² 4 steps: $t s GB $(cat "$out/stdout")"
+    t=$(kiln_image 1 64)
+    echo "  kiln  64² 1 step: $t s GB"
+    t=$(torch_image 1 64)
+    echo "  torch 64² 1 step: $t s GB $(cat "$out/stdout")"
 done | tee "$out/rounds"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 python3 - "$out/rounds" "$size" <<'PY'

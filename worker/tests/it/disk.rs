@@ -163,7 +163,9 @@ async fn an_interrupted_download_resumes_where_it_stopped() {
     let server = Mutex::new(S3Server::start());
     let endpoint = server.lock().unwrap().endpoint.clone();
     let storage = bucket(&endpoint).await;
-    let (bytes, hex) = content(48 * MB, 4);
+    // Larger than the GETs in flight at the kill (8 parts of 8 MiB, and the one started
+    // after the first part was taken), so some are asked for after it.
+    let (bytes, hex) = content(128 * MB, 4);
     upload(&storage, &bytes, &hex).await;
     let dir = tempfile::tempdir().unwrap();
     let cache = DiskCache::open(dir.path().to_path_buf(), 1 << 40).unwrap();

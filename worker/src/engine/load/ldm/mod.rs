@@ -13,12 +13,11 @@ pub(crate) mod keys;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
 use sha2::{Digest, Sha256};
 
 use super::base::{Configs, HostWeights};
 use super::hashes;
-use super::weights::{Weights, display_name, read_safetensors_bytes};
+use super::weights::{Weights, display_name, read_safetensors_bytes, tensor_f32};
 use crate::engine::error::{EngineError, Result};
 use keys::Part;
 
@@ -99,10 +98,10 @@ fn load_f32(
         path: path.to_owned(),
         reason: format!("tensor `{name}`: {e}"),
     };
-    let tensor = file
-        .load(name, &Device::Cpu)
-        .and_then(|t| t.to_dtype(DType::F32))
-        .map_err(bad)?;
+    let view = file
+        .get(name)
+        .map_err(|e| bad(candle_core::Error::Msg(e.to_string())))?;
+    let tensor = tensor_f32(&view).map_err(bad)?;
     if vae && renamed.contains(".attentions.") && tensor.rank() == 4 {
         let (o, i, _, _) = tensor.dims4().map_err(bad)?;
         return tensor.reshape((o, i)).map_err(bad);

@@ -119,8 +119,6 @@ pub struct Hub {
     resolved: Mutex<HashMap<String, (PathBuf, Instant)>>,
     /// One fetch at a time, so two cells of one model do not download it twice.
     fetching: tokio::sync::Mutex<()>,
-    /// Paths handed out by [`Hub::planned`] for references still to fetch → the reference.
-    pending: Mutex<HashMap<PathBuf, String>>,
 }
 
 impl Hub {
@@ -130,7 +128,6 @@ impl Hub {
             config,
             resolved: Mutex::default(),
             fetching: tokio::sync::Mutex::const_new(()),
-            pending: Mutex::default(),
         }
     }
 
@@ -192,23 +189,23 @@ impl Hub {
             let why = " (offline: KILN_OFFLINE or HF_HUB_OFFLINE)";
             return self.cached(reference, hub, &cache, why);
         }
-        let key = self.memo_key(reference);
-        let path = self
-            .config
-            .kiln_cache
-            .join("pending")
-            .join(hex::encode(Sha256::digest(key.as_bytes())));
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(path.clone(), reference.to_owned());
-        Ok(path)
+        // The reference itself, hex-encoded, names the placeholder: nothing to remember, so
+        // however many references cells name, the hub holds no more for them.
+        Ok(self.pending_dir().join(hex::encode(reference.as_bytes())))
     }
 
     /// The reference a placeholder path of [`Hub::planned`] stands for.
     pub fn pending_reference(&self, path: &std::path::Path) -> Option<String> {
-        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.get(path).cloned()
+        if path.parent()? != self.pending_dir() {
+            return None;
+        }
+        let bytes = hex::decode(path.file_name()?.to_str()?).ok()?;
+        String::from_utf8(bytes).ok().filter(|r| is_reference(r))
+    }
+
+    /// Where placeholder paths point: a folder nothing is written to.
+    fn pending_dir(&self) -> PathBuf {
+        self.config.kiln_cache.join("pending")
     }
 
     /// [`Hub::resolve_blocking`] for async callers (`kiln model add`).
@@ -473,4 +470,34 @@ pub fn resolve(reference: &str, what: &str, allow_urls: bool) -> Result<PathBuf,
     })?;
     hub.resolve_blocking(reference, allow_urls)
         .map_err(|e| format!("{what} {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_placeholder_names_its_reference_and_nothing_else() {
+        let hub = Hub::new(HubConfig {
+            endpoint: "http://127.0.0.1:9".into(),
+            token: None,
+            hub_cache: "/nonexistent/hub".into(),
+            kiln_cache: "/nonexistent/kiln".into(),
+            offline: false,
+            prefer_f16: false,
+            allow_urls: false,
+            max_bytes: DEFAULT_MAX_BYTES,
+        });
+        let reference = "hf:owner/repo@main/model.safetensors";
+        let planned = hub.planned(reference, false).unwrap();
+        assert!(!planned.exists());
+        assert_eq!(hub.pending_reference(&planned).as_deref(), Some(reference));
+        let elsewhere = PathBuf::from("/models").join(planned.file_name().unwrap());
+        assert_eq!(hub.pending_reference(&elsewhere), None);
+        assert_eq!(hub.pending_reference(&planned.with_file_name("zz")), None);
+        assert!(
+            hub.planned("https://example.com/a.safetensors", false)
+                .is_err()
+        );
+    }
 }

@@ -47,9 +47,11 @@ if [ -z "${KILN_TEST_WINDOWS_EXE:-}" ] && [ "${KILN_TEST_WINDOWS:-1}" != 0 ] \
     cargo build --locked --target x86_64-pc-windows-gnu -p kiln-cli
     # Wine 8's missing bcryptprimitives.dll (Rust's randomness on Windows 10+): a stand-in
     # beside kiln.exe (tools/wine/bcryptprimitives.c).
-    x86_64-w64-mingw32-gcc -shared -O2 -o target/x86_64-pc-windows-gnu/debug/bcryptprimitives.dll \
+    # Where cargo put it: CARGO_TARGET_DIR when set (absolute or relative to here), else target/.
+    windows_out="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/x86_64-pc-windows-gnu/debug"
+    x86_64-w64-mingw32-gcc -shared -O2 -o "$windows_out/bcryptprimitives.dll" \
         tools/wine/bcryptprimitives.c -lbcrypt
-    export KILN_TEST_WINDOWS_EXE="$PWD/target/x86_64-pc-windows-gnu/debug/kiln.exe"
+    export KILN_TEST_WINDOWS_EXE="$windows_out/kiln.exe"
 fi
 
 # --- Postgres ---------------------------------------------------------------------------------

@@ -312,6 +312,7 @@ fn parse_device(value: &str) -> Result<Device, String> {
 
 /// Runs `kiln render`.
 pub fn main(mut args: Args) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     crate::hub::install(args.device != Device::Cpu, true)?;
     remember_hashes();
     let sampler = args.sampler;
@@ -371,6 +372,7 @@ pub fn main(mut args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("building model {}", args.model.display()))?,
     );
     loading.finish_and_clear();
+    let loaded = started.elapsed();
     pipeline.set_inversions(std::sync::Arc::new(inversions));
     pipeline.validate(&request)?;
 
@@ -401,11 +403,18 @@ pub fn main(mut args: Args) -> anyhow::Result<()> {
         Some(h) => h.geometry(request.width, request.height).pixels(),
         None => (request.width, request.height),
     };
+    let t = output.times;
     eprintln!(
-        "wrote {} ({width}x{height}, {} steps, seed {})",
+        "wrote {} ({width}x{height}, {} steps, seed {}) in {:.1} s: loading {:.1} s, \
+         text {:.1} s, steps {:.1} s, VAE {:.1} s",
         args.output.display(),
         request.steps,
-        request.seed
+        request.seed,
+        started.elapsed().as_secs_f64(),
+        loaded.as_secs_f64(),
+        t.text_encode_ms / 1e3,
+        t.unet_ms / 1e3,
+        t.vae_ms / 1e3,
     );
     Ok(())
 }

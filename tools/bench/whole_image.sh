@@ -3,7 +3,8 @@
 # of an LCM 4-step CFG 1 image at SIZE² and the same with diffusers (diffusers_image.py), each a
 # fresh process on the same weights (a diffusers folder, e.g. the random full-size SD1.5 of
 # make_sd15_random.py) with THREADS threads; then the same at 64² with 1 step, which is mostly
-# loading. Prints each run's wall seconds and peak RSS, and the medians.
+# loading. Prints each run's wall seconds and peak RSS, each side's own account of its time
+# (kiln render's last line; diffusers_image.py's JSON), and the medians, loading included.
 #
 #   tools/bench/whole_image.sh [DIR] [ROUNDS] [SIZE] [THREADS] [PY] [KILN]
 #
@@ -39,11 +40,11 @@ torch_image() {
 for r in $(seq "$rounds"); do
     echo "round $r (load $(cut -d' ' -f1-3 /proc/loadavg)):"
     t=$(kiln_image 4 "$size")
-    echo "  kiln  ${size}² 4 steps: $t s GB"
+    echo "  kiln  ${size}² 4 steps: $t s GB $(grep -ao 'in [0-9.]* s: .*' "$out/stderr")"
     t=$(torch_image 4 "$size")
     echo "  torch ${size}² 4 steps: $t s GB $(cat "$out/stdout")"
     t=$(kiln_image 1 64)
-    echo "  kiln  64² 1 step: $t s GB"
+    echo "  kiln  64² 1 step: $t s GB $(grep -ao 'in [0-9.]* s: .*' "$out/stderr")"
     t=$(torch_image 1 64)
     echo "  torch 64² 1 step: $t s GB $(cat "$out/stdout")"
 done | tee "$out/rounds"
@@ -55,7 +56,15 @@ for line in open(sys.argv[1]):
     m = re.match(r"\s+(kiln|torch)\s+(\S+) (\d+) steps?: ([\d.]+) ([\d.]+)", line)
     if m:
         rows.setdefault((m[1], m[2]), []).append((float(m[4]), float(m[5])))
+loads = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"\s+(kiln|torch)\s+(\S+) (\d+) steps?: ([\d.]+) ([\d.]+)", line)
+    load = re.search(r'(?:"load_s": |loading )([\d.]+)', line)
+    if m and load:
+        loads.setdefault((m[1], m[2]), []).append(float(load[1]))
 for (who, size), runs in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    before = loads.get((who, size))
+    before = f", loading (before the first step) {statistics.median(before):.2f} s" if before else ""
     print(f"median {who:5} {size}: {statistics.median(r[0] for r in runs):.1f} s, "
-          f"peak {max(r[1] for r in runs):.2f} GB ({len(runs)} runs)")
+          f"peak {max(r[1] for r in runs):.2f} GB ({len(runs)} runs){before}")
 PY

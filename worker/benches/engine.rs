@@ -5,7 +5,7 @@
 //! and prints one JSON object. The thread count is candle's (`RAYON_NUM_THREADS`).
 //!
 //! ```sh
-//! RAYON_NUM_THREADS=2 cargo bench -p kiln-worker --bench engine --profile dev -- /tmp/kiln-bench/sd15-random
+//! RAYON_NUM_THREADS=2 cargo bench -p kiln-worker --bench engine --profile release -- /tmp/kiln-bench/sd15-random
 //! ```
 
 use std::collections::HashMap;

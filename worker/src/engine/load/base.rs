@@ -73,7 +73,7 @@ pub(crate) fn read_text(path: &Path) -> Result<String> {
     Ok(text)
 }
 
-fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+fn read_bytes(path: &Path) -> Result<crate::engine::load::weights::FileBytes> {
     crate::engine::load::weights::read_safetensors_bytes(path)
 }
 

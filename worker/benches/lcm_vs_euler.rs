@@ -1,0 +1,164 @@
+//! How much of LCM's ideal edge over a classic sampler kiln delivers end to end (issue 19).
+//!
+//! On one loaded model (CPU, f32, candle's thread count from `RAYON_NUM_THREADS`), at one size:
+//! times the parts an image is made of (one text encode, one UNet evaluation at batch 1 and at
+//! batch 2, one VAE decode; median of `reps` after a warm-up), then renders whole images through
+//! [`Pipeline::render`], alternating an LCM 4-step CFG 1 image with an Euler a 25-step CFG 7.5
+//! one, `rounds` times, with the prompt-embedding cache off so every render encodes its prompts.
+//! The ideal ratio is what the parts give (Euler a: 2 text encodes + 25 batch-2 evaluations +
+//! 1 decode; LCM: 1 encode + 4 batch-1 evaluations + 1 decode); the measured one is the median
+//! Euler a render over the median LCM render. Everything a render does besides the parts
+//! (sampler arithmetic, noise, copies between steps, PNG-ready pixels) shows as the gap.
+//!
+//! ```sh
+//! RAYON_NUM_THREADS=2 cargo bench -p kiln-worker --bench lcm_vs_euler --profile release -- DIR [SIZE] [ROUNDS]
+//! ```
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use kiln_worker::engine::rng::TorchRng;
+use kiln_worker::engine::{Device, HostTensor, Model, Pipeline, RenderRequest, SamplerName};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One warm-up call, then the median of `reps` timed calls.
+fn timed(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..reps)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+fn request(sampler: &str, steps: usize, cfg: f32, size: u32) -> RenderRequest {
+    RenderRequest {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        negative_prompt: "blurry, lowres".into(),
+        seed: 1,
+        steps,
+        cfg_scale: cfg,
+        sampler: sampler.parse::<SamplerName>().expect("a known sampler"),
+        width: size,
+        height: size,
+        ..RenderRequest::default()
+    }
+}
+
+fn main() {
+    // SAFETY: first thing in main, before any thread is started (as `kiln` does).
+    unsafe { kiln_worker::engine::threads::fix_thread_count(None) };
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let model_dir = PathBuf::from(
+        args.first()
+            .cloned()
+            .unwrap_or_else(|| "/tmp/kiln-bench/sd15-random".to_owned()),
+    );
+    let size: u32 = args.get(1).map_or(256, |s| s.parse().expect("SIZE"));
+    let rounds: usize = args.get(2).map_or(2, |s| s.parse().expect("ROUNDS"));
+    let reps = 3;
+    let model = Model::load(&model_dir, &[], Device::Cpu).expect("model loads");
+    let pipeline = Pipeline::with_embedding_cache(model, 0);
+    let model = pipeline.model();
+    println!(
+        "{size}², {} threads, load average at start {}",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
+        load_average()
+    );
+
+    let prompt = "a photograph of an astronaut riding a horse";
+    let context = model.encode_prompt(prompt).expect("encode");
+    let text = timed(reps, || {
+        model.encode_prompt(prompt).expect("encode");
+    });
+    let latent = (size / 8) as usize;
+    let mut rng = TorchRng::new(0);
+    let mut unet = |batch: usize| {
+        let latents = HostTensor {
+            shape: vec![batch, 4, latent, latent],
+            data: rng.randn(batch * 4 * latent * latent),
+        };
+        let contexts = HostTensor {
+            shape: vec![batch, context.shape[1], context.shape[2]],
+            data: context.data.repeat(batch),
+        };
+        timed(reps, || {
+            model
+                .predict_noise(&latents, 999.0, &contexts)
+                .expect("unet");
+        })
+    };
+    let unet_1 = unet(1);
+    let unet_2 = unet(2);
+    let latents = HostTensor {
+        shape: vec![1, 4, latent, latent],
+        data: rng.randn(4 * latent * latent),
+    };
+    let vae = timed(reps, || {
+        model.decode(&latents).expect("decode");
+    });
+    println!(
+        "parts (s): text encode {text:.3}, UNet batch 1 {unet_1:.3}, batch 2 {unet_2:.3} \
+         ({:.2}× batch 1), VAE decode {vae:.3}",
+        unet_2 / unet_1
+    );
+
+    let lcm = request("lcm", 4, 1.0, size);
+    let euler = request("Euler a", 25, 7.5, size);
+    let never = AtomicBool::new(false);
+    let render = |r: &RenderRequest| {
+        let start = Instant::now();
+        let out = pipeline.render(r, &mut |_| {}, &never).expect("renders");
+        let wall = start.elapsed().as_secs_f64();
+        let t = out.times;
+        println!(
+            "  {:>7}: {wall:.2} s (text {:.2}, steps {:.2}, VAE {:.2}; load {})",
+            if r.cfg_scale > 1.0 { "Euler a" } else { "LCM" },
+            t.text_encode_ms / 1e3,
+            t.unet_ms / 1e3,
+            t.vae_ms / 1e3,
+            load_average()
+        );
+        wall
+    };
+    render(&lcm); // warm-up
+    let (mut lcm_s, mut euler_s) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        println!("round {round}:");
+        lcm_s.push(render(&lcm));
+        euler_s.push(render(&euler));
+    }
+    let (lcm_s, euler_s) = (median(lcm_s), median(euler_s));
+    let ideal_lcm = text + 4.0 * unet_1 + vae;
+    let ideal_euler = 2.0 * text + 25.0 * unet_2 + vae;
+    let ideal = ideal_euler / ideal_lcm;
+    let measured = euler_s / lcm_s;
+    println!(
+        "LCM 4 steps CFG 1: {lcm_s:.2} s (parts {ideal_lcm:.2} s); Euler a 25 steps CFG 7.5: \
+         {euler_s:.2} s (parts {ideal_euler:.2} s)"
+    );
+    println!(
+        "ratio Euler a / LCM: measured {measured:.2}×, ideal {ideal:.2}×, measured / ideal {:.3} \
+         (load average at end {})",
+        measured / ideal,
+        load_average()
+    );
+}

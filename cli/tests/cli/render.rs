@@ -75,12 +75,20 @@ fn render_equals_the_diffusers_image_at_cfg_1_and_1_5() {
     ] {
         let out = dir.path().join(format!("cfg{cfg}.png"));
         let result = kiln_render(&["--cfg", cfg, "--seed", seed, "--width", "64"], &out);
-        assert!(
-            result.status.success(),
-            "kiln render failed: {}",
-            String::from_utf8_lossy(&result.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(result.status.success(), "kiln render failed: {stderr}");
         assert_matches_fixture(&out, png);
+        // The last line says where the time went, loading first (BENCHMARKS.md reads it).
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with(&format!(
+                "wrote {} (64x64, 4 steps, seed {seed}) in ",
+                out.display()
+            )) && ["s: loading ", " s, text ", " s, steps ", " s, VAE "]
+                .iter()
+                .all(|part| last.contains(part)),
+            "{last}"
+        );
     }
 }
 

@@ -20,24 +20,8 @@ use kiln_worker::engine::profile::OpKind;
 use kiln_worker::engine::rng::TorchRng;
 use kiln_worker::engine::{Device, HostTensor, Model};
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// One warm-up call, then the median of `reps` timed calls.
-fn timed(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    median(
-        (0..reps)
-            .map(|_| {
-                let start = Instant::now();
-                f();
-                start.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
-}
+mod shared;
+use shared::{loadavg, timed};
 
 fn peak_rss_gb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -176,8 +160,9 @@ fn main() {
         "{{\"engine\": \"kiln\", \"threads\": \"{threads}\", \"load_s\": {load_s:.3}, \
          \"text_encode_s\": {text_s:.4}, \"unet_step_512_s\": {unet_512:.3}, \
          \"unet_step_256_s\": {unet_256:.3}, \"vae_decode_512_s\": {vae_s:.3}, \
-         \"unet_512_profile_s\": {{{}}}, \"peak_rss_gb\": {:.2}}}",
+         \"unet_512_profile_s\": {{{}}}, \"peak_rss_gb\": {:.2}, \"loadavg_after\": \"{}\"}}",
         profile_json.join(", "),
-        peak_rss_gb()
+        peak_rss_gb(),
+        loadavg()
     );
 }

@@ -21,30 +21,8 @@ use std::time::Instant;
 use kiln_worker::engine::rng::TorchRng;
 use kiln_worker::engine::{Device, HostTensor, Model, Pipeline, RenderRequest, SamplerName};
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// One warm-up call, then the median of `reps` timed calls.
-fn timed(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    median(
-        (0..reps)
-            .map(|_| {
-                let start = Instant::now();
-                f();
-                start.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_owned())
-}
+mod shared;
+use shared::{loadavg, median, timed};
 
 fn request(sampler: &str, steps: usize, cfg: f32, size: u32) -> RenderRequest {
     RenderRequest {
@@ -81,7 +59,7 @@ fn main() {
     println!(
         "{size}², {} threads, load average at start {}",
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
-        load_average()
+        loadavg()
     );
 
     let prompt = "a photograph of an astronaut riding a horse";
@@ -135,7 +113,7 @@ fn main() {
             t.text_encode_ms / 1e3,
             t.unet_ms / 1e3,
             t.vae_ms / 1e3,
-            load_average()
+            loadavg()
         );
         wall
     };
@@ -159,6 +137,6 @@ fn main() {
         "ratio Euler a / LCM: measured {measured:.2}×, ideal {ideal:.2}×, measured / ideal {:.3} \
          (load average at end {})",
         measured / ideal,
-        load_average()
+        loadavg()
     );
 }

@@ -63,10 +63,13 @@ pub(crate) fn open_regular(path: &Path) -> Result<(std::fs::File, u64)> {
 /// loading SD1.5 reads about 2 GB, which a copy into a fresh buffer made slower than the rest of
 /// loading together (issue 19). Dereferences to the file's bytes.
 ///
-/// A file mapped while another process truncates it faults (SIGBUS) on the lost pages; kiln
+/// A file mapped while another process truncates it faults (SIGBUS) on the lost pages. kiln
 /// maps a file only while it converts its tensors, and its model cache never writes into a
-/// finished file: downloads are renamed into place and evictions unlink, under the lock a
-/// loading model holds.
+/// finished file (downloads are renamed into place; eviction unlinks, and skips blobs whose
+/// shared use lock a process holds). A file a user names directly (`kiln render --model`, a
+/// worker's local model folders) is the user's: overwriting it in place during a load can end
+/// the process, as it can with the memory-mapped loading of safetensors/diffusers; on Windows
+/// the map instead keeps it from being replaced until the load ends.
 #[derive(Debug)]
 pub(crate) struct FileBytes(memmap2::Mmap);
 

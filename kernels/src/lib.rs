@@ -1,11 +1,13 @@
-//! kiln's CPU f32 kernels: blocked ("flash") attention, fused elementwise passes and a 2-D
-//! convolution, over plain slices.
+//! kiln's CPU f32 kernels: blocked ("flash") attention, fused elementwise passes, a 2-D
+//! convolution and dense layers, over plain slices.
 //!
 //! Owns the arithmetic only: [`attention`] (`softmax(q·kᵀ/√d + mask)·v` without the full score
 //! matrix), [`elementwise`] (the GEGLU gate and group norm + SiLU in one pass each) and the
 //! vectorised math they share (`simd`: a fast `exp`, `erfc`, per-CPU code paths), and
 //! [`conv`] (a 2-D convolution as im2col tiles into `gemm`, bias and NCHW output in the same
-//! pass; 1.2–3× candle's on SD1.5's shapes in `worker/benches/conv.rs`). It knows nothing of
+//! pass; 1.2–3× candle's on SD1.5's shapes in `worker/benches/conv.rs`), and [`dense`]
+//! (`x·Wᵀ + b` on `nn.Linear`'s weight as stored, an AVX-512 register-blocked kernel where
+//! the CPU has it, `gemm` elsewhere). It knows nothing of
 //! tensors, devices or models: the worker's engine checks shapes and dtypes, hands contiguous
 //! `f32` slices here, and keeps its own (candle) path for GPUs and other dtypes.
 //!
@@ -15,6 +17,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod dense;
 pub mod elementwise;
 mod simd;
 

@@ -22,10 +22,7 @@ type Case = (&'static str, fn() -> OpCase);
 fn main() {
     // SAFETY: first thing in main, before any thread is started (as `kiln` does).
     let threads = unsafe { kiln_worker::engine::threads::fix_thread_count(None) };
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let filter: Vec<String> = shared::args();
     let rounds: usize = std::env::var("KILN_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())

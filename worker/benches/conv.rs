@@ -13,8 +13,7 @@
 
 mod shared;
 
-use shared::{loadavg, median};
-use std::time::Instant;
+use shared::{loadavg, median, seconds};
 
 use candle_core::{Device, Tensor};
 use kiln_kernels::conv::{Conv2dGeometry, conv2d};
@@ -39,12 +38,6 @@ const CASES: [Case; 11] = [
     ("vae 256->256 3x3 256x256", [1, 256, 256, 256, 256, 3, 1, 1]),
     ("vae 128->128 3x3 512x512", [1, 128, 512, 512, 128, 3, 1, 1]),
 ];
-
-fn seconds<T>(f: impl FnOnce() -> T) -> (f64, T) {
-    let start = Instant::now();
-    let out = f();
-    (start.elapsed().as_secs_f64(), out)
-}
 
 fn run(case: &Case, rounds: usize, threads: usize) -> candle_core::Result<()> {
     let (name, [b, c, h, w, o, k, s, p]) = *case;
@@ -104,10 +97,7 @@ fn run(case: &Case, rounds: usize, threads: usize) -> candle_core::Result<()> {
 }
 
 fn main() -> candle_core::Result<()> {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
+    let args: Vec<String> = shared::args();
     let rounds = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
     let filter = args.get(1).cloned().unwrap_or_default();
     let threads = candle_core::utils::get_num_threads();

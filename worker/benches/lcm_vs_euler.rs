@@ -41,10 +41,7 @@ fn request(sampler: &str, steps: usize, cfg: f32, size: u32) -> RenderRequest {
 fn main() {
     // SAFETY: first thing in main, before any thread is started (as `kiln` does).
     unsafe { kiln_worker::engine::threads::fix_thread_count(None) };
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args: Vec<String> = shared::args();
     let model_dir = PathBuf::from(
         args.first()
             .cloned()

@@ -19,14 +19,12 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
+mod shared;
+use shared::median;
+
 use kiln_worker::engine::{
     BaseModel, Device, LoraSpec, Model, Pipeline, RenderRequest, SamplerName,
 };
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
@@ -106,10 +104,7 @@ fn alternate(rounds: usize, mut a: impl FnMut() -> f64, mut b: impl FnMut() -> f
 fn main() {
     // SAFETY: first thing in main, before any thread is started (as `kiln` does).
     unsafe { kiln_worker::engine::threads::fix_thread_count(None) };
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args: Vec<String> = shared::args();
     let setup = match args.as_slice() {
         [] => Setup {
             model: fixtures().join("tiny-sd15"),

@@ -19,6 +19,8 @@
 
 use std::time::Instant;
 
+mod shared;
+
 use kiln_worker::engine::rng::TorchRng;
 use kiln_worker::engine::{Device, HostTensor, Model, VaeTiling};
 
@@ -54,10 +56,7 @@ fn measure(model: &Model, latents: &HostTensor, tiling: VaeTiling) -> (HostTenso
 fn main() {
     // SAFETY: first thing in main, before any thread is started (as `kiln` does).
     unsafe { kiln_worker::engine::threads::fix_thread_count(None) };
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args: Vec<String> = shared::args();
     let [dir, size, mode] = args.as_slice() else {
         eprintln!("usage: vae_tiled MODEL_DIR SIZE auto|on|off|compare");
         std::process::exit(2);

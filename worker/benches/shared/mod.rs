@@ -1,6 +1,25 @@
-//! What the engine's benchmarks share: the median of timed rounds, timing a call that way, and
-//! the load average they ran under (the machine's throughput moves with it, so every table
-//! records it).
+//! What the engine's benchmarks share: their arguments, the median of timed rounds, timing a
+//! call that way, and the load average they ran under (the machine's throughput moves with it,
+//! so every table records it).
+
+// Each benchmark is its own crate and uses only part of this module.
+#![allow(dead_code)]
+
+/// The benchmark's own arguments: the command line without the program and the flags cargo
+/// adds (`--bench`).
+pub fn args() -> Vec<String> {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect()
+}
+
+/// Seconds `f` took, and what it returned.
+pub fn seconds<T>(f: impl FnOnce() -> T) -> (f64, T) {
+    let start = std::time::Instant::now();
+    let out = f();
+    (start.elapsed().as_secs_f64(), out)
+}
 
 /// The median of `v` (the upper one of an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -16,7 +35,6 @@ pub fn loadavg() -> String {
 }
 
 /// One warm-up call of `f`, then the median seconds of `reps` timed calls.
-#[allow(dead_code)] // engine.rs and lcm_vs_euler.rs time calls; the micro-benches time rounds
 pub fn timed(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
     median(

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 
 use crate::engine::error::Result;
 use crate::engine::nets::attention::{scaled_dot_product_attention, unfused_attention};
-use crate::engine::nets::fused::{GroupNormSilu, geglu, unfused_geglu};
+use crate::engine::nets::fused::{GroupNorm, geglu, unfused_geglu};
 use crate::engine::rng::TorchRng;
 
 /// One operation on fixed random inputs.
@@ -17,7 +17,7 @@ pub struct OpCase(Case);
 enum Case {
     Attention { q: Tensor, k: Tensor, v: Tensor },
     Geglu { x: Tensor },
-    GroupNormSilu { x: Tensor, norm: GroupNormSilu },
+    GroupNormSilu { x: Tensor, norm: GroupNorm },
 }
 
 fn randn(dims: &[usize], rng: &mut TorchRng) -> Result<Tensor> {
@@ -56,7 +56,7 @@ impl OpCase {
         let x = randn(&[1, channels, height, width], &mut rng)?;
         let weight = ((randn(&[channels], &mut rng)? * 0.2)? + 1.0)?;
         let bias = (randn(&[channels], &mut rng)? * 0.2)?;
-        let norm = GroupNormSilu::from_tensors(weight, bias, groups, 1e-5)?;
+        let norm = GroupNorm::from_tensors(weight, bias, groups, 1e-5, true)?;
         Ok(Self(Case::GroupNormSilu { x, norm }))
     }
 

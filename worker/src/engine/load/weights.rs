@@ -13,6 +13,8 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 pub(crate) use crate::engine::nets::conv::Conv2d;
+pub(crate) use crate::engine::nets::dense::Linear;
+pub(crate) use crate::engine::nets::fused::GroupNorm;
 use crate::engine::profile::{OpKind, timed};
 
 /// A dense f32 array on the host: the engine's tensor type at its public boundary.
@@ -284,7 +286,7 @@ impl<'a> Params<'a> {
     pub(crate) fn linear(&self, input: usize, output: usize, bias: bool) -> Result<Linear> {
         let weight = self.tensor("weight", &[output, input])?;
         let bias = bias.then(|| self.tensor("bias", &[output])).transpose()?;
-        Ok(Linear(candle_nn::Linear::new(weight, bias)))
+        Linear::new(weight, bias)
     }
 
     /// `nn.Conv2d(input, output, kernel, stride, padding)` with a bias.
@@ -305,9 +307,7 @@ impl<'a> Params<'a> {
     pub(crate) fn group_norm(&self, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
         let weight = self.tensor("weight", &[channels])?;
         let bias = self.tensor("bias", &[channels])?;
-        Ok(GroupNorm(candle_nn::GroupNorm::new(
-            weight, bias, channels, groups, eps,
-        )?))
+        Ok(GroupNorm::from_tensors(weight, bias, groups, eps, false)?)
     }
 
     /// `nn.LayerNorm(dim, eps)` with affine parameters.
@@ -334,16 +334,6 @@ macro_rules! profiled_layer {
     };
 }
 
-profiled_layer!(
-    /// `nn.Linear`.
-    Linear,
-    OpKind::Linear
-);
-profiled_layer!(
-    /// `nn.GroupNorm`.
-    GroupNorm,
-    OpKind::Norm
-);
 profiled_layer!(
     /// `nn.LayerNorm`.
     LayerNorm,

@@ -1,9 +1,10 @@
-//! Elementwise steps fused into one pass on the CPU: the GEGLU gate, and group norm followed by
-//! SiLU.
+//! Elementwise steps fused into one pass on the CPU: the GEGLU gate, and group norm (followed by
+//! SiLU where the network has one).
 //!
 //! On the CPU in f32 each runs a `kiln_kernels` pass that reads its input once; anywhere else
 //! (GPUs, f16/bf16) the same candle operations as before, in the same order. Owns the
-//! [`GroupNormSilu`] of the networks' resnets and output heads; knows nothing of the layers around these steps.
+//! [`GroupNorm`] of the networks' resnets, attention blocks and output heads; knows nothing of
+//! the layers around these steps.
 
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Module, Result, Shape, Tensor};
 
@@ -54,30 +55,38 @@ impl CustomOp1 for Geglu {
     }
 }
 
-/// `nn.GroupNorm(groups, channels, eps)` with affine parameters, over NCHW, followed by SiLU.
+/// `nn.GroupNorm(groups, channels, eps)` with affine parameters, over NCHW, followed by SiLU
+/// when `silu`.
 #[derive(Clone, Debug)]
-pub(crate) struct GroupNormSilu {
+pub(crate) struct GroupNorm {
     norm: candle_nn::GroupNorm,
     /// Weight and bias on the host, when the weights are CPU f32 (the fused path).
     host: Option<(Vec<f32>, Vec<f32>)>,
     groups: usize,
     eps: f64,
+    silu: bool,
 }
 
-impl GroupNormSilu {
-    /// The norm whose `weight` and `bias` are under `p`.
-    pub(crate) fn new(p: &Params, groups: usize, channels: usize, eps: f64) -> EngineResult<Self> {
+impl GroupNorm {
+    /// The norm followed by SiLU, whose `weight` and `bias` are under `p`.
+    pub(crate) fn with_silu(
+        p: &Params,
+        groups: usize,
+        channels: usize,
+        eps: f64,
+    ) -> EngineResult<Self> {
         let weight = p.tensor("weight", &[channels])?;
         let bias = p.tensor("bias", &[channels])?;
-        Ok(Self::from_tensors(weight, bias, groups, eps)?)
+        Ok(Self::from_tensors(weight, bias, groups, eps, true)?)
     }
 
-    /// The norm over `weight` and `bias` (`[channels]` each).
+    /// The norm over `weight` and `bias` (`[channels]` each), then SiLU when `silu`.
     pub(crate) fn from_tensors(
         weight: Tensor,
         bias: Tensor,
         groups: usize,
         eps: f64,
+        silu: bool,
     ) -> Result<Self> {
         let channels = weight.dim(0)?;
         let host = (weight.device().is_cpu() && weight.dtype() == DType::F32)
@@ -88,10 +97,11 @@ impl GroupNormSilu {
             host,
             groups,
             eps,
+            silu,
         })
     }
 
-    /// `silu(group_norm(x))`.
+    /// `group_norm(x)`, then SiLU when the norm has it.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         timed(OpKind::Norm, || match &self.host {
             Some((weight, bias)) if x.dtype() == DType::F32 && x.device().is_cpu() => {
@@ -100,6 +110,7 @@ impl GroupNormSilu {
                     bias,
                     groups: self.groups,
                     eps: self.eps as f32,
+                    silu: self.silu,
                 })
             }
             _ => self.unfused(x),
@@ -109,16 +120,18 @@ impl GroupNormSilu {
     /// [`Self::forward`] as separate candle operations: the path off the CPU or in
     /// f16/bf16.
     pub(crate) fn unfused(&self, x: &Tensor) -> Result<Tensor> {
-        self.norm.forward(x)?.silu()
+        let normed = self.norm.forward(x)?;
+        if self.silu { normed.silu() } else { Ok(normed) }
     }
 }
 
-/// [`GroupNormSilu::forward`] as a candle operation, CPU only.
+/// [`GroupNorm::forward`] as a candle operation, CPU only.
 struct GroupNormOp<'a> {
     weight: &'a [f32],
     bias: &'a [f32],
     groups: usize,
     eps: f32,
+    silu: bool,
 }
 
 impl CustomOp1 for GroupNormOp<'_> {
@@ -143,7 +156,7 @@ impl CustomOp1 for GroupNormOp<'_> {
             self.eps,
             self.weight,
             self.bias,
-            true,
+            self.silu,
             host_f32(storage, layout)?,
             &mut out,
         )
@@ -205,7 +218,7 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_group_norm_silu_matches_candle() {
+    fn the_fused_group_norm_with_and_without_silu_matches_candle() {
         // The UNet's 320 channels at 64×64, the VAE's 512 channels, a batch of two, and a
         // shifted, scaled input (mean 3, sd 0.5).
         for (dims, groups, eps, shift) in [
@@ -217,12 +230,18 @@ mod tests {
             let x = (randn(&dims, 5, 0.5) + shift).unwrap();
             let weight = (randn(&[channels], 6, 0.3) + 1.0).unwrap();
             let bias = randn(&[channels], 7, 0.3);
-            let norm = GroupNormSilu::from_tensors(weight, bias, groups, eps).unwrap();
-            let got = norm.forward(&x).unwrap();
-            let unfused = norm.unfused(&x).unwrap();
-            let err = max_abs(&(&got - &unfused).unwrap()) / max_abs(&unfused);
-            eprintln!("group norm + SiLU {dims:?}: {err:e}");
-            assert!(err <= 1e-5, "{dims:?}: relative max diff {err:e}");
+            for silu in [true, false] {
+                let norm = GroupNorm::from_tensors(weight.clone(), bias.clone(), groups, eps, silu)
+                    .unwrap();
+                let got = norm.forward(&x).unwrap();
+                let unfused = norm.unfused(&x).unwrap();
+                let err = max_abs(&(&got - &unfused).unwrap()) / max_abs(&unfused);
+                eprintln!("group norm, SiLU {silu}, {dims:?}: {err:e}");
+                assert!(
+                    err <= 1e-5,
+                    "{dims:?}, SiLU {silu}: relative max diff {err:e}"
+                );
+            }
         }
     }
 }

@@ -10,16 +10,16 @@ use candle_core::{Device, Module, Result, Tensor};
 use crate::engine::error::Result as EngineResult;
 use crate::engine::load::weights::{Conv2d, GroupNorm, LayerNorm, Linear, Params};
 use crate::engine::nets::attention::scaled_dot_product_attention;
-use crate::engine::nets::fused::{self, GroupNormSilu};
+use crate::engine::nets::fused;
 use crate::engine::profile::{OpKind, timed};
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"` and SiLU.
 #[derive(Debug)]
 pub(crate) struct ResnetBlock {
-    norm1: GroupNormSilu,
+    norm1: GroupNorm,
     conv1: Conv2d,
     time_emb_proj: Option<Linear>,
-    norm2: GroupNormSilu,
+    norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
@@ -40,13 +40,13 @@ pub(crate) struct ResnetConfig {
 impl ResnetBlock {
     pub(crate) fn new(p: &Params, c: ResnetConfig) -> EngineResult<Self> {
         Ok(Self {
-            norm1: GroupNormSilu::new(&p.pp("norm1"), c.groups, c.input, c.eps)?,
+            norm1: GroupNorm::with_silu(&p.pp("norm1"), c.groups, c.input, c.eps)?,
             conv1: p.pp("conv1").conv2d(c.input, c.output, 3, 1, 1)?,
             time_emb_proj: c
                 .temb
                 .map(|t| p.pp("time_emb_proj").linear(t, c.output, true))
                 .transpose()?,
-            norm2: GroupNormSilu::new(&p.pp("norm2"), c.groups, c.output, c.eps)?,
+            norm2: GroupNorm::with_silu(&p.pp("norm2"), c.groups, c.output, c.eps)?,
             conv2: p.pp("conv2").conv2d(c.output, c.output, 3, 1, 1)?,
             conv_shortcut: (c.input != c.output)
                 .then(|| p.pp("conv_shortcut").conv2d(c.input, c.output, 1, 1, 0))

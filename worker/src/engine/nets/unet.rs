@@ -13,8 +13,7 @@ use candle_core::{Module, Result, Tensor};
 use serde::Deserialize;
 
 use crate::engine::error::{EngineError, Result as EngineResult};
-use crate::engine::load::weights::{Conv2d, Linear, Params};
-use crate::engine::nets::fused::GroupNormSilu;
+use crate::engine::load::weights::{Conv2d, GroupNorm, Linear, Params};
 use crate::engine::nets::layers::{
     Downsample, ResnetBlock, ResnetConfig, Transformer2D, TransformerConfig, Upsample,
     guidance_embedding, timestep_embedding,
@@ -299,7 +298,7 @@ pub(crate) struct UNet {
     mid_first: ResnetBlock,
     mid: Block,
     up: Vec<(Block, Option<Upsample>)>,
-    norm_out: GroupNormSilu,
+    norm_out: GroupNorm,
     conv_out: Conv2d,
     /// LCM-distilled UNets: projects the guidance-scale embedding (`time_cond_proj_dim`
     /// wide) onto the timestep embedding.
@@ -425,7 +424,7 @@ impl UNet {
             mid_first,
             mid,
             up,
-            norm_out: GroupNormSilu::new(
+            norm_out: GroupNorm::with_silu(
                 &p.pp("conv_norm_out"),
                 c.norm_num_groups,
                 ch[0],

@@ -12,7 +12,6 @@ use serde::Deserialize;
 
 use crate::engine::error::{EngineError, Result as EngineResult};
 use crate::engine::load::weights::{Conv2d, GroupNorm, Params};
-use crate::engine::nets::fused::GroupNormSilu;
 use crate::engine::nets::layers::{Attention, ResnetBlock, ResnetConfig, Upsample};
 use crate::engine::tiling::TileGrid;
 
@@ -215,7 +214,7 @@ pub(crate) struct VaeDecoder {
     conv_in: Conv2d,
     mid: VaeMidBlock,
     up: Vec<(Vec<ResnetBlock>, Option<Upsample>)>,
-    norm_out: GroupNormSilu,
+    norm_out: GroupNorm,
     conv_out: Conv2d,
 }
 
@@ -253,7 +252,7 @@ impl VaeDecoder {
             conv_in: d.pp("conv_in").conv2d(latent, top, 3, 1, 1)?,
             mid: VaeMidBlock::new(&d.pp("mid_block"), c, top)?,
             up,
-            norm_out: GroupNormSilu::new(
+            norm_out: GroupNorm::with_silu(
                 &d.pp("conv_norm_out"),
                 c.norm_num_groups,
                 ch[0],

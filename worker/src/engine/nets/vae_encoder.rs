@@ -11,8 +11,7 @@
 use candle_core::{Module, Result, Tensor};
 
 use crate::engine::error::Result as EngineResult;
-use crate::engine::load::weights::{Conv2d, Params};
-use crate::engine::nets::fused::GroupNormSilu;
+use crate::engine::load::weights::{Conv2d, GroupNorm, Params};
 use crate::engine::nets::layers::{Downsample, ResnetBlock};
 use crate::engine::nets::vae::{VAE_NORM_EPS, VaeConfig, VaeMidBlock, vae_resnet};
 
@@ -27,7 +26,7 @@ pub(crate) struct VaeEncoder {
     conv_in: Conv2d,
     down: Vec<(Vec<ResnetBlock>, Option<Downsample>)>,
     mid: VaeMidBlock,
-    norm_out: GroupNormSilu,
+    norm_out: GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
 }
@@ -63,7 +62,7 @@ impl VaeEncoder {
             conv_in: e.pp("conv_in").conv2d(c.in_channels, ch[0], 3, 1, 1)?,
             down,
             mid: VaeMidBlock::new(&e.pp("mid_block"), c, top)?,
-            norm_out: GroupNormSilu::new(
+            norm_out: GroupNorm::with_silu(
                 &e.pp("conv_norm_out"),
                 c.norm_num_groups,
                 top,

@@ -1,23 +1,31 @@
-//! 2-D convolution in f32 as blocked matrix products: im2col tiles into `gemm`.
+//! 2-D convolution in f32 as blocked matrix products.
 //!
 //! Owns [`conv2d`]. The weight stays in PyTorch's `[out, in, k, k]` layout, which read row-major
 //! is already the `[out, in·k·k]` left operand of the product; the input columns are gathered
-//! tile by tile in the matching `(channel, ky, kx)` order, so no weight is ever copied or
-//! reordered per call. The output is written in place, NCHW, bias included: each tile's output
-//! block is filled with the bias and `gemm` accumulates onto it. A 1×1, stride-1, unpadded
-//! convolution skips the gather: its input already is the right operand.
+//! in the matching `(channel, ky, kx)` order, so no weight is ever copied or reordered per
+//! call. The output is written in place, NCHW, bias included. Two paths:
 //!
-//! Parallelism: many tiles run one per thread, each with a single-threaded `gemm` and its own
-//! gather buffer; few large tiles (small images with many channels) run one after another with
-//! the gather and `gemm` spread over the threads.
+//! - On CPUs with AVX-512F, [`crate::blocked`]'s kernel with the im2col matrix never built:
+//!   each task gathers the panel it needs (256 taps × 64 output pixels) straight from the
+//!   input into the kernel's order, and the bias goes in with the first store.
+//! - Elsewhere, and for 1×1 convolutions and images under 256 output pixels where it was
+//!   faster: im2col tiles into `gemm`, each tile's output block filled with the bias first and
+//!   `gemm` accumulating onto it. A 1×1, stride-1, unpadded convolution skips the gather: its
+//!   input already is the right operand. Many tiles run one per thread, each with a
+//!   single-threaded `gemm` and its own gather buffer; few large tiles (small images with many
+//!   channels) run one after another with the gather and `gemm` spread over the threads.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::blocked::{self, Bias, NR, Packer, Product};
 
 /// Bytes of one gathered im2col tile: a few MiB keeps it near the caches `gemm` packs from.
 const TILE_BYTES: usize = 4 << 20;
 /// Fewest output pixels per gathered tile; below this `gemm`'s per-call packing dominates.
 const MIN_TILE_PIXELS: usize = 64;
+/// Fewest output pixels per image for the blocked kernel.
+const BLOCKED_MIN_PIXELS: usize = 256;
 /// Output pixels per job of a 1×1 convolution, which gathers nothing.
 const DIRECT_TILE_PIXELS: usize = 1024;
 
@@ -113,6 +121,45 @@ pub fn conv2d(
     geometry: &Conv2dGeometry,
     threads: usize,
 ) -> Result<Vec<f32>, ConvError> {
+    geometry.validate()?;
+    let g = geometry;
+    // The blocked kernel gathers every panel it packs: where `gemm` reads the input in place
+    // (a 1×1 convolution, `direct`), or where an image has too few pixels to spread that
+    // gather over (the 8×8 UNet level), im2col into `gemm` was faster
+    // (`worker/benches/conv.rs`).
+    let path = if blocked::available()
+        && !is_direct(g, input_strides)
+        && g.out_height() * g.out_width() >= BLOCKED_MIN_PIXELS
+    {
+        Path::Blocked
+    } else {
+        Path::Gemm
+    };
+    conv2d_on(path, input, input_strides, weight, bias, geometry, threads)
+}
+
+/// A 1×1, stride-1, unpadded convolution whose height and width merge into one axis: its
+/// input already is `gemm`'s right operand.
+fn is_direct(g: &Conv2dGeometry, [_, _, s2, s3]: [usize; 4]) -> bool {
+    g.kernel == 1 && g.stride == 1 && g.padding == 0 && s2 == g.width * s3
+}
+
+/// Which code computes the products: `blocked`'s kernel (AVX-512F) or im2col tiles into `gemm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Blocked,
+    Gemm,
+}
+
+fn conv2d_on(
+    path: Path,
+    input: &[f32],
+    input_strides: [usize; 4],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    geometry: &Conv2dGeometry,
+    threads: usize,
+) -> Result<Vec<f32>, ConvError> {
     let g = *geometry;
     g.validate()?;
     let dims = [g.batch, g.in_channels, g.height, g.width];
@@ -129,8 +176,29 @@ pub fn conv2d(
 
     let pixels = g.out_height() * g.out_width();
     let mut out = vec![0.0f32; g.output_len()];
-    let [_, s1, s2, s3] = input_strides;
-    let direct = g.kernel == 1 && g.stride == 1 && g.padding == 0 && s2 == g.width * s3;
+    let src = Source {
+        g,
+        input,
+        strides: input_strides,
+    };
+    if path == Path::Blocked {
+        let per_image = g.out_channels * pixels;
+        for (image, out) in out.chunks_exact_mut(per_image).enumerate() {
+            let product = Product {
+                a: &weight[..g.out_channels * g.depth()],
+                rows: g.out_channels,
+                k: g.depth(),
+                cols: pixels,
+                bias: bias.map_or(Bias::None, Bias::Rows),
+                packer: Gather { src: &src, image },
+            };
+            // SAFETY: `blocked::available()` holds.
+            unsafe { product.run(out, pixels) };
+        }
+        return Ok(out);
+    }
+    let s1 = input_strides[1];
+    let direct = is_direct(&g, input_strides);
     let tile = if direct {
         DIRECT_TILE_PIXELS
     } else {
@@ -141,9 +209,7 @@ pub fn conv2d(
     let jobs = g.batch * per_image;
     let threads = threads.max(1);
     let plan = Plan {
-        g,
-        input,
-        strides: input_strides,
+        src,
         weight: &weight[..g.out_channels * g.depth()],
         bias: bias.map(|b| &b[..g.out_channels]),
         pixels,
@@ -191,9 +257,7 @@ unsafe impl Sync for OutPtr {}
 
 /// One validated convolution, split into jobs of `tile` output pixels of one image.
 struct Plan<'a> {
-    g: Conv2dGeometry,
-    input: &'a [f32],
-    strides: [usize; 4],
+    src: Source<'a>,
     weight: &'a [f32],
     bias: Option<&'a [f32]>,
     /// Output pixels per image.
@@ -211,11 +275,11 @@ impl Plan<'_> {
     /// `image`, gathering into `col`; `threads` (more than one) spreads this one job over the
     /// pool, `None` runs it on the calling thread.
     fn run(&self, image: usize, first: usize, col: &mut Vec<f32>, threads: Option<usize>) {
-        let g = &self.g;
+        let g = &self.src.g;
         let end = (first + self.tile).min(self.pixels);
         let width = end - first;
         let depth = g.depth();
-        let [s0, _, _, s3] = self.strides;
+        let [s0, _, _, s3] = self.src.strides;
         // SAFETY: `image < batch` and `first < pixels`, so the offset lies inside the output
         // (`batch · out_channels · pixels` values).
         let dst = unsafe {
@@ -235,13 +299,13 @@ impl Plan<'_> {
         let (rhs, rhs_rs, rhs_cs) = if self.direct {
             // Pixel p of a mergeable image sits at p · s3.
             let offset = image * s0 + first * s3;
-            (self.input[offset..].as_ptr(), self.rhs_rows, s3)
+            (self.src.input[offset..].as_ptr(), self.rhs_rows, s3)
         } else {
             if col.len() < depth * width {
                 col.resize(depth * width, 0.0);
             }
             let col = &mut col[..depth * width];
-            let fill = |(r, row): (usize, &mut [f32])| self.gather_row(row, image, r, first);
+            let fill = |(r, row): (usize, &mut [f32])| self.src.gather_row(row, image, r, first);
             match threads {
                 Some(_) => col.par_chunks_mut(width).enumerate().for_each(fill),
                 None => col.chunks_mut(width).enumerate().for_each(fill),
@@ -279,7 +343,16 @@ impl Plan<'_> {
             );
         }
     }
+}
 
+/// Where a convolution reads its input: the geometry, the values and their strides.
+struct Source<'a> {
+    g: Conv2dGeometry,
+    input: &'a [f32],
+    strides: [usize; 4],
+}
+
+impl Source<'_> {
     /// Fills `row` with im2col row `r` (input channel, ky, kx) for output pixels
     /// `first..first + row.len()` of `image`: the input value each pixel's kernel tap reads,
     /// or zero where the tap falls in the padding.
@@ -326,6 +399,24 @@ impl Plan<'_> {
             }
             done += ox1 - ox0;
             pixel += ox1 - ox0;
+        }
+    }
+}
+
+/// Packs panels of the im2col matrix (taps × output pixels) of one image straight from the
+/// input: the implicit im2col of the blocked path.
+struct Gather<'a> {
+    src: &'a Source<'a>,
+    image: usize,
+}
+
+impl Packer for Gather<'_> {
+    /// Taps `k0..k0 + kl` for output pixels `c0..c0 + width`.
+    unsafe fn pack(&self, c0: usize, width: usize, k0: usize, kl: usize, pack: &mut [f32]) {
+        for (kk, row) in pack[..kl * NR].chunks_exact_mut(NR).enumerate() {
+            let (taps, rest) = row.split_at_mut(width);
+            self.src.gather_row(taps, self.image, k0 + kk, c0);
+            rest.fill(0.0);
         }
     }
 }
@@ -403,19 +494,25 @@ mod tests {
         let wt = values(2, g.out_channels * g.depth());
         let b = values(3, g.out_channels);
         let b = bias.then_some(&b[..]);
-        let got = conv2d(&x, strides, &wt, b, &g, threads).unwrap();
         let want = reference(&x, strides, &wt, b, &g);
-        assert_eq!(got.len(), want.len());
         let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0.0f64, |m, (a, b)| m.max((f64::from(*a) - b).abs()));
-        assert!(
-            err / scale <= 1e-5,
-            "{g:?} channels_last={channels_last} threads={threads}: relative error {}",
-            err / scale
-        );
+        let mut paths = vec![Path::Gemm];
+        if blocked::available() {
+            paths.push(Path::Blocked);
+        }
+        for path in paths {
+            let got = conv2d_on(path, &x, strides, &wt, b, &g, threads).unwrap();
+            assert_eq!(got.len(), want.len());
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0.0f64, |m, (a, b)| m.max((f64::from(*a) - b).abs()));
+            assert!(
+                err / scale <= 1e-5,
+                "{path:?} {g:?} channels_last={channels_last} threads={threads}: relative error {}",
+                err / scale
+            );
+        }
     }
 
     fn geometry(

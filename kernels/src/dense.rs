@@ -1,34 +1,17 @@
 //! Dense layers in f32: `y = x·Wᵀ + b` with PyTorch's `nn.Linear` weight layout `[out, in]`.
 //!
-//! Owns [`linear`]. On CPUs with AVX-512F the product runs in this module's register-blocked
-//! kernel: the output is cut into tasks of up to [`TASK_ROWS`] rows × a few column panels
-//! [`NR`] outputs wide; a task copies each panel's weights, [`KC`] inputs deep, into a small
-//! buffer in the order the kernel reads them (`KC × NR`, a few tens of KiB, reused by every row
-//! of the task), then an `MR × NR` block of the output at a time accumulates in 24 vector
-//! registers while the input rows are read in place. The bias goes in with the first block's
-//! store, so nothing is zero-filled first and no weight is copied whole or kept twice. On
-//! other CPUs the same call goes to `gemm`, as candle's matmul would.
+//! Owns [`linear`]. On CPUs with AVX-512F the product runs in [`crate::blocked`]'s
+//! register-blocked kernel, with `x` as its row-major left operand and the weight, read as
+//! stored, transposed panel by panel (16 × 16 blocks in registers) into the order the kernel
+//! reads: no weight is copied whole or kept twice. On other CPUs the same call goes to
+//! `gemm`, as candle's matmul would.
 //!
 //! Why not `gemm` everywhere: with few rows (a prompt's 77 tokens, the text encoder's every
-//! product) `gemm` split the work poorly and ran at a third of this kernel's speed (figures in
-//! BENCHMARKS.md, `worker/benches/dense.rs`).
+//! product) `gemm` ran at a quarter to a half of this kernel's speed, and at a 64-token UNet
+//! level at 40 % (figures in BENCHMARKS.md, `worker/benches/dense.rs`).
 
-use rayon::prelude::*;
-
+use crate::blocked::{self, Bias, NR, Packer, Product};
 use crate::{KernelError, check_len};
-
-/// Output rows per kernel call.
-const MR: usize = 6;
-/// Outputs per column panel: four AVX-512 vectors.
-const NR: usize = 64;
-/// Inputs per block: one panel's packed weights are `KC × NR` floats (64 KiB).
-const KC: usize = 256;
-/// Most rows of one task: its input block (`TASK_ROWS × KC`) stays in a core's L2 cache
-/// while the task's panels pass over it.
-const TASK_ROWS: usize = 16 * MR * 5;
-/// What packing one panel costs, in rows of kernel work (measured with
-/// `worker/benches/dense.rs`: about a sixth of a 77-row task).
-const PACK_COST_ROWS: usize = 12;
 
 /// Computes `out = x·Wᵀ + bias` for every row of `x`: `x` is `rows × in_features`, `weight`
 /// `out_features × in_features`, `bias` `out_features`, `out` `rows × out_features`, all
@@ -41,7 +24,7 @@ pub fn linear(
     out_features: usize,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    let path = if avx512_available() {
+    let path = if blocked::available() {
         Path::Avx512
     } else {
         Path::Gemm
@@ -54,17 +37,6 @@ pub fn linear(
 enum Path {
     Avx512,
     Gemm,
-}
-
-fn avx512_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 fn linear_on(
@@ -96,202 +68,80 @@ fn linear_on(
     if rows == 0 {
         return Ok(());
     }
-    let problem = Problem {
-        x,
-        weight,
-        bias,
-        rows,
-        k: in_features,
-        n: out_features,
-    };
     match path {
-        Path::Avx512 => problem.run_tasks(out),
-        Path::Gemm => problem.gemm(out),
+        Path::Avx512 => {
+            let product = Product {
+                a: x,
+                rows,
+                k: in_features,
+                cols: out_features,
+                bias: bias.map_or(Bias::None, Bias::Columns),
+                packer: WeightPacker {
+                    weight,
+                    k: in_features,
+                },
+            };
+            // SAFETY: this path is taken only where `blocked::available()` holds.
+            unsafe { product.run(out, out_features) };
+        }
+        Path::Gemm => with_gemm(x, weight, bias, in_features, out_features, out),
     }
     Ok(())
 }
 
-/// One validated product.
-#[derive(Clone, Copy)]
-struct Problem<'a> {
-    x: &'a [f32],
-    weight: &'a [f32],
-    bias: Option<&'a [f32]>,
-    rows: usize,
-    /// Inputs per row.
-    k: usize,
-    /// Outputs per row.
-    n: usize,
+/// `gemm` on the weight as stored (read transposed), the bias copied into `out` first; sizes
+/// checked by [`linear_on`].
+fn with_gemm(x: &[f32], weight: &[f32], bias: Option<&[f32]>, k: usize, n: usize, out: &mut [f32]) {
+    let m = x.len() / k;
+    if let Some(bias) = bias {
+        out.chunks_exact_mut(n)
+            .for_each(|row| row.copy_from_slice(bias));
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: dst is `m × n` row-major (`out`, checked), lhs `m × k` row-major (`x`,
+    // checked), rhs `k × n` read from the `n × k` row-major weight (checked) with column
+    // stride `k` and row stride 1.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            bias.is_some(),
+            x.as_ptr(),
+            1,
+            k as isize,
+            weight.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
 }
 
-/// The output's start, shared by the tasks, each of which writes only its own block.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint blocks of a buffer that outlives them (`run_tasks` joins every
-// task before returning) and read nothing another task writes.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
+/// Packs panels of `x·Wᵀ`'s right operand, `Wᵀ`, from the weight as stored.
+struct WeightPacker<'a> {
+    /// `out × k`, row-major.
+    weight: &'a [f32],
+    k: usize,
+}
 
-impl Problem<'_> {
-    /// `gemm` on the weight as stored (read transposed), the bias copied into `out` first.
-    fn gemm(&self, out: &mut [f32]) {
-        let (m, n, k) = (self.rows, self.n, self.k);
-        if let Some(bias) = self.bias {
-            out.chunks_exact_mut(n)
-                .for_each(|row| row.copy_from_slice(bias));
-        }
-        let threads = rayon::current_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: dst is `m × n` row-major (`out`, checked), lhs `m × k` row-major (`x`,
-        // checked), rhs `k × n` read from the `n × k` row-major weight (checked) with column
-        // stride `k` and row stride 1.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                self.bias.is_some(),
-                self.x.as_ptr(),
-                1,
-                k as isize,
-                self.weight.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
-    }
-
-    /// Splits the output into tasks of rows × panels and runs them on the rayon pool.
-    fn run_tasks(&self, out: &mut [f32]) {
-        let panels = self.n.div_ceil(NR);
-        let plan = Split::choose(self.rows, panels, rayon::current_num_threads());
-        let (row_step, panel_step) = (plan.rows_per_task, plan.panels_per_task);
-        let column_tasks = panels.div_ceil(panel_step);
-        let tasks = self.rows.div_ceil(row_step) * column_tasks;
-        let ptr = OutPtr(out.as_mut_ptr());
-        let task = |t: usize, pack: &mut Vec<f32>| {
-            let (rt, ct) = (t / column_tasks, t % column_tasks);
-            let rows = rt * row_step..((rt + 1) * row_step).min(self.rows);
-            let panels = ct * panel_step..((ct + 1) * panel_step).min(panels);
-            // SAFETY: `ptr` is `out`, `rows × n`; this task writes only `rows` × the
-            // columns of `panels`, which no other task covers.
-            unsafe { self.task(rows, panels, ptr, pack) };
-        };
-        if tasks == 1 {
-            task(0, &mut Vec::new());
-        } else {
-            (0..tasks)
-                .into_par_iter()
-                .for_each_init(Vec::new, |pack, t| task(t, pack));
-        }
-    }
-
-    /// Computes the output block `rows × panels` (panels of [`NR`] columns).
-    ///
-    /// # Safety
-    /// `out` must point at the `rows × n` output, of which no other thread touches this block,
-    /// and the CPU must have AVX-512F.
-    unsafe fn task(
-        &self,
-        rows: std::ops::Range<usize>,
-        panels: std::ops::Range<usize>,
-        out: OutPtr,
-        pack: &mut Vec<f32>,
-    ) {
-        let (k, n) = (self.k, self.n);
-        pack.resize(KC * NR, 0.0);
-        let mut edge_x = [0f32; MR * KC];
-        let mut edge_out = [0f32; MR * NR];
-        let mut padded_bias = [0f32; NR];
-        for k0 in (0..k).step_by(KC) {
-            let kl = KC.min(k - k0);
-            let first = k0 == 0;
-            for panel in panels.clone() {
-                let c0 = panel * NR;
-                let width = NR.min(n - c0);
-                // SAFETY: AVX-512F, per this function's caller.
-                unsafe { self.pack_panel(c0, width, k0, kl, pack) };
-                let bias = match (first, self.bias) {
-                    (true, Some(b)) => {
-                        padded_bias[..width].copy_from_slice(&b[c0..c0 + width]);
-                        padded_bias[width..].fill(0.0);
-                        Start::Bias(&padded_bias)
-                    }
-                    (true, None) => Start::Zero,
-                    (false, _) => Start::Accumulate,
-                };
-                let mut r = rows.start;
-                while r < rows.end {
-                    let height = MR.min(rows.end - r);
-                    // SAFETY: `r + height ≤ rows.end ≤ self.rows`, and the column block
-                    // `c0..c0 + width` lies inside `n`; the block belongs to this task.
-                    let dst = unsafe { out.0.add(r * n + c0) };
-                    if height == MR && width == NR {
-                        // SAFETY: rows `r..r + MR` of `x` hold `k0 + kl ≤ k` inputs each;
-                        // `pack` holds `kl × NR`; dst is `MR × NR` with row stride `n`; the
-                        // caller guarantees AVX-512F.
-                        unsafe {
-                            kernel(kl, self.x.as_ptr().add(r * k + k0), k, pack, dst, n, &bias);
-                        }
-                    } else {
-                        // A partial block: the rows copied into a full-height buffer (the
-                        // last row repeated), the output through a full-size one.
-                        for i in 0..MR {
-                            let src = (r + i.min(height - 1)) * k + k0;
-                            edge_x[i * kl..(i + 1) * kl].copy_from_slice(&self.x[src..src + kl]);
-                        }
-                        for i in 0..height {
-                            // SAFETY: row `r + i` of the block, `width` columns, as above.
-                            let row = unsafe { std::slice::from_raw_parts(dst.add(i * n), width) };
-                            edge_out[i * NR..i * NR + width].copy_from_slice(row);
-                        }
-                        // SAFETY: `edge_x` holds `MR × kl`, `edge_out` `MR × NR`; AVX-512F
-                        // as above.
-                        unsafe {
-                            kernel(
-                                kl,
-                                edge_x.as_ptr(),
-                                kl,
-                                pack,
-                                edge_out.as_mut_ptr(),
-                                NR,
-                                &bias,
-                            );
-                        }
-                        for i in 0..height {
-                            // SAFETY: as above.
-                            let row =
-                                unsafe { std::slice::from_raw_parts_mut(dst.add(i * n), width) };
-                            row.copy_from_slice(&edge_out[i * NR..i * NR + width]);
-                        }
-                    }
-                    r += height;
-                }
-            }
-        }
-    }
-
-    /// Copies weights of outputs `c0..c0 + width` and inputs `k0..k0 + kl` into `pack` as
-    /// `kl` rows of [`NR`] (outputs past `width` zero): 16 × 16 blocks transposed in
+impl Packer for WeightPacker<'_> {
+    /// Weights of outputs `c0..c0 + width`, inputs `k0..k0 + kl`: 16 × 16 blocks transposed in
     /// registers, the ragged edges one value at a time.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F.
-    unsafe fn pack_panel(&self, c0: usize, width: usize, k0: usize, kl: usize, pack: &mut [f32]) {
+    unsafe fn pack(&self, c0: usize, width: usize, k0: usize, kl: usize, pack: &mut [f32]) {
         let pack = &mut pack[..kl * NR];
         if width < NR {
             pack.fill(0.0);
@@ -300,10 +150,10 @@ impl Problem<'_> {
         for j in (0..full_j).step_by(16) {
             for kk in (0..full_k).step_by(16) {
                 let src = &self.weight[(c0 + j) * self.k + k0 + kk..];
-                debug_assert!(src.len() >= 15 * self.k + 16);
-                // SAFETY: rows `c0 + j..c0 + j + 16 ≤ n` of the weight hold inputs
-                // `k0 + kk..k0 + kk + 16 ≤ k`; pack rows `kk..kk + 16 ≤ kl`, columns
-                // `j..j + 16 ≤ NR`; AVX-512F per the caller.
+                assert!(src.len() >= 15 * self.k + 16);
+                // SAFETY: 16 rows of 16 at stride `k` from `src` (checked on the line above);
+                // pack rows `kk..kk + 16 ≤ kl`, columns `j..j + 16 ≤ NR`; AVX-512F per the
+                // trait's contract.
                 unsafe { transpose16(src.as_ptr(), self.k, pack[kk * NR + j..].as_mut_ptr(), NR) };
             }
         }
@@ -379,130 +229,12 @@ unsafe fn transpose16(_: *const f32, _: usize, _: *mut f32, _: usize) {
     unreachable!("the AVX-512 transpose on a CPU without it")
 }
 
-/// How one product is cut into tasks: rows × column panels each.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Split {
-    rows_per_task: usize,
-    panels_per_task: usize,
-}
-
-impl Split {
-    /// The split that finishes first by a simple model: tasks run in rounds of `threads`; a
-    /// task costs its padded rows (a multiple of [`MR`]) plus [`PACK_COST_ROWS`] for packing,
-    /// times its panels; tasks at most [`TASK_ROWS`] rows, so that their input block stays in
-    /// L2. Ties go to fewer tasks.
-    fn choose(rows: usize, panels: usize, threads: usize) -> Self {
-        let threads = threads.max(1);
-        let mut best = (
-            usize::MAX,
-            Split {
-                rows_per_task: rows,
-                panels_per_task: panels,
-            },
-        );
-        let most_row_tasks = rows.div_ceil(MR).min(64);
-        for row_tasks in rows.div_ceil(TASK_ROWS).max(1)..=most_row_tasks.max(1) {
-            let rows_per_task = rows.div_ceil(row_tasks).next_multiple_of(MR);
-            let row_tasks = rows.div_ceil(rows_per_task);
-            for column_tasks in 1..=panels.min(64) {
-                let panels_per_task = panels.div_ceil(column_tasks);
-                let column_tasks = panels.div_ceil(panels_per_task);
-                let rounds = (row_tasks * column_tasks).div_ceil(threads);
-                let cost = rounds * (rows_per_task + PACK_COST_ROWS) * panels_per_task;
-                if cost < best.0 {
-                    best = (
-                        cost,
-                        Split {
-                            rows_per_task,
-                            panels_per_task,
-                        },
-                    );
-                }
-            }
-        }
-        best.1
-    }
-}
-
-/// What a kernel call adds its products to.
-enum Start<'a> {
-    /// The bias (this panel's part, zero-padded): the first input block.
-    Bias(&'a [f32; NR]),
-    /// Nothing: the first block of a layer without bias.
-    Zero,
-    /// The output already there: every later block.
-    Accumulate,
-}
-
-/// `dst[i][j] (+)= Σₖ x[i·lda + k] · pack[k·NR + j]` for an `MR × NR` block.
-///
-/// # Safety
-/// `x` must hold `MR` rows of `kl` floats at stride `lda`, `pack` at least `kl × NR`, `dst`
-/// `MR` rows of `NR` at stride `ldc`, and the CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn kernel(
-    kl: usize,
-    x: *const f32,
-    lda: usize,
-    pack: &[f32],
-    dst: *mut f32,
-    ldc: usize,
-    start: &Start<'_>,
-) {
-    use std::arch::x86_64::*;
-    const NV: usize = NR / 16;
-    debug_assert!(pack.len() >= kl * NR);
-    let b = pack.as_ptr();
-    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-    for kk in 0..kl {
-        // SAFETY: `kk < kl`, inside `pack` and each of the `MR` rows of `x` (caller).
-        unsafe {
-            let bv: [__m512; NV] =
-                std::array::from_fn(|v| _mm512_loadu_ps(b.add(kk * NR + v * 16)));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*x.add(i * lda + kk));
-                for (a, &bv) in acc.iter_mut().zip(&bv) {
-                    *a = _mm512_fmadd_ps(xv, bv, *a);
-                }
-            }
-        }
-    }
-    for (i, acc) in acc.iter().enumerate() {
-        for (v, &a) in acc.iter().enumerate() {
-            // SAFETY: row `i < MR`, columns `v·16..v·16 + 16 ≤ NR` of `dst` (caller).
-            unsafe {
-                let p = dst.add(i * ldc + v * 16);
-                let value = match start {
-                    Start::Bias(bias) => {
-                        _mm512_add_ps(_mm512_loadu_ps(bias.as_ptr().add(v * 16)), a)
-                    }
-                    Start::Zero => a,
-                    Start::Accumulate => _mm512_add_ps(_mm512_loadu_ps(p), a),
-                };
-                _mm512_storeu_ps(p, value);
-            }
-        }
-    }
-}
-
-/// Never called: [`linear`] takes this path only where AVX-512F was detected.
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(
-    _: usize,
-    _: *const f32,
-    _: usize,
-    _: &[f32],
-    _: *mut f32,
-    _: usize,
-    _: &Start<'_>,
-) {
-    unreachable!("the AVX-512 dense kernel on a CPU without it")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// More rows than one task of `blocked` takes.
+    const TASK_ROWS: usize = 480;
 
     /// Deterministic values in [−1, 1).
     fn values(len: usize, seed: u64) -> Vec<f32> {
@@ -557,7 +289,7 @@ mod tests {
 
     fn paths() -> Vec<Path> {
         let mut paths = vec![Path::Gemm];
-        if avx512_available() {
+        if blocked::available() {
             paths.push(Path::Avx512);
         } else {
             eprintln!("no AVX-512F here: only the gemm path is tested");
@@ -568,7 +300,7 @@ mod tests {
     #[test]
     fn matches_the_f64_product_at_every_edge_of_the_blocking() {
         for path in paths() {
-            // Rows around MR and TASK_ROWS, inputs around KC, outputs around NR.
+            // Rows around the kernel's 6 and a task's 480, inputs around 256, outputs around 64.
             for &(rows, k, n) in &[
                 (1, 1, 1),
                 (1, 320, 1280),
@@ -591,7 +323,7 @@ mod tests {
         // A row's result does not depend on which task or block position it fell into, so a
         // batch gives each image exactly what it gets alone. (`gemm` does not promise this: its
         // edge kernels sum in another order, so that path is not held to it.)
-        if !avx512_available() {
+        if !blocked::available() {
             eprintln!("no AVX-512F here: nothing to test");
             return;
         }
@@ -614,7 +346,7 @@ mod tests {
 
     #[test]
     fn the_register_transpose_transposes() {
-        if !avx512_available() {
+        if !blocked::available() {
             eprintln!("no AVX-512F here: nothing to test");
             return;
         }

@@ -4,10 +4,11 @@
 //! Owns the arithmetic only: [`attention`] (`softmax(q·kᵀ/√d + mask)·v` without the full score
 //! matrix), [`elementwise`] (the GEGLU gate and group norm + SiLU in one pass each) and the
 //! vectorised math they share (`simd`: a fast `exp`, `erfc`, per-CPU code paths), and
-//! [`conv`] (a 2-D convolution as im2col tiles into `gemm`, bias and NCHW output in the same
-//! pass; 1.2–3× candle's on SD1.5's shapes in `worker/benches/conv.rs`), and [`dense`]
-//! (`x·Wᵀ + b` on `nn.Linear`'s weight as stored, an AVX-512 register-blocked kernel where
-//! the CPU has it, `gemm` elsewhere). It knows nothing of
+//! [`conv`] (a 2-D convolution as blocked matrix products, bias and NCHW output in the same
+//! pass; 1.3–6× candle's on SD1.5's shapes in `worker/benches/conv.rs`), and [`dense`]
+//! (`x·Wᵀ + b` on `nn.Linear`'s weight as stored). Where the CPU has AVX-512F both run on
+//! `blocked`, a register-blocked product that packs its right operand panel by panel from
+//! where it lies; elsewhere they call `gemm`. It knows nothing of
 //! tensors, devices or models: the worker's engine checks shapes and dtypes, hands contiguous
 //! `f32` slices here, and keeps its own (candle) path for GPUs and other dtypes.
 //!
@@ -16,6 +17,7 @@
 //! in dev and test builds (`[profile.dev.package.kiln-kernels]` in the workspace manifest).
 
 pub mod attention;
+mod blocked;
 pub mod conv;
 pub mod dense;
 pub mod elementwise;

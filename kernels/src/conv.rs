@@ -413,10 +413,49 @@ struct Gather<'a> {
 impl Packer for Gather<'_> {
     /// Taps `k0..k0 + kl` for output pixels `c0..c0 + width`.
     unsafe fn pack(&self, c0: usize, width: usize, k0: usize, kl: usize, pack: &mut [f32]) {
-        for (kk, row) in pack[..kl * NR].chunks_exact_mut(NR).enumerate() {
+        let g = &self.src.g;
+        let out_w = g.out_width();
+        let (oy, ox0) = (c0 / out_w, c0 % out_w);
+        let pack = &mut pack[..kl * NR];
+        if g.stride != 1 || self.src.strides[3] != 1 || ox0 + width > out_w {
+            for (kk, row) in pack.chunks_exact_mut(NR).enumerate() {
+                let (taps, rest) = row.split_at_mut(width);
+                self.src.gather_row(taps, self.image, k0 + kk, c0);
+                rest.fill(0.0);
+            }
+            return;
+        }
+        // The panel's pixels lie in one output row and the stride is 1: each tap reads one
+        // run of one input row, zero where it falls in the padding. The tap's (channel, ky,
+        // kx) steps along instead of being divided out per row.
+        let [s0, s1, s2, _] = self.src.strides;
+        let (k, pad) = (g.kernel, g.padding);
+        let (mut c, mut ky, mut kx) = (k0 / (k * k), (k0 / k) % k, k0 % k);
+        let end = ox0 + width;
+        for row in pack.chunks_exact_mut(NR) {
             let (taps, rest) = row.split_at_mut(width);
-            self.src.gather_row(taps, self.image, k0 + kk, c0);
             rest.fill(0.0);
+            // Output columns whose input column ox + kx - pad lies in 0..g.width.
+            let lo = pad.saturating_sub(kx).clamp(ox0, end);
+            let hi = (g.width + pad).saturating_sub(kx).clamp(lo, end);
+            let iy = oy + ky;
+            if iy < pad || iy - pad >= g.height || lo == hi {
+                taps.fill(0.0);
+            } else {
+                taps[..lo - ox0].fill(0.0);
+                taps[hi - ox0..].fill(0.0);
+                let from = self.image * s0 + c * s1 + (iy - pad) * s2 + lo + kx - pad;
+                taps[lo - ox0..hi - ox0].copy_from_slice(&self.src.input[from..from + hi - lo]);
+            }
+            kx += 1;
+            if kx == k {
+                kx = 0;
+                ky += 1;
+                if ky == k {
+                    ky = 0;
+                    c += 1;
+                }
+            }
         }
     }
 }
@@ -535,7 +574,9 @@ mod tests {
 
     #[test]
     fn matches_a_direct_f64_convolution() {
-        let shapes = [(3, 7, 9), (17, 13, 11), (5, 1, 6), (33, 20, 20)];
+        // (channels, height, width); rows of 131 put whole panels of 64 pixels inside one
+        // output row (the blocked path's fast gather) and others across two.
+        let shapes = [(3, 7, 9), (17, 13, 11), (5, 1, 6), (33, 20, 20), (5, 4, 131)];
         let kernels = [
             (1, 1, 0),
             (3, 1, 1),

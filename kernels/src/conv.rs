@@ -576,7 +576,13 @@ mod tests {
     fn matches_a_direct_f64_convolution() {
         // (channels, height, width); rows of 131 put whole panels of 64 pixels inside one
         // output row (the blocked path's fast gather) and others across two.
-        let shapes = [(3, 7, 9), (17, 13, 11), (5, 1, 6), (33, 20, 20), (5, 4, 131)];
+        let shapes = [
+            (3, 7, 9),
+            (17, 13, 11),
+            (5, 1, 6),
+            (33, 20, 20),
+            (5, 4, 131),
+        ];
         let kernels = [
             (1, 1, 0),
             (3, 1, 1),

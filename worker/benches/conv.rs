@@ -13,7 +13,7 @@
 
 mod shared;
 
-use shared::{loadavg, median, seconds};
+use shared::{alternate, loadavg, relative_diff};
 
 use candle_core::{Device, Tensor};
 use kiln_kernels::conv::{Conv2dGeometry, conv2d};
@@ -68,22 +68,9 @@ fn run(case: &Case, rounds: usize, threads: usize) -> candle_core::Result<()> {
     // Warm-up, and the check that both compute the same thing.
     let want = candle()?.flatten_all()?.to_vec1::<f32>()?;
     let got = kiln()?;
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = want
-        .iter()
-        .zip(&got)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    let (mut tc, mut tk) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        let (t, y) = seconds(candle);
-        drop(y?);
-        tc.push(t);
-        let (t, y) = seconds(kiln);
-        drop(y?);
-        tk.push(t);
-    }
+    let rel = relative_diff(&want, &got);
+    let (mc, mk) = alternate(rounds, candle, kiln)?;
     let flop = 2.0 * (o * c * k * k * g.out_height() * g.out_width() * b) as f64;
-    let (mc, mk) = (median(tc), median(tk));
     println!(
         "{name:<28} {:>9.2} {:>7.1} {:>9.2} {:>7.1} {:>6.2}x {:>9.1e}",
         mc * 1e3,
@@ -91,7 +78,7 @@ fn run(case: &Case, rounds: usize, threads: usize) -> candle_core::Result<()> {
         mk * 1e3,
         flop / mk / 1e9,
         mc / mk,
-        diff / scale
+        rel
     );
     Ok(())
 }

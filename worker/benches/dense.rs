@@ -13,7 +13,7 @@
 
 mod shared;
 
-use shared::{loadavg, median, seconds};
+use shared::{alternate, loadavg, relative_diff};
 
 use candle_core::{Device, Module, Tensor};
 
@@ -57,22 +57,9 @@ fn run(case: &Case, rounds: usize) -> candle_core::Result<()> {
     // Warm-up, and the check that both compute the same thing.
     let want = candle()?.flatten_all()?.to_vec1::<f32>()?;
     let got = kiln()?;
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = want
-        .iter()
-        .zip(&got)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    let (mut tc, mut tk) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        let (t, y) = seconds(candle);
-        drop(y?);
-        tc.push(t);
-        let (t, y) = seconds(kiln);
-        drop(y?);
-        tk.push(t);
-    }
+    let rel = relative_diff(&want, &got);
+    let (mc, mk) = alternate(rounds, candle, kiln)?;
     let flop = 2.0 * (m * n * k) as f64;
-    let (mc, mk) = (median(tc), median(tk));
     println!(
         "{name:<32} {:>9.3} {:>7.1} {:>9.3} {:>7.1} {:>6.2}x {:>9.1e}",
         mc * 1e3,
@@ -80,7 +67,7 @@ fn run(case: &Case, rounds: usize) -> candle_core::Result<()> {
         mk * 1e3,
         flop / mk / 1e9,
         mc / mk,
-        diff / scale
+        rel
     );
     Ok(())
 }

@@ -47,3 +47,32 @@ pub fn timed(reps: usize, mut f: impl FnMut()) -> f64 {
             .collect(),
     )
 }
+
+/// The largest difference between `want` and `got`, relative to `want`'s largest magnitude.
+pub fn relative_diff(want: &[f32], got: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = want
+        .iter()
+        .zip(got)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+/// Times `a` then `b`, `rounds` times, alternating so that both see the same machine load;
+/// their median seconds.
+pub fn alternate<A, B, E>(
+    rounds: usize,
+    mut a: impl FnMut() -> Result<A, E>,
+    mut b: impl FnMut() -> Result<B, E>,
+) -> Result<(f64, f64), E> {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (t, out) = seconds(&mut a);
+        drop(out?);
+        ta.push(t);
+        let (t, out) = seconds(&mut b);
+        drop(out?);
+        tb.push(t);
+    }
+    Ok((median(ta), median(tb)))
+}

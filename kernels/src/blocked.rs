@@ -271,6 +271,8 @@ impl Split {
 }
 
 /// What a kernel call adds its products to.
+// Read only by the x86-64 kernel; elsewhere `run` is never reached (`available()` is false).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Start<'a> {
     /// A value per column (zero-padded): the first block of a product with column bias.
     Columns(&'a [f32; NR]),

@@ -7,8 +7,8 @@
 //! `gemm`, as candle's matmul would.
 //!
 //! Why not `gemm` everywhere: with few rows (a prompt's 77 tokens, the text encoder's every
-//! product) `gemm` ran at a quarter to a half of this kernel's speed, and at a 64-token UNet
-//! level at 40 % (figures in BENCHMARKS.md, `worker/benches/dense.rs`).
+//! product) `gemm` ran at 27–93 % of this kernel's speed (27 % for the 3072 → 768 product),
+//! and at a 64-token UNet level at 40 % (figures in BENCHMARKS.md, `worker/benches/dense.rs`).
 
 use crate::blocked::{self, Bias, NR, Packer, Product};
 use crate::{KernelError, check_len};
@@ -32,7 +32,7 @@ pub fn linear(
     linear_on(path, x, weight, bias, in_features, out_features, out)
 }
 
-/// Which code computes the product: this module's kernel or `gemm`.
+/// Which code computes the product: `blocked`'s kernel or `gemm`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
     Avx512,

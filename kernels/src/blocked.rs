@@ -157,17 +157,17 @@ impl<P: Packer> Product<'_, P> {
                 let width = NR.min(self.cols - c0);
                 // SAFETY: AVX-512F, per this function's caller.
                 unsafe { self.packer.pack(c0, width, k0, kl, pack) };
+                if let (true, Bias::Columns(b)) = (first, self.bias) {
+                    column_bias[..width].copy_from_slice(&b[c0..c0 + width]);
+                    column_bias[width..].fill(0.0);
+                }
                 let mut r = rows.start;
                 while r < rows.end {
                     let height = MR.min(rows.end - r);
                     let start = match (first, self.bias) {
                         (false, _) => Start::Accumulate,
                         (true, Bias::None) => Start::Zero,
-                        (true, Bias::Columns(b)) => {
-                            column_bias[..width].copy_from_slice(&b[c0..c0 + width]);
-                            column_bias[width..].fill(0.0);
-                            Start::Columns(&column_bias)
-                        }
+                        (true, Bias::Columns(_)) => Start::Columns(&column_bias),
                         (true, Bias::Rows(b)) => {
                             row_bias[..height].copy_from_slice(&b[r..r + height]);
                             row_bias[height..].fill(0.0);

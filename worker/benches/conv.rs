@@ -13,7 +13,7 @@
 
 mod shared;
 
-use shared::{alternate, loadavg, relative_diff};
+use shared::{alternate, loadavg, print_header, print_row, relative_diff};
 
 use candle_core::{Device, Tensor};
 use kiln_kernels::conv::{Conv2dGeometry, conv2d};
@@ -71,15 +71,7 @@ fn run(case: &Case, rounds: usize, threads: usize) -> candle_core::Result<()> {
     let rel = relative_diff(&want, &got);
     let (mc, mk) = alternate(rounds, candle, kiln)?;
     let flop = 2.0 * (o * c * k * k * g.out_height() * g.out_width() * b) as f64;
-    println!(
-        "{name:<28} {:>9.2} {:>7.1} {:>9.2} {:>7.1} {:>6.2}x {:>9.1e}",
-        mc * 1e3,
-        flop / mc / 1e9,
-        mk * 1e3,
-        flop / mk / 1e9,
-        mc / mk,
-        rel
-    );
+    print_row(name, flop, mc, mk, rel);
     Ok(())
 }
 
@@ -92,10 +84,7 @@ fn main() -> candle_core::Result<()> {
         "threads {threads}, rounds {rounds}, loadavg {} (before)",
         loadavg()
     );
-    println!(
-        "{:<28} {:>9} {:>7} {:>9} {:>7} {:>7} {:>9}",
-        "case", "candle ms", "GFLOP/s", "kiln ms", "GFLOP/s", "speedup", "rel diff"
-    );
+    print_header();
     for case in CASES.iter().filter(|c| c.0.contains(&filter)) {
         run(case, rounds, threads)?;
     }

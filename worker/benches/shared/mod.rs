@@ -76,3 +76,25 @@ pub fn alternate<A, B, E>(
     }
     Ok((median(ta), median(tb)))
 }
+
+/// The header of a candle-against-kiln table: case, then each side's milliseconds and
+/// GFLOP/s, the speed-up and the relative difference.
+pub fn print_header() {
+    println!(
+        "{:<32} {:>9} {:>7} {:>9} {:>7} {:>7} {:>9}",
+        "case", "candle ms", "GFLOP/s", "kiln ms", "GFLOP/s", "speedup", "rel diff"
+    );
+}
+
+/// One row of that table: `flop` operations in `candle_s` and `kiln_s` seconds.
+pub fn print_row(name: &str, flop: f64, candle_s: f64, kiln_s: f64, rel: f32) {
+    println!(
+        "{name:<32} {:>9.3} {:>7.1} {:>9.3} {:>7.1} {:>6.2}x {:>9.1e}",
+        candle_s * 1e3,
+        flop / candle_s / 1e9,
+        kiln_s * 1e3,
+        flop / kiln_s / 1e9,
+        candle_s / kiln_s,
+        rel
+    )
+}

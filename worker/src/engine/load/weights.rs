@@ -318,27 +318,16 @@ impl<'a> Params<'a> {
     }
 }
 
-/// Defines a newtype over a candle-nn layer whose `forward` is counted as `$kind` by
+/// `nn.LayerNorm` (candle's), each call counted as [`OpKind::Norm`] by
 /// [`crate::engine::profile`].
-macro_rules! profiled_layer {
-    ($(#[$doc:meta])* $name:ident, $kind:expr) => {
-        $(#[$doc])*
-        #[derive(Clone, Debug)]
-        pub(crate) struct $name(candle_nn::$name);
+#[derive(Clone, Debug)]
+pub(crate) struct LayerNorm(candle_nn::LayerNorm);
 
-        impl Module for $name {
-            fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-                timed($kind, || self.0.forward(x))
-            }
-        }
-    };
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        timed(OpKind::Norm, || self.0.forward(x))
+    }
 }
-
-profiled_layer!(
-    /// `nn.LayerNorm`.
-    LayerNorm,
-    OpKind::Norm
-);
 
 #[cfg(test)]
 mod tests {

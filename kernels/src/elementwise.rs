@@ -1,15 +1,17 @@
-//! Fused elementwise passes: the GEGLU gate and group norm with an optional SiLU.
+//! Fused elementwise passes: the GEGLU gate, CLIP's quick GELU, and group norm with an optional
+//! SiLU.
 //!
 //! Each reads its input once and writes its output once, where the unfused tensor code takes
-//! a pass (and a fresh buffer) per operation: GEGLU's split, GELU and product; group norm's
-//! mean, centring, variance, normalisation, scale and shift, then SiLU.
+//! a pass (and a fresh buffer) per operation: GEGLU's split, GELU and product; quick GELU's
+//! scale, sigmoid and product; group norm's mean, centring, variance, normalisation, scale and
+//! shift, then SiLU.
 
 use rayon::prelude::*;
 
-use crate::simd::{gelu, multiversion, silu};
+use crate::simd::{gelu, multiversion, sigmoid, silu};
 use crate::{KernelError, check_len};
 
-/// Elements per parallel task of the GEGLU gate (about 256 KiB of output).
+/// Elements per parallel task of the GEGLU gate and quick GELU (about 256 KiB of output).
 const GEGLU_TASK: usize = 1 << 16;
 
 /// diffusers' GEGLU gate: for each row of `x` (`2·inner` wide), `out = x[..inner] ·
@@ -42,6 +44,24 @@ multiversion! {
     fn geglu_row(out: &mut [f32], hidden: &[f32], gate: &[f32]) {
         for ((o, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
             *o = h * gelu(g);
+        }
+    }
+}
+
+/// OpenAI CLIP's activation (transformers' `QuickGELUActivation`, SD1.5's text encoder):
+/// `out = x·sigmoid(1.702·x)`, elementwise.
+pub fn quick_gelu(x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
+    check_len("x", x, out.len())?;
+    out.par_chunks_mut(GEGLU_TASK)
+        .zip(x.par_chunks(GEGLU_TASK))
+        .for_each(|(out, x)| quick_gelu_run(out, x));
+    Ok(())
+}
+
+multiversion! {
+    fn quick_gelu_run(out: &mut [f32], x: &[f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * sigmoid(1.702 * v);
         }
     }
 }
@@ -204,5 +224,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn quick_gelu_matches_the_definition() {
+        // Across the range where the sigmoid saturates both ways, and a length that leaves a
+        // remainder in every vector width and task.
+        let x: Vec<f32> = (0..70_001).map(|i| (i as f32 - 35_000.0) * 6e-4).collect();
+        let mut out = vec![0f32; x.len()];
+        quick_gelu(&x, &mut out).unwrap();
+        for (&v, &o) in x.iter().zip(&out) {
+            let v = v as f64;
+            let want = v / (1.0 + (-(1.702f32 as f64) * v).exp());
+            assert!(
+                (o as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
+                "{v}: {o} against {want}"
+            );
+        }
+        assert!(quick_gelu(&x, &mut out[1..]).is_err());
     }
 }

@@ -2,7 +2,7 @@
 //! convolution and dense layers, over plain slices.
 //!
 //! Owns the arithmetic only: [`attention`] (`softmax(q·kᵀ/√d + mask)·v` without the full score
-//! matrix), [`elementwise`] (the GEGLU gate and group norm + SiLU in one pass each) and the
+//! matrix), [`elementwise`] (the GEGLU gate, CLIP's quick GELU and group norm + SiLU in one pass each) and the
 //! vectorised math they share (`simd`: a fast `exp`, `erfc`, per-CPU code paths), and
 //! [`conv`] (a 2-D convolution as blocked matrix products, bias and NCHW output in the same
 //! pass; 1.3–6× candle's on SD1.5's shapes in `worker/benches/conv.rs`), and [`dense`]
@@ -24,7 +24,7 @@ pub mod elementwise;
 mod simd;
 
 pub use attention::{AttentionMask, AttentionShape, attention};
-pub use elementwise::{GroupNormShape, geglu, group_norm};
+pub use elementwise::{GroupNormShape, geglu, group_norm, quick_gelu};
 
 /// A kernel called with slices or sizes that do not fit together.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

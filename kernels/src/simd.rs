@@ -1,4 +1,5 @@
-//! Vectorised math shared by the kernels: a per-CPU dispatch macro, `exp` and `erfc`.
+//! Vectorised math shared by the kernels: a per-CPU dispatch macro, `exp`, `erfc` and the
+//! activations built on them.
 //!
 //! The functions here are scalar, branch-free and `#[inline(always)]`, so that a loop over a
 //! slice that calls them vectorises in whichever instruction set [`multiversion!`] compiled
@@ -109,6 +110,12 @@ pub(crate) fn erfc(z: f32) -> f32 {
 #[inline(always)]
 pub(crate) fn gelu(x: f32) -> f32 {
     0.5 * x * erfc(-x * std::f32::consts::FRAC_1_SQRT_2)
+}
+
+/// `1/(1 + e⁻ˣ)`, as PyTorch's `sigmoid`.
+#[inline(always)]
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
 }
 
 /// `x·sigmoid(x)`, written as PyTorch and candle write it: `x / (1 + e⁻ˣ)`.

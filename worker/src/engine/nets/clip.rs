@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::engine::error::{EngineError, Result as EngineResult};
 use crate::engine::load::weights::{LayerNorm, Linear, Params};
 use crate::engine::nets::attention::scaled_dot_product_attention;
+use crate::engine::nets::fused;
 
 /// The activation between the two MLP layers (`hidden_act`).
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -209,7 +210,7 @@ impl ClipTextModel {
         let x = (l.out_proj.forward(&attn)? + x)?;
         let hidden = l.fc1.forward(&l.layer_norm2.forward(&x)?)?;
         let hidden = match self.activation {
-            Activation::QuickGelu => (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?,
+            Activation::QuickGelu => fused::quick_gelu(&hidden)?,
             Activation::Gelu => hidden.gelu_erf()?,
         };
         l.fc2.forward(&hidden)? + x

@@ -1,5 +1,5 @@
-//! Elementwise steps fused into one pass on the CPU: the GEGLU gate, and group norm (followed by
-//! SiLU where the network has one).
+//! Elementwise steps fused into one pass on the CPU: the GEGLU gate, CLIP's quick GELU, and group
+//! norm (followed by SiLU where the network has one).
 //!
 //! On the CPU in f32 each runs a `kiln_kernels` pass that reads its input once; anywhere else
 //! (GPUs, f16/bf16) the same candle operations as before, in the same order. Owns the
@@ -52,6 +52,30 @@ impl CustomOp1 for Geglu {
         kiln_kernels::geglu(host_f32(storage, layout)?, inner, &mut out)
             .map_err(candle_core::Error::wrap)?;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// transformers' `QuickGELUActivation` (OpenAI CLIP's MLP): `x·sigmoid(1.702·x)`.
+pub(crate) fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1_no_bwd(&QuickGelu);
+    }
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+}
+
+/// [`quick_gelu`] as a candle operation, CPU only.
+struct QuickGelu;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "kiln-quick-gelu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut out = vec![0f32; layout.shape().elem_count()];
+        kiln_kernels::quick_gelu(host_f32(storage, layout)?, &mut out)
+            .map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 

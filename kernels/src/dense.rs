@@ -345,6 +345,48 @@ mod tests {
     }
 
     #[test]
+    fn an_output_past_a_cache_is_made_in_chunks_with_the_same_sums() {
+        if !blocked::available() {
+            eprintln!("no AVX-512F here: nothing to test");
+            return;
+        }
+        // On one thread the whole product is one task, whose output is past what `blocked`
+        // makes in one pass, so it is made in chunks of panels; on the whole pool each task is
+        // smaller (on a few cores, unchunked). Both must sum alike, bit for bit.
+        let (rows, k, n): (usize, usize, usize) = (70, 300, 30_011);
+        assert!(
+            rows.next_multiple_of(blocked::MR) * n.next_multiple_of(blocked::NR)
+                > blocked::CHUNK_ABOVE_FLOATS
+        );
+        let x = values(rows * k, 21);
+        let w = values(n * k, 22);
+        let b = values(n, 23);
+        let product = || {
+            let mut out = vec![f32::NAN; rows * n];
+            linear_on(Path::Avx512, &x, &w, Some(&b), k, n, &mut out).unwrap();
+            out
+        };
+        let one_thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(product);
+        assert_eq!(one_thread, product());
+        for i in [0, 33, rows - 1] {
+            for j in (0..n).step_by(97).chain([n - 1]) {
+                let terms = (0..k).map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64);
+                let want = b[j] as f64 + terms.clone().sum::<f64>();
+                let scale = (b[j] as f64).abs() + terms.map(f64::abs).sum::<f64>();
+                let got = one_thread[i * n + j] as f64;
+                assert!(
+                    (got - want).abs() <= 4e-7 * scale,
+                    "output ({i}, {j}): {got} against {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn the_register_transpose_transposes() {
         if !blocked::available() {
             eprintln!("no AVX-512F here: nothing to test");

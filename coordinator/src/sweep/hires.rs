@@ -5,11 +5,11 @@
 
 use toml::Spanned;
 
-use super::axis::{hires_denoise, hires_sampler, hires_scale, hires_steps, size, upscaler};
 use super::cell::HiresSpec;
 use super::error::PlanError;
 use super::resolver::Resolver;
 use super::spec::SweepFile;
+use super::values::{hires_denoise, hires_sampler, hires_scale, hires_steps, size, upscaler};
 
 /// What a `hires_*` key needs when the hires fix is off.
 const NEEDS_SIZE: &str =

@@ -18,6 +18,7 @@
 
 pub mod axis;
 pub mod cell;
+mod cell_key;
 pub mod error;
 mod hires;
 mod hires_spec;
@@ -30,6 +31,7 @@ pub mod seeds;
 pub mod source;
 pub mod spec;
 pub mod template;
+mod values;
 pub mod wildcard;
 
 pub use cell::{

@@ -10,16 +10,16 @@ use toml::Spanned;
 
 use kiln_proto::sampler::SamplerName;
 
-use super::axis::{
-    Axis, cfg, clip_skip, dimension, eta, rng, sampler, size, steps, strength, subseed,
-    subseed_strength,
-};
+use super::axis::Axis;
 use super::cell::{CellSpec, LoraSpec, MAX_REF_BYTES};
 use super::error::{Place, PlanError, PlanErrorKind};
 use super::resolver::{PromptText, Resolver, quote_key};
 use super::source::{Origin, SweepSource, list_lines};
 use super::spec::{LoraEntry, SeedsSpec, SweepFile, WildcardSource};
 use super::template::is_wildcard_name;
+use super::values::{
+    cfg, clip_skip, dimension, eta, rng, sampler, size, steps, strength, subseed, subseed_strength,
+};
 
 /// A declared wildcard's values before parsing.
 #[derive(Clone, Debug)]

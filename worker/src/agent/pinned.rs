@@ -418,7 +418,7 @@ mod tests {
         let c = pinned_task.cell.as_mut().unwrap();
         c.embedding_sha256
             .insert("pinnedkiln".into(), emb_hex.clone());
-        let (mut key, request) = super::super::plan(&cfg, &pinned_task).unwrap();
+        let (mut key, request) = super::super::cell::plan(&cfg, &pinned_task).unwrap();
         let cache_dir = cfg.model_cache.dir();
         assert_eq!(
             key.loras[0].path,
@@ -470,7 +470,7 @@ mod tests {
         };
         let fetched_image = render(key, request, fetched.embeddings.clone()).await;
         let (local_key, local_request) =
-            super::super::plan(&cfg, &cell("lora_kohya", "", "a kiln fox")).unwrap();
+            super::super::cell::plan(&cfg, &cell("lora_kohya", "", "a kiln fox")).unwrap();
         let local_image = render(local_key, local_request, Vec::new()).await;
         let pixels = |png: &[u8]| crate::engine::image::decode_png(png).unwrap().image;
         assert_eq!(
@@ -481,7 +481,7 @@ mod tests {
 
         // Pinned under the local file's name and content: the --models file, no download.
         let named = cell("lora_kohya", &lora_hex, "a fox");
-        let (mut key, _) = super::super::plan(&cfg, &named).unwrap();
+        let (mut key, _) = super::super::cell::plan(&cfg, &named).unwrap();
         let cells = [named.cell.as_ref().unwrap()];
         let again = pinned.fetch(&cells, &mut key, &activity).await.unwrap();
         assert!(again.blobs.is_empty());

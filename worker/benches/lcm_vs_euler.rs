@@ -3,9 +3,9 @@
 //! On one loaded model (CPU, f32, candle's thread count from `RAYON_NUM_THREADS`), at one size,
 //! `rounds` times: times the parts an image is made of (one text encode, one UNet evaluation at
 //! batch 1 and at batch 2, one VAE decode; median of 3 calls after a warm-up), renders an LCM
-//! 4-step CFG 1 image and an Euler a 25-step CFG 7.5 one through [`Pipeline::render`] (the
-//! prompt-embedding cache off, so every render encodes its prompts), then times the parts
-//! again. Each render is compared with the mean of its own round's two measurements of the
+//! 4-step CFG 1 image, an Euler a 25-step CFG 7.5 one and two more LCM ones through
+//! [`Pipeline::render`] (the prompt-embedding cache off, so every render encodes its prompts;
+//! the LCM time is the median of the three), then times the parts again. Each render is compared with the mean of its own round's two measurements of the
 //! parts: this machine's speed drifts by more than the 5 % checked over the minutes a run
 //! takes, so parts timed once for the whole run cannot tell an overhead from the drift. The
 //! ideal ratio is what the parts give (Euler a: 2 text encodes + 25 batch-2 evaluations + 1
@@ -156,8 +156,13 @@ fn main() {
         // speed of its own minute (this CPU's throughput drifts more than the 5 % checked).
         println!("round {round}:");
         let before = Parts::measure(model, size, reps, &mut rng);
-        let lcm_s = render(&lcm);
+        // An LCM render takes a few seconds, where this machine's speed moves by several per
+        // cent: the median of three, around the one long Euler a render.
+        let mut lcm_renders = vec![render(&lcm)];
         let euler_s = render(&euler);
+        lcm_renders.push(render(&lcm));
+        lcm_renders.push(render(&lcm));
+        let lcm_s = median(lcm_renders);
         let after = Parts::measure(model, size, reps, &mut rng);
         let ideal_lcm = (before.lcm() + after.lcm()) / 2.0;
         let ideal_euler = (before.euler() + after.euler()) / 2.0;

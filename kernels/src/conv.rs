@@ -5,7 +5,7 @@
 //! in the matching `(channel, ky, kx)` order, so no weight is ever copied or reordered per
 //! call. The output is written in place, NCHW, bias included. Two paths:
 //!
-//! - On CPUs with AVX-512F, [`crate::blocked`]'s kernel with the im2col matrix never built:
+//! - On CPUs with AVX-512F, `blocked`'s kernel with the im2col matrix never built:
 //!   each task gathers the panel it needs (256 taps × 64 output pixels) straight from the
 //!   input into the kernel's order, and the bias goes in with the first store.
 //! - Elsewhere, and for 1×1 convolutions and images under 256 output pixels where it was

@@ -1,6 +1,6 @@
 //! Dense layers in f32: `y = x·Wᵀ + b` with PyTorch's `nn.Linear` weight layout `[out, in]`.
 //!
-//! Owns [`linear`]. On CPUs with AVX-512F the product runs in [`crate::blocked`]'s
+//! Owns [`linear`]. On CPUs with AVX-512F the product runs in `blocked`'s
 //! register-blocked kernel, with `x` as its row-major left operand and the weight, read as
 //! stored, transposed panel by panel (16 × 16 blocks in registers) into the order the kernel
 //! reads: no weight is copied whole or kept twice. On other CPUs the same call goes to

@@ -11,8 +11,9 @@ use rayon::prelude::*;
 use crate::simd::{gelu, multiversion, sigmoid, silu};
 use crate::{KernelError, check_len};
 
-/// Elements per parallel task of the GEGLU gate and quick GELU (about 256 KiB of output).
-const GEGLU_TASK: usize = 1 << 16;
+/// Elements per parallel task of the elementwise maps, GEGLU and quick GELU (about 256 KiB of
+/// output).
+const MAP_TASK: usize = 1 << 16;
 
 /// diffusers' GEGLU gate: for each row of `x` (`2·inner` wide), `out = x[..inner] ·
 /// gelu(x[inner..])` with the exact (erf) GELU; `out` has rows `inner` wide.
@@ -28,7 +29,7 @@ pub fn geglu(x: &[f32], inner: usize, out: &mut [f32]) -> Result<(), KernelError
         )));
     }
     check_len("x", x, out.len() * 2)?;
-    let rows_per_task = (GEGLU_TASK / inner).max(1);
+    let rows_per_task = (MAP_TASK / inner).max(1);
     out.par_chunks_mut(rows_per_task * inner)
         .zip(x.par_chunks(rows_per_task * inner * 2))
         .for_each(|(out, x)| {
@@ -52,8 +53,8 @@ multiversion! {
 /// `out = x·sigmoid(1.702·x)`, elementwise.
 pub fn quick_gelu(x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
     check_len("x", x, out.len())?;
-    out.par_chunks_mut(GEGLU_TASK)
-        .zip(x.par_chunks(GEGLU_TASK))
+    out.par_chunks_mut(MAP_TASK)
+        .zip(x.par_chunks(MAP_TASK))
         .for_each(|(out, x)| quick_gelu_run(out, x));
     Ok(())
 }

@@ -2,13 +2,13 @@
 //! convolution and dense layers, over plain slices.
 //!
 //! Owns the arithmetic only: [`attention`] (`softmax(q·kᵀ/√d + mask)·v` without the full score
-//! matrix), [`elementwise`] (the GEGLU gate, CLIP's quick GELU and group norm + SiLU in one pass each) and the
-//! vectorised math they share (`simd`: a fast `exp`, `erfc`, per-CPU code paths), and
-//! [`conv`] (a 2-D convolution as blocked matrix products, bias and NCHW output in the same
-//! pass; 1.3–6× candle's on SD1.5's shapes in `worker/benches/conv.rs`), and [`dense`]
-//! (`x·Wᵀ + b` on `nn.Linear`'s weight as stored). Where the CPU has AVX-512F both run on
-//! `blocked`, a register-blocked product that packs its right operand panel by panel from
-//! where it lies; elsewhere they call `gemm`. It knows nothing of
+//! matrix), [`elementwise`] (the GEGLU gate, CLIP's quick GELU and group norm + SiLU in one
+//! pass each) and the vectorised math they share (`simd`: a fast `exp`, `erfc`, per-CPU code
+//! paths), and [`conv`] (a 2-D convolution as blocked matrix products, bias and NCHW output in
+//! the same pass; 1.3–6× candle's on SD1.5's shapes in `worker/benches/conv.rs`), and
+//! [`dense`] (`x·Wᵀ + b` on `nn.Linear`'s weight as stored). Where the CPU has AVX-512F both
+//! run on `blocked`, a register-blocked product that packs its right operand panel by panel
+//! from where it lies; elsewhere they call `gemm`. It knows nothing of
 //! tensors, devices or models: the worker's engine checks shapes and dtypes, hands contiguous
 //! `f32` slices here, and keeps its own (candle) path for GPUs and other dtypes.
 //!

@@ -5,13 +5,14 @@
 //! batch 1 and at batch 2, one VAE decode; median of 3 calls after a warm-up), renders an LCM
 //! 4-step CFG 1 image, an Euler a 25-step CFG 7.5 one and two more LCM ones through
 //! [`Pipeline::render`] (the prompt-embedding cache off, so every render encodes its prompts;
-//! the LCM time is the median of the three), then times the parts again. Each render is compared with the mean of its own round's two measurements of the
-//! parts: this machine's speed drifts by more than the 5 % checked over the minutes a run
-//! takes, so parts timed once for the whole run cannot tell an overhead from the drift. The
-//! ideal ratio is what the parts give (Euler a: 2 text encodes + 25 batch-2 evaluations + 1
-//! decode; LCM: 1 encode + 4 batch-1 evaluations + 1 decode); the measured one is the Euler a
-//! render over the LCM render. Everything a render does besides the parts (sampler arithmetic,
-//! noise, copies between steps, PNG-ready pixels) shows as the gap.
+//! the LCM time is the median of the three), then times the parts again. Each render is
+//! compared with the mean of its own round's two measurements of the parts: this machine's
+//! speed drifts by more than the 5 % checked over the minutes a run takes, so parts timed once
+//! for the whole run cannot tell an overhead from the drift. The ideal ratio is what the parts
+//! give (Euler a: 2 text encodes + 25 batch-2 evaluations + 1 decode; LCM: 1 encode + 4
+//! batch-1 evaluations + 1 decode); the measured one is the Euler a render over the LCM render.
+//! Everything a render does besides the parts (sampler arithmetic, noise, copies between steps,
+//! PNG-ready pixels) shows as the gap.
 //!
 //! ```sh
 //! RAYON_NUM_THREADS=2 cargo bench -p kiln-worker --bench lcm_vs_euler --profile release -- DIR [SIZE] [ROUNDS]
